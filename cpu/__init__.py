@@ -1,0 +1,1 @@
+"""Host kernels (installed as ``hetero.cpu``): sparse attention over selected host-tier rows."""

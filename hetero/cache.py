@@ -1,0 +1,183 @@
+"""The tiered KV cache: a list of per-layer caches (like transformers' ``cache_utils``), each with a
+fast tier (sinks + recent window), a host tier (everything older) and the retriever over the host tier.
+
+Every token of every sequence is in exactly one tier. A call rejected for bad input changes nothing.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .config import HeteroConfig
+from .errors import DTypeError, ShapeError
+from .tiers import FastTier, HostTier
+from .validation import check_finite, check_float, check_lengths, check_tensor
+
+_KV_LAYOUT = "[B, Hkv, T, D] (or [B, Hkv, D] for one decode token)"
+
+
+class LayerCache:
+    """KV cache of one attention layer for a batch of sequences of different lengths.
+
+    Created empty; the first ``append`` fixes batch size, KV heads, head dim, device (the fast tier's,
+    from the keys) and storage dtype (``config.kv_dtype`` or the keys' dtype).
+    """
+
+    def __init__(self, config: HeteroConfig, layer_idx: int = 0):
+        self.config = config
+        self.layer_idx = layer_idx
+        self.dense = layer_idx in config.dense_layers
+        self.fast: Optional[FastTier] = None
+        self.host: Optional[HostTier] = None
+        self.retriever = None
+
+    # ---- shape facts -------------------------------------------------------------------------------
+    @property
+    def initialized(self) -> bool:
+        return self.fast is not None
+
+    @property
+    def batch(self) -> int:
+        return self.fast.batch if self.fast is not None else 0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.fast.k.shape[1] if self.fast is not None else 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.fast.k.shape[3] if self.fast is not None else 0
+
+    @property
+    def dtype(self) -> Optional[torch.dtype]:
+        return self.fast.k.dtype if self.fast is not None else None
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        return self.fast.k.device if self.fast is not None else None
+
+    def seq_lengths(self) -> List[int]:
+        """Logical length (all tiers) of each sequence."""
+        return list(self.fast.total) if self.fast is not None else []
+
+    def host_lengths(self) -> List[int]:
+        return list(self.host.length) if self.host is not None else []
+
+    # ---- mutation ----------------------------------------------------------------------------------
+    def _init(self, keys: torch.Tensor) -> None:
+        from hetero.retrieval import retriever_class
+
+        b, hkv, _, d = keys.shape
+        dtype = self.config.torch_kv_dtype or keys.dtype
+        window = None if self.dense else self.config.window
+        self.fast = FastTier(b, hkv, d, self.config.sinks, window, dtype, keys.device)
+        self.host = HostTier(b, hkv, d, dtype, self.config.block_tokens,
+                             pin_memory=keys.device.type == "cuda")
+        cls = retriever_class(self.config.retriever)
+        self.retriever = cls(self.host, group_rule=self.config.group_rule, **self.config.retriever_options)
+
+    def check_append(self, keys: torch.Tensor, values: torch.Tensor, lengths=None):
+        """Validate an ``append`` without changing anything; returns normalized (keys, values, lengths)."""
+        rank = keys.dim() if isinstance(keys, torch.Tensor) and keys.dim() == 3 else 4
+        keys = check_tensor(keys, "keys", rank, _KV_LAYOUT)
+        values = check_tensor(values, "values", rank, _KV_LAYOUT)
+        if keys.dim() == 3:
+            keys, values = keys.unsqueeze(2), values.unsqueeze(2)
+        if keys.shape != values.shape:
+            raise ShapeError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must have the same shape")
+        check_float(keys, "keys")
+        check_float(values, "values")
+        if keys.dtype != values.dtype:
+            raise DTypeError(f"keys ({keys.dtype}) and values ({values.dtype}) must have the same dtype")
+        if keys.device != values.device:
+            raise ShapeError(f"keys on {keys.device} and values on {values.device} must share a device")
+        b, hkv, t, d = keys.shape
+        if b == 0:
+            raise ShapeError("empty batch: keys have B = 0 sequences")
+        if hkv == 0 or d == 0:
+            raise ShapeError(f"keys {tuple(keys.shape)} need Hkv >= 1 and D >= 1")
+        if self.initialized:
+            want = (self.batch, self.kv_heads, self.head_dim)
+            if (b, hkv, d) != want:
+                raise ShapeError(
+                    f"keys {tuple(keys.shape)} do not match layer {self.layer_idx}'s cache: expected "
+                    f"[B={want[0]}, Hkv={want[1]}, T, D={want[2]}]"
+                )
+            if keys.device != self.device:
+                raise ShapeError(f"keys on {keys.device}, but layer {self.layer_idx}'s fast tier is on {self.device}")
+        lengths = check_lengths(lengths, b, t)
+        for name, x in (("keys", keys), ("values", values)):
+            check_finite(x if int(lengths.min()) == t else _used(x, lengths), name)
+        return keys, values, lengths
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, lengths=None) -> None:
+        """Append new tokens (a prefill chunk or one decode token) to every sequence.
+
+        keys, values: ``[B, Hkv, T, D]`` (or ``[B, Hkv, D]``), post-RoPE, any float dtype (stored as the
+        cache's dtype). lengths: optional ``[B]`` ints; sequence ``b`` takes ``keys[b, :, :lengths[b]]``
+        (default all ``T``). Tokens pushed out of the window move to the host tier and its retriever.
+        """
+        keys, values, lengths = self.check_append(keys, values, lengths)
+        if not self.initialized:
+            self._init(keys)
+        keys, values = keys.to(self.dtype), values.to(self.dtype)
+        for seq, n in enumerate(lengths.tolist()):
+            if n == 0:
+                continue
+            evicted_k, evicted_v = self.fast.append(seq, keys[seq, :, :n], values[seq, :, :n])
+            if evicted_k.shape[1]:
+                evicted_k, evicted_v = evicted_k.cpu(), evicted_v.cpu()
+                self.host.append(seq, evicted_k, evicted_v)
+                self.retriever.add(seq, evicted_k)
+
+    def reset(self) -> None:
+        """Forget every token (shape facts are kept from the next append)."""
+        self.fast = self.host = self.retriever = None
+
+    # ---- inspection --------------------------------------------------------------------------------
+    def tokens(self, seq: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """All keys and values of ``seq`` in logical order, ``[Hkv, L, D]`` each (sinks, host, window)."""
+        fk, fv = self.fast.tokens(seq)
+        ns = min(self.fast.total[seq], self.config.sinks) if not self.dense else fk.shape[1]
+        hk, hv = self.host.keys(seq).to(fk.device), self.host.values(seq).to(fk.device)
+        return (torch.cat([fk[:, :ns], hk, fk[:, ns:]], dim=1), torch.cat([fv[:, :ns], hv, fv[:, ns:]], dim=1))
+
+    def memory(self) -> Dict[str, int]:
+        """Bytes per tier: stored tokens of the fast and host tiers, and the retriever's own index."""
+        if not self.initialized:
+            return {"fast_bytes": 0, "host_bytes": 0, "index_bytes": 0}
+        return {"fast_bytes": self.fast.nbytes(), "host_bytes": self.host.nbytes(),
+                "index_bytes": self.retriever.memory_bytes()}
+
+
+def _used(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The appended part of a ragged chunk, flattened (padding beyond ``lengths`` may hold anything)."""
+    return torch.cat([x[b, :, :n].reshape(-1) for b, n in enumerate(lengths.tolist())])
+
+
+class TieredKVCache:
+    """KV cache of a whole model: ``layers[i]`` is layer ``i``'s ``LayerCache``."""
+
+    def __init__(self, config: HeteroConfig, num_layers: int):
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ShapeError(f"num_layers must be an int >= 1, got {num_layers!r}")
+        self.config = config
+        self.layers = [LayerCache(config, i) for i in range(num_layers)]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, idx: int) -> LayerCache:
+        return self.layers[idx]
+
+    def memory(self) -> Dict[str, int]:
+        total = {"fast_bytes": 0, "host_bytes": 0, "index_bytes": 0}
+        for layer in self.layers:
+            for k, v in layer.memory().items():
+                total[k] += v
+        return total
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()

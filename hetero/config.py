@@ -1,0 +1,150 @@
+"""One validated configuration object for the whole runtime."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Mapping, Optional, Tuple, Union
+
+import torch
+
+from .errors import ConfigError
+
+KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+GROUP_RULES = ("union", "sum")
+WINDOW_BACKENDS = ("auto", "torch", "triton")
+HOST_BACKENDS = ("auto", "cpp", "numba", "torch")
+
+
+def _fail(name: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"HeteroConfig.{name}={value!r} is not allowed: {allowed}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def canonical_dtype_name(value: Union[str, torch.dtype, None], name: str = "kv_dtype") -> Optional[str]:
+    """'bf16' / torch.bfloat16 / 'bfloat16' -> 'bfloat16'; None stays None (keep the input dtype)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        for k, v in KV_DTYPES.items():
+            if v == value:
+                return k
+        raise _fail(name, value, f"one of {sorted(KV_DTYPES)}")
+    if isinstance(value, str):
+        v = _DTYPE_ALIASES.get(value.lower(), value.lower())
+        if v in KV_DTYPES:
+            return v
+    raise _fail(name, value, f"one of {sorted(KV_DTYPES)} (or bf16/fp16/fp32), or None")
+
+
+@dataclass(frozen=True)
+class HeteroConfig:
+    """Configuration of hetero's tiers, retrieval and backends.
+
+    window: recent tokens kept on the fast device (>= 0).
+    sinks: first tokens of each sequence kept on the fast device (>= 0).
+    budget: host keys each query head attends to: an int count (>= 0), or a float fraction in
+        ``(0, 1]`` of that sequence's host tier (rounded up).
+    retriever: name in the retriever registry (``hetero.retrieval.available()``), e.g. ``"exact"``,
+        ``"all"`` (every host token: exact attention).
+    retriever_options: keyword options passed to the retriever's constructor.
+    group_rule: how a GQA group's queries choose shared rows: ``"union"`` of per-head top-k sets (up
+        to ``G * k`` rows, the most accurate) or ``"sum"`` of the group's scores (exactly ``k`` rows).
+    window_backend / host_backend: backend names or ``"auto"``; the environment variables
+        ``HETERO_WINDOW_BACKEND`` / ``HETERO_CPU_BACKEND`` override ``"auto"``.
+    threads: CPU threads for host work (None: all cores of this process).
+    kv_dtype: storage dtype of both tiers (``"float32" | "bfloat16" | "float16"``); None keeps the
+        dtype of the first keys appended.
+    block_tokens: host-tier page size in tokens (>= 1).
+    dense_layers: layer indices kept fully on the fast device (no host tier, exact attention).
+    scale: softmax scale (None: ``1/sqrt(head_dim)``).
+    """
+
+    window: int = 1024
+    sinks: int = 4
+    budget: Union[int, float] = 0.02
+    retriever: str = "exact"
+    retriever_options: Mapping[str, Any] = field(default_factory=dict)
+    group_rule: str = "union"
+    window_backend: str = "auto"
+    host_backend: str = "auto"
+    threads: Optional[int] = None
+    kv_dtype: Optional[str] = None
+    block_tokens: int = 256
+    dense_layers: Tuple[int, ...] = ()
+    scale: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        for name in ("window", "sinks", "block_tokens"):
+            v = getattr(self, name)
+            low = 1 if name == "block_tokens" else 0
+            if not _is_int(v) or v < low:
+                raise _fail(name, v, f"an int >= {low}")
+        b = self.budget
+        if _is_int(b):
+            if b < 0:
+                raise _fail("budget", b, "an int count >= 0 or a float fraction in (0, 1]")
+        elif isinstance(b, float):
+            if not (math.isfinite(b) and 0.0 < b <= 1.0):
+                raise _fail("budget", b, "an int count >= 0 or a float fraction in (0, 1]")
+        else:
+            raise _fail("budget", b, "an int count >= 0 or a float fraction in (0, 1]")
+        from hetero.retrieval import available_retrievers  # registry names only; no heavy imports
+
+        if not isinstance(self.retriever, str) or self.retriever not in available_retrievers():
+            raise _fail("retriever", self.retriever, f"one of {available_retrievers()}")
+        if not isinstance(self.retriever_options, Mapping):
+            raise _fail("retriever_options", self.retriever_options, "a mapping of keyword options")
+        object.__setattr__(self, "retriever_options", dict(self.retriever_options))
+        if self.group_rule not in GROUP_RULES:
+            raise _fail("group_rule", self.group_rule, f"one of {GROUP_RULES}")
+        if self.window_backend not in WINDOW_BACKENDS:
+            raise _fail("window_backend", self.window_backend, f"one of {WINDOW_BACKENDS}")
+        if self.host_backend not in HOST_BACKENDS:
+            raise _fail("host_backend", self.host_backend, f"one of {HOST_BACKENDS}")
+        if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
+            raise _fail("threads", self.threads, "None (all cores) or an int >= 1")
+        object.__setattr__(self, "kv_dtype", canonical_dtype_name(self.kv_dtype))
+        try:
+            layers = tuple(self.dense_layers)
+        except TypeError:
+            raise _fail("dense_layers", self.dense_layers, "a sequence of layer indices (ints >= 0)") from None
+        if not all(_is_int(x) and x >= 0 for x in layers) or len(set(layers)) != len(layers):
+            raise _fail("dense_layers", self.dense_layers, "distinct ints >= 0")
+        object.__setattr__(self, "dense_layers", tuple(sorted(layers)))
+        if self.scale is not None and not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale)
+                                           and self.scale > 0):
+            raise _fail("scale", self.scale, "None or a finite float > 0")
+
+    @property
+    def torch_kv_dtype(self) -> Optional[torch.dtype]:
+        return None if self.kv_dtype is None else KV_DTYPES[self.kv_dtype]
+
+    @property
+    def resolved_threads(self) -> int:
+        if self.threads is not None:
+            return self.threads
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - non-Linux
+            return os.cpu_count() or 1
+
+    def budget_for(self, host_tokens: int) -> int:
+        """Keys per query head for a host tier of ``host_tokens`` tokens (never more than it holds)."""
+        if isinstance(self.budget, float):
+            k = math.ceil(self.budget * host_tokens - 1e-9)
+        else:
+            k = self.budget
+        return max(0, min(int(k), int(host_tokens)))
+
+    def with_(self, **changes: Any) -> "HeteroConfig":
+        """A validated copy with some fields changed."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown HeteroConfig field(s) {sorted(unknown)}; fields are "
+                              f"{[f.name for f in fields(self)]}")
+        return replace(self, **changes)

@@ -1,0 +1,25 @@
+"""Typed errors. Every error names what was wrong and what is allowed."""
+
+
+class HeteroError(Exception):
+    """Base class of every error hetero raises on purpose."""
+
+
+class ShapeError(HeteroError, ValueError):
+    """A tensor has the wrong rank or a dimension that does not match its partners."""
+
+
+class DTypeError(HeteroError, TypeError):
+    """A tensor has a dtype hetero does not accept here, or dtypes that must agree do not."""
+
+
+class InvalidValueError(HeteroError, ValueError):
+    """A value is out of its allowed range (NaN/inf where finite is required, index out of range, ...)."""
+
+
+class ConfigError(HeteroError, ValueError):
+    """A configuration field holds a value that is not allowed."""
+
+
+class BackendUnavailableError(HeteroError, RuntimeError):
+    """No backend supports the request; the message lists every backend's reasons."""

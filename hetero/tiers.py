@@ -1,0 +1,243 @@
+"""The two storage tiers of one layer's KV cache.
+
+``FastTier``: sinks + a ring buffer of the recent window on the fast device, ``[B, Hkv, S + W, D]``;
+slots ``[0, lengths[b])`` are valid, so a window kernel only needs a length tensor.
+``HostTier``: older tokens in host memory, paged: ``[Hkv, R, D]`` pools of ``block_tokens``-row blocks
+shared by the batch, one block table per sequence (pinned when the fast device is CUDA).
+
+Both hold post-RoPE keys. Neither validates its inputs: ``LayerCache`` does, before touching them.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from .types import HostView
+
+
+class FastTier:
+    """Sinks and recent window of every sequence on the fast device.
+
+    k, v: ``[B, Hkv, S + W, D]``; slots ``0..S-1`` hold the sinks, ``S..S+W-1`` a ring of the window:
+    window token ``t`` (logical index, ``t >= S``) lives in slot ``S + (t - S) % W``.
+    ``window=None`` makes the tier unbounded (a dense layer): token ``t`` lives in slot ``t``.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, sinks: int, window: Optional[int],
+                 dtype: torch.dtype, device: torch.device):
+        self.sinks, self.window = sinks, window
+        slots = sinks + window if window is not None else 0
+        self.k = torch.zeros(batch, kv_heads, slots, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.total: List[int] = [0] * batch  # logical tokens seen per sequence
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)  # valid slots
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[0]
+
+    def _valid(self, total: int) -> int:
+        if self.window is None:
+            return total
+        return min(total, self.sinks) + min(max(total - self.sinks, 0), self.window)
+
+    def _ring_slots(self, start: int, stop: int) -> torch.Tensor:
+        s, w = self.sinks, self.window
+        if stop <= start:
+            return torch.empty(0, dtype=torch.long, device=self.k.device)
+        return s + (torch.arange(start, stop, device=self.k.device) - s) % w
+
+    def _grow(self, needed: int) -> None:
+        cap = self.k.shape[2]
+        if needed <= cap:
+            return
+        new_cap = max(needed, cap + cap // 2, 64)
+        b, h, _, d = self.k.shape
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = torch.zeros(b, h, new_cap, d, dtype=old.dtype, device=old.device)
+            new[:, :, :cap] = old
+            setattr(self, name, new)
+
+    def append(self, seq: int, k_new: torch.Tensor, v_new: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Append ``[Hkv, n, D]`` tokens to sequence ``seq``; return the tokens pushed out of the window,
+        ``[Hkv, m, D]`` each, oldest first (they belong to the host tier now)."""
+        n = k_new.shape[1]
+        t0, t1 = self.total[seq], self.total[seq] + n
+        s, w = self.sinks, self.window
+        if w is None:
+            self._grow(t1)
+            self.k[seq, :, t0:t1] = k_new
+            self.v[seq, :, t0:t1] = v_new
+            evicted_k, evicted_v = k_new[:, :0], v_new[:, :0]
+        else:
+            sink_end = min(s, t1)
+            if t0 < sink_end:
+                self.k[seq, :, t0:sink_end] = k_new[:, : sink_end - t0]
+                self.v[seq, :, t0:sink_end] = v_new[:, : sink_end - t0]
+            old_start, new_start = max(s, t0 - w), max(s, t1 - w)
+            parts_k, parts_v = [], []
+            if min(t0, new_start) > old_start:  # old window tokens leaving, read before overwriting
+                slots = self._ring_slots(old_start, min(t0, new_start))
+                parts_k.append(self.k[seq][:, slots])
+                parts_v.append(self.v[seq][:, slots])
+            first_in, skip_until = max(t0, s), max(t0, s, new_start)
+            if skip_until > first_in:  # new tokens that never fit in the window
+                parts_k.append(k_new[:, first_in - t0: skip_until - t0])
+                parts_v.append(v_new[:, first_in - t0: skip_until - t0])
+            if t1 > skip_until:
+                slots = self._ring_slots(skip_until, t1)
+                self.k[seq][:, slots] = k_new[:, skip_until - t0:].to(self.k.dtype)
+                self.v[seq][:, slots] = v_new[:, skip_until - t0:].to(self.v.dtype)
+            if parts_k:
+                evicted_k, evicted_v = torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)
+            else:
+                evicted_k, evicted_v = k_new[:, :0], v_new[:, :0]
+        self.total[seq] = t1
+        self.lengths[seq] = self._valid(t1)
+        return evicted_k, evicted_v
+
+    def tokens(self, seq: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of ``seq`` on this tier in logical order, ``[Hkv, n, D]`` each."""
+        total = self.total[seq]
+        if self.window is None:
+            return self.k[seq, :, :total], self.v[seq, :, :total]
+        ns = min(total, self.sinks)
+        slots = torch.cat([torch.arange(ns, device=self.k.device),
+                           self._ring_slots(max(self.sinks, total - self.window), total)])
+        return self.k[seq][:, slots], self.v[seq][:, slots]
+
+    def nbytes(self) -> int:
+        """Bytes of valid token slots (keys + values)."""
+        per_token = self.k.shape[1] * self.k.shape[3] * self.k.element_size() * 2
+        return int(self.lengths.sum().item()) * per_token
+
+    def allocated_bytes(self) -> int:
+        return (self.k.numel() + self.v.numel()) * self.k.element_size()
+
+
+class HostTier:
+    """Older tokens of every sequence in host memory, paged.
+
+    k_pool, v_pool: ``[Hkv, R, D]``; block ``j`` is rows ``j*C .. j*C+C-1`` (``C = block_tokens``).
+    Sequence ``b`` owns blocks ``blocks[b]`` in order; host position ``i`` is row
+    ``blocks[b][i // C] * C + i % C``.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, block_tokens: int,
+                 pin_memory: bool = False):
+        self.block_tokens = block_tokens
+        self.kv_heads, self.head_dim, self.dtype = kv_heads, head_dim, dtype
+        self.pin_memory = pin_memory
+        self.k_pool = self._alloc(0)
+        self.v_pool = self._alloc(0)
+        self.blocks: List[List[int]] = [[] for _ in range(batch)]
+        self.length: List[int] = [0] * batch
+        self._next_block = 0
+        self._table: Optional[torch.Tensor] = None
+
+    @property
+    def batch(self) -> int:
+        return len(self.blocks)
+
+    def _alloc(self, blocks: int) -> torch.Tensor:
+        return torch.empty(self.kv_heads, blocks * self.block_tokens, self.head_dim, dtype=self.dtype,
+                           pin_memory=self.pin_memory)
+
+    @property
+    def capacity_blocks(self) -> int:
+        return self.k_pool.shape[1] // self.block_tokens
+
+    def reserve(self, seq: int, tokens: int) -> None:
+        """Make room for ``tokens`` more tokens of ``seq`` without reallocating the pools later; blocks
+        reserved together are consecutive, which lets ``keys(seq)`` return a view."""
+        c = self.block_tokens
+        have = len(self.blocks[seq]) * c - self.length[seq]
+        need_blocks = max(0, -(-(tokens - have) // c))
+        if need_blocks == 0:
+            return
+        self._ensure_capacity(self._next_block + need_blocks)
+        self.blocks[seq].extend(range(self._next_block, self._next_block + need_blocks))
+        self._next_block += need_blocks
+        self._table = None
+
+    def _ensure_capacity(self, blocks: int) -> None:
+        cap = self.capacity_blocks
+        if blocks <= cap:
+            return
+        new_cap = max(blocks, cap + cap // 2)
+        rows = cap * self.block_tokens
+        for name in ("k_pool", "v_pool"):
+            new = self._alloc(new_cap)
+            new[:, :rows] = getattr(self, name)[:, :rows]
+            setattr(self, name, new)
+
+    def append(self, seq: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append ``[Hkv, n, D]`` keys and values to the end of sequence ``seq``."""
+        n = keys.shape[1]
+        if n == 0:
+            return
+        self.reserve(seq, n)
+        rows = self._rows(seq, self.length[seq], self.length[seq] + n)
+        for dst_start, src_start, count in rows:
+            self.k_pool[:, dst_start: dst_start + count] = keys[:, src_start: src_start + count]
+            self.v_pool[:, dst_start: dst_start + count] = values[:, src_start: src_start + count]
+        self.length[seq] += n
+
+    def _rows(self, seq: int, start: int, stop: int):
+        """Runs ``(pool_row, offset_from_start, count)`` covering host positions ``[start, stop)``."""
+        c, blocks = self.block_tokens, self.blocks[seq]
+        runs, pos = [], start
+        while pos < stop:
+            blk = pos // c
+            run_end = min(stop, (blk + 1) * c)
+            row = blocks[blk] * c + pos % c
+            if runs and runs[-1][0] + runs[-1][2] == row:  # extends the previous run
+                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + run_end - pos)
+            else:
+                runs.append((row, pos - start, run_end - pos))
+            pos = run_end
+        return runs
+
+    def keys(self, seq: int) -> torch.Tensor:
+        """``[Hkv, N, D]`` keys of ``seq`` in order (a view when its blocks are consecutive)."""
+        return self._gather_seq(self.k_pool, seq)
+
+    def values(self, seq: int) -> torch.Tensor:
+        return self._gather_seq(self.v_pool, seq)
+
+    def _gather_seq(self, pool: torch.Tensor, seq: int) -> torch.Tensor:
+        runs = self._rows(seq, 0, self.length[seq])
+        if not runs:
+            return pool[:, :0]
+        if len(runs) == 1:
+            row, _, count = runs[0]
+            return pool[:, row: row + count]
+        return torch.cat([pool[:, row: row + count] for row, _, count in runs], dim=1)
+
+    @property
+    def block_table(self) -> torch.Tensor:
+        """``[B, max_blocks]`` int32 block ids, ``-1`` where a sequence has fewer blocks."""
+        if self._table is None:
+            width = max((len(b) for b in self.blocks), default=0)
+            table = torch.full((self.batch, max(width, 1)), -1, dtype=torch.int32)
+            for i, blks in enumerate(self.blocks):
+                if blks:
+                    table[i, : len(blks)] = torch.tensor(blks, dtype=torch.int32)
+            self._table = table
+        return self._table
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return torch.tensor(self.length, dtype=torch.int64)
+
+    def view(self) -> HostView:
+        return HostView(self.k_pool, self.v_pool, self.block_table, self.lengths, self.block_tokens)
+
+    def nbytes(self) -> int:
+        """Bytes of stored tokens (keys + values)."""
+        return sum(self.length) * self.kv_heads * self.head_dim * self.k_pool.element_size() * 2
+
+    def allocated_bytes(self) -> int:
+        return (self.k_pool.numel() + self.v_pool.numel()) * self.k_pool.element_size()
