@@ -1,0 +1,1 @@
+"""Workloads for profiling and benchmarks: ``synthetic`` (structured random attention, any size)."""

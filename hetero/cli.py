@@ -1,0 +1,117 @@
+"""The ``hetero`` command: ``hetero profile`` (default job) and friends.
+
+User errors (bad flag values, invalid config) print one line and exit with code 2, no stack trace.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from .errors import HeteroError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 1")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} must be >= 0")
+    return v
+
+
+def _budget(text: str):
+    """'0.02' -> fraction, '2621' -> count."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a count (int) nor a fraction (float)") from None
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from .config import KV_DTYPES
+    from hetero.retrieval import available_retrievers
+
+    parser = _Parser(prog="hetero", description="Heterogeneous CPU-GPU attention for long-context decoding.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("profile", help="dense vs hetero on a synthetic decode workload: time per phase, error")
+    p.add_argument("--context", type=_positive_int, default=32768, help="tokens already in the cache (32768)")
+    p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--heads", type=_positive_int, default=32, help="query heads (32)")
+    p.add_argument("--kv-heads", type=_positive_int, default=8, help="KV heads (8)")
+    p.add_argument("--head-dim", type=_positive_int, default=128)
+    p.add_argument("--window", type=_nonneg_int, default=1024, help="recent tokens on the fast tier (1024)")
+    p.add_argument("--sinks", type=_nonneg_int, default=4, help="attention-sink tokens on the fast tier (4)")
+    p.add_argument("--budget", type=_budget, default=0.02,
+                   help="host keys per query head: a fraction of the host tier (0.02) or a count (2621)")
+    p.add_argument("--retriever", choices=available_retrievers(), default="exact")
+    p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bfloat16")
+    p.add_argument("--steps", type=_positive_int, default=5, help="decode steps measured (5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (all cores)")
+    p.add_argument("--window-backend", default="auto")
+    p.add_argument("--host-backend", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return parser
+
+
+def _profile(ns: argparse.Namespace) -> int:
+    from .config import HeteroConfig
+    from .profile import ProfileArgs, run_profile
+    from .report import print_profile
+
+    if ns.heads % ns.kv_heads:
+        raise HeteroError(f"--heads {ns.heads} must be a multiple of --kv-heads {ns.kv_heads}")
+    config = HeteroConfig(window=ns.window, sinks=ns.sinks, budget=ns.budget, retriever=ns.retriever,
+                          threads=ns.threads, window_backend=ns.window_backend, host_backend=ns.host_backend)
+    args = ProfileArgs(context=ns.context, batch=ns.batch, heads=ns.heads, kv_heads=ns.kv_heads,
+                       head_dim=ns.head_dim, steps=ns.steps, seed=ns.seed, kv_dtype=ns.kv_dtype)
+    result = run_profile(config, args, log=(lambda s: None) if ns.json else _stderr)
+    if ns.json:
+        print(json.dumps(result))
+    else:
+        print_profile(result)
+    return 0
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = _build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        if ns.command == "profile":
+            return _profile(ns)
+    except HeteroError as e:
+        print(f"hetero {ns.command}: error: {e}".splitlines()[0] if "\n" not in str(e) else
+              f"hetero {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {ns.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Shared test helpers: float64 oracles over a cache's logical tokens."""
+from __future__ import annotations
+
+import torch
+
+from hetero.reference import dense_attention
+
+
+def oracle(q: torch.Tensor, layer, scale=None) -> torch.Tensor:
+    """Float64 attention of ``q [B, Hq, D]`` over every token each sequence has in ``layer``."""
+    outs = []
+    for b in range(q.shape[0]):
+        k, v = layer.tokens(b)
+        part = dense_attention(q[b:b + 1].double(), k[None].double(), v[None].double(), scale=scale,
+                               compute_dtype=torch.float64)
+        outs.append(part.out[0])
+    return torch.stack(outs)
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x, ref = x.double(), ref.double()
+    denom = ref.norm()
+    return float((x - ref).norm() / denom) if denom > 0 else float(x.norm())
+
+
+def snapshot(layer):
+    """Everything a LayerCache holds, to check that a rejected call changed nothing."""
+    if not layer.initialized:
+        return None
+    f, h = layer.fast, layer.host
+    return (f.k.clone(), f.v.clone(), list(f.total), f.lengths.clone(), h.k_pool.clone(), h.v_pool.clone(),
+            [list(b) for b in h.blocks], list(h.length), list(layer.retriever.ntotal))
+
+
+def same_snapshot(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor):
+            if x.shape != y.shape or not torch.equal(x.view(torch.uint8) if x.dtype.is_floating_point else x,
+                                                      y.view(torch.uint8) if y.dtype.is_floating_point else y):
+                return False
+        elif x != y:
+            return False
+    return True

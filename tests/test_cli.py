@@ -1,0 +1,53 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+CLI = [sys.executable, "-m", "hetero.cli"]
+SMALL = ["--context", "1500", "--heads", "8", "--kv-heads", "2", "--head-dim", "32", "--window", "128",
+         "--steps", "2"]
+
+
+def _run(*args):
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=300)
+
+
+def test_profile_exact_mode_json():
+    p = _run("profile", *SMALL, "--retriever", "all", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    for key in ("context", "batch", "heads", "kv_heads", "head_dim", "window", "sinks", "budget", "retriever",
+                "backends", "dense_ms", "hetero_ms", "speedup", "rel_error", "phases"):
+        assert key in r
+    assert set(r["phases"]) >= {"window", "retrieve", "host_attn", "merge", "transfer", "evict"}
+    assert r["rel_error"] <= 1e-5
+    assert r["context"] == 1500 and r["retriever"] == "all"
+
+
+def test_profile_exact_topk_reports_error():
+    p = _run("profile", *SMALL, "--retriever", "exact", "--budget", "0.05", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert 0 < r["rel_error"] < 0.5 and 0 < r["rows_read_fraction"] < 1
+
+
+def test_profile_table_output():
+    p = _run("profile", *SMALL, "--retriever", "exact")
+    assert p.returncode == 0, p.stderr
+    assert "speedup" in p.stdout and "host_attn" in p.stdout
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["profile", "--context", "-5"], "--context"),
+    (["profile", "--budget", "abc"], "--budget"),
+    (["profile", "--budget", "1.5"], "budget"),
+    (["profile", "--retriever", "nope"], "--retriever"),
+    (["profile", "--heads", "6", "--kv-heads", "4"], "multiple"),
+    (["nosuchcommand"], "invalid choice"),
+])
+def test_bad_flags_exit_2_with_one_line(args, needle):
+    p = _run(*args)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], p.stderr

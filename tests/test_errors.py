@@ -1,0 +1,157 @@
+"""Bad input raises a typed error with a clear message, and leaves the cache byte-identical."""
+import pytest
+import torch
+
+from hetero import (ConfigError, DTypeError, HeteroAttention, HeteroConfig, InvalidValueError, LayerCache,
+                    Selection, ShapeError, sparse_attention, window_attention)
+from hetero.errors import HeteroError
+
+from helpers import same_snapshot, snapshot
+
+B, HKV, G, D = 2, 2, 4, 8
+
+
+@pytest.fixture
+def layer():
+    cfg = HeteroConfig(window=4, sinks=1, retriever="exact", budget=3, block_tokens=4)
+    lay = LayerCache(cfg)
+    gen = torch.Generator().manual_seed(0)
+    lay.append(torch.randn(B, HKV, 20, D, generator=gen), torch.randn(B, HKV, 20, D, generator=gen),
+               torch.tensor([20, 11]))
+    return lay
+
+
+def q_ok(dtype=torch.float32):
+    return torch.randn(B, HKV * G, D, dtype=dtype)
+
+
+def kv_ok(t=1):
+    return torch.randn(B, HKV, t, D), torch.randn(B, HKV, t, D)
+
+
+BAD_APPENDS = [
+    ("keys rank 2", lambda: (torch.randn(B, D), torch.randn(B, D), None), ShapeError, "rank"),
+    ("keys rank 5", lambda: (torch.randn(B, HKV, 1, 1, D), torch.randn(B, HKV, 1, 1, D), None), ShapeError, "rank"),
+    ("k/v shape mismatch", lambda: (torch.randn(B, HKV, 2, D), torch.randn(B, HKV, 3, D), None), ShapeError, "same shape"),
+    ("wrong kv heads", lambda: (torch.randn(B, 3, 1, D), torch.randn(B, 3, 1, D), None), ShapeError, "Hkv=2"),
+    ("wrong head dim", lambda: (torch.randn(B, HKV, 1, 4), torch.randn(B, HKV, 1, 4), None), ShapeError, "D=8"),
+    ("wrong batch", lambda: (torch.randn(3, HKV, 1, D), torch.randn(3, HKV, 1, D), None), ShapeError, "B=2"),
+    ("empty batch", lambda: (torch.randn(0, HKV, 1, D), torch.randn(0, HKV, 1, D), None), ShapeError, "empty batch"),
+    ("k/v dtype mix", lambda: (torch.randn(B, HKV, 1, D), torch.randn(B, HKV, 1, D).half(), None), DTypeError, "same dtype"),
+    ("integer keys", lambda: (torch.ones(B, HKV, 1, D, dtype=torch.int32),) * 2 + (None,), DTypeError, "dtype"),
+    ("NaN keys", lambda: (torch.full((B, HKV, 1, D), float("nan")), torch.randn(B, HKV, 1, D), None), InvalidValueError, "NaN"),
+    ("inf values", lambda: (torch.randn(B, HKV, 1, D), torch.full((B, HKV, 1, D), float("inf")), None), InvalidValueError, "NaN or inf"),
+    ("lengths too long", lambda: kv_ok(2) + (torch.tensor([3, 1]),), InvalidValueError, r"\[0, 2\]"),
+    ("negative length", lambda: kv_ok(2) + (torch.tensor([-1, 1]),), InvalidValueError, r"\[0, 2\]"),
+    ("lengths wrong shape", lambda: kv_ok(2) + (torch.tensor([1, 1, 1]),), ShapeError, "B=2"),
+    ("float lengths", lambda: kv_ok(2) + (torch.tensor([1.0, 1.0]),), DTypeError, "integer"),
+    ("not a tensor", lambda: ([[1.0]], [[1.0]], None), ShapeError, "torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("name,make,err,match", BAD_APPENDS, ids=[b[0] for b in BAD_APPENDS])
+def test_bad_append_rejected_and_cache_unchanged(layer, name, make, err, match):
+    before = snapshot(layer)
+    k, v, lengths = make()
+    with pytest.raises(err, match=match):
+        layer.append(k, v, lengths)
+    assert same_snapshot(before, snapshot(layer))
+
+
+def test_nan_in_ragged_padding_is_accepted(layer):
+    k, v = kv_ok(3)
+    k[1, :, 1:] = float("nan")  # beyond lengths[1] = 1: never stored
+    layer.append(k, v, torch.tensor([3, 1]))
+    assert torch.isfinite(layer.tokens(1)[0]).all()
+
+
+BAD_QUERIES = [
+    ("q rank 4", lambda: torch.randn(B, HKV * G, 1, D), ShapeError, "rank 3"),
+    ("q head dim", lambda: torch.randn(B, HKV * G, D + 1), ShapeError, "head_dim"),
+    ("Hq not multiple", lambda: torch.randn(B, 5, D), ShapeError, "multiple"),
+    ("q batch", lambda: torch.randn(B + 1, HKV * G, D), ShapeError, "batch"),
+    ("q empty batch", lambda: torch.randn(0, HKV * G, D), ShapeError, "empty batch"),
+    ("q int", lambda: torch.ones(B, HKV * G, D, dtype=torch.int64), DTypeError, "dtype"),
+    ("q NaN", lambda: torch.full((B, HKV * G, D), float("nan")), InvalidValueError, "NaN"),
+    ("q inf", lambda: torch.full((B, HKV * G, D), float("-inf")), InvalidValueError, "inf"),
+]
+
+
+@pytest.mark.parametrize("name,make,err,match", BAD_QUERIES, ids=[b[0] for b in BAD_QUERIES])
+def test_bad_query_rejected_and_cache_unchanged(layer, name, make, err, match):
+    before = snapshot(layer)
+    with pytest.raises(err, match=match):
+        HeteroAttention(layer.config).run(make(), layer)
+    assert same_snapshot(before, snapshot(layer))
+
+
+def test_run_on_empty_layer_is_clear():
+    cfg = HeteroConfig()
+    with pytest.raises(ShapeError, match="empty"):
+        HeteroAttention(cfg).run(q_ok(), LayerCache(cfg))
+
+
+BAD_CONFIGS = [
+    ({"budget": -1}, "budget"), ({"budget": 0.0}, "budget"), ({"budget": 1.5}, "budget"),
+    ({"budget": float("nan")}, "budget"), ({"budget": "2%"}, "budget"), ({"window": -1}, "window"),
+    ({"window": 2.5}, "window"), ({"sinks": -3}, "sinks"), ({"retriever": "nope"}, "retriever"),
+    ({"kv_dtype": "int8"}, "kv_dtype"), ({"threads": 0}, "threads"), ({"block_tokens": 0}, "block_tokens"),
+    ({"group_rule": "max"}, "group_rule"), ({"host_backend": "cuda"}, "host_backend"),
+    ({"dense_layers": (1, 1)}, "dense_layers"), ({"dense_layers": (-1,)}, "dense_layers"),
+    ({"scale": 0}, "scale"), ({"window": True}, "window"),
+]
+
+
+@pytest.mark.parametrize("kwargs,field", BAD_CONFIGS, ids=[str(c[0]) for c in BAD_CONFIGS])
+def test_bad_config_names_field_and_allowed(kwargs, field):
+    with pytest.raises(ConfigError) as info:
+        HeteroConfig(**kwargs)
+    msg = str(info.value)
+    assert f"HeteroConfig.{field}=" in msg and "allowed" in msg
+
+
+def test_config_with_rejects_unknown_field():
+    with pytest.raises(ConfigError, match="unknown"):
+        HeteroConfig().with_(windw=3)
+
+
+def _host_view(layer):
+    return layer.host.view()
+
+
+BAD_SELECTIONS = [
+    ("index beyond host", lambda: Selection(torch.full((B, HKV, 2), 15, dtype=torch.int32)), InvalidValueError, "host_length"),
+    ("index below -1", lambda: Selection(torch.full((B, HKV, 2), -2, dtype=torch.int32)), InvalidValueError, "-1"),
+    ("float indices", lambda: Selection(torch.zeros(B, HKV, 2)), DTypeError, "int32"),
+    ("indices wrong heads", lambda: Selection(torch.zeros(B, 3, 2, dtype=torch.int32)), ShapeError, "Hkv=2"),
+    ("log_weight shape", lambda: Selection(torch.zeros(B, HKV, 2, dtype=torch.int32), torch.zeros(B, HKV, 2)), ShapeError, "Hq=8"),
+    ("log_weight NaN", lambda: Selection(torch.zeros(B, HKV, 2, dtype=torch.int32), torch.full((B, 8, 2), float("nan"))), InvalidValueError, "NaN"),
+]
+
+
+@pytest.mark.parametrize("name,make,err,match", BAD_SELECTIONS, ids=[b[0] for b in BAD_SELECTIONS])
+def test_bad_selection_rejected(layer, name, make, err, match):
+    before = snapshot(layer)
+    with pytest.raises(err, match=match):
+        sparse_attention(q_ok(), _host_view(layer), make())
+    assert same_snapshot(before, snapshot(layer))
+
+
+def test_window_attention_rejects_mismatched_kv():
+    with pytest.raises(ShapeError, match="must match"):
+        window_attention(q_ok(), torch.randn(B, HKV, 4, D), torch.randn(B, HKV, 4, D).half())
+
+
+def test_unknown_backend_lists_registered():
+    with pytest.raises(ConfigError, match="registered"):
+        window_attention(q_ok(), torch.randn(B, HKV, 4, D), torch.randn(B, HKV, 4, D), backend="nope")
+
+
+def test_retriever_rejects_negative_budget(layer):
+    with pytest.raises(InvalidValueError, match="budgets"):
+        layer.retriever.search(q_ok(), [-1, 2])
+
+
+def test_every_error_is_a_hetero_error():
+    for err in (ShapeError, DTypeError, InvalidValueError, ConfigError):
+        assert issubclass(err, HeteroError)

@@ -1,0 +1,89 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from hetero import PartialAttention, merge
+from hetero.errors import ShapeError
+from hetero.reference import dense_attention, window_attention
+
+
+def _attention_over(q, k, v, idx, dtype):
+    """PartialAttention of q over the keys at positions idx (possibly empty)."""
+    sub_k, sub_v = k[:, :, idx], v[:, :, idx]
+    lengths = torch.full((q.shape[0],), len(idx), dtype=torch.long)
+    return window_attention(q.to(dtype), sub_k.to(dtype), sub_v.to(dtype), lengths, compute_dtype=dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 300), parts=st.integers(1, 64), seed=st.integers(0, 2**31 - 1), g=st.sampled_from([1, 4]))
+def test_split_invariance(n, parts, seed, g):
+    gen = torch.Generator().manual_seed(seed)
+    b, hkv, d = 2, 2, 16
+    q = torch.randn(b, hkv * g, d, generator=gen, dtype=torch.float64) * 2
+    k = torch.randn(b, hkv, n, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, hkv, n, d, generator=gen, dtype=torch.float64)
+    full = dense_attention(q, k, v, compute_dtype=torch.float64)
+    owner = torch.randint(parts, (n,), generator=gen)  # random partition, some parts empty
+    perm = torch.randperm(parts, generator=gen).tolist()  # merge order must not matter
+    pieces = [_attention_over(q, k, v, (owner == p).nonzero().flatten(), torch.float32) for p in perm]
+    merged = merge(pieces)
+    assert merged.out.dtype == torch.float32
+    if n == 0:
+        assert torch.all(merged.out == 0) and torch.all(torch.isneginf(merged.lse))
+        return
+    rel = (merged.out.double() - full.out).norm() / full.out.norm()
+    assert rel <= 1e-6
+    assert torch.allclose(merged.lse.double(), full.lse, rtol=1e-6, atol=1e-5)
+
+
+def test_all_empty_gives_zero_and_neg_inf():
+    e = PartialAttention.empty(2, 3, 8)
+    m = merge([e, e, e])
+    assert torch.equal(m.out, torch.zeros(2, 3, 8))
+    assert torch.isneginf(m.lse).all()
+    assert not torch.isnan(m.out).any()
+
+
+def test_empty_part_is_neutral_even_with_garbage_out():
+    a = PartialAttention(torch.randn(1, 2, 4), torch.tensor([[0.5, -3.0]]))
+    garbage = PartialAttention(torch.full((1, 2, 4), float("nan")), torch.full((1, 2), float("-inf")))
+    m = merge([garbage, a])
+    assert torch.allclose(m.out, a.out) and torch.allclose(m.lse, a.lse)
+
+
+def test_pos_inf_takes_all_weight():
+    a = PartialAttention(torch.ones(1, 1, 4), torch.tensor([[float("inf")]]))
+    b = PartialAttention(torch.full((1, 1, 4), 7.0), torch.tensor([[3.0]]))
+    m = merge([a, b])
+    assert torch.equal(m.out, torch.ones(1, 1, 4)) and torch.isposinf(m.lse).all()
+    c = PartialAttention(torch.full((1, 1, 4), 3.0), torch.tensor([[float("inf")]]))
+    m2 = merge([a, c, b])
+    assert torch.allclose(m2.out, torch.full((1, 1, 4), 2.0))  # +inf parts share equally
+    assert not torch.isnan(m2.out).any()
+
+
+@pytest.mark.parametrize("logit", [1e4, 5e4, -5e4, 1e30])
+def test_extreme_logits_stay_finite(logit):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, 2, 10, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, 2, 10, 8, generator=gen, dtype=torch.float64)
+    scale = logit / 8  # logits of order |logit|
+    full = dense_attention(q, k, v, scale=scale, compute_dtype=torch.float64)
+    lengths = torch.full((1,), 5, dtype=torch.long)
+    a = window_attention(q.float(), k[:, :, :5].float(), v[:, :, :5].float(), lengths, scale=scale)
+    b = window_attention(q.float(), k[:, :, 5:].float(), v[:, :, 5:].float(), lengths, scale=scale)
+    m = merge([a, b])
+    assert torch.isfinite(m.out).all() and not torch.isnan(m.lse).any()
+    if math.isfinite(logit * 100) and abs(logit) <= 5e4:
+        assert (m.out.double() - full.out).norm() / full.out.norm() < 1e-5
+
+
+def test_merge_rejects_bad_parts():
+    a = PartialAttention.empty(1, 2, 4)
+    with pytest.raises(ShapeError, match="at least one"):
+        merge([])
+    with pytest.raises(ShapeError, match="part 1"):
+        merge([a, PartialAttention.empty(1, 3, 4)])
