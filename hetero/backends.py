@@ -78,6 +78,7 @@ WINDOW_REGISTRY: Dict[str, str] = {
     "torch": "hetero.gpu.torch_window:TorchWindowBackend",
 }
 HOST_REGISTRY: Dict[str, str] = {
+    "cpp": "hetero.cpu.cpp_sparse:CppSparseBackend",
     "torch": "hetero.cpu.torch_sparse:TorchSparseBackend",
 }
 _ENV = {"window": "HETERO_WINDOW_BACKEND", "host": "HETERO_CPU_BACKEND"}

@@ -1,0 +1,104 @@
+"""C++ sparse host-attention backend (pybind11 extension ``hetero.cpu._sparse_cpp``).
+
+The extension carries scalar, AVX2+FMA, AVX-512 and AVX-512+BF16 kernels and picks the highest level the
+CPU supports at import; ``HETERO_CPU_ISA=scalar|avx2|avx512|avx512_bf16`` forces a lower one. If the
+extension was not built (compiler missing on this machine), the backend reports why and "auto" falls back
+to numba with a one-line warning.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import List, Optional
+
+import torch
+
+from hetero.backends import HostBackend
+from hetero.errors import ConfigError
+from hetero.types import PartialAttention
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_ext = None
+_load_error: Optional[str] = None
+_warned = False
+
+
+def load():
+    """The extension module, or None (the reason is in ``load_error()``)."""
+    global _ext, _load_error
+    if _ext is None and _load_error is None:
+        try:
+            from hetero.cpu import _sparse_cpp as ext
+        except ImportError as e:
+            _load_error = f"C++ extension not built ({e})"
+            return None
+        isa = os.environ.get("HETERO_CPU_ISA")
+        if isa:
+            try:
+                ext.set_isa(isa)
+            except ValueError as e:
+                raise ConfigError(f"HETERO_CPU_ISA={isa!r}: {e}") from None
+        _ext = ext
+    return _ext
+
+
+def load_error() -> Optional[str]:
+    load()
+    return _load_error
+
+
+def info() -> dict:
+    """``{"isa_detected", "isa", "threads"}`` of the extension, or ``{"error": reason}``."""
+    ext = load()
+    return dict(ext.info()) if ext is not None else {"error": _load_error}
+
+
+class CppSparseBackend(HostBackend):
+    """Host attention in C++: each selected K/V row read once per GQA group, software prefetch
+    ``prefetch_rows`` rows ahead, GIL released, the module's own thread pool."""
+
+    name = "cpp"
+    devices = ("cpu",)
+    prefetch_rows = 12
+    max_group = 64
+
+    def availability_reasons(self) -> List[str]:
+        global _warned
+        if load() is None:
+            if not _warned:
+                warnings.warn(f"hetero: {_load_error}; host attention falls back to numba", stacklevel=3)
+                _warned = True
+            return [_load_error]
+        return []
+
+    def not_supported_reasons(self, q, host) -> List[str]:
+        reasons = super().not_supported_reasons(q, host)
+        g = q.shape[1] // max(host.k_pool.shape[0], 1)
+        if g > self.max_group:
+            reasons.append(f"GQA group of {g} query heads > {self.max_group}")
+        return reasons
+
+    def set_threads(self, threads: int) -> None:
+        load().set_threads(int(threads))
+
+    def __call__(self, q, host, selection, scale) -> PartialAttention:
+        ext = load()
+        b, hq, d = q.shape
+        hkv = host.k_pool.shape[0]
+        q = q.to(torch.float32).contiguous()
+        k_pool, v_pool = host.k_pool, host.v_pool
+        if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
+            raise ValueError("host pools must be contiguous [Hkv, R, D]")
+        table = host.block_table.to(torch.int32).contiguous()
+        idx = selection.indices.to(torch.int32).contiguous()
+        lw = selection.log_weight
+        lw = lw.to(torch.float32).contiguous() if lw is not None else None
+        out = torch.empty(b, hq, d, dtype=torch.float32)
+        lse = torch.empty(b, hq, dtype=torch.float32)
+        ext.sparse_attention(
+            q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), k_pool.stride(0), table.data_ptr(),
+            table.shape[1], host.block_tokens, idx.data_ptr(), lw.data_ptr() if lw is not None else 0,
+            out.data_ptr(), lse.data_ptr(), b, hq, hkv, d, idx.shape[2], float(scale),
+            _DTYPE_CODES[k_pool.dtype], self.prefetch_rows,
+        )
+        return PartialAttention(out, lse)

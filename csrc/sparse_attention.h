@@ -1,0 +1,48 @@
+// Sparse decode attention over selected host-tier rows: shared declarations.
+//
+// Layout (see hetero/types.py HostView): k_pool, v_pool [Hkv, R, D] in the storage dtype; host position i
+// of sequence b is row block_table[b, i / block_tokens] * block_tokens + i % block_tokens.
+// A work item is (sequence b, KV head h, selected-index range [j0, j1)); it attends the G = Hq / Hkv query
+// heads of the group over those rows, reading each K and V row once, and writes a partial result
+// (out [G, D] normalized, lse [G] natural log; empty -> out 0, lse -inf).
+#pragma once
+#include <cstdint>
+
+namespace hetero {
+
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Avx512Bf16 = 3 };
+
+struct SparseArgs {
+  const float* q;            // [B, Hq, D] float32
+  const void* k_pool;        // [Hkv, R, D] storage dtype
+  const void* v_pool;        // [Hkv, R, D]
+  int64_t head_stride;       // elements between heads of a pool (R * D)
+  const int32_t* block_table;  // [B, max_blocks]
+  int64_t max_blocks;
+  int64_t block_tokens;
+  const int32_t* indices;    // [B, Hkv, K], -1 = skip
+  const float* log_weight;   // [B, Hq, K] or nullptr
+  int64_t B, Hq, Hkv, D, K;
+  float scale;
+  DType dtype;
+  int prefetch_rows;         // software prefetch distance in rows (0 = off)
+};
+
+// Scratch floats a work item of n indices needs.
+inline int64_t item_scratch_floats(const SparseArgs& a, int64_t n) {
+  const int64_t g = a.Hq / a.Hkv;
+  return (g + 2) * (n + 16) + 4 * g * (a.D + 32) + 64;
+}
+
+// One work item; out_g [G, D], lse_g [G]; scratch of item_scratch_floats(j1 - j0) floats.
+void sparse_item_scalar(const SparseArgs& a, int64_t b, int64_t h, int64_t j0, int64_t j1, float* out_g,
+                        float* lse_g, float* scratch);
+void sparse_item_avx2(const SparseArgs& a, int64_t b, int64_t h, int64_t j0, int64_t j1, float* out_g,
+                      float* lse_g, float* scratch);
+void sparse_item_avx512(const SparseArgs& a, int64_t b, int64_t h, int64_t j0, int64_t j1, float* out_g,
+                        float* lse_g, float* scratch);
+void sparse_item_avx512_bf16(const SparseArgs& a, int64_t b, int64_t h, int64_t j0, int64_t j1, float* out_g,
+                             float* lse_g, float* scratch);
+
+}  // namespace hetero

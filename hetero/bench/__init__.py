@@ -1,0 +1,1 @@
+"""Benchmarks reachable as ``hetero bench <name>`` and as scripts under ``benchmarks/``."""

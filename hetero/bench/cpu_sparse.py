@@ -1,0 +1,130 @@
+"""Host sparse-attention kernels against the memory wall.
+
+Workload (issue #3): one sequence, 8 KV heads x 4 query heads, head_dim 128, a host tier of 128K tokens per
+head, k selected rows per KV head (fresh random, sorted indices every iteration: retrievers return sorted
+rows), several layers' tiers rotated so that the footprint is >= 4x the last-level cache and rows come from
+DRAM. ``gbps`` counts the bytes of the selected K and V rows; ``membw_gbps`` is a streaming read measured
+in the same run with the same threads; ``speedup_vs_torch`` is the torch reference's median time over the
+backend's, same inputs. One JSON object per line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+from hetero.backends import get_backend
+from hetero.config import KV_DTYPES
+from hetero.types import HostView, Selection
+
+from .membw import last_level_cache_bytes, streaming_read_gbps
+
+
+def _make_layers(n_layers: int, hkv: int, tokens: int, d: int, dtype: torch.dtype, block_tokens: int):
+    views = []
+    table = torch.arange(tokens // block_tokens, dtype=torch.int32).unsqueeze(0)
+    for _ in range(n_layers):
+        k = torch.randn(hkv, tokens, d).to(dtype)
+        v = torch.randn(hkv, tokens, d).to(dtype)
+        views.append(HostView(k, v, table, torch.tensor([tokens]), block_tokens))
+    return views
+
+
+def _index_sets(count: int, hkv: int, tokens: int, k: int, gen: torch.Generator) -> List[torch.Tensor]:
+    sets = []
+    for _ in range(count):
+        idx = torch.stack([torch.randperm(tokens, generator=gen)[:k] for _ in range(hkv)])
+        sets.append(idx.sort(dim=-1).values.to(torch.int32).unsqueeze(0))
+    return sets
+
+
+def _time_backend(backend, q, views, index_sets, scale, runs: int) -> float:
+    times = []
+    for i in range(runs + 2):
+        view = views[i % len(views)]
+        sel = Selection(index_sets[i % len(index_sets)])
+        t = time.perf_counter()
+        backend(q, view, sel, scale)
+        if i >= 2:  # two warm-up calls (compilation, page faults)
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def run(backends: List[str], dtypes: List[str], ks: List[int], threads: int, tokens: int = 131072,
+        kv_heads: int = 8, group: int = 4, head_dim: int = 128, runs: int = 21, block_tokens: int = 256,
+        seed: int = 0, out=sys.stdout, torch_runs: Optional[int] = None) -> List[dict]:
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(seed)
+    llc = last_level_cache_bytes()
+    rows = []
+    membw = streaming_read_gbps(threads)
+    for dtype_name in dtypes:
+        dtype = KV_DTYPES[dtype_name]
+        layer_bytes = 2 * kv_heads * tokens * head_dim * torch.tensor([], dtype=dtype).element_size()
+        n_layers = max(2, math.ceil(4 * llc / layer_bytes))
+        views = _make_layers(n_layers, kv_heads, tokens, head_dim, dtype, block_tokens)
+        q = torch.randn(1, kv_heads * group, head_dim, generator=gen)
+        scale = 1 / math.sqrt(head_dim)
+        for k in ks:
+            index_sets = _index_sets(max(runs + 2, 23), kv_heads, tokens, k, gen)
+            torch_be = get_backend("host", "torch")
+            t_torch = _time_backend(torch_be, q, views, index_sets, scale, torch_runs or runs)
+            sel_bytes = 2 * kv_heads * k * head_dim * views[0].k_pool.element_size()
+            for name in backends:
+                be = get_backend("host", name)
+                reasons = be.not_supported_reasons(q, views[0])
+                if reasons:
+                    rows.append({"backend": name, "dtype": dtype_name, "k": k, "skipped": "; ".join(reasons)})
+                    print(json.dumps(rows[-1]), file=out, flush=True)
+                    continue
+                be.set_threads(threads)
+                t = t_torch if name == "torch" else _time_backend(be, q, views, index_sets, scale, runs)
+                gbps = sel_bytes / t / 1e9
+                row = {
+                    "backend": name, "dtype": dtype_name, "k": k, "threads": threads, "median_us": round(t * 1e6, 1),
+                    "gbps": round(gbps, 2), "membw_gbps": round(membw, 2), "ratio_to_membw": round(gbps / membw, 3),
+                    "speedup_vs_torch": round(t_torch / t, 2), "torch_us": round(t_torch * 1e6, 1),
+                    "footprint_gb": round(n_layers * layer_bytes / 1e9, 2), "llc_mb": round(llc / 2**20),
+                    "runs": runs, "isa": _isa(name),
+                }
+                rows.append(row)
+                print(json.dumps(row), file=out, flush=True)
+        del views
+    return rows
+
+
+def _isa(backend: str) -> Optional[str]:
+    if backend != "cpp":
+        return None
+    from hetero.cpu.cpp_sparse import info
+
+    return info().get("isa")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from hetero.backends import HOST_REGISTRY
+
+    p = argparse.ArgumentParser(prog="hetero bench cpu-sparse", description=__doc__.splitlines()[0])
+    p.add_argument("--backends", default=",".join(b for b in HOST_REGISTRY))
+    p.add_argument("--dtypes", default="bfloat16,float32")
+    p.add_argument("--k", default="512,2048,8192")
+    p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument("--tokens", type=int, default=131072)
+    p.add_argument("--runs", type=int, default=21)
+    ns = p.parse_args(argv)
+    from hetero.config import HeteroConfig
+
+    threads = ns.threads or HeteroConfig().resolved_threads
+    run([b for b in ns.backends.split(",") if b], ns.dtypes.split(","), [int(x) for x in ns.k.split(",")],
+        threads, tokens=ns.tokens, runs=ns.runs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

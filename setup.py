@@ -1,0 +1,21 @@
+"""Builds the optional C++ extension hetero.cpu._sparse_cpp (metadata lives in pyproject.toml).
+
+No -march=native and no global -mavx512f: the AVX2 and AVX-512 kernels are separate translation units
+that enable their ISA with `#pragma GCC target`, and the module picks one at run time from CPU flags.
+If the build fails, hetero still installs and the host backend falls back to numba (with a warning).
+"""
+from pybind11.setup_helpers import Pybind11Extension
+from setuptools import setup
+
+ext = Pybind11Extension(
+    "hetero.cpu._sparse_cpp",
+    sources=["csrc/module.cpp", "csrc/cpu_features.cpp", "csrc/sparse_scalar.cpp", "csrc/sparse_avx2.cpp",
+             "csrc/sparse_avx512.cpp"],
+    include_dirs=["csrc"],
+    cxx_std=17,
+    extra_compile_args=["-O3", "-fno-math-errno"],
+    extra_link_args=["-pthread"],
+)
+ext.optional = True  # a failed compile must not fail the install
+
+setup(ext_modules=[ext])
