@@ -9,7 +9,7 @@ from setuptools import setup
 
 ext = Pybind11Extension(
     "hetero.cpu._sparse_cpp",
-    sources=["csrc/module.cpp", "csrc/cpu_features.cpp", "csrc/sparse_scalar.cpp", "csrc/sparse_avx2.cpp",
+    sources=["csrc/module.cpp", "csrc/cpu_features.cpp", "csrc/random_read.cpp", "csrc/sparse_scalar.cpp", "csrc/sparse_avx2.cpp",
              "csrc/sparse_avx512.cpp"],
     include_dirs=["csrc"],
     cxx_std=17,

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "random_read.h"
 #include "sparse_attention.h"
 #include "thread_pool.h"
 
@@ -76,14 +77,16 @@ py::dict info() {
   return d;
 }
 
-void sparse_attention(uintptr_t q, uintptr_t k_pool, uintptr_t v_pool, int64_t head_stride, uintptr_t block_table,
+void sparse_attention(uintptr_t q, uintptr_t k_pool, uintptr_t v_pool, int64_t head_stride, int64_t row_stride,
+                      uintptr_t block_table,
                       int64_t max_blocks, int64_t block_tokens, uintptr_t indices, uintptr_t log_weight,
                       uintptr_t out, uintptr_t lse, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t K,
                       double scale, int dtype, int prefetch_rows) {
   if (B <= 0 || Hkv <= 0 || Hq % Hkv != 0 || D <= 0 || Hq / Hkv > 64 || block_tokens <= 0 || dtype < 0 || dtype > 2)
     throw std::invalid_argument("sparse_attention: invalid sizes (need B, Hkv, D >= 1, Hq = G * Hkv with G <= 64)");
   SparseArgs a{reinterpret_cast<const float*>(q), reinterpret_cast<const void*>(k_pool),
-               reinterpret_cast<const void*>(v_pool), head_stride, reinterpret_cast<const int32_t*>(block_table),
+               reinterpret_cast<const void*>(v_pool), head_stride, row_stride,
+               reinterpret_cast<const int32_t*>(block_table),
                max_blocks, block_tokens, reinterpret_cast<const int32_t*>(indices),
                reinterpret_cast<const float*>(log_weight), B, Hq, Hkv, D, K, static_cast<float>(scale),
                static_cast<DType>(dtype), prefetch_rows};
@@ -147,6 +150,24 @@ void sparse_attention(uintptr_t q, uintptr_t k_pool, uintptr_t v_pool, int64_t h
   }
 }
 
+// Read n random runs (offsets in bytes from base) split across the pool; returns a checksum.
+double random_read(uintptr_t base, uintptr_t offsets, int64_t n, int64_t run_bytes, int prefetch) {
+  py::gil_scoped_release release;
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.call_mu);
+  const int threads = s.pool->threads();
+  std::vector<double> sums(threads, 0.0);
+  const int64_t per = (n + threads - 1) / threads;
+  s.pool->run(threads, [&](int64_t t, int) {
+    const int64_t lo = std::min(n, t * per), hi = std::min(n, lo + per);
+    sums[t] = read_runs(reinterpret_cast<const char*>(base), reinterpret_cast<const int64_t*>(offsets) + lo, hi - lo,
+                        run_bytes, prefetch);
+  });
+  double total = 0.0;
+  for (double x : sums) total += x;
+  return total;
+}
+
 }  // namespace
 }  // namespace hetero
 
@@ -157,4 +178,5 @@ PYBIND11_MODULE(_sparse_cpp, m) {
   m.def("set_isa", &hetero::set_isa, "Force an ISA level at or below the detected one");
   m.def("set_threads", &hetero::set_threads, "Threads of the module's pool (>= 1)");
   m.def("info", &hetero::info, "Detected and active ISA, thread count");
+  m.def("random_read", &hetero::random_read, "Ceiling probe: read random runs of memory (benchmarks only)");
 }

@@ -1,7 +1,8 @@
 // Sparse decode attention over selected host-tier rows: shared declarations.
 //
-// Layout (see hetero/types.py HostView): k_pool, v_pool [Hkv, R, D] in the storage dtype; host position i
-// of sequence b is row block_table[b, i / block_tokens] * block_tokens + i % block_tokens.
+// Layout (see hetero/types.py HostView): k_pool, v_pool [Hkv, R, D] in the storage dtype, elements of a row
+// contiguous, rows row_stride elements apart (2 * D for the host tier's fused K|V rows); host position i of
+// sequence b is row block_table[b, i / block_tokens] * block_tokens + i % block_tokens.
 // A work item is (sequence b, KV head h, selected-index range [j0, j1)); it attends the G = Hq / Hkv query
 // heads of the group over those rows, reading each K and V row once, and writes a partial result
 // (out [G, D] normalized, lse [G] natural log; empty -> out 0, lse -inf).
@@ -17,7 +18,8 @@ struct SparseArgs {
   const float* q;            // [B, Hq, D] float32
   const void* k_pool;        // [Hkv, R, D] storage dtype
   const void* v_pool;        // [Hkv, R, D]
-  int64_t head_stride;       // elements between heads of a pool (R * D)
+  int64_t head_stride;       // elements between heads of a pool
+  int64_t row_stride;        // elements between consecutive rows of a pool
   const int32_t* block_table;  // [B, max_blocks]
   int64_t max_blocks;
   int64_t block_tokens;

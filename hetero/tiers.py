@@ -2,8 +2,9 @@
 
 ``FastTier``: sinks + a ring buffer of the recent window on the fast device, ``[B, Hkv, S + W, D]``;
 slots ``[0, lengths[b])`` are valid, so a window kernel only needs a length tensor.
-``HostTier``: older tokens in host memory, paged: ``[Hkv, R, D]`` pools of ``block_tokens``-row blocks
-shared by the batch, one block table per sequence (pinned when the fast device is CUDA).
+``HostTier``: older tokens in host memory, paged: ``block_tokens``-row blocks of one ``[Hkv, R, 2, D]``
+pool shared by the batch (a token's key and value rows side by side, so a random row is one contiguous
+run of memory), one block table per sequence (pinned when the fast device is CUDA).
 
 Both hold post-RoPE keys. Neither validates its inputs: ``LayerCache`` does, before touching them.
 """
@@ -13,6 +14,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .memory import empty_host
 from .types import HostView
 
 
@@ -120,7 +122,8 @@ class FastTier:
 class HostTier:
     """Older tokens of every sequence in host memory, paged.
 
-    k_pool, v_pool: ``[Hkv, R, D]``; block ``j`` is rows ``j*C .. j*C+C-1`` (``C = block_tokens``).
+    kv_pool: ``[Hkv, R, 2, D]``; k_pool, v_pool: its ``[Hkv, R, D]`` views (row stride ``2 * D``).
+    Block ``j`` is rows ``j*C .. j*C+C-1`` (``C = block_tokens``).
     Sequence ``b`` owns blocks ``blocks[b]`` in order; host position ``i`` is row
     ``blocks[b][i // C] * C + i % C``.
     """
@@ -130,8 +133,7 @@ class HostTier:
         self.block_tokens = block_tokens
         self.kv_heads, self.head_dim, self.dtype = kv_heads, head_dim, dtype
         self.pin_memory = pin_memory
-        self.k_pool = self._alloc(0)
-        self.v_pool = self._alloc(0)
+        self._set_pool(self._alloc(0))
         self.blocks: List[List[int]] = [[] for _ in range(batch)]
         self.length: List[int] = [0] * batch
         self._next_block = 0
@@ -142,8 +144,12 @@ class HostTier:
         return len(self.blocks)
 
     def _alloc(self, blocks: int) -> torch.Tensor:
-        return torch.empty(self.kv_heads, blocks * self.block_tokens, self.head_dim, dtype=self.dtype,
-                           pin_memory=self.pin_memory)
+        return empty_host((self.kv_heads, blocks * self.block_tokens, 2, self.head_dim), self.dtype,
+                          pin_memory=self.pin_memory)
+
+    def _set_pool(self, kv_pool: torch.Tensor) -> None:
+        self.kv_pool = kv_pool
+        self.k_pool, self.v_pool = kv_pool[:, :, 0], kv_pool[:, :, 1]
 
     @property
     def capacity_blocks(self) -> int:
@@ -168,10 +174,9 @@ class HostTier:
             return
         new_cap = max(blocks, cap + cap // 2)
         rows = cap * self.block_tokens
-        for name in ("k_pool", "v_pool"):
-            new = self._alloc(new_cap)
-            new[:, :rows] = getattr(self, name)[:, :rows]
-            setattr(self, name, new)
+        new = self._alloc(new_cap)
+        new[:, :rows] = self.kv_pool[:, :rows]
+        self._set_pool(new)
 
     def append(self, seq: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append ``[Hkv, n, D]`` keys and values to the end of sequence ``seq``."""
@@ -240,4 +245,4 @@ class HostTier:
         return sum(self.length) * self.kv_heads * self.head_dim * self.k_pool.element_size() * 2
 
     def allocated_bytes(self) -> int:
-        return (self.k_pool.numel() + self.v_pool.numel()) * self.k_pool.element_size()
+        return self.kv_pool.numel() * self.kv_pool.element_size()

@@ -54,7 +54,8 @@ class Selection:
 class HostView:
     """Read-only description of one layer's host tier, in the paged layout kernels consume.
 
-    k_pool, v_pool: ``[Hkv, R, D]`` rows of all sequences; a block is ``block_tokens`` consecutive rows.
+    k_pool, v_pool: ``[Hkv, R, D]`` rows of all sequences (last dim contiguous; rows may be strided, e.g.
+        views of a fused ``[Hkv, R, 2, D]`` pool); a block is ``block_tokens`` consecutive rows.
     block_table: ``[B, max_blocks]`` int32, block ids of sequence ``b`` in order (``-1`` unused).
     lengths: ``[B]`` int64 host tokens per sequence.
     Host position ``i`` of sequence ``b`` lives at row ``block_table[b, i // block_tokens] * block_tokens

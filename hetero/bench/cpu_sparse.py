@@ -4,8 +4,10 @@ Workload (issue #3): one sequence, 8 KV heads x 4 query heads, head_dim 128, a h
 head, k selected rows per KV head (fresh random, sorted indices every iteration: retrievers return sorted
 rows), several layers' tiers rotated so that the footprint is >= 4x the last-level cache and rows come from
 DRAM. ``gbps`` counts the bytes of the selected K and V rows; ``membw_gbps`` is a streaming read measured
-in the same run with the same threads; ``speedup_vs_torch`` is the torch reference's median time over the
-backend's, same inputs. One JSON object per line.
+in the same run with the same threads; ``random_read_gbps`` is the ceiling for this access pattern: a
+bare C++ loop reading the same rows of the same pools (each token's fused K|V run) with the same threads,
+nothing computed; ``speedup_vs_torch`` is the torch reference's median time over the backend's, same
+inputs. One JSON object per line.
 """
 from __future__ import annotations
 
@@ -21,18 +23,23 @@ import torch
 
 from hetero.backends import get_backend
 from hetero.config import KV_DTYPES
-from hetero.types import HostView, Selection
+from hetero.tiers import HostTier
+from hetero.types import Selection
 
 from .membw import last_level_cache_bytes, streaming_read_gbps
 
 
 def _make_layers(n_layers: int, hkv: int, tokens: int, d: int, dtype: torch.dtype, block_tokens: int):
+    """Host tiers exactly as hetero stores them (fused K|V rows, paged, huge-page advised)."""
     views = []
-    table = torch.arange(tokens // block_tokens, dtype=torch.int32).unsqueeze(0)
     for _ in range(n_layers):
-        k = torch.randn(hkv, tokens, d).to(dtype)
-        v = torch.randn(hkv, tokens, d).to(dtype)
-        views.append(HostView(k, v, table, torch.tensor([tokens]), block_tokens))
+        tier = HostTier(1, hkv, d, dtype, block_tokens)
+        tier.reserve(0, tokens)
+        step = 16384
+        for start in range(0, tokens, step):
+            n = min(step, tokens - start)
+            tier.append(0, torch.randn(hkv, n, d).to(dtype), torch.randn(hkv, n, d).to(dtype))
+        views.append(tier.view())
     return views
 
 
@@ -42,6 +49,36 @@ def _index_sets(count: int, hkv: int, tokens: int, k: int, gen: torch.Generator)
         idx = torch.stack([torch.randperm(tokens, generator=gen)[:k] for _ in range(hkv)])
         sets.append(idx.sort(dim=-1).values.to(torch.int32).unsqueeze(0))
     return sets
+
+
+def _random_read_gbps(views, index_sets, runs: int) -> Optional[float]:
+    """Best over prefetch distances (0, 8, 32 runs ahead) of the median GB/s of reading exactly the selected
+    fused K|V runs, no arithmetic (needs the C++ module)."""
+    from hetero.cpu.cpp_sparse import load
+
+    ext = load()
+    if ext is None:
+        return None
+    return max(_random_read_once(ext, views, index_sets, runs, pf) for pf in (0, 8, 32))
+
+
+def _random_read_once(ext, views, index_sets, runs: int, prefetch: int) -> float:
+    times, nbytes = [], 0
+    for i in range(runs + 2):
+        view = views[i % len(views)]
+        idx = index_sets[i % len(index_sets)][0].long()  # [Hkv, k] positions (single sequence)
+        kp = view.k_pool
+        elem = kp.element_size()
+        heads = torch.arange(idx.shape[0]).unsqueeze(1)
+        offsets = ((heads * kp.stride(0) + view.rows(idx.unsqueeze(0))[0] * kp.stride(1)) * elem).flatten()
+        offsets = offsets.contiguous()
+        run = 2 * kp.shape[2] * elem  # K row and V row are adjacent in the fused pool
+        nbytes = offsets.numel() * run
+        t = time.perf_counter()
+        ext.random_read(kp.data_ptr(), offsets.data_ptr(), offsets.numel(), run, prefetch)
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    return nbytes / statistics.median(times) / 1e9
 
 
 def _time_backend(backend, q, views, index_sets, scale, runs: int) -> float:
@@ -66,13 +103,14 @@ def run(backends: List[str], dtypes: List[str], ks: List[int], threads: int, tok
     membw = streaming_read_gbps(threads)
     for dtype_name in dtypes:
         dtype = KV_DTYPES[dtype_name]
-        layer_bytes = 2 * kv_heads * tokens * head_dim * torch.tensor([], dtype=dtype).element_size()
+        layer_bytes = 2 * kv_heads * tokens * head_dim * dtype.itemsize
         n_layers = max(2, math.ceil(4 * llc / layer_bytes))
         views = _make_layers(n_layers, kv_heads, tokens, head_dim, dtype, block_tokens)
         q = torch.randn(1, kv_heads * group, head_dim, generator=gen)
         scale = 1 / math.sqrt(head_dim)
         for k in ks:
             index_sets = _index_sets(max(runs + 2, 23), kv_heads, tokens, k, gen)
+            ceiling = _random_read_gbps(views, index_sets, runs)
             torch_be = get_backend("host", "torch")
             t_torch = _time_backend(torch_be, q, views, index_sets, scale, torch_runs or runs)
             sel_bytes = 2 * kv_heads * k * head_dim * views[0].k_pool.element_size()
@@ -89,6 +127,8 @@ def run(backends: List[str], dtypes: List[str], ks: List[int], threads: int, tok
                 row = {
                     "backend": name, "dtype": dtype_name, "k": k, "threads": threads, "median_us": round(t * 1e6, 1),
                     "gbps": round(gbps, 2), "membw_gbps": round(membw, 2), "ratio_to_membw": round(gbps / membw, 3),
+                    "random_read_gbps": round(ceiling, 2) if ceiling else None,
+                    "ratio_to_random_read": round(gbps / ceiling, 3) if ceiling else None,
                     "speedup_vs_torch": round(t_torch / t, 2), "torch_us": round(t_torch * 1e6, 1),
                     "footprint_gb": round(n_layers * layer_bytes / 1e9, 2), "llc_mb": round(llc / 2**20),
                     "runs": runs, "isa": _isa(name),
