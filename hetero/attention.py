@@ -59,10 +59,11 @@ class HeteroAttention:
         if key not in self._plans:
             q_probe = torch.empty(layer.batch, layer.kv_heads, layer.head_dim, device=layer.device)
             window = select_backend("window", self.config.window_backend,
-                                    lambda be: be.not_supported_reasons(q_probe, layer.fast.k))
+                                    lambda be: be.not_supported_reasons(q_probe, layer.fast.k), device=layer.device)
             host_view = layer.host.view()
             host = select_backend("host", self.config.host_backend,
-                                  lambda be: be.not_supported_reasons(q_probe.cpu(), host_view))
+                                  lambda be: be.not_supported_reasons(q_probe.cpu(), host_view),
+                                  device=torch.device("cpu"))
             host.set_threads(self.config.resolved_threads)
             self._plans[key] = (window, host)
         torch.set_num_threads(self.config.resolved_threads)

@@ -34,6 +34,10 @@ class Backend(ABC):
         """Why this backend cannot run on this machine at all (missing library, no device...)."""
         return []
 
+    def auto_reasons(self, device: torch.device) -> List[str]:
+        """Why "auto" should not pick this backend for tensors on ``device`` even though it could run."""
+        return []
+
     def reasons_for(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> List[str]:
         reasons = list(self.availability_reasons())
         if device.type not in self.devices:
@@ -75,10 +79,12 @@ class HostBackend(Backend):
 
 # Registry order is "auto" preference order.
 WINDOW_REGISTRY: Dict[str, str] = {
+    "triton": "hetero.gpu.triton_window:TritonWindowBackend",
     "torch": "hetero.gpu.torch_window:TorchWindowBackend",
 }
 HOST_REGISTRY: Dict[str, str] = {
     "cpp": "hetero.cpu.cpp_sparse:CppSparseBackend",
+    "numba": "hetero.cpu.numba_sparse:NumbaSparseBackend",
     "torch": "hetero.cpu.torch_sparse:TorchSparseBackend",
 }
 _ENV = {"window": "HETERO_WINDOW_BACKEND", "host": "HETERO_CPU_BACKEND"}
@@ -101,19 +107,27 @@ def get_backend(side: str, name: str) -> Backend:
     return _instances[key]
 
 
-def select_backend(side: str, requested: str, reasons_of) -> Backend:
+def select_backend(side: str, requested: str, reasons_of, device: Optional[torch.device] = None) -> Backend:
     """Resolve ``requested`` (a name or "auto") on ``side``; ``reasons_of(backend) -> list[str]``.
 
     An explicit name that cannot serve the inputs raises with its reasons; "auto" (or the environment
-    override) takes the first backend with no reasons, else raises listing every backend's reasons.
+    override) takes the first backend with no reasons (including its ``auto_reasons(device)``), else raises
+    listing every backend's reasons.
     """
     if requested == "auto":
         requested = os.environ.get(_ENV[side], "auto") or "auto"
-    names: Sequence[str] = list(_registry(side)) if requested == "auto" else [requested]
+    auto = requested == "auto"
+    names: Sequence[str] = list(_registry(side)) if auto else [requested]
     collected = []
     for name in names:
-        backend = get_backend(side, name)
+        try:
+            backend = get_backend(side, name)
+        except ImportError as e:  # its library is not installed: a reason, not a crash
+            collected.append(f"  {name}: failed to load ({type(e).__name__}: {e})")
+            continue
         reasons = reasons_of(backend)
+        if auto and device is not None:
+            reasons = reasons + backend.auto_reasons(device)
         if not reasons:
             return backend
         collected.append(f"  {name}: " + "; ".join(reasons))

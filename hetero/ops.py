@@ -74,7 +74,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
         raise ShapeError(f"k {tuple(k.shape)} {k.dtype} and v {tuple(v.shape)} {v.dtype} must match")
     check_query(q, k.shape[1], k.shape[3], k.shape[0])
     lengths = check_lengths(lengths, k.shape[0], k.shape[2]).to(k.device)
-    impl = select_backend("window", backend, lambda be: be.not_supported_reasons(q, k))
+    impl = select_backend("window", backend, lambda be: be.not_supported_reasons(q, k), device=k.device)
     return impl(q, k, v, lengths, default_scale(q.shape[-1]) if scale is None else scale)
 
 
@@ -89,7 +89,7 @@ def sparse_attention(q: torch.Tensor, host: HostView, selection: Selection, scal
     hkv, d = host.k_pool.shape[0], host.k_pool.shape[2]
     check_query(q, hkv, d, host.block_table.shape[0])
     check_selection(selection, q.shape[0], q.shape[1], hkv, host.lengths.tolist())
-    impl = select_backend("host", backend, lambda be: be.not_supported_reasons(q, host))
+    impl = select_backend("host", backend, lambda be: be.not_supported_reasons(q, host), device=q.device)
     if threads is not None:
         impl.set_threads(threads)
     return impl(q, host, selection, default_scale(d) if scale is None else scale)

@@ -1,0 +1,234 @@
+"""Numba sparse host-attention backend.
+
+Same contract and algorithm as the C++ kernel: work items (sequence, KV head, index chunk) in a ``prange``;
+per item two passes over the selected rows, each K and V row read once for the G query heads of the group;
+scores, then ``p = exp(s - max)``, then ``sum p v``; chunk partials fused by log-sum-exp. bf16 and fp16 rows
+are stored as uint16 bits and widened to float32 in a per-item buffer (Numba has no CPU float16 type).
+Software prefetch of upcoming rows goes through an LLVM intrinsic. Compiled with ``cache=True``;
+``warmup()`` compiles (or loads from cache) every dtype ahead of the first decode step.
+"""
+from __future__ import annotations
+
+import math
+from typing import List
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, prange
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+from hetero.backends import HostBackend
+from hetero.types import PartialAttention
+
+_MODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_FASTMATH = {"reassoc", "contract"}  # lets LLVM vectorize the dot-product reductions; no nnan/ninf (we use -inf)
+
+
+@intrinsic
+def _prefetch(typingctx, arr, index):
+    """``__builtin_prefetch(&arr[index], read, L1)``."""
+    sig = types.void(arr, index)
+
+    def codegen(context, builder, signature, args):
+        arrty = signature.args[0]
+        ary = context.make_array(arrty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, arrty, ary, [args[1]])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _widen(src, off, n, mode, bits, out):
+    """Row ``src[off:off+n]`` as float32 into ``out`` (``bits`` is ``out`` viewed as uint32)."""
+    if mode == 0:
+        for d in range(n):
+            out[d] = src[off + d]
+    elif mode == 1:  # bf16: the high half of a float32
+        for d in range(n):
+            bits[d] = np.uint32(src[off + d]) << np.uint32(16)
+    else:  # fp16: move exponent/mantissa into place, rebias by multiplying with 2^112 (handles subnormals)
+        for d in range(n):
+            h = np.uint32(src[off + d])
+            body = (h & np.uint32(0x7FFF)) << np.uint32(13)
+            bits[d] = body
+            out[d] = out[d] * np.float32(5.192296858534828e33)
+            if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):  # inf / NaN
+                bits[d] = body | np.uint32(0x7F800000)
+            bits[d] = bits[d] | ((h & np.uint32(0x8000)) << np.uint32(16))
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _sparse_kernel(q, kflat, vflat, head_stride, row_stride, table, block_tokens, idx, lw, has_lw, scale, mode,
+                   chunks, chunk_len, part_out, part_lse, prefetch_rows, line_elems, tmp_scores):
+    b_size, hq, d = q.shape
+    hkv, k = idx.shape[1], idx.shape[2]
+    g_size = hq // hkv
+    neg_inf = np.float32(-np.inf)
+    for item in prange(b_size * hkv * chunks):
+        head = item // chunks
+        c = item - head * chunks
+        b = head // hkv
+        h = head - b * hkv
+        j0 = min(k, c * chunk_len)
+        j1 = min(k, j0 + chunk_len)
+        n = j1 - j0
+        rows = np.empty(n, np.int64)
+        scores = np.empty((g_size, n), np.float32)
+        m = np.full(g_size, neg_inf, np.float32)
+        buf = np.empty(d, np.float32)
+        bits = buf.view(np.uint32)
+        acc = np.zeros((g_size, d), np.float32)
+        qg = np.empty((g_size, d), np.float32)  # the group's queries, contiguous
+        for g in range(g_size):
+            for e in range(d):
+                qg[g, e] = q[b, h * g_size + g, e]
+        for j in range(n):
+            pos = idx[b, h, j0 + j]
+            if pos < 0:
+                rows[j] = -1
+            else:
+                rows[j] = h * head_stride + (np.int64(table[b, pos // block_tokens]) * block_tokens
+                                             + pos % block_tokens) * row_stride
+        for j in range(n):
+            if prefetch_rows > 0 and j + prefetch_rows < n and rows[j + prefetch_rows] >= 0:
+                for e in range(0, d, line_elems):
+                    _prefetch(kflat, rows[j + prefetch_rows] + e)
+                    _prefetch(vflat, rows[j + prefetch_rows] + e)
+            r = rows[j]
+            if r < 0:
+                for g in range(g_size):
+                    scores[g, j] = neg_inf
+                continue
+            if mode == 0:
+                for g in range(g_size):
+                    s = np.float32(0.0)
+                    for e in range(d):
+                        s += qg[g, e] * kflat[r + e]
+                    tmp_scores[item, g] = s
+            else:
+                _widen(kflat, r, d, mode, bits, buf)
+                for g in range(g_size):
+                    s = np.float32(0.0)
+                    for e in range(d):
+                        s += qg[g, e] * buf[e]
+                    tmp_scores[item, g] = s
+            for g in range(g_size):
+                s = tmp_scores[item, g] * scale
+                if has_lw:
+                    s += lw[b, h * g_size + g, j0 + j]
+                scores[g, j] = s
+                if s > m[g]:
+                    m[g] = s
+        for g in range(g_size):
+            for j in range(n):
+                scores[g, j] = np.exp(scores[g, j] - m[g]) if m[g] > neg_inf else np.float32(0.0)
+        for j in range(n):
+            r = rows[j]
+            if r < 0:
+                continue
+            if mode == 0:
+                for g in range(g_size):
+                    p = scores[g, j]
+                    if p != 0.0:
+                        for e in range(d):
+                            acc[g, e] += p * vflat[r + e]
+            else:
+                _widen(vflat, r, d, mode, bits, buf)
+                for g in range(g_size):
+                    p = scores[g, j]
+                    if p != 0.0:
+                        for e in range(d):
+                            acc[g, e] += p * buf[e]
+        for g in range(g_size):
+            total = np.float32(0.0)
+            for j in range(n):
+                total += scores[g, j]
+            if total > 0.0:
+                inv = np.float32(1.0) / total
+                for e in range(d):
+                    part_out[item, g, e] = acc[g, e] * inv
+                part_lse[item, g] = m[g] + np.log(total)
+            else:
+                for e in range(d):
+                    part_out[item, g, e] = 0.0
+                part_lse[item, g] = neg_inf
+
+
+def _flat(pool: torch.Tensor) -> np.ndarray:
+    """A 1-D array starting at the pool's first element and covering all of it (bf16/fp16 as uint16)."""
+    span = sum((s - 1) * st for s, st in zip(pool.shape, pool.stride())) + 1 if pool.numel() else 0
+    flat = torch.as_strided(pool, (span,), (1,))
+    if pool.dtype in (torch.bfloat16, torch.float16):
+        flat = flat.view(torch.int16)
+    arr = flat.numpy()
+    return arr.view(np.uint16) if arr.dtype == np.int16 else arr
+
+
+class NumbaSparseBackend(HostBackend):
+    """Host attention in Numba (``prange`` over sequence x KV head x index chunk)."""
+
+    name = "numba"
+    devices = ("cpu",)
+    prefetch_rows = 16
+
+    def __init__(self) -> None:
+        import numba
+
+        self._numba = numba
+        self._threads = numba.config.NUMBA_NUM_THREADS
+
+    def set_threads(self, threads: int) -> None:
+        self._threads = max(1, min(int(threads), self._numba.config.NUMBA_NUM_THREADS))
+        self._numba.set_num_threads(self._threads)
+
+    def warmup(self) -> None:
+        """Compile (or load from the on-disk cache) the kernel for every supported dtype."""
+        from hetero.tiers import HostTier
+        from hetero.types import Selection
+
+        for dtype in _MODES:
+            tier = HostTier(1, 1, 8, dtype, 4)
+            tier.append(0, torch.zeros(1, 4, 8, dtype=dtype), torch.zeros(1, 4, 8, dtype=dtype))
+            for lw in (None, torch.zeros(1, 1, 2)):
+                self(torch.zeros(1, 1, 8), tier.view(), Selection(torch.zeros(1, 1, 2, dtype=torch.int32), lw), 1.0)
+
+    def __call__(self, q, host, selection, scale) -> PartialAttention:
+        b, hq, d = q.shape
+        hkv = host.k_pool.shape[0]
+        g = hq // hkv
+        k_pool, v_pool = host.k_pool, host.v_pool
+        if k_pool.stride() != v_pool.stride() or k_pool.stride(2) != 1:
+            raise ValueError("host pools need contiguous rows and equal strides")
+        idx = selection.indices.to(torch.int32).contiguous()
+        k = idx.shape[2]
+        heads = b * hkv
+        chunks = max(1, min(math.ceil(2 * self._threads / heads), k // 256))
+        chunk_len = math.ceil(k / chunks) if k else 0
+        has_lw = selection.log_weight is not None
+        lw = (selection.log_weight.to(torch.float32).contiguous() if has_lw else torch.zeros(1, 1, 1)).numpy()
+        part_out = np.empty((heads * chunks, g, d), np.float32)
+        part_lse = np.empty((heads * chunks, g), np.float32)
+        elem = k_pool.element_size()
+        _sparse_kernel(
+            q.to(torch.float32).contiguous().numpy(), _flat(k_pool), _flat(v_pool), k_pool.stride(0),
+            k_pool.stride(1), host.block_table.to(torch.int32).contiguous().numpy(), host.block_tokens,
+            idx.numpy(), lw, has_lw, np.float32(scale), _MODES[k_pool.dtype], chunks, chunk_len, part_out,
+            part_lse, self.prefetch_rows, 64 // elem, np.empty((heads * chunks, g), np.float32),
+        )
+        out = torch.from_numpy(part_out).view(b, hkv, chunks, g, d)
+        lse = torch.from_numpy(part_lse).view(b, hkv, chunks, g)
+        if chunks > 1:
+            from hetero.merge import _merge_stacked
+
+            merged = _merge_stacked(out.permute(2, 0, 1, 3, 4).reshape(chunks, b, hq, d),
+                                    lse.permute(2, 0, 1, 3).reshape(chunks, b, hq))
+            return PartialAttention(merged.out.float(), merged.lse.float())
+        return PartialAttention(out.reshape(b, hq, d), lse.reshape(b, hq))

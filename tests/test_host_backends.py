@@ -1,0 +1,184 @@
+"""Every host sparse-attention backend against the float64 oracle."""
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hetero import HeteroConfig, LayerCache, Selection, sparse_attention
+from hetero.backends import get_backend
+from hetero.reference import sparse_attention as ref_sparse
+
+from helpers import rel_err
+
+BACKENDS = ["cpp", "numba", "torch"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-6, torch.float16: 2e-6}  # vs float64 on the same stored values
+
+
+def _usable(name):
+    be = get_backend("host", name)
+    return not be.availability_reasons()
+
+
+def _host(dtype, hkv, d, lengths, block_tokens=7, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    layer = LayerCache(HeteroConfig(window=3, sinks=1, block_tokens=block_tokens, retriever="all"))
+    t = max(lengths) + 4
+    layer.append(torch.randn(len(lengths), hkv, t, d, generator=gen).to(dtype),
+                 torch.randn(len(lengths), hkv, t, d, generator=gen).to(dtype), torch.tensor(lengths) + 4)
+    return layer
+
+
+def _selection(layer, k, gen, with_lw, g, shuffle=False):
+    n = layer.host.length
+    b, hkv = len(n), layer.kv_heads
+    idx = torch.full((b, hkv, k), -1, dtype=torch.int32)
+    for s in range(b):
+        m = min(k, n[s])
+        for h in range(hkv):
+            chosen = torch.randperm(n[s], generator=gen)[:m]
+            idx[s, h, :m] = chosen if shuffle else chosen.sort().values
+    lw = -3 * torch.rand(b, hkv * g, k, generator=gen) if with_lw else None
+    return Selection(idx, lw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hkv,g", [(2, 1), (1, 3), (2, 4), (1, 8), (3, 8)], ids=lambda x: str(x))
+def test_backend_matches_float64_oracle(backend, dtype, hkv, g):
+    if not _usable(backend):
+        pytest.skip(f"{backend} unavailable: {get_backend('host', backend).availability_reasons()}")
+    gen = torch.Generator().manual_seed(hkv * 10 + g)
+    layer = _host(dtype, hkv, 64, [1023, 113, 0])
+    for k, with_lw in itertools.product([0, 1, 15, 16, 17, 113, 1023], [False, True]):
+        sel = _selection(layer, k, gen, with_lw, g)
+        q = 2 * torch.randn(3, hkv * g, 64, generator=gen)
+        want = ref_sparse(q.double(), layer.host.view(), sel, compute_dtype=torch.float64)
+        got = sparse_attention(q, layer.host.view(), sel, backend=backend)
+        assert got.out.dtype == torch.float32 and got.lse.dtype == torch.float32
+        assert torch.equal(torch.isneginf(got.lse), torch.isneginf(want.lse)), (k, with_lw)
+        assert rel_err(got.out, want.out) <= TOL[dtype], (k, with_lw)
+        fin = torch.isfinite(want.lse)
+        assert torch.allclose(got.lse.double()[fin], want.lse[fin], atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_odd_head_dim_unsorted_indices_and_bf16_valued_query(backend):
+    if not _usable(backend):
+        pytest.skip("unavailable")
+    gen = torch.Generator().manual_seed(7)
+    layer = _host(torch.bfloat16, 2, 100, [300, 41], block_tokens=16)
+    sel = _selection(layer, 57, gen, True, 4, shuffle=True)
+    for q in (torch.randn(2, 8, 100, generator=gen), torch.randn(2, 8, 100, generator=gen).bfloat16().float()):
+        want = ref_sparse(q.double(), layer.host.view(), sel, compute_dtype=torch.float64)
+        got = sparse_attention(q, layer.host.view(), sel, backend=backend)
+        assert rel_err(got.out, want.out) <= 2e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_unselected_rows_never_reaches_output(backend):
+    if not _usable(backend):
+        pytest.skip("unavailable")
+    gen = torch.Generator().manual_seed(3)
+    layer = _host(torch.float32, 2, 32, [200])
+    sel = _selection(layer, 20, gen, False, 2)
+    keep = torch.zeros(layer.host.kv_pool.shape[:2], dtype=torch.bool)
+    rows = layer.host.view().rows(sel.indices)[0]
+    for h in range(2):
+        keep[h, rows[h][sel.indices[0, h] >= 0]] = True
+    q = torch.randn(1, 4, 32, generator=gen)
+    want = ref_sparse(q.double(), layer.host.view(), sel, compute_dtype=torch.float64)
+    layer.host.kv_pool[~keep] = float("nan")  # every row not selected, and the pool's unused capacity
+    got = sparse_attention(q, layer.host.view(), sel, backend=backend)
+    assert torch.isfinite(got.out).all()
+    assert rel_err(got.out, want.out) <= 2e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_inf_log_weight_drops_key_and_all_dropped_is_empty(backend):
+    if not _usable(backend):
+        pytest.skip("unavailable")
+    layer = _host(torch.float32, 1, 16, [10])
+    idx = torch.arange(4, dtype=torch.int32).view(1, 1, 4)
+    lw = torch.zeros(1, 2, 4)
+    lw[0, 0] = float("-inf")  # query head 0: every key dropped
+    lw[0, 1, 1] = float("-inf")
+    q = torch.randn(1, 2, 16)
+    got = sparse_attention(q, layer.host.view(), Selection(idx, lw), backend=backend)
+    assert torch.isneginf(got.lse[0, 0]) and torch.equal(got.out[0, 0], torch.zeros(16))
+    want = ref_sparse(q.double(), layer.host.view(), Selection(idx, lw), compute_dtype=torch.float64)
+    assert rel_err(got.out[0, 1], want.out[0, 1]) <= 2e-6
+
+
+def test_fp16_subnormal_and_extreme_values_widen_exactly():
+    """The numba fp16 path widens from bits: check subnormals, max and negative zero against torch."""
+    from hetero.cpu.numba_sparse import NumbaSparseBackend
+    from hetero.tiers import HostTier
+
+    vals = torch.tensor([6.0e-8, -6.0e-8, 1.0e-5, 65504.0, -65504.0, -0.0, 0.5, 3.0], dtype=torch.float16)
+    tier = HostTier(1, 1, 8, torch.float16, 4)
+    tier.append(0, torch.zeros(1, 1, 8, dtype=torch.float16), vals.view(1, 1, 8))
+    sel = Selection(torch.zeros(1, 1, 1, dtype=torch.int32))
+    got = NumbaSparseBackend()(torch.zeros(1, 1, 8), tier.view(), sel, 1.0)
+    assert torch.equal(got.out[0, 0], vals.float())  # one key, weight 1: out is exactly its value row
+
+
+_ISA_SCRIPT = """
+import json, torch
+from hetero import HeteroConfig, LayerCache, Selection, sparse_attention
+from hetero.cpu.cpp_sparse import info
+from hetero.reference import sparse_attention as ref
+torch.manual_seed(0)
+errs = {}
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    layer = LayerCache(HeteroConfig(window=2, sinks=1, block_tokens=8, retriever="all"))
+    layer.append(torch.randn(2, 2, 300, 72).to(dtype), torch.randn(2, 2, 300, 72).to(dtype), torch.tensor([300, 77]))
+    idx = torch.stack([torch.stack([torch.randperm(n)[:50].sort().values for _ in range(2)]) for n in (297, 74)]).int()
+    for q in (torch.randn(2, 8, 72), torch.randn(2, 8, 72).bfloat16().float()):
+        sel = Selection(idx, -torch.rand(2, 8, 50))
+        got = sparse_attention(q, layer.host.view(), sel, backend="cpp")
+        want = ref(q.double(), layer.host.view(), sel, compute_dtype=torch.float64)
+        e = float((got.out.double() - want.out).norm() / want.out.norm())
+        errs[str(dtype)] = max(errs.get(str(dtype), 0.0), e)
+print(json.dumps({"info": info(), "errs": errs}))
+"""
+
+_LEVELS = ["scalar", "avx2", "avx512", "avx512_bf16"]
+
+
+def _detected():
+    from hetero.cpu.cpp_sparse import info
+
+    return info().get("isa_detected")
+
+
+@pytest.mark.parametrize("isa", _LEVELS)
+def test_cpp_every_isa_level_via_env_override(isa):
+    if not _usable("cpp"):
+        pytest.skip("C++ extension not built")
+    if _LEVELS.index(isa) > _LEVELS.index(_detected()):
+        pytest.skip(f"this CPU tops out at {_detected()}")
+    env = dict(os.environ, HETERO_CPU_ISA=isa)
+    p = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res["info"]["isa"] == isa
+    assert max(res["errs"].values()) <= 2e-6, res
+
+
+def test_cpp_isa_override_above_cpu_or_unknown_is_refused():
+    if not _usable("cpp"):
+        pytest.skip("C++ extension not built")
+    env = dict(os.environ, HETERO_CPU_ISA="avx9000")
+    code = "from hetero.cpu.cpp_sparse import load; load()"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode != 0 and "HETERO_CPU_ISA" in p.stderr and "allowed" in p.stderr
+
+
+def test_numba_warmup_compiles_every_dtype():
+    be = get_backend("host", "numba")
+    be.warmup()  # raises if any dtype fails to compile
