@@ -32,6 +32,7 @@ def load():
         except ImportError as e:
             _load_error = f"C++ extension not built ({e})"
             return None
+        ext.set_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
         isa = os.environ.get("HETERO_CPU_ISA")
         if isa:
             try:

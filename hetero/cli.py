@@ -73,6 +73,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-backend", default="auto")
     p.add_argument("--host-backend", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    e = sub.add_parser("env", help="versions, CPU features, threads, and which backends are usable and why not")
+    e.add_argument("--kernels", action="store_true",
+                   help="also compile the Triton kernels for sm_80/sm_90 and show registers, shared memory, spills")
+    e.add_argument("--json", action="store_true")
+    bench = sub.add_parser("bench", help="benchmarks: cpu-sparse")
+    bench.add_argument("name", choices=["cpu-sparse"])
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark (see --help after its name)")
     return parser
 
 
@@ -105,6 +112,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if ns.command == "profile":
             return _profile(ns)
+        if ns.command == "env":
+            from .envinfo import collect, print_env
+
+            info = collect(kernels=ns.kernels)
+            print(json.dumps(info)) if ns.json else print_env(info)
+            return 0
+        if ns.command == "bench":
+            from .bench.cpu_sparse import main as cpu_sparse
+
+            return cpu_sparse(ns.args)
     except HeteroError as e:
         print(f"hetero {ns.command}: error: {e}".splitlines()[0] if "\n" not in str(e) else
               f"hetero {ns.command}: error: {e}", file=sys.stderr)

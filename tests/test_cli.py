@@ -51,3 +51,29 @@ def test_bad_flags_exit_2_with_one_line(args, needle):
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], p.stderr
+
+
+def test_env_json_lists_backends_and_threads():
+    p = _run("env", "--json")
+    assert p.returncode == 0, p.stderr
+    info = json.loads(p.stdout)
+    assert {"versions", "cpu", "cpp_extension", "threads", "numba", "backends", "cuda"} <= set(info)
+    assert info["backends"]["host/torch"]["usable"] is True
+    assert "why_not" in info["backends"]["window/triton"]
+
+
+def test_env_table():
+    p = _run("env")
+    assert p.returncode == 0, p.stderr
+    assert "backends" in p.stdout and "host/cpp" in p.stdout
+
+
+def test_bench_cpu_sparse_small_rows_have_documented_keys():
+    p = _run("bench", "cpu-sparse", "--tokens", "4096", "--k", "64", "--runs", "3", "--layers", "1",
+             "--membw-mb", "64", "--backends", "cpp,numba,torch", "--dtypes", "bfloat16")
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+    assert {r["backend"] for r in rows} == {"cpp", "numba", "torch"}
+    for r in rows:
+        assert {"backend", "dtype", "k", "gbps", "membw_gbps", "ratio_to_membw", "speedup_vs_torch"} <= set(r)
+        assert r["gbps"] > 0 and r["membw_gbps"] > 0

@@ -95,16 +95,19 @@ def _time_backend(backend, q, views, index_sets, scale, runs: int) -> float:
 
 def run(backends: List[str], dtypes: List[str], ks: List[int], threads: int, tokens: int = 131072,
         kv_heads: int = 8, group: int = 4, head_dim: int = 128, runs: int = 21, block_tokens: int = 256,
-        seed: int = 0, out=sys.stdout, torch_runs: Optional[int] = None) -> List[dict]:
+        seed: int = 0, out=sys.stdout, torch_runs: Optional[int] = None, layers: int = 0,
+        membw_bytes: int = 1 << 30) -> List[dict]:
+    """One JSON row per (dtype, k, backend). ``layers=0``: as many host tiers as make the footprint >= 4x
+    the last-level cache."""
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(seed)
     llc = last_level_cache_bytes()
     rows = []
-    membw = streaming_read_gbps(threads)
+    membw = streaming_read_gbps(threads, membw_bytes)
     for dtype_name in dtypes:
         dtype = KV_DTYPES[dtype_name]
         layer_bytes = 2 * kv_heads * tokens * head_dim * dtype.itemsize
-        n_layers = max(2, math.ceil(4 * llc / layer_bytes))
+        n_layers = layers or max(2, math.ceil(4 * llc / layer_bytes))
         views = _make_layers(n_layers, kv_heads, tokens, head_dim, dtype, block_tokens)
         q = torch.randn(1, kv_heads * group, head_dim, generator=gen)
         scale = 1 / math.sqrt(head_dim)
@@ -157,12 +160,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("--tokens", type=int, default=131072)
     p.add_argument("--runs", type=int, default=21)
+    p.add_argument("--layers", type=int, default=0, help="host tiers rotated (default: footprint >= 4x LLC)")
+    p.add_argument("--membw-mb", type=int, default=1024, help="buffer of the streaming-read measurement")
     ns = p.parse_args(argv)
     from hetero.config import HeteroConfig
 
     threads = ns.threads or HeteroConfig().resolved_threads
     run([b for b in ns.backends.split(",") if b], ns.dtypes.split(","), [int(x) for x in ns.k.split(",")],
-        threads, tokens=ns.tokens, runs=ns.runs)
+        threads, tokens=ns.tokens, runs=ns.runs, layers=ns.layers, membw_bytes=ns.membw_mb << 20)
     return 0
 
 
