@@ -24,6 +24,7 @@ struct Avx512V {
   static R load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, R x) { _mm512_storeu_ps(p, x); }
   static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
   static R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   // Horizontal sums of four vectors at once (transpose-add): out[i] = sum of lanes of the i-th.
   static void reduce4(R a, R b, R c, R d, float* out) {

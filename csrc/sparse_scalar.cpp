@@ -12,6 +12,7 @@ struct ScalarV {
   static R load(const float* p) { return *p; }
   static void store(float* p, R x) { *p = x; }
   static R sub(R a, R b) { return a - b; }
+  static R add(R a, R b) { return a + b; }
   static R fmadd(R a, R b, R c) { return a * b + c; }
   static void reduce4(R a, R b, R c, R d, float* out) { out[0] = a; out[1] = b; out[2] = c; out[3] = d; }
   static R exp(R x) { return __builtin_expf(x); }  // exp(-inf) = 0

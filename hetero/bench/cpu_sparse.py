@@ -81,21 +81,24 @@ def _random_read_once(ext, views, index_sets, runs: int, prefetch: int) -> float
     return nbytes / statistics.median(times) / 1e9
 
 
-def _time_backend(backend, q, views, index_sets, scale, runs: int) -> float:
-    times = []
+def _time_interleaved(backends, q, views, index_sets, scale, runs: int) -> List[float]:
+    """Median seconds per backend; the backends alternate call by call on the same inputs so that a noisy,
+    shared machine slows them alike (two warm-up rounds: compilation, page faults)."""
+    times = [[] for _ in backends]
     for i in range(runs + 2):
         view = views[i % len(views)]
         sel = Selection(index_sets[i % len(index_sets)])
-        t = time.perf_counter()
-        backend(q, view, sel, scale)
-        if i >= 2:  # two warm-up calls (compilation, page faults)
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for j, be in enumerate(backends):
+            t = time.perf_counter()
+            be(q, view, sel, scale)
+            if i >= 2:
+                times[j].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
 
 
 def run(backends: List[str], dtypes: List[str], ks: List[int], threads: int, tokens: int = 131072,
         kv_heads: int = 8, group: int = 4, head_dim: int = 128, runs: int = 21, block_tokens: int = 256,
-        seed: int = 0, out=sys.stdout, torch_runs: Optional[int] = None, layers: int = 0,
+        seed: int = 0, out=sys.stdout, layers: int = 0,
         membw_bytes: int = 1 << 30) -> List[dict]:
     """One JSON row per (dtype, k, backend). ``layers=0``: as many host tiers as make the footprint >= 4x
     the last-level cache."""
@@ -114,28 +117,35 @@ def run(backends: List[str], dtypes: List[str], ks: List[int], threads: int, tok
         for k in ks:
             index_sets = _index_sets(max(runs + 2, 23), kv_heads, tokens, k, gen)
             ceiling = _random_read_gbps(views, index_sets, runs)
-            torch_be = get_backend("host", "torch")
-            t_torch = _time_backend(torch_be, q, views, index_sets, scale, torch_runs or runs)
-            sel_bytes = 2 * kv_heads * k * head_dim * views[0].k_pool.element_size()
-            for name in backends:
+            usable, skipped = [], []
+            for name in dict.fromkeys(["torch"] + backends):  # torch first: the reference, always timed
                 be = get_backend("host", name)
                 reasons = be.not_supported_reasons(q, views[0])
                 if reasons:
-                    rows.append({"backend": name, "dtype": dtype_name, "k": k, "skipped": "; ".join(reasons)})
-                    print(json.dumps(rows[-1]), file=out, flush=True)
+                    skipped.append({"backend": name, "dtype": dtype_name, "k": k, "skipped": "; ".join(reasons)})
+                else:
+                    be.set_threads(threads)
+                    usable.append(be)
+            medians = _time_interleaved(usable, q, views, index_sets, scale, runs)
+            t_torch = medians[0]
+            sel_bytes = 2 * kv_heads * k * head_dim * views[0].k_pool.element_size()
+            for be, t in zip(usable, medians):
+                if be.name not in backends:
                     continue
-                be.set_threads(threads)
-                t = t_torch if name == "torch" else _time_backend(be, q, views, index_sets, scale, runs)
                 gbps = sel_bytes / t / 1e9
                 row = {
-                    "backend": name, "dtype": dtype_name, "k": k, "threads": threads, "median_us": round(t * 1e6, 1),
-                    "gbps": round(gbps, 2), "membw_gbps": round(membw, 2), "ratio_to_membw": round(gbps / membw, 3),
+                    "backend": be.name, "dtype": dtype_name, "k": k, "threads": threads,
+                    "median_us": round(t * 1e6, 1), "gbps": round(gbps, 2), "membw_gbps": round(membw, 2),
+                    "ratio_to_membw": round(gbps / membw, 3),
                     "random_read_gbps": round(ceiling, 2) if ceiling else None,
                     "ratio_to_random_read": round(gbps / ceiling, 3) if ceiling else None,
                     "speedup_vs_torch": round(t_torch / t, 2), "torch_us": round(t_torch * 1e6, 1),
                     "footprint_gb": round(n_layers * layer_bytes / 1e9, 2), "llc_mb": round(llc / 2**20),
-                    "runs": runs, "isa": _isa(name),
+                    "runs": runs, "isa": _isa(be.name),
                 }
+                rows.append(row)
+                print(json.dumps(row), file=out, flush=True)
+            for row in skipped:
                 rows.append(row)
                 print(json.dumps(row), file=out, flush=True)
         del views
