@@ -81,18 +81,23 @@ def _random_read_once(ext, views, index_sets, runs: int, prefetch: int) -> float
     return nbytes / statistics.median(times) / 1e9
 
 
-def _time_interleaved(backends, q, views, index_sets, scale, runs: int) -> List[float]:
-    """Median seconds per backend; the backends alternate call by call on the same inputs so that a noisy,
-    shared machine slows them alike (two warm-up rounds: compilation, page faults)."""
+def _time_interleaved(backends, q, views, index_sets, scale, runs: int, rounds: int = 3) -> List[float]:
+    """Median seconds per backend over ``runs`` calls on the same inputs. Backends alternate in blocks over
+    ``rounds`` rounds, so a noisy shared machine slows them alike; the first call of every block is not
+    timed (compilation, page faults, and OpenMP threads of the previous backend still spinning)."""
     times = [[] for _ in backends]
-    for i in range(runs + 2):
-        view = views[i % len(views)]
-        sel = Selection(index_sets[i % len(index_sets)])
+    per_block = max(1, -(-runs // rounds))
+    i = 0
+    for _ in range(rounds):
         for j, be in enumerate(backends):
-            t = time.perf_counter()
-            be(q, view, sel, scale)
-            if i >= 2:
-                times[j].append(time.perf_counter() - t)
+            for call in range(per_block + 1):
+                view = views[i % len(views)]
+                sel = Selection(index_sets[i % len(index_sets)])
+                i += 1
+                t = time.perf_counter()
+                be(q, view, sel, scale)
+                if call > 0:
+                    times[j].append(time.perf_counter() - t)
     return [statistics.median(t) for t in times]
 
 
