@@ -8,6 +8,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .backends import HostBackend, WindowBackend, select_backend
+from .budgets import AdaptiveHeadBudget
 from .cache import LayerCache
 from .config import HeteroConfig
 from .errors import ShapeError
@@ -69,9 +70,15 @@ class HeteroAttention:
         torch.set_num_threads(self.config.resolved_threads)
         return self._plans[key]
 
-    def budgets(self, layer: LayerCache) -> List[int]:
-        """Keys per query head for each sequence, from the config's budget and the host-tier sizes."""
-        return [self.config.budget_for(n) for n in layer.host.length]
+    def budgets(self, layer: LayerCache):
+        """Keys per query head: ``[B]`` (flat) or ``[B, Hkv]`` (adaptive), from the config's budget, the
+        host-tier sizes and, when adaptive, the layer's previous steps."""
+        flat = [self.config.budget_for(n) for n in layer.host.length]
+        if self.config.head_budget == "flat":
+            return flat
+        if layer.head_budget is None:
+            layer.head_budget = AdaptiveHeadBudget(layer.batch, layer.kv_heads)
+        return layer.head_budget.split(flat)
 
     def run(self, q: torch.Tensor, layer: LayerCache, return_details: bool = False):
         """Attention of decode queries over every token of ``layer`` (fast and host tiers).
@@ -104,6 +111,8 @@ class HeteroAttention:
             with rec.span("transfer"):
                 hpart = PartialAttention(hpart.out.to(q.device), hpart.lse.to(q.device))
             rows = int((selection.indices >= 0).sum())
+            if layer.head_budget is not None:
+                layer.head_budget.update(wpart, hpart)
         with rec.span("merge"):
             merged = merge([wpart, hpart])
             out = merged.out.to(q.dtype)

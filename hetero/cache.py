@@ -31,6 +31,7 @@ class LayerCache:
         self.fast: Optional[FastTier] = None
         self.host: Optional[HostTier] = None
         self.retriever = None
+        self.head_budget = None  # per-head budget state (hetero.budgets), created by HeteroAttention
 
     # ---- shape facts -------------------------------------------------------------------------------
     @property
@@ -133,7 +134,7 @@ class LayerCache:
 
     def reset(self) -> None:
         """Forget every token (shape facts are kept from the next append)."""
-        self.fast = self.host = self.retriever = None
+        self.fast = self.host = self.retriever = self.head_budget = None
 
     # ---- inspection --------------------------------------------------------------------------------
     def tokens(self, seq: int) -> Tuple[torch.Tensor, torch.Tensor]:

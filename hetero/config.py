@@ -12,7 +12,7 @@ from .errors import ConfigError
 
 KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-GROUP_RULES = ("union", "sum")
+GROUP_RULES = ("union", "per-head", "sum")
 WINDOW_BACKENDS = ("auto", "torch", "triton")
 HOST_BACKENDS = ("auto", "cpp", "numba", "torch")
 
@@ -53,7 +53,11 @@ class HeteroConfig:
         ``"all"`` (every host token: exact attention).
     retriever_options: keyword options passed to the retriever's constructor.
     group_rule: how a GQA group's queries choose shared rows: ``"union"`` of per-head top-k sets (up
-        to ``G * k`` rows, the most accurate) or ``"sum"`` of the group's scores (exactly ``k`` rows).
+        to ``G * k`` rows, the most accurate), ``"per-head"`` (the same rows, but each head attends only to
+        its own top-k), or ``"sum"`` of the group's scores (exactly ``k`` rows).
+    head_budget: ``"flat"`` (every KV head gets the budget) or ``"adaptive"`` (HGCA-style: a layer's total
+        is redistributed over KV heads every step by the share of attention mass the host tier carried for
+        them in the previous step; see ``hetero/budgets.py``).
     window_backend / host_backend: backend names or ``"auto"``; the environment variables
         ``HETERO_WINDOW_BACKEND`` / ``HETERO_CPU_BACKEND`` override ``"auto"``.
     threads: CPU threads for host work (None: all cores of this process).
@@ -70,6 +74,7 @@ class HeteroConfig:
     retriever: str = "exact"
     retriever_options: Mapping[str, Any] = field(default_factory=dict)
     group_rule: str = "union"
+    head_budget: str = "flat"
     window_backend: str = "auto"
     host_backend: str = "auto"
     threads: Optional[int] = None
@@ -102,6 +107,8 @@ class HeteroConfig:
         object.__setattr__(self, "retriever_options", dict(self.retriever_options))
         if self.group_rule not in GROUP_RULES:
             raise _fail("group_rule", self.group_rule, f"one of {GROUP_RULES}")
+        if self.head_budget not in ("flat", "adaptive"):
+            raise _fail("head_budget", self.head_budget, "'flat' or 'adaptive'")
         if self.window_backend not in WINDOW_BACKENDS:
             raise _fail("window_backend", self.window_backend, f"one of {WINDOW_BACKENDS}")
         if self.host_backend not in HOST_BACKENDS:

@@ -13,6 +13,10 @@ from .base import Retriever
 _REGISTRY: Dict[str, str] = {
     "all": "hetero.retrieval.exact:AllRetriever",
     "exact": "hetero.retrieval.exact:ExactTopK",
+    "ivf": "hetero.retrieval.faiss_index:IVFRetriever",
+    "ivf-sq8": "hetero.retrieval.faiss_index:IVFSQ8Retriever",
+    "hnsw": "hetero.retrieval.faiss_index:HNSWRetriever",
+    "lsh": "hetero.retrieval.lsh:LSHSampler",
 }
 
 

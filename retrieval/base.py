@@ -30,6 +30,7 @@ class Retriever(ABC):
         self.host = host
         self.group_rule = group_rule
         self._ntotal: List[int] = [0] * host.batch
+        self.last_scanned = 0  # keys whose similarity to a query was computed in the last search
 
     @property
     def ntotal(self) -> List[int]:
@@ -51,22 +52,21 @@ class Retriever(ABC):
         """Bytes this retriever holds beyond the host tier itself."""
         return 0
 
-    def search(self, q: torch.Tensor, budgets: Sequence[int]) -> Selection:
+    def search(self, q: torch.Tensor, budgets) -> Selection:
         """Select host rows for decode queries.
 
-        q: ``[B, Hq, D]`` floating (searched in float32); budgets: ``B`` ints, keys per query head for
-        each sequence; clamped to ``[0, ntotal[b]]``. Returns ``Selection`` with ``indices [B, Hkv, k]``
-        int32, sorted ascending per row, ``-1`` padding at the end.
+        q: ``[B, Hq, D]`` floating (searched in float32); budgets: keys per query head, ``B`` ints (one per
+        sequence) or ``[B, Hkv]`` (one per KV head's group); clamped to ``[0, ntotal[b]]``. Returns
+        ``Selection`` with ``indices [B, Hkv, k]`` int32, sorted ascending per row, ``-1`` padding at the end.
         """
-        self._check_query(q, budgets)
-        ks = [max(0, min(int(k), n)) for k, n in zip(budgets, self._ntotal)]
+        ks = self._check_query(q, budgets)
         return self._search(q.float(), ks)
 
     @abstractmethod
-    def _search(self, q: torch.Tensor, ks: List[int]) -> Selection:
-        ...
+    def _search(self, q: torch.Tensor, ks: List[List[int]]) -> Selection:
+        """ks[b][h]: keys per query head of KV head h's group in sequence b (already clamped)."""
 
-    def _check_query(self, q: torch.Tensor, budgets: Sequence[int]) -> None:
+    def _check_query(self, q: torch.Tensor, budgets) -> List[List[int]]:
         if not isinstance(q, torch.Tensor) or q.dim() != 3:
             raise ShapeError(f"query must be [B, Hq, D], got {getattr(q, 'shape', type(q))}")
         b, hq, d = q.shape
@@ -77,8 +77,20 @@ class Retriever(ABC):
             )
         if not q.is_floating_point():
             raise DTypeError(f"query must be floating point, got {q.dtype}")
-        if len(budgets) != b or any(int(k) < 0 for k in budgets):
-            raise InvalidValueError(f"budgets must be {b} ints >= 0, got {list(budgets)}")
+        if not torch.isfinite(q).all():
+            raise InvalidValueError("query contains NaN or inf")
+        hkv = self.host.kv_heads
+        try:
+            t = torch.as_tensor(budgets)
+            if t.is_floating_point() or t.dtype == torch.bool:
+                raise TypeError
+            t = t.long().reshape(b, -1) if t.numel() in (b, b * hkv) else None
+        except (TypeError, ValueError, RuntimeError):
+            t = None
+        if t is None or bool((t < 0).any()):
+            raise InvalidValueError(f"budgets must be {b} ints >= 0 or [B={b}, Hkv={hkv}] ints >= 0, got {budgets!r}")
+        t = t.expand(b, hkv)
+        return [[max(0, min(int(k), n)) for k in row] for row, n in zip(t.tolist(), self._ntotal)]
 
 
 def pad_rows(rows: List[torch.Tensor], kv_heads: int) -> torch.Tensor:
@@ -90,24 +102,46 @@ def pad_rows(rows: List[torch.Tensor], kv_heads: int) -> torch.Tensor:
     return out
 
 
-def topk_group(scores: torch.Tensor, k: int, group_rule: str) -> torch.Tensor:
-    """Shared rows for each KV head from its group's scores.
+def topk_group(scores: torch.Tensor, k: int, group_rule: str):
+    """Shared rows for one KV head from its group's scores.
 
-    scores: ``[Hkv, G, N]`` float; returns ``[Hkv, m]`` int32 sorted ascending, ``-1`` padded at the end:
+    scores: ``[G, N]`` float. Returns ``(ids [m] int32 sorted ascending, member [G, m] bool or None)``:
     ``"sum"``: top-k of the group's summed scores (m = k). ``"union"``: union of every head's top-k
-    (m = the largest union size, at most ``G * k``).
+    (m <= G * k). ``"per-head"``: the same union, plus ``member[g, j]`` = row j is in head g's own top-k
+    (the caller turns the others into -inf log-weights, so each head attends to exactly its top-k).
     """
-    hkv, g, n = scores.shape
+    g, n = scores.shape
     if k == 0 or n == 0:
-        return torch.empty(hkv, 0, dtype=torch.int32)
+        return torch.empty(0, dtype=torch.int32), None
     if group_rule == "sum" or g == 1:
-        idx = scores.sum(dim=1).topk(k, dim=-1, sorted=False).indices
-        return idx.sort(dim=-1).values.to(torch.int32)
-    idx = scores.topk(k, dim=-1, sorted=False).indices.reshape(hkv, g * k)
-    idx = idx.sort(dim=-1).values
-    dup = torch.zeros_like(idx, dtype=torch.bool)
-    dup[:, 1:] = idx[:, 1:] == idx[:, :-1]
-    idx = torch.where(dup, torch.full_like(idx, n), idx).sort(dim=-1).values  # duplicates to the end
-    width = int((~dup).sum(dim=-1).max())
-    idx = idx[:, :width]
-    return torch.where(idx >= n, torch.full_like(idx, -1), idx).to(torch.int32)
+        return scores.sum(dim=0).topk(k, sorted=False).indices.sort().values.to(torch.int32), None
+    top = scores.topk(k, dim=-1, sorted=False).indices  # [G, k]
+    ids = torch.unique(top)
+    member = None
+    if group_rule == "per-head":
+        member = torch.zeros(g, len(ids), dtype=torch.bool)
+        member.scatter_(1, torch.searchsorted(ids, top), True)
+    return ids.to(torch.int32), member
+
+
+def selection_from_groups(ids: List[List[torch.Tensor]], members, kv_heads: int, group: int) -> Selection:
+    """Assemble per (sequence, KV head) row lists (and optional per-head membership) into a Selection."""
+    rows = []
+    for per_seq in ids:
+        width = max((len(x) for x in per_seq), default=0)
+        mat = torch.full((kv_heads, width), -1, dtype=torch.int32)
+        for h, x in enumerate(per_seq):
+            mat[h, : len(x)] = x
+        rows.append(mat)
+    idx = pad_rows(rows, kv_heads)
+    if not any(m is not None for per_seq in members for m in per_seq):
+        return Selection(idx)
+    lw = torch.full((len(ids), kv_heads * group, idx.shape[2]), float("-inf"))
+    for b, per_seq in enumerate(members):
+        for h, m in enumerate(per_seq):
+            n = len(ids[b][h])
+            if m is None:
+                lw[b, h * group:(h + 1) * group, :n] = 0.0
+            else:
+                lw[b, h * group:(h + 1) * group, :n] = torch.where(m, 0.0, float("-inf"))
+    return Selection(idx, lw)

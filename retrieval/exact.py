@@ -8,7 +8,7 @@ import torch
 
 from hetero.types import Selection
 
-from .base import Retriever, pad_rows, topk_group
+from .base import Retriever, pad_rows, selection_from_groups, topk_group
 
 _SCORE_CHUNK = 32768  # tokens scored at once: bounds the float32 copy of the keys
 
@@ -18,9 +18,10 @@ class AllRetriever(Retriever):
 
     name = "all"
 
-    def _search(self, q: torch.Tensor, ks: List[int]) -> Selection:
+    def _search(self, q: torch.Tensor, ks) -> Selection:
         hkv = self.host.kv_heads
         rows = [torch.arange(n, dtype=torch.int32).expand(hkv, n) for n in self._ntotal]
+        self.last_scanned = 0
         return Selection(pad_rows(rows, hkv))
 
 
@@ -41,11 +42,19 @@ class ExactTopK(Retriever):
             out[:, :, start:stop] = torch.matmul(qg, keys[:, start:stop].float().transpose(1, 2))
         return out
 
-    def _search(self, q: torch.Tensor, ks: List[int]) -> Selection:
-        rows = []
-        for seq, k in enumerate(ks):
-            if k == 0:
-                rows.append(torch.empty(self.host.kv_heads, 0, dtype=torch.int32))
-                continue
-            rows.append(topk_group(self.scores(q, seq), k, self.group_rule))
-        return Selection(pad_rows(rows, self.host.kv_heads))
+    def _search(self, q: torch.Tensor, ks) -> Selection:
+        hkv = self.host.kv_heads
+        g = q.shape[1] // hkv
+        ids, members, scanned = [], [], 0
+        for seq, per_head in enumerate(ks):
+            scores = self.scores(q, seq) if any(per_head) else None
+            ids.append([]), members.append([])
+            for h, k in enumerate(per_head):
+                if k == 0:
+                    ids[-1].append(torch.empty(0, dtype=torch.int32)), members[-1].append(None)
+                    continue
+                scanned += self._ntotal[seq] * g
+                i, m = topk_group(scores[h], k, self.group_rule)
+                ids[-1].append(i), members[-1].append(m)
+        self.last_scanned = scanned
+        return selection_from_groups(ids, members, hkv, g)

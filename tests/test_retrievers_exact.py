@@ -33,11 +33,39 @@ def test_exact_topk_matches_brute_force(rule):
             assert sorted(got) == got and set(got) == want and len(got) == len(want)
 
 
-def test_topk_group_union_deduplicates_and_pads():
-    scores = torch.tensor([[[5.0, 4.0, 0.0, 0.0], [5.0, 0.0, 4.0, 0.0]],
-                           [[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]]])
-    idx = topk_group(scores, 2, "union")
-    assert idx.tolist() == [[0, 1, 2], [2, 3, -1]]
+def test_topk_group_union_deduplicates_and_per_head_marks_membership():
+    scores = torch.tensor([[5.0, 4.0, 0.0, 0.0], [5.0, 0.0, 4.0, 0.0]])
+    ids, member = topk_group(scores, 2, "union")
+    assert ids.tolist() == [0, 1, 2] and member is None
+    ids, member = topk_group(scores, 2, "per-head")
+    assert ids.tolist() == [0, 1, 2] and member.tolist() == [[True, True, False], [True, False, True]]
+    ids, _ = topk_group(scores, 2, "sum")
+    assert ids.tolist() == [0, 1]
+
+
+def test_per_head_rule_attends_each_head_to_its_own_topk():
+    from hetero.reference import sparse_attention as ref_sparse
+
+    layer = _layer(group_rule="per-head")
+    q = torch.randn(2, 8, 8)
+    sel = layer.retriever.search(q, [5, 3])
+    assert sel.log_weight is not None
+    out = ref_sparse(q.double(), layer.host.view(), sel, compute_dtype=torch.float64)
+    for b, k in enumerate([5, 3]):
+        keys, vals = layer.host.keys(b).double(), layer.host.values(b).double()
+        for hq in range(8):
+            h = hq // 4
+            s = q[b, hq].double() @ keys[h].T / 8 ** 0.5
+            top = s.topk(k).indices
+            want = torch.softmax(s[top], 0) @ vals[h, top]
+            assert torch.allclose(out.out[b, hq], want, atol=1e-10)
+
+
+def test_per_kv_head_budgets():
+    layer = _layer()
+    sel = layer.retriever.search(torch.randn(2, 8, 8), torch.tensor([[2, 6], [0, 1]]))
+    valid = (sel.indices >= 0).sum(-1)
+    assert int(valid[1, 0]) == 0 and int(valid[0, 0]) <= 4 * 2 and int(valid[0, 1]) >= 6
 
 
 def test_budget_clamped_to_ntotal_and_zero():

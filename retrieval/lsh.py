@@ -1,0 +1,177 @@
+"""MagicPIG-style LSH sampling over the host tier (importance-corrected).
+
+Per (sequence, KV head): L SimHash tables of K bits over *centered* keys ``k - mu`` (``mu``: mean of the
+first keys added, i.e. the prefill; kept fixed afterwards). A query head samples key j when j shares its
+bucket in at least 2 of the L tables. With ``theta`` the angle between q and ``k_j - mu``, one table
+collides with probability ``p = (1 - theta/pi)^K`` and j is sampled with probability
+``w_j = 1 - (1-p)^L - L p (1-p)^(L-1)``; the selection carries ``log_weight = -log w_j`` so that the host
+part's ``exp(lse)`` is an unbiased estimate of the full host-tier sum (``out`` self-normalized).
+
+Tables are arrays of per-bucket linked lists (``head[l, bucket]``, ``next[l, key]``): O(L) per added key,
+and a query visits only its L buckets. Built and queried in Numba; hashing is one matmul per batch of keys.
+The ``budget`` does not bound LSH: the sample size follows from K, L and the data (it is reported in
+``last_scanned``: keys whose similarity was computed = the sampled ones).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, List
+
+import numpy as np
+import torch
+from numba import njit
+
+from hetero.errors import ConfigError
+from hetero.types import Selection
+
+from .base import Retriever, pad_rows
+
+
+@njit(cache=True)
+def _insert(codes, first_id, heads, nxt):
+    """Push keys ``first_id + i`` (codes ``[n, L]``) onto their buckets' lists."""
+    n, tables = codes.shape
+    for i in range(n):
+        key = first_id + i
+        for t in range(tables):
+            b = codes[i, t]
+            nxt[t, key] = heads[t, b]
+            heads[t, b] = key
+
+
+@njit(cache=True)
+def _collide(qcodes, heads, nxt, min_collisions, counts, out, lens):
+    """For each query (codes ``[G, L]``): keys sharing a bucket in >= min_collisions tables -> ``out[g, :lens[g]]``.
+    ``counts`` must be zero on entry and is zero again on return."""
+    g_size, tables = qcodes.shape
+    for g in range(g_size):
+        m = 0
+        for t in range(tables):
+            key = heads[t, qcodes[g, t]]
+            while key >= 0:
+                counts[key] += 1
+                if counts[key] == min_collisions:
+                    out[g, m] = key
+                    m += 1
+                key = nxt[t, key]
+        lens[g] = m
+        for t in range(tables):  # reset only what was touched
+            key = heads[t, qcodes[g, t]]
+            while key >= 0:
+                counts[key] = 0
+                key = nxt[t, key]
+
+
+class LSHSampler(Retriever):
+    """SimHash sampling with importance weights (options ``K`` bits per table, ``L`` tables, ``seed``)."""
+
+    name = "lsh"
+
+    def __init__(self, host, group_rule: str = "union", K: int = 9, L: int = 120, seed: int = 0,
+                 min_collisions: int = 2, **options: Any):
+        super().__init__(host, group_rule, **options)
+        if not (isinstance(K, int) and 1 <= K <= 20):
+            raise ConfigError(f"retriever option K={K!r} is not allowed: an int in [1, 20]")
+        if not (isinstance(L, int) and L >= min_collisions >= 1):
+            raise ConfigError(f"retriever options L={L!r}, min_collisions={min_collisions!r}: need L >= "
+                              "min_collisions >= 1")
+        self.K, self.L, self.min_collisions = K, L, min_collisions
+        gen = torch.Generator().manual_seed(seed)
+        hkv, d = host.kv_heads, host.head_dim
+        self.planes = torch.randn(hkv, L * K, d, generator=gen)  # per KV head
+        self._pow2 = 2 ** torch.arange(K, dtype=torch.int32)
+        self._mu = [None] * host.batch           # [Hkv, D] per sequence
+        self._heads = [None] * host.batch        # [Hkv] arrays [L, 2^K]
+        self._next = [None] * host.batch         # [Hkv] arrays [L, capacity]
+        self._counts = [None] * host.batch
+
+    def _codes(self, x: torch.Tensor, h: int) -> np.ndarray:
+        """SimHash codes ``[n, L]`` int32 of vectors ``x [n, D]`` under KV head h's planes."""
+        bits = (x.float() @ self.planes[h].T) > 0  # [n, L*K]
+        return (bits.view(-1, self.L, self.K).to(torch.int32) * self._pow2).sum(-1).to(torch.int32).numpy()
+
+    def _add(self, seq: int, keys: torch.Tensor) -> None:
+        hkv, n = self.host.kv_heads, keys.shape[1]
+        if self._mu[seq] is None:
+            self._mu[seq] = keys.float().mean(dim=1)
+            self._heads[seq] = [np.full((self.L, 2 ** self.K), -1, np.int32) for _ in range(hkv)]
+            self._next[seq] = [np.full((self.L, max(1024, 2 * n)), -1, np.int32) for _ in range(hkv)]
+            self._counts[seq] = np.zeros(max(1024, 2 * n), np.int32)
+        first = self._ntotal[seq]
+        cap = self._next[seq][0].shape[1]
+        if first + n > cap:  # grow geometrically
+            new_cap = max(first + n, 2 * cap)
+            for h in range(hkv):
+                grown = np.full((self.L, new_cap), -1, np.int32)
+                grown[:, :cap] = self._next[seq][h]
+                self._next[seq][h] = grown
+            self._counts[seq] = np.zeros(new_cap, np.int32)
+        for h in range(hkv):
+            codes = self._codes(keys[h].float() - self._mu[seq][h], h)
+            _insert(codes, first, self._heads[seq][h], self._next[seq][h])
+
+    def reset(self) -> None:
+        super().reset()
+        b = self.host.batch
+        self._mu, self._heads, self._next, self._counts = [None] * b, [None] * b, [None] * b, [None] * b
+
+    def collision_probability(self, cos: torch.Tensor) -> torch.Tensor:
+        """``w = P(>= min_collisions of L tables collide)`` for angle ``acos(cos)``."""
+        theta = torch.arccos(cos.clamp(-1.0, 1.0))
+        p = (1.0 - theta / math.pi) ** self.K
+        if self.min_collisions == 1:
+            return 1.0 - (1.0 - p) ** self.L
+        return 1.0 - (1.0 - p) ** self.L - self.L * p * (1.0 - p) ** (self.L - 1)
+
+    def _search(self, q: torch.Tensor, ks) -> Selection:
+        hkv, d = self.host.kv_heads, self.host.head_dim
+        g = q.shape[1] // hkv
+        b = q.shape[0]
+        rows, weights, scanned = [], [], 0
+        for seq in range(b):
+            n = self._ntotal[seq]
+            if n == 0 or self._mu[seq] is None:
+                rows.append(torch.empty(hkv, 0, dtype=torch.int32))
+                weights.append(torch.empty(hkv * g, 0))
+                continue
+            keys = self.host.keys(seq)
+            per_head_ids, per_head_lw = [], []
+            for h in range(hkv):
+                qg = q[seq, h * g:(h + 1) * g]  # [G, D]
+                out = np.empty((g, n), np.int32)
+                lens = np.zeros(g, np.int64)
+                _collide(self._codes(qg, h), self._heads[seq][h], self._next[seq][h], self.min_collisions,
+                         self._counts[seq], out, lens)
+                sampled = [torch.from_numpy(out[i, : lens[i]].copy()) for i in range(g)]
+                union = torch.unique(torch.cat(sampled)) if sum(map(len, sampled)) else torch.empty(0, dtype=torch.int32)
+                scanned += sum(map(len, sampled))
+                centered = keys[h, union.long()].float() - self._mu[seq][h]  # [m, D]
+                cos = (qg @ centered.T) / (qg.norm(dim=1, keepdim=True) * centered.norm(dim=1).clamp_min(1e-30))
+                lw = -torch.log(self.collision_probability(cos).clamp_min(1e-30))  # [G, m]
+                member = torch.zeros(g, len(union), dtype=torch.bool)
+                for i in range(g):  # keys another head of the group sampled are not in this head's estimate
+                    member[i] = torch.isin(union, sampled[i])
+                per_head_ids.append(union.to(torch.int32))
+                per_head_lw.append(torch.where(member, lw, torch.full_like(lw, float("-inf"))))
+            width = max(len(x) for x in per_head_ids)
+            mat = torch.full((hkv, width), -1, dtype=torch.int32)
+            lwm = torch.full((hkv * g, width), float("-inf"))
+            for h in range(hkv):
+                m = len(per_head_ids[h])
+                mat[h, :m] = per_head_ids[h]
+                lwm[h * g:(h + 1) * g, :m] = per_head_lw[h]
+            rows.append(mat)
+            weights.append(lwm)
+        self.last_scanned = scanned
+        idx = pad_rows(rows, hkv)
+        lw = torch.full((b, hkv * g, idx.shape[2]), float("-inf"))
+        for seq, w in enumerate(weights):
+            lw[seq, :, : w.shape[1]] = w
+        return Selection(idx, lw)
+
+    def memory_bytes(self) -> int:
+        total = 0
+        for heads, nxt in zip(self._heads, self._next):
+            if heads is not None:
+                total += sum(x.nbytes for x in heads) + sum(x.nbytes for x in nxt)
+        return total
