@@ -20,8 +20,15 @@ from .types import HostView, PartialAttention, Selection
 
 __version__ = "0.1.0"
 
+
+def wrap(model, config=None):
+    """``hetero.hf.wrap``: make a transformers causal LM decode with hetero (imports transformers lazily)."""
+    from .hf import wrap as _wrap
+
+    return _wrap(model, config)
+
 __all__ = [
     "BackendUnavailableError", "ConfigError", "DTypeError", "DecodeResult", "HeteroAttention", "HeteroConfig",
     "HeteroError", "HostView", "InvalidValueError", "LayerCache", "PartialAttention", "Selection", "ShapeError",
-    "TieredKVCache", "causal_attention", "merge", "sparse_attention", "window_attention",
+    "TieredKVCache", "causal_attention", "merge", "sparse_attention", "window_attention", "wrap",
 ]

@@ -77,8 +77,8 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kernels", action="store_true",
                    help="also compile the Triton kernels for sm_80/sm_90 and show registers, shared memory, spills")
     e.add_argument("--json", action="store_true")
-    bench = sub.add_parser("bench", help="benchmarks: cpu-sparse")
-    bench.add_argument("name", choices=["cpu-sparse"])
+    bench = sub.add_parser("bench", help="benchmarks: cpu-sparse, retrieval, needle")
+    bench.add_argument("name", choices=["cpu-sparse", "retrieval", "needle"])
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark (see --help after its name)")
     return parser
 
@@ -119,9 +119,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(json.dumps(info)) if ns.json else print_env(info)
             return 0
         if ns.command == "bench":
-            from .bench.cpu_sparse import main as cpu_sparse
+            import importlib
 
-            return cpu_sparse(ns.args)
+            module = importlib.import_module(f".bench.{ns.name.replace('-', '_')}", __package__)
+            return module.main(ns.args)
     except HeteroError as e:
         print(f"hetero {ns.command}: error: {e}".splitlines()[0] if "\n" not in str(e) else
               f"hetero {ns.command}: error: {e}", file=sys.stderr)

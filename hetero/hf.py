@@ -1,0 +1,219 @@
+"""HuggingFace transformers integration: ``hetero.wrap(model, config)`` and keep calling ``generate()``.
+
+Pieces:
+
+* ``HeteroCache``: a ``transformers.cache_utils.Cache`` whose layers hold hetero ``LayerCache``s (sinks +
+  window on the model's device, older tokens in host memory behind a retriever). ``get_seq_length`` reports
+  every token processed (all tiers), which drives position ids.
+* ``hetero_attention``: registered with ``AttentionInterface`` as ``"hetero"`` (with the sdpa mask function,
+  so padded batches get their masks). Prefill (several query tokens): dense SDPA over the prompt, then the
+  prompt's real tokens (left padding removed using the mask) move into the tiers and the index is built.
+  Decode (one query token): ``HeteroAttention.run`` over the tiers.
+* ``wrap``: checks the architecture, switches the model to the ``"hetero"`` attention, and makes
+  ``generate()`` create a ``HeteroCache`` unless one is passed.
+
+The cache's ``update`` returns the key/value tensors tagged with their layer state (a Python attribute on
+the returned tensor), which the attention function reads: no global state, so several wrapped models and
+caches coexist. Attention called with another cache (e.g. a plain ``forward`` with ``DynamicCache``) falls back
+to SDPA over the key/value it is given, which is then exact.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from typing import List, Optional
+
+import torch
+
+from .attention import HeteroAttention
+from .cache import LayerCache
+from .config import HeteroConfig
+from .errors import HeteroError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ATTN_NAME = "hetero"
+
+
+class UnsupportedModelError(HeteroError, ValueError):
+    """The model uses a feature hetero does not implement; the message names it."""
+
+
+def unsupported_features(config) -> List[str]:
+    """Why hetero cannot serve a model with this config (empty: supported)."""
+    reasons = []
+    model_type = getattr(config, "model_type", "?")
+    if getattr(config, "is_encoder_decoder", False):
+        reasons.append("encoder-decoder architecture")
+    if getattr(config, "add_cross_attention", False):
+        reasons.append("cross-attention")
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, name, None):
+            reasons.append(f"logit soft-capping ({name}={getattr(config, name)})")
+    if getattr(config, "kv_lora_rank", None) or getattr(config, "q_lora_rank", None):
+        reasons.append("multi-head latent attention (MLA)")
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = getattr(config, "sliding_window", None)
+    if "sliding_attention" in layer_types:
+        reasons.append("sliding-window attention layers (layer_types)")
+    elif sliding and getattr(config, "use_sliding_window", True):
+        reasons.append(f"sliding-window attention (sliding_window={sliding})")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        reasons.append(f"architecture {model_type!r} is not one hetero has verified (supported: "
+                       f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+    return reasons
+
+
+def _cache_layer_base():
+    from transformers.cache_utils import CacheLayerMixin
+
+    return CacheLayerMixin
+
+
+@functools.lru_cache(maxsize=None)
+def _classes():
+    """Build the Cache classes on first use, so that importing hetero does not import transformers."""
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    class HeteroCacheLayer(CacheLayerMixin):
+        """One attention layer's cache: a hetero ``LayerCache`` plus the bookkeeping transformers needs."""
+
+        is_sliding = False
+        is_compileable = False
+
+        def __init__(self, config: HeteroConfig, layer_idx: int):
+            super().__init__()
+            self.layer = LayerCache(config, layer_idx)
+            self.processed = 0  # tokens seen, padding included: what position ids count
+            self.pending = None  # prompt K/V waiting for the attention call (it has the padding mask)
+
+        def lazy_initialization(self, key_states, value_states) -> None:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            if key_states.shape[2] > 1 or self.processed == 0:
+                if self.processed > 0:
+                    raise HeteroError("hetero's cache takes a multi-token chunk only as the first (prefill) call; "
+                                      "continue a conversation with a new cache, or decode token by token")
+                self.pending = (key_states, value_states)
+            else:
+                self.layer.append(key_states[:, :, 0], value_states[:, :, 0])
+                self.processed += 1
+            key_states._hetero_layer = self
+            return key_states, value_states
+
+        def get_seq_length(self) -> int:
+            return self.processed
+
+        def get_mask_sizes(self, query_length: int):
+            return self.processed + query_length, 0
+
+        def get_max_length(self) -> int:
+            return -1
+
+        def reset(self) -> None:
+            self.layer.reset()
+            self.processed = 0
+            self.pending = None
+
+        def reorder_cache(self, beam_idx) -> None:
+            raise HeteroError("beam search is not supported by hetero's cache (use greedy or sampling)")
+
+    class HeteroCache(Cache):
+        """transformers Cache over hetero's tiers: ``layers[i].layer`` is layer i's ``LayerCache``."""
+
+        def __init__(self, config: HeteroConfig, num_layers: int):
+            super().__init__(layers=[HeteroCacheLayer(config, i) for i in range(num_layers)])
+            self.config = config
+            self.attention: Optional[HeteroAttention] = None
+
+        def memory(self):
+            """Bytes per tier summed over layers (``fast_bytes``, ``host_bytes``, ``index_bytes``)."""
+            total = {"fast_bytes": 0, "host_bytes": 0, "index_bytes": 0}
+            for lay in self.layers:
+                for k, v in lay.layer.memory().items():
+                    total[k] += v
+            return total
+
+    return HeteroCacheLayer, HeteroCache
+
+
+def HeteroCache(config: HeteroConfig, num_layers: int):  # noqa: N802 - a factory that reads like the class
+    """A transformers ``Cache`` whose layers are hetero's tiered caches."""
+    return _classes()[1](config, num_layers)
+
+
+def _real_tokens(attention_mask: Optional[torch.Tensor], batch: int, length: int, device) -> torch.Tensor:
+    """``[B, T]`` bool: which prompt tokens are real (not padding), read off the prompt's last mask row."""
+    if attention_mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    row = attention_mask[:, 0, -1, -length:]
+    return row if row.dtype == torch.bool else torch.isfinite(row) & (row > torch.finfo(row.dtype).min)
+
+
+def hetero_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """``AttentionInterface`` function: query ``[B, Hq, Lq, D]`` (post-RoPE), key/value ``[B, Hkv, Lk, D]``;
+    returns ``(out [B, Lq, Hq, D], None)``."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    state = getattr(key, "_hetero_layer", None)
+    if state is None:  # not our cache: the key/value are complete, SDPA is exact
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    if state.pending is not None:  # prefill: dense over the prompt, then the prompt moves into the tiers
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                        **kwargs)
+        k, v = state.pending
+        state.pending = None
+        b, _, t, _ = k.shape
+        real = _real_tokens(attention_mask, b, t, k.device)
+        order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # real tokens first, in order
+        idx = order[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        state.layer.append(torch.gather(k, 2, idx), torch.gather(v, 2, idx), real.sum(dim=1).cpu())
+        state.processed += t
+        return out, None
+    cache_attention = getattr(module, "_hetero_attention", None)
+    if cache_attention is None or cache_attention.config.scale != scaling:
+        cache_attention = HeteroAttention(state.layer.config.with_(scale=scaling))
+        module._hetero_attention = cache_attention
+    out = cache_attention.run(query[:, :, 0, :], state.layer)  # [B, Hq, D]
+    return out.unsqueeze(1), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, hetero_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def wrap(model, config: Optional[HeteroConfig] = None):
+    """Make a loaded transformers causal LM decode with hetero; returns the same model.
+
+    ``model.generate(...)`` then creates a ``HeteroCache`` (unless you pass ``past_key_values``); greedy,
+    sampling and streaming work unchanged, batches may be left-padded. Raises ``UnsupportedModelError``
+    naming the feature for models hetero cannot serve exactly (sliding-window layers, soft-capping,
+    encoder-decoder, MLA, cross-attention).
+    """
+    config = config or HeteroConfig()
+    reasons = unsupported_features(model.config)
+    if reasons:
+        raise UnsupportedModelError(f"hetero cannot wrap this {type(model).__name__}: " + "; ".join(reasons))
+    _register()
+    model.set_attn_implementation(ATTN_NAME)
+    num_layers = model.config.num_hidden_layers
+    original = getattr(model.generate, "_hetero_original", model.generate)
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        if kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = HeteroCache(config, num_layers)
+        return original(*args, **kwargs)
+
+    generate._hetero_original = original
+    model.generate = generate
+    model.hetero_config = config
+    return model
