@@ -22,11 +22,19 @@ class LayerCache:
 
     Created empty; the first ``append`` fixes batch size, KV heads, head dim, device (the fast tier's,
     from the keys) and storage dtype (``config.kv_dtype`` or the keys' dtype).
+
+    Indexing: tokens pushed out of the window are copied into the host tier at once; handing them to the
+    retriever (``add``) runs on ``indexer`` (a ``hetero.worker.Worker``) when one is given, else inline.
+    ``wait_indexed()`` (called before every search) waits for this layer's queued adds, so a search always
+    sees every token evicted before it. A failed add re-raises there, with the layer named, after the
+    index is rebuilt from the host tier (the tokens themselves are never lost).
     """
 
-    def __init__(self, config: HeteroConfig, layer_idx: int = 0):
+    def __init__(self, config: HeteroConfig, layer_idx: int = 0, indexer=None):
         self.config = config
         self.layer_idx = layer_idx
+        self.indexer = indexer
+        self._pending = []  # futures of queued retriever adds, oldest first
         self.dense = layer_idx in config.dense_layers
         self.fast: Optional[FastTier] = None
         self.host: Optional[HostTier] = None
@@ -130,10 +138,40 @@ class LayerCache:
             if evicted_k.shape[1]:
                 evicted_k, evicted_v = evicted_k.cpu(), evicted_v.cpu()
                 self.host.append(seq, evicted_k, evicted_v)
-                self.retriever.add(seq, evicted_k)
+                if self.indexer is None:
+                    self.retriever.add(seq, evicted_k)
+                else:
+                    self._pending.append(self.indexer.submit(self.retriever.add, seq, evicted_k))
+
+    def wait_indexed(self) -> None:
+        """Block until every token in the host tier has reached the retriever (see the class docstring)."""
+        from .errors import HeteroError
+
+        pending, self._pending = self._pending, []
+        failure = None
+        for fut in pending:
+            try:
+                fut.result()
+            except Exception as e:  # keep draining: later adds may have queued behind the failed one
+                failure = failure or e
+        if failure is not None:
+            self.resync_index()
+            raise HeteroError(f"layer {self.layer_idx}: adding evicted tokens to the {self.config.retriever!r} "
+                              f"index failed ({type(failure).__name__}: {failure}); the index was rebuilt from the "
+                              "host tier") from failure
+
+    def resync_index(self) -> None:
+        """Rebuild the retriever from the host tier (every token the tier holds, in order)."""
+        self.retriever.reset()
+        for seq in range(self.batch):
+            if self.host.length[seq]:
+                self.retriever.add(seq, self.host.keys(seq))
 
     def reset(self) -> None:
         """Forget every token (shape facts are kept from the next append)."""
+        for fut in self._pending:
+            fut.cancel()
+        self._pending = []
         self.fast = self.host = self.retriever = self.head_budget = None
 
     # ---- inspection --------------------------------------------------------------------------------
@@ -158,13 +196,14 @@ def _used(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 class TieredKVCache:
-    """KV cache of a whole model: ``layers[i]`` is layer ``i``'s ``LayerCache``."""
+    """KV cache of a whole model: ``layers[i]`` is layer ``i``'s ``LayerCache``; ``indexer`` (optional
+    ``hetero.worker.Worker``) indexes evicted tokens in the background for every layer."""
 
-    def __init__(self, config: HeteroConfig, num_layers: int):
+    def __init__(self, config: HeteroConfig, num_layers: int, indexer=None):
         if not isinstance(num_layers, int) or num_layers < 1:
             raise ShapeError(f"num_layers must be an int >= 1, got {num_layers!r}")
         self.config = config
-        self.layers = [LayerCache(config, i) for i in range(num_layers)]
+        self.layers = [LayerCache(config, i, indexer) for i in range(num_layers)]
 
     def __len__(self) -> int:
         return len(self.layers)

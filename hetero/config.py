@@ -66,6 +66,11 @@ class HeteroConfig:
     block_tokens: host-tier page size in tokens (>= 1).
     dense_layers: layer indices kept fully on the fast device (no host tier, exact attention).
     scale: softmax scale (None: ``1/sqrt(head_dim)``).
+    overlap: run the host side on a background worker while the window side runs (False: one after the
+        other, same results bit for bit).
+    balance: ``"fixed"`` thread split and budget, or ``"auto"`` (``hetero/balance.py``): re-split threads
+        and move the budget within ``[budget_floor, 2 x budget]`` from measured costs.
+    budget_floor: the accuracy floor of ``balance="auto"`` (same units as ``budget``; None: ``budget / 2``).
     """
 
     window: int = 1024
@@ -82,6 +87,9 @@ class HeteroConfig:
     block_tokens: int = 256
     dense_layers: Tuple[int, ...] = ()
     scale: Optional[float] = None
+    overlap: bool = True
+    balance: str = "fixed"
+    budget_floor: Optional[Union[int, float]] = None
 
     def __post_init__(self) -> None:
         for name in ("window", "sinks", "block_tokens"):
@@ -123,6 +131,14 @@ class HeteroConfig:
         if not all(_is_int(x) and x >= 0 for x in layers) or len(set(layers)) != len(layers):
             raise _fail("dense_layers", self.dense_layers, "distinct ints >= 0")
         object.__setattr__(self, "dense_layers", tuple(sorted(layers)))
+        if not isinstance(self.overlap, bool):
+            raise _fail("overlap", self.overlap, "True or False")
+        if self.balance not in ("fixed", "auto"):
+            raise _fail("balance", self.balance, "'fixed' or 'auto'")
+        f = self.budget_floor
+        if f is not None and not ((_is_int(f) and _is_int(b) and 0 <= f <= b) or
+                                  (isinstance(f, float) and isinstance(b, float) and 0.0 < f <= b)):
+            raise _fail("budget_floor", f, "None, or the same kind as budget (count or fraction) and <= budget")
         if self.scale is not None and not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale)
                                            and self.scale > 0):
             raise _fail("scale", self.scale, "None or a finite float > 0")
@@ -140,13 +156,16 @@ class HeteroConfig:
         except AttributeError:  # pragma: no cover - non-Linux
             return os.cpu_count() or 1
 
-    def budget_for(self, host_tokens: int) -> int:
-        """Keys per query head for a host tier of ``host_tokens`` tokens (never more than it holds)."""
-        if isinstance(self.budget, float):
-            k = math.ceil(self.budget * host_tokens - 1e-9)
-        else:
-            k = self.budget
-        return max(0, min(int(k), int(host_tokens)))
+    def budget_for(self, host_tokens: int, scale: float = 1.0) -> int:
+        """Keys per query head for a host tier of ``host_tokens`` tokens (never more than it holds);
+        ``scale`` (balance="auto") multiplies the budget, never below ``budget_floor``."""
+        def keys(budget):
+            return math.ceil(budget * host_tokens - 1e-9) if isinstance(budget, float) else budget
+
+        k = keys(self.budget) * scale
+        if scale != 1.0:
+            k = max(k, keys(self.budget_floor if self.budget_floor is not None else self.budget / 2))
+        return max(0, min(int(math.ceil(k - 1e-9)), int(host_tokens)))
 
     def with_(self, **changes: Any) -> "HeteroConfig":
         """A validated copy with some fields changed."""

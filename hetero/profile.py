@@ -88,7 +88,7 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
     layer.append(keys[:, :, :n0], values[:, :, :n0])
     prefill_s = time.perf_counter() - t
     log(f"prefill into tiers: {prefill_s:.2f} s (host tier {layer.host_lengths()} tokens)")
-    window_be, host_be = attn.plan(layer)
+    plan = attn.plan(layer)
 
     dense_ms, hetero_ms, errors, rows = [], [], [], []
     phases: Dict[str, List[float]] = {p: [] for p in PHASES}
@@ -118,7 +118,7 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
         "context": n0, "batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads,
         "head_dim": args.head_dim, "kv_dtype": args.kv_dtype, "window": config.window, "sinks": config.sinks,
         "budget": config.budget, "retriever": config.retriever,
-        "backends": {"window": window_be.name, "host": host_be.name},
+        "backends": {"window": plan.window.name, "host": plan.host.name},
         "threads": config.resolved_threads, "steps": workload.steps,
         "dense_ms": round(d_ms, 4), "hetero_ms": round(h_ms, 4),
         "speedup": round(d_ms / h_ms, 4) if h_ms > 0 else None,

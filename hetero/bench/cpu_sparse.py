@@ -140,7 +140,7 @@ def run(backends: List[str], dtypes: List[str], ks: List[int], threads: int, tok
                 gbps = sel_bytes / t / 1e9
                 row = {
                     "backend": be.name, "dtype": dtype_name, "k": k, "threads": threads,
-                    "median_us": round(t * 1e6, 1), "gbps": round(gbps, 2), "membw_gbps": round(membw, 2),
+                    "median_us": round(t * 1e6, 1), "gbps": round(gbps, 4), "membw_gbps": round(membw, 2),
                     "ratio_to_membw": round(gbps / membw, 3),
                     "random_read_gbps": round(ceiling, 2) if ceiling else None,
                     "ratio_to_random_read": round(gbps / ceiling, 3) if ceiling else None,

@@ -1,0 +1,56 @@
+"""Splitting a decode step between the fast-device side and the host side.
+
+Thread split (documented rule): of the ``T`` CPU threads, the window side (torch intra-op threads, when the
+fast tier is on the CPU) gets ``Tw = clamp(round(T * share), 1, T - 1)`` and the host side (retrieval and the
+host kernel) gets ``T - Tw``; ``share`` starts at 1/2. With CUDA the window side runs on the GPU and the host
+side gets all ``T`` threads. With one thread both sides share it.
+
+``balance="auto"``: after ``warmup`` steps of a layer, the measured costs re-split threads so the two sides
+finish together (costs assumed inversely proportional to threads), then move the host budget within
+``[budget_floor, 2 x budget]``: down by 20 % while the host side is the critical path by more than 20 %,
+up by 20 % while the window side is (the spare host time buys accuracy). ``critical`` names the side the
+step waited on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class Split:
+    window_threads: int
+    host_threads: int
+
+
+class Balancer:
+    def __init__(self, threads: int, cuda: bool, auto: bool, warmup: int = 3):
+        self.threads, self.cuda, self.auto, self.warmup = threads, cuda, auto, warmup
+        self.share = 0.5
+        self.budget_scale = 1.0
+        self.steps = 0
+        self.critical: Optional[str] = None
+
+    def split(self) -> Split:
+        t = self.threads
+        if self.cuda:
+            return Split(1, t)
+        if t == 1:
+            return Split(1, 1)
+        tw = min(t - 1, max(1, round(t * self.share)))
+        return Split(tw, t - tw)
+
+    def record(self, window_ms: float, host_ms: float, can_lower: bool, can_raise: bool) -> None:
+        """One step's wall time of each side (host: from query copy to result)."""
+        self.steps += 1
+        self.critical = "host" if host_ms > window_ms else "window"
+        if not self.auto or self.steps < self.warmup or self.cuda:
+            return
+        s = self.split()
+        work_w, work_h = window_ms * s.window_threads, host_ms * s.host_threads  # thread-milliseconds
+        if work_w + work_h > 0:
+            self.share = work_w / (work_w + work_h)
+        if host_ms > 1.2 * window_ms and can_lower:
+            self.budget_scale *= 0.8
+        elif window_ms > 1.2 * host_ms and can_raise:
+            self.budget_scale *= 1.2
