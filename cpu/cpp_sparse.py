@@ -32,7 +32,6 @@ def load():
         except ImportError as e:
             _load_error = f"C++ extension not built ({e})"
             return None
-        ext.set_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
         isa = os.environ.get("HETERO_CPU_ISA")
         if isa:
             try:
@@ -48,10 +47,40 @@ def load_error() -> Optional[str]:
     return _load_error
 
 
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def info() -> dict:
     """``{"isa_detected", "isa", "threads"}`` of the extension, or ``{"error": reason}``."""
     ext = load()
-    return dict(ext.info()) if ext is not None else {"error": _load_error}
+    if ext is None:
+        return {"error": _load_error}
+    return dict(ext.info(), threads=default_threads())
+
+
+def run_sparse(runner, q, host, selection, scale, prefetch_rows: int) -> PartialAttention:
+    """Call ``runner.sparse_attention`` on checked, contiguous buffers; returns float32 out/lse."""
+    b, hq, d = q.shape
+    hkv = host.k_pool.shape[0]
+    q = q.to(torch.float32).contiguous()
+    k_pool, v_pool = host.k_pool, host.v_pool
+    if k_pool.stride() != v_pool.stride() or k_pool.stride(2) != 1:
+        raise ValueError(f"host pools need contiguous rows and equal strides, got {k_pool.stride()} and "
+                         f"{v_pool.stride()}")
+    table = host.block_table.to(torch.int32).contiguous()
+    idx = selection.indices.to(torch.int32).contiguous()
+    lw = selection.log_weight
+    lw = lw.to(torch.float32).contiguous() if lw is not None else None
+    out = torch.empty(b, hq, d, dtype=torch.float32)
+    lse = torch.empty(b, hq, dtype=torch.float32)
+    runner.sparse_attention(
+        q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), k_pool.stride(0), k_pool.stride(1), table.data_ptr(),
+        table.shape[1], host.block_tokens, idx.data_ptr(), lw.data_ptr() if lw is not None else 0,
+        out.data_ptr(), lse.data_ptr(), b, hq, hkv, d, idx.shape[2], float(scale), _DTYPE_CODES[k_pool.dtype],
+        prefetch_rows,
+    )
+    return PartialAttention(out, lse)
 
 
 class CppSparseBackend(HostBackend):
@@ -79,28 +108,13 @@ class CppSparseBackend(HostBackend):
             reasons.append(f"GQA group of {g} query heads > {self.max_group}")
         return reasons
 
+    def __init__(self) -> None:
+        ext = load()
+        self._runner = ext.Runner(default_threads()) if ext is not None else None
+
     def set_threads(self, threads: int) -> None:
-        load().set_threads(int(threads))
+        if self._runner.threads != int(threads):
+            self._runner.set_threads(int(threads))
 
     def __call__(self, q, host, selection, scale) -> PartialAttention:
-        ext = load()
-        b, hq, d = q.shape
-        hkv = host.k_pool.shape[0]
-        q = q.to(torch.float32).contiguous()
-        k_pool, v_pool = host.k_pool, host.v_pool
-        if k_pool.stride() != v_pool.stride() or k_pool.stride(2) != 1:
-            raise ValueError(f"host pools need contiguous rows and equal strides, got {k_pool.stride()} and "
-                             f"{v_pool.stride()}")
-        table = host.block_table.to(torch.int32).contiguous()
-        idx = selection.indices.to(torch.int32).contiguous()
-        lw = selection.log_weight
-        lw = lw.to(torch.float32).contiguous() if lw is not None else None
-        out = torch.empty(b, hq, d, dtype=torch.float32)
-        lse = torch.empty(b, hq, dtype=torch.float32)
-        ext.sparse_attention(
-            q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), k_pool.stride(0), k_pool.stride(1), table.data_ptr(),
-            table.shape[1], host.block_tokens, idx.data_ptr(), lw.data_ptr() if lw is not None else 0,
-            out.data_ptr(), lse.data_ptr(), b, hq, hkv, d, idx.shape[2], float(scale),
-            _DTYPE_CODES[k_pool.dtype], self.prefetch_rows,
-        )
-        return PartialAttention(out, lse)
+        return run_sparse(self._runner, q, host, selection, scale, self.prefetch_rows)

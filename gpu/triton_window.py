@@ -131,8 +131,8 @@ class TritonWindowBackend(WindowBackend):
 
     def auto_reasons(self, device: torch.device) -> List[str]:
         if device.type == "cpu":
-            return ["on CPU 'auto' takes torch: Triton runs there only in its (slow) interpreter; ask for 'triton' "
-                    "by name"]
+            return ["on CPU 'auto' takes a CPU backend: Triton runs there only in its (slow) interpreter; ask for "
+                    "'triton' by name"]
         return []
 
     def __call__(self, q, k, v, lengths, scale) -> PartialAttention:

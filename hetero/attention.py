@@ -102,10 +102,11 @@ class HeteroAttention:
                                   device=torch.device("cpu"))
             self._plans[key] = _Plan(window, host)
         split = self.balancer(layer).split()
+        plan = self._plans[key]
         if layer.device.type == "cpu":
-            torch.set_num_threads(split.window_threads if self.config.overlap else self.config.resolved_threads)
-        self._plans[key].host.set_threads(split.host_threads if self.config.overlap else self.config.resolved_threads)
-        return self._plans[key]
+            plan.window.set_threads(split.window_threads if self.config.overlap else self.config.resolved_threads)
+        plan.host.set_threads(split.host_threads if self.config.overlap else self.config.resolved_threads)
+        return plan
 
     def budgets(self, layer: LayerCache):
         """Keys per query head: ``[B]`` (flat) or ``[B, Hkv]`` (adaptive), from the config's budget, the

@@ -56,6 +56,10 @@ class WindowBackend(Backend):
     def not_supported_reasons(self, q: torch.Tensor, k: torch.Tensor) -> List[str]:
         return self.reasons_for(k.device, k.dtype, k.shape[-1])
 
+    def set_threads(self, threads: int) -> None:
+        """CPU threads this backend may use (its own pool; torch's intra-op pool by default)."""
+        torch.set_num_threads(int(threads))
+
     @abstractmethod
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
                  scale: float) -> PartialAttention:
@@ -80,6 +84,7 @@ class HostBackend(Backend):
 # Registry order is "auto" preference order.
 WINDOW_REGISTRY: Dict[str, str] = {
     "triton": "hetero.gpu.triton_window:TritonWindowBackend",
+    "cpp": "hetero.cpu.cpp_window:CppWindowBackend",
     "torch": "hetero.gpu.torch_window:TorchWindowBackend",
 }
 HOST_REGISTRY: Dict[str, str] = {

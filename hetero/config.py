@@ -49,8 +49,9 @@ class HeteroConfig:
     sinks: first tokens of each sequence kept on the fast device (>= 0).
     budget: host keys each query head attends to: an int count (>= 0), or a float fraction in
         ``(0, 1]`` of that sequence's host tier (rounded up).
-    retriever: name in the retriever registry (``hetero.retrieval.available()``), e.g. ``"exact"``,
-        ``"all"`` (every host token: exact attention).
+    retriever: name in the retriever registry (``hetero.retrieval.available_retrievers()``): ``"ivf-sq8"``
+        (default), ``"ivf"``, ``"hnsw"``, ``"lsh"``, ``"exact"`` (brute-force top-k), ``"all"`` (every host
+        token: exact attention).
     retriever_options: keyword options passed to the retriever's constructor.
     group_rule: how a GQA group's queries choose shared rows: ``"union"`` of per-head top-k sets (up
         to ``G * k`` rows, the most accurate), ``"per-head"`` (the same rows, but each head attends only to
@@ -76,7 +77,7 @@ class HeteroConfig:
     window: int = 1024
     sinks: int = 4
     budget: Union[int, float] = 0.02
-    retriever: str = "exact"
+    retriever: str = "ivf-sq8"
     retriever_options: Mapping[str, Any] = field(default_factory=dict)
     group_rule: str = "union"
     head_budget: str = "flat"

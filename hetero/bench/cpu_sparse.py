@@ -54,15 +54,16 @@ def _index_sets(count: int, hkv: int, tokens: int, k: int, gen: torch.Generator)
 def _random_read_gbps(views, index_sets, runs: int) -> Optional[float]:
     """Best over prefetch distances (0, 8, 32 runs ahead) of the median GB/s of reading exactly the selected
     fused K|V runs, no arithmetic (needs the C++ module)."""
-    from hetero.cpu.cpp_sparse import load
+    from hetero.cpu.cpp_sparse import default_threads, load
 
     ext = load()
     if ext is None:
         return None
-    return max(_random_read_once(ext, views, index_sets, runs, pf) for pf in (0, 8, 32))
+    runner = ext.Runner(min(default_threads(), torch.get_num_threads()))
+    return max(_random_read_once(runner, views, index_sets, runs, pf) for pf in (0, 8, 32))
 
 
-def _random_read_once(ext, views, index_sets, runs: int, prefetch: int) -> float:
+def _random_read_once(runner, views, index_sets, runs: int, prefetch: int) -> float:
     times, nbytes = [], 0
     for i in range(runs + 2):
         view = views[i % len(views)]
@@ -75,7 +76,7 @@ def _random_read_once(ext, views, index_sets, runs: int, prefetch: int) -> float
         run = 2 * kp.shape[2] * elem  # K row and V row are adjacent in the fused pool
         nbytes = offsets.numel() * run
         t = time.perf_counter()
-        ext.random_read(kp.data_ptr(), offsets.data_ptr(), offsets.numel(), run, prefetch)
+        runner.random_read(kp.data_ptr(), offsets.data_ptr(), offsets.numel(), run, prefetch)
         if i >= 2:
             times.append(time.perf_counter() - t)
     return nbytes / statistics.median(times) / 1e9

@@ -1,0 +1,57 @@
+"""C++ window backend: the fast tier's attention when the fast tier lives on the CPU (no CUDA).
+
+The fast tier of sequence b, ``k[b]`` ``[Hkv, L, D]``, is a host-tier-shaped view (one block of L rows), and its
+valid slots ``0 .. lengths[b]-1`` are the selection: the same C++ kernel as the host side, on its own thread
+pool so that both sides of a decode step run at once. One call per sequence (no copy of the tier).
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from hetero.backends import WindowBackend
+from hetero.types import HostView, PartialAttention, Selection
+
+from .cpp_sparse import _load_error, default_threads, load, run_sparse
+
+
+class CppWindowBackend(WindowBackend):
+    name = "cpp"
+    devices = ("cpu",)
+    max_group = 64
+
+    def __init__(self) -> None:
+        ext = load()
+        self._runner = ext.Runner(default_threads()) if ext is not None else None
+        self._arange = torch.empty(0, dtype=torch.int32)
+
+    def availability_reasons(self) -> List[str]:
+        return [] if load() is not None else [_load_error or "C++ extension not built"]
+
+    def not_supported_reasons(self, q, k) -> List[str]:
+        reasons = super().not_supported_reasons(q, k)
+        if k.stride(-1) != 1:
+            reasons.append("fast tier rows must be contiguous")
+        if q.shape[1] // max(k.shape[1], 1) > self.max_group:
+            reasons.append(f"GQA group larger than {self.max_group}")
+        return reasons
+
+    def set_threads(self, threads: int) -> None:
+        if self._runner.threads != int(threads):
+            self._runner.set_threads(int(threads))
+
+    def __call__(self, q, k, v, lengths, scale) -> PartialAttention:
+        b, hq, d = q.shape
+        hkv, slots = k.shape[1], k.shape[2]
+        if self._arange.numel() < slots:
+            self._arange = torch.arange(max(slots, 2 * self._arange.numel()), dtype=torch.int32)
+        table = torch.zeros(1, 1, dtype=torch.int32)
+        outs, lses = [], []
+        for seq, n in enumerate(lengths.tolist()):
+            view = HostView(k[seq], v[seq], table, torch.tensor([slots]), max(slots, 1))
+            idx = self._arange[:n].view(1, 1, n).expand(1, hkv, n)
+            part = run_sparse(self._runner, q[seq:seq + 1], view, Selection(idx), scale, prefetch_rows=0)
+            outs.append(part.out)
+            lses.append(part.lse)
+        return PartialAttention(torch.cat(outs), torch.cat(lses))

@@ -1,0 +1,162 @@
+"""Overlapped decode: identical results, real overlap, no token lost under delays, failures propagate."""
+import random
+import time
+
+import pytest
+import torch
+
+from hetero import HeteroAttention, HeteroConfig, HeteroError, LayerCache
+from hetero.worker import Worker
+
+from helpers import oracle, rel_err
+
+
+def _layers(overlap, retriever="exact", n=600, seed=0, indexer=None, host_backend="auto"):
+    gen = torch.Generator().manual_seed(seed)
+    cfg = HeteroConfig(window=32, sinks=2, retriever=retriever, budget=0.1, overlap=overlap, host_backend=host_backend)
+    layer = LayerCache(cfg, indexer=indexer)
+    layer.append(torch.randn(2, 2, n, 32, generator=gen), torch.randn(2, 2, n, 32, generator=gen),
+                 torch.tensor([n, n // 2]))
+    return cfg, layer
+
+
+@pytest.mark.parametrize("retriever", ["exact", "ivf"])
+def test_overlapped_step_is_bit_identical_to_sequential(retriever):
+    gen = torch.Generator().manual_seed(1)
+    steps = [(torch.randn(2, 2, 32, generator=gen), torch.randn(2, 2, 32, generator=gen),
+              torch.randn(2, 8, 32, generator=gen)) for _ in range(12)]
+    outs = {}
+    for overlap in (False, True):
+        cfg, layer = _layers(overlap, retriever)
+        attn = HeteroAttention(cfg)
+        res = []
+        for k, v, q in steps:
+            layer.append(k, v)
+            res.append(attn.run(q, layer))
+        outs[overlap] = torch.stack(res)
+        attn.close()
+    assert torch.equal(outs[False], outs[True])
+
+
+def test_phases_of_the_two_sides_overlap_in_time():
+    cfg, layer = _layers(True, "exact", n=20000)
+    attn = HeteroAttention(cfg)
+    q = torch.randn(2, 8, 32)
+    found = False
+    for _ in range(10):
+        res = attn.run(q, layer, return_details=True)
+        window = [s for s in res.spans if s.phase == "window"]
+        host = [s for s in res.spans if s.phase in ("retrieve", "host_attn")]
+        assert {s.thread for s in host} == {"hetero-host"} and window[0].thread != "hetero-host"
+        if any(w.start < h.end and h.start < w.end for w in window for h in host):
+            found = True
+            break
+    assert found, "window and host phases never overlapped"
+
+
+def test_eviction_under_random_indexing_delays_never_loses_or_duplicates():
+    indexer = Worker("test-indexer", max_pending=8)
+    cfg = HeteroConfig(window=16, sinks=2, retriever="all", overlap=True)
+    layer = LayerCache(cfg, indexer=indexer)
+    rng = random.Random(0)
+    gen = torch.Generator().manual_seed(2)
+    layer.append(torch.randn(1, 1, 20, 8, generator=gen), torch.randn(1, 1, 20, 8, generator=gen))
+    add = layer.retriever.add
+
+    def slow_add(seq, keys):
+        time.sleep(rng.random() * 0.002)
+        add(seq, keys)
+
+    layer.retriever.add = slow_add
+    attn = HeteroAttention(cfg)
+    for step in range(1000):
+        k = torch.randn(1, 1, 8, generator=gen)
+        layer.append(k, k)
+        if step % 50 == 49:
+            q = torch.randn(1, 2, 8, generator=gen)
+            sel = attn.run(q, layer, return_details=True).selection
+            n = layer.host.length[0]
+            assert layer.retriever.ntotal == [n]
+            assert sorted(sel.indices[0, 0].tolist()) == list(range(n))  # every host token, once
+            assert rel_err(attn.run(q, layer), oracle(q, layer)) <= 1e-5
+    layer.wait_indexed()
+    assert layer.retriever.ntotal == layer.host.length == [20 + 1000 - 18]
+    attn.close()
+    indexer.close()
+
+
+def test_250_repeats_of_a_step_are_bit_identical():
+    cfg, layer = _layers(True, "ivf", n=3000)
+    attn = HeteroAttention(cfg)
+    q = torch.randn(2, 8, 32)
+    first = attn.run(q, layer)
+    for _ in range(249):
+        assert torch.equal(attn.run(q, layer), first)
+    attn.close()
+
+
+def test_worker_exception_propagates_with_context_and_next_step_works():
+    cfg, layer = _layers(True, "exact")
+    attn = HeteroAttention(cfg)
+    q = torch.randn(2, 8, 32)
+    good = attn.run(q, layer)
+    search = layer.retriever.search
+    layer.retriever.search = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+    with pytest.raises(HeteroError, match="layer 0.*boom"):
+        attn.run(q, layer)
+    layer.retriever.search = search
+    assert torch.equal(attn.run(q, layer), good)
+    attn.close()
+
+
+def test_failed_background_add_is_reported_and_index_rebuilt():
+    indexer = Worker("test-indexer-2")
+    cfg, layer = _layers(True, "all", indexer=indexer)
+    add = layer.retriever.add
+    layer.retriever.add = lambda seq, keys: (_ for _ in ()).throw(ValueError("disk full"))
+    layer.append(torch.randn(2, 2, 32), torch.randn(2, 2, 32))
+    layer.retriever.add = add
+    attn = HeteroAttention(cfg)
+    q = torch.randn(2, 8, 32)
+    with pytest.raises(HeteroError, match="index failed.*disk full.*rebuilt"):
+        attn.run(q, layer)
+    assert layer.retriever.ntotal == layer.host.length
+    assert rel_err(attn.run(q, layer), oracle(q, layer)) <= 1e-5
+    attn.close()
+    indexer.close()
+
+
+def test_prefill_leaves_fast_tier_at_sinks_plus_window():
+    cfg, layer = _layers(True, "ivf", n=5000)
+    per_token = 2 * 32 * 4 * 2
+    assert layer.fast.nbytes() == 2 * (2 + 32) * per_token  # two sequences, both longer than sinks + window
+    assert layer.memory()["host_bytes"] == (5000 + 2500 - 2 * 34) * per_token
+
+
+def test_auto_balance_moves_budget_within_floor():
+    cfg = HeteroConfig(window=8, sinks=1, retriever="exact", budget=0.2, budget_floor=0.05, balance="auto")
+    layer = LayerCache(cfg)
+    layer.append(torch.randn(1, 2, 4000, 32), torch.randn(1, 2, 4000, 32))
+    attn = HeteroAttention(cfg)
+    crit = set()
+    for _ in range(12):
+        res = attn.run(torch.randn(1, 4, 32), layer, return_details=True)
+        crit.add(res.critical)
+    bal = attn.balancer(layer)
+    n = layer.host.length[0]
+    k = cfg.budget_for(n, bal.budget_scale)
+    assert cfg.budget_for(n, 0.0) <= k <= 2 * cfg.budget_for(n)
+    assert crit <= {"host", "window"} and bal.critical in ("host", "window")
+    attn.close()
+
+
+def test_worker_shuts_down_cleanly_at_exit(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom hetero import HeteroAttention, HeteroConfig, LayerCache\n"
+            "cfg = HeteroConfig(window=4, sinks=1, retriever='exact')\nl = LayerCache(cfg)\n"
+            "l.append(torch.randn(1, 1, 100, 8), torch.randn(1, 1, 100, 8))\n"
+            "a = HeteroAttention(cfg)\na.run(torch.randn(1, 2, 8), l)\nprint('done')\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "done", p.stderr
