@@ -13,7 +13,7 @@ from .errors import ConfigError
 KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 GROUP_RULES = ("union", "per-head", "sum")
-WINDOW_BACKENDS = ("auto", "torch", "triton")
+WINDOW_BACKENDS = ("auto", "cpp", "torch", "triton")
 HOST_BACKENDS = ("auto", "cpp", "numba", "torch")
 
 
@@ -47,8 +47,11 @@ class HeteroConfig:
 
     window: recent tokens kept on the fast device (>= 0).
     sinks: first tokens of each sequence kept on the fast device (>= 0).
-    budget: host keys each query head attends to: an int count (>= 0), or a float fraction in
-        ``(0, 1]`` of that sequence's host tier (rounded up).
+    budget: host keys per KV head (``budget_per="kv_head"``, default: the rows a GQA group shares and the
+        host side reads) or per query head (``"query_head"``): an int count (>= 0), or a float fraction in
+        ``(0, 1]`` of that sequence's host tier (rounded up). With ``"kv_head"`` each of the G query heads
+        of a group ranks ``ceil(k / G)`` keys, so the group's union stays within k rows (a budget covering the
+        whole host tier selects all of it).
     retriever: name in the retriever registry (``hetero.retrieval.available_retrievers()``): ``"ivf-sq8"``
         (default), ``"ivf"``, ``"hnsw"``, ``"lsh"``, ``"exact"`` (brute-force top-k), ``"all"`` (every host
         token: exact attention).
@@ -77,6 +80,7 @@ class HeteroConfig:
     window: int = 1024
     sinks: int = 4
     budget: Union[int, float] = 0.02
+    budget_per: str = "kv_head"
     retriever: str = "ivf-sq8"
     retriever_options: Mapping[str, Any] = field(default_factory=dict)
     group_rule: str = "union"
@@ -116,6 +120,8 @@ class HeteroConfig:
         object.__setattr__(self, "retriever_options", dict(self.retriever_options))
         if self.group_rule not in GROUP_RULES:
             raise _fail("group_rule", self.group_rule, f"one of {GROUP_RULES}")
+        if self.budget_per not in ("kv_head", "query_head"):
+            raise _fail("budget_per", self.budget_per, "'kv_head' or 'query_head'")
         if self.head_budget not in ("flat", "adaptive"):
             raise _fail("head_budget", self.head_budget, "'flat' or 'adaptive'")
         if self.window_backend not in WINDOW_BACKENDS:

@@ -15,6 +15,7 @@ _REGISTRY: Dict[str, str] = {
     "exact": "hetero.retrieval.exact:ExactTopK",
     "ivf": "hetero.retrieval.faiss_index:IVFRetriever",
     "ivf-sq8": "hetero.retrieval.faiss_index:IVFSQ8Retriever",
+    "ivf-pq": "hetero.retrieval.faiss_index:IVFPQRetriever",
     "hnsw": "hetero.retrieval.faiss_index:HNSWRetriever",
     "lsh": "hetero.retrieval.lsh:LSHSampler",
 }

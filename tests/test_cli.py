@@ -26,7 +26,7 @@ def test_profile_exact_mode_json():
 
 
 def test_profile_exact_topk_reports_error():
-    p = _run("profile", *SMALL, "--retriever", "exact", "--budget", "0.05", "--json")
+    p = _run("profile", *SMALL, "--retriever", "exact", "--budget", "0.3", "--json")  # tiny context: 11 clusters
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
     assert 0 < r["rel_error"] < 0.5 and 0 < r["rows_read_fraction"] < 1

@@ -123,6 +123,7 @@ def run(context: int = 8192, positions: int = 64, window: int = 256, sinks: int 
         cfg = HeteroConfig(window=window, sinks=sinks, budget=spec["budget"], retriever=spec["name"],
                            retriever_options=spec.get("options", {}), group_rule=spec.get("group_rule", "union"),
                            head_budget=spec.get("head_budget", "flat"), kv_dtype="bf16", threads=threads,
+                           budget_per="query_head",
                            dense_layers=tuple(spec.get("dense_layers", ())))
         acc = {"err": [], "lse": [], "recall": [], "scan": [], "search": []}
         build_s = index_bytes = host_tokens = 0.0
