@@ -55,12 +55,25 @@ def _build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="hetero", description="Heterogeneous CPU-GPU attention for long-context decoding.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser("profile", help="dense vs hetero on a synthetic decode workload: time per phase, error")
-    p.add_argument("--context", type=_positive_int, default=32768, help="tokens already in the cache (32768)")
+    from .profile import PRESETS
+
+    p = sub.add_parser("profile", help="dense vs hetero on a decode workload: time per phase, error, memory")
+    p.add_argument("--context", type=_positive_int, default=None,
+                   help="tokens already in the cache (32768; real workload: 8192 - steps)")
     p.add_argument("--batch", type=_positive_int, default=1)
-    p.add_argument("--heads", type=_positive_int, default=32, help="query heads (32)")
-    p.add_argument("--kv-heads", type=_positive_int, default=8, help="KV heads (8)")
-    p.add_argument("--head-dim", type=_positive_int, default=128)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="layer geometry of a known model (default llama3-8b: 32 q / 8 kv heads, head_dim 128)")
+    p.add_argument("--heads", type=_positive_int, default=None, help="query heads (overrides the preset)")
+    p.add_argument("--kv-heads", type=_positive_int, default=None, help="KV heads (overrides the preset)")
+    p.add_argument("--head-dim", type=_positive_int, default=None, help="head dim (overrides the preset)")
+    p.add_argument("--workload", choices=["synthetic", "real"], default="synthetic",
+                   help="synthetic (structured keys, any size) or real (captured SmolLM2 attention, <= 8192 tokens)")
+    p.add_argument("--layer", type=_nonneg_int, default=15, help="real workload / --model: layer to profile (15)")
+    p.add_argument("--model", default=None,
+                   help="profile a HuggingFace model end to end instead ('smollm2' or a local model folder)")
+    p.add_argument("--trace", default=None, metavar="OUT.json",
+                   help="write a Chrome/Perfetto trace (one track per thread)")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="write a PNG of phases per step and accuracy")
     p.add_argument("--window", type=_nonneg_int, default=1024, help="recent tokens on the fast tier (1024)")
     p.add_argument("--sinks", type=_nonneg_int, default=4, help="attention-sink tokens on the fast tier (4)")
     p.add_argument("--budget", type=_budget, default=0.02,
@@ -85,16 +98,43 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _profile(ns: argparse.Namespace) -> int:
     from .config import HeteroConfig
-    from .profile import ProfileArgs, run_profile
-    from .report import print_profile
+    from .profile import PRESETS, ProfileArgs, run_profile
+    from .report import print_model_profile, print_profile, progress
 
-    if ns.heads % ns.kv_heads:
-        raise HeteroError(f"--heads {ns.heads} must be a multiple of --kv-heads {ns.kv_heads}")
+    preset = ns.preset or ("smollm2" if ns.workload == "real" else "llama3-8b")
+    heads, kv_heads, head_dim = PRESETS[preset]
+    heads, kv_heads, head_dim = ns.heads or heads, ns.kv_heads or kv_heads, ns.head_dim or head_dim
+    if heads % kv_heads:
+        raise HeteroError(f"--heads {heads} must be a multiple of --kv-heads {kv_heads}")
+    if ns.workload == "real" and (heads, kv_heads, head_dim) != PRESETS["smollm2"]:
+        raise HeteroError("--workload real is SmolLM2's attention: use --preset smollm2 (9 q / 3 kv heads, head_dim 64)")
     config = HeteroConfig(window=ns.window, sinks=ns.sinks, budget=ns.budget, retriever=ns.retriever,
                           threads=ns.threads, window_backend=ns.window_backend, host_backend=ns.host_backend)
-    args = ProfileArgs(context=ns.context, batch=ns.batch, heads=ns.heads, kv_heads=ns.kv_heads,
-                       head_dim=ns.head_dim, steps=ns.steps, seed=ns.seed, kv_dtype=ns.kv_dtype)
-    result = run_profile(config, args, log=(lambda s: None) if ns.json else _stderr)
+    log = (lambda s: None) if ns.json else _stderr
+    if ns.model:
+        from .profile_model import profile_model
+
+        result = profile_model(ns.model, config, ns.context or 4096, ns.steps, log=log)
+        print(json.dumps(result)) if ns.json else print_model_profile(result)
+        return 0
+    context = ns.context or (8192 - ns.steps if ns.workload == "real" else 32768)
+    args = ProfileArgs(context=context, batch=ns.batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                       steps=ns.steps, seed=ns.seed, kv_dtype=ns.kv_dtype, workload=ns.workload, layer=ns.layer)
+    try:
+        result = run_profile(config, args, log=log, progress=None if ns.json else progress)
+    except ValueError as e:
+        raise HeteroError(str(e)) from None
+    spans = result.pop("_spans")
+    if ns.trace:
+        from .trace import write_trace
+
+        result["trace_events"] = write_trace(ns.trace, spans)
+        log(f"trace: {ns.trace} ({result['trace_events']} events; open in ui.perfetto.dev)")
+    if ns.plot:
+        from .plots import plot_profile
+
+        plot_profile(result, ns.plot)
+        log(f"plot: {ns.plot}")
     if ns.json:
         print(json.dumps(result))
     else:
@@ -123,7 +163,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             module = importlib.import_module(f".bench.{ns.name.replace('-', '_')}", __package__)
             return module.main(ns.args)
-    except HeteroError as e:
+    except (HeteroError, FileNotFoundError) as e:
         print(f"hetero {ns.command}: error: {e}".splitlines()[0] if "\n" not in str(e) else
               f"hetero {ns.command}: error: {e}", file=sys.stderr)
         return 2

@@ -178,7 +178,13 @@ def hetero_attention(module, query, key, value, attention_mask, scaling=None, dr
     if cache_attention is None or cache_attention.config.scale != scaling:
         cache_attention = HeteroAttention(state.layer.config.with_(scale=scaling))
         module._hetero_attention = cache_attention
-    out = cache_attention.run(query[:, :, 0, :], state.layer)  # [B, Hq, D]
+    record = getattr(module, "_hetero_record", None)
+    if record is None:
+        out = cache_attention.run(query[:, :, 0, :], state.layer)  # [B, Hq, D]
+    else:  # profiling: keep the step's phase timings per layer
+        res = cache_attention.run(query[:, :, 0, :], state.layer, return_details=True)
+        record.append(res)
+        out = res.out
     return out.unsqueeze(1), None
 
 

@@ -20,9 +20,15 @@ from .cache import LayerCache
 from .config import HeteroConfig
 from .merge import merge
 from .reference import default_scale, window_attention
+from .timing import Span
 from .workloads.synthetic import SyntheticWorkload, make_synthetic
 
 PHASES = ("window", "retrieve", "host_attn", "merge", "transfer", "evict")
+PRESETS = {  # layer geometry of well-known models: (query heads, KV heads, head_dim)
+    "llama3-8b": (32, 8, 128),
+    "qwen2-7b": (28, 4, 128),
+    "smollm2": (9, 3, 64),
+}
 _REF_CHUNK = 32768
 
 
@@ -36,6 +42,8 @@ class ProfileArgs:
     steps: int = 5
     seed: int = 0
     kv_dtype: str = "bfloat16"
+    workload: str = "synthetic"  # or "real": captured SmolLM2 attention (hetero.workloads.real)
+    layer: int = 15              # real workload: which layer
 
 
 def dense_sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
@@ -63,67 +71,120 @@ def reference_output(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     return merge(parts).out
 
 
+def real_workload(context: int, steps: int, layer: int, dtype: torch.dtype) -> SyntheticWorkload:
+    """One layer of captured SmolLM2 attention as a workload: the first ``context`` tokens are the prompt,
+    the next ``steps`` are decoded with their real queries (context + steps <= 8192)."""
+    from .workloads.real import capture
+
+    total = context + steps
+    if total > 8192:
+        raise ValueError(f"the real workload has 8192 tokens: --context {context} + --steps {steps} is too long")
+    cap = capture(8192)
+    if layer not in cap.k:
+        raise ValueError(f"--layer {layer} not in the capture (layers 0..{cap.num_layers - 1})")
+    k, v, q = cap.k[layer][None, :, :total], cap.v[layer][None, :, :total], cap.q[layer][:, context:total]
+    return SyntheticWorkload(k.to(dtype), v.to(dtype), q.permute(1, 0, 2)[:, None].float(), context)
+
+
 def _median(xs: List[float]) -> float:
     return float(statistics.median(xs)) if xs else 0.0
 
 
 def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[SyntheticWorkload] = None,
-                log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> Dict:
-    """Profile ``args.steps`` decode steps of one layer; returns the JSON-ready result dict."""
+                log: Callable[[str], None] = lambda s: print(s, file=sys.stderr), progress=None) -> Dict:
+    """Profile ``args.steps`` decode steps of one layer; returns the JSON-ready result dict. ``progress``:
+    optional callable ``(description)`` -> context manager, shown around long work (prefill, index build)."""
     from .config import KV_DTYPES
 
     torch.set_num_threads(config.resolved_threads)
     dtype = KV_DTYPES[args.kv_dtype]
     if workload is None:
-        log(f"building synthetic workload: context {args.context}, batch {args.batch}, "
-            f"{args.heads}/{args.kv_heads} heads, head_dim {args.head_dim}, {args.kv_dtype}")
-        workload = make_synthetic(args.context, args.batch, args.heads, args.kv_heads, args.head_dim,
-                                  args.steps, dtype, args.seed)
+        if args.workload == "real":
+            log(f"loading captured SmolLM2 attention, layer {args.layer}, context {args.context}")
+            workload = real_workload(args.context, args.steps, args.layer, dtype)
+        else:
+            log(f"building synthetic workload: context {args.context}, batch {args.batch}, "
+                f"{args.heads}/{args.kv_heads} heads, head_dim {args.head_dim}, {args.kv_dtype}")
+            workload = make_synthetic(args.context, args.batch, args.heads, args.kv_heads, args.head_dim,
+                                      args.steps, dtype, args.seed)
     keys, values, n0 = workload.keys, workload.values, workload.context
-    scale = config.scale or default_scale(args.head_dim)
+    heads, kv_heads, head_dim = workload.queries.shape[2], keys.shape[1], keys.shape[3]
+    scale = config.scale or default_scale(head_dim)
 
-    layer = LayerCache(config.with_(kv_dtype=args.kv_dtype))
+    from .worker import Worker
+
+    indexer = Worker("hetero-indexer")  # evicted tokens reach the index in the background
+    layer = LayerCache(config.with_(kv_dtype=args.kv_dtype), indexer=indexer)
     attn = HeteroAttention(layer.config)
     t = time.perf_counter()
-    layer.append(keys[:, :, :n0], values[:, :, :n0])
+    ctx = progress(f"prefill: {n0:,} tokens into the tiers, building the {config.retriever} index") if progress \
+        else _nullcontext()
+    with ctx:
+        layer.append(keys[:, :, :n0], values[:, :, :n0])
     prefill_s = time.perf_counter() - t
     log(f"prefill into tiers: {prefill_s:.2f} s (host tier {layer.host_lengths()} tokens)")
     plan = attn.plan(layer)
 
-    dense_ms, hetero_ms, errors, rows = [], [], [], []
+    dense_ms, hetero_ms, errors, rows, steps_out, spans = [], [], [], [], [], []
     phases: Dict[str, List[float]] = {p: [] for p in PHASES}
     for step in range(workload.steps):
         n = n0 + step + 1
         t = time.perf_counter()
         layer.append(keys[:, :, n - 1], values[:, :, n - 1])
-        evict_ms = (time.perf_counter() - t) * 1e3
+        t_evict = time.perf_counter()
+        evict_ms = (t_evict - t) * 1e3
+        spans.append(Span("evict", t, t_evict, "MainThread"))
         q = workload.queries[step]
         t = time.perf_counter()
         res = attn.run(q, layer, return_details=True)
         hetero_ms.append((time.perf_counter() - t) * 1e3 + evict_ms)
+        spans.extend(res.spans)
         t = time.perf_counter()
         dense_sdpa(q, keys, values, n)
-        dense_ms.append((time.perf_counter() - t) * 1e3)
+        t_dense = time.perf_counter()
+        dense_ms.append((t_dense - t) * 1e3)
+        spans.append(Span("dense_sdpa", t, t_dense, "MainThread"))
         ref = reference_output(q, keys, values, n, scale)
         errors.append(float((res.out.float() - ref).norm() / ref.norm()))
+        step_phases = {p: (evict_ms if p == "evict" else res.timings_ms.get(p, 0.0)) for p in PHASES}
         for p in PHASES:
-            phases[p].append(evict_ms if p == "evict" else res.timings_ms.get(p, 0.0))
+            phases[p].append(step_phases[p])
         host_total = sum(layer.host_lengths()) * layer.kv_heads
         rows.append(res.rows_read / host_total if host_total else 0.0)
+        steps_out.append({"step": step, "hetero_ms": round(hetero_ms[-1], 4), "dense_ms": round(dense_ms[-1], 4),
+                          "rel_error": errors[-1], "window_ms": round(res.window_ms, 4),
+                          "host_ms": round(res.host_ms, 4), "critical": res.critical,
+                          "phases": {p: round(v, 4) for p, v in step_phases.items()}})
         log(f"step {step + 1}/{workload.steps}: hetero {hetero_ms[-1]:.2f} ms, dense {dense_ms[-1]:.2f} ms, "
             f"rel_error {errors[-1]:.2e}")
+    attn.close()
+    layer.wait_indexed()
+    indexer.close()
 
     d_ms, h_ms = _median(dense_ms), _median(hetero_ms)
+    window_med, host_med = _median([s["window_ms"] for s in steps_out]), _median([s["host_ms"] for s in steps_out])
+    critical = "host" if host_med > window_med else "window"
     return {
-        "context": n0, "batch": args.batch, "heads": args.heads, "kv_heads": args.kv_heads,
-        "head_dim": args.head_dim, "kv_dtype": args.kv_dtype, "window": config.window, "sinks": config.sinks,
-        "budget": config.budget, "retriever": config.retriever,
+        "context": n0, "batch": keys.shape[0], "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+        "kv_dtype": args.kv_dtype, "workload": args.workload, "window": config.window, "sinks": config.sinks,
+        "budget": config.budget, "budget_per": config.budget_per, "retriever": config.retriever,
         "backends": {"window": plan.window.name, "host": plan.host.name},
-        "threads": config.resolved_threads, "steps": workload.steps,
+        "threads": config.resolved_threads, "overlap": config.overlap, "steps": workload.steps,
         "dense_ms": round(d_ms, 4), "hetero_ms": round(h_ms, 4),
         "speedup": round(d_ms / h_ms, 4) if h_ms > 0 else None,
         "rel_error": max(errors) if errors else None, "rel_error_mean": _median(errors),
         "phases": {p: round(_median(v), 4) for p, v in phases.items()},
+        "window_ms": round(window_med, 4), "host_ms": round(host_med, 4), "critical_path": critical,
+        "critical_share": round(max(window_med, host_med) / h_ms, 4) if h_ms > 0 else None,
         "rows_read_fraction": round(_median(rows), 6),
-        "memory": layer.memory(), "prefill_s": round(prefill_s, 3),
+        "memory": layer.memory(), "prefill_s": round(prefill_s, 3), "per_step": steps_out,
+        "_spans": spans,
     }
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,10 +1,27 @@
 """Human-readable output of ``hetero profile`` (rich tables)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Dict
 
 from rich.console import Console
 from rich.table import Table
+
+_ERR = Console(stderr=True)
+
+
+@contextmanager
+def progress(description: str):
+    """A spinner on stderr with elapsed time, for long prefills and index builds."""
+    with _ERR.status(f"[bold]{description}[/bold]", spinner="dots"):
+        yield
+
+
+def verdict(r: Dict) -> str:
+    """One line naming the side the decode step waited on."""
+    side = "host side (retrieval + host attention)" if r["critical_path"] == "host" else "fast-tier window side"
+    share = r.get("critical_share")
+    return (f"{side} is the critical path: {100 * share:.0f} % of the step" if share else f"{side} is the critical path")
 
 
 def _bytes(n: int) -> str:
@@ -17,19 +34,26 @@ def _bytes(n: int) -> str:
 
 def print_profile(r: Dict, console: Console = None) -> None:
     console = console or Console()
-    head = (f"context {r['context']:,} tokens, batch {r['batch']}, {r['heads']} q / {r['kv_heads']} kv heads, "
-            f"head_dim {r['head_dim']}, {r['kv_dtype']} KV, {r['threads']} threads")
+    head = (f"{r.get('workload', 'synthetic')} workload, context {r['context']:,} tokens, batch {r['batch']}, "
+            f"{r['heads']} q / {r['kv_heads']} kv heads, head_dim {r['head_dim']}, {r['kv_dtype']} KV, "
+            f"{r['threads']} threads")
     cfg = (f"window {r['window']} + {r['sinks']} sinks, budget {r['budget']}, retriever {r['retriever']}, "
            f"backends window={r['backends']['window']} host={r['backends']['host']}")
     console.print(f"[bold]hetero profile[/bold]  {head}\n  {cfg}")
     phases = Table(title="hetero decode step, one layer (median of steps)")
     phases.add_column("phase")
+    phases.add_column("side")
     phases.add_column("ms", justify="right")
-    phases.add_column("share", justify="right")
-    total = sum(r["phases"].values()) or 1.0
+    phases.add_column("share of step", justify="right")
+    sides = {"window": "fast tier", "merge": "fast tier", "evict": "cache", "retrieve": "host", "host_attn": "host",
+             "transfer": "both"}
+    step = r["hetero_ms"] or 1.0
     for name, ms in r["phases"].items():
-        phases.add_row(name, f"{ms:.3f}", f"{100 * ms / total:.1f} %")
-    phases.add_row("[bold]step[/bold]", f"[bold]{r['hetero_ms']:.3f}[/bold]", "")
+        phases.add_row(name, sides.get(name, ""), f"{ms:.3f}", f"{100 * ms / step:.1f} %")
+    phases.add_row("[bold]step (wall)[/bold]", "", f"[bold]{r['hetero_ms']:.3f}[/bold]", "100 %")
+    if "window_ms" in r:
+        phases.add_row("  window side (wall)", "fast tier", f"{r['window_ms']:.3f}", f"{100 * r['window_ms'] / step:.1f} %")
+        phases.add_row("  host side (wall)", "host", f"{r['host_ms']:.3f}", f"{100 * r['host_ms'] / step:.1f} %")
     console.print(phases)
     summary = Table(show_header=False)
     summary.add_column("", style="bold")
@@ -44,3 +68,32 @@ def print_profile(r: Dict, console: Console = None) -> None:
     summary.add_row("host tier", _bytes(mem["host_bytes"]))
     summary.add_row("retriever index", _bytes(mem["index_bytes"]))
     console.print(summary)
+    if "critical_path" in r:
+        console.print(f"[bold]verdict:[/bold] {verdict(r)}; phases of the two sides overlap, so their sum exceeds "
+                      "the step")
+
+
+def print_model_profile(r: Dict, console: Console = None) -> None:
+    """End-to-end profile of a HuggingFace model: per-layer breakdown, tokens/s, agreement with dense."""
+    console = console or Console()
+    console.print(f"[bold]hetero profile --model {r['model']}[/bold]  prompt {r['context']:,} tokens, "
+                  f"{r['steps']} decode steps, {r['layers']} layers; window {r['window']} + {r['sinks']} sinks, "
+                  f"budget {r['budget']}, retriever {r['retriever']}")
+    t = Table(title="per layer, ms per decode step (mean)")
+    for col in ("layer", "window", "retrieve", "host_attn", "merge", "step", "critical"):
+        t.add_column(col, justify="right")
+    for row in r["per_layer"]:
+        t.add_row(str(row["layer"]), *(f"{row[p]:.3f}" for p in ("window", "retrieve", "host_attn", "merge", "step")),
+                  row["critical"])
+    console.print(t)
+    s = Table(show_header=False)
+    s.add_column("", style="bold")
+    s.add_column("", justify="right")
+    s.add_row("prefill (dense / hetero)", f"{r['prefill_s_dense']:.2f} s / {r['prefill_s_hetero']:.2f} s")
+    s.add_row("decode tokens/s (dense / hetero)", f"{r['tokens_per_s_dense']:.2f} / {r['tokens_per_s_hetero']:.2f}")
+    s.add_row("greedy tokens identical to dense", f"{r['tokens_agree']} / {r['steps']}")
+    s.add_row("first-step logits max |diff|", f"{r['first_logits_max_diff']:.3e}")
+    s.add_row("fast tier / host tier / index", " / ".join(_bytes(r["memory"][k]) for k in
+                                                           ("fast_bytes", "host_bytes", "index_bytes")))
+    console.print(s)
+    console.print(f"[bold]verdict:[/bold] {r['verdict']}")

@@ -187,7 +187,7 @@ class IVFRetriever(_FaissRetriever):
     name = "ivf"
 
     def _nlist(self, n_train: int) -> int:
-        return self.nlist_option or _nearest_pow2(math.sqrt(n_train), 16, 4096)
+        return self.nlist_option or _nearest_pow2(6 * math.sqrt(n_train), 16, 4096)
 
     codes = "Flat"
 
@@ -195,7 +195,9 @@ class IVFRetriever(_FaissRetriever):
         faiss = _faiss()
         index = faiss.index_factory(self.host.head_dim, f"IVF{self._nlist(n_train)},{self.codes}",
                                     faiss.METRIC_INNER_PRODUCT)
-        faiss.extract_index_ivf(index).cp.min_points_per_centroid = 1  # small tiers: no 39-per-list warning
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.min_points_per_centroid = 1  # small tiers: no 39-per-list warning
+        ivf.cp.spherical = True
         return index
 
     def _set_effort(self, index, k: int, n: int) -> None:
