@@ -90,8 +90,8 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kernels", action="store_true",
                    help="also compile the Triton kernels for sm_80/sm_90 and show registers, shared memory, spills")
     e.add_argument("--json", action="store_true")
-    bench = sub.add_parser("bench", help="benchmarks: cpu-sparse, retrieval, needle")
-    bench.add_argument("name", choices=["cpu-sparse", "retrieval", "needle"])
+    bench = sub.add_parser("bench", help="benchmarks: sweep, cpu-sparse, retrieval, needle")
+    bench.add_argument("name", choices=["sweep", "cpu-sparse", "retrieval", "needle"])
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark (see --help after its name)")
     return parser
 
@@ -118,6 +118,8 @@ def _profile(ns: argparse.Namespace) -> int:
         print(json.dumps(result)) if ns.json else print_model_profile(result)
         return 0
     context = ns.context or (8192 - ns.steps if ns.workload == "real" else 32768)
+    if ns.workload == "real" and context + ns.steps > 8192:
+        raise HeteroError(f"the real workload has 8192 tokens: --context {context} + --steps {ns.steps} is too long")
     args = ProfileArgs(context=context, batch=ns.batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                        steps=ns.steps, seed=ns.seed, kv_dtype=ns.kv_dtype, workload=ns.workload, layer=ns.layer)
     try:

@@ -77,9 +77,10 @@ class _FaissRetriever(Retriever):
     def _needs_training(self) -> bool:
         return True
 
-    def _build(self, seq: int) -> None:
-        """(Re)train on every key of ``seq`` in the host tier and add them all."""
-        keys = self.host.keys(seq)  # [Hkv, N, D]
+    def _build(self, seq: int, upto: int) -> None:
+        """(Re)train on the first ``upto`` host-tier keys of ``seq`` and add them (with background indexing the
+        tier may already hold later tokens, whose own adds are still queued)."""
+        keys = self.host.keys(seq)[:, :upto]  # [Hkv, N, D]
         n = keys.shape[1]
         for h in range(self.host.kv_heads):
             x = _as_float32(keys[h])
@@ -104,10 +105,10 @@ class _FaissRetriever(Retriever):
 
     def _build_after(self, seq: int, expected: int) -> None:
         # The host tier already holds the new keys (LayerCache appends to the tier before calling add).
-        if self.host.length[seq] != expected:
+        if self.host.length[seq] < expected:
             raise InvalidValueError(f"retriever out of sync with the host tier: {self.host.length[seq]} tokens "
-                                    f"stored, {expected} indexed")
-        self._build(seq)
+                                    f"stored, {expected} to index")
+        self._build(seq, expected)
 
     def reset(self) -> None:
         super().reset()

@@ -160,3 +160,23 @@ def test_worker_shuts_down_cleanly_at_exit(tmp_path):
             "a = HeteroAttention(cfg)\na.run(torch.randn(1, 2, 8), l)\nprint('done')\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "done", p.stderr
+
+
+@pytest.mark.parametrize("retriever", ["ivf", "ivf-pq", "hnsw", "lsh"])
+def test_background_indexing_with_training_while_tokens_keep_arriving(retriever):
+    """The first add (which trains the index) may run after later tokens reached the host tier: the build
+    must index exactly the tokens of that add, and the queued adds the rest, no token twice."""
+    indexer = Worker("test-indexer-3")
+    gen = torch.Generator().manual_seed(6)
+    cfg = HeteroConfig(window=16, sinks=2, retriever=retriever, budget=0.2)
+    layer = LayerCache(cfg, indexer=indexer)
+    blocker = indexer.submit(time.sleep, 0.2)  # hold the indexer so that appends run ahead of it
+    layer.append(torch.randn(1, 2, 2000, 16, generator=gen), torch.randn(1, 2, 2000, 16, generator=gen))
+    for _ in range(20):
+        layer.append(torch.randn(1, 2, 16, generator=gen), torch.randn(1, 2, 16, generator=gen))
+    blocker.result()
+    layer.wait_indexed()
+    assert layer.retriever.ntotal == layer.host.length
+    if retriever != "lsh":
+        assert layer.retriever._index[0][0].ntotal == layer.host.length[0]
+    indexer.close()

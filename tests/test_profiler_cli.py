@@ -1,0 +1,117 @@
+"""The profiling CLI: every subcommand runs, traces/plots are valid, user errors are one line with exit 2."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hetero.workloads import smollm2
+
+CLI = [sys.executable, "-m", "hetero.cli"]
+needs_model = pytest.mark.skipif(not smollm2.available(), reason=f"SmolLM2 not installed ({smollm2.INSTALL_HINT})")
+
+
+def _run(*args, cwd=None, timeout=600):
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def _overlapping_threads(events):
+    spans = [(e["ts"], e["ts"] + e["dur"], e["tid"], e["name"]) for e in events if e.get("ph") == "X"]
+    return any(a[2] != b[2] and a[0] < b[1] and b[0] < a[1] for a in spans for b in spans)
+
+
+def test_profile_trace_and_plot(tmp_path):
+    trace, png = tmp_path / "t.json", tmp_path / "p.png"
+    p = _run("profile", "--context", "60000", "--heads", "8", "--kv-heads", "2", "--head-dim", "64", "--steps", "4",
+             "--retriever", "exact", "--trace", str(trace), "--plot", str(png), "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    for key in ("context", "heads", "kv_heads", "head_dim", "window", "sinks", "budget", "retriever", "backends",
+                "dense_ms", "hetero_ms", "speedup", "rel_error", "phases", "critical_path", "memory", "per_step"):
+        assert key in r
+    doc = json.loads(trace.read_text())
+    events = doc["traceEvents"]
+    names = {e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "thread_name"}
+    assert {"MainThread", "hetero-host"} <= names
+    assert all({"ts", "dur", "pid", "tid", "name"} <= set(e) for e in events if e["ph"] == "X")
+    assert _overlapping_threads(events), "the window and host tracks never overlap"
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+@pytest.mark.parametrize("preset", ["qwen2-7b", "smollm2"])
+def test_profile_presets(preset):
+    p = _run("profile", "--preset", preset, "--context", "3000", "--steps", "2", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert (r["heads"], r["kv_heads"]) == {"qwen2-7b": (28, 4), "smollm2": (9, 3)}[preset]
+
+
+def test_profile_table_has_verdict():
+    p = _run("profile", "--context", "4000", "--heads", "8", "--kv-heads", "2", "--steps", "2")
+    assert p.returncode == 0, p.stderr
+    assert "critical path" in p.stdout and "share of step" in p.stdout
+
+
+@needs_model
+def test_profile_real_workload():
+    p = _run("profile", "--preset", "smollm2", "--workload", "real", "--context", "1000", "--steps", "4",
+             "--retriever", "ivf", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["workload"] == "real" and r["context"] == 1000 and 0 <= r["rel_error"] < 0.5
+
+
+@needs_model
+def test_profile_model_end_to_end():
+    p = _run("profile", "--model", "smollm2", "--context", "400", "--steps", "3", "--window", "64", "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert r["layers"] == 30 and len(r["per_layer"]) == 30
+    assert {"tokens_per_s_dense", "tokens_per_s_hetero", "tokens_agree", "memory", "verdict"} <= set(r)
+
+
+def test_bench_sweep_writes_json_csv_png(tmp_path):
+    out = tmp_path / "sw"
+    p = _run("bench", "sweep", "--contexts", "2048,4096", "--budgets", "0.05,0.1", "--budget-context", "4096",
+             "--steps", "2", "--preset", "smollm2", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    rows = json.loads((tmp_path / "sw.json").read_text())
+    assert {r["kind"] for r in rows} == {"context", "budget"} and all(r["dense_ms"] > 0 for r in rows)
+    assert (tmp_path / "sw.csv").read_text().startswith("kind,context")
+    png = (tmp_path / "sw.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@needs_model
+def test_bench_retrieval_small():
+    p = _run("bench", "retrieval", "--context", "1024", "--positions", "4", "--layers", "1",
+             "--retrievers", "exact,ivf-sq8,lsh-K9-L50")
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+    assert rows and all({"retriever", "budget", "recall_at_k", "scanned_fraction", "rel_error", "lse_error",
+                         "search_ms", "build_s", "bytes_per_token"} <= set(r) for r in rows)
+
+
+@needs_model
+def test_bench_needle_small():
+    p = _run("bench", "needle", "--contexts", "400", "--depths", "0.5", "--retrievers", "exact")
+    assert p.returncode == 0, p.stderr
+    row = json.loads(p.stdout.splitlines()[-1])
+    assert {"context", "depth", "retriever", "dense_correct", "hetero_correct", "tokens_per_s_dense",
+            "tokens_per_s_hetero"} <= set(row)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["profile", "--preset", "gpt5"], "--preset"),
+    (["profile", "--workload", "imaginary"], "--workload"),
+    (["profile", "--workload", "real", "--context", "9000"], "8192"),
+    (["profile", "--workload", "real", "--preset", "llama3-8b"], "smollm2"),
+    (["profile", "--steps", "0"], "--steps"),
+    (["bench", "nope"], "invalid choice"),
+])
+def test_bad_values_one_line_exit_2(args, needle):
+    p = _run(*args)
+    assert p.returncode == 2, (p.returncode, p.stderr[-500:])
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], p.stderr
