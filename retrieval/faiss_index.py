@@ -188,7 +188,7 @@ class IVFRetriever(_FaissRetriever):
     name = "ivf"
 
     def _nlist(self, n_train: int) -> int:
-        return self.nlist_option or _nearest_pow2(6 * math.sqrt(n_train), 16, 4096)
+        return self.nlist_option or _nearest_pow2(6 * math.sqrt(n_train), 16, 1024)
 
     codes = "Flat"
 
@@ -199,6 +199,8 @@ class IVFRetriever(_FaissRetriever):
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.min_points_per_centroid = 1  # small tiers: no 39-per-list warning
         ivf.cp.spherical = True
+        ivf.cp.niter = 10
+        ivf.cp.max_points_per_centroid = 32
         return index
 
     def _set_effort(self, index, k: int, n: int) -> None:
