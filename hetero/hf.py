@@ -80,9 +80,10 @@ def _classes():
         is_sliding = False
         is_compileable = False
 
-        def __init__(self, config: HeteroConfig, layer_idx: int):
+        def __init__(self, config: HeteroConfig, layer_idx: int, indexer=None, progress=None):
             super().__init__()
-            self.layer = LayerCache(config, layer_idx)
+            self.layer = LayerCache(config, layer_idx, indexer)
+            self.progress = progress
             self.processed = 0  # tokens seen, padding included: what position ids count
             self.pending = None  # prompt K/V waiting for the attention call (it has the padding mask)
 
@@ -122,12 +123,27 @@ def _classes():
             raise HeteroError("beam search is not supported by hetero's cache (use greedy or sampling)")
 
     class HeteroCache(Cache):
-        """transformers Cache over hetero's tiers: ``layers[i].layer`` is layer i's ``LayerCache``."""
+        """transformers Cache over hetero's tiers: ``layers[i].layer`` is layer i's ``LayerCache``.
 
-        def __init__(self, config: HeteroConfig, num_layers: int):
-            super().__init__(layers=[HeteroCacheLayer(config, i) for i in range(num_layers)])
+        Tokens moved to the host tier are indexed on a background worker, so a layer's index build during
+        prefill overlaps the next layers' compute (each layer's first search waits for its own builds).
+        Prompts of ``progress_tokens`` tokens or more show a progress bar on stderr, one tick per layer.
+        """
+
+        def __init__(self, config: HeteroConfig, num_layers: int, progress_tokens: int = 16384):
+            from .worker import Worker
+
+            self.indexer = Worker("hetero-indexer")
+            self.prefill_progress = _PrefillProgress(num_layers, progress_tokens)
+            super().__init__(layers=[HeteroCacheLayer(config, i, self.indexer, self.prefill_progress)
+                                     for i in range(num_layers)])
             self.config = config
-            self.attention: Optional[HeteroAttention] = None
+
+        def close(self) -> None:
+            """Finish pending index work and stop the indexer thread (also done at interpreter exit)."""
+            for lay in self.layers:
+                lay.layer.wait_indexed()
+            self.indexer.close()
 
         def memory(self):
             """Bytes per tier summed over layers (``fast_bytes``, ``host_bytes``, ``index_bytes``)."""
@@ -140,9 +156,32 @@ def _classes():
     return HeteroCacheLayer, HeteroCache
 
 
-def HeteroCache(config: HeteroConfig, num_layers: int):  # noqa: N802 - a factory that reads like the class
-    """A transformers ``Cache`` whose layers are hetero's tiered caches."""
-    return _classes()[1](config, num_layers)
+def HeteroCache(config: HeteroConfig, num_layers: int, progress_tokens: int = 16384):  # noqa: N802
+    """A transformers ``Cache`` whose layers are hetero's tiered caches (a factory that reads like the class)."""
+    return _classes()[1](config, num_layers, progress_tokens)
+
+
+class _PrefillProgress:
+    """A rich progress bar on stderr over the layers of a long prefill (silent for short prompts)."""
+
+    def __init__(self, num_layers: int, min_tokens: int):
+        self.num_layers, self.min_tokens = num_layers, min_tokens
+        self._bar = None
+        self._task = None
+
+    def layer_done(self, layer_idx: int, tokens: int) -> None:
+        if tokens < self.min_tokens:
+            return
+        if self._bar is None:
+            from rich.progress import Progress
+
+            self._bar = Progress(transient=False)
+            self._bar.start()
+            self._task = self._bar.add_task(f"hetero prefill: {tokens:,} tokens into the tiers", total=self.num_layers)
+        self._bar.update(self._task, completed=layer_idx + 1)
+        if layer_idx + 1 >= self.num_layers:
+            self._bar.stop()
+            self._bar = None
 
 
 def _real_tokens(attention_mask: Optional[torch.Tensor], batch: int, length: int, device) -> torch.Tensor:
@@ -173,6 +212,8 @@ def hetero_attention(module, query, key, value, attention_mask, scaling=None, dr
         idx = order[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
         state.layer.append(torch.gather(k, 2, idx), torch.gather(v, 2, idx), real.sum(dim=1).cpu())
         state.processed += t
+        if state.progress is not None:
+            state.progress.layer_done(state.layer.layer_idx, t)
         return out, None
     cache_attention = getattr(module, "_hetero_attention", None)
     if cache_attention is None or cache_attention.config.scale != scaling:
@@ -215,9 +256,14 @@ def wrap(model, config: Optional[HeteroConfig] = None):
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
-        if kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = HeteroCache(config, num_layers)
-        return original(*args, **kwargs)
+        if kwargs.get("past_key_values") is not None:
+            return original(*args, **kwargs)
+        cache = HeteroCache(config, num_layers)
+        kwargs["past_key_values"] = cache
+        try:
+            return original(*args, **kwargs)
+        finally:
+            cache.close()  # the cache is ours: stop its indexer thread
 
     generate._hetero_original = original
     model.generate = generate

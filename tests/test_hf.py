@@ -133,3 +133,15 @@ def test_smollm2_exact_mode_real_prompt_matches_dense_for_128_tokens():
         dense = ref.generate(ids, max_new_tokens=128, do_sample=False)
         mine = model.generate(ids, max_new_tokens=128, do_sample=False)
     assert torch.equal(dense, mine)
+
+
+def test_generate_does_not_leak_indexer_threads():
+    import threading
+
+    _, model = _pair("llama")
+    ids = torch.randint(3, 160, (1, 20))
+    model.generate(ids, max_new_tokens=2, do_sample=False)
+    before = threading.active_count()
+    for _ in range(5):
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert threading.active_count() <= before
