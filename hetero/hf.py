@@ -80,10 +80,11 @@ def _classes():
         is_sliding = False
         is_compileable = False
 
-        def __init__(self, config: HeteroConfig, layer_idx: int, indexer=None, progress=None):
+        def __init__(self, config: HeteroConfig, layer_idx: int, indexer=None, progress=None, parent=None):
             super().__init__()
             self.layer = LayerCache(config, layer_idx, indexer)
             self.progress = progress
+            self.parent = parent  # the HeteroCache: owns the decode-step runtime shared by all layers
             self.processed = 0  # tokens seen, padding included: what position ids count
             self.pending = None  # prompt K/V waiting for the attention call (it has the padding mask)
 
@@ -135,15 +136,26 @@ def _classes():
 
             self.indexer = Worker("hetero-indexer")
             self.prefill_progress = _PrefillProgress(num_layers, progress_tokens)
-            super().__init__(layers=[HeteroCacheLayer(config, i, self.indexer, self.prefill_progress)
+            super().__init__(layers=[HeteroCacheLayer(config, i, self.indexer, self.prefill_progress, self)
                                      for i in range(num_layers)])
             self.config = config
+            self._attention: Optional[HeteroAttention] = None
+
+        def attention(self, scaling: Optional[float]) -> HeteroAttention:
+            """The decode-step runtime of this cache (one host worker for all layers)."""
+            if self._attention is None or self._attention.config.scale != scaling:
+                if self._attention is not None:
+                    self._attention.close()
+                self._attention = HeteroAttention(self.config.with_(scale=scaling))
+            return self._attention
 
         def close(self) -> None:
-            """Finish pending index work and stop the indexer thread (also done at interpreter exit)."""
+            """Finish pending index work, stop the indexer and host worker threads (also done at exit)."""
             for lay in self.layers:
                 lay.layer.wait_indexed()
             self.indexer.close()
+            if self._attention is not None:
+                self._attention.close()
 
         def memory(self):
             """Bytes per tier summed over layers (``fast_bytes``, ``host_bytes``, ``index_bytes``)."""
@@ -215,10 +227,7 @@ def hetero_attention(module, query, key, value, attention_mask, scaling=None, dr
         if state.progress is not None:
             state.progress.layer_done(state.layer.layer_idx, t)
         return out, None
-    cache_attention = getattr(module, "_hetero_attention", None)
-    if cache_attention is None or cache_attention.config.scale != scaling:
-        cache_attention = HeteroAttention(state.layer.config.with_(scale=scaling))
-        module._hetero_attention = cache_attention
+    cache_attention = state.parent.attention(scaling)
     record = getattr(module, "_hetero_record", None)
     if record is None:
         out = cache_attention.run(query[:, :, 0, :], state.layer)  # [B, Hq, D]
