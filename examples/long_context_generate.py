@@ -27,6 +27,7 @@ with torch.no_grad():
 dt = time.perf_counter() - t
 new = out.shape[1] - ids.shape[1]
 mem = cache.memory()
+cache.close()
 print(f"prompt: {ids.shape[1]} tokens; answer: {tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)!r}")
 print(f"{new} tokens in {dt:.1f} s (prefill included): {new / dt:.2f} tokens/s")
 print(f"fast tier {mem['fast_bytes'] / 2**20:.1f} MiB (sinks + window, all layers), host tier "

@@ -28,9 +28,8 @@ def _load(name: str):
 def _generate(model, ids, steps, **kw):
     t = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=1, do_sample=False, **kw)
+        model.generate(ids, max_new_tokens=1, do_sample=False, **kw)
     prefill = time.perf_counter() - t
-    kw.pop("past_key_values", None)
     t = time.perf_counter()
     with torch.no_grad():
         full = model.generate(ids, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
@@ -58,11 +57,11 @@ def profile_model(name: str, config: HeteroConfig, context: int, steps: int,
     for m in attn_modules:
         m._hetero_record = []
     log("hetero: same prompt and steps")
-    cache = HeteroCache(config, model.config.num_hidden_layers)
-    mine, het_prefill, het_tps = _generate(model, ids, steps, past_key_values=None)
+    mine, het_prefill, het_tps = _generate(model, ids, steps)
     cache = HeteroCache(config, model.config.num_hidden_layers)  # measure tiers on a fresh run's cache
     with torch.no_grad():
         model.generate(ids, max_new_tokens=2, do_sample=False, past_key_values=cache)
+    cache.close()
     per_layer = []
     for m in sorted(attn_modules, key=lambda m: m.layer_idx):
         recs = m._hetero_record
