@@ -23,17 +23,23 @@ RETRIEVERS = ("exact", "ivf", "ivf-sq8", "hnsw", "lsh")
 
 
 def build_prompt(tok, filler_ids: List[int], context: int, depth: float, key: str) -> torch.Tensor:
+    """Chat-formatted prompt of at most ``context`` tokens with the needle at ``depth`` of the filler. Decoding
+    and re-tokenizing the filler can change its length, so the filler shrinks until the prompt fits."""
     needle = tok(f" The pass key is {key}. Remember it. {key} is the pass key. ", add_special_tokens=False).input_ids
     question = "What is the pass key? Answer with the number only."
     frame = tok.apply_chat_template([{"role": "user", "content": "X\n\n" + question}], add_generation_prompt=True)
     room = context - len(needle) - len(frame)
-    body = filler_ids[:room]
-    at = int(round(depth * len(body)))
-    text_ids = body[:at] + needle + body[at:]
-    content = tok.decode(text_ids) + "\n\n" + question
-    ids = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                  return_tensors="pt")
-    return ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    while room > 0:
+        body = filler_ids[:room]
+        at = int(round(depth * len(body)))
+        content = tok.decode(body[:at] + needle + body[at:]) + "\n\n" + question
+        ids = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                      return_tensors="pt")
+        ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+        if ids.shape[1] <= context:
+            return ids
+        room -= ids.shape[1] - context
+    raise ValueError(f"context {context} is too small for the needle and the question")
 
 
 def _answer(model, tok, ids, new_tokens: int):
