@@ -141,6 +141,7 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
         res = attn.run(q, layer, return_details=True)
         hetero_ms.append((time.perf_counter() - t) * 1e3 + evict_ms)
         spans.extend(res.spans)
+        torch.set_num_threads(config.resolved_threads)  # the dense baseline gets every thread
         t = time.perf_counter()
         dense_sdpa(q, keys, values, n)
         t_dense = time.perf_counter()
