@@ -1,6 +1,6 @@
 """Builds the optional C++ extension hetero.cpu._sparse_cpp (metadata lives in pyproject.toml).
 
-No -march=native and no global -mavx512f: the AVX2 and AVX-512 kernels are separate translation units
+No native-architecture flag and no global AVX-512 flag: the AVX2 and AVX-512 kernels are separate translation units
 that enable their ISA with `#pragma GCC target`, and the module picks one at run time from CPU flags.
 If the build fails, hetero still installs and the host backend falls back to numba (with a warning).
 """
