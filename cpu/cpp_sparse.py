@@ -64,10 +64,8 @@ def run_sparse(runner, q, host, selection, scale, prefetch_rows: int) -> Partial
     b, hq, d = q.shape
     hkv = host.k_pool.shape[0]
     q = q.to(torch.float32).contiguous()
+    host.check_row_layout()
     k_pool, v_pool = host.k_pool, host.v_pool
-    if k_pool.stride() != v_pool.stride() or k_pool.stride(2) != 1:
-        raise ValueError(f"host pools need contiguous rows and equal strides, got {k_pool.stride()} and "
-                         f"{v_pool.stride()}")
     table = host.block_table.to(torch.int32).contiguous()
     idx = selection.indices.to(torch.int32).contiguous()
     lw = selection.log_weight

@@ -10,7 +10,6 @@ Software prefetch of upcoming rows goes through an LLVM intrinsic. Compiled with
 from __future__ import annotations
 
 import math
-from typing import List
 
 import numpy as np
 import torch
@@ -204,9 +203,8 @@ class NumbaSparseBackend(HostBackend):
         b, hq, d = q.shape
         hkv = host.k_pool.shape[0]
         g = hq // hkv
+        host.check_row_layout()
         k_pool, v_pool = host.k_pool, host.v_pool
-        if k_pool.stride() != v_pool.stride() or k_pool.stride(2) != 1:
-            raise ValueError("host pools need contiguous rows and equal strides")
         idx = selection.indices.to(torch.int32).contiguous()
         k = idx.shape[2]
         heads = b * hkv

@@ -50,7 +50,7 @@ def window_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: to
     lengths ``[B]``; splits: key-range splits per (sequence, KV head) merged by the merge kernel (0: chosen
     from the device). Returns PartialAttention (float32, natural-log lse)."""
     b, hq, d = q.shape
-    hkv, slots = k.shape[1], k.shape[2]
+    hkv = k.shape[1]
     g = hq // hkv
     if q.stride(2) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()

@@ -75,7 +75,6 @@ class HeteroAttention:
         self._worker = host_worker if host_worker is not None else (Worker("hetero-host") if config.overlap else None)
         self._balancers: Dict[Tuple, Balancer] = {}
         self._stream = None
-        self._group = 1  # query heads per KV head of the current call
 
     def close(self) -> None:
         if self._own_worker and self._worker is not None:
@@ -109,13 +108,14 @@ class HeteroAttention:
         plan.host.set_threads(split.host_threads if self.config.overlap else self.config.resolved_threads)
         return plan
 
-    def budgets(self, layer: LayerCache):
+    def budgets(self, layer: LayerCache, group: int):
         """Keys per query head: ``[B]`` (flat) or ``[B, Hkv]`` (adaptive), from the config's budget, the
-        host-tier sizes, the auto balance's scale and, when adaptive, the layer's previous steps."""
+        host-tier sizes, the group size ``G = Hq / Hkv`` (``budget_per="kv_head"`` splits a KV head's rows over
+        its G query heads), the auto balance's scale and, when adaptive, the layer's previous steps."""
         scale = self.balancer(layer).budget_scale
         flat = [self.config.budget_for(n, scale) for n in layer.host.length]
         if self.config.budget_per == "kv_head" and self.config.group_rule != "sum":
-            flat = [k if k >= n else -(-k // self._group) for k, n in zip(flat, layer.host.length)]
+            flat = [k if k >= n else -(-k // group) for k, n in zip(flat, layer.host.length)]
         if self.config.head_budget == "flat":
             return flat
         if layer.head_budget is None:
@@ -145,7 +145,7 @@ class HeteroAttention:
                 ready.synchronize()
         with rec.span("retrieve"):
             layer.wait_indexed()
-            selection = layer.retriever.search(q_host, self.budgets(layer))
+            selection = layer.retriever.search(q_host, self.budgets(layer, q_host.shape[1] // layer.kv_heads))
         check_selection(selection, q_host.shape[0], q_host.shape[1], layer.kv_heads, layer.host.length)
         with rec.span("host_attn"):
             hpart = plan.host(q_host, layer.host.view(), selection, scale)
@@ -161,7 +161,6 @@ class HeteroAttention:
             raise ShapeError(f"layer must be a LayerCache, got {type(layer).__name__}")
         plan = self.plan(layer)
         check_query(q, layer.kv_heads, layer.head_dim, layer.batch)
-        self._group = q.shape[1] // layer.kv_heads
         if q.device != layer.device:
             raise ShapeError(f"q is on {q.device}, layer {layer.layer_idx}'s fast tier on {layer.device}")
         scale = self.config.scale or default_scale(layer.head_dim)

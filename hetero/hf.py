@@ -19,7 +19,6 @@ to SDPA over the key/value it is given, which is then exact.
 """
 from __future__ import annotations
 
-import copy
 import functools
 from typing import List, Optional
 
@@ -61,12 +60,6 @@ def unsupported_features(config) -> List[str]:
         reasons.append(f"architecture {model_type!r} is not one hetero has verified (supported: "
                        f"{', '.join(SUPPORTED_MODEL_TYPES)})")
     return reasons
-
-
-def _cache_layer_base():
-    from transformers.cache_utils import CacheLayerMixin
-
-    return CacheLayerMixin
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,6 +7,7 @@ same stored KV gives ``rel_error = ||out - out_dense|| / ||out_dense||``.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
@@ -119,7 +120,7 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
     attn = HeteroAttention(layer.config)
     t = time.perf_counter()
     ctx = progress(f"prefill: {n0:,} tokens into the tiers, building the {config.retriever} index") if progress \
-        else _nullcontext()
+        else contextlib.nullcontext()
     with ctx:
         layer.append(keys[:, :, :n0], values[:, :, :n0])
         layer.wait_indexed()  # the index build is part of the prefill
@@ -183,11 +184,3 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
         "memory": layer.memory(), "prefill_s": round(prefill_s, 3), "per_step": steps_out,
         "_spans": spans,
     }
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

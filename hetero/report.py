@@ -32,6 +32,16 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
+def _summary(rows) -> Table:
+    """A two-column table of ``(label, value)`` pairs."""
+    table = Table(show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("", justify="right")
+    for label, value in rows:
+        table.add_row(label, value)
+    return table
+
+
 def print_profile(r: Dict, console: Console = None) -> None:
     console = console or Console()
     head = (f"{r.get('workload', 'synthetic')} workload, context {r['context']:,} tokens, batch {r['batch']}, "
@@ -55,19 +65,17 @@ def print_profile(r: Dict, console: Console = None) -> None:
         phases.add_row("  window side (wall)", "fast tier", f"{r['window_ms']:.3f}", f"{100 * r['window_ms'] / step:.1f} %")
         phases.add_row("  host side (wall)", "host", f"{r['host_ms']:.3f}", f"{100 * r['host_ms'] / step:.1f} %")
     console.print(phases)
-    summary = Table(show_header=False)
-    summary.add_column("", style="bold")
-    summary.add_column("", justify="right")
-    summary.add_row("dense SDPA (all tokens)", f"{r['dense_ms']:.3f} ms")
-    summary.add_row("hetero step", f"{r['hetero_ms']:.3f} ms")
-    summary.add_row("speedup", f"{r['speedup']:.2f}x")
-    summary.add_row("rel_error (max over steps)", f"{r['rel_error']:.2e}")
-    summary.add_row("host rows read", f"{100 * r['rows_read_fraction']:.2f} % of host tier")
     mem = r["memory"]
-    summary.add_row("fast tier", _bytes(mem["fast_bytes"]))
-    summary.add_row("host tier", _bytes(mem["host_bytes"]))
-    summary.add_row("retriever index", _bytes(mem["index_bytes"]))
-    console.print(summary)
+    console.print(_summary([
+        ("dense SDPA (all tokens)", f"{r['dense_ms']:.3f} ms"),
+        ("hetero step", f"{r['hetero_ms']:.3f} ms"),
+        ("speedup", f"{r['speedup']:.2f}x"),
+        ("rel_error (max over steps)", f"{r['rel_error']:.2e}"),
+        ("host rows read", f"{100 * r['rows_read_fraction']:.2f} % of host tier"),
+        ("fast tier", _bytes(mem["fast_bytes"])),
+        ("host tier", _bytes(mem["host_bytes"])),
+        ("retriever index", _bytes(mem["index_bytes"])),
+    ]))
     if "critical_path" in r:
         console.print(f"[bold]verdict:[/bold] {verdict(r)}; phases of the two sides overlap, so their sum exceeds "
                       "the step")
@@ -86,14 +94,12 @@ def print_model_profile(r: Dict, console: Console = None) -> None:
         t.add_row(str(row["layer"]), *(f"{row[p]:.3f}" for p in ("window", "retrieve", "host_attn", "merge", "step")),
                   row["critical"])
     console.print(t)
-    s = Table(show_header=False)
-    s.add_column("", style="bold")
-    s.add_column("", justify="right")
-    s.add_row("prefill (dense / hetero)", f"{r['prefill_s_dense']:.2f} s / {r['prefill_s_hetero']:.2f} s")
-    s.add_row("decode tokens/s (dense / hetero)", f"{r['tokens_per_s_dense']:.2f} / {r['tokens_per_s_hetero']:.2f}")
-    s.add_row("greedy tokens identical to dense", f"{r['tokens_agree']} / {r['steps']}")
-    s.add_row("first-step logits max |diff|", f"{r['first_logits_max_diff']:.3e}")
-    s.add_row("fast tier / host tier / index", " / ".join(_bytes(r["memory"][k]) for k in
-                                                           ("fast_bytes", "host_bytes", "index_bytes")))
-    console.print(s)
+    console.print(_summary([
+        ("prefill (dense / hetero)", f"{r['prefill_s_dense']:.2f} s / {r['prefill_s_hetero']:.2f} s"),
+        ("decode tokens/s (dense / hetero)", f"{r['tokens_per_s_dense']:.2f} / {r['tokens_per_s_hetero']:.2f}"),
+        ("greedy tokens identical to dense", f"{r['tokens_agree']} / {r['steps']}"),
+        ("first-step logits max |diff|", f"{r['first_logits_max_diff']:.3e}"),
+        ("fast tier / host tier / index",
+         " / ".join(_bytes(r["memory"][k]) for k in ("fast_bytes", "host_bytes", "index_bytes"))),
+    ]))
     console.print(f"[bold]verdict:[/bold] {r['verdict']}")

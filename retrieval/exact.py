@@ -2,7 +2,6 @@
 top-k, the recall oracle). Both read keys straight from the host tier and keep no index."""
 from __future__ import annotations
 
-from typing import List
 
 import torch
 

@@ -15,7 +15,7 @@ The ``budget`` does not bound LSH: the sample size follows from K, L and the dat
 from __future__ import annotations
 
 import math
-from typing import Any, List
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,7 +124,7 @@ class LSHSampler(Retriever):
         return 1.0 - (1.0 - p) ** self.L - self.L * p * (1.0 - p) ** (self.L - 1)
 
     def _search(self, q: torch.Tensor, ks) -> Selection:
-        hkv, d = self.host.kv_heads, self.host.head_dim
+        hkv = self.host.kv_heads
         g = q.shape[1] // hkv
         b = q.shape[0]
         rows, weights, scanned = [], [], 0

@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from hetero import BackendUnavailableError, HeteroConfig, LayerCache, sparse_attention, window_attention
+from hetero import BackendUnavailableError, HeteroConfig, LayerCache, window_attention
 from hetero.backends import describe_backends, get_backend, select_backend
 
 
@@ -39,9 +39,6 @@ def test_env_override_selects_backend(monkeypatch):
 
 
 def test_impossible_request_lists_every_backend_reason():
-    layer = _layer()
-    q = torch.randn(1, 4, 16)
-
     def refuse(be):
         return [f"{be.name} says no"]
 
