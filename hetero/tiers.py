@@ -172,7 +172,9 @@ class HostTier:
         cap = self.capacity_blocks
         if blocks <= cap:
             return
-        new_cap = max(blocks, cap + cap // 2)
+        # Growing copies the whole pool (~200 ms at 32K tokens): leave headroom, so that a prefill's exact
+        # reservation is not followed by a copy a few decode steps later.
+        new_cap = max(blocks + blocks // 8 + 1, cap + cap // 2)
         rows = cap * self.block_tokens
         new = self._alloc(new_cap)
         new[:, :rows] = self.kv_pool[:, :rows]
