@@ -20,6 +20,9 @@ class CppWindowBackend(WindowBackend):
     name = "cpp"
     devices = ("cpu",)
     max_group = 64
+    # Contiguous rows still gain from software prefetch (4100 bf16 tokens x 8 KV heads from DRAM, one thread:
+    # 3.3 ms without, 2.35 ms with 4-32 rows ahead; 1.84 -> 1.43 ms on two threads).
+    prefetch_rows = 8
 
     def __init__(self) -> None:
         ext = load()
@@ -51,7 +54,7 @@ class CppWindowBackend(WindowBackend):
         for seq, n in enumerate(lengths.tolist()):
             view = HostView(k[seq], v[seq], table, torch.tensor([slots]), max(slots, 1))
             idx = self._arange[:n].view(1, 1, n).expand(1, hkv, n)
-            part = run_sparse(self._runner, q[seq:seq + 1], view, Selection(idx), scale, prefetch_rows=0)
+            part = run_sparse(self._runner, q[seq:seq + 1], view, Selection(idx), scale, self.prefetch_rows)
             outs.append(part.out)
             lses.append(part.lse)
         return PartialAttention(torch.cat(outs), torch.cat(lses))

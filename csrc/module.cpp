@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "ivf_scan.h"
 #include "random_read.h"
 #include "sparse_attention.h"
 #include "thread_pool.h"
@@ -45,6 +46,15 @@ ItemFn item_fn(Isa isa) {
     case Isa::Avx512: return sparse_item_avx512;
     case Isa::Avx2: return sparse_item_avx2;
     default: return sparse_item_scalar;
+  }
+}
+
+IvfScoreFn ivf_score_fn(Isa isa) {
+  switch (isa) {
+    case Isa::Avx512Bf16:
+    case Isa::Avx512: return ivf_scores_avx512;
+    case Isa::Avx2: return ivf_scores_avx2;
+    default: return ivf_scores_scalar;
   }
 }
 
@@ -125,6 +135,26 @@ class Runner {
     if (chunks > 1) merge_chunks(heads, chunks, Hkv, Hq, G, D, out_p, lse_p);
   }
 
+  // Grouped IVF search (ivf_scan.h); one item per (sequence, KV head), items spread over the pool.
+  void ivf_search(uintptr_t qs, int64_t items, int64_t G, int64_t Dp, uintptr_t codes, uintptr_t ids,
+                  uintptr_t list_start, uintptr_t list_count, int64_t nlist, uintptr_t probe, uintptr_t k,
+                  uintptr_t n_tokens, uintptr_t top, int64_t kmax, uintptr_t union_ids, uintptr_t union_count,
+                  uintptr_t scanned) {
+    if (items < 0 || G < 1 || Dp < 16 || Dp % 16 != 0 || nlist < 0 || kmax < 0)
+      throw std::invalid_argument("ivf_search: invalid sizes (need G >= 1, Dp a multiple of 16)");
+    IvfSearchArgs a{reinterpret_cast<const float*>(qs), items, G, Dp, reinterpret_cast<const uint64_t*>(codes),
+                    reinterpret_cast<const uint64_t*>(ids), reinterpret_cast<const uint64_t*>(list_start),
+                    reinterpret_cast<const uint64_t*>(list_count), nlist, reinterpret_cast<const uint8_t*>(probe),
+                    reinterpret_cast<const int64_t*>(k), reinterpret_cast<const int64_t*>(n_tokens),
+                    reinterpret_cast<int32_t*>(top), kmax, reinterpret_cast<int32_t*>(union_ids),
+                    reinterpret_cast<int64_t*>(union_count), reinterpret_cast<int64_t*>(scanned)};
+    py::gil_scoped_release release;
+    std::lock_guard<std::mutex> lock(mu_);
+    const IvfScoreFn fn = ivf_score_fn(static_cast<Isa>(global().active.load()));
+    if (static_cast<int>(ivf_scratch_.size()) < pool_->threads()) ivf_scratch_.resize(pool_->threads());
+    pool_->run(items, [&](int64_t item, int worker) { ivf_search_item(a, item, fn, ivf_scratch_[worker]); });
+  }
+
   // Read n random runs (offsets in bytes from base) across the pool; returns a checksum.
   double random_read(uintptr_t base, uintptr_t offsets, int64_t n, int64_t run_bytes, int prefetch) {
     py::gil_scoped_release release;
@@ -176,6 +206,7 @@ class Runner {
   std::unique_ptr<ThreadPool> pool_;
   std::vector<std::vector<float>> scratch_;  // per worker
   std::vector<float> part_out_, part_lse_;   // chunk partials
+  std::vector<IvfScratch> ivf_scratch_;      // per worker
 };
 
 }  // namespace
@@ -187,6 +218,8 @@ PYBIND11_MODULE(_sparse_cpp, m) {
       .def(py::init<int>(), py::arg("threads"))
       .def("sparse_attention", &hetero::Runner::sparse_attention,
            "Sparse attention over selected host rows; pointers to buffers checked by cpu/cpp_sparse.py")
+      .def("ivf_search", &hetero::Runner::ivf_search,
+           "Grouped IVF search over 8-bit codes; pointers to buffers checked by retrieval/ivf_group.py")
       .def("random_read", &hetero::Runner::random_read, "Ceiling probe: read random runs of memory (benchmarks)")
       .def("set_threads", &hetero::Runner::set_threads)
       .def_property_readonly("threads", &hetero::Runner::threads);

@@ -105,7 +105,9 @@ class HeteroAttention:
         plan = self._plans[key]
         if layer.device.type == "cpu":
             plan.window.set_threads(split.window_threads if self.config.overlap else self.config.resolved_threads)
-        plan.host.set_threads(split.host_threads if self.config.overlap else self.config.resolved_threads)
+        host_threads = split.host_threads if self.config.overlap else self.config.resolved_threads
+        plan.host.set_threads(host_threads)
+        layer.retriever.set_threads(host_threads)
         return plan
 
     def budgets(self, layer: LayerCache, group: int):
@@ -143,8 +145,9 @@ class HeteroAttention:
         if ready is not None:
             with rec.span("transfer"):
                 ready.synchronize()
-        with rec.span("retrieve"):
+        with rec.span("index_wait"):
             layer.wait_indexed()
+        with rec.span("retrieve"):
             selection = layer.retriever.search(q_host, self.budgets(layer, q_host.shape[1] // layer.kv_heads))
         check_selection(selection, q_host.shape[0], q_host.shape[1], layer.kv_heads, layer.host.length)
         with rec.span("host_attn"):

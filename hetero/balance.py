@@ -1,9 +1,12 @@
 """Splitting a decode step between the fast-device side and the host side.
 
-Thread split (documented rule): of the ``T`` CPU threads, the window side (torch intra-op threads, when the
-fast tier is on the CPU) gets ``Tw = clamp(round(T * share), 1, T - 1)`` and the host side (retrieval and the
-host kernel) gets ``T - Tw``; ``share`` starts at 1/2. With CUDA the window side runs on the GPU and the host
-side gets all ``T`` threads. With one thread both sides share it.
+Thread split (documented rule): of the ``T`` CPU threads, the host side (retrieval and the host kernel) gets
+all ``T``, and the window side (when the fast tier lives on the CPU) gets ``Tw = clamp(round(T * share), 1, T)``,
+``share`` starting at 1/2. Together the two sides may hold more threads than there are cores: the host side is
+usually the critical path, and this way it keeps every core busy once the window side is done instead of
+leaving the window's core idle. Measured on 2 vCPUs (128K tokens, window 4096, ivf-group, 2 % budget), step
+time with window + host threads 1 + 1: 14.9 ms, 1 + 2: 9.9 ms, 2 + 2: 10.6 ms. With CUDA the window side runs
+on the GPU and the host side gets all ``T`` threads. With one thread both sides share it.
 
 ``balance="auto"``: after ``warmup`` steps of a layer, the measured costs re-split threads so the two sides
 finish together (costs assumed inversely proportional to threads), then move the host budget within
@@ -35,10 +38,7 @@ class Balancer:
         t = self.threads
         if self.cuda:
             return Split(1, t)
-        if t == 1:
-            return Split(1, 1)
-        tw = min(t - 1, max(1, round(t * self.share)))
-        return Split(tw, t - tw)
+        return Split(min(t, max(1, round(t * self.share))), t)
 
     def record(self, window_ms: float, host_ms: float, can_lower: bool, can_raise: bool) -> None:
         """One step's wall time of each side (host: from query copy to result)."""

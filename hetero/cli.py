@@ -75,7 +75,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sinks", type=_nonneg_int, default=4, help="attention-sink tokens on the fast tier (4)")
     p.add_argument("--budget", type=_budget, default=0.02,
                    help="host keys per query head: a fraction of the host tier (0.02) or a count (2621)")
-    p.add_argument("--retriever", choices=available_retrievers(), default="ivf-sq8")
+    p.add_argument("--retriever", choices=available_retrievers(), default="ivf-group")
     p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bfloat16")
     p.add_argument("--steps", type=_positive_int, default=5, help="decode steps measured (5)")
     p.add_argument("--seed", type=int, default=0)

@@ -52,8 +52,9 @@ class HeteroConfig:
         ``(0, 1]`` of that sequence's host tier (rounded up). With ``"kv_head"`` each of the G query heads
         of a group ranks ``ceil(k / G)`` keys, so the group's union stays within k rows (a budget covering the
         whole host tier selects all of it).
-    retriever: name in the retriever registry (``hetero.retrieval.available_retrievers()``): ``"ivf-sq8"``
-        (default), ``"ivf"``, ``"hnsw"``, ``"lsh"``, ``"exact"`` (brute-force top-k), ``"all"`` (every host
+    retriever: name in the retriever registry (``hetero.retrieval.available_retrievers()``): ``"ivf-group"``
+        (default: IVF over 8-bit codes, lists read once per GQA group by hetero's C++ kernel), ``"ivf-sq8"``,
+        ``"ivf"``, ``"ivf-pq"``, ``"hnsw"`` (faiss), ``"lsh"``, ``"exact"`` (brute-force top-k), ``"all"`` (every host
         token: exact attention).
     retriever_options: keyword options passed to the retriever's constructor.
     group_rule: how a GQA group's queries choose shared rows: ``"union"`` of per-head top-k sets (up
@@ -81,7 +82,7 @@ class HeteroConfig:
     sinks: int = 4
     budget: Union[int, float] = 0.02
     budget_per: str = "kv_head"
-    retriever: str = "ivf-sq8"
+    retriever: str = "ivf-group"
     retriever_options: Mapping[str, Any] = field(default_factory=dict)
     group_rule: str = "union"
     head_budget: str = "flat"

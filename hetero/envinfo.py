@@ -76,7 +76,8 @@ def collect(kernels: bool = False) -> Dict:
         "threads": {"torch": torch.get_num_threads(), "faiss": _faiss_threads()},
         "numba": _numba_info(),
         "overrides": {k: os.environ.get(k) for k in ("HETERO_CPU_BACKEND", "HETERO_WINDOW_BACKEND", "HETERO_CPU_ISA",
-                                                     "HETERO_HUGEPAGES", "TRITON_INTERPRET")},
+                                                     "HETERO_HUGEPAGES", "TRITON_INTERPRET",
+                                                     "OMP_WAIT_POLICY")},
         "backends": {},
     }
     for side, reg, dev in (("window", WINDOW_REGISTRY, device), ("host", HOST_REGISTRY, torch.device("cpu"))):

@@ -24,7 +24,7 @@ from .reference import default_scale, window_attention
 from .timing import Span
 from .workloads.synthetic import SyntheticWorkload, make_synthetic
 
-PHASES = ("window", "retrieve", "host_attn", "merge", "transfer", "evict")
+PHASES = ("window", "index_wait", "retrieve", "host_attn", "merge", "transfer", "evict")
 PRESETS = {  # layer geometry of well-known models: (query heads, KV heads, head_dim)
     "llama3-8b": (32, 8, 128),
     "qwen2-7b": (28, 4, 128),

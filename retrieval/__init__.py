@@ -16,6 +16,7 @@ _REGISTRY: Dict[str, str] = {
     "ivf": "hetero.retrieval.faiss_index:IVFRetriever",
     "ivf-sq8": "hetero.retrieval.faiss_index:IVFSQ8Retriever",
     "ivf-pq": "hetero.retrieval.faiss_index:IVFPQRetriever",
+    "ivf-group": "hetero.retrieval.ivf_group:IVFGroupRetriever",
     "hnsw": "hetero.retrieval.faiss_index:HNSWRetriever",
     "lsh": "hetero.retrieval.lsh:LSHSampler",
 }

@@ -52,6 +52,9 @@ class Retriever(ABC):
         """Bytes this retriever holds beyond the host tier itself."""
         return 0
 
+    def set_threads(self, threads: int) -> None:
+        """Threads a search may use (the host side's share, set by ``HeteroAttention.plan``)."""
+
     def search(self, q: torch.Tensor, budgets) -> Selection:
         """Select host rows for decode queries.
 

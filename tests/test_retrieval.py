@@ -46,16 +46,17 @@ def _recall(cap, retriever, options=None, budget=0.05):
 
 @needs_model
 @pytest.mark.parametrize("retriever,options,threshold", [
-    ("ivf", {}, 0.80), ("ivf-sq8", {}, 0.80), ("hnsw", {}, 0.50), ("lsh", {"K": 6, "L": 60}, 0.85),
+    ("ivf", {}, 0.80), ("ivf-sq8", {}, 0.80), ("ivf-group", {}, 0.80), ("hnsw", {}, 0.50), ("lsh", {"K": 6, "L": 60}, 0.85),
 ])
 def test_recall_on_real_attention_slice(real_slice, retriever, options, threshold):
     """Pinned from measurements on this slice (layers 0, 1, 15; 1K tokens; budget 5 %): ivf 0.86, ivf-sq8
-    0.86, hnsw 0.60, lsh 0.91."""
+    0.86 (0.93 after spherical k-means), ivf-group 0.94, hnsw 0.60, lsh 0.91."""
     assert _recall(real_slice, retriever, options) >= threshold
 
 
 @needs_model
-@pytest.mark.parametrize("retriever,options", [("ivf", {}), ("hnsw", {}), ("lsh", {"K": 6, "L": 60})])
+@pytest.mark.parametrize("retriever,options", [("ivf", {}), ("ivf-group", {}), ("hnsw", {}),
+                                               ("lsh", {"K": 6, "L": 60})])
 def test_hetero_attention_on_real_slice_is_close_to_dense(real_slice, retriever, options):
     cap = real_slice
     cfg = HeteroConfig(window=128, sinks=4, budget=0.1, retriever=retriever, retriever_options=options,
@@ -176,7 +177,7 @@ def test_ivf_before_training_scans_exactly():
     assert torch.equal(sel.indices, exact.retriever.search(q, [5]).indices)
 
 
-@pytest.mark.parametrize("retriever", ["ivf", "hnsw", "lsh"])
+@pytest.mark.parametrize("retriever", ["ivf", "ivf-group", "hnsw", "lsh"])
 def test_retriever_input_handling(retriever):
     layer, keys, vals = _ivf_layer(retriever)
     empty = LayerCache(HeteroConfig(window=8, sinks=2, retriever=retriever))

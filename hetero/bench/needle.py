@@ -19,7 +19,7 @@ import torch
 
 from hetero.config import HeteroConfig
 
-RETRIEVERS = ("exact", "ivf", "ivf-sq8", "hnsw", "lsh")
+RETRIEVERS = ("exact", "ivf", "ivf-sq8", "ivf-group", "hnsw", "lsh")
 
 
 def build_prompt(tok, filler_ids: List[int], context: int, depth: float, key: str) -> torch.Tensor:

@@ -38,7 +38,7 @@ def default_rows(budgets=BUDGETS) -> List[Dict]:
         rows.append({"retriever": "exact-per-head+adaptive", "name": "exact", "group_rule": "per-head",
                      "head_budget": "adaptive", "budget": b})
         rows.append({"retriever": "exact", "name": "exact", "group_rule": "union", "budget": b})
-        for ann in ("ivf", "ivf-sq8", "ivf-pq", "hnsw"):
+        for ann in ("ivf", "ivf-sq8", "ivf-group", "ivf-pq", "hnsw"):
             rows.append({"retriever": ann, "name": ann, "group_rule": "union", "budget": b})
         rows.append({"retriever": "ivf+adaptive", "name": "ivf", "group_rule": "union", "head_budget": "adaptive",
                      "budget": b})

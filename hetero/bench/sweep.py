@@ -68,7 +68,7 @@ def run(contexts: List[int], retrievers: List[str], budgets: List[float], budget
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="hetero bench sweep", description=__doc__.splitlines()[0])
     p.add_argument("--contexts", default="8192,32768,131072", help="comma-separated (up to 1M: 1048576)")
-    p.add_argument("--retrievers", default="ivf-sq8")
+    p.add_argument("--retrievers", default="ivf-group")
     p.add_argument("--budgets", default="0.01,0.02,0.05")
     p.add_argument("--budget-context", type=int, default=32768)
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b")

@@ -1,0 +1,107 @@
+// Grouped IVF search, per item: gather probed lists, score them (ISA-specific IvfScoreFn), select each
+// query's top k, union the sets through a bitmap over host positions (sorted output without a sort).
+#include <algorithm>
+#include <cstring>
+
+#include "ivf_scan.h"
+
+namespace hetero {
+namespace {
+
+// Positions (into s[0..n)) of the k largest scores, written to out[0..k). Exact: a threshold from a strided
+// sample narrows the candidates to a little over k, nth_element finishes on those; if the sample's
+// threshold admits fewer than k, it is lowered until it admits enough (at worst every position).
+void top_positions(const float* s, int64_t n, int64_t k, IvfScratch& w, int32_t* out) {
+  if (k <= 0) return;
+  if (k >= n) {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int32_t>(i);
+    return;
+  }
+  const int64_t stride = std::max<int64_t>(1, n / 512);
+  w.sample.clear();
+  for (int64_t i = 0; i < n; i += stride) w.sample.push_back(s[i]);
+  const int64_t m = static_cast<int64_t>(w.sample.size());
+  // aim at ~1.25 k candidates: rank r in the sample of m corresponds to ~r * n / m in the full set
+  int64_t r = std::min<int64_t>(m - 1, (k * m * 5) / (4 * n) + 2);
+  for (;;) {
+    float threshold = -__builtin_inff();
+    if (r < m - 1) {
+      std::nth_element(w.sample.begin(), w.sample.begin() + r, w.sample.end(), std::greater<float>());
+      threshold = w.sample[r];
+    }
+    if (static_cast<int64_t>(w.cand.size()) < n) w.cand.resize(n);
+    int64_t c = 0;
+    for (int64_t i = 0; i < n; ++i) {  // branch-free: ~1 % of positions pass
+      w.cand[c] = static_cast<int32_t>(i);
+      c += s[i] >= threshold;
+    }
+    if (c >= k) {
+      w.cand.resize(c);
+      break;
+    }
+    r = std::min<int64_t>(m - 1, 2 * r + 1);
+  }
+  std::nth_element(w.cand.begin(), w.cand.begin() + (k - 1), w.cand.end(),
+                   [s](int32_t x, int32_t y) { return s[x] > s[y] || (s[x] == s[y] && x < y); });
+  std::memcpy(out, w.cand.data(), k * sizeof(int32_t));
+}
+
+}  // namespace
+
+void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfScoreFn score, IvfScratch& s) {
+  const int64_t G = a.G, Dp = a.Dp;
+  const uint8_t* codes = reinterpret_cast<const uint8_t*>(a.codes[item]);
+  const int32_t* ids = reinterpret_cast<const int32_t*>(a.ids[item]);
+  const int64_t* start = reinterpret_cast<const int64_t*>(a.list_start[item]);
+  const int64_t* count = reinterpret_cast<const int64_t*>(a.list_count[item]);
+  const uint8_t* probe = a.probe + item * a.nlist;
+  int32_t* top = a.top ? a.top + item * G * a.kmax : nullptr;
+  int32_t* uni = a.union_ids + item * G * a.kmax;
+  std::fill(uni, uni + G * a.kmax, -1);
+  if (top) std::fill(top, top + G * a.kmax, -1);
+
+  int64_t n = 0;
+  for (int64_t l = 0; l < a.nlist; ++l)
+    if (probe[l]) n += count[l];
+  a.scanned[item] = n;
+  const int64_t k = std::min(a.k[item], n);
+  if (k <= 0) {
+    a.union_count[item] = 0;
+    return;
+  }
+  if (static_cast<int64_t>(s.scores.size()) < G * n) s.scores.resize(G * n);
+  if (static_cast<int64_t>(s.ids.size()) < n) s.ids.resize(n);
+  int64_t pos = 0;
+  for (int64_t l = 0; l < a.nlist; ++l) {
+    if (!probe[l] || count[l] == 0) continue;
+    score(codes + start[l] * Dp, count[l], Dp, a.qs + item * G * Dp, G, s.scores.data() + pos, n);
+    std::memcpy(s.ids.data() + pos, ids + start[l], count[l] * sizeof(int32_t));
+    pos += count[l];
+  }
+
+  const int64_t words = (a.n_tokens[item] + 63) / 64;
+  if (static_cast<int64_t>(s.bitmap.size()) < words) s.bitmap.assign(words, 0);
+  if (static_cast<int64_t>(s.best.size()) < k) s.best.resize(k);
+  int32_t* best = s.best.data();
+  for (int64_t g = 0; g < G; ++g) {
+    top_positions(s.scores.data() + g * n, n, k, s, best);
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t id = s.ids[best[j]];
+      if (top) top[g * a.kmax + j] = id;
+      s.bitmap[id >> 6] |= uint64_t{1} << (id & 63);
+    }
+  }
+  int64_t m = 0;
+  for (int64_t w = 0; w < words; ++w) {
+    uint64_t bits = s.bitmap[w];
+    if (!bits) continue;
+    s.bitmap[w] = 0;
+    while (bits) {
+      uni[m++] = static_cast<int32_t>(w * 64 + __builtin_ctzll(bits));
+      bits &= bits - 1;
+    }
+  }
+  a.union_count[item] = m;
+}
+
+}  // namespace hetero

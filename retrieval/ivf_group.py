@@ -1,0 +1,310 @@
+"""``ivf-group``: an IVF index over 8-bit key codes whose probed lists are read once per GQA group.
+
+faiss's IVF scans a list once per query; the G query heads of a KV head share their keys, so here every
+list probed by any of them is read once and scored against all G (hetero's C++ kernel, ``csrc/ivf_*``), and
+each query head keeps its exact top-k over every row scanned for the group. Per (sequence, KV head):
+
+* Coarse quantizer: spherical k-means (faiss ``Kmeans``, 10 iterations, <= 32 training points per list),
+  ``nlist`` = the power of two nearest ``6 sqrt(N)`` within [16, 1024], keys assigned by inner product.
+* Codes: per-dimension min/max of the keys it was built on, 8 bits per dimension (``D`` rounded up to 16
+  bytes per key, plus a 4-byte host position). A query is pre-scaled so that ``q . key`` = a per-query
+  constant + ``qs . codes``; the constant does not change a query's ranking. Keys added later outside the
+  range are clamped to it.
+* Lists live in segments of one code arena with spare room; a list that fills up moves to the arena's end
+  with twice the room (the arena grows by half when needed), so a decode step's add is O(1).
+* Probing: each query head ranks the lists by ``q . centroid`` and takes ``nprobe = ceil(nlist *
+  min(1, probe_factor * sqrt(k / N)))``, the same rule as the faiss IVF retrievers; the group scans the union.
+* Training and retraining as the faiss IVF retrievers: built on the first add that brings ``min_train``
+  keys (exact scan before that), rebuilt from the host tier when it holds ``retrain_factor`` times the keys
+  it was built on.
+* Group rules: ``union`` (of the per-head top-k sets), ``per-head`` (the same rows, each head attends only
+  its own top-k), ``sum`` (one search with the group's summed query).
+
+Without the C++ extension the same search runs in PyTorch (``search_torch``: the reference, much slower),
+with a one-time warning.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, List, Optional
+
+import numpy as np
+import torch
+
+from hetero.errors import ConfigError, InvalidValueError
+from hetero.types import Selection
+
+from .base import Retriever, selection_from_groups, topk_group
+
+_ASSIGN_CHUNK = 65536
+_warned = False
+
+
+def _nearest_pow2(x: float, lo: int, hi: int) -> int:
+    return int(min(hi, max(lo, 2 ** round(math.log2(max(x, 1.0))))))
+
+
+class _SeqIndex:
+    """One sequence's index, all KV heads: centroids ``[Hkv, L, D]``, code ranges, list segments."""
+
+    def __init__(self, keys: torch.Tensor, nlist: int, seed: int):
+        import faiss
+
+        hkv, n, d = keys.shape
+        self.dp = -(-d // 16) * 16
+        self.centroids = torch.empty(hkv, nlist, d)
+        for h in range(hkv):
+            km = faiss.Kmeans(d, nlist, niter=10, spherical=True, max_points_per_centroid=32,
+                              min_points_per_centroid=1, seed=seed + h)
+            km.train(np.ascontiguousarray(keys[h].numpy()))
+            self.centroids[h] = torch.from_numpy(km.centroids)
+        self.centroids_t = np.ascontiguousarray(self.centroids.transpose(1, 2).numpy())  # [Hkv, D, L]
+        self.vmin = keys.amin(dim=1)                                 # [Hkv, D]
+        self.step = ((keys.amax(dim=1) - self.vmin) / 255).clamp_min(1e-12)
+        assign = self.assign(keys)                                   # [Hkv, n]
+        counts = torch.stack([torch.bincount(a, minlength=nlist) for a in assign])  # [Hkv, L]
+        self.cap = counts + counts // 4 + 8
+        self.start = torch.cumsum(self.cap, dim=1) - self.cap
+        self.count = torch.zeros_like(counts)
+        self.used = self.cap.sum(dim=1)                              # arena rows handed out, per head
+        arena = int(self.used.max()) + n // 8 + 64
+        self.codes = np.zeros((hkv, arena, self.dp), dtype=np.uint8)
+        self.ids = np.zeros((hkv, arena), dtype=np.int32)
+        self.add(keys, 0, assign)
+
+    @property
+    def nlist(self) -> int:
+        return self.centroids.shape[1]
+
+    def assign(self, keys: torch.Tensor) -> torch.Tensor:
+        """Nearest list by inner product: ``keys [Hkv, n, D]`` -> ``[Hkv, n]`` int64."""
+        out = torch.empty(keys.shape[:2], dtype=torch.long)
+        for s in range(0, keys.shape[1], _ASSIGN_CHUNK):
+            out[:, s:s + _ASSIGN_CHUNK] = torch.bmm(keys[:, s:s + _ASSIGN_CHUNK],
+                                                    self.centroids.transpose(1, 2)).argmax(dim=2)
+        return out
+
+    def encode(self, keys: torch.Tensor) -> np.ndarray:
+        codes = ((keys - self.vmin[:, None]) / self.step[:, None]).round_().clamp_(0, 255).to(torch.uint8)
+        if self.dp != keys.shape[2]:
+            codes = torch.nn.functional.pad(codes, (0, self.dp - keys.shape[2]))
+        return codes.numpy()
+
+    def add(self, keys: torch.Tensor, first_id: int, assign: Optional[torch.Tensor] = None) -> None:
+        """Append ``keys [Hkv, n, D]`` float32 with host positions ``first_id ..`` (all heads at once)."""
+        hkv, n, _ = keys.shape
+        if assign is None:
+            assign = self.assign(keys)
+        codes = self.encode(keys).reshape(hkv * n, self.dp)
+        # one slot per (head, list) pair in a flat [Hkv * nlist] view; group the new keys by pair
+        pair = (assign + torch.arange(hkv)[:, None] * self.nlist).flatten().numpy()
+        order = np.argsort(pair, kind="stable")
+        pairs, first, sizes = np.unique(pair[order], return_index=True, return_counts=True)
+        start, count, cap = self.start.view(-1).numpy(), self.count.view(-1).numpy(), self.cap.view(-1).numpy()
+        for p in pairs[count[pairs] + sizes > cap[pairs]]:  # overflowing lists move first (rare)
+            self._relocate(int(p) // self.nlist, int(p) % self.nlist, int(count[p] + sizes[pairs == p][0]))
+        rank = np.arange(len(order)) - np.repeat(first, sizes)
+        dest = np.repeat(start[pairs] + count[pairs], sizes) + rank
+        head = order // n
+        self.codes[head, dest] = codes[order]
+        self.ids[head, dest] = (first_id + order % n).astype(np.int32)
+        count[pairs] += sizes
+
+    def _relocate(self, h: int, lst: int, need: int) -> None:
+        """Move list ``lst`` of head ``h`` to the arena's end with room for ``need`` rows (at least twice)."""
+        cap = max(2 * int(self.cap[h, lst]), need)
+        if int(self.used[h]) + cap > self.codes.shape[1]:
+            self._grow(int(self.used[h]) + cap)
+        old, new, cnt = int(self.start[h, lst]), int(self.used[h]), int(self.count[h, lst])
+        self.codes[h, new:new + cnt] = self.codes[h, old:old + cnt]
+        self.ids[h, new:new + cnt] = self.ids[h, old:old + cnt]
+        self.start[h, lst], self.cap[h, lst] = new, cap
+        self.used[h] += cap
+
+    def _grow(self, rows: int) -> None:
+        rows = max(rows, self.codes.shape[1] * 3 // 2)
+        codes = np.zeros((self.codes.shape[0], rows, self.dp), dtype=np.uint8)
+        ids = np.zeros((self.codes.shape[0], rows), dtype=np.int32)
+        codes[:, : self.codes.shape[1]] = self.codes
+        ids[:, : self.ids.shape[1]] = self.ids
+        self.codes, self.ids = codes, ids
+
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.ids.nbytes + self.centroids.numel() * 4 + 3 * self.count.numel() * 8
+
+
+class IVFGroupRetriever(Retriever):
+    """IVF over 8-bit codes, each probed list read once per GQA group (see the module docstring)."""
+
+    name = "ivf-group"
+
+    def __init__(self, host, group_rule: str = "union", probe_factor: float = 1.0, min_train: int = 256,
+                 retrain_factor: float = 4.0, nlist: Optional[int] = None, threads: int = 1, seed: int = 1234,
+                 **options: Any):
+        super().__init__(host, group_rule, **options)
+        for name, val, low in (("probe_factor", probe_factor, 0.0), ("retrain_factor", retrain_factor, 1.0)):
+            if not isinstance(val, (int, float)) or not val > low:
+                raise ConfigError(f"retriever option {name}={val!r} is not allowed: a number > {low}")
+        for name, val in (("min_train", min_train), ("threads", threads)):
+            if not isinstance(val, int) or val < 1:
+                raise ConfigError(f"retriever option {name}={val!r} is not allowed: an int >= 1")
+        if nlist is not None and (not isinstance(nlist, int) or nlist < 1):
+            raise ConfigError(f"retriever option nlist={nlist!r} is not allowed: None or an int >= 1")
+        self.probe_factor, self.min_train, self.retrain_factor = float(probe_factor), min_train, retrain_factor
+        self.nlist_option, self.seed = nlist, seed
+        self._seqs: List[Optional[_SeqIndex]] = [None] * host.batch
+        self._trained_on = [0] * host.batch
+        self._runner = None
+        from hetero.cpu.cpp_sparse import load, load_error
+
+        ext = load()
+        if ext is not None:
+            self._runner = ext.Runner(threads)
+        else:
+            global _warned
+            if not _warned:
+                warnings.warn(f"hetero: {load_error()}; ivf-group searches in PyTorch (slow)", stacklevel=2)
+                _warned = True
+
+    def set_threads(self, threads: int) -> None:
+        if self._runner is not None and self._runner.threads != int(threads):
+            self._runner.set_threads(int(threads))
+
+    # ---- index life cycle ---------------------------------------------------------------------------
+    def _nlist(self, n: int) -> int:
+        return self.nlist_option or _nearest_pow2(6 * math.sqrt(n), 16, 1024)
+
+    def _add(self, seq: int, keys: torch.Tensor) -> None:
+        new_total = self._ntotal[seq] + keys.shape[1]
+        index = self._seqs[seq]
+        if (index is None and new_total >= self.min_train) or \
+                (index is not None and new_total > self.retrain_factor * self._trained_on[seq]):
+            if self.host.length[seq] < new_total:
+                raise InvalidValueError(f"retriever out of sync with the host tier: {self.host.length[seq]} "
+                                        f"tokens stored, {new_total} to index")
+            x = self.host.keys(seq)[:, :new_total].float()
+            _check_finite(x)
+            self._seqs[seq] = _SeqIndex(x.contiguous(), min(self._nlist(new_total), new_total), self.seed)
+            self._trained_on[seq] = new_total
+        elif index is not None:
+            x = keys.float().contiguous()
+            _check_finite(x)
+            index.add(x, self._ntotal[seq])
+
+    def reset(self) -> None:
+        super().reset()
+        self._seqs = [None] * self.host.batch
+        self._trained_on = [0] * self.host.batch
+
+    def memory_bytes(self) -> int:
+        return sum(s.nbytes() for s in self._seqs if s is not None)
+
+    def bytes_per_token(self) -> int:
+        return -(-self.host.head_dim // 16) * 16 + 4
+
+    # ---- search -------------------------------------------------------------------------------------
+    def probe_mask(self, index: _SeqIndex, qg: torch.Tensor, ks: List[int], n: int) -> torch.Tensor:
+        """``[Hkv, nlist]`` uint8: the lists probed by any query of each KV head's group (``ks[h]``: keys per
+        query of head h; each query probes its ``nprobe(k)`` best lists by ``q . centroid``)."""
+        scores = np.matmul(qg.numpy(), index.centroids_t)                  # [Hkv, G, L]
+        hkv, g, nlist = scores.shape
+        mask = np.zeros((hkv, nlist), dtype=np.uint8)
+        nprobe = [0 if k == 0 else max(1, min(nlist, math.ceil(nlist * min(1.0, self.probe_factor
+                                                                            * math.sqrt(k / n))))) for k in ks]
+        for p in set(nprobe) - {0}:
+            heads = np.array([h for h in range(hkv) if nprobe[h] == p])
+            best = np.argpartition(-scores[heads], p - 1, axis=2)[:, :, :p] if p < nlist else \
+                np.broadcast_to(np.arange(nlist), (len(heads), g, nlist))
+            mask[heads[:, None, None], best] = 1
+        return torch.from_numpy(mask)
+
+    def prescale(self, index: _SeqIndex, qg: torch.Tensor) -> torch.Tensor:
+        """``qg [Hkv, G, D]`` -> ``[Hkv, G, Dp]`` float32 with ``qs . codes = q . key - q . vmin``."""
+        qs = qg * index.step[:, None, :]
+        return torch.nn.functional.pad(qs, (0, index.dp - qs.shape[2])).contiguous()
+
+    def _search(self, q: torch.Tensor, ks) -> Selection:
+        hkv = self.host.kv_heads
+        g = q.shape[1] // hkv
+        ids, members, scanned = [], [], 0
+        for seq, per_head in enumerate(ks):
+            n, index = self._ntotal[seq], self._seqs[seq]
+            qg = q[seq].reshape(hkv, g, -1)
+            if self.group_rule == "sum" and g > 1:
+                qg = qg.sum(dim=1, keepdim=True)
+            if not any(per_head):
+                found = [(torch.empty(0, dtype=torch.int32), None)] * hkv
+            elif index is None:  # not trained yet: exact scan of the few keys there are
+                keys = self.host.keys(seq).float()
+                scores = torch.bmm(qg, keys.transpose(1, 2))
+                found = [topk_group(scores[h], k, "per-head" if self.group_rule == "per-head" else "union")
+                         for h, k in enumerate(per_head)]
+                scanned += sum(n * g for k in per_head if k)
+            else:
+                mask, qs = self.probe_mask(index, qg, per_head, n), self.prescale(index, qg)
+                top, uni, cnt, rows = (self._search_cpp if self._runner is not None else search_torch)(
+                    index, qs, mask, per_head, n)
+                scanned += int(rows.sum()) * g
+                found = []
+                for h in range(hkv):
+                    u = uni[h, : cnt[h]]
+                    member = None
+                    if self.group_rule == "per-head" and g > 1:
+                        member = torch.stack([torch.isin(u, t[t >= 0]) for t in top[h]])
+                    found.append((u, member))
+            ids.append([f[0] for f in found]), members.append([f[1] for f in found])
+        self.last_scanned = scanned
+        return selection_from_groups(ids, members, hkv, g)
+
+    def _search_cpp(self, index: _SeqIndex, qs: torch.Tensor, mask: torch.Tensor, ks: List[int], n: int):
+        hkv, g, dp = qs.shape
+        kmax = max(ks)
+        top = torch.empty(hkv, g, kmax, dtype=torch.int32)
+        uni = torch.empty(hkv, g * kmax, dtype=torch.int32)
+        cnt = torch.empty(hkv, dtype=torch.int64)
+        rows = torch.empty(hkv, dtype=torch.int64)
+        k_t = torch.tensor(ks, dtype=torch.int64)
+        n_t = torch.full((hkv,), n, dtype=torch.int64)
+        start, count = index.start.contiguous(), index.count.contiguous()
+        step_c, step_i = index.codes.strides[0], index.ids.strides[0]
+        ptr = lambda base, stride: torch.tensor([base + h * stride for h in range(hkv)], dtype=torch.uint64)  # noqa: E731
+        codes_p = ptr(index.codes.ctypes.data, step_c)
+        ids_p = ptr(index.ids.ctypes.data, step_i)
+        start_p = ptr(start.data_ptr(), start.stride(0) * 8)
+        count_p = ptr(count.data_ptr(), count.stride(0) * 8)
+        self._runner.ivf_search(qs.data_ptr(), hkv, g, dp, codes_p.data_ptr(), ids_p.data_ptr(), start_p.data_ptr(),
+                                count_p.data_ptr(), index.nlist, mask.data_ptr(), k_t.data_ptr(), n_t.data_ptr(),
+                                top.data_ptr(), kmax, uni.data_ptr(), cnt.data_ptr(), rows.data_ptr())
+        return top, uni, cnt, rows
+
+
+def search_torch(index: _SeqIndex, qs: torch.Tensor, mask: torch.Tensor, ks: List[int], n: int):
+    """PyTorch reference of the C++ grouped search (same outputs: per-query top ids ``[Hkv, G, kmax]`` -1
+    padded, sorted union ``[Hkv, G*kmax]`` -1 padded, union sizes ``[Hkv]``, rows scanned ``[Hkv]``)."""
+    hkv, g, _ = qs.shape
+    kmax = max(ks)
+    top = torch.full((hkv, g, kmax), -1, dtype=torch.int32)
+    uni = torch.full((hkv, g * kmax), -1, dtype=torch.int32)
+    cnt = torch.zeros(hkv, dtype=torch.int64)
+    rows = torch.zeros(hkv, dtype=torch.int64)
+    for h in range(hkv):
+        lists = mask[h].nonzero().flatten().tolist()
+        seg = [torch.arange(int(index.start[h, lst]), int(index.start[h, lst] + index.count[h, lst])) for lst in lists]
+        pos = torch.cat(seg) if seg else torch.empty(0, dtype=torch.long)
+        rows[h] = len(pos)
+        k = min(ks[h], len(pos))
+        if k == 0:
+            continue
+        codes = torch.from_numpy(index.codes[h][pos.numpy()]).float()     # [n_scan, Dp]
+        scores = qs[h] @ codes.T                                           # [G, n_scan]
+        best = torch.from_numpy(index.ids[h][pos.numpy()])[scores.topk(k, dim=1).indices]
+        top[h, :, :k] = best
+        u = torch.unique(best)
+        uni[h, : len(u)], cnt[h] = u, len(u)
+    return top, uni, cnt, rows
+
+
+def _check_finite(x: torch.Tensor) -> None:
+    if not torch.isfinite(x).all():
+        raise InvalidValueError("keys handed to the ivf-group index contain NaN or inf")

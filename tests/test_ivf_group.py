@@ -1,0 +1,186 @@
+"""ivf-group: the C++ grouped search against its PyTorch reference, index integrity under incremental adds,
+training policy and input handling."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from hetero import HeteroConfig, LayerCache
+from hetero.cpu.cpp_sparse import load
+
+pytest.importorskip("faiss")
+from hetero.retrieval.ivf_group import search_torch  # noqa: E402
+
+needs_ext = pytest.mark.skipif(load() is None, reason="C++ extension not built")
+
+
+def _layer(n, hkv=2, d=16, g=3, seed=0, **opts):
+    gen = torch.Generator().manual_seed(seed)
+    opts.setdefault("min_train", 64)
+    cfg = HeteroConfig(window=8, sinks=2, retriever="ivf-group", retriever_options=opts)
+    layer = LayerCache(cfg)
+    keys = torch.randn(1, hkv, n, d, generator=gen)
+    vals = torch.randn(1, hkv, n, d, generator=gen)
+    q = torch.randn(1, hkv * g, d, generator=gen)
+    return layer, keys, vals, q
+
+
+def _list_contents(index, h):
+    """{list: sorted ids} of head h."""
+    return {lst: sorted(index.ids[h, int(index.start[h, lst]):int(index.start[h, lst] + index.count[h, lst])].tolist())
+            for lst in range(index.nlist)}
+
+
+def _compare(r, q, ks):
+    index = r._seqs[0]
+    hkv = r.host.kv_heads
+    qg = q[0].float().reshape(hkv, -1, q.shape[-1])
+    n = r.ntotal[0]
+    mask, qs = r.probe_mask(index, qg, ks, n), r.prescale(index, qg)
+    got = r._search_cpp(index, qs, mask, ks, n)
+    want = search_torch(index, qs, mask, ks, n)
+    assert torch.equal(got[3], want[3])                                  # rows scanned
+    assert torch.equal(got[2], want[2])                                  # union sizes
+    for h in range(hkv):
+        assert torch.equal(got[1][h, : got[2][h]], want[1][h, : want[2][h]])
+        for gq in range(qg.shape[1]):                                     # per-query top sets
+            assert torch.equal(got[0][h, gq].sort().values, want[0][h, gq].sort().values)
+    return got
+
+
+@needs_ext
+@pytest.mark.parametrize("d,g", [(16, 1), (16, 3), (24, 4), (64, 5), (32, 8)])
+def test_cpp_search_matches_torch_reference(d, g):
+    layer, keys, vals, q = _layer(900, d=d, g=g)
+    layer.append(keys, vals)
+    r = layer.retriever
+    n = r.ntotal[0]
+    for ks in ([1, 1], [7, 30], [0, 5], [n, n], [40, 0]):
+        _compare(r, q, ks)
+
+
+@needs_ext
+def test_cpp_search_is_exact_top_k_over_scanned_rows():
+    """Every selected row scores >= every scanned row left out (against the quantized codes)."""
+    layer, keys, vals, q = _layer(1500, g=4)
+    layer.append(keys, vals)
+    r = layer.retriever
+    index, k = r._seqs[0], 25
+    qg = q[0].reshape(2, 4, -1)
+    mask, qs = r.probe_mask(index, qg, [k, k], r.ntotal[0]), r.prescale(index, qg)
+    top = r._search_cpp(index, qs, mask, [k, k], r.ntotal[0])[0]
+    for h in range(2):
+        rows = np.concatenate([np.arange(int(index.start[h, lst]), int(index.start[h, lst] + index.count[h, lst]))
+                               for lst in mask[h].nonzero().flatten().tolist()])
+        scores = torch.from_numpy(index.codes[h][rows]).float() @ qs[h].T   # [n_scan, G]
+        ids = torch.from_numpy(index.ids[h][rows])
+        for gq in range(4):
+            chosen = torch.isin(ids, top[h, gq])
+            assert int(chosen.sum()) == k
+            assert scores[chosen, gq].min() >= scores[~chosen, gq].max() - 1e-4
+
+
+@needs_ext
+def test_cpp_search_at_every_isa_level():
+    from hetero.cpu.cpp_sparse import info
+
+    levels = ["scalar", "avx2", "avx512", "avx512_bf16"]
+    usable = levels[: levels.index(info()["isa_detected"]) + 1]
+    code = (
+        "import sys; sys.path.insert(0, {tests!r}); import torch\n"
+        "from test_ivf_group import _layer, _compare\n"
+        "layer, keys, vals, q = _layer(700, d=40, g=5)\n"
+        "layer.append(keys, vals)\n"
+        "_compare(layer.retriever, q, [9, 21])\n"
+        "from hetero.cpu.cpp_sparse import info; print(info()['isa'])\n"
+    ).format(tests=os.path.dirname(__file__))
+    for isa in usable:
+        env = dict(os.environ, HETERO_CPU_ISA=isa)
+        p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert p.stdout.split()[-1] == isa
+
+
+def test_incremental_adds_equal_one_batch_add_and_keep_every_token_once():
+    """Token-by-token adds (which overflow lists and move them, and grow the arena) leave the same list contents
+    as one batch add of the same keys on the same training; every host position is in exactly one list."""
+    a, keys, vals, q = _layer(2000)
+    b = LayerCache(a.config)
+    a.append(keys[:, :, :300], vals[:, :, :300])   # trains on the 290 tokens past the fast tier
+    b.append(keys[:, :, :300], vals[:, :, :300])
+    for t in range(300, 1100):
+        a.append(keys[:, :, t], vals[:, :, t])
+    b.append(keys[:, :, 300:1100], vals[:, :, 300:1100])
+    ia, ib = a.retriever._seqs[0], b.retriever._seqs[0]
+    assert a.retriever._trained_on[0] == b.retriever._trained_on[0]      # no retrain in between
+    assert ia.codes.shape[1] > 1.2 * a.retriever._trained_on[0]          # the arena grew
+    n = a.host.length[0]
+    for h in range(2):
+        la, lb = _list_contents(ia, h), _list_contents(ib, h)
+        assert la == lb
+        assert sorted(sum(la.values(), [])) == list(range(n))
+    sa = a.retriever.search(q, [12])
+    assert torch.equal(sa.indices, b.retriever.search(q, [12]).indices)
+
+
+def test_codes_reproduce_scores_up_to_quantization():
+    layer, keys, vals, q = _layer(800, d=32, g=1)
+    layer.append(keys, vals)
+    index = layer.retriever._seqs[0]
+    k_host = layer.host.keys(0).float()                                   # [Hkv, N, D]
+    for h in range(2):
+        seg = np.zeros(index.codes.shape[1], dtype=bool)
+        for lst in range(index.nlist):
+            s = int(index.start[h, lst])
+            seg[s:s + int(index.count[h, lst])] = True
+        rows = np.nonzero(seg)[0]
+        live = torch.from_numpy(index.ids[h][rows]).long()
+        approx = torch.from_numpy(index.codes[h][rows][:, :32]).float() * index.step[h] + index.vmin[h]
+        err = (approx - k_host[h, live]).abs().max(dim=0).values
+        assert bool((err <= index.step[h] * 0.5 + 1e-5).all())
+
+
+def test_memory_and_bytes_per_token():
+    layer, keys, vals, q = _layer(3000, d=24)
+    layer.append(keys, vals)
+    r = layer.retriever
+    assert r.bytes_per_token() == 32 + 4
+    n = r.ntotal[0] * 2
+    assert n * r.bytes_per_token() <= r.memory_bytes() < 3 * n * r.bytes_per_token() + 200_000
+
+
+def test_retrains_when_tier_outgrows_training_and_scans_exactly_before():
+    layer, keys, vals, q = _layer(2000, min_train=300, retrain_factor=2.0)
+    layer.append(keys[:, :, :200], vals[:, :, :200])
+    assert layer.retriever._seqs[0] is None
+    sel = layer.retriever.search(q, [5])
+    assert layer.retriever.last_scanned == q.shape[1] * layer.host.length[0]
+    exact = LayerCache(HeteroConfig(window=8, sinks=2, retriever="exact"))
+    exact.append(keys[:, :, :200], vals[:, :, :200])
+    assert torch.equal(sel.indices, exact.retriever.search(q, [5]).indices)
+    layer.append(keys[:, :, 200:320], vals[:, :, 200:320])
+    first = layer.retriever._trained_on[0]
+    assert first == layer.host.length[0] >= 300
+    layer.append(keys[:, :, 320:1500], vals[:, :, 320:1500])
+    assert layer.retriever._trained_on[0] > 2 * first - 1
+    assert layer.retriever.ntotal[0] == layer.host.length[0]
+
+
+@pytest.mark.parametrize("rule", ["union", "per-head", "sum"])
+def test_group_rules(rule):
+    _, keys, vals, q = _layer(1200, g=3)
+    cfg = HeteroConfig(window=8, sinks=2, retriever="ivf-group", group_rule=rule, retriever_options={"min_train": 64})
+    layer = LayerCache(cfg)
+    layer.append(keys, vals)
+    sel = layer.retriever.search(q, [10])
+    width = int((sel.indices[0] >= 0).sum(dim=1).max())
+    if rule == "sum":
+        assert width == 10 and sel.log_weight is None
+    else:
+        assert 10 <= width <= 30
+    if rule == "per-head":
+        chosen = torch.isfinite(sel.log_weight[0])                        # [Hq, width]
+        assert bool((chosen.sum(dim=1) == 10).all())
