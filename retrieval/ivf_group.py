@@ -54,11 +54,13 @@ class _SeqIndex:
         hkv, n, d = keys.shape
         self.dp = -(-d // 16) * 16
         self.centroids = torch.empty(hkv, nlist, d)
+        self.quantizers = []
         for h in range(hkv):
             km = faiss.Kmeans(d, nlist, niter=10, spherical=True, max_points_per_centroid=32,
                               min_points_per_centroid=1, seed=seed + h)
             km.train(np.ascontiguousarray(keys[h].numpy()))
             self.centroids[h] = torch.from_numpy(km.centroids)
+            self.quantizers.append(km.index)  # IndexFlatIP over the centroids
         self.centroids_t = np.ascontiguousarray(self.centroids.transpose(1, 2).numpy())  # [Hkv, D, L]
         self.vmin = keys.amin(dim=1)                                 # [Hkv, D]
         self.step = ((keys.amax(dim=1) - self.vmin) / 255).clamp_min(1e-12)
@@ -78,11 +80,13 @@ class _SeqIndex:
         return self.centroids.shape[1]
 
     def assign(self, keys: torch.Tensor) -> torch.Tensor:
-        """Nearest list by inner product: ``keys [Hkv, n, D]`` -> ``[Hkv, n]`` int64."""
+        """Nearest list by inner product: ``keys [Hkv, n, D]`` -> ``[Hkv, n]`` int64 (faiss's blocked GEMM +
+        argmax: 4x faster than torch.bmm + argmax over a prefill, and no ``[n, nlist]`` score matrix)."""
+        if keys.shape[1] <= 16:  # a decode step's add: one small batched matmul
+            return torch.bmm(keys, self.centroids.transpose(1, 2)).argmax(dim=2)
         out = torch.empty(keys.shape[:2], dtype=torch.long)
-        for s in range(0, keys.shape[1], _ASSIGN_CHUNK):
-            out[:, s:s + _ASSIGN_CHUNK] = torch.bmm(keys[:, s:s + _ASSIGN_CHUNK],
-                                                    self.centroids.transpose(1, 2)).argmax(dim=2)
+        for h, quantizer in enumerate(self.quantizers):
+            out[h] = torch.from_numpy(quantizer.search(np.ascontiguousarray(keys[h].numpy()), 1)[1][:, 0])
         return out
 
     def encode(self, keys: torch.Tensor) -> np.ndarray:
