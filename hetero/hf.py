@@ -139,7 +139,10 @@ def _classes():
             if self._attention is None or self._attention.config.scale != scaling:
                 if self._attention is not None:
                     self._attention.close()
-                self._attention = HeteroAttention(self.config.with_(scale=scaling))
+                # the indexer doubles as the host worker: a layer's index add and its search share one FIFO
+                # thread (no cross-thread wait in the decode step)
+                cfg = self.config.with_(scale=scaling)
+                self._attention = HeteroAttention(cfg, host_worker=self.indexer if cfg.overlap else None)
             return self._attention
 
         def close(self) -> None:

@@ -65,11 +65,12 @@ class _SeqIndex:
         self.vmin = keys.amin(dim=1)                                 # [Hkv, D]
         self.step = ((keys.amax(dim=1) - self.vmin) / 255).clamp_min(1e-12)
         assign = self.assign(keys)                                   # [Hkv, n]
-        counts = torch.stack([torch.bincount(a, minlength=nlist) for a in assign])  # [Hkv, L]
+        counts = torch.stack([torch.bincount(a, minlength=nlist) for a in assign]).numpy()  # [Hkv, L]
+        # list segments (numpy int64 [Hkv, L]: a decode step's add touches single entries, cheap in numpy)
         self.cap = counts + counts // 4 + 8
-        self.start = torch.cumsum(self.cap, dim=1) - self.cap
-        self.count = torch.zeros_like(counts)
-        self.used = self.cap.sum(dim=1)                              # arena rows handed out, per head
+        self.start = np.cumsum(self.cap, axis=1) - self.cap
+        self.count = np.zeros_like(counts)
+        self.used = self.cap.sum(axis=1)                             # arena rows handed out, per head
         arena = int(self.used.max()) + n // 8 + 64
         self.codes = np.zeros((hkv, arena, self.dp), dtype=np.uint8)
         self.ids = np.zeros((hkv, arena), dtype=np.int32)
@@ -101,11 +102,21 @@ class _SeqIndex:
         if assign is None:
             assign = self.assign(keys)
         codes = self.encode(keys).reshape(hkv * n, self.dp)
+        if n <= 4:  # a decode step's eviction: a few scalar writes beat the vectorized bookkeeping below
+            for h, row in enumerate(assign.tolist()):
+                for j, lst in enumerate(row):
+                    if self.count[h, lst] == self.cap[h, lst]:
+                        self._relocate(h, lst, int(self.count[h, lst]) + 1)
+                    dest = int(self.start[h, lst] + self.count[h, lst])
+                    self.codes[h, dest] = codes[h * n + j]
+                    self.ids[h, dest] = first_id + j
+                    self.count[h, lst] += 1
+            return
         # one slot per (head, list) pair in a flat [Hkv * nlist] view; group the new keys by pair
         pair = (assign + torch.arange(hkv)[:, None] * self.nlist).flatten().numpy()
         order = np.argsort(pair, kind="stable")
         pairs, first, sizes = np.unique(pair[order], return_index=True, return_counts=True)
-        start, count, cap = self.start.view(-1).numpy(), self.count.view(-1).numpy(), self.cap.view(-1).numpy()
+        start, count, cap = self.start.reshape(-1), self.count.reshape(-1), self.cap.reshape(-1)  # views
         for p in pairs[count[pairs] + sizes > cap[pairs]]:  # overflowing lists move first (rare)
             self._relocate(int(p) // self.nlist, int(p) % self.nlist, int(count[p] + sizes[pairs == p][0]))
         rank = np.arange(len(order)) - np.repeat(first, sizes)
@@ -135,7 +146,7 @@ class _SeqIndex:
         self.codes, self.ids = codes, ids
 
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.ids.nbytes + self.centroids.numel() * 4 + 3 * self.count.numel() * 8
+        return self.codes.nbytes + self.ids.nbytes + self.centroids.numel() * 4 + 3 * self.count.nbytes
 
 
 class IVFGroupRetriever(Retriever):
@@ -270,13 +281,12 @@ class IVFGroupRetriever(Retriever):
         rows = torch.empty(hkv, dtype=torch.int64)
         k_t = torch.tensor(ks, dtype=torch.int64)
         n_t = torch.full((hkv,), n, dtype=torch.int64)
-        start, count = index.start.contiguous(), index.count.contiguous()
         step_c, step_i = index.codes.strides[0], index.ids.strides[0]
         ptr = lambda base, stride: torch.tensor([base + h * stride for h in range(hkv)], dtype=torch.uint64)  # noqa: E731
         codes_p = ptr(index.codes.ctypes.data, step_c)
         ids_p = ptr(index.ids.ctypes.data, step_i)
-        start_p = ptr(start.data_ptr(), start.stride(0) * 8)
-        count_p = ptr(count.data_ptr(), count.stride(0) * 8)
+        start_p = ptr(index.start.ctypes.data, index.start.strides[0])
+        count_p = ptr(index.count.ctypes.data, index.count.strides[0])
         self._runner.ivf_search(qs.data_ptr(), hkv, g, dp, codes_p.data_ptr(), ids_p.data_ptr(), start_p.data_ptr(),
                                 count_p.data_ptr(), index.nlist, mask.data_ptr(), k_t.data_ptr(), n_t.data_ptr(),
                                 top.data_ptr(), kmax, uni.data_ptr(), cnt.data_ptr(), rows.data_ptr())
