@@ -10,8 +10,9 @@ each query head keeps its exact top-k over every row scanned for the group. Per 
   bytes per key, plus a 4-byte host position). A query is pre-scaled so that ``q . key`` = a per-query
   constant + ``qs . codes``; the constant does not change a query's ranking. Keys added later outside the
   range are clamped to it.
-* Lists live in segments of one code arena with spare room; a list that fills up moves to the arena's end
-  with twice the room (the arena grows by half when needed), so a decode step's add is O(1).
+* Lists live in segments of one code arena with spare room (1/16 + 8 rows per list, 1/16 at the end); a list
+  that fills up moves to the arena's end with twice the room (the arena grows by half when needed), so a
+  decode step's add is O(1). ``memory_bytes`` counts the whole arena (about 1.15x ``bytes_per_token``).
 * Probing: each query head ranks the lists by ``q . centroid`` and takes ``nprobe = ceil(nlist *
   min(1, probe_factor * sqrt(k / N)))``, the same rule as the faiss IVF retrievers; the group scans the union.
 * Training and retraining as the faiss IVF retrievers: built on the first add that brings ``min_train``
@@ -67,11 +68,11 @@ class _SeqIndex:
         assign = self.assign(keys)                                   # [Hkv, n]
         counts = torch.stack([torch.bincount(a, minlength=nlist) for a in assign]).numpy()  # [Hkv, L]
         # list segments (numpy int64 [Hkv, L]: a decode step's add touches single entries, cheap in numpy)
-        self.cap = counts + counts // 4 + 8
+        self.cap = counts + counts // 16 + 8  # room for decode-step adds; a full list moves (see _relocate)
         self.start = np.cumsum(self.cap, axis=1) - self.cap
         self.count = np.zeros_like(counts)
         self.used = self.cap.sum(axis=1)                             # arena rows handed out, per head
-        arena = int(self.used.max()) + n // 8 + 64
+        arena = int(self.used.max()) + n // 16 + 64
         self.codes = np.zeros((hkv, arena, self.dp), dtype=np.uint8)
         self.ids = np.zeros((hkv, arena), dtype=np.int32)
         self.add(keys, 0, assign)
