@@ -84,8 +84,8 @@ class _SeqIndex:
     def assign(self, keys: torch.Tensor) -> torch.Tensor:
         """Nearest list by inner product: ``keys [Hkv, n, D]`` -> ``[Hkv, n]`` int64 (faiss's blocked GEMM +
         argmax: 4x faster than torch.bmm + argmax over a prefill, and no ``[n, nlist]`` score matrix)."""
-        if keys.shape[1] <= 16:  # a decode step's add: one small batched matmul
-            return torch.bmm(keys, self.centroids.transpose(1, 2)).argmax(dim=2)
+        if keys.shape[1] <= 16:  # a decode step's add: one small batched matmul (torch.bmm: 6.6 ms here, numpy 0.1)
+            return torch.from_numpy(np.matmul(keys.numpy(), self.centroids_t).argmax(axis=2))
         out = torch.empty(keys.shape[:2], dtype=torch.long)
         for h, quantizer in enumerate(self.quantizers):
             out[h] = torch.from_numpy(quantizer.search(np.ascontiguousarray(keys[h].numpy()), 1)[1][:, 0])
