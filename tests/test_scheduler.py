@@ -20,7 +20,7 @@ def _layers(overlap, retriever="exact", n=600, seed=0, indexer=None, host_backen
     return cfg, layer
 
 
-@pytest.mark.parametrize("retriever", ["exact", "ivf"])
+@pytest.mark.parametrize("retriever", ["exact", "ivf", "ivf-group"])
 def test_overlapped_step_is_bit_identical_to_sequential(retriever):
     gen = torch.Generator().manual_seed(1)
     steps = [(torch.randn(2, 2, 32, generator=gen), torch.randn(2, 2, 32, generator=gen),
@@ -36,6 +36,37 @@ def test_overlapped_step_is_bit_identical_to_sequential(retriever):
         outs[overlap] = torch.stack(res)
         attn.close()
     assert torch.equal(outs[False], outs[True])
+
+
+def test_indexer_shared_with_host_worker_gives_identical_results():
+    """The profiler and the HF cache queue index adds on the host side's own worker (adds ahead of searches)."""
+    gen = torch.Generator().manual_seed(2)
+    steps = [(torch.randn(2, 2, 32, generator=gen), torch.randn(2, 2, 32, generator=gen),
+              torch.randn(2, 8, 32, generator=gen)) for _ in range(40)]
+    outs = []
+    for shared in (False, True):
+        worker = Worker("test-shared")
+        cfg, layer = _layers(True, "ivf-group", indexer=worker)
+        attn = HeteroAttention(cfg, host_worker=worker if shared else None)
+        outs.append(torch.stack([(layer.append(k, v), attn.run(q, layer))[1] for k, v, q in steps]))
+        attn.close()
+        worker.close()
+        assert layer.retriever.ntotal == layer.host.length
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_phases_are_torch_profiler_ranges():
+    cfg, layer = _layers(True, "ivf-group", n=3000)
+    attn = HeteroAttention(cfg)
+    q = torch.randn(2, 8, 32)
+    attn.run(q, layer)
+    from torch.profiler import _ExperimentalConfig
+
+    with torch.profiler.profile(experimental_config=_ExperimentalConfig(profile_all_threads=True)) as prof:
+        attn.run(q, layer)
+    names = {e.name for e in prof.events()}
+    assert {"hetero::window", "hetero::retrieve", "hetero::host_attn", "hetero::merge"} <= names
+    attn.close()
 
 
 def test_phases_of_the_two_sides_overlap_in_time():
@@ -162,7 +193,7 @@ def test_worker_shuts_down_cleanly_at_exit(tmp_path):
     assert p.returncode == 0 and p.stdout.strip() == "done", p.stderr
 
 
-@pytest.mark.parametrize("retriever", ["ivf", "ivf-pq", "hnsw", "lsh"])
+@pytest.mark.parametrize("retriever", ["ivf", "ivf-group", "ivf-pq", "hnsw", "lsh"])
 def test_background_indexing_with_training_while_tokens_keep_arriving(retriever):
     """The first add (which trains the index) may run after later tokens reached the host tier: the build
     must index exactly the tokens of that add, and the queued adds the rest, no token twice."""
@@ -177,6 +208,8 @@ def test_background_indexing_with_training_while_tokens_keep_arriving(retriever)
     blocker.result()
     layer.wait_indexed()
     assert layer.retriever.ntotal == layer.host.length
-    if retriever != "lsh":
+    if retriever == "ivf-group":
+        assert int(layer.retriever._seqs[0].count.sum(axis=1).max()) == layer.host.length[0]
+    elif retriever != "lsh":
         assert layer.retriever._index[0][0].ntotal == layer.host.length[0]
     indexer.close()
