@@ -36,7 +36,7 @@ import torch
 from hetero.errors import ConfigError, InvalidValueError
 from hetero.types import Selection
 
-from .base import Retriever, selection_from_groups, topk_group
+from .base import Retriever, pad_rows, selection_from_groups, topk_group
 
 _ASSIGN_CHUNK = 65536
 _warned = False
@@ -73,6 +73,7 @@ class _SeqIndex:
         self.count = np.zeros_like(counts)
         self.used = self.cap.sum(axis=1)                             # arena rows handed out, per head
         arena = int(self.used.max()) + n // 16 + 64
+        self._pointers = None
         self.codes = np.zeros((hkv, arena, self.dp), dtype=np.uint8)
         self.ids = np.zeros((hkv, arena), dtype=np.int32)
         self.add(keys, 0, assign)
@@ -138,6 +139,15 @@ class _SeqIndex:
         self.start[h, lst], self.cap[h, lst] = new, cap
         self.used[h] += cap
 
+    def pointers(self):
+        """Per-head base addresses (uint64 ``[Hkv]`` each) of codes, ids, list starts and counts for the kernel;
+        cached until the arena is reallocated."""
+        if self._pointers is None:
+            per_head = lambda a: (a.ctypes.data + np.arange(a.shape[0], dtype=np.uint64)  # noqa: E731
+                                  * np.uint64(a.strides[0])).astype(np.uint64)
+            self._pointers = tuple(per_head(a) for a in (self.codes, self.ids, self.start, self.count))
+        return self._pointers
+
     def _grow(self, rows: int) -> None:
         rows = max(rows, self.codes.shape[1] * 3 // 2)
         codes = np.zeros((self.codes.shape[0], rows, self.dp), dtype=np.uint8)
@@ -145,6 +155,7 @@ class _SeqIndex:
         codes[:, : self.codes.shape[1]] = self.codes
         ids[:, : self.ids.shape[1]] = self.ids
         self.codes, self.ids = codes, ids
+        self._pointers = None
 
     def nbytes(self) -> int:
         return self.codes.nbytes + self.ids.nbytes + self.centroids.numel() * 4 + 3 * self.count.nbytes
@@ -243,7 +254,7 @@ class IVFGroupRetriever(Retriever):
     def _search(self, q: torch.Tensor, ks) -> Selection:
         hkv = self.host.kv_heads
         g = q.shape[1] // hkv
-        ids, members, scanned = [], [], 0
+        ids, members, matrices, scanned = [], [], [], 0
         for seq, per_head in enumerate(ks):
             n, index = self._ntotal[seq], self._seqs[seq]
             qg = q[seq].reshape(hkv, g, -1)
@@ -262,15 +273,21 @@ class IVFGroupRetriever(Retriever):
                 top, uni, cnt, rows = (self._search_cpp if self._runner is not None else search_torch)(
                     index, qs, mask, per_head, n)
                 scanned += int(rows.sum()) * g
-                found = []
-                for h in range(hkv):
-                    u = uni[h, : cnt[h]]
-                    member = None
-                    if self.group_rule == "per-head" and g > 1:
-                        member = torch.stack([torch.isin(u, t[t >= 0]) for t in top[h]])
-                    found.append((u, member))
+                width = int(cnt.max())
+                if self.group_rule != "per-head" or g == 1:  # the union rows as they are: no loop over heads
+                    matrices.append(uni[:, :width])
+                    continue
+                found = [(uni[h, : cnt[h]], torch.stack([torch.isin(uni[h, : cnt[h]], t[t >= 0]) for t in top[h]]))
+                         for h in range(hkv)]
             ids.append([f[0] for f in found]), members.append([f[1] for f in found])
+            matrices.append(None)
         self.last_scanned = scanned
+        if all(m is not None for m in matrices):
+            return Selection(pad_rows(matrices, hkv))
+        for b, m in enumerate(matrices):  # mixed batch (a sequence not trained yet, or per-head membership)
+            if m is not None:
+                ids.insert(b, [row[row >= 0] for row in m])
+                members.insert(b, [None] * hkv)
         return selection_from_groups(ids, members, hkv, g)
 
     def _search_cpp(self, index: _SeqIndex, qs: torch.Tensor, mask: torch.Tensor, ks: List[int], n: int):
@@ -280,16 +297,11 @@ class IVFGroupRetriever(Retriever):
         uni = torch.empty(hkv, g * kmax, dtype=torch.int32)
         cnt = torch.empty(hkv, dtype=torch.int64)
         rows = torch.empty(hkv, dtype=torch.int64)
-        k_t = torch.tensor(ks, dtype=torch.int64)
-        n_t = torch.full((hkv,), n, dtype=torch.int64)
-        step_c, step_i = index.codes.strides[0], index.ids.strides[0]
-        ptr = lambda base, stride: torch.tensor([base + h * stride for h in range(hkv)], dtype=torch.uint64)  # noqa: E731
-        codes_p = ptr(index.codes.ctypes.data, step_c)
-        ids_p = ptr(index.ids.ctypes.data, step_i)
-        start_p = ptr(index.start.ctypes.data, index.start.strides[0])
-        count_p = ptr(index.count.ctypes.data, index.count.strides[0])
-        self._runner.ivf_search(qs.data_ptr(), hkv, g, dp, codes_p.data_ptr(), ids_p.data_ptr(), start_p.data_ptr(),
-                                count_p.data_ptr(), index.nlist, mask.data_ptr(), k_t.data_ptr(), n_t.data_ptr(),
+        k_t = np.asarray(ks, dtype=np.int64)
+        n_t = np.full(hkv, n, dtype=np.int64)
+        codes_p, ids_p, start_p, count_p = index.pointers()
+        self._runner.ivf_search(qs.data_ptr(), hkv, g, dp, codes_p.ctypes.data, ids_p.ctypes.data, start_p.ctypes.data,
+                                count_p.ctypes.data, index.nlist, mask.data_ptr(), k_t.ctypes.data, n_t.ctypes.data,
                                 top.data_ptr(), kmax, uni.data_ptr(), cnt.data_ptr(), rows.data_ptr())
         return top, uni, cnt, rows
 

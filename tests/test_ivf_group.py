@@ -184,3 +184,30 @@ def test_group_rules(rule):
     if rule == "per-head":
         chosen = torch.isfinite(sel.log_weight[0])                        # [Hq, width]
         assert bool((chosen.sum(dim=1) == 10).all())
+
+
+@pytest.mark.parametrize("rule", ["union", "per-head"])
+def test_batch_with_an_untrained_sequence(rule):
+    """Ragged batch: sequence 0 is indexed, sequence 1 is below min_train (exact scan); one Selection for both."""
+    gen = torch.Generator().manual_seed(3)
+    cfg = HeteroConfig(window=8, sinks=2, retriever="ivf-group", group_rule=rule, retriever_options={"min_train": 200})
+    layer = LayerCache(cfg)
+    layer.append(torch.randn(2, 2, 700, 16, generator=gen), torch.randn(2, 2, 700, 16, generator=gen),
+                 torch.tensor([700, 120]))
+    assert layer.retriever._seqs[0] is not None and layer.retriever._seqs[1] is None
+    q = torch.randn(2, 6, 16, generator=gen)
+    sel = layer.retriever.search(q, [9, 9])
+    from hetero.retrieval.exact import ExactTopK
+
+    exact = ExactTopK(layer.host, group_rule=rule)
+    for seq in range(2):
+        exact.add(seq, layer.host.keys(seq))
+    want = exact.search(q, [9, 9])
+    width = int((want.indices[1] >= 0).sum(dim=1).max())
+    assert torch.equal(sel.indices[1][:, :width], want.indices[1][:, :width])
+    assert bool((sel.indices[1][:, width:] == -1).all())
+    if rule == "per-head":
+        assert torch.equal(sel.log_weight[1][:, :width], want.log_weight[1][:, :width])
+    for h in range(2):
+        row = sel.indices[0, h][sel.indices[0, h] >= 0]
+        assert len(row) >= 9 and bool((row[1:] > row[:-1]).all())
