@@ -5,13 +5,17 @@ Every token of every sequence is in exactly one tier. A call rejected for bad in
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import threading
+import time
+from collections import deque
+from typing import Deque, Dict, List, Optional, Tuple
 
 import torch
 
 from .config import HeteroConfig
 from .errors import DTypeError, ShapeError
 from .tiers import FastTier, HostTier
+from .timing import Span
 from .validation import check_finite, check_float, check_lengths, check_tensor
 
 _KV_LAYOUT = "[B, Hkv, T, D] (or [B, Hkv, D] for one decode token)"
@@ -40,6 +44,8 @@ class LayerCache:
         self.host: Optional[HostTier] = None
         self.retriever = None
         self.head_budget = None  # per-head budget state (hetero.budgets), created by HeteroAttention
+        # "index_add" spans of recent adds (thread and times; the profiler's trace), at most 256 kept
+        self.add_spans: Deque[Span] = deque(maxlen=256)
 
     # ---- shape facts -------------------------------------------------------------------------------
     @property
@@ -139,9 +145,16 @@ class LayerCache:
                 evicted_k, evicted_v = evicted_k.cpu(), evicted_v.cpu()
                 self.host.append(seq, evicted_k, evicted_v)
                 if self.indexer is None:
-                    self.retriever.add(seq, evicted_k)
+                    self._timed_add(seq, evicted_k)
                 else:
-                    self._pending.append(self.indexer.submit(self.retriever.add, seq, evicted_k))
+                    self._pending.append(self.indexer.submit(self._timed_add, seq, evicted_k))
+
+    def _timed_add(self, seq: int, keys: torch.Tensor) -> None:
+        start = time.perf_counter()
+        try:
+            self.retriever.add(seq, keys)
+        finally:
+            self.add_spans.append(Span("index_add", start, time.perf_counter(), threading.current_thread().name))
 
     def wait_indexed(self) -> None:
         """Block until every token in the host tier has reached the retriever (see the class docstring)."""

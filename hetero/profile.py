@@ -24,7 +24,7 @@ from .reference import default_scale, window_attention
 from .timing import Span
 from .workloads.synthetic import SyntheticWorkload, make_synthetic
 
-PHASES = ("window", "index_wait", "retrieve", "host_attn", "merge", "transfer", "evict")
+PHASES = ("window", "index_wait", "retrieve", "host_attn", "merge", "transfer", "evict", "index_add")
 PRESETS = {  # layer geometry of well-known models: (query heads, KV heads, head_dim)
     "llama3-8b": (32, 8, 128),
     "qwen2-7b": (28, 4, 128),
@@ -135,6 +135,7 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
     phases: Dict[str, List[float]] = {p: [] for p in PHASES}
     for step in range(workload.steps):
         n = n0 + step + 1
+        layer.add_spans.clear()
         t = time.perf_counter()
         layer.append(keys[:, :, n - 1], values[:, :, n - 1])
         t_evict = time.perf_counter()
@@ -145,6 +146,8 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
         res = attn.run(q, layer, return_details=True)
         hetero_ms.append((time.perf_counter() - t) * 1e3 + evict_ms)
         spans.extend(res.spans)
+        spans.extend(layer.add_spans)  # this step's index add (on the host worker, ahead of the search)
+        add_ms = sum(s.ms for s in layer.add_spans)
         torch.set_num_threads(config.resolved_threads)  # the dense baseline gets every thread
         t = time.perf_counter()
         dense_sdpa(q, keys, values, n)
@@ -153,7 +156,8 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
         spans.append(Span("dense_sdpa", t, t_dense, "MainThread"))
         ref = reference_output(q, keys, values, n, scale)
         errors.append(float((res.out.float() - ref).norm() / ref.norm()))
-        step_phases = {p: (evict_ms if p == "evict" else res.timings_ms.get(p, 0.0)) for p in PHASES}
+        step_phases = {p: res.timings_ms.get(p, 0.0) for p in PHASES}
+        step_phases.update(evict=evict_ms, index_add=add_ms)
         for p in PHASES:
             phases[p].append(step_phases[p])
         host_total = sum(layer.host_lengths()) * layer.kv_heads

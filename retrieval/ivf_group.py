@@ -10,6 +10,9 @@ each query head keeps its exact top-k over every row scanned for the group. Per 
   bytes per key, plus a 4-byte host position). A query is pre-scaled so that ``q . key`` = a per-query
   constant + ``qs . codes``; the constant does not change a query's ranking. Keys added later outside the
   range are clamped to it.
+* Recent keys: a decode step's evicted keys go to a tail list that every search scans, and are assigned to
+  their lists (one batched centroid search) every ``TAIL_TOKENS`` (64) tokens; assigning each token on its
+  own read all centroids (4 MB at 1024 lists x 8 heads x D 128) every step.
 * Lists live in segments of one code arena with spare room (1/16 + 8 rows per list, 1/16 at the end); a list
   that fills up moves to the arena's end with twice the room (the arena grows by half when needed), so a
   decode step's add is O(1). ``memory_bytes`` counts the whole arena (about 1.15x ``bytes_per_token``).
@@ -38,7 +41,7 @@ from hetero.types import Selection
 
 from .base import Retriever, pad_rows, selection_from_groups, topk_group
 
-_ASSIGN_CHUNK = 65536
+TAIL_TOKENS = 64  # recent keys kept unassigned in the always-scanned tail list
 _warned = False
 
 
@@ -67,8 +70,11 @@ class _SeqIndex:
         self.step = ((keys.amax(dim=1) - self.vmin) / 255).clamp_min(1e-12)
         assign = self.assign(keys)                                   # [Hkv, n]
         counts = torch.stack([torch.bincount(a, minlength=nlist) for a in assign]).numpy()  # [Hkv, L]
-        # list segments (numpy int64 [Hkv, L]: a decode step's add touches single entries, cheap in numpy)
+        # List segments, numpy int64 [Hkv, L + 1] (a decode step touches single entries: cheap in numpy). The
+        # last list is the tail: recent tokens, not assigned yet, scanned by every search.
+        counts = np.concatenate([counts, np.zeros((hkv, 1), dtype=counts.dtype)], axis=1)
         self.cap = counts + counts // 16 + 8  # room for decode-step adds; a full list moves (see _relocate)
+        self.cap[:, nlist] = TAIL_TOKENS
         self.start = np.cumsum(self.cap, axis=1) - self.cap
         self.count = np.zeros_like(counts)
         self.used = self.cap.sum(axis=1)                             # arena rows handed out, per head
@@ -76,11 +82,17 @@ class _SeqIndex:
         self._pointers = None
         self.codes = np.zeros((hkv, arena, self.dp), dtype=np.uint8)
         self.ids = np.zeros((hkv, arena), dtype=np.int32)
-        self.add(keys, 0, assign)
+        self.tail_keys = torch.empty(hkv, TAIL_TOKENS, d)           # float keys of the tail, for assignment
+        self._insert(keys, np.arange(n, dtype=np.int32), assign)
 
     @property
     def nlist(self) -> int:
+        """Lists with a centroid (the tail list, index ``nlist``, has none)."""
         return self.centroids.shape[1]
+
+    @property
+    def tail(self) -> int:
+        return int(self.count[0, self.nlist])
 
     def assign(self, keys: torch.Tensor) -> torch.Tensor:
         """Nearest list by inner product: ``keys [Hkv, n, D]`` -> ``[Hkv, n]`` int64 (faiss's blocked GEMM +
@@ -98,34 +110,55 @@ class _SeqIndex:
             codes = torch.nn.functional.pad(codes, (0, self.dp - keys.shape[2]))
         return codes.numpy()
 
-    def add(self, keys: torch.Tensor, first_id: int, assign: Optional[torch.Tensor] = None) -> None:
-        """Append ``keys [Hkv, n, D]`` float32 with host positions ``first_id ..`` (all heads at once)."""
+    def add(self, keys: torch.Tensor, first_id: int) -> None:
+        """Append ``keys [Hkv, n, D]`` float32 with host positions ``first_id ..`` (all heads at once). A decode
+        step's few keys go to the tail list (no centroid read: that is 4 MB per step at 1024 lists x 8 heads);
+        the tail is assigned to lists in one batch when it holds ``TAIL_TOKENS`` keys, or before a large add."""
+        hkv, n, _ = keys.shape
+        t = self.tail
+        if n > TAIL_TOKENS - t:
+            self.flush()
+            if n > TAIL_TOKENS // 4:
+                self._insert(keys, np.arange(first_id, first_id + n, dtype=np.int32))
+                return
+            t = 0
+        dest = int(self.start[0, self.nlist]) + t  # the tail has the same segment layout in every head
+        self.codes[:, dest:dest + n] = self.encode(keys)
+        self.ids[:, dest:dest + n] = np.arange(first_id, first_id + n, dtype=np.int32)
+        self.tail_keys[:, t:t + n] = keys
+        self.count[:, self.nlist] += n
+        if self.tail == TAIL_TOKENS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Assign the tail's keys to their lists."""
+        t = self.tail
+        if t == 0:
+            return
+        first = int(self.start[0, self.nlist])
+        ids = self.ids[0, first:first + t].copy()
+        self.count[:, self.nlist] = 0
+        self._insert(self.tail_keys[:, :t], ids)
+
+    def _insert(self, keys: torch.Tensor, ids: np.ndarray, assign: Optional[torch.Tensor] = None) -> None:
+        """Write ``keys [Hkv, n, D]`` (host positions ``ids [n]``) into their lists."""
         hkv, n, _ = keys.shape
         if assign is None:
             assign = self.assign(keys)
         codes = self.encode(keys).reshape(hkv * n, self.dp)
-        if n <= 4:  # a decode step's eviction: a few scalar writes beat the vectorized bookkeeping below
-            for h, row in enumerate(assign.tolist()):
-                for j, lst in enumerate(row):
-                    if self.count[h, lst] == self.cap[h, lst]:
-                        self._relocate(h, lst, int(self.count[h, lst]) + 1)
-                    dest = int(self.start[h, lst] + self.count[h, lst])
-                    self.codes[h, dest] = codes[h * n + j]
-                    self.ids[h, dest] = first_id + j
-                    self.count[h, lst] += 1
-            return
+        lists = self.count.shape[1]
         # one slot per (head, list) pair in a flat [Hkv * nlist] view; group the new keys by pair
-        pair = (assign + torch.arange(hkv)[:, None] * self.nlist).flatten().numpy()
+        pair = (assign + torch.arange(hkv)[:, None] * lists).flatten().numpy()
         order = np.argsort(pair, kind="stable")
         pairs, first, sizes = np.unique(pair[order], return_index=True, return_counts=True)
         start, count, cap = self.start.reshape(-1), self.count.reshape(-1), self.cap.reshape(-1)  # views
         for p in pairs[count[pairs] + sizes > cap[pairs]]:  # overflowing lists move first (rare)
-            self._relocate(int(p) // self.nlist, int(p) % self.nlist, int(count[p] + sizes[pairs == p][0]))
+            self._relocate(int(p) // lists, int(p) % lists, int(count[p] + sizes[pairs == p][0]))
         rank = np.arange(len(order)) - np.repeat(first, sizes)
         dest = np.repeat(start[pairs] + count[pairs], sizes) + rank
         head = order // n
         self.codes[head, dest] = codes[order]
-        self.ids[head, dest] = (first_id + order % n).astype(np.int32)
+        self.ids[head, dest] = ids[order % n]
         count[pairs] += sizes
 
     def _relocate(self, h: int, lst: int, need: int) -> None:
@@ -158,7 +191,8 @@ class _SeqIndex:
         self._pointers = None
 
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.ids.nbytes + self.centroids.numel() * 4 + 3 * self.count.nbytes
+        return (self.codes.nbytes + self.ids.nbytes + self.centroids.numel() * 4 + 3 * self.count.nbytes
+                + self.tail_keys.numel() * 4)
 
 
 class IVFGroupRetriever(Retriever):
@@ -232,11 +266,12 @@ class IVFGroupRetriever(Retriever):
 
     # ---- search -------------------------------------------------------------------------------------
     def probe_mask(self, index: _SeqIndex, qg: torch.Tensor, ks: List[int], n: int) -> torch.Tensor:
-        """``[Hkv, nlist]`` uint8: the lists probed by any query of each KV head's group (``ks[h]``: keys per
-        query of head h; each query probes its ``nprobe(k)`` best lists by ``q . centroid``)."""
+        """``[Hkv, nlist + 1]`` uint8: the lists probed by any query of each KV head's group (``ks[h]``: keys per
+        query of head h; each query probes its ``nprobe(k)`` best lists by ``q . centroid``), and the tail."""
         scores = np.matmul(qg.numpy(), index.centroids_t)                  # [Hkv, G, L]
         hkv, g, nlist = scores.shape
-        mask = np.zeros((hkv, nlist), dtype=np.uint8)
+        mask = np.zeros((hkv, nlist + 1), dtype=np.uint8)
+        mask[:, nlist] = np.asarray(ks) > 0  # the tail (recent keys, not assigned yet) is always scanned
         nprobe = [0 if k == 0 else max(1, min(nlist, math.ceil(nlist * min(1.0, self.probe_factor
                                                                             * math.sqrt(k / n))))) for k in ks]
         for p in set(nprobe) - {0}:
@@ -301,7 +336,7 @@ class IVFGroupRetriever(Retriever):
         n_t = np.full(hkv, n, dtype=np.int64)
         codes_p, ids_p, start_p, count_p = index.pointers()
         self._runner.ivf_search(qs.data_ptr(), hkv, g, dp, codes_p.ctypes.data, ids_p.ctypes.data, start_p.ctypes.data,
-                                count_p.ctypes.data, index.nlist, mask.data_ptr(), k_t.ctypes.data, n_t.ctypes.data,
+                                count_p.ctypes.data, mask.shape[1], mask.data_ptr(), k_t.ctypes.data, n_t.ctypes.data,
                                 top.data_ptr(), kmax, uni.data_ptr(), cnt.data_ptr(), rows.data_ptr())
         return top, uni, cnt, rows
 

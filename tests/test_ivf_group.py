@@ -115,6 +115,9 @@ def test_incremental_adds_equal_one_batch_add_and_keep_every_token_once():
         a.append(keys[:, :, t], vals[:, :, t])
     b.append(keys[:, :, 300:1100], vals[:, :, 300:1100])
     ia, ib = a.retriever._seqs[0], b.retriever._seqs[0]
+    sa = a.retriever.search(q, [12])  # before flushing: a's newest keys sit in the always-scanned tail
+    assert ia.tail == (800 % 64) and ib.tail == 0
+    ia.flush()
     assert a.retriever._trained_on[0] == b.retriever._trained_on[0]      # no retrain in between
     assert ia.codes.shape[1] > 1.2 * a.retriever._trained_on[0]          # the arena grew
     n = a.host.length[0]
@@ -122,8 +125,8 @@ def test_incremental_adds_equal_one_batch_add_and_keep_every_token_once():
         la, lb = _list_contents(ia, h), _list_contents(ib, h)
         assert la == lb
         assert sorted(sum(la.values(), [])) == list(range(n))
-    sa = a.retriever.search(q, [12])
-    assert torch.equal(sa.indices, b.retriever.search(q, [12]).indices)
+    assert torch.equal(a.retriever.search(q, [12]).indices, b.retriever.search(q, [12]).indices)
+    assert sa.indices.shape[0] == 1
 
 
 def test_codes_reproduce_scores_up_to_quantization():
@@ -211,3 +214,22 @@ def test_batch_with_an_untrained_sequence(rule):
     for h in range(2):
         row = sel.indices[0, h][sel.indices[0, h] >= 0]
         assert len(row) >= 9 and bool((row[1:] > row[:-1]).all())
+
+
+def test_newest_tokens_in_the_tail_are_searched_and_later_assigned():
+    layer, keys, vals, q = _layer(900, g=1)
+    layer.append(keys[:, :, :800], vals[:, :, :800])
+    index = layer.retriever._seqs[0]
+    hot = q[0].reshape(2, 16)[None] * 10.0                   # [1, Hkv, D]: aligned with each head's query
+    layer.append(hot, vals[:, :, 800])
+    for t in range(8):                                       # 8 more tokens push the hot one out of the window
+        layer.append(keys[:, :, 801 + t], vals[:, :, 801 + t])
+    assert index.tail == 9
+    hot_pos = layer.host.length[0] - 1                       # evicted by the last append
+    assert torch.equal(layer.host.keys(0)[:, hot_pos].float(), hot[0].to(layer.host.keys(0).dtype).float())
+    assert all(hot_pos in layer.retriever.search(q, [3]).indices[0, h].tolist() for h in range(2))
+    for t in range(64):                                      # fill the tail: it is assigned to lists
+        layer.append(keys[:, :, 809 + t], vals[:, :, 809 + t])
+    assert index.tail < 64
+    assert int(index.count[0, : index.nlist].sum()) + index.tail == layer.host.length[0]
+    assert all(hot_pos in layer.retriever.search(q, [3]).indices[0, h].tolist() for h in range(2))
