@@ -8,7 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-_COLORS = {"window": "#4c72b0", "index_wait": "#ccb974", "index_add": "#64b5cd", "retrieve": "#dd8452", "host_attn": "#c44e52", "merge": "#8172b3",
+_COLORS = {"window": "#4c72b0", "index_wait": "#ccb974", "index_add": "#64b5cd",
+           "retrieve": "#dd8452", "host_attn": "#c44e52", "merge": "#8172b3",
            "transfer": "#937860", "evict": "#55a868"}
 
 

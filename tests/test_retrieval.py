@@ -46,7 +46,8 @@ def _recall(cap, retriever, options=None, budget=0.05):
 
 @needs_model
 @pytest.mark.parametrize("retriever,options,threshold", [
-    ("ivf", {}, 0.80), ("ivf-sq8", {}, 0.80), ("ivf-group", {}, 0.80), ("hnsw", {}, 0.50), ("lsh", {"K": 6, "L": 60}, 0.85),
+    ("ivf", {}, 0.80), ("ivf-sq8", {}, 0.80), ("ivf-group", {}, 0.80), ("hnsw", {}, 0.50),
+    ("lsh", {"K": 6, "L": 60}, 0.85),
 ])
 def test_recall_on_real_attention_slice(real_slice, retriever, options, threshold):
     """Pinned from measurements on this slice (layers 0, 1, 15; 1K tokens; budget 5 %): ivf 0.86, ivf-sq8
