@@ -52,6 +52,11 @@ class Retriever(ABC):
         """Bytes this retriever holds beyond the host tier itself."""
         return 0
 
+    def cheap_add(self, seq: int, n: int) -> bool:
+        """True when adding ``n`` keys to ``seq`` is a constant-time write (no training, no assignment): the
+        cache then adds them inline instead of handing a few microseconds of work to the background worker."""
+        return False
+
     def set_threads(self, threads: int) -> None:
         """Threads a search may use (the host side's share, set by ``HeteroAttention.plan``)."""
 

@@ -261,6 +261,11 @@ class IVFGroupRetriever(Retriever):
             _check_finite(x)
             index.add(x, self._ntotal[seq])
 
+    def cheap_add(self, seq: int, n: int) -> bool:
+        index = self._seqs[seq]
+        return (index is not None and index.tail + n < TAIL_TOKENS
+                and self._ntotal[seq] + n <= self.retrain_factor * self._trained_on[seq])
+
     def reset(self) -> None:
         super().reset()
         self._seqs = [None] * self.host.batch
