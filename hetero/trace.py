@@ -11,7 +11,7 @@ from typing import Dict, Iterable, List
 from .timing import Span
 
 _SIDE = {"window": "fast tier", "merge": "fast tier", "dense_sdpa": "dense baseline", "evict": "cache",
-         "index_wait": "host", "index_add": "host", "retrieve": "host", "host_attn": "host", "transfer": "transfer"}
+         "index_wait": "host", "index_add": "cache", "retrieve": "host", "host_attn": "host", "transfer": "transfer"}
 
 
 def trace_events(spans: Iterable[Span], pid: int = 1) -> List[Dict]:
