@@ -130,9 +130,10 @@ class _SeqIndex:
                 self._insert(keys, np.arange(first_id, first_id + n, dtype=np.int32))
                 return
             t = 0
-        dest = int(self.start[0, self.nlist]) + t  # the tail has the same segment layout in every head
-        self.codes[:, dest:dest + n] = self.encode(keys)
-        self.ids[:, dest:dest + n] = np.arange(first_id, first_id + n, dtype=np.int32)
+        rows = self.start[:, self.nlist, None] + t + np.arange(n)   # [Hkv, n]: each head's own tail segment
+        heads = np.arange(hkv)[:, None]
+        self.codes[heads, rows] = self.encode(keys)
+        self.ids[heads, rows] = np.arange(first_id, first_id + n, dtype=np.int32)
         self.tail_keys[:, t:t + n] = keys
         self.count[:, self.nlist] += n
         if self.tail == TAIL_TOKENS:
@@ -144,7 +145,7 @@ class _SeqIndex:
         if t == 0:
             return
         first = int(self.start[0, self.nlist])
-        ids = self.ids[0, first:first + t].copy()
+        ids = self.ids[0, first:first + t].copy()  # the same positions in every head's tail
         self.count[:, self.nlist] = 0
         self._insert(self.tail_keys[:, :t], ids)
 

@@ -245,7 +245,8 @@ def test_inline_tail_adds_keep_order_with_queued_background_adds():
 
     indexer = Worker("test-inline")
     gen = torch.Generator().manual_seed(8)
-    cfg = HeteroConfig(window=8, sinks=2, retriever="ivf-group", retriever_options={"min_train": 64})
+    # 16 lists of ~40+ keys: list capacities, and so each head's tail segment start, differ between heads
+    cfg = HeteroConfig(window=8, sinks=2, retriever="ivf-group", retriever_options={"min_train": 64, "nlist": 16})
     layer = LayerCache(cfg, indexer=indexer)
     n = 700
     keys, vals = torch.randn(1, 2, n, 16, generator=gen), torch.randn(1, 2, n, 16, generator=gen)
@@ -264,8 +265,17 @@ def test_inline_tail_adds_keep_order_with_queued_background_adds():
     index = layer.retriever._seqs[0]
     assert layer.retriever._trained_on[0] > 100          # retrained on the way (4x growth)
     assert 0 < inline < n - 100                          # both paths were taken
+    assert index.start[0, index.nlist] != index.start[1, index.nlist]
+    k_host = layer.host.keys(0).float()
     for h in range(2):
-        got = sorted(sum(_list_contents(index, h).values(), []) +
-                     index.ids[h, int(index.start[h, index.nlist]):int(index.start[h, index.nlist]) + index.tail].tolist())
+        tail = slice(int(index.start[h, index.nlist]), int(index.start[h, index.nlist]) + index.tail)
+        got = sorted(sum(_list_contents(index, h).values(), []) + index.ids[h, tail].tolist())
         assert got == list(range(layer.host.length[0]))
+        # every row's code decodes to its own key (the tail included): no row written into another head's list
+        for lst in list(range(index.nlist)) + [index.nlist]:
+            seg = slice(int(index.start[h, lst]), int(index.start[h, lst] + index.count[h, lst]))
+            ids = torch.from_numpy(index.ids[h, seg]).long()
+            approx = torch.from_numpy(index.codes[h, seg][:, :16]).float() * index.step[h] + index.vmin[h]
+            want = torch.minimum(torch.maximum(k_host[h, ids], index.vmin[h]), index.vmin[h] + 255 * index.step[h])
+            assert bool(((approx - want).abs() <= index.step[h] * 0.5 + 1e-4).all())  # later keys clamp to range
     indexer.close()
