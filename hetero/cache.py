@@ -147,8 +147,8 @@ class LayerCache:
             if evicted_k.shape[1]:
                 evicted_k, evicted_v = evicted_k.cpu(), evicted_v.cpu()
                 self.host.append(seq, evicted_k, evicted_v)
-                background = self.indexer is not None and not (
-                    self.retriever.cheap_add(seq, evicted_k.shape[1]) and all(f.done() for f in self._pending))
+                background = self.indexer is not None and not (  # queued work first: then the index is idle
+                    all(f.done() for f in self._pending) and self.retriever.cheap_add(seq, evicted_k.shape[1]))
                 if background:
                     self._pending.append(self.indexer.submit(self._timed_add, seq, evicted_k))
                 else:  # no indexer, or an O(1) add with nothing queued ahead of it (order is kept either way)

@@ -15,7 +15,8 @@ each query head keeps its exact top-k over every row scanned for the group. Per 
   own read all centroids (4 MB at 1024 lists x 8 heads x D 128) every step.
 * Lists live in segments of one code arena with spare room (1/16 + 8 rows per list, 1/16 at the end); a list
   that fills up moves to the arena's end with twice the room (the arena grows by half when needed), so a
-  decode step's add is O(1). ``memory_bytes`` counts the whole arena (about 1.15x ``bytes_per_token``).
+  decode step's add is O(1). ``memory_bytes`` counts the whole arena: about 1.15x ``bytes_per_token`` at
+  128K tokens per head, ~1.9x at 8K (where lists hold ~16 keys and the 8 spare rows weigh more).
 * Probing: each query head ranks the lists by ``q . centroid`` and takes ``nprobe = ceil(nlist *
   min(1, probe_factor * sqrt(k / N)))``, the same rule as the faiss IVF retrievers; the group scans the union.
 * Training and retraining as the faiss IVF retrievers: built on the first add that brings ``min_train``
@@ -40,13 +41,10 @@ from hetero.errors import ConfigError, InvalidValueError
 from hetero.types import Selection
 
 from .base import Retriever, pad_rows, selection_from_groups, topk_group
+from .faiss_index import _nearest_pow2
 
 TAIL_TOKENS = 64  # recent keys kept unassigned in the always-scanned tail list
 _warned = False
-
-
-def _nearest_pow2(x: float, lo: int, hi: int) -> int:
-    return int(min(hi, max(lo, 2 ** round(math.log2(max(x, 1.0))))))
 
 
 class _SeqIndex:
