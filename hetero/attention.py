@@ -196,7 +196,7 @@ class HeteroAttention:
                                          hpart.lse.to(q.device, non_blocking=True))
             rows = int((selection.indices >= 0).sum())
             if layer.head_budget is not None:
-                layer.head_budget.update(wpart, hpart)
+                layer.head_budget.update(wpart, hpart, layer.retriever)
         else:
             hpart = PartialAttention.empty(b, hq, d, device=q.device)
         balancer = self.balancer(layer)

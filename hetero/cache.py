@@ -15,6 +15,7 @@ import torch
 from .config import HeteroConfig
 from .errors import DTypeError, ShapeError
 from .tiers import FastTier, HostTier
+from .reference import default_scale
 from .timing import Span
 from .validation import check_finite, check_float, check_lengths, check_tensor
 
@@ -94,6 +95,7 @@ class LayerCache:
                              pin_memory=keys.device.type == "cuda")
         cls = retriever_class(self.config.retriever)
         self.retriever = cls(self.host, group_rule=self.config.group_rule, **self.config.retriever_options)
+        self.retriever.softmax_scale = self.config.scale or default_scale(d)
 
     def check_append(self, keys: torch.Tensor, values: torch.Tensor, lengths=None):
         """Validate an ``append`` without changing anything; returns normalized (keys, values, lengths)."""

@@ -61,8 +61,9 @@ class HeteroConfig:
         to ``G * k`` rows, the most accurate), ``"per-head"`` (the same rows, but each head attends only to
         its own top-k), or ``"sum"`` of the group's scores (exactly ``k`` rows).
     head_budget: ``"flat"`` (every KV head gets the budget) or ``"adaptive"`` (HGCA-style: a layer's total
-        is redistributed over KV heads every step by the share of attention mass the host tier carried for
-        them in the previous step; see ``hetero/budgets.py``).
+        is redistributed over KV heads every step by the square root of the attention mass the flat split
+        left out in the previous step, when the retriever reports it (``exact``), else by the host tier's share
+        of attention mass; see ``hetero/budgets.py``).
     window_backend / host_backend: backend names or ``"auto"``; the environment variables
         ``HETERO_WINDOW_BACKEND`` / ``HETERO_CPU_BACKEND`` override ``"auto"``.
     threads: CPU threads for host work (None: all cores of this process).

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, List
+from typing import Any, List, Optional
 
 import torch
 
@@ -31,6 +31,13 @@ class Retriever(ABC):
         self.group_rule = group_rule
         self._ntotal: List[int] = [0] * host.batch
         self.last_scanned = 0  # keys whose similarity to a query was computed in the last search
+        # Softmax scale of the layer (set by LayerCache), and what a retriever that scores every host key can
+        # report from its last search: log of each query head's host mass, all of it and the part outside its top
+        # k_ref (k_ref = the mean budget over KV heads, i.e. the flat split), both ``[B, Hq]`` float32. The
+        # adaptive per-head budget splits by sqrt of that missed share (hetero/budgets.py).
+        self.softmax_scale: Optional[float] = None
+        self.last_host_lse: Optional[torch.Tensor] = None
+        self.last_missed_lse: Optional[torch.Tensor] = None
 
     @property
     def ntotal(self) -> List[int]:

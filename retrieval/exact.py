@@ -45,8 +45,13 @@ class ExactTopK(Retriever):
         hkv = self.host.kv_heads
         g = q.shape[1] // hkv
         ids, members, scanned = [], [], 0
+        report = self.softmax_scale is not None
+        host_lse = torch.full((q.shape[0], q.shape[1]), float("-inf")) if report else None
+        missed_lse = host_lse.clone() if report else None
         for seq, per_head in enumerate(ks):
             scores = self.scores(q, seq) if any(per_head) else None
+            if report and scores is not None:
+                host_lse[seq], missed_lse[seq] = _missed_mass(scores * self.softmax_scale, round(sum(per_head) / hkv))
             ids.append([]), members.append([])
             for h, k in enumerate(per_head):
                 if k == 0:
@@ -56,4 +61,18 @@ class ExactTopK(Retriever):
                 i, m = topk_group(scores[h], k, self.group_rule)
                 ids[-1].append(i), members[-1].append(m)
         self.last_scanned = scanned
+        self.last_host_lse, self.last_missed_lse = host_lse, missed_lse
         return selection_from_groups(ids, members, hkv, g)
+
+
+def _missed_mass(logits: torch.Tensor, k_ref: int):
+    """logits ``[Hkv, G, N]`` (scaled) -> (log host mass, log host mass outside each query's top k_ref), ``[Hq]``."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    total = torch.logsumexp(flat, dim=1)
+    k_ref = max(0, min(k_ref, flat.shape[1]))
+    if k_ref == 0:
+        return total, total
+    if k_ref == flat.shape[1]:
+        return total, torch.full_like(total, float("-inf"))
+    rest = flat.topk(flat.shape[1] - k_ref, dim=1, largest=False).values
+    return total, torch.logsumexp(rest, dim=1)

@@ -219,6 +219,32 @@ def test_adaptive_budget_split_keeps_total_and_follows_host_share():
     assert int(split.sum()) == 20 and split[0, 0] > split[0, 1] >= 1
 
 
+def test_exact_retriever_reports_missed_mass_and_the_split_follows_its_sqrt():
+    gen = torch.Generator().manual_seed(11)
+    layer = LayerCache(HeteroConfig(window=4, sinks=1, retriever="exact"))
+    layer.append(torch.randn(1, 2, 300, 16, generator=gen), torch.randn(1, 2, 300, 16, generator=gen))
+    q = torch.randn(1, 4, 16, generator=gen)
+    r = layer.retriever
+    r.search(q, [[10, 30]])                                    # k_ref = 20, the mean over KV heads
+    scale = 1 / math.sqrt(16)
+    keys = layer.host.keys(0).float()
+    for hq in range(4):
+        s = keys[hq // 2] @ q[0, hq] * scale
+        rest = s.sort(descending=True).values[20:]
+        assert torch.allclose(r.last_host_lse[0, hq], torch.logsumexp(s, 0), atol=1e-5)
+        assert torch.allclose(r.last_missed_lse[0, hq], torch.logsumexp(rest, 0), atol=1e-5)
+    # the adaptive split follows sqrt(missed share): head 0 misses 4x the mass of head 1 -> twice the weight
+    pol = AdaptiveHeadBudget(batch=1, kv_heads=2, floor=0.0)
+
+    class Report:
+        last_host_lse = torch.zeros(1, 4)
+        last_missed_lse = torch.log(torch.tensor([[0.4, 0.4, 0.1, 0.1]]))
+
+    window = PartialAttention(torch.zeros(1, 4, 8), torch.full((1, 4), float("-inf")))
+    pol.update(window, window, Report())
+    assert pol.split([30]).tolist() == [[40, 20]]
+
+
 def test_dense_layer_is_exact_whatever_the_retriever():
     cfg = HeteroConfig(window=4, sinks=1, retriever="ivf", budget=0.01, dense_layers=(0,))
     layer = LayerCache(cfg, 0)
