@@ -44,6 +44,11 @@ struct IvfSearchArgs {
   int32_t* union_ids;          // [items, G * kmax] union of the G top sets, ascending, -1 padded
   int64_t* union_count;        // [items]
   int64_t* scanned;            // [items] code rows scored (per row, all G queries)
+  // Optional (nullptr = skip): per query, an estimate of log sum exp(scale * qs . codes) over the scanned rows
+  // outside its top k_ref[item] (from a strided sample of the scores); the caller adds scale * (q . vmin).
+  const int64_t* k_ref;        // [items]
+  float scale;
+  float* missed_lse;           // [items, G]
 };
 
 struct IvfScratch {

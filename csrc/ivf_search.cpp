@@ -1,6 +1,7 @@
 // Grouped IVF search, per item: gather probed lists, score them (ISA-specific IvfScoreFn), select each
 // query's top k, union the sets through a bitmap over host positions (sorted output without a sort).
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "ivf_scan.h"
@@ -46,6 +47,26 @@ void top_positions(const float* s, int64_t n, int64_t k, IvfScratch& w, int32_t*
   std::memcpy(out, w.cand.data(), k * sizeof(int32_t));
 }
 
+// log sum exp(scale * s_i) over the positions outside the k_ref largest of s[0..n), estimated from a strided
+// sample (every stride-th score stands for stride scores). -inf when nothing is outside.
+float missed_lse_estimate(const float* s, int64_t n, int64_t k_ref, float scale, IvfScratch& w) {
+  const float neg_inf = -__builtin_inff();
+  if (k_ref >= n) return neg_inf;
+  const int64_t stride = std::max<int64_t>(1, n / 512);
+  w.sample.clear();
+  for (int64_t i = 0; i < n; i += stride) w.sample.push_back(s[i]);
+  const int64_t m = static_cast<int64_t>(w.sample.size());
+  const int64_t r = std::min<int64_t>(m, (k_ref * m + n - 1) / n);  // sample rank of the k_ref-th score
+  std::nth_element(w.sample.begin(), w.sample.begin() + std::min<int64_t>(r, m - 1), w.sample.end(),
+                   std::greater<float>());
+  float top = neg_inf;
+  for (int64_t j = r; j < m; ++j) top = std::max(top, w.sample[j]);
+  if (r >= m || top == neg_inf) return neg_inf;
+  double sum = 0.0;
+  for (int64_t j = r; j < m; ++j) sum += std::exp(static_cast<double>(scale) * (w.sample[j] - top));
+  return static_cast<float>(scale * top + std::log(sum * static_cast<double>(n) / m));
+}
+
 }  // namespace
 
 void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfScoreFn score, IvfScratch& s) {
@@ -65,6 +86,7 @@ void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfScoreFn score, Ivf
     if (probe[l]) n += count[l];
   a.scanned[item] = n;
   const int64_t k = std::min(a.k[item], n);
+  if (a.missed_lse) std::fill(a.missed_lse + item * G, a.missed_lse + (item + 1) * G, -__builtin_inff());
   if (k <= 0) {
     a.union_count[item] = 0;
     return;
@@ -84,6 +106,8 @@ void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfScoreFn score, Ivf
   if (static_cast<int64_t>(s.best.size()) < k) s.best.resize(k);
   int32_t* best = s.best.data();
   for (int64_t g = 0; g < G; ++g) {
+    if (a.missed_lse)
+      a.missed_lse[item * G + g] = missed_lse_estimate(s.scores.data() + g * n, n, a.k_ref[item], a.scale, s);
     top_positions(s.scores.data() + g * n, n, k, s, best);
     for (int64_t j = 0; j < k; ++j) {
       const int32_t id = s.ids[best[j]];

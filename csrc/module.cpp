@@ -139,7 +139,7 @@ class Runner {
   void ivf_search(uintptr_t qs, int64_t items, int64_t G, int64_t Dp, uintptr_t codes, uintptr_t ids,
                   uintptr_t list_start, uintptr_t list_count, int64_t nlist, uintptr_t probe, uintptr_t k,
                   uintptr_t n_tokens, uintptr_t top, int64_t kmax, uintptr_t union_ids, uintptr_t union_count,
-                  uintptr_t scanned) {
+                  uintptr_t scanned, uintptr_t k_ref, double scale, uintptr_t missed_lse) {
     if (items < 0 || G < 1 || Dp < 16 || Dp % 16 != 0 || nlist < 0 || kmax < 0)
       throw std::invalid_argument("ivf_search: invalid sizes (need G >= 1, Dp a multiple of 16)");
     IvfSearchArgs a{reinterpret_cast<const float*>(qs), items, G, Dp, reinterpret_cast<const uint64_t*>(codes),
@@ -147,7 +147,9 @@ class Runner {
                     reinterpret_cast<const uint64_t*>(list_count), nlist, reinterpret_cast<const uint8_t*>(probe),
                     reinterpret_cast<const int64_t*>(k), reinterpret_cast<const int64_t*>(n_tokens),
                     reinterpret_cast<int32_t*>(top), kmax, reinterpret_cast<int32_t*>(union_ids),
-                    reinterpret_cast<int64_t*>(union_count), reinterpret_cast<int64_t*>(scanned)};
+                    reinterpret_cast<int64_t*>(union_count), reinterpret_cast<int64_t*>(scanned),
+                    reinterpret_cast<const int64_t*>(k_ref), static_cast<float>(scale),
+                    reinterpret_cast<float*>(missed_lse)};
     py::gil_scoped_release release;
     std::lock_guard<std::mutex> lock(mu_);
     const IvfScoreFn fn = ivf_score_fn(static_cast<Isa>(global().active.load()));

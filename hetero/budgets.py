@@ -5,7 +5,8 @@ splits it over KV heads by what the flat split would leave out: after every step
 head's attention mass that falls on host keys outside its own top k_ref (k_ref = the flat per-head budget),
 averaged over the G query heads of the group; the weight is its square root, smoothed over steps. The
 retriever reports that mass from the scores it computed anyway (``Retriever.last_missed_lse``: the exact
-retriever does). Measured offline on real attention (benchmarks/head_budget_signals.py): sqrt of the missed
+retriever does; ``ivf-group`` estimates it over the rows it scanned, from a strided sample of their scores).
+Measured offline on real attention (benchmarks/head_budget_signals.py): sqrt of the missed
 mass beats the flat split by 1.6 / 2.5 / 3.9 % at 1 / 2 / 5 %, the missed mass itself and the host tier's
 share of mass do not. A retriever that cannot report it (ANN indexes score only part of the keys) falls back
 to the host tier's share of mass, ``sigmoid(lse_host - lse_window)``, which ties the flat split. A floor
@@ -39,7 +40,10 @@ class AdaptiveHeadBudget:
         reports it, else the host tier's share of attention mass (from the two parts' LSEs)."""
         missed = getattr(retriever, "last_missed_lse", None)
         if missed is not None:
-            total = torch.logaddexp(window.lse.float().cpu(), retriever.last_host_lse)
+            host_lse = getattr(retriever, "last_host_lse", None)  # all host keys (exact); else selected + missed
+            if host_lse is None:
+                host_lse = torch.logaddexp(host.lse.float().cpu(), missed)
+            total = torch.logaddexp(window.lse.float().cpu(), host_lse)
             share = torch.exp(missed - total).nan_to_num(nan=0.0)               # [B, Hq]
             share = share.view(self.batch, self.kv_heads, -1).mean(dim=2).sqrt()
         else:

@@ -62,7 +62,8 @@ class HeteroConfig:
         its own top-k), or ``"sum"`` of the group's scores (exactly ``k`` rows).
     head_budget: ``"flat"`` (every KV head gets the budget) or ``"adaptive"`` (HGCA-style: a layer's total
         is redistributed over KV heads every step by the square root of the attention mass the flat split
-        left out in the previous step, when the retriever reports it (``exact``), else by the host tier's share
+        left out in the previous step, when the retriever reports it (``exact``; ``ivf-group`` estimates it over
+        the rows it scanned), else by the host tier's share
         of attention mass; see ``hetero/budgets.py``).
     window_backend / host_backend: backend names or ``"auto"``; the environment variables
         ``HETERO_WINDOW_BACKEND`` / ``HETERO_CPU_BACKEND`` override ``"auto"``.

@@ -302,6 +302,9 @@ class IVFGroupRetriever(Retriever):
         hkv = self.host.kv_heads
         g = q.shape[1] // hkv
         ids, members, matrices, scanned = [], [], [], 0
+        # the mass each query head's flat top-k leaves out, estimated over the scanned rows (per-head budgets)
+        report = self.softmax_scale is not None and self._runner is not None and (self.group_rule != "sum" or g == 1)
+        missed_lse = torch.full((q.shape[0], q.shape[1]), float("-inf")) if report else None
         for seq, per_head in enumerate(ks):
             n, index = self._ntotal[seq], self._seqs[seq]
             qg = q[seq].reshape(hkv, g, -1)
@@ -317,8 +320,13 @@ class IVFGroupRetriever(Retriever):
                 scanned += sum(n * g for k in per_head if k)
             else:
                 mask, qs = self.probe_mask(index, qg, per_head, n), self.prescale(index, qg)
-                top, uni, cnt, rows = (self._search_cpp if self._runner is not None else search_torch)(
-                    index, qs, mask, per_head, n)
+                if self._runner is not None:
+                    top, uni, cnt, rows, missed = self._search_cpp(index, qs, mask, per_head, n,
+                                                                   round(sum(per_head) / hkv))
+                    if report:  # the codes' scores omit q . vmin: add it back, scaled
+                        missed_lse[seq] = (missed + self.softmax_scale * (qg * index.vmin[:, None]).sum(-1)).flatten()
+                else:
+                    top, uni, cnt, rows = search_torch(index, qs, mask, per_head, n)
                 scanned += int(rows.sum()) * g
                 width = int(cnt.max())
                 if self.group_rule != "per-head" or g == 1:  # the union rows as they are: no loop over heads
@@ -329,6 +337,7 @@ class IVFGroupRetriever(Retriever):
             ids.append([f[0] for f in found]), members.append([f[1] for f in found])
             matrices.append(None)
         self.last_scanned = scanned
+        self.last_missed_lse = missed_lse
         if all(m is not None for m in matrices):
             return Selection(pad_rows(matrices, hkv))
         for b, m in enumerate(matrices):  # mixed batch (a sequence not trained yet, or per-head membership)
@@ -337,8 +346,11 @@ class IVFGroupRetriever(Retriever):
                 members.insert(b, [None] * hkv)
         return selection_from_groups(ids, members, hkv, g)
 
-    def _search_cpp(self, index: _SeqIndex, qs: torch.Tensor, mask: torch.Tensor, ks: List[int], n: int):
+    def _search_cpp(self, index: _SeqIndex, qs: torch.Tensor, mask: torch.Tensor, ks: List[int], n: int,
+                    k_ref: int = 0):
         hkv, g, dp = qs.shape
+        missed = torch.empty(hkv, g, dtype=torch.float32)
+        k_ref_t = np.full(hkv, k_ref, dtype=np.int64)
         kmax = max(ks)
         top = torch.empty(hkv, g, kmax, dtype=torch.int32)
         uni = torch.empty(hkv, g * kmax, dtype=torch.int32)
@@ -349,8 +361,9 @@ class IVFGroupRetriever(Retriever):
         codes_p, ids_p, start_p, count_p = index.pointers()
         self._runner.ivf_search(qs.data_ptr(), hkv, g, dp, codes_p.ctypes.data, ids_p.ctypes.data, start_p.ctypes.data,
                                 count_p.ctypes.data, mask.shape[1], mask.data_ptr(), k_t.ctypes.data, n_t.ctypes.data,
-                                top.data_ptr(), kmax, uni.data_ptr(), cnt.data_ptr(), rows.data_ptr())
-        return top, uni, cnt, rows
+                                top.data_ptr(), kmax, uni.data_ptr(), cnt.data_ptr(), rows.data_ptr(),
+                                k_ref_t.ctypes.data, float(self.softmax_scale or 1.0), missed.data_ptr())
+        return top, uni, cnt, rows, missed
 
 
 def search_torch(index: _SeqIndex, qs: torch.Tensor, mask: torch.Tensor, ks: List[int], n: int):

@@ -279,3 +279,26 @@ def test_inline_tail_adds_keep_order_with_queued_background_adds():
             want = torch.minimum(torch.maximum(k_host[h, ids], index.vmin[h]), index.vmin[h] + 255 * index.step[h])
             assert bool(((approx - want).abs() <= index.step[h] * 0.5 + 1e-4).all())  # later keys clamp to range
     indexer.close()
+
+
+@needs_ext
+def test_missed_mass_estimate_tracks_the_scanned_rows():
+    """ivf-group reports, per query head, log of the attention mass (scaled logits) on scanned rows outside its
+    flat top-k; a strided-sample estimate, compared here with the exact sum over the same rows."""
+    layer, keys, vals, q = _layer(6000, d=32, g=4, nlist=16)
+    layer.append(keys, vals)
+    r = layer.retriever
+    sel = r.search(q, [[40, 120]])                              # k_ref = 80
+    index, n = r._seqs[0], r.ntotal[0]
+    qg = q[0].reshape(2, 4, -1)
+    mask, qs = r.probe_mask(index, qg, [40, 120], n), r.prescale(index, qg)
+    assert sel.indices.shape[1] == 2
+    for h in range(2):
+        rows = np.concatenate([np.arange(int(index.start[h, lst]), int(index.start[h, lst] + index.count[h, lst]))
+                               for lst in mask[h].nonzero().flatten().tolist()])
+        logits = (torch.from_numpy(index.codes[h][rows]).float() @ qs[h].T).T    # [G, n_scan], bias omitted
+        logits = r.softmax_scale * (logits + (qg[h] * index.vmin[h]).sum(-1, keepdim=True))
+        rest = logits.sort(dim=1, descending=True).values[:, 80:]
+        want = torch.logsumexp(rest, dim=1)
+        got = r.last_missed_lse[0, h * 4:(h + 1) * 4]
+        assert bool(((got - want).abs() < 0.15).all()), (got, want)

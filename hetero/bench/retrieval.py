@@ -42,6 +42,8 @@ def default_rows(budgets=BUDGETS) -> List[Dict]:
             rows.append({"retriever": ann, "name": ann, "group_rule": "union", "budget": b})
         rows.append({"retriever": "ivf+adaptive", "name": "ivf", "group_rule": "union", "head_budget": "adaptive",
                      "budget": b})
+        rows.append({"retriever": "ivf-group+adaptive", "name": "ivf-group", "group_rule": "union",
+                     "head_budget": "adaptive", "budget": b})
     for k_bits, tables in ((9, 50), (9, 100), (9, 150), (8, 100), (10, 150)):
         rows.append({"retriever": f"lsh-K{k_bits}-L{tables}", "name": "lsh", "budget": 0.02,
                      "options": {"K": k_bits, "L": tables}})
