@@ -96,6 +96,7 @@ class LayerCache:
         cls = retriever_class(self.config.retriever)
         self.retriever = cls(self.host, group_rule=self.config.group_rule, **self.config.retriever_options)
         self.retriever.softmax_scale = self.config.scale or default_scale(d)
+        self.retriever.report_missed = self.config.head_budget == "adaptive"
 
     def check_append(self, keys: torch.Tensor, values: torch.Tensor, lengths=None):
         """Validate an ``append`` without changing anything; returns normalized (keys, values, lengths)."""

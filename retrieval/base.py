@@ -36,6 +36,7 @@ class Retriever(ABC):
         # k_ref (k_ref = the mean budget over KV heads, i.e. the flat split), both ``[B, Hq]`` float32. The
         # adaptive per-head budget splits by sqrt of that missed share (hetero/budgets.py).
         self.softmax_scale: Optional[float] = None
+        self.report_missed = False  # set by LayerCache when the adaptive per-head budget needs the report
         self.last_host_lse: Optional[torch.Tensor] = None
         self.last_missed_lse: Optional[torch.Tensor] = None
 

@@ -45,7 +45,7 @@ class ExactTopK(Retriever):
         hkv = self.host.kv_heads
         g = q.shape[1] // hkv
         ids, members, scanned = [], [], 0
-        report = self.softmax_scale is not None
+        report = self.report_missed and self.softmax_scale is not None
         host_lse = torch.full((q.shape[0], q.shape[1]), float("-inf")) if report else None
         missed_lse = host_lse.clone() if report else None
         for seq, per_head in enumerate(ks):

@@ -303,7 +303,8 @@ class IVFGroupRetriever(Retriever):
         g = q.shape[1] // hkv
         ids, members, matrices, scanned = [], [], [], 0
         # the mass each query head's flat top-k leaves out, estimated over the scanned rows (per-head budgets)
-        report = self.softmax_scale is not None and self._runner is not None and (self.group_rule != "sum" or g == 1)
+        report = (self.report_missed and self.softmax_scale is not None and self._runner is not None
+                  and (self.group_rule != "sum" or g == 1))
         missed_lse = torch.full((q.shape[0], q.shape[1]), float("-inf")) if report else None
         for seq, per_head in enumerate(ks):
             n, index = self._ntotal[seq], self._seqs[seq]
@@ -322,7 +323,7 @@ class IVFGroupRetriever(Retriever):
                 mask, qs = self.probe_mask(index, qg, per_head, n), self.prescale(index, qg)
                 if self._runner is not None:
                     top, uni, cnt, rows, missed = self._search_cpp(index, qs, mask, per_head, n,
-                                                                   round(sum(per_head) / hkv))
+                                                                   round(sum(per_head) / hkv), report)
                     if report:  # the codes' scores omit q . vmin: add it back, scaled
                         missed_lse[seq] = (missed + self.softmax_scale * (qg * index.vmin[:, None]).sum(-1)).flatten()
                 else:
@@ -347,7 +348,7 @@ class IVFGroupRetriever(Retriever):
         return selection_from_groups(ids, members, hkv, g)
 
     def _search_cpp(self, index: _SeqIndex, qs: torch.Tensor, mask: torch.Tensor, ks: List[int], n: int,
-                    k_ref: int = 0):
+                    k_ref: int = 0, report_missed: bool = False):
         hkv, g, dp = qs.shape
         missed = torch.empty(hkv, g, dtype=torch.float32)
         k_ref_t = np.full(hkv, k_ref, dtype=np.int64)
@@ -362,7 +363,8 @@ class IVFGroupRetriever(Retriever):
         self._runner.ivf_search(qs.data_ptr(), hkv, g, dp, codes_p.ctypes.data, ids_p.ctypes.data, start_p.ctypes.data,
                                 count_p.ctypes.data, mask.shape[1], mask.data_ptr(), k_t.ctypes.data, n_t.ctypes.data,
                                 top.data_ptr(), kmax, uni.data_ptr(), cnt.data_ptr(), rows.data_ptr(),
-                                k_ref_t.ctypes.data, float(self.softmax_scale or 1.0), missed.data_ptr())
+                                k_ref_t.ctypes.data, float(self.softmax_scale or 1.0),
+                                missed.data_ptr() if report_missed else 0)
         return top, uni, cnt, rows, missed
 
 

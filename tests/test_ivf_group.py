@@ -288,6 +288,7 @@ def test_missed_mass_estimate_tracks_the_scanned_rows():
     layer, keys, vals, q = _layer(6000, d=32, g=4, nlist=16)
     layer.append(keys, vals)
     r = layer.retriever
+    r.report_missed = True                                      # what head_budget="adaptive" turns on
     sel = r.search(q, [[40, 120]])                              # k_ref = 80
     index, n = r._seqs[0], r.ntotal[0]
     qg = q[0].reshape(2, 4, -1)

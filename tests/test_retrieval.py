@@ -225,6 +225,8 @@ def test_exact_retriever_reports_missed_mass_and_the_split_follows_its_sqrt():
     layer.append(torch.randn(1, 2, 300, 16, generator=gen), torch.randn(1, 2, 300, 16, generator=gen))
     q = torch.randn(1, 4, 16, generator=gen)
     r = layer.retriever
+    assert r.report_missed is False                            # only head_budget="adaptive" asks for it
+    r.report_missed = True
     r.search(q, [[10, 30]])                                    # k_ref = 20, the mean over KV heads
     scale = 1 / math.sqrt(16)
     keys = layer.host.keys(0).float()
