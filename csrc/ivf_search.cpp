@@ -3,11 +3,21 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "ivf_scan.h"
 
 namespace hetero {
 namespace {
+
+// Every stride-th score of s[0..n) (stride = n / 512, at least 1) into out; returns how many (m). Each sampled
+// score stands for about n / m scores.
+int64_t strided_sample(const float* s, int64_t n, std::vector<float>& out) {
+  const int64_t stride = std::max<int64_t>(1, n / 512);
+  out.clear();
+  for (int64_t i = 0; i < n; i += stride) out.push_back(s[i]);
+  return static_cast<int64_t>(out.size());
+}
 
 // Positions (into s[0..n)) of the k largest scores, written to out[0..k). Exact: a threshold from a strided
 // sample narrows the candidates to a little over k, nth_element finishes on those; if the sample's
@@ -18,10 +28,7 @@ void top_positions(const float* s, int64_t n, int64_t k, IvfScratch& w, int32_t*
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int32_t>(i);
     return;
   }
-  const int64_t stride = std::max<int64_t>(1, n / 512);
-  w.sample.clear();
-  for (int64_t i = 0; i < n; i += stride) w.sample.push_back(s[i]);
-  const int64_t m = static_cast<int64_t>(w.sample.size());
+  const int64_t m = strided_sample(s, n, w.sample);
   // aim at ~1.25 k candidates: rank r in the sample of m corresponds to ~r * n / m in the full set
   int64_t r = std::min<int64_t>(m - 1, (k * m * 5) / (4 * n) + 2);
   for (;;) {
@@ -52,16 +59,12 @@ void top_positions(const float* s, int64_t n, int64_t k, IvfScratch& w, int32_t*
 float missed_lse_estimate(const float* s, int64_t n, int64_t k_ref, float scale, IvfScratch& w) {
   const float neg_inf = -__builtin_inff();
   if (k_ref >= n) return neg_inf;
-  const int64_t stride = std::max<int64_t>(1, n / 512);
-  w.sample.clear();
-  for (int64_t i = 0; i < n; i += stride) w.sample.push_back(s[i]);
-  const int64_t m = static_cast<int64_t>(w.sample.size());
-  const int64_t r = std::min<int64_t>(m, (k_ref * m + n - 1) / n);  // sample rank of the k_ref-th score
-  std::nth_element(w.sample.begin(), w.sample.begin() + std::min<int64_t>(r, m - 1), w.sample.end(),
-                   std::greater<float>());
-  float top = neg_inf;
-  for (int64_t j = r; j < m; ++j) top = std::max(top, w.sample[j]);
-  if (r >= m || top == neg_inf) return neg_inf;
+  const int64_t m = strided_sample(s, n, w.sample);
+  const int64_t r = (k_ref * m + n - 1) / n;  // sample rank of the k_ref-th score
+  if (r >= m) return neg_inf;
+  // sample[r] becomes the largest score outside the top r, the shift that keeps the exponentials in range
+  std::nth_element(w.sample.begin(), w.sample.begin() + r, w.sample.end(), std::greater<float>());
+  const float top = w.sample[r];
   double sum = 0.0;
   for (int64_t j = r; j < m; ++j) sum += std::exp(static_cast<double>(scale) * (w.sample[j] - top));
   return static_cast<float>(scale * top + std::log(sum * static_cast<double>(n) / m));
