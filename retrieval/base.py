@@ -31,10 +31,11 @@ class Retriever(ABC):
         self.group_rule = group_rule
         self._ntotal: List[int] = [0] * host.batch
         self.last_scanned = 0  # keys whose similarity to a query was computed in the last search
-        # Softmax scale of the layer (set by LayerCache), and what a retriever that scores every host key can
-        # report from its last search: log of each query head's host mass, all of it and the part outside its top
-        # k_ref (k_ref = the mean budget over KV heads, i.e. the flat split), both ``[B, Hq]`` float32. The
-        # adaptive per-head budget splits by sqrt of that missed share (hetero/budgets.py).
+        # Softmax scale of the layer (set by LayerCache), and what a retriever can report from its last search
+        # when asked (``report_missed``): log of each query head's host mass outside its top ``flat_k`` keys
+        # (``last_missed_lse``, exact or estimated) and, if it scored every host key, log of all its host mass
+        # (``last_host_lse``), both ``[B, Hq]`` float32. The adaptive per-head budget splits by sqrt of the missed
+        # share (hetero/budgets.py).
         self.softmax_scale: Optional[float] = None
         self.report_missed = False  # set by LayerCache when the adaptive per-head budget needs the report
         self.last_host_lse: Optional[torch.Tensor] = None
@@ -107,6 +108,12 @@ class Retriever(ABC):
             raise InvalidValueError(f"budgets must be {b} ints >= 0 or [B={b}, Hkv={hkv}] ints >= 0, got {budgets!r}")
         t = t.expand(b, hkv)
         return [[max(0, min(int(k), n)) for k in row] for row, n in zip(t.tolist(), self._ntotal)]
+
+
+def flat_k(per_head: List[int]) -> int:
+    """The flat split's keys per query head of a sequence: the mean of its per-KV-head budgets (an adaptive split
+    keeps their sum)."""
+    return round(sum(per_head) / len(per_head))
 
 
 def pad_rows(rows: List[torch.Tensor], kv_heads: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 
 from hetero.types import Selection
 
-from .base import Retriever, pad_rows, selection_from_groups, topk_group
+from .base import Retriever, flat_k, pad_rows, selection_from_groups, topk_group
 
 _SCORE_CHUNK = 32768  # tokens scored at once: bounds the float32 copy of the keys
 
@@ -51,7 +51,7 @@ class ExactTopK(Retriever):
         for seq, per_head in enumerate(ks):
             scores = self.scores(q, seq) if any(per_head) else None
             if report and scores is not None:
-                host_lse[seq], missed_lse[seq] = _missed_mass(scores * self.softmax_scale, round(sum(per_head) / hkv))
+                host_lse[seq], missed_lse[seq] = _missed_mass(scores * self.softmax_scale, flat_k(per_head))
             ids.append([]), members.append([])
             for h, k in enumerate(per_head):
                 if k == 0:

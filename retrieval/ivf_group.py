@@ -39,8 +39,9 @@ import torch
 
 from hetero.errors import ConfigError, InvalidValueError
 from hetero.types import Selection
+from hetero.validation import check_finite
 
-from .base import Retriever, pad_rows, selection_from_groups, topk_group
+from .base import Retriever, flat_k, pad_rows, selection_from_groups, topk_group
 from .faiss_index import _nearest_pow2
 
 TAIL_TOKENS = 64  # recent keys kept unassigned in the always-scanned tail list
@@ -48,22 +49,21 @@ _warned = False
 
 
 class _SeqIndex:
-    """One sequence's index, all KV heads: centroids ``[Hkv, L, D]``, code ranges, list segments."""
+    """One sequence's index, all KV heads: centroids (``centroids_t [Hkv, D, L]``), code ranges, list segments."""
 
     def __init__(self, keys: torch.Tensor, nlist: int, seed: int):
         import faiss
 
         hkv, n, d = keys.shape
         self.dp = -(-d // 16) * 16
-        self.centroids = torch.empty(hkv, nlist, d)
+        self.centroids_t = np.empty((hkv, d, nlist), dtype=np.float32)  # transposed: q @ centroids_t scores lists
         self.quantizers = []
         for h in range(hkv):
             km = faiss.Kmeans(d, nlist, niter=10, spherical=True, max_points_per_centroid=32,
                               min_points_per_centroid=1, seed=seed + h)
             km.train(np.ascontiguousarray(keys[h].numpy()))
-            self.centroids[h] = torch.from_numpy(km.centroids)
+            self.centroids_t[h] = km.centroids.T
             self.quantizers.append(km.index)  # IndexFlatIP over the centroids
-        self.centroids_t = np.ascontiguousarray(self.centroids.transpose(1, 2).numpy())  # [Hkv, D, L]
         self.vmin = keys.amin(dim=1)                                 # [Hkv, D]
         self.step = ((keys.amax(dim=1) - self.vmin) / 255).clamp_min(1e-12)
         self._vmin_np, self._inv_step_np = self.vmin.numpy(), (1.0 / self.step).numpy()
@@ -87,7 +87,7 @@ class _SeqIndex:
     @property
     def nlist(self) -> int:
         """Lists with a centroid (the tail list, index ``nlist``, has none)."""
-        return self.centroids.shape[1]
+        return self.centroids_t.shape[2]
 
     @property
     def tail(self) -> int:
@@ -198,8 +198,8 @@ class _SeqIndex:
         self._pointers = None
 
     def nbytes(self) -> int:
-        return (self.codes.nbytes + self.ids.nbytes + self.centroids.numel() * 4 + 3 * self.count.nbytes
-                + self.tail_keys.numel() * 4)
+        return (self.codes.nbytes + self.ids.nbytes + 2 * self.centroids_t.nbytes + 3 * self.count.nbytes
+                + self.tail_keys.numel() * 4)  # centroids twice: ours and the faiss quantizers' copies
 
 
 class IVFGroupRetriever(Retriever):
@@ -252,12 +252,12 @@ class IVFGroupRetriever(Retriever):
                 raise InvalidValueError(f"retriever out of sync with the host tier: {self.host.length[seq]} "
                                         f"tokens stored, {new_total} to index")
             x = self.host.keys(seq)[:, :new_total].float()
-            _check_finite(x)
+            check_finite(x, "the keys added to the ivf-group index")
             self._seqs[seq] = _SeqIndex(x.contiguous(), min(self._nlist(new_total), new_total), self.seed)
             self._trained_on[seq] = new_total
         elif index is not None:
             x = keys.float().contiguous()
-            _check_finite(x)
+            check_finite(x, "the keys added to the ivf-group index")
             index.add(x, self._ntotal[seq])
 
     def cheap_add(self, seq: int, n: int) -> bool:
@@ -323,7 +323,7 @@ class IVFGroupRetriever(Retriever):
                 mask, qs = self.probe_mask(index, qg, per_head, n), self.prescale(index, qg)
                 if self._runner is not None:
                     top, uni, cnt, rows, missed = self._search_cpp(index, qs, mask, per_head, n,
-                                                                   round(sum(per_head) / hkv), report)
+                                                                   flat_k(per_head), report)
                     if report:  # the codes' scores omit q . vmin: add it back, scaled
                         missed_lse[seq] = (missed + self.softmax_scale * (qg * index.vmin[:, None]).sum(-1)).flatten()
                 else:
@@ -392,8 +392,3 @@ def search_torch(index: _SeqIndex, qs: torch.Tensor, mask: torch.Tensor, ks: Lis
         u = torch.unique(best)
         uni[h, : len(u)], cnt[h] = u, len(u)
     return top, uni, cnt, rows
-
-
-def _check_finite(x: torch.Tensor) -> None:
-    if not torch.isfinite(x).all():
-        raise InvalidValueError("keys handed to the ivf-group index contain NaN or inf")
