@@ -7,6 +7,8 @@ from typing import Dict
 from rich.console import Console
 from rich.table import Table
 
+from .timing import PHASE_SIDES
+
 _ERR = Console(stderr=True)
 
 
@@ -55,8 +57,7 @@ def print_profile(r: Dict, console: Console = None) -> None:
     phases.add_column("side")
     phases.add_column("ms", justify="right")
     phases.add_column("share of step", justify="right")
-    sides = {"window": "fast tier", "merge": "fast tier", "evict": "cache", "index_wait": "host",
-             "index_add": "cache", "retrieve": "host", "host_attn": "host", "transfer": "both"}
+    sides = dict(PHASE_SIDES, transfer="both")  # the query goes to the host and the result back
     step = r["hetero_ms"] or 1.0
     for name, ms in r["phases"].items():
         phases.add_row(name, sides.get(name, ""), f"{ms:.3f}", f"{100 * ms / step:.1f} %")

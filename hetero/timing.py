@@ -9,6 +9,11 @@ from typing import Dict, Iterator, List
 
 import torch
 
+# Which part of the runtime each recorded phase belongs to (the profiler's table, trace categories).
+PHASE_SIDES = {"window": "fast tier", "merge": "fast tier", "dense_sdpa": "dense baseline", "evict": "cache",
+               "index_add": "cache", "index_wait": "host", "retrieve": "host", "host_attn": "host",
+               "transfer": "transfer"}
+
 
 @dataclass(frozen=True)
 class Span:

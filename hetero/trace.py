@@ -8,10 +8,7 @@ from __future__ import annotations
 import json
 from typing import Dict, Iterable, List
 
-from .timing import Span
-
-_SIDE = {"window": "fast tier", "merge": "fast tier", "dense_sdpa": "dense baseline", "evict": "cache",
-         "index_wait": "host", "index_add": "cache", "retrieve": "host", "host_attn": "host", "transfer": "transfer"}
+from .timing import PHASE_SIDES, Span
 
 
 def trace_events(spans: Iterable[Span], pid: int = 1) -> List[Dict]:
@@ -23,7 +20,7 @@ def trace_events(spans: Iterable[Span], pid: int = 1) -> List[Dict]:
     events: List[Dict] = []
     for s in spans:
         tid = tids.setdefault(s.thread, len(tids) + 1)
-        events.append({"name": s.phase, "cat": _SIDE.get(s.phase, "other"), "ph": "X", "pid": pid, "tid": tid,
+        events.append({"name": s.phase, "cat": PHASE_SIDES.get(s.phase, "other"), "ph": "X", "pid": pid, "tid": tid,
                        "ts": round((s.start - t0) * 1e6, 3), "dur": round((s.end - s.start) * 1e6, 3)})
     for name, tid in tids.items():
         events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": name}})
