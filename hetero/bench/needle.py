@@ -17,6 +17,7 @@ from typing import List, Optional
 
 import torch
 
+from hetero.bench import run_reporting_missing_workload
 from hetero.config import HeteroConfig
 
 RETRIEVERS = ("exact", "ivf", "ivf-sq8", "ivf-group", "hnsw", "lsh")
@@ -89,15 +90,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--retrievers", default=",".join(RETRIEVERS))
     p.add_argument("--budget", type=float, default=0.03)
     ns = p.parse_args(argv)
-    from hetero.workloads.smollm2 import WorkloadUnavailable
-
-    try:
-        run([int(x) for x in ns.contexts.split(",")], [float(x) for x in ns.depths.split(",")],
-            ns.retrievers.split(","), ns.budget)
-    except WorkloadUnavailable as e:
-        print(f"hetero bench needle: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    contexts, depths = [int(x) for x in ns.contexts.split(",")], [float(x) for x in ns.depths.split(",")]
+    return run_reporting_missing_workload(
+        "hetero bench needle", lambda: run(contexts, depths, ns.retrievers.split(","), ns.budget))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional
 import torch
 
 from hetero.attention import HeteroAttention
+from hetero.bench import run_reporting_missing_workload
 from hetero.cache import LayerCache
 from hetero.config import HeteroConfig
 
@@ -161,19 +162,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--retrievers", default=None, help="only rows whose retriever name starts with one of these")
     p.add_argument("--threads", type=int, default=None)
     ns = p.parse_args(argv)
-    from hetero.workloads.smollm2 import WorkloadUnavailable
-
     rows = default_rows()
     if ns.retrievers:
         keep = tuple(ns.retrievers.split(","))
         rows = [r for r in rows if r["retriever"].startswith(keep)]
-    try:
-        run(ns.context, ns.positions, ns.window, ns.sinks,
-            None if ns.layers is None else [int(x) for x in ns.layers.split(",")], rows, ns.threads)
-    except WorkloadUnavailable as e:
-        print(f"hetero bench retrieval: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    layers = None if ns.layers is None else [int(x) for x in ns.layers.split(",")]
+    return run_reporting_missing_workload(
+        "hetero bench retrieval", lambda: run(ns.context, ns.positions, ns.window, ns.sinks, layers, rows, ns.threads))
 
 
 if __name__ == "__main__":
