@@ -18,6 +18,15 @@ Isa detect_isa() {
   return Isa::Scalar;
 }
 
+bool cpu_has_avx512_vnni() {
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  return detect_isa() >= Isa::Avx512 && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::Avx512Bf16: return "avx512_bf16";

@@ -2,24 +2,38 @@
 //
 // One work item is (sequence, KV head): its index keeps every host key as a row of Dp uint8 codes
 // (Dp = head_dim rounded up to 16, zero padded) in per-list segments of a code arena, with the key's host
-// position in a parallel id arena. The G queries of the KV head's GQA group arrive pre-scaled (qs [G, Dp]
-// float32, qs[g, d] = q[g, d] * step[d], so q . key = bias[g] + qs[g] . codes; the bias does not change
-// a query's ranking and is not needed). Every probed list is read once and scored against all G queries.
+// position in a parallel id arena. The G queries of the KV head's GQA group arrive pre-scaled and quantized:
+// q[g, d] * step[d] ~= qscale[g] * qi[g, d] with qi int8 in [-127, 127], so q . key ~= bias[g] + qscale[g] *
+// (qi[g] . codes) (the bias does not change a query's ranking and is not needed). The integer dot product is
+// exact at every ISA level (|sum| < 2^24, so its float conversion is exact too): all levels return identical
+// scores. Every probed list is read once and scored against all G queries.
 #pragma once
 #include <cstdint>
 
 namespace hetero {
 
-// out[g * out_stride + i] = sum_d qs[g * Dp + d] * codes[i * Dp + d] for g < G, i < n. Dp % 16 == 0.
-using IvfScoreFn = void (*)(const uint8_t* codes, int64_t n, int64_t Dp, const float* qs, int64_t G, float* out,
-                            int64_t out_stride);
+// out[g * out_stride + i] = float(sum_d qi[g * Dp + d] * codes[i * Dp + d]) * qscale[g] for g < G, i < n
+// (integer sum, then one float32 multiply). Dp % 16 == 0.
+using IvfScoreFn = void (*)(const uint8_t* codes, int64_t n, int64_t Dp, const int8_t* qi, const float* qscale,
+                            int64_t G, float* out, int64_t out_stride);
 
-void ivf_scores_scalar(const uint8_t* codes, int64_t n, int64_t Dp, const float* qs, int64_t G, float* out,
-                       int64_t out_stride);
-void ivf_scores_avx2(const uint8_t* codes, int64_t n, int64_t Dp, const float* qs, int64_t G, float* out,
-                     int64_t out_stride);
-void ivf_scores_avx512(const uint8_t* codes, int64_t n, int64_t Dp, const float* qs, int64_t G, float* out,
-                       int64_t out_stride);
+#define HETERO_IVF_SCORE_FN(name)                                                                        \
+  void name(const uint8_t* codes, int64_t n, int64_t Dp, const int8_t* qi, const float* qscale, int64_t G, \
+            float* out, int64_t out_stride)
+HETERO_IVF_SCORE_FN(ivf_scores_scalar);
+HETERO_IVF_SCORE_FN(ivf_scores_avx2);
+HETERO_IVF_SCORE_FN(ivf_scores_avx512);       // AVX-512 BW: vpmaddwd on widened halves
+HETERO_IVF_SCORE_FN(ivf_scores_avx512_vnni);  // AVX-512 VNNI: vpdpbusd
+
+// Positions i < n with s[i] >= threshold, ascending, written to out (room for n + 16); returns how many.
+using IvfSelectFn = int64_t (*)(const float* s, int64_t n, float threshold, int32_t* out);
+int64_t ivf_select_ge_scalar(const float* s, int64_t n, float threshold, int32_t* out);
+int64_t ivf_select_ge_avx512(const float* s, int64_t n, float threshold, int32_t* out);  // compress
+
+struct IvfKernels {
+  IvfScoreFn score;
+  IvfSelectFn select;
+};
 
 }  // namespace hetero
 
@@ -29,7 +43,8 @@ namespace hetero {
 
 // Pointers come from the Python wrapper (retrieval/ivf_group.py), which owns every check.
 struct IvfSearchArgs {
-  const float* qs;             // [items, G, Dp] float32, pre-scaled queries
+  const int8_t* qi;            // [items, G, Dp] int8, pre-scaled quantized queries
+  const float* qscale;         // [items, G] float32
   int64_t items, G, Dp;
   const uint64_t* codes;       // [items] -> uint8 code arena [cap, Dp]
   const uint64_t* ids;         // [items] -> int32 id arena [cap] (host positions)
@@ -44,7 +59,7 @@ struct IvfSearchArgs {
   int32_t* union_ids;          // [items, G * kmax] union of the G top sets, ascending, -1 padded
   int64_t* union_count;        // [items]
   int64_t* scanned;            // [items] code rows scored (per row, all G queries)
-  // Optional (nullptr = skip): per query, an estimate of log sum exp(scale * qs . codes) over the scanned rows
+  // Optional (nullptr = skip): per query, an estimate of log sum exp(scale * score) over the scanned rows
   // outside its top k_ref[item] (from a strided sample of the scores); the caller adds scale * (q . vmin).
   const int64_t* k_ref;        // [items]
   float scale;
@@ -62,6 +77,6 @@ struct IvfScratch {
 
 // Search one item: score every probed list's rows against the G queries, take each query's top k by score
 // (exact top-k over the scanned rows), write the per-query sets and their sorted union.
-void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfScoreFn score, IvfScratch& s);
+void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, IvfScratch& s);
 
 }  // namespace hetero

@@ -1,53 +1,53 @@
-// AVX2 + FMA code scoring for the grouped IVF search. Only called when the CPU reports these features.
+// AVX2 code scoring for the grouped IVF search. Only called when the CPU reports AVX2.
 #include <cstdint>
+
+#include "ivf_scan.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC target("avx2,fma")
 #include <immintrin.h>
-#endif
-#include "ivf_scan.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
 namespace {
 
-inline __m256 codes8(const uint8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+inline int32_t hsum(__m256i x) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
 }
 
-inline float hsum(__m256 x) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
-
-// NQ queries x one code row; two accumulators per query hide the FMA latency.
+// NQ queries (widened to int16 once per call) x one code row: u8 -> int16, vpmaddwd into int32 (exact).
 template <int NQ>
-inline void row_scores(const uint8_t* row, int64_t Dp, const float* qs, float* out, int64_t out_stride) {
-  __m256 acc[NQ][2];
-  for (int g = 0; g < NQ; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+inline void row_scores(const uint8_t* row, int64_t Dp, const int16_t* q16, const float* qscale, float* out,
+                       int64_t out_stride) {
+  __m256i acc[NQ];
+  for (int g = 0; g < NQ; ++g) acc[g] = _mm256_setzero_si256();
   for (int64_t d = 0; d < Dp; d += 16) {
-    const __m256 c0 = codes8(row + d), c1 = codes8(row + d + 8);
+    const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d)));
     for (int g = 0; g < NQ; ++g) {
-      acc[g][0] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + g * Dp + d), c0, acc[g][0]);
-      acc[g][1] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + g * Dp + d + 8), c1, acc[g][1]);
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q16 + g * Dp + d));
+      acc[g] = _mm256_add_epi32(acc[g], _mm256_madd_epi16(c, q));
     }
   }
-  for (int g = 0; g < NQ; ++g) out[g * out_stride] = hsum(_mm256_add_ps(acc[g][0], acc[g][1]));
+  for (int g = 0; g < NQ; ++g) out[g * out_stride] = static_cast<float>(hsum(acc[g])) * qscale[g];
 }
 
 }  // namespace
 
 namespace hetero {
-void ivf_scores_avx2(const uint8_t* codes, int64_t n, int64_t Dp, const float* qs, int64_t G, float* out,
-                     int64_t out_stride) {
+HETERO_IVF_SCORE_FN(ivf_scores_avx2) {
+  thread_local std::vector<int16_t> q16;
+  q16.resize(G * Dp);
+  for (int64_t j = 0; j < G * Dp; ++j) q16[j] = qi[j];
   for (int64_t i = 0; i < n; ++i) {
     const uint8_t* row = codes + i * Dp;
     int64_t g = 0;
-    for (; g + 4 <= G; g += 4) row_scores<4>(row, Dp, qs + g * Dp, out + g * out_stride + i, out_stride);
+    for (; g + 4 <= G; g += 4)
+      row_scores<4>(row, Dp, q16.data() + g * Dp, qscale + g, out + g * out_stride + i, out_stride);
     switch (G - g) {
-      case 3: row_scores<3>(row, Dp, qs + g * Dp, out + g * out_stride + i, out_stride); break;
-      case 2: row_scores<2>(row, Dp, qs + g * Dp, out + g * out_stride + i, out_stride); break;
-      case 1: row_scores<1>(row, Dp, qs + g * Dp, out + g * out_stride + i, out_stride); break;
+      case 3: row_scores<3>(row, Dp, q16.data() + g * Dp, qscale + g, out + g * out_stride + i, out_stride); break;
+      case 2: row_scores<2>(row, Dp, q16.data() + g * Dp, qscale + g, out + g * out_stride + i, out_stride); break;
+      case 1: row_scores<1>(row, Dp, q16.data() + g * Dp, qscale + g, out + g * out_stride + i, out_stride); break;
       default: break;
     }
   }
@@ -55,9 +55,6 @@ void ivf_scores_avx2(const uint8_t* codes, int64_t n, int64_t Dp, const float* q
 }  // namespace hetero
 #else
 namespace hetero {
-void ivf_scores_avx2(const uint8_t* codes, int64_t n, int64_t Dp, const float* qs, int64_t G, float* out,
-                     int64_t out_stride) {
-  ivf_scores_scalar(codes, n, Dp, qs, G, out, out_stride);
-}
+HETERO_IVF_SCORE_FN(ivf_scores_avx2) { ivf_scores_scalar(codes, n, Dp, qi, qscale, G, out, out_stride); }
 }  // namespace hetero
 #endif

@@ -1,66 +1,50 @@
-// AVX-512 code scoring for the grouped IVF search. Only called when the CPU reports AVX-512 F/BW/VL/DQ.
+// AVX-512 (F/BW/VL/DQ, no VNNI) code scoring for the grouped IVF search: the u8 x s8 dot product of VNNI
+// emulated exactly with two vpmaddwd on the even and odd bytes widened to int16.
 #include <cstdint>
+
+#include "ivf_scan.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
 #include <immintrin.h>
-#endif
-#include "ivf_scan.h"
 
-#if defined(__x86_64__) || defined(_M_X64)
 namespace {
-
-inline __m512 codes16(const uint8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+inline __m512i dot_u8s8(__m512i acc, __m512i u8, __m512i s8) {
+  const __m512i even_u = _mm512_and_si512(u8, _mm512_set1_epi16(0x00FF));
+  const __m512i odd_u = _mm512_srli_epi16(u8, 8);
+  const __m512i even_s = _mm512_srai_epi16(_mm512_slli_epi16(s8, 8), 8);
+  const __m512i odd_s = _mm512_srai_epi16(s8, 8);
+  return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_madd_epi16(even_u, even_s), _mm512_madd_epi16(odd_u, odd_s)));
 }
-
-// Two code rows x NQ queries per pass: each query slice is loaded once for both rows, and 2 * NQ independent
-// accumulators keep both FMA ports busy (one row x 4 queries leaves 4 chains of Dp/16 dependent FMAs).
-template <int NQ, int NR>
-inline void rows_scores(const uint8_t* row, int64_t Dp, const float* qs, float* out, int64_t out_stride) {
-  __m512 acc[NR][NQ];
-  for (int r = 0; r < NR; ++r)
-    for (int g = 0; g < NQ; ++g) acc[r][g] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < Dp; d += 16) {
-    __m512 c[NR];
-    for (int r = 0; r < NR; ++r) c[r] = codes16(row + r * Dp + d);
-    for (int g = 0; g < NQ; ++g) {
-      const __m512 q = _mm512_loadu_ps(qs + g * Dp + d);
-      for (int r = 0; r < NR; ++r) acc[r][g] = _mm512_fmadd_ps(q, c[r], acc[r][g]);
-    }
-  }
-  for (int r = 0; r < NR; ++r)
-    for (int g = 0; g < NQ; ++g) out[g * out_stride + r] = _mm512_reduce_add_ps(acc[r][g]);
-}
-
-template <int NQ>
-inline void block_scores(const uint8_t* codes, int64_t n, int64_t Dp, const float* qs, float* out,
-                         int64_t out_stride) {
-  int64_t i = 0;
-  for (; i + 2 <= n; i += 2) rows_scores<NQ, 2>(codes + i * Dp, Dp, qs, out + i, out_stride);
-  if (i < n) rows_scores<NQ, 1>(codes + i * Dp, Dp, qs, out + i, out_stride);
-}
-
 }  // namespace
 
+#define IVF_SCORE_NAME ivf_scores_avx512
+#include "ivf_scan_avx512.inc"
+
 namespace hetero {
-void ivf_scores_avx512(const uint8_t* codes, int64_t n, int64_t Dp, const float* qs, int64_t G, float* out,
-                       int64_t out_stride) {
-  int64_t g = 0;
-  for (; g + 4 <= G; g += 4) block_scores<4>(codes, n, Dp, qs + g * Dp, out + g * out_stride, out_stride);
-  switch (G - g) {
-    case 3: block_scores<3>(codes, n, Dp, qs + g * Dp, out + g * out_stride, out_stride); break;
-    case 2: block_scores<2>(codes, n, Dp, qs + g * Dp, out + g * out_stride, out_stride); break;
-    case 1: block_scores<1>(codes, n, Dp, qs + g * Dp, out + g * out_stride, out_stride); break;
-    default: break;
+int64_t ivf_select_ge_avx512(const float* s, int64_t n, float threshold, int32_t* out) {
+  const __m512 t = _mm512_set1_ps(threshold);
+  const __m512i step = _mm512_set1_epi32(16);
+  __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t c = 0, i = 0;
+  for (; i + 16 <= n; i += 16) {  // compress into a register, store all 16 lanes (out has 16 spare)
+    const __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + i), t, _CMP_GE_OQ);
+    _mm512_storeu_si512(out + c, _mm512_maskz_compress_epi32(m, idx));
+    c += __builtin_popcount(m);
+    idx = _mm512_add_epi32(idx, step);
   }
+  for (; i < n; ++i) {
+    out[c] = static_cast<int32_t>(i);
+    c += s[i] >= threshold;
+  }
+  return c;
 }
 }  // namespace hetero
 #else
 namespace hetero {
-void ivf_scores_avx512(const uint8_t* codes, int64_t n, int64_t Dp, const float* qs, int64_t G, float* out,
-                       int64_t out_stride) {
-  ivf_scores_scalar(codes, n, Dp, qs, G, out, out_stride);
+HETERO_IVF_SCORE_FN(ivf_scores_avx512) { ivf_scores_scalar(codes, n, Dp, qi, qscale, G, out, out_stride); }
+int64_t ivf_select_ge_avx512(const float* s, int64_t n, float threshold, int32_t* out) {
+  return ivf_select_ge_scalar(s, n, threshold, out);
 }
 }  // namespace hetero
 #endif

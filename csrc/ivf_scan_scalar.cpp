@@ -2,16 +2,24 @@
 #include "ivf_scan.h"
 
 namespace hetero {
-void ivf_scores_scalar(const uint8_t* codes, int64_t n, int64_t Dp, const float* qs, int64_t G, float* out,
-                       int64_t out_stride) {
+HETERO_IVF_SCORE_FN(ivf_scores_scalar) {
   for (int64_t i = 0; i < n; ++i) {
     const uint8_t* row = codes + i * Dp;
     for (int64_t g = 0; g < G; ++g) {
-      const float* q = qs + g * Dp;
-      float s = 0.0f;
-      for (int64_t d = 0; d < Dp; ++d) s += q[d] * static_cast<float>(row[d]);
-      out[g * out_stride + i] = s;
+      const int8_t* q = qi + g * Dp;
+      int32_t s = 0;
+      for (int64_t d = 0; d < Dp; ++d) s += static_cast<int32_t>(q[d]) * static_cast<int32_t>(row[d]);
+      out[g * out_stride + i] = static_cast<float>(s) * qscale[g];
     }
   }
+}
+
+int64_t ivf_select_ge_scalar(const float* s, int64_t n, float threshold, int32_t* out) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) {  // branch-free: ~1 % of positions pass
+    out[c] = static_cast<int32_t>(i);
+    c += s[i] >= threshold;
+  }
+  return c;
 }
 }  // namespace hetero

@@ -1,4 +1,4 @@
-// Grouped IVF search, per item: gather probed lists, score them (ISA-specific IvfScoreFn), select each
+// Grouped IVF search, per item: gather probed lists, score them (ISA-specific IvfKernels), select each
 // query's top k, union the sets through a bitmap over host positions (sorted output without a sort).
 #include <algorithm>
 #include <cmath>
@@ -22,7 +22,7 @@ int64_t strided_sample(const float* s, int64_t n, std::vector<float>& out) {
 // Positions (into s[0..n)) of the k largest scores, written to out[0..k). Exact: a threshold from a strided
 // sample narrows the candidates to a little over k, nth_element finishes on those; if the sample's
 // threshold admits fewer than k, it is lowered until it admits enough (at worst every position).
-void top_positions(const float* s, int64_t n, int64_t k, IvfScratch& w, int32_t* out) {
+void top_positions(const float* s, int64_t n, int64_t k, IvfSelectFn select, IvfScratch& w, int32_t* out) {
   if (k <= 0) return;
   if (k >= n) {
     for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int32_t>(i);
@@ -31,25 +31,19 @@ void top_positions(const float* s, int64_t n, int64_t k, IvfScratch& w, int32_t*
   const int64_t m = strided_sample(s, n, w.sample);
   // aim at ~1.25 k candidates: rank r in the sample of m corresponds to ~r * n / m in the full set
   int64_t r = std::min<int64_t>(m - 1, (k * m * 5) / (4 * n) + 2);
+  if (static_cast<int64_t>(w.cand.size()) < n + 16) w.cand.resize(n + 16);
+  int64_t c = 0;
   for (;;) {
     float threshold = -__builtin_inff();
     if (r < m - 1) {
       std::nth_element(w.sample.begin(), w.sample.begin() + r, w.sample.end(), std::greater<float>());
       threshold = w.sample[r];
     }
-    if (static_cast<int64_t>(w.cand.size()) < n) w.cand.resize(n);
-    int64_t c = 0;
-    for (int64_t i = 0; i < n; ++i) {  // branch-free: ~1 % of positions pass
-      w.cand[c] = static_cast<int32_t>(i);
-      c += s[i] >= threshold;
-    }
-    if (c >= k) {
-      w.cand.resize(c);
-      break;
-    }
+    c = select(s, n, threshold, w.cand.data());
+    if (c >= k) break;
     r = std::min<int64_t>(m - 1, 2 * r + 1);
   }
-  std::nth_element(w.cand.begin(), w.cand.begin() + (k - 1), w.cand.end(),
+  std::nth_element(w.cand.begin(), w.cand.begin() + (k - 1), w.cand.begin() + c,
                    [s](int32_t x, int32_t y) { return s[x] > s[y] || (s[x] == s[y] && x < y); });
   std::memcpy(out, w.cand.data(), k * sizeof(int32_t));
 }
@@ -72,7 +66,7 @@ float missed_lse_estimate(const float* s, int64_t n, int64_t k_ref, float scale,
 
 }  // namespace
 
-void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfScoreFn score, IvfScratch& s) {
+void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, IvfScratch& s) {
   const int64_t G = a.G, Dp = a.Dp;
   const uint8_t* codes = reinterpret_cast<const uint8_t*>(a.codes[item]);
   const int32_t* ids = reinterpret_cast<const int32_t*>(a.ids[item]);
@@ -99,7 +93,7 @@ void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfScoreFn score, Ivf
   int64_t pos = 0;
   for (int64_t l = 0; l < a.nlist; ++l) {
     if (!probe[l] || count[l] == 0) continue;
-    score(codes + start[l] * Dp, count[l], Dp, a.qs + item * G * Dp, G, s.scores.data() + pos, n);
+    kernels.score(codes + start[l] * Dp, count[l], Dp, a.qi + item * G * Dp, a.qscale + item * G, G, s.scores.data() + pos, n);
     std::memcpy(s.ids.data() + pos, ids + start[l], count[l] * sizeof(int32_t));
     pos += count[l];
   }
@@ -111,7 +105,7 @@ void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfScoreFn score, Ivf
   for (int64_t g = 0; g < G; ++g) {
     if (a.missed_lse)
       a.missed_lse[item * G + g] = missed_lse_estimate(s.scores.data() + g * n, n, a.k_ref[item], a.scale, s);
-    top_positions(s.scores.data() + g * n, n, k, s, best);
+    top_positions(s.scores.data() + g * n, n, k, kernels.select, s, best);
     for (int64_t j = 0; j < k; ++j) {
       const int32_t id = s.ids[best[j]];
       if (top) top[g * a.kmax + j] = id;

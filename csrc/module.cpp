@@ -49,12 +49,15 @@ ItemFn item_fn(Isa isa) {
   }
 }
 
-IvfScoreFn ivf_score_fn(Isa isa) {
+// VNNI rides on the highest level (every CPU with AVX512_BF16 so far has it; checked anyway), so forcing
+// "avx512" exercises the BW emulation on a VNNI machine.
+IvfKernels ivf_kernels(Isa isa) {
   switch (isa) {
     case Isa::Avx512Bf16:
-    case Isa::Avx512: return ivf_scores_avx512;
-    case Isa::Avx2: return ivf_scores_avx2;
-    default: return ivf_scores_scalar;
+      return {cpu_has_avx512_vnni() ? ivf_scores_avx512_vnni : ivf_scores_avx512, ivf_select_ge_avx512};
+    case Isa::Avx512: return {ivf_scores_avx512, ivf_select_ge_avx512};
+    case Isa::Avx2: return {ivf_scores_avx2, ivf_select_ge_scalar};
+    default: return {ivf_scores_scalar, ivf_select_ge_scalar};
   }
 }
 
@@ -136,13 +139,13 @@ class Runner {
   }
 
   // Grouped IVF search (ivf_scan.h); one item per (sequence, KV head), items spread over the pool.
-  void ivf_search(uintptr_t qs, int64_t items, int64_t G, int64_t Dp, uintptr_t codes, uintptr_t ids,
+  void ivf_search(uintptr_t qi, uintptr_t qscale, int64_t items, int64_t G, int64_t Dp, uintptr_t codes, uintptr_t ids,
                   uintptr_t list_start, uintptr_t list_count, int64_t nlist, uintptr_t probe, uintptr_t k,
                   uintptr_t n_tokens, uintptr_t top, int64_t kmax, uintptr_t union_ids, uintptr_t union_count,
                   uintptr_t scanned, uintptr_t k_ref, double scale, uintptr_t missed_lse) {
     if (items < 0 || G < 1 || Dp < 16 || Dp % 16 != 0 || nlist < 0 || kmax < 0)
       throw std::invalid_argument("ivf_search: invalid sizes (need G >= 1, Dp a multiple of 16)");
-    IvfSearchArgs a{reinterpret_cast<const float*>(qs), items, G, Dp, reinterpret_cast<const uint64_t*>(codes),
+    IvfSearchArgs a{reinterpret_cast<const int8_t*>(qi), reinterpret_cast<const float*>(qscale), items, G, Dp, reinterpret_cast<const uint64_t*>(codes),
                     reinterpret_cast<const uint64_t*>(ids), reinterpret_cast<const uint64_t*>(list_start),
                     reinterpret_cast<const uint64_t*>(list_count), nlist, reinterpret_cast<const uint8_t*>(probe),
                     reinterpret_cast<const int64_t*>(k), reinterpret_cast<const int64_t*>(n_tokens),
@@ -152,7 +155,7 @@ class Runner {
                     reinterpret_cast<float*>(missed_lse)};
     py::gil_scoped_release release;
     std::lock_guard<std::mutex> lock(mu_);
-    const IvfScoreFn fn = ivf_score_fn(static_cast<Isa>(global().active.load()));
+    const IvfKernels fn = ivf_kernels(static_cast<Isa>(global().active.load()));
     if (static_cast<int>(ivf_scratch_.size()) < pool_->threads()) ivf_scratch_.resize(pool_->threads());
     pool_->run(items, [&](int64_t item, int worker) { ivf_search_item(a, item, fn, ivf_scratch_[worker]); });
   }

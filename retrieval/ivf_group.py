@@ -7,9 +7,10 @@ each query head keeps its exact top-k over every row scanned for the group. Per 
 * Coarse quantizer: spherical k-means (faiss ``Kmeans``, 10 iterations, <= 32 training points per list),
   ``nlist`` = the power of two nearest ``6 sqrt(N)`` within [16, 1024], keys assigned by inner product.
 * Codes: per-dimension min/max of the keys it was built on, 8 bits per dimension (``D`` rounded up to 16
-  bytes per key, plus a 4-byte host position). A query is pre-scaled so that ``q . key`` = a per-query
-  constant + ``qs . codes``; the constant does not change a query's ranking. Keys added later outside the
-  range are clamped to it.
+  bytes per key, plus a 4-byte host position). A query is pre-scaled and quantized to int8 (``QueryCodes``)
+  so that ``q . key`` ~= a per-query constant + ``qscale * (qi . codes)``; the constant does not change a
+  query's ranking, and the integer dot product (``vpdpbusd`` with AVX-512 VNNI) keeps the scan near the memory
+  rate. Keys added later outside the range are clamped to it.
 * Recent keys: a decode step's evicted keys go to a tail list that every search scans, and are assigned to
   their lists (one batched centroid search) every ``TAIL_TOKENS`` (64) tokens; assigning each token on its
   own read all centroids (4 MB at 1024 lists x 8 heads x D 128) every step.
@@ -293,10 +294,9 @@ class IVFGroupRetriever(Retriever):
             mask[heads[:, None, None], best] = 1
         return torch.from_numpy(mask)
 
-    def prescale(self, index: _SeqIndex, qg: torch.Tensor) -> torch.Tensor:
-        """``qg [Hkv, G, D]`` -> ``[Hkv, G, Dp]`` float32 with ``qs . codes = q . key - q . vmin``."""
-        qs = qg * index.step[:, None, :]
-        return torch.nn.functional.pad(qs, (0, index.dp - qs.shape[2])).contiguous()
+    def prescale(self, index: _SeqIndex, qg: torch.Tensor) -> "QueryCodes":
+        """``qg [Hkv, G, D]`` -> the queries in code space (``qs . codes = q . key - q . vmin``), quantized."""
+        return QueryCodes.quantize(qg * index.step[:, None, :], index.dp)
 
     def _search(self, q: torch.Tensor, ks) -> Selection:
         hkv = self.host.kv_heads
@@ -347,9 +347,9 @@ class IVFGroupRetriever(Retriever):
                 members.insert(b, [None] * hkv)
         return selection_from_groups(ids, members, hkv, g)
 
-    def _search_cpp(self, index: _SeqIndex, qs: torch.Tensor, mask: torch.Tensor, ks: List[int], n: int,
+    def _search_cpp(self, index: _SeqIndex, qs: "QueryCodes", mask: torch.Tensor, ks: List[int], n: int,
                     k_ref: int = 0, report_missed: bool = False):
-        hkv, g, dp = qs.shape
+        hkv, g, dp = qs.qi.shape
         missed = torch.empty(hkv, g, dtype=torch.float32)
         k_ref_t = np.full(hkv, k_ref, dtype=np.int64)
         kmax = max(ks)
@@ -360,7 +360,7 @@ class IVFGroupRetriever(Retriever):
         k_t = np.asarray(ks, dtype=np.int64)
         n_t = np.full(hkv, n, dtype=np.int64)
         codes_p, ids_p, start_p, count_p = index.pointers()
-        self._runner.ivf_search(qs.data_ptr(), hkv, g, dp, codes_p.ctypes.data, ids_p.ctypes.data, start_p.ctypes.data,
+        self._runner.ivf_search(qs.qi.data_ptr(), qs.qscale.data_ptr(), hkv, g, dp, codes_p.ctypes.data, ids_p.ctypes.data, start_p.ctypes.data,
                                 count_p.ctypes.data, mask.shape[1], mask.data_ptr(), k_t.ctypes.data, n_t.ctypes.data,
                                 top.data_ptr(), kmax, uni.data_ptr(), cnt.data_ptr(), rows.data_ptr(),
                                 k_ref_t.ctypes.data, float(self.softmax_scale or 1.0),
@@ -368,10 +368,36 @@ class IVFGroupRetriever(Retriever):
         return top, uni, cnt, rows, missed
 
 
-def search_torch(index: _SeqIndex, qs: torch.Tensor, mask: torch.Tensor, ks: List[int], n: int):
+class QueryCodes:
+    """A group's queries in code space, quantized: ``qs [Hkv, G, Dp] ~= qscale[..., None] * qi``.
+
+    qi: ``[Hkv, G, Dp]`` int8 in [-127, 127] (symmetric, per query: ``qscale = max |qs| / 127``), zero padded
+    from D to Dp. qscale: ``[Hkv, G]`` float32. The ranking error this adds is a fraction of the codes' own
+    (the keys are 8-bit too; measured on real attention in docs/performance.md).
+    """
+
+    def __init__(self, qi: torch.Tensor, qscale: torch.Tensor):
+        self.qi, self.qscale = qi, qscale
+
+    @classmethod
+    def quantize(cls, qs: torch.Tensor, dp: int) -> "QueryCodes":
+        amax = qs.abs().amax(dim=-1)
+        qscale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).float()
+        qi = torch.round(qs / qscale[..., None]).clamp_(-127, 127).to(torch.int8)
+        return cls(torch.nn.functional.pad(qi, (0, dp - qs.shape[-1])).contiguous(), qscale.contiguous())
+
+    def scores(self, h: int, codes: np.ndarray) -> torch.Tensor:
+        """``[G, n]`` float32 scores of KV head h's queries against ``codes [n, Dp]`` uint8, with the kernels'
+        arithmetic: the exact integer dot product, converted to float32, times qscale."""
+        dots = self.qi[h].to(torch.int64) @ torch.from_numpy(np.ascontiguousarray(codes)).to(torch.int64).T
+        return dots.to(torch.float32) * self.qscale[h][:, None]
+
+
+def search_torch(index: _SeqIndex, qs: QueryCodes, mask: torch.Tensor, ks: List[int], n: int):
     """PyTorch reference of the C++ grouped search (same outputs: per-query top ids ``[Hkv, G, kmax]`` -1
-    padded, sorted union ``[Hkv, G*kmax]`` -1 padded, union sizes ``[Hkv]``, rows scanned ``[Hkv]``)."""
-    hkv, g, _ = qs.shape
+    padded, sorted union ``[Hkv, G*kmax]`` -1 padded, union sizes ``[Hkv]``, rows scanned ``[Hkv]``). Ties
+    go to the row scanned first, as in the kernel."""
+    hkv, g, _ = qs.qi.shape
     kmax = max(ks)
     top = torch.full((hkv, g, kmax), -1, dtype=torch.int32)
     uni = torch.full((hkv, g * kmax), -1, dtype=torch.int32)
@@ -385,9 +411,9 @@ def search_torch(index: _SeqIndex, qs: torch.Tensor, mask: torch.Tensor, ks: Lis
         k = min(ks[h], len(pos))
         if k == 0:
             continue
-        codes = torch.from_numpy(index.codes[h][pos.numpy()]).float()     # [n_scan, Dp]
-        scores = qs[h] @ codes.T                                           # [G, n_scan]
-        best = torch.from_numpy(index.ids[h][pos.numpy()])[scores.topk(k, dim=1).indices]
+        scores = qs.scores(h, index.codes[h][pos.numpy()])                 # [G, n_scan]
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        best = torch.from_numpy(index.ids[h][pos.numpy()])[order]
         top[h, :, :k] = best
         u = torch.unique(best)
         uni[h, : len(u)], cnt[h] = u, len(u)

@@ -75,12 +75,12 @@ def test_cpp_search_is_exact_top_k_over_scanned_rows():
     for h in range(2):
         rows = np.concatenate([np.arange(int(index.start[h, lst]), int(index.start[h, lst] + index.count[h, lst]))
                                for lst in mask[h].nonzero().flatten().tolist()])
-        scores = torch.from_numpy(index.codes[h][rows]).float() @ qs[h].T   # [n_scan, G]
+        scores = qs.scores(h, index.codes[h][rows]).T                   # [n_scan, G]
         ids = torch.from_numpy(index.ids[h][rows])
         for gq in range(4):
             chosen = torch.isin(ids, top[h, gq])
             assert int(chosen.sum()) == k
-            assert scores[chosen, gq].min() >= scores[~chosen, gq].max() - 1e-4
+            assert scores[chosen, gq].min() >= scores[~chosen, gq].max()
 
 
 @needs_ext
@@ -144,6 +144,27 @@ def test_codes_reproduce_scores_up_to_quantization():
         approx = torch.from_numpy(index.codes[h][rows][:, :32]).float() * index.step[h] + index.vmin[h]
         err = (approx - k_host[h, live]).abs().max(dim=0).values
         assert bool((err <= index.step[h] * 0.5 + 1e-5).all())
+
+
+def test_query_quantization_bounds_the_score_error():
+    """int8 queries: each score is within half a quantization step per code of the float query's score, the
+    largest |qi| is 127, and a zero query quantizes to zeros (no division by zero)."""
+    from hetero.retrieval.ivf_group import QueryCodes
+
+    gen = torch.Generator().manual_seed(3)
+    qs = torch.randn(3, 5, 40, generator=gen) * torch.logspace(-3, 2, 40)   # very different dims
+    qs[2, 4] = 0.0
+    codes = torch.randint(0, 256, (300, 48), dtype=torch.uint8, generator=gen).numpy()
+    codes[:, 40:] = 0                                                        # the zero padding of Dp
+    qc = QueryCodes.quantize(qs, 48)
+    assert qc.qi.shape == (3, 5, 48) and qc.qi.dtype == torch.int8 and bool((qc.qi[..., 40:] == 0).all())
+    assert torch.equal(qc.qi[2, 4], torch.zeros(48, dtype=torch.int8)) and float(qc.qscale[2, 4]) == 1.0
+    assert int(qc.qi[:2].abs().amax(-1).min()) == 127
+    c = torch.from_numpy(codes).double()
+    for h in range(3):
+        exact = qs[h].double() @ c[:, :40].T                                 # [G, n]
+        bound = 0.5 * qc.qscale[h].double()[:, None] * c.sum(1)[None, :] + 1e-3
+        assert bool(((qc.scores(h, codes).double() - exact).abs() <= bound).all())
 
 
 def test_memory_and_bytes_per_token():
@@ -297,7 +318,7 @@ def test_missed_mass_estimate_tracks_the_scanned_rows():
     for h in range(2):
         rows = np.concatenate([np.arange(int(index.start[h, lst]), int(index.start[h, lst] + index.count[h, lst]))
                                for lst in mask[h].nonzero().flatten().tolist()])
-        logits = (torch.from_numpy(index.codes[h][rows]).float() @ qs[h].T).T    # [G, n_scan], bias omitted
+        logits = qs.scores(h, index.codes[h][rows])                       # [G, n_scan], bias omitted
         logits = r.softmax_scale * (logits + (qg[h] * index.vmin[h]).sum(-1, keepdim=True))
         rest = logits.sort(dim=1, descending=True).values[:, 80:]
         want = torch.logsumexp(rest, dim=1)
