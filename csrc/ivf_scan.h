@@ -30,9 +30,31 @@ using IvfSelectFn = int64_t (*)(const float* s, int64_t n, float threshold, int3
 int64_t ivf_select_ge_scalar(const float* s, int64_t n, float threshold, int32_t* out);
 int64_t ivf_select_ge_avx512(const float* s, int64_t n, float threshold, int32_t* out);  // compress
 
+// out[g * L + l] = sum_d q[g * D + d] * centroids_t[d * L + l]: every query against every list's centroid.
+using IvfCentroidFn = void (*)(const float* q, int64_t G, int64_t D, const float* centroids_t, int64_t L, float* out);
+void ivf_centroid_scores_scalar(const float* q, int64_t G, int64_t D, const float* centroids_t, int64_t L, float* out);
+void ivf_centroid_scores_avx2(const float* q, int64_t G, int64_t D, const float* centroids_t, int64_t L, float* out);
+void ivf_centroid_scores_avx512(const float* q, int64_t G, int64_t D, const float* centroids_t, int64_t L, float* out);
+
+// Plain loops, inlined into each ISA's wrapper above and vectorized there for that ISA (over lists; d outer, so
+// the centroid rows stream once and the G output rows stay in L1).
+__attribute__((always_inline)) inline void centroid_scores_loops(const float* q, int64_t G, int64_t D,
+                                                                 const float* centroids_t, int64_t L, float* out) {
+  for (int64_t j = 0; j < G * L; ++j) out[j] = 0.0f;
+  for (int64_t d = 0; d < D; ++d) {
+    const float* __restrict row = centroids_t + d * L;
+    for (int64_t g = 0; g < G; ++g) {
+      const float qd = q[g * D + d];
+      float* __restrict o = out + g * L;
+      for (int64_t l = 0; l < L; ++l) o[l] += qd * row[l];
+    }
+  }
+}
+
 struct IvfKernels {
   IvfScoreFn score;
   IvfSelectFn select;
+  IvfCentroidFn centroids;
 };
 
 }  // namespace hetero
@@ -43,6 +65,10 @@ namespace hetero {
 
 // Pointers come from the Python wrapper (retrieval/ivf_group.py), which owns every check.
 struct IvfSearchArgs {
+  const float* q;              // [items, G, D] float32 queries (list probing)
+  int64_t D;
+  const uint64_t* centroids;   // [items] -> float32 [D, nlist - 1] (centroids_t; the last list, the tail, has none)
+  const int64_t* nprobe;       // [items] lists each query probes by q . centroid (the group scans the union)
   const int8_t* qi;            // [items, G, Dp] int8, pre-scaled quantized queries
   const float* qscale;         // [items, G] float32
   int64_t items, G, Dp;
@@ -51,7 +77,7 @@ struct IvfSearchArgs {
   const uint64_t* list_start;  // [items] -> int64 [nlist]: first arena row of each list
   const uint64_t* list_count;  // [items] -> int64 [nlist]: rows in each list
   int64_t nlist;               // lists per item (padded lists have count 0)
-  const uint8_t* probe;        // [items, nlist]: nonzero = scan this list
+  uint8_t* probe;              // [items, nlist] out: 1 = scanned (a query's nprobe best lists; the tail if k > 0)
   const int64_t* k;            // [items] keys per query
   const int64_t* n_tokens;     // [items] every id is < n_tokens
   int32_t* top;                // [items, G, kmax] each query's best ids (unordered, -1 padded) or nullptr
@@ -68,6 +94,8 @@ struct IvfSearchArgs {
 
 struct IvfScratch {
   std::vector<float> scores;   // [G, n_scan]
+  std::vector<float> cscores;  // [G, nlist - 1] centroid scores
+  std::vector<int32_t> lists;
   std::vector<int32_t> ids;    // [n_scan]
   std::vector<int32_t> cand;   // candidate positions of one query
   std::vector<float> sample;

@@ -35,6 +35,13 @@ inline void row_scores(const uint8_t* row, int64_t Dp, const int16_t* q16, const
 }  // namespace
 
 namespace hetero {
+void ivf_centroid_scores_avx2(const float* q, int64_t G, int64_t D, const float* centroids_t, int64_t L,
+                              float* out) {
+  centroid_scores_loops(q, G, D, centroids_t, L, out);
+}
+}  // namespace hetero
+
+namespace hetero {
 HETERO_IVF_SCORE_FN(ivf_scores_avx2) {
   thread_local std::vector<int16_t> q16;
   q16.resize(G * Dp);
@@ -55,6 +62,10 @@ HETERO_IVF_SCORE_FN(ivf_scores_avx2) {
 }  // namespace hetero
 #else
 namespace hetero {
+void ivf_centroid_scores_avx2(const float* q, int64_t G, int64_t D, const float* centroids_t, int64_t L,
+                              float* out) {
+  ivf_centroid_scores_scalar(q, G, D, centroids_t, L, out);
+}
 HETERO_IVF_SCORE_FN(ivf_scores_avx2) { ivf_scores_scalar(codes, n, Dp, qi, qscale, G, out, out_stride); }
 }  // namespace hetero
 #endif

@@ -22,6 +22,13 @@ inline __m512i dot_u8s8(__m512i acc, __m512i u8, __m512i s8) {
 #include "ivf_scan_avx512.inc"
 
 namespace hetero {
+void ivf_centroid_scores_avx512(const float* q, int64_t G, int64_t D, const float* centroids_t, int64_t L,
+                                float* out) {
+  centroid_scores_loops(q, G, D, centroids_t, L, out);
+}
+}  // namespace hetero
+
+namespace hetero {
 int64_t ivf_select_ge_avx512(const float* s, int64_t n, float threshold, int32_t* out) {
   const __m512 t = _mm512_set1_ps(threshold);
   const __m512i step = _mm512_set1_epi32(16);
@@ -42,6 +49,10 @@ int64_t ivf_select_ge_avx512(const float* s, int64_t n, float threshold, int32_t
 }  // namespace hetero
 #else
 namespace hetero {
+void ivf_centroid_scores_avx512(const float* q, int64_t G, int64_t D, const float* centroids_t, int64_t L,
+                                float* out) {
+  ivf_centroid_scores_scalar(q, G, D, centroids_t, L, out);
+}
 HETERO_IVF_SCORE_FN(ivf_scores_avx512) { ivf_scores_scalar(codes, n, Dp, qi, qscale, G, out, out_stride); }
 int64_t ivf_select_ge_avx512(const float* s, int64_t n, float threshold, int32_t* out) {
   return ivf_select_ge_scalar(s, n, threshold, out);

@@ -14,6 +14,11 @@ HETERO_IVF_SCORE_FN(ivf_scores_scalar) {
   }
 }
 
+void ivf_centroid_scores_scalar(const float* q, int64_t G, int64_t D, const float* centroids_t, int64_t L,
+                                float* out) {
+  centroid_scores_loops(q, G, D, centroids_t, L, out);
+}
+
 int64_t ivf_select_ge_scalar(const float* s, int64_t n, float threshold, int32_t* out) {
   int64_t c = 0;
   for (int64_t i = 0; i < n; ++i) {  // branch-free: ~1 % of positions pass

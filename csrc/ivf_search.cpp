@@ -1,4 +1,4 @@
-// Grouped IVF search, per item: gather probed lists, score them (ISA-specific IvfKernels), select each
+// Grouped IVF search, per item: pick the lists to probe, gather them, score them (ISA-specific IvfKernels), select each
 // query's top k, union the sets through a bitmap over host positions (sorted output without a sort).
 #include <algorithm>
 #include <cmath>
@@ -64,6 +64,31 @@ float missed_lse_estimate(const float* s, int64_t n, int64_t k_ref, float scale,
   return static_cast<float>(scale * top + std::log(sum * static_cast<double>(n) / m));
 }
 
+// probe[0 .. L] for one item: each query's nprobe best lists by q . centroid (ties to the lower list), and the
+// tail list L when the item has a budget.
+void probe_lists(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, IvfScratch& w) {
+  const int64_t G = a.G, L = a.nlist - 1, p = std::min(a.nprobe[item], L);
+  uint8_t* probe = a.probe + item * a.nlist;
+  std::fill(probe, probe + a.nlist, uint8_t{0});
+  if (a.k[item] <= 0 || p <= 0) {
+    probe[L] = a.k[item] > 0;
+    return;
+  }
+  probe[L] = 1;
+  if (p == L) {
+    std::fill(probe, probe + L, uint8_t{1});
+    return;
+  }
+  if (static_cast<int64_t>(w.cscores.size()) < G * L) w.cscores.resize(G * L);
+  kernels.centroids(a.q + item * G * a.D, G, a.D, reinterpret_cast<const float*>(a.centroids[item]), L,
+                    w.cscores.data());
+  w.lists.resize(p);
+  for (int64_t g = 0; g < G; ++g) {
+    top_positions(w.cscores.data() + g * L, L, p, kernels.select, w, w.lists.data());
+    for (int64_t j = 0; j < p; ++j) probe[w.lists[j]] = 1;
+  }
+}
+
 }  // namespace
 
 void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, IvfScratch& s) {
@@ -72,6 +97,7 @@ void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, I
   const int32_t* ids = reinterpret_cast<const int32_t*>(a.ids[item]);
   const int64_t* start = reinterpret_cast<const int64_t*>(a.list_start[item]);
   const int64_t* count = reinterpret_cast<const int64_t*>(a.list_count[item]);
+  probe_lists(a, item, kernels, s);
   const uint8_t* probe = a.probe + item * a.nlist;
   int32_t* top = a.top ? a.top + item * G * a.kmax : nullptr;
   int32_t* uni = a.union_ids + item * G * a.kmax;
@@ -91,8 +117,15 @@ void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, I
   if (static_cast<int64_t>(s.scores.size()) < G * n) s.scores.resize(G * n);
   if (static_cast<int64_t>(s.ids.size()) < n) s.ids.resize(n);
   int64_t pos = 0;
+  int64_t next = 0;  // the next probed list after l, whose first rows are prefetched while l is scored
   for (int64_t l = 0; l < a.nlist; ++l) {
     if (!probe[l] || count[l] == 0) continue;
+    for (next = std::max(next, l + 1); next < a.nlist && (!probe[next] || count[next] == 0);) ++next;
+    if (next < a.nlist) {
+      const uint8_t* head = codes + start[next] * Dp;
+      const int64_t bytes = std::min<int64_t>(count[next], 32) * Dp;
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(head + b, 0, 3);
+    }
     kernels.score(codes + start[l] * Dp, count[l], Dp, a.qi + item * G * Dp, a.qscale + item * G, G, s.scores.data() + pos, n);
     std::memcpy(s.ids.data() + pos, ids + start[l], count[l] * sizeof(int32_t));
     pos += count[l];

@@ -54,10 +54,11 @@ ItemFn item_fn(Isa isa) {
 IvfKernels ivf_kernels(Isa isa) {
   switch (isa) {
     case Isa::Avx512Bf16:
-      return {cpu_has_avx512_vnni() ? ivf_scores_avx512_vnni : ivf_scores_avx512, ivf_select_ge_avx512};
-    case Isa::Avx512: return {ivf_scores_avx512, ivf_select_ge_avx512};
-    case Isa::Avx2: return {ivf_scores_avx2, ivf_select_ge_scalar};
-    default: return {ivf_scores_scalar, ivf_select_ge_scalar};
+      return {cpu_has_avx512_vnni() ? ivf_scores_avx512_vnni : ivf_scores_avx512, ivf_select_ge_avx512,
+              ivf_centroid_scores_avx512};
+    case Isa::Avx512: return {ivf_scores_avx512, ivf_select_ge_avx512, ivf_centroid_scores_avx512};
+    case Isa::Avx2: return {ivf_scores_avx2, ivf_select_ge_scalar, ivf_centroid_scores_avx2};
+    default: return {ivf_scores_scalar, ivf_select_ge_scalar, ivf_centroid_scores_scalar};
   }
 }
 
@@ -139,15 +140,17 @@ class Runner {
   }
 
   // Grouped IVF search (ivf_scan.h); one item per (sequence, KV head), items spread over the pool.
-  void ivf_search(uintptr_t qi, uintptr_t qscale, int64_t items, int64_t G, int64_t Dp, uintptr_t codes, uintptr_t ids,
+  void ivf_search(uintptr_t q, int64_t D, uintptr_t centroids, uintptr_t nprobe, uintptr_t qi, uintptr_t qscale,
+                  int64_t items, int64_t G, int64_t Dp, uintptr_t codes, uintptr_t ids,
                   uintptr_t list_start, uintptr_t list_count, int64_t nlist, uintptr_t probe, uintptr_t k,
                   uintptr_t n_tokens, uintptr_t top, int64_t kmax, uintptr_t union_ids, uintptr_t union_count,
                   uintptr_t scanned, uintptr_t k_ref, double scale, uintptr_t missed_lse) {
-    if (items < 0 || G < 1 || Dp < 16 || Dp % 16 != 0 || nlist < 0 || kmax < 0)
-      throw std::invalid_argument("ivf_search: invalid sizes (need G >= 1, Dp a multiple of 16)");
-    IvfSearchArgs a{reinterpret_cast<const int8_t*>(qi), reinterpret_cast<const float*>(qscale), items, G, Dp, reinterpret_cast<const uint64_t*>(codes),
+    if (items < 0 || G < 1 || D < 1 || Dp < D || Dp % 16 != 0 || nlist < 1 || kmax < 0)
+      throw std::invalid_argument("ivf_search: invalid sizes (need G >= 1, Dp >= D a multiple of 16, nlist >= 1)");
+    IvfSearchArgs a{reinterpret_cast<const float*>(q), D, reinterpret_cast<const uint64_t*>(centroids),
+                    reinterpret_cast<const int64_t*>(nprobe), reinterpret_cast<const int8_t*>(qi), reinterpret_cast<const float*>(qscale), items, G, Dp, reinterpret_cast<const uint64_t*>(codes),
                     reinterpret_cast<const uint64_t*>(ids), reinterpret_cast<const uint64_t*>(list_start),
-                    reinterpret_cast<const uint64_t*>(list_count), nlist, reinterpret_cast<const uint8_t*>(probe),
+                    reinterpret_cast<const uint64_t*>(list_count), nlist, reinterpret_cast<uint8_t*>(probe),
                     reinterpret_cast<const int64_t*>(k), reinterpret_cast<const int64_t*>(n_tokens),
                     reinterpret_cast<int32_t*>(top), kmax, reinterpret_cast<int32_t*>(union_ids),
                     reinterpret_cast<int64_t*>(union_count), reinterpret_cast<int64_t*>(scanned),

@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .memory import empty_host
+from .memory import empty_host, zeros_host
 from .types import HostView
 
 
@@ -30,10 +30,16 @@ class FastTier:
                  dtype: torch.dtype, device: torch.device):
         self.sinks, self.window = sinks, window
         slots = sinks + window if window is not None else 0
-        self.k = torch.zeros(batch, kv_heads, slots, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        self.k = self._zeros((batch, kv_heads, slots, head_dim), dtype, device)
+        self.v = self._zeros((batch, kv_heads, slots, head_dim), dtype, device)
         self.total: List[int] = [0] * batch  # logical tokens seen per sequence
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)  # valid slots
+
+    @staticmethod
+    def _zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        if torch.device(device).type == "cpu":  # the window is streamed every step: huge pages (hetero.memory)
+            return zeros_host(shape, dtype)
+        return torch.zeros(shape, dtype=dtype, device=device)
 
     @property
     def batch(self) -> int:
@@ -58,7 +64,7 @@ class FastTier:
         b, h, _, d = self.k.shape
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = torch.zeros(b, h, new_cap, d, dtype=old.dtype, device=old.device)
+            new = self._zeros((b, h, new_cap, d), old.dtype, old.device)
             new[:, :, :cap] = old
             setattr(self, name, new)
 

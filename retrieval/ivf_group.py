@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from hetero.errors import ConfigError, InvalidValueError
+from hetero.memory import zeros_host
 from hetero.types import Selection
 from hetero.validation import check_finite
 
@@ -80,8 +81,8 @@ class _SeqIndex:
         self.used = self.cap.sum(axis=1)                             # arena rows handed out, per head
         arena = int(self.used.max()) + n // 16 + 64
         self._pointers = None
-        self.codes = np.zeros((hkv, arena, self.dp), dtype=np.uint8)
-        self.ids = np.zeros((hkv, arena), dtype=np.int32)
+        self.codes = zeros_host((hkv, arena, self.dp), torch.uint8).numpy()  # huge pages: lists are streamed
+        self.ids = zeros_host((hkv, arena), torch.int32).numpy()
         self.tail_keys = torch.empty(hkv, TAIL_TOKENS, d)           # float keys of the tail, for assignment
         self._insert(keys, np.arange(n, dtype=np.int32), assign)
 
@@ -181,18 +182,19 @@ class _SeqIndex:
         self.used[h] += cap
 
     def pointers(self):
-        """Per-head base addresses (uint64 ``[Hkv]`` each) of codes, ids, list starts and counts for the kernel;
-        cached until the arena is reallocated."""
+        """Per-head base addresses (uint64 ``[Hkv]`` each) of codes, ids, list starts, list counts and centroids
+        for the kernel; cached until the arena is reallocated."""
         if self._pointers is None:
             per_head = lambda a: (a.ctypes.data + np.arange(a.shape[0], dtype=np.uint64)  # noqa: E731
                                   * np.uint64(a.strides[0])).astype(np.uint64)
-            self._pointers = tuple(per_head(a) for a in (self.codes, self.ids, self.start, self.count))
+            self._pointers = tuple(per_head(a) for a in (self.codes, self.ids, self.start, self.count,
+                                                         self.centroids_t))
         return self._pointers
 
     def _grow(self, rows: int) -> None:
         rows = max(rows, self.codes.shape[1] * 3 // 2)
-        codes = np.zeros((self.codes.shape[0], rows, self.dp), dtype=np.uint8)
-        ids = np.zeros((self.codes.shape[0], rows), dtype=np.int32)
+        codes = zeros_host((self.codes.shape[0], rows, self.dp), torch.uint8).numpy()
+        ids = zeros_host((self.codes.shape[0], rows), torch.int32).numpy()
         codes[:, : self.codes.shape[1]] = self.codes
         ids[:, : self.ids.shape[1]] = self.ids
         self.codes, self.ids = codes, ids
@@ -278,15 +280,20 @@ class IVFGroupRetriever(Retriever):
         return -(-self.host.head_dim // 16) * 16 + 4
 
     # ---- search -------------------------------------------------------------------------------------
+    def nprobe(self, ks: List[int], nlist: int, n: int) -> List[int]:
+        """Lists each query of head h probes: ``ceil(nlist * min(1, probe_factor * sqrt(k / N)))``, 0 if k = 0."""
+        return [0 if k == 0 else max(1, min(nlist, math.ceil(nlist * min(1.0, self.probe_factor * math.sqrt(k / n)))))
+                for k in ks]
+
     def probe_mask(self, index: _SeqIndex, qg: torch.Tensor, ks: List[int], n: int) -> torch.Tensor:
-        """``[Hkv, nlist + 1]`` uint8: the lists probed by any query of each KV head's group (``ks[h]``: keys per
-        query of head h; each query probes its ``nprobe(k)`` best lists by ``q . centroid``), and the tail."""
+        """Reference of the kernel's list choice: ``[Hkv, nlist + 1]`` uint8, the lists probed by any query of each
+        KV head's group (``ks[h]``: keys per query of head h; each query probes its ``nprobe(k)`` best lists by
+        ``q . centroid``), and the tail."""
         scores = np.matmul(qg.numpy(), index.centroids_t)                  # [Hkv, G, L]
         hkv, g, nlist = scores.shape
         mask = np.zeros((hkv, nlist + 1), dtype=np.uint8)
         mask[:, nlist] = np.asarray(ks) > 0  # the tail (recent keys, not assigned yet) is always scanned
-        nprobe = [0 if k == 0 else max(1, min(nlist, math.ceil(nlist * min(1.0, self.probe_factor
-                                                                            * math.sqrt(k / n))))) for k in ks]
+        nprobe = self.nprobe(ks, nlist, n)
         for p in set(nprobe) - {0}:
             heads = np.array([h for h in range(hkv) if nprobe[h] == p])
             best = np.argpartition(-scores[heads], p - 1, axis=2)[:, :, :p] if p < nlist else \
@@ -294,7 +301,7 @@ class IVFGroupRetriever(Retriever):
             mask[heads[:, None, None], best] = 1
         return torch.from_numpy(mask)
 
-    def prescale(self, index: _SeqIndex, qg: torch.Tensor) -> "QueryCodes":
+    def prescale(self, index: _SeqIndex, qg: torch.Tensor) -> QueryCodes:
         """``qg [Hkv, G, D]`` -> the queries in code space (``qs . codes = q . key - q . vmin``), quantized."""
         return QueryCodes.quantize(qg * index.step[:, None, :], index.dp)
 
@@ -320,14 +327,14 @@ class IVFGroupRetriever(Retriever):
                          for h, k in enumerate(per_head)]
                 scanned += sum(n * g for k in per_head if k)
             else:
-                mask, qs = self.probe_mask(index, qg, per_head, n), self.prescale(index, qg)
+                qs = self.prescale(index, qg)
                 if self._runner is not None:
-                    top, uni, cnt, rows, missed = self._search_cpp(index, qs, mask, per_head, n,
-                                                                   flat_k(per_head), report)
+                    top, uni, cnt, rows, missed, _ = self._search_cpp(index, qg, qs, per_head, n, flat_k(per_head),
+                                                                      report)
                     if report:  # the codes' scores omit q . vmin: add it back, scaled
                         missed_lse[seq] = (missed + self.softmax_scale * (qg * index.vmin[:, None]).sum(-1)).flatten()
                 else:
-                    top, uni, cnt, rows = search_torch(index, qs, mask, per_head, n)
+                    top, uni, cnt, rows = search_torch(index, qs, self.probe_mask(index, qg, per_head, n), per_head, n)
                 scanned += int(rows.sum()) * g
                 width = int(cnt.max())
                 if self.group_rule != "per-head" or g == 1:  # the union rows as they are: no loop over heads
@@ -347,25 +354,31 @@ class IVFGroupRetriever(Retriever):
                 members.insert(b, [None] * hkv)
         return selection_from_groups(ids, members, hkv, g)
 
-    def _search_cpp(self, index: _SeqIndex, qs: "QueryCodes", mask: torch.Tensor, ks: List[int], n: int,
+    def _search_cpp(self, index: _SeqIndex, qg: torch.Tensor, qs: QueryCodes, ks: List[int], n: int,
                     k_ref: int = 0, report_missed: bool = False):
+        """The C++ search (list choice included): per-query top ids ``[Hkv, G, kmax]``, sorted union
+        ``[Hkv, G*kmax]``, union sizes and rows scanned ``[Hkv]``, missed-mass estimates ``[Hkv, G]`` and the
+        probe mask ``[Hkv, nlist + 1]`` it chose (as ``probe_mask``)."""
         hkv, g, dp = qs.qi.shape
+        qg = qg.to(torch.float32).contiguous()
         missed = torch.empty(hkv, g, dtype=torch.float32)
-        k_ref_t = np.full(hkv, k_ref, dtype=np.int64)
+        mask = torch.empty(hkv, index.nlist + 1, dtype=torch.uint8)
         kmax = max(ks)
         top = torch.empty(hkv, g, kmax, dtype=torch.int32)
         uni = torch.empty(hkv, g * kmax, dtype=torch.int32)
         cnt = torch.empty(hkv, dtype=torch.int64)
         rows = torch.empty(hkv, dtype=torch.int64)
-        k_t = np.asarray(ks, dtype=np.int64)
-        n_t = np.full(hkv, n, dtype=np.int64)
-        codes_p, ids_p, start_p, count_p = index.pointers()
-        self._runner.ivf_search(qs.qi.data_ptr(), qs.qscale.data_ptr(), hkv, g, dp, codes_p.ctypes.data, ids_p.ctypes.data, start_p.ctypes.data,
-                                count_p.ctypes.data, mask.shape[1], mask.data_ptr(), k_t.ctypes.data, n_t.ctypes.data,
-                                top.data_ptr(), kmax, uni.data_ptr(), cnt.data_ptr(), rows.data_ptr(),
-                                k_ref_t.ctypes.data, float(self.softmax_scale or 1.0),
-                                missed.data_ptr() if report_missed else 0)
-        return top, uni, cnt, rows, missed
+        k_t, n_t = np.asarray(ks, dtype=np.int64), np.full(hkv, n, dtype=np.int64)
+        k_ref_t = np.full(hkv, k_ref, dtype=np.int64)
+        nprobe_t = np.asarray(self.nprobe(ks, index.nlist, n), dtype=np.int64)
+        codes_p, ids_p, start_p, count_p, centroids_p = index.pointers()
+        self._runner.ivf_search(
+            qg.data_ptr(), qg.shape[2], centroids_p.ctypes.data, nprobe_t.ctypes.data, qs.qi.data_ptr(),
+            qs.qscale.data_ptr(), hkv, g, dp, codes_p.ctypes.data, ids_p.ctypes.data, start_p.ctypes.data,
+            count_p.ctypes.data, mask.shape[1], mask.data_ptr(), k_t.ctypes.data, n_t.ctypes.data, top.data_ptr(),
+            kmax, uni.data_ptr(), cnt.data_ptr(), rows.data_ptr(), k_ref_t.ctypes.data,
+            float(self.softmax_scale or 1.0), missed.data_ptr() if report_missed else 0)
+        return top, uni, cnt, rows, missed, mask
 
 
 class QueryCodes:
@@ -380,11 +393,13 @@ class QueryCodes:
         self.qi, self.qscale = qi, qscale
 
     @classmethod
-    def quantize(cls, qs: torch.Tensor, dp: int) -> "QueryCodes":
-        amax = qs.abs().amax(dim=-1)
-        qscale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).float()
-        qi = torch.round(qs / qscale[..., None]).clamp_(-127, 127).to(torch.int8)
-        return cls(torch.nn.functional.pad(qi, (0, dp - qs.shape[-1])).contiguous(), qscale.contiguous())
+    def quantize(cls, qs: torch.Tensor, dp: int) -> QueryCodes:
+        x = qs.numpy()  # numpy: a decode step's few thousand values cost ~1 us per op here, torch's round ~300 us
+        amax = np.abs(x).max(axis=-1)
+        qscale = np.where(amax > 0, amax / np.float32(127.0), np.float32(1.0)).astype(np.float32)
+        qi = np.zeros((*x.shape[:-1], dp), dtype=np.int8)
+        qi[..., : x.shape[-1]] = np.clip(np.rint(x / qscale[..., None]), -127, 127)
+        return cls(torch.from_numpy(qi), torch.from_numpy(qscale))
 
     def scores(self, h: int, codes: np.ndarray) -> torch.Tensor:
         """``[G, n]`` float32 scores of KV head h's queries against ``codes [n, Dp]`` uint8, with the kernels'
