@@ -87,3 +87,27 @@ def test_merge_rejects_bad_parts():
         merge([])
     with pytest.raises(ShapeError, match="part 1"):
         merge([a, PartialAttention.empty(1, 3, 4)])
+
+
+def test_torch_and_numpy_arithmetic_agree_on_edge_cases():
+    """CPU merges run in numpy, other devices in torch: the same function over both must agree, with
+    empty parts, garbage outs, +inf and extreme logits mixed in one batch."""
+    import numpy as np
+
+    from hetero.merge import _merge_arrays
+
+    gen = torch.Generator().manual_seed(5)
+    out = torch.randn(3, 2, 6, 8, generator=gen)
+    lse = torch.randn(3, 2, 6, generator=gen) * 30
+    lse[:, 0, 0] = float("-inf")                        # all parts empty
+    lse[1, 0, 1] = float("-inf")
+    out[1, 0, 1] = float("nan")                         # empty part with garbage
+    lse[2, 1, 2] = float("inf")                         # one +inf part
+    lse[0, 1, 3] = lse[1, 1, 3] = float("inf")          # two +inf parts share the weight
+    lse[:, 1, 4] = torch.tensor([1e30, -1e30, 0.0])     # extreme
+    t_out, t_lse = _merge_arrays(torch, out, lse)
+    with np.errstate(all="ignore"):
+        n_out, n_lse = _merge_arrays(np, out.numpy(), lse.numpy())
+    assert torch.equal(t_lse, torch.from_numpy(n_lse))
+    torch.testing.assert_close(t_out, torch.from_numpy(n_out), rtol=1e-6, atol=1e-6)
+    assert not torch.isnan(t_out).any()
