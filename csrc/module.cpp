@@ -164,7 +164,7 @@ class Runner {
   }
 
   // Read n random runs (offsets in bytes from base) across the pool; returns a checksum.
-  double random_read(uintptr_t base, uintptr_t offsets, int64_t n, int64_t run_bytes, int prefetch) {
+  double random_read(uintptr_t base, uintptr_t offsets, int64_t n, int64_t run_bytes, int prefetch, bool to_l2) {
     py::gil_scoped_release release;
     std::lock_guard<std::mutex> lock(mu_);
     const int threads = pool_->threads();
@@ -173,7 +173,7 @@ class Runner {
     pool_->run(threads, [&](int64_t t, int) {
       const int64_t lo = std::min(n, t * per), hi = std::min(n, lo + per);
       sums[t] = read_runs(reinterpret_cast<const char*>(base), reinterpret_cast<const int64_t*>(offsets) + lo,
-                          hi - lo, run_bytes, prefetch);
+                          hi - lo, run_bytes, prefetch, to_l2);
     });
     double total = 0.0;
     for (double x : sums) total += x;
