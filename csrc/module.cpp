@@ -77,7 +77,10 @@ py::dict info() {
   Global& g = global();
   py::dict d;
   d["isa_detected"] = isa_name(g.detected);
-  d["isa"] = isa_name(static_cast<Isa>(g.active.load()));
+  const Isa active = static_cast<Isa>(g.active.load());
+  d["isa"] = isa_name(active);
+  d["ivf_scan"] = active == Isa::Avx512Bf16 && cpu_has_avx512_vnni() ? "avx512_vnni" : isa_name(
+      active == Isa::Avx512Bf16 ? Isa::Avx512 : active);
   return d;
 }
 

@@ -14,8 +14,8 @@ import torch
 from .backends import HOST_REGISTRY, WINDOW_REGISTRY, get_backend
 
 _PACKAGES = ("torch", "triton", "numba", "faiss-cpu", "transformers", "numpy", "pybind11")
-_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_fp16",
-          "amx_bf16")
+_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
+          "avx512_fp16", "amx_bf16")
 
 
 def _version(dist: str) -> str:
@@ -107,8 +107,8 @@ def print_env(info: Dict) -> None:
     for k, v in info["versions"].items():
         t.add_row(k, v)
     cpp = info["cpp_extension"]
-    t.add_row("C++ extension", f"ISA {cpp['isa']} (detected {cpp['isa_detected']}), {cpp['threads']} threads"
-              if "isa" in cpp else str(cpp.get("error")))
+    t.add_row("C++ extension", f"ISA {cpp['isa']} (detected {cpp['isa_detected']}), IVF code scan "
+              f"{cpp.get('ivf_scan', '?')}, {cpp['threads']} threads" if "isa" in cpp else str(cpp.get("error")))
     t.add_row("CPU flags", " ".join(info["cpu"]["flags"]) or "-")
     t.add_row("cores usable", str(info["cpu"]["cores_usable"]))
     nb = info["numba"]

@@ -113,13 +113,19 @@ def test_cpp_search_at_every_isa_level():
         "layer, keys, vals, q = _layer(700, d=40, g=5)\n"
         "layer.append(keys, vals)\n"
         "_compare(layer.retriever, q, [9, 21])\n"
-        "from hetero.cpu.cpp_sparse import info; print(info()['isa'])\n"
+        "from hetero.cpu.cpp_sparse import info; print(info()['isa'], info()['ivf_scan'])\n"
     ).format(tests=os.path.dirname(__file__))
+    scans = {}
     for isa in usable:
         env = dict(os.environ, HETERO_CPU_ISA=isa)
         p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0, p.stderr[-2000:]
-        assert p.stdout.split()[-1] == isa
+        assert p.stdout.split()[-2] == isa
+        scans[isa] = p.stdout.split()[-1]
+    from hetero.envinfo import _cpu_flags
+
+    if "avx512_bf16" in usable and "avx512_vnni" in _cpu_flags():  # both AVX-512 scan kernels were exercised
+        assert scans["avx512_bf16"] == "avx512_vnni" and scans["avx512"] == "avx512"
 
 
 def test_incremental_adds_equal_one_batch_add_and_keep_every_token_once():
