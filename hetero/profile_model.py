@@ -8,7 +8,7 @@ per-layer phase breakdown of hetero's decode steps and bytes per tier.
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 import torch
 
@@ -25,18 +25,36 @@ def _load(name: str):
     return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(name)
 
 
-def _generate(model, ids, steps, **kw):
+class _TokenClock:
+    """A generate() stopping criterion that never stops and records when each new token was ready."""
+
+    def __init__(self):
+        self.times: List[float] = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def timed_generate(model, ids, new_tokens: int, **kw):
+    """Greedy ``model.generate`` with per-token timestamps from the same call.
+
+    Returns ``(output, prefill_s, decode_tokens_per_s)``: prefill_s runs from the call to the first new token
+    (prompt forward + first sample), decode tokens/s is ``(n - 1) / (t_last - t_first)`` over the n new tokens
+    (0 when fewer than 2 were generated). Timing a separate prefill-only call and subtracting it, as an earlier
+    version did, mixed a cold and a warm prefill and could go negative on a small model.
+    """
+    from transformers import StoppingCriteriaList
+
+    clock = _TokenClock()
     t = time.perf_counter()
     with torch.no_grad():
-        model.generate(ids, max_new_tokens=1, do_sample=False, **kw)
-    prefill = time.perf_counter() - t
-    t = time.perf_counter()
-    with torch.no_grad():
-        full = model.generate(ids, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
-                              output_logits=True, **kw)
-    total = time.perf_counter() - t
-    decode_tps = (steps - 1) / max(total - prefill, 1e-9)
-    return full, prefill, decode_tps
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False,
+                             stopping_criteria=StoppingCriteriaList([clock]), **kw)
+    prefill = (clock.times[0] if clock.times else time.perf_counter()) - t
+    n = len(clock.times)
+    tps = (n - 1) / (clock.times[-1] - clock.times[0]) if n >= 2 and clock.times[-1] > clock.times[0] else 0.0
+    return out, prefill, tps
 
 
 def profile_model(name: str, config: HeteroConfig, context: int, steps: int,
@@ -51,13 +69,15 @@ def profile_model(name: str, config: HeteroConfig, context: int, steps: int,
     model, _ = _load(name)
     ids = tok(corpus_text(), return_tensors="pt").input_ids[:, :context]
     log(f"dense: prefill {ids.shape[1]} tokens + {steps} decode steps")
-    ref, dense_prefill, dense_tps = _generate(dense, ids, steps)
+    ref, dense_prefill, dense_tps = timed_generate(dense, ids, steps, return_dict_in_generate=True,
+                                                   output_logits=True)
     hetero.wrap(model, config)
     attn_modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "o_proj")]
     for m in attn_modules:
         m._hetero_record = []
     log("hetero: same prompt and steps")
-    mine, het_prefill, het_tps = _generate(model, ids, steps)
+    mine, het_prefill, het_tps = timed_generate(model, ids, steps, return_dict_in_generate=True,
+                                                output_logits=True)
     cache = HeteroCache(config, model.config.num_hidden_layers)  # measure tiers on a fresh run's cache
     with torch.no_grad():
         model.generate(ids, max_new_tokens=2, do_sample=False, past_key_values=cache)

@@ -12,7 +12,6 @@ import argparse
 import json
 import random
 import sys
-import time
 from typing import List, Optional
 
 import torch
@@ -44,12 +43,11 @@ def build_prompt(tok, filler_ids: List[int], context: int, depth: float, key: st
 
 
 def _answer(model, tok, ids, new_tokens: int):
-    t = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
-    dt = time.perf_counter() - t
-    n = out.shape[1] - ids.shape[1]
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), n / dt
+    """The greedy answer and its decode tokens/s (prefill excluded; ``timed_generate``)."""
+    from hetero.profile_model import timed_generate
+
+    out, _, tps = timed_generate(model, ids, new_tokens)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True), tps
 
 
 def run(contexts=(2048, 4096, 8192), depths=(0.0, 0.25, 0.5, 0.75, 1.0), retrievers=RETRIEVERS, budget=0.03,
