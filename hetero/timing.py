@@ -57,7 +57,7 @@ class _SpanTimer:
         self.range: Optional[torch.profiler.record_function] = None
 
     def __enter__(self) -> None:
-        if torch.autograd.profiler._is_profiler_enabled:
+        if getattr(torch.autograd.profiler, "_is_profiler_enabled", True):  # unknown torch: always open the range
             self.range = torch.profiler.record_function(f"hetero::{self.phase}")
             self.range.__enter__()
         self.start = time.perf_counter()
