@@ -26,6 +26,14 @@ HETERO_IVF_SCORE_FN(ivf_scores_avx512);       // AVX-512 BW: vpmaddwd on widened
 HETERO_IVF_SCORE_FN(ivf_scores_avx512_vnni);  // AVX-512 VNNI: vpdpbusd
 
 // Positions i < n with s[i] >= threshold, ascending, written to out (room for n + 16); returns how many.
+// select_ge_from: the same from position i on, appending after the c already written (branch-free: ~1 % pass).
+inline int64_t select_ge_from(const float* s, int64_t i, int64_t n, float threshold, int32_t* out, int64_t c) {
+  for (; i < n; ++i) {
+    out[c] = static_cast<int32_t>(i);
+    c += s[i] >= threshold;
+  }
+  return c;
+}
 using IvfSelectFn = int64_t (*)(const float* s, int64_t n, float threshold, int32_t* out);
 int64_t ivf_select_ge_scalar(const float* s, int64_t n, float threshold, int32_t* out);
 int64_t ivf_select_ge_avx512(const float* s, int64_t n, float threshold, int32_t* out);  // compress
@@ -55,6 +63,7 @@ struct IvfKernels {
   IvfScoreFn score;
   IvfSelectFn select;
   IvfCentroidFn centroids;
+  const char* name;  // the scoring kernel ("avx512_vnni", "avx512", "avx2", "scalar"), for `hetero env`
 };
 
 }  // namespace hetero

@@ -39,9 +39,7 @@ void ivf_centroid_scores_avx2(const float* q, int64_t G, int64_t D, const float*
                               float* out) {
   centroid_scores_loops(q, G, D, centroids_t, L, out);
 }
-}  // namespace hetero
 
-namespace hetero {
 HETERO_IVF_SCORE_FN(ivf_scores_avx2) {
   thread_local std::vector<int16_t> q16;
   q16.resize(G * Dp);

@@ -26,9 +26,7 @@ void ivf_centroid_scores_avx512(const float* q, int64_t G, int64_t D, const floa
                                 float* out) {
   centroid_scores_loops(q, G, D, centroids_t, L, out);
 }
-}  // namespace hetero
 
-namespace hetero {
 int64_t ivf_select_ge_avx512(const float* s, int64_t n, float threshold, int32_t* out) {
   const __m512 t = _mm512_set1_ps(threshold);
   const __m512i step = _mm512_set1_epi32(16);
@@ -40,11 +38,7 @@ int64_t ivf_select_ge_avx512(const float* s, int64_t n, float threshold, int32_t
     c += __builtin_popcount(m);
     idx = _mm512_add_epi32(idx, step);
   }
-  for (; i < n; ++i) {
-    out[c] = static_cast<int32_t>(i);
-    c += s[i] >= threshold;
-  }
-  return c;
+  return select_ge_from(s, i, n, threshold, out, c);
 }
 }  // namespace hetero
 #else

@@ -20,11 +20,6 @@ void ivf_centroid_scores_scalar(const float* q, int64_t G, int64_t D, const floa
 }
 
 int64_t ivf_select_ge_scalar(const float* s, int64_t n, float threshold, int32_t* out) {
-  int64_t c = 0;
-  for (int64_t i = 0; i < n; ++i) {  // branch-free: ~1 % of positions pass
-    out[c] = static_cast<int32_t>(i);
-    c += s[i] >= threshold;
-  }
-  return c;
+  return select_ge_from(s, 0, n, threshold, out, 0);
 }
 }  // namespace hetero

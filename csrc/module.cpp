@@ -32,6 +32,7 @@ using ItemFn = void (*)(const SparseArgs&, int64_t, int64_t, int64_t, int64_t, f
 
 struct Global {
   Isa detected = detect_isa();
+  bool vnni = cpu_has_avx512_vnni();
   std::atomic<int> active{static_cast<int>(detect_isa())};
 };
 
@@ -54,11 +55,12 @@ ItemFn item_fn(Isa isa) {
 IvfKernels ivf_kernels(Isa isa) {
   switch (isa) {
     case Isa::Avx512Bf16:
-      return {cpu_has_avx512_vnni() ? ivf_scores_avx512_vnni : ivf_scores_avx512, ivf_select_ge_avx512,
-              ivf_centroid_scores_avx512};
-    case Isa::Avx512: return {ivf_scores_avx512, ivf_select_ge_avx512, ivf_centroid_scores_avx512};
-    case Isa::Avx2: return {ivf_scores_avx2, ivf_select_ge_scalar, ivf_centroid_scores_avx2};
-    default: return {ivf_scores_scalar, ivf_select_ge_scalar, ivf_centroid_scores_scalar};
+      if (global().vnni)
+        return {ivf_scores_avx512_vnni, ivf_select_ge_avx512, ivf_centroid_scores_avx512, "avx512_vnni"};
+      [[fallthrough]];
+    case Isa::Avx512: return {ivf_scores_avx512, ivf_select_ge_avx512, ivf_centroid_scores_avx512, "avx512"};
+    case Isa::Avx2: return {ivf_scores_avx2, ivf_select_ge_scalar, ivf_centroid_scores_avx2, "avx2"};
+    default: return {ivf_scores_scalar, ivf_select_ge_scalar, ivf_centroid_scores_scalar, "scalar"};
   }
 }
 
@@ -79,8 +81,7 @@ py::dict info() {
   d["isa_detected"] = isa_name(g.detected);
   const Isa active = static_cast<Isa>(g.active.load());
   d["isa"] = isa_name(active);
-  d["ivf_scan"] = active == Isa::Avx512Bf16 && cpu_has_avx512_vnni() ? "avx512_vnni" : isa_name(
-      active == Isa::Avx512Bf16 ? Isa::Avx512 : active);
+  d["ivf_scan"] = ivf_kernels(active).name;
   return d;
 }
 
