@@ -25,11 +25,7 @@ _MODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _FASTMATH = {"reassoc", "contract"}  # lets LLVM vectorize the dot-product reductions; no nnan/ninf (we use -inf)
 
 
-@intrinsic
-def _prefetch(typingctx, arr, index):
-    """``__builtin_prefetch(&arr[index], read, L1)``."""
-    sig = types.void(arr, index)
-
+def _prefetch_codegen(locality: int):
     def codegen(context, builder, signature, args):
         arrty = signature.args[0]
         ary = context.make_array(arrty)(context, builder, args[0])
@@ -38,10 +34,22 @@ def _prefetch(typingctx, arr, index):
         i32 = ir.IntType(32)
         fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(locality), i32(1)])
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+@intrinsic
+def _prefetch(typingctx, arr, index):
+    """``__builtin_prefetch(&arr[index], read, 3)``: into L1 (prefetcht0)."""
+    return types.void(arr, index), _prefetch_codegen(3)
+
+
+@intrinsic
+def _prefetch_l2(typingctx, arr, index):
+    """``__builtin_prefetch(&arr[index], read, 1)``: into L2 (prefetcht2)."""
+    return types.void(arr, index), _prefetch_codegen(1)
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
@@ -96,11 +104,15 @@ def _sparse_kernel(q, kflat, vflat, head_stride, row_stride, table, block_tokens
             else:
                 rows[j] = h * head_stride + (np.int64(table[b, pos // block_tokens]) * block_tokens
                                              + pos % block_tokens) * row_stride
+        near = min(prefetch_rows, 8)
         for j in range(n):
             if prefetch_rows > 0 and j + prefetch_rows < n and rows[j + prefetch_rows] >= 0:
                 for e in range(0, d, line_elems):
-                    _prefetch(kflat, rows[j + prefetch_rows] + e)
-                    _prefetch(vflat, rows[j + prefetch_rows] + e)
+                    _prefetch_l2(kflat, rows[j + prefetch_rows] + e)
+                    _prefetch_l2(vflat, rows[j + prefetch_rows] + e)
+            if near > 0 and j + near < n and rows[j + near] >= 0:
+                for e in range(0, d, line_elems):
+                    _prefetch(kflat, rows[j + near] + e)
             r = rows[j]
             if r < 0:
                 for g in range(g_size):
@@ -130,6 +142,9 @@ def _sparse_kernel(q, kflat, vflat, head_stride, row_stride, table, block_tokens
             for j in range(n):
                 scores[g, j] = np.exp(scores[g, j] - m[g]) if m[g] > neg_inf else np.float32(0.0)
         for j in range(n):
+            if near > 0 and j + near < n and rows[j + near] >= 0:
+                for e in range(0, d, line_elems):
+                    _prefetch(vflat, rows[j + near] + e)
             r = rows[j]
             if r < 0:
                 continue
@@ -176,7 +191,7 @@ class NumbaSparseBackend(HostBackend):
 
     name = "numba"
     devices = ("cpu",)
-    prefetch_rows = 16
+    prefetch_rows = 64
 
     def __init__(self) -> None:
         import numba

@@ -31,10 +31,14 @@ struct SparseArgs {
   int prefetch_rows;         // software prefetch distance in rows (0 = off)
 };
 
-// Scratch floats a work item of n indices needs.
+// Rows per online-softmax tile of the kernel, and the float stride between the G score rows of a tile.
+constexpr int64_t kRowTile = 32;
+constexpr int64_t kTileStride = 48;
+
+// Scratch floats a work item of n indices needs (row offsets, one score tile, per-query state, a zero row, split queries).
 inline int64_t item_scratch_floats(const SparseArgs& a, int64_t n) {
   const int64_t g = a.Hq / a.Hkv;
-  return (g + 2) * (n + 16) + 4 * g * (a.D + 32) + 64;
+  return 2 * n + g * (kTileStride + 8) + 4 * g * (a.D + 32) + a.D + 128;
 }
 
 // One work item; out_g [G, D], lse_g [G]; scratch of item_scratch_floats(j1 - j0) floats.

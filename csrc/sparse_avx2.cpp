@@ -24,6 +24,13 @@ struct Avx2V {
   static void store(float* p, R x) { _mm256_storeu_ps(p, x); }
   static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
   static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static float hmax(R x) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  }
   static R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   // Horizontal sums of four vectors at once (transpose-add): out[i] = sum of lanes of the i-th.
   static void reduce4(R a, R b, R c, R d, float* out) {
@@ -59,6 +66,11 @@ struct Avx2V {
     } else {
       return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     }
+  }
+  template <DType DT>
+  static void dots4(const float* q, int64_t G, int64_t D, const typename Elem<DT>::T* const* krows, int nr,
+                    float* out, float* tmp) {
+    rowwise_dots4<Avx2V, DT>(q, G, D, krows, nr, out, tmp);
   }
 };
 

@@ -25,6 +25,9 @@ struct Avx512V {
   static void store(float* p, R x) { _mm512_storeu_ps(p, x); }
   static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R max(R a, R b) { return _mm512_max_ps(a, b); }
+  static float hmax(R x) { return _mm512_reduce_max_ps(x); }
   static R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   // Horizontal sums of four vectors at once (transpose-add): out[i] = sum of lanes of the i-th.
   static void reduce4(R a, R b, R c, R d, float* out) {
@@ -63,7 +66,70 @@ struct Avx512V {
       return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     }
   }
+  // The first n (< 16) elements, the rest zero.
+  template <DType DT> static R load_elem_partial(const typename Elem<DT>::T* p, int64_t n) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+    if constexpr (DT == DType::F32) {
+      return _mm512_maskz_loadu_ps(mask, p);
+    } else if constexpr (DT == DType::BF16) {
+      const __m256i raw = _mm256_maskz_loadu_epi16(mask, p);
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+    } else {
+      return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p));
+    }
+  }
+  template <DType DT>
+  static void dots4(const float* q, int64_t G, int64_t D, const typename Elem<DT>::T* const* krows, int nr,
+                    float* out, float* tmp);
 };
+
+// Sums each of 16 vectors: lanes 4g..4g+3 of the result hold the sums of x[4g] .. x[4g+3]. A transpose-and-add
+// tree: pairs within 128-bit lanes, then quadruples, then across the four 128-bit lanes.
+inline __m512 sum16(const __m512* x) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]), _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+  const __m512 v01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const __m512 v23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(v01, v23, 0x88), _mm512_shuffle_f32x4(v01, v23, 0xDD));
+}
+
+// Four queries x four rows per block: the 16 dot products accumulate in 16 registers, each query vector is loaded
+// once per four rows (the row-at-a-time form reloads it per row), and one sum16 tree reduces them. Measured per
+// selected row from L1 (G = 4, D = 128, one thread): see docs/performance.md.
+template <DType DT>
+void Avx512V::dots4(const float* q, int64_t G, int64_t D, const typename Elem<DT>::T* const* krows, int nr,
+                    float* out, float* tmp) {
+  if (G % 4 != 0 || nr < 2) {
+    rowwise_dots4<Avx512V, DT>(q, G, D, krows, nr, out, tmp);
+    return;
+  }
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    const float* qg = q + g0 * D;
+    __m512 acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+      __m512 k[4], qv[4];
+      for (int r = 0; r < 4; ++r) k[r] = load_elem<DT>(krows[r] + d);
+      for (int g = 0; g < 4; ++g) qv[g] = _mm512_loadu_ps(qg + g * D + d);
+      for (int g = 0; g < 4; ++g)
+        for (int r = 0; r < 4; ++r) acc[4 * g + r] = _mm512_fmadd_ps(qv[g], k[r], acc[4 * g + r]);
+    }
+    if (d < D) {
+      const __mmask16 mask = static_cast<__mmask16>((1u << (D - d)) - 1);
+      __m512 k[4], qv[4];
+      for (int r = 0; r < 4; ++r) k[r] = load_elem_partial<DT>(krows[r] + d, D - d);
+      for (int g = 0; g < 4; ++g) qv[g] = _mm512_maskz_loadu_ps(mask, qg + g * D + d);
+      for (int g = 0; g < 4; ++g)
+        for (int r = 0; r < 4; ++r) acc[4 * g + r] = _mm512_fmadd_ps(qv[g], k[r], acc[4 * g + r]);
+    }
+    const __m512 sums = sum16(acc);
+    for (int g = 0; g < 4; ++g) _mm_storeu_ps(out + (g0 + g) * kTileStride, _mm512_extractf32x4_ps(sums, g));
+  }
+}
 
 // bf16 keys with AVX512_BF16: q is split once per item into up to three bf16 parts (q = q0 + q1 + q2 to 24
 // mantissa bits, i.e. float32), so q . k = sum_i dpbf16(q_i, k) keeps float32 accuracy (two parts keep
@@ -118,32 +184,29 @@ inline void dot_bf16_rows(const uint16_t* q, int64_t Dp, int64_t stride, const u
   for (int g = 0; g < NQ; ++g) out[g] = s[g];
 }
 
-template <int NP>
-inline void bf16_scores(const SparseArgs& a, int64_t b, int64_t h, int64_t j0, int64_t j1, const ItemScratch& s,
-                        const uint16_t* qs, int64_t Dp) {
-  const int64_t G = a.Hq / a.Hkv, D = a.D;
-  score_pass<uint16_t>(a, b, h, j0, j1, s.rows, s.scores, s.ns, s.m, s.tmp, [&](const uint16_t* row, float* out) {
-    int64_t g = 0;
-    for (; g + 4 <= G; g += 4) dot_bf16_rows<4, NP>(qs + g * Dp, Dp, G * Dp, row, D, out + g);
-    switch (G - g) {
-      case 3: dot_bf16_rows<3, NP>(qs + g * Dp, Dp, G * Dp, row, D, out + g); break;
-      case 2: dot_bf16_rows<2, NP>(qs + g * Dp, Dp, G * Dp, row, D, out + g); break;
-      case 1: dot_bf16_rows<1, NP>(qs + g * Dp, Dp, G * Dp, row, D, out + g); break;
-      default: break;
-    }
-  });
-}
-
 // Returns false (and does nothing) when q needs more than one bf16 part.
 bool bf16_item(const SparseArgs& a, int64_t b, int64_t h, int64_t j0, int64_t j1, float* out_g, float* lse_g,
                float* scratch) {
   const int64_t G = a.Hq / a.Hkv, n = j1 - j0, D = a.D, Dp = (D + 31) / 32 * 32;
-  ItemScratch s(scratch, G, n);
+  ItemScratch s(scratch, G, n, D);
   uint16_t* qs = reinterpret_cast<uint16_t*>(s.extra);  // kParts * G * Dp uint16 <= 2 * G * Dp floats
   if (split_queries(a.q + (b * a.Hq + h * G) * D, G, D, Dp, qs) > 1) return false;
   resolve_rows(a, a.indices + (b * a.Hkv + h) * a.K, a.block_table + b * a.max_blocks, j0, j1, s.rows);
-  bf16_scores<1>(a, b, h, j0, j1, s, qs, Dp);
-  value_pass_and_finish<Avx512V, DType::BF16>(a, h, n, s.rows, s.scores, s.ns, s.m, out_g, lse_g);
+  float* tmp = s.tmp;
+  attend_rows<Avx512V, DType::BF16>(a, b, h, j0, n, s.rows, s, out_g, lse_g,
+                                    [&](const uint16_t* const* krows, int nr, float* out) {
+    for (int r = 0; r < nr; ++r) {
+      int64_t g = 0;
+      for (; g + 4 <= G; g += 4) dot_bf16_rows<4, 1>(qs + g * Dp, Dp, G * Dp, krows[r], D, tmp + g);
+      switch (G - g) {
+        case 3: dot_bf16_rows<3, 1>(qs + g * Dp, Dp, G * Dp, krows[r], D, tmp + g); break;
+        case 2: dot_bf16_rows<2, 1>(qs + g * Dp, Dp, G * Dp, krows[r], D, tmp + g); break;
+        case 1: dot_bf16_rows<1, 1>(qs + g * Dp, Dp, G * Dp, krows[r], D, tmp + g); break;
+        default: break;
+      }
+      for (g = 0; g < G; ++g) out[g * kTileStride + r] = tmp[g];
+    }
+  });
   return true;
 }
 

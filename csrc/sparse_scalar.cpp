@@ -13,10 +13,18 @@ struct ScalarV {
   static void store(float* p, R x) { *p = x; }
   static R sub(R a, R b) { return a - b; }
   static R add(R a, R b) { return a + b; }
+  static R mul(R a, R b) { return a * b; }
+  static R max(R a, R b) { return a > b ? a : b; }
+  static float hmax(R x) { return x; }
   static R fmadd(R a, R b, R c) { return a * b + c; }
   static void reduce4(R a, R b, R c, R d, float* out) { out[0] = a; out[1] = b; out[2] = c; out[3] = d; }
   static R exp(R x) { return __builtin_expf(x); }  // exp(-inf) = 0
   template <DType DT> static R load_elem(const typename Elem<DT>::T* p) { return elem_to_float<DT>(*p); }
+  template <DType DT>
+  static void dots4(const float* q, int64_t G, int64_t D, const typename Elem<DT>::T* const* krows, int nr,
+                    float* out, float* tmp) {
+    rowwise_dots4<ScalarV, DT>(q, G, D, krows, nr, out, tmp);
+  }
 };
 
 }  // namespace

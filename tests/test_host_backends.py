@@ -114,6 +114,27 @@ def test_minus_inf_log_weight_drops_key_and_all_dropped_is_empty(backend):
     assert rel_err(got.out[0, 1], want.out[0, 1]) <= 2e-6
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_running_max_across_row_tiles(backend):
+    """The C++ kernel's online softmax runs over tiles of 32 rows: whole tiles dropped (-inf weights) before
+    the first valid one, a maximum that grows tile after tile, and a row of padding in every tile."""
+    if not _usable(backend):
+        pytest.skip("unavailable")
+    layer = _host(torch.float32, 1, 48, [200])
+    gen = torch.Generator().manual_seed(5)
+    idx = torch.arange(150, dtype=torch.int32).view(1, 1, 150).clone()
+    idx[0, 0, 7::32] = -1
+    q = torch.randn(1, 4, 48, generator=gen)
+    lw = torch.linspace(0, 40, 150).view(1, 1, 150).repeat(1, 4, 1)  # later tiles dominate
+    lw[0, 1, :70] = float("-inf")
+    lw[0, 2, 40:] = float("-inf")  # only the first tiles count
+    sel = Selection(idx, lw)
+    want = ref_sparse(q.double(), layer.host.view(), sel, compute_dtype=torch.float64)
+    got = sparse_attention(q, layer.host.view(), sel, backend=backend)
+    assert rel_err(got.out, want.out) <= 2e-6
+    assert torch.allclose(got.lse.double(), want.lse, atol=1e-5, rtol=1e-6)
+
+
 def test_fp16_subnormal_and_extreme_values_widen_exactly():
     """The numba fp16 path widens from bits: check subnormals, max and negative zero against torch."""
     from hetero.cpu.numba_sparse import NumbaSparseBackend
