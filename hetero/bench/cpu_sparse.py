@@ -84,22 +84,25 @@ def _random_read_once(runner, views, index_sets, runs: int, prefetch: int, to_l2
     return nbytes / statistics.median(times) / 1e9
 
 
-def _time_interleaved(backends, q, views, index_sets, scale, runs: int, rounds: int = 3) -> List[float]:
+def _time_interleaved(backends, q, views, index_sets, scale, runs: int, rounds: int = 3,
+                      warmup: int = 3) -> List[float]:
     """Median seconds per backend over ``runs`` calls on the same inputs. Backends alternate in blocks over
-    ``rounds`` rounds, so a noisy shared machine slows them alike; the first call of every block is not
-    timed (compilation, page faults, and OpenMP threads of the previous backend still spinning)."""
+    ``rounds`` rounds, so a noisy shared machine slows them alike; the first ``warmup`` calls of every block
+    are not timed (compilation, page faults, threads of the previous backend, and the state the previous
+    backend left: after the torch reference's calls, numba's next calls ran at 5.8, 6.2, 6.3, 6.5 then ~6.9
+    GB/s, also with a 50 ms pause in between, so not spinning threads; the ceiling loop is measured alone)."""
     times = [[] for _ in backends]
     per_block = max(1, -(-runs // rounds))
     i = 0
     for _ in range(rounds):
         for j, be in enumerate(backends):
-            for call in range(per_block + 1):
+            for call in range(per_block + warmup):
                 view = views[i % len(views)]
                 sel = Selection(index_sets[i % len(index_sets)])
                 i += 1
                 t = time.perf_counter()
                 be(q, view, sel, scale)
-                if call > 0:
+                if call >= warmup:
                     times[j].append(time.perf_counter() - t)
     return [statistics.median(t) for t in times]
 
@@ -123,7 +126,8 @@ def run(backends: List[str], dtypes: List[str], ks: List[int], threads: int, tok
         q = torch.randn(1, kv_heads * group, head_dim, generator=gen)
         scale = 1 / math.sqrt(head_dim)
         for k in ks:
-            index_sets = _index_sets(max(runs + 2, 23), kv_heads, tokens, k, gen)
+            # enough fresh sets that no (tier, index set) pair repeats across all timed backends
+            index_sets = _index_sets(4 * (runs + 2) + 1, kv_heads, tokens, k, gen)
             ceiling = _random_read_gbps(views, index_sets, runs)
             usable, skipped = [], []
             for name in dict.fromkeys(["torch"] + backends):  # torch first: the reference, always timed
