@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from hetero import HeteroConfig, LayerCache, Selection, sparse_attention
 from hetero.backends import get_backend
@@ -133,6 +134,27 @@ def test_running_max_across_row_tiles(backend):
     got = sparse_attention(q, layer.host.view(), sel, backend=backend)
     assert rel_err(got.out, want.out) <= 2e-6
     assert torch.allclose(got.lse.double(), want.lse, atol=1e-5, rtol=1e-6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-120.0, 30.0, width=32) | st.just(float("-inf")), min_size=1, max_size=70),
+       st.floats(-20.0, 30.0, width=32))
+def test_numba_exp_polynomial_matches_exp(xs, shift):
+    """The numba kernel's vectorized exp of (x - shift) in float32: within 3e-7 of exp in float64, exactly 0
+    below -87.3 and for -inf."""
+    import numpy as np
+
+    from hetero.cpu.numba_sparse import _exp_shifted
+
+    x = np.array(xs, dtype=np.float32)
+    t = (x - np.float32(shift)).astype(np.float64)  # the difference is rounded to float32 first, as in the kernel
+    want = np.exp(t)
+    got = x.copy()
+    ebits = np.empty(len(x), np.uint32)
+    _exp_shifted(got, np.float32(shift), ebits, ebits.view(np.float32))
+    assert np.all(got[t < -87.3] == 0.0)
+    keep = t >= -87.3
+    assert np.allclose(got[keep], want[keep], rtol=3e-7, atol=0.0)
 
 
 def test_fp16_subnormal_and_extreme_values_widen_exactly():
