@@ -77,3 +77,14 @@ def test_bench_cpu_sparse_small_rows_have_documented_keys():
     for r in rows:
         assert {"backend", "dtype", "k", "gbps", "membw_gbps", "ratio_to_membw", "speedup_vs_torch"} <= set(r)
         assert r["gbps"] > 0 and r["membw_gbps"] > 0
+
+
+def test_bench_cpu_sparse_row_cost_rows():
+    p = _run("bench", "cpu-sparse", "--row-cost", "--tokens", "4096", "--k", "100", "--runs", "3", "--layers", "2",
+             "--backends", "cpp,numba,torch", "--dtypes", "float32")
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+    assert {r["backend"] for r in rows} == {"cpp", "numba"}  # the torch reference is not a kernel to cost
+    for r in rows:
+        assert r["k"] == 100 and r["threads"] == 1
+        assert r["ns_per_row_l1"] > 0 and r["ns_per_row_dram"] > 0 and r["ns_per_row_read_only"] > 0

@@ -164,6 +164,52 @@ def run(backends: List[str], dtypes: List[str], ks: List[int], threads: int, tok
     return rows
 
 
+def row_costs(backends: List[str], dtypes: List[str], k: int = 2048, tokens: int = 131072, kv_heads: int = 8,
+              group: int = 4, head_dim: int = 128, calls: int = 60, seed: int = 0, layers: int = 0,
+              out=sys.stdout) -> List[dict]:
+    """Nanoseconds per selected row on one thread, two cases per (backend, dtype): ``l1`` reads the same 64 rows
+    over and over (the kernel's arithmetic alone), ``dram`` fresh random rows of tiers rotated beyond the LLC
+    (arithmetic plus misses); and ``read_only``, the ceiling loop over those rows. On the development VM ``dram``
+    is about ``l1 + read_only``: arithmetic does not hide behind the misses (docs/performance.md)."""
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(seed)
+    llc = last_level_cache_bytes()
+    rows = []
+    for dtype_name in dtypes:
+        dtype = KV_DTYPES[dtype_name]
+        layer_bytes = 2 * kv_heads * tokens * head_dim * dtype.itemsize
+        views = _make_layers(layers or max(2, math.ceil(4 * llc / layer_bytes)), kv_heads, tokens, head_dim, dtype,
+                             256)
+        q = torch.randn(1, kv_heads * group, head_dim, generator=gen)
+        fresh = _index_sets(calls + 1, kv_heads, tokens, k, gen)
+        same = [s[..., :64].repeat(1, 1, -(-k // 64))[..., :k].contiguous() for s in fresh[:1]]
+        read_ns = None  # the ceiling loop (reads only, prefetcht2 64 runs ahead) on one thread, same rows
+        from hetero.cpu.cpp_sparse import load
+
+        if load() is not None:
+            gbps = _random_read_once(load().Runner(1), views, fresh, calls, 64, True)
+            read_ns = round(2 * head_dim * dtype.itemsize / gbps, 1)
+        for name in backends:
+            be = get_backend("host", name)
+            if be.not_supported_reasons(q, views[0]):
+                continue
+            be.set_threads(1)
+            row = {"backend": name, "dtype": dtype_name, "k": k, "threads": 1, "ns_per_row_read_only": read_ns}
+            for case, sets, tiers in (("l1", same, views[:1]), ("dram", fresh, views)):
+                times = []
+                for i in range(calls + 2):
+                    sel = Selection(sets[i % len(sets)])
+                    t = time.perf_counter()
+                    be(q, tiers[i % len(tiers)], sel, 1 / math.sqrt(head_dim))
+                    if i >= 2:
+                        times.append(time.perf_counter() - t)
+                row[f"ns_per_row_{case}"] = round(statistics.median(times) / (kv_heads * k) * 1e9, 1)
+            rows.append(row)
+            print(json.dumps(row), file=out, flush=True)
+        del views
+    return rows
+
+
 def _isa(backend: str) -> Optional[str]:
     if backend != "cpp":
         return None
@@ -184,8 +230,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--runs", type=int, default=21)
     p.add_argument("--layers", type=int, default=0, help="host tiers rotated (default: footprint >= 4x LLC)")
     p.add_argument("--membw-mb", type=int, default=1024, help="buffer of the streaming-read measurement")
+    p.add_argument("--row-cost", action="store_true",
+                   help="instead: ns per selected row on one thread, rows in L1 vs from DRAM (first k only)")
     ns = p.parse_args(argv)
     from hetero.config import HeteroConfig
+
+    if ns.row_cost:
+        row_costs([b for b in ns.backends.split(",") if b and b != "torch"], ns.dtypes.split(","),
+                  int(ns.k.split(",")[0]) if ns.k != p.get_default("k") else 2048, ns.tokens, calls=ns.runs,
+                  layers=ns.layers)
+        return 0
 
     threads = ns.threads or HeteroConfig().resolved_threads
     run([b for b in ns.backends.split(",") if b], ns.dtypes.split(","), [int(x) for x in ns.k.split(",")],
