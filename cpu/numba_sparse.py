@@ -116,7 +116,13 @@ def _exp_shifted(x, shift, ebits, evals):
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _accumulate2(acc, p, j0, j1, v0, v1, g_size, d, rows=2):
+def _elem(row, e, bf16):
+    """``row[e]`` as float32: bf16 bits widened in registers when ``bf16`` (a constant at every call site)."""
+    return _bf16(row[e]) if bf16 else np.float32(row[e])
+
+
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _accumulate2(acc, p, j0, j1, v0, v1, g_size, d, bf16, rows=2):
     """``acc[g] += p[g, j0] v0 + p[g, j1] v1`` (one row when ``rows == 1``): each accumulator element is loaded
     and stored once per two value rows."""
     for g in range(g_size):
@@ -124,49 +130,11 @@ def _accumulate2(acc, p, j0, j1, v0, v1, g_size, d, rows=2):
         p0 = p[g, j0]
         p1 = p[g, j1] if rows == 2 else np.float32(0.0)
         for e in range(d):
-            ag[e] += p0 * v0[e] + p1 * v1[e]
+            ag[e] += p0 * _elem(v0, e, bf16) + p1 * _elem(v1, e, bf16)
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _accumulate2_bf16(acc, p, j0, j1, v0, v1, g_size, d, rows=2):
-    """``_accumulate2`` over bf16 rows (uint16 bits) widened in registers."""
-    for g in range(g_size):
-        ag = acc[g]
-        p0 = p[g, j0]
-        p1 = p[g, j1] if rows == 2 else np.float32(0.0)
-        for e in range(d):
-            ag[e] += p0 * _bf16(v0[e]) + p1 * _bf16(v1[e])
-
-
-@njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _dot_group_bf16(qg, row, d, g_size, out):
-    """``_dot_group`` over a bf16 row (uint16 bits) widened in registers, not through a buffer."""
-    g = 0
-    while g + 4 <= g_size:
-        s0 = np.float32(0.0)
-        s1 = np.float32(0.0)
-        s2 = np.float32(0.0)
-        s3 = np.float32(0.0)
-        for e in range(d):
-            x = _bf16(row[e])
-            s0 += qg[g, e] * x
-            s1 += qg[g + 1, e] * x
-            s2 += qg[g + 2, e] * x
-            s3 += qg[g + 3, e] * x
-        out[g] = s0
-        out[g + 1] = s1
-        out[g + 2] = s2
-        out[g + 3] = s3
-        g += 4
-    for g in range(g, g_size):
-        s = np.float32(0.0)
-        for e in range(d):
-            s += qg[g, e] * _bf16(row[e])
-        out[g] = s
-
-
-@njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _dot_group(qg, row, d, g_size, out):
+def _dot_group(qg, row, d, g_size, out, bf16):
     """``out[g] = qg[g] . row`` for the group's queries, four per pass over the row (each element loaded once
     for four queries: 86 -> 76 ns per bf16 row from L1, G = 4, D = 128)."""
     g = 0
@@ -176,7 +144,7 @@ def _dot_group(qg, row, d, g_size, out):
         s2 = np.float32(0.0)
         s3 = np.float32(0.0)
         for e in range(d):
-            x = row[e]
+            x = _elem(row, e, bf16)
             s0 += qg[g, e] * x
             s1 += qg[g + 1, e] * x
             s2 += qg[g + 2, e] * x
@@ -189,7 +157,7 @@ def _dot_group(qg, row, d, g_size, out):
     for g in range(g, g_size):
         s = np.float32(0.0)
         for e in range(d):
-            s += qg[g, e] * row[e]
+            s += qg[g, e] * _elem(row, e, bf16)
         out[g] = s
 
 
@@ -245,12 +213,12 @@ def _sparse_kernel(q, kflat, vflat, head_stride, row_stride, table, block_tokens
                     scores[g, j] = neg_inf
                 continue
             if mode == 0:
-                _dot_group(qg, kflat[r:r + d], d, g_size, dots)
+                _dot_group(qg, kflat[r:r + d], d, g_size, dots, False)
             elif mode == 1:
-                _dot_group_bf16(qg, kflat[r:r + d], d, g_size, dots)
+                _dot_group(qg, kflat[r:r + d], d, g_size, dots, True)
             else:
                 _widen(kflat, r, d, mode, bits, buf)
-                _dot_group(qg, buf, d, g_size, dots)
+                _dot_group(qg, buf, d, g_size, dots, False)
             for g in range(g_size):
                 s = dots[g] * scale
                 if has_lw:
@@ -278,21 +246,21 @@ def _sparse_kernel(q, kflat, vflat, head_stride, row_stride, table, block_tokens
                 continue
             r0 = rows[pending]
             if mode == 0:
-                _accumulate2(acc, scores, pending, j, vflat[r0:r0 + d], vflat[r:r + d], g_size, d)
+                _accumulate2(acc, scores, pending, j, vflat[r0:r0 + d], vflat[r:r + d], g_size, d, False)
             elif mode == 1:
-                _accumulate2_bf16(acc, scores, pending, j, vflat[r0:r0 + d], vflat[r:r + d], g_size, d)
+                _accumulate2(acc, scores, pending, j, vflat[r0:r0 + d], vflat[r:r + d], g_size, d, True)
             else:
                 _widen(vflat, r, d, mode, bits2, buf2)
-                _accumulate2(acc, scores, pending, j, buf, buf2, g_size, d)
+                _accumulate2(acc, scores, pending, j, buf, buf2, g_size, d, False)
             pending = -1
         if pending >= 0:
             r0 = rows[pending]
             if mode == 0:
-                _accumulate2(acc, scores, pending, pending, vflat[r0:r0 + d], vflat[r0:r0 + d], g_size, d, 1)
+                _accumulate2(acc, scores, pending, pending, vflat[r0:r0 + d], vflat[r0:r0 + d], g_size, d, False, 1)
             elif mode == 1:
-                _accumulate2_bf16(acc, scores, pending, pending, vflat[r0:r0 + d], vflat[r0:r0 + d], g_size, d, 1)
+                _accumulate2(acc, scores, pending, pending, vflat[r0:r0 + d], vflat[r0:r0 + d], g_size, d, True, 1)
             else:
-                _accumulate2(acc, scores, pending, pending, buf, buf, g_size, d, 1)
+                _accumulate2(acc, scores, pending, pending, buf, buf, g_size, d, False, 1)
         for g in range(g_size):
             total = np.float32(0.0)
             for j in range(n):
