@@ -16,12 +16,17 @@ import math
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import njit, prange
-from numba.core import cgutils, types
-from numba.extending import intrinsic
 
-from hetero.backends import HostBackend
-from hetero.types import PartialAttention
+from .numba_vectors import prefer_wide_vectors
+
+prefer_wide_vectors()  # must run before numba is first imported (see numba_vectors.py)
+
+from numba import njit, prange  # noqa: E402
+from numba.core import cgutils, types  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+
+from hetero.backends import HostBackend  # noqa: E402
+from hetero.types import PartialAttention  # noqa: E402
 
 _MODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _FASTMATH = {"reassoc", "contract"}  # lets LLVM vectorize the dot-product reductions; no nnan/ninf (we use -inf)

@@ -38,7 +38,10 @@ def _cpu_flags() -> List[str]:
 
 
 def _numba_info() -> Dict:
+    from hetero.cpu.numba_vectors import prefer_wide_vectors
+
     try:
+        vectors = prefer_wide_vectors()  # as the numba backend would, before numba's first import
         import numba
     except ImportError as e:
         return {"error": str(e)}
@@ -50,7 +53,7 @@ def _numba_info() -> Dict:
     except Exception as e:  # report, never crash the report
         layer = f"unknown ({type(e).__name__}: {e})"
     return {"threads": numba.get_num_threads(), "max_threads": numba.config.NUMBA_NUM_THREADS,
-            "threading_layer": layer}
+            "threading_layer": layer, "vectors": vectors}
 
 
 def _faiss_threads():
@@ -76,8 +79,8 @@ def collect(kernels: bool = False) -> Dict:
         "threads": {"torch": torch.get_num_threads(), "faiss": _faiss_threads()},
         "numba": _numba_info(),
         "overrides": {k: os.environ.get(k) for k in ("HETERO_CPU_BACKEND", "HETERO_WINDOW_BACKEND", "HETERO_CPU_ISA",
-                                                     "HETERO_HUGEPAGES", "TRITON_INTERPRET",
-                                                     "OMP_WAIT_POLICY")},
+                                                     "HETERO_HUGEPAGES", "HETERO_NUMBA_WIDE_VECTORS",
+                                                     "TRITON_INTERPRET", "OMP_WAIT_POLICY")},
         "backends": {},
     }
     for side, reg, dev in (("window", WINDOW_REGISTRY, device), ("host", HOST_REGISTRY, torch.device("cpu"))):
@@ -114,6 +117,7 @@ def print_env(info: Dict) -> None:
     nb = info["numba"]
     t.add_row("threads", f"torch {info['threads']['torch']}, faiss {info['threads']['faiss']}, numba "
               f"{nb.get('threads')} (layer {nb.get('threading_layer')})")
+    t.add_row("numba vectors", str(nb.get("vectors", nb.get("error"))))
     set_overrides = {k: v for k, v in info["overrides"].items() if v is not None}
     t.add_row("overrides", ", ".join(f"{k}={v}" for k, v in set_overrides.items()) or "none")
     c.print(t)

@@ -19,12 +19,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from numba import njit
 
-from hetero.errors import ConfigError
-from hetero.types import Selection
+from hetero.cpu.numba_vectors import prefer_wide_vectors
 
-from .base import Retriever, pad_rows
+prefer_wide_vectors()  # before numba's first import (see hetero/cpu/numba_vectors.py)
+
+from numba import njit  # noqa: E402
+
+from hetero.errors import ConfigError  # noqa: E402
+from hetero.types import Selection  # noqa: E402
+
+from .base import Retriever, pad_rows  # noqa: E402
 
 
 @njit(cache=True)

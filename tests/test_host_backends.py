@@ -222,6 +222,39 @@ def test_cpp_isa_override_above_cpu_or_unknown_is_refused():
     assert p.returncode != 0 and "HETERO_CPU_ISA" in p.stderr and "allowed" in p.stderr
 
 
+_VECTORS_SCRIPT = """
+import json, os, sys
+if sys.argv[1] == "numba-first":
+    import numba
+from hetero.cpu import numba_sparse
+from hetero.cpu.numba_vectors import STATE
+import numba, llvmlite.binding as llvm
+llvm.initialize_native_target()
+print(json.dumps({"state": STATE, "features": numba.config.CPU_FEATURES,
+                  "avx512f": bool(llvm.get_host_cpu_features().get("avx512f", False))}))
+"""
+
+
+@pytest.mark.parametrize("case", ["default", "opt-out", "numba-first"])
+def test_numba_wide_vectors_only_when_allowed(case):
+    """The numba backend asks for 512-bit vectors before numba's first import, on AVX-512 CPUs only, and leaves
+    numba alone when told to or when numba was imported first (hetero/cpu/numba_vectors.py)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CPU_FEATURES", "NUMBA_CPU_NAME")}
+    if case == "opt-out":
+        env["HETERO_NUMBA_WIDE_VECTORS"] = "0"
+    p = subprocess.run([sys.executable, "-c", _VECTORS_SCRIPT, case], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    wide = res["features"] is not None and "-prefer-256-bit" in res["features"]
+    if case == "default" and res["avx512f"]:
+        assert wide and res["state"].startswith("512-bit"), res
+    else:
+        assert not wide and res["state"].startswith("default vector width"), res
+    if case == "numba-first":
+        assert "imported before" in res["state"]
+
+
 def test_numba_warmup_compiles_every_dtype():
     be = get_backend("host", "numba")
     be.warmup()  # raises if any dtype fails to compile
