@@ -192,21 +192,15 @@ bool bf16_item(const SparseArgs& a, int64_t b, int64_t h, int64_t j0, int64_t j1
   uint16_t* qs = reinterpret_cast<uint16_t*>(s.extra);  // kParts * G * Dp uint16 <= 2 * G * Dp floats
   if (split_queries(a.q + (b * a.Hq + h * G) * D, G, D, Dp, qs) > 1) return false;
   resolve_rows(a, a.indices + (b * a.Hkv + h) * a.K, a.block_table + b * a.max_blocks, j0, j1, s.rows);
-  float* tmp = s.tmp;
+  const auto dot_row = [&](const uint16_t* row, float* o) {
+    for_query_blocks(G, [&](auto nq, int64_t g) {
+      dot_bf16_rows<decltype(nq)::size, 1>(qs + g * Dp, Dp, G * Dp, row, D, o + g);
+    });
+  };
   attend_rows<Avx512V, DType::BF16>(a, b, h, j0, n, s.rows, s, out_g, lse_g,
                                     [&](const uint16_t* const* krows, int nr, float* out) {
-    for (int r = 0; r < nr; ++r) {
-      int64_t g = 0;
-      for (; g + 4 <= G; g += 4) dot_bf16_rows<4, 1>(qs + g * Dp, Dp, G * Dp, krows[r], D, tmp + g);
-      switch (G - g) {
-        case 3: dot_bf16_rows<3, 1>(qs + g * Dp, Dp, G * Dp, krows[r], D, tmp + g); break;
-        case 2: dot_bf16_rows<2, 1>(qs + g * Dp, Dp, G * Dp, krows[r], D, tmp + g); break;
-        case 1: dot_bf16_rows<1, 1>(qs + g * Dp, Dp, G * Dp, krows[r], D, tmp + g); break;
-        default: break;
-      }
-      for (g = 0; g < G; ++g) out[g * kTileStride + r] = tmp[g];
-    }
-  });
+                                      rows_to_tile(krows, nr, G, out, s.tmp, dot_row);
+                                    });
   return true;
 }
 
