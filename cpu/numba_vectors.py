@@ -17,12 +17,17 @@ from __future__ import annotations
 import os
 import sys
 
-STATE = "not configured (the numba backend was not loaded)"
+_UNDECIDED = "not configured (the numba backend was not loaded)"
+STATE = _UNDECIDED
 
 
 def prefer_wide_vectors() -> str:
-    """Set numba's target features for 512-bit vectors if nothing says otherwise; returns (and keeps) the state."""
+    """Set numba's target features for 512-bit vectors if nothing says otherwise; returns the state. Decides once
+    per process: later calls (another numba module of hetero, ``hetero env``) return the first decision, which
+    they could not make again (by then numba is imported and the features are set)."""
     global STATE
+    if STATE != _UNDECIDED:
+        return STATE
     if os.environ.get("HETERO_NUMBA_WIDE_VECTORS", "1") == "0":
         STATE = "default vector width (HETERO_NUMBA_WIDE_VECTORS=0)"
     elif os.environ.get("NUMBA_CPU_FEATURES") or os.environ.get("NUMBA_CPU_NAME"):

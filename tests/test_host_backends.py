@@ -227,6 +227,7 @@ import json, os, sys
 if sys.argv[1] == "numba-first":
     import numba
 from hetero.cpu import numba_sparse
+from hetero.retrieval import lsh  # a second numba module of hetero: must not change the first decision
 from hetero.cpu.numba_vectors import STATE
 import numba, llvmlite.binding as llvm
 llvm.initialize_native_target()
