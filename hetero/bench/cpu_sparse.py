@@ -171,9 +171,12 @@ def row_costs(backends: List[str], dtypes: List[str], k: int = 2048, tokens: int
     over and over (the kernel's arithmetic alone), ``dram`` fresh random rows of tiers rotated beyond the LLC
     (arithmetic plus misses); and ``read_only``, the ceiling loop over those rows. On the development VM ``dram``
     is about ``l1 + read_only``: arithmetic does not hide behind the misses (docs/performance.md)."""
+    from hetero.cpu.cpp_sparse import load
+
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(seed)
     llc = last_level_cache_bytes()
+    ext = load()
     rows = []
     for dtype_name in dtypes:
         dtype = KV_DTYPES[dtype_name]
@@ -184,10 +187,8 @@ def row_costs(backends: List[str], dtypes: List[str], k: int = 2048, tokens: int
         fresh = _index_sets(calls + 1, kv_heads, tokens, k, gen)
         same = [s[..., :64].repeat(1, 1, -(-k // 64))[..., :k].contiguous() for s in fresh[:1]]
         read_ns = None  # the ceiling loop (reads only, prefetcht2 64 runs ahead) on one thread, same rows
-        from hetero.cpu.cpp_sparse import load
-
-        if load() is not None:
-            gbps = _random_read_once(load().Runner(1), views, fresh, calls, 64, True)
+        if ext is not None:
+            gbps = _random_read_once(ext.Runner(1), views, fresh, calls, 64, True)
             read_ns = round(2 * head_dim * dtype.itemsize / gbps, 1)
         for name in backends:
             be = get_backend("host", name)
