@@ -14,6 +14,8 @@ namespace hetero {
 
 // out[g * out_stride + i] = float(sum_d qi[g * Dp + d] * codes[i * Dp + d]) * qscale[g] for g < G, i < n
 // (integer sum, then one float32 multiply). Dp % 16 == 0.
+// The 4-bit form (score4): a row is Dp / 2 bytes, byte j holding the code of dimension j in its low nibble and
+// of dimension j + Dp / 2 in its high nibble; the same sum over the unpacked codes. Dp % 32 == 0.
 using IvfScoreFn = void (*)(const uint8_t* codes, int64_t n, int64_t Dp, const int8_t* qi, const float* qscale,
                             int64_t G, float* out, int64_t out_stride);
 
@@ -24,6 +26,19 @@ HETERO_IVF_SCORE_FN(ivf_scores_scalar);
 HETERO_IVF_SCORE_FN(ivf_scores_avx2);
 HETERO_IVF_SCORE_FN(ivf_scores_avx512);       // AVX-512 BW: vpmaddwd on widened halves
 HETERO_IVF_SCORE_FN(ivf_scores_avx512_vnni);  // AVX-512 VNNI: vpdpbusd
+HETERO_IVF_SCORE_FN(ivf_scores4_scalar);
+HETERO_IVF_SCORE_FN(ivf_scores4_avx2);
+HETERO_IVF_SCORE_FN(ivf_scores4_avx512);
+HETERO_IVF_SCORE_FN(ivf_scores4_avx512_vnni);
+
+// One packed 4-bit row (Dp / 2 bytes) -> Dp 8-bit codes (the layout above); plain loops, vectorized per ISA.
+__attribute__((always_inline)) inline void unpack_codes4(const uint8_t* row, int64_t Dp, uint8_t* out) {
+  const int64_t half = Dp / 2;
+  for (int64_t j = 0; j < half; ++j) {
+    out[j] = row[j] & 0x0F;
+    out[half + j] = row[j] >> 4;
+  }
+}
 
 // Positions i < n with s[i] >= threshold, ascending, written to out (room for n + 16); returns how many.
 // select_ge_from: the same from position i on, appending after the c already written (branch-free: ~1 % pass).
@@ -61,6 +76,7 @@ __attribute__((always_inline)) inline void centroid_scores_loops(const float* q,
 
 struct IvfKernels {
   IvfScoreFn score;
+  IvfScoreFn score4;
   IvfSelectFn select;
   IvfCentroidFn centroids;
   const char* name;  // the scoring kernel ("avx512_vnni", "avx512", "avx2", "scalar"), for `hetero env`
@@ -81,7 +97,8 @@ struct IvfSearchArgs {
   const int8_t* qi;            // [items, G, Dp] int8, pre-scaled quantized queries
   const float* qscale;         // [items, G] float32
   int64_t items, G, Dp;
-  const uint64_t* codes;       // [items] -> uint8 code arena [cap, Dp]
+  int64_t bits;                // 8: a code row is Dp bytes; 4: Dp / 2 bytes, two codes per byte (score4)
+  const uint64_t* codes;       // [items] -> uint8 code arena [cap, Dp * bits / 8]
   const uint64_t* ids;         // [items] -> int32 id arena [cap] (host positions)
   const uint64_t* list_start;  // [items] -> int64 [nlist]: first arena row of each list
   const uint64_t* list_count;  // [items] -> int64 [nlist]: rows in each list

@@ -1,5 +1,6 @@
 // AVX2 code scoring for the grouped IVF search. Only called when the CPU reports AVX2.
 #include <cstdint>
+#include <vector>
 
 #include "ivf_scan.h"
 
@@ -32,20 +33,15 @@ inline void row_scores(const uint8_t* row, int64_t Dp, const int16_t* q16, const
   for (int g = 0; g < NQ; ++g) out[g * out_stride] = static_cast<float>(hsum(acc[g])) * qscale[g];
 }
 
-}  // namespace
-
-namespace hetero {
-void ivf_centroid_scores_avx2(const float* q, int64_t G, int64_t D, const float* centroids_t, int64_t L,
-                              float* out) {
-  centroid_scores_loops(q, G, D, centroids_t, L, out);
-}
-
-HETERO_IVF_SCORE_FN(ivf_scores_avx2) {
+// Every row (row_at(i): its Dp 8-bit codes) against every query.
+template <class RowAt>
+void score_rows(int64_t n, int64_t Dp, const int8_t* qi, const float* qscale, int64_t G, float* out,
+                int64_t out_stride, RowAt row_at) {
   thread_local std::vector<int16_t> q16;
   q16.resize(G * Dp);
   for (int64_t j = 0; j < G * Dp; ++j) q16[j] = qi[j];
   for (int64_t i = 0; i < n; ++i) {
-    const uint8_t* row = codes + i * Dp;
+    const uint8_t* row = row_at(i);
     int64_t g = 0;
     for (; g + 4 <= G; g += 4)
       row_scores<4>(row, Dp, q16.data() + g * Dp, qscale + g, out + g * out_stride + i, out_stride);
@@ -57,6 +53,27 @@ HETERO_IVF_SCORE_FN(ivf_scores_avx2) {
     }
   }
 }
+
+}  // namespace
+
+namespace hetero {
+void ivf_centroid_scores_avx2(const float* q, int64_t G, int64_t D, const float* centroids_t, int64_t L,
+                              float* out) {
+  centroid_scores_loops(q, G, D, centroids_t, L, out);
+}
+
+HETERO_IVF_SCORE_FN(ivf_scores_avx2) {
+  score_rows(n, Dp, qi, qscale, G, out, out_stride, [&](int64_t i) { return codes + i * Dp; });
+}
+
+HETERO_IVF_SCORE_FN(ivf_scores4_avx2) {
+  thread_local std::vector<uint8_t> row;
+  row.resize(Dp);
+  score_rows(n, Dp, qi, qscale, G, out, out_stride, [&](int64_t i) {
+    unpack_codes4(codes + i * (Dp / 2), Dp, row.data());
+    return static_cast<const uint8_t*>(row.data());
+  });
+}
 }  // namespace hetero
 #else
 namespace hetero {
@@ -65,5 +82,6 @@ void ivf_centroid_scores_avx2(const float* q, int64_t G, int64_t D, const float*
   ivf_centroid_scores_scalar(q, G, D, centroids_t, L, out);
 }
 HETERO_IVF_SCORE_FN(ivf_scores_avx2) { ivf_scores_scalar(codes, n, Dp, qi, qscale, G, out, out_stride); }
+HETERO_IVF_SCORE_FN(ivf_scores4_avx2) { ivf_scores4_scalar(codes, n, Dp, qi, qscale, G, out, out_stride); }
 }  // namespace hetero
 #endif

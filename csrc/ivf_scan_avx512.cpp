@@ -19,6 +19,7 @@ inline __m512i dot_u8s8(__m512i acc, __m512i u8, __m512i s8) {
 }  // namespace
 
 #define IVF_SCORE_NAME ivf_scores_avx512
+#define IVF_SCORE4_NAME ivf_scores4_avx512
 #include "ivf_scan_avx512.inc"
 
 namespace hetero {
@@ -48,6 +49,7 @@ void ivf_centroid_scores_avx512(const float* q, int64_t G, int64_t D, const floa
   ivf_centroid_scores_scalar(q, G, D, centroids_t, L, out);
 }
 HETERO_IVF_SCORE_FN(ivf_scores_avx512) { ivf_scores_scalar(codes, n, Dp, qi, qscale, G, out, out_stride); }
+HETERO_IVF_SCORE_FN(ivf_scores4_avx512) { ivf_scores4_scalar(codes, n, Dp, qi, qscale, G, out, out_stride); }
 int64_t ivf_select_ge_avx512(const float* s, int64_t n, float threshold, int32_t* out) {
   return ivf_select_ge_scalar(s, n, threshold, out);
 }

@@ -13,9 +13,11 @@ inline __m512i dot_u8s8(__m512i acc, __m512i u8, __m512i s8) { return _mm512_dpb
 }  // namespace
 
 #define IVF_SCORE_NAME ivf_scores_avx512_vnni
+#define IVF_SCORE4_NAME ivf_scores4_avx512_vnni
 #include "ivf_scan_avx512.inc"
 #else
 namespace hetero {
 HETERO_IVF_SCORE_FN(ivf_scores_avx512_vnni) { ivf_scores_scalar(codes, n, Dp, qi, qscale, G, out, out_stride); }
+HETERO_IVF_SCORE_FN(ivf_scores4_avx512_vnni) { ivf_scores4_scalar(codes, n, Dp, qi, qscale, G, out, out_stride); }
 }  // namespace hetero
 #endif

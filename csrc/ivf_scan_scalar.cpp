@@ -14,6 +14,19 @@ HETERO_IVF_SCORE_FN(ivf_scores_scalar) {
   }
 }
 
+HETERO_IVF_SCORE_FN(ivf_scores4_scalar) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint8_t* row = codes + i * (Dp / 2);
+    for (int64_t g = 0; g < G; ++g) {
+      const int8_t* q = qi + g * Dp;
+      int32_t s = 0;
+      for (int64_t j = 0; j < Dp / 2; ++j)
+        s += static_cast<int32_t>(q[j]) * (row[j] & 0x0F) + static_cast<int32_t>(q[Dp / 2 + j]) * (row[j] >> 4);
+      out[g * out_stride + i] = static_cast<float>(s) * qscale[g];
+    }
+  }
+}
+
 void ivf_centroid_scores_scalar(const float* q, int64_t G, int64_t D, const float* centroids_t, int64_t L,
                                 float* out) {
   centroid_scores_loops(q, G, D, centroids_t, L, out);

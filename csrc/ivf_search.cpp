@@ -92,7 +92,8 @@ void probe_lists(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, IvfSc
 }  // namespace
 
 void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, IvfScratch& s) {
-  const int64_t G = a.G, Dp = a.Dp;
+  const int64_t G = a.G, Dp = a.Dp, row_bytes = a.bits == 4 ? Dp / 2 : Dp;
+  const IvfScoreFn score = a.bits == 4 ? kernels.score4 : kernels.score;
   const uint8_t* codes = reinterpret_cast<const uint8_t*>(a.codes[item]);
   const int32_t* ids = reinterpret_cast<const int32_t*>(a.ids[item]);
   const int64_t* start = reinterpret_cast<const int64_t*>(a.list_start[item]);
@@ -122,11 +123,11 @@ void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, I
     if (!probe[l] || count[l] == 0) continue;
     for (next = std::max(next, l + 1); next < a.nlist && (!probe[next] || count[next] == 0);) ++next;
     if (next < a.nlist) {
-      const uint8_t* head = codes + start[next] * Dp;
-      const int64_t bytes = std::min<int64_t>(count[next], 32) * Dp;
+      const uint8_t* head = codes + start[next] * row_bytes;
+      const int64_t bytes = std::min<int64_t>(count[next] * row_bytes, 4096);
       for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(head + b, 0, 3);
     }
-    kernels.score(codes + start[l] * Dp, count[l], Dp, a.qi + item * G * Dp, a.qscale + item * G, G, s.scores.data() + pos, n);
+    score(codes + start[l] * row_bytes, count[l], Dp, a.qi + item * G * Dp, a.qscale + item * G, G, s.scores.data() + pos, n);
     std::memcpy(s.ids.data() + pos, ids + start[l], count[l] * sizeof(int32_t));
     pos += count[l];
   }

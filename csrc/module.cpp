@@ -56,11 +56,15 @@ IvfKernels ivf_kernels(Isa isa) {
   switch (isa) {
     case Isa::Avx512Bf16:
       if (global().vnni)
-        return {ivf_scores_avx512_vnni, ivf_select_ge_avx512, ivf_centroid_scores_avx512, "avx512_vnni"};
+        return {ivf_scores_avx512_vnni, ivf_scores4_avx512_vnni, ivf_select_ge_avx512, ivf_centroid_scores_avx512,
+                "avx512_vnni"};
       [[fallthrough]];
-    case Isa::Avx512: return {ivf_scores_avx512, ivf_select_ge_avx512, ivf_centroid_scores_avx512, "avx512"};
-    case Isa::Avx2: return {ivf_scores_avx2, ivf_select_ge_scalar, ivf_centroid_scores_avx2, "avx2"};
-    default: return {ivf_scores_scalar, ivf_select_ge_scalar, ivf_centroid_scores_scalar, "scalar"};
+    case Isa::Avx512:
+      return {ivf_scores_avx512, ivf_scores4_avx512, ivf_select_ge_avx512, ivf_centroid_scores_avx512, "avx512"};
+    case Isa::Avx2:
+      return {ivf_scores_avx2, ivf_scores4_avx2, ivf_select_ge_scalar, ivf_centroid_scores_avx2, "avx2"};
+    default:
+      return {ivf_scores_scalar, ivf_scores4_scalar, ivf_select_ge_scalar, ivf_centroid_scores_scalar, "scalar"};
   }
 }
 
@@ -145,14 +149,16 @@ class Runner {
 
   // Grouped IVF search (ivf_scan.h); one item per (sequence, KV head), items spread over the pool.
   void ivf_search(uintptr_t q, int64_t D, uintptr_t centroids, uintptr_t nprobe, uintptr_t qi, uintptr_t qscale,
-                  int64_t items, int64_t G, int64_t Dp, uintptr_t codes, uintptr_t ids,
+                  int64_t items, int64_t G, int64_t Dp, int64_t bits, uintptr_t codes, uintptr_t ids,
                   uintptr_t list_start, uintptr_t list_count, int64_t nlist, uintptr_t probe, uintptr_t k,
                   uintptr_t n_tokens, uintptr_t top, int64_t kmax, uintptr_t union_ids, uintptr_t union_count,
                   uintptr_t scanned, uintptr_t k_ref, double scale, uintptr_t missed_lse) {
-    if (items < 0 || G < 1 || D < 1 || Dp < D || Dp % 16 != 0 || nlist < 1 || kmax < 0)
-      throw std::invalid_argument("ivf_search: invalid sizes (need G >= 1, Dp >= D a multiple of 16, nlist >= 1)");
+    if (items < 0 || G < 1 || D < 1 || Dp < D || Dp % (bits == 4 ? 32 : 16) != 0 || nlist < 1 || kmax < 0 ||
+        (bits != 4 && bits != 8))
+      throw std::invalid_argument("ivf_search: invalid sizes (need G >= 1, bits 4 or 8, Dp >= D a multiple of 16 "
+                                  "(32 for 4 bits), nlist >= 1)");
     IvfSearchArgs a{reinterpret_cast<const float*>(q), D, reinterpret_cast<const uint64_t*>(centroids),
-                    reinterpret_cast<const int64_t*>(nprobe), reinterpret_cast<const int8_t*>(qi), reinterpret_cast<const float*>(qscale), items, G, Dp, reinterpret_cast<const uint64_t*>(codes),
+                    reinterpret_cast<const int64_t*>(nprobe), reinterpret_cast<const int8_t*>(qi), reinterpret_cast<const float*>(qscale), items, G, Dp, bits, reinterpret_cast<const uint64_t*>(codes),
                     reinterpret_cast<const uint64_t*>(ids), reinterpret_cast<const uint64_t*>(list_start),
                     reinterpret_cast<const uint64_t*>(list_count), nlist, reinterpret_cast<uint8_t*>(probe),
                     reinterpret_cast<const int64_t*>(k), reinterpret_cast<const int64_t*>(n_tokens),
@@ -231,10 +237,23 @@ PYBIND11_MODULE(_sparse_cpp, m) {
       .def("sparse_attention", &hetero::Runner::sparse_attention,
            "Sparse attention over selected host rows; pointers to buffers checked by cpu/cpp_sparse.py")
       .def("ivf_search", &hetero::Runner::ivf_search,
-           "Grouped IVF search over 8-bit codes; pointers to buffers checked by retrieval/ivf_group.py")
+           "Grouped IVF search over 8-bit or 4-bit codes; pointers to buffers checked by retrieval/ivf_group.py")
       .def("random_read", &hetero::Runner::random_read, "Ceiling probe: read random runs of memory (benchmarks)")
       .def("set_threads", &hetero::Runner::set_threads)
       .def_property_readonly("threads", &hetero::Runner::threads);
+  m.def(
+      "ivf_scores",
+      [](uintptr_t codes, int64_t n, int64_t Dp, int64_t bits, uintptr_t qi, uintptr_t qscale, int64_t G,
+         uintptr_t out) {
+        if (n < 0 || G < 1 || Dp % (bits == 4 ? 32 : 16) != 0 || (bits != 4 && bits != 8))
+          throw std::invalid_argument("ivf_scores: need n >= 0, G >= 1, bits 4 or 8, Dp a multiple of 16 (32 for 4)");
+        const hetero::IvfKernels k = hetero::ivf_kernels(static_cast<hetero::Isa>(hetero::global().active.load()));
+        (bits == 4 ? k.score4 : k.score)(reinterpret_cast<const uint8_t*>(codes), n, Dp,
+                                         reinterpret_cast<const int8_t*>(qi), reinterpret_cast<const float*>(qscale),
+                                         G, reinterpret_cast<float*>(out), n);
+      },
+      "The active ISA's code scoring alone: out [G, n] float32 from codes [n, Dp * bits / 8] uint8, qi [G, Dp] "
+      "int8, qscale [G] float32 (tests compare it with QueryCodes.scores)");
   m.def("set_isa", &hetero::set_isa, "Force an ISA level at or below the detected one (all Runners)");
   m.def("info", &hetero::info, "Detected and active ISA");
 }

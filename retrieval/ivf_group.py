@@ -6,11 +6,13 @@ each query head keeps its exact top-k over every row scanned for the group. Per 
 
 * Coarse quantizer: spherical k-means (faiss ``Kmeans``, 10 iterations, <= 32 training points per list),
   ``nlist`` = the power of two nearest ``6 sqrt(N)`` within [16, 1024], keys assigned by inner product.
-* Codes: per-dimension min/max of the keys it was built on, 8 bits per dimension (``D`` rounded up to 16
-  bytes per key, plus a 4-byte host position). A query is pre-scaled and quantized to int8 (``QueryCodes``)
-  so that ``q . key`` ~= a per-query constant + ``qscale * (qi . codes)``; the constant does not change a
-  query's ranking, and the integer dot product (``vpdpbusd`` with AVX-512 VNNI) keeps the scan near the memory
-  rate. Keys added later outside the range are clamped to it.
+* Codes: per-dimension min/max of the keys it was built on, ``code_bits`` (8 or 4) per dimension, uniform
+  levels (``Dp`` = ``D`` rounded up to 16, or 32 for 4 bits; a key is ``Dp * code_bits / 8`` bytes plus a 4-byte
+  host position; 4-bit codes pack dimension ``j`` and ``j + Dp / 2`` into byte ``j``). A query is pre-scaled and
+  quantized to int8 (``QueryCodes``) so that ``q . key`` ~= a per-query constant + ``qscale * (qi . codes)``; the
+  constant does not change a query's ranking, and the integer dot product (``vpdpbusd`` with AVX-512 VNNI) keeps
+  the scan near the memory rate. Keys added later outside the range are clamped to it. 4-bit codes halve the
+  bytes a search reads for a little accuracy (docs/performance.md, "Retrievers on real attention").
 * Recent keys: a decode step's evicted keys go to a tail list that every search scans, and are assigned to
   their lists (one batched centroid search) every ``TAIL_TOKENS`` (64) tokens; assigning each token on its
   own read all centroids (4 MB at 1024 lists x 8 heads x D 128) every step.
@@ -53,11 +55,13 @@ _warned = False
 class _SeqIndex:
     """One sequence's index, all KV heads: centroids (``centroids_t [Hkv, D, L]``), code ranges, list segments."""
 
-    def __init__(self, keys: torch.Tensor, nlist: int, seed: int):
+    def __init__(self, keys: torch.Tensor, nlist: int, seed: int, bits: int = 8):
         import faiss
 
         hkv, n, d = keys.shape
-        self.dp = -(-d // 16) * 16
+        self.bits, self.levels = bits, (1 << bits) - 1
+        self.dp = -(-d // (32 if bits == 4 else 16)) * (32 if bits == 4 else 16)
+        self.row_bytes = self.dp * bits // 8                         # bytes of one key's codes in the arena
         self.centroids_t = np.empty((hkv, d, nlist), dtype=np.float32)  # transposed: q @ centroids_t scores lists
         self.quantizers = []
         for h in range(hkv):
@@ -67,7 +71,7 @@ class _SeqIndex:
             self.centroids_t[h] = km.centroids.T
             self.quantizers.append(km.index)  # IndexFlatIP over the centroids
         self.vmin = keys.amin(dim=1)                                 # [Hkv, D]
-        self.step = ((keys.amax(dim=1) - self.vmin) / 255).clamp_min(1e-12)
+        self.step = ((keys.amax(dim=1) - self.vmin) / self.levels).clamp_min(1e-12)
         self._vmin_np, self._inv_step_np = self.vmin.numpy(), (1.0 / self.step).numpy()
         assign = self.assign(keys)                                   # [Hkv, n]
         counts = torch.stack([torch.bincount(a, minlength=nlist) for a in assign]).numpy()  # [Hkv, L]
@@ -81,7 +85,7 @@ class _SeqIndex:
         self.used = self.cap.sum(axis=1)                             # arena rows handed out, per head
         arena = int(self.used.max()) + n // 16 + 64
         self._pointers = None
-        self.codes = zeros_host((hkv, arena, self.dp), torch.uint8).numpy()  # huge pages: lists are streamed
+        self.codes = zeros_host((hkv, arena, self.row_bytes), torch.uint8).numpy()  # huge pages: lists are streamed
         self.ids = zeros_host((hkv, arena), torch.int32).numpy()
         self.tail_keys = torch.empty(hkv, TAIL_TOKENS, d)           # float keys of the tail, for assignment
         self._insert(keys, np.arange(n, dtype=np.int32), assign)
@@ -106,17 +110,28 @@ class _SeqIndex:
         return out
 
     def encode(self, keys: torch.Tensor) -> np.ndarray:
-        """``keys [Hkv, n, D]`` float32 -> codes ``[Hkv, n, Dp]`` uint8."""
+        """``keys [Hkv, n, D]`` float32 -> codes ``[Hkv, n, row_bytes]`` uint8 (packed when 4-bit)."""
         if keys.shape[1] <= TAIL_TOKENS:  # a decode step: numpy's small-array ops cost a few us, torch's ~10
             x = np.rint((keys.numpy() - self._vmin_np[:, None]) * self._inv_step_np[:, None])
             codes = np.zeros((*x.shape[:2], self.dp), dtype=np.uint8)
-            codes[:, :, : x.shape[2]] = np.clip(x, 0, 255)
+            codes[:, :, : x.shape[2]] = np.clip(x, 0, self.levels)
+        else:
+            inv_step = torch.from_numpy(self._inv_step_np)[:, None]  # the same float32 arithmetic as above
+            codes = ((keys - self.vmin[:, None]) * inv_step).round_().clamp_(0, self.levels).to(torch.uint8)
+            if self.dp != keys.shape[2]:
+                codes = torch.nn.functional.pad(codes, (0, self.dp - keys.shape[2]))
+            codes = codes.numpy()
+        if self.bits == 4:
+            half = self.dp // 2
+            return codes[..., :half] | (codes[..., half:] << 4)
+        return codes
+
+    def row_codes(self, h: int, rows: np.ndarray) -> np.ndarray:
+        """Head h's arena rows ``rows [n]`` as one 8-bit code per dimension: ``[n, Dp]`` uint8 (4-bit rows unpacked)."""
+        codes = self.codes[h][rows]
+        if self.bits == 8:
             return codes
-        inv_step = torch.from_numpy(self._inv_step_np)[:, None]  # the same float32 arithmetic as above
-        codes = ((keys - self.vmin[:, None]) * inv_step).round_().clamp_(0, 255).to(torch.uint8)
-        if self.dp != keys.shape[2]:
-            codes = torch.nn.functional.pad(codes, (0, self.dp - keys.shape[2]))
-        return codes.numpy()
+        return np.concatenate([codes & 0x0F, codes >> 4], axis=-1)
 
     def add(self, keys: torch.Tensor, first_id: int) -> None:
         """Append ``keys [Hkv, n, D]`` float32 with host positions ``first_id ..`` (all heads at once). A decode
@@ -154,7 +169,7 @@ class _SeqIndex:
         hkv, n, _ = keys.shape
         if assign is None:
             assign = self.assign(keys)
-        codes = self.encode(keys).reshape(hkv * n, self.dp)
+        codes = self.encode(keys).reshape(hkv * n, self.row_bytes)
         lists = self.count.shape[1]
         # one slot per (head, list) pair in a flat [Hkv * nlist] view; group the new keys by pair
         pair = (assign + torch.arange(hkv)[:, None] * lists).flatten().numpy()
@@ -193,7 +208,7 @@ class _SeqIndex:
 
     def _grow(self, rows: int) -> None:
         rows = max(rows, self.codes.shape[1] * 3 // 2)
-        codes = zeros_host((self.codes.shape[0], rows, self.dp), torch.uint8).numpy()
+        codes = zeros_host((self.codes.shape[0], rows, self.row_bytes), torch.uint8).numpy()
         ids = zeros_host((self.codes.shape[0], rows), torch.int32).numpy()
         codes[:, : self.codes.shape[1]] = self.codes
         ids[:, : self.ids.shape[1]] = self.ids
@@ -206,13 +221,13 @@ class _SeqIndex:
 
 
 class IVFGroupRetriever(Retriever):
-    """IVF over 8-bit codes, each probed list read once per GQA group (see the module docstring)."""
+    """IVF over 8-bit (or 4-bit) codes, each probed list read once per GQA group (see the module docstring)."""
 
     name = "ivf-group"
 
     def __init__(self, host, group_rule: str = "union", probe_factor: float = 1.0, min_train: int = 256,
                  retrain_factor: float = 4.0, nlist: Optional[int] = None, threads: int = 1, seed: int = 1234,
-                 **options: Any):
+                 code_bits: int = 4, **options: Any):
         super().__init__(host, group_rule, **options)
         for name, val, low in (("probe_factor", probe_factor, 0.0), ("retrain_factor", retrain_factor, 1.0)):
             if not isinstance(val, (int, float)) or not val > low:
@@ -220,10 +235,12 @@ class IVFGroupRetriever(Retriever):
         for name, val in (("min_train", min_train), ("threads", threads)):
             if not isinstance(val, int) or val < 1:
                 raise ConfigError(f"retriever option {name}={val!r} is not allowed: an int >= 1")
+        if code_bits not in (4, 8) or isinstance(code_bits, bool):
+            raise ConfigError(f"retriever option code_bits={code_bits!r} is not allowed: 4 or 8")
         if nlist is not None and (not isinstance(nlist, int) or nlist < 1):
             raise ConfigError(f"retriever option nlist={nlist!r} is not allowed: None or an int >= 1")
         self.probe_factor, self.min_train, self.retrain_factor = float(probe_factor), min_train, retrain_factor
-        self.nlist_option, self.seed = nlist, seed
+        self.nlist_option, self.seed, self.code_bits = nlist, seed, code_bits
         self._seqs: List[Optional[_SeqIndex]] = [None] * host.batch
         self._trained_on = [0] * host.batch
         self._runner = None
@@ -256,7 +273,8 @@ class IVFGroupRetriever(Retriever):
                                         f"tokens stored, {new_total} to index")
             x = self.host.keys(seq)[:, :new_total].float()
             check_finite(x, "the keys added to the ivf-group index")
-            self._seqs[seq] = _SeqIndex(x.contiguous(), min(self._nlist(new_total), new_total), self.seed)
+            self._seqs[seq] = _SeqIndex(x.contiguous(), min(self._nlist(new_total), new_total), self.seed,
+                                        self.code_bits)
             self._trained_on[seq] = new_total
         elif index is not None:
             x = keys.float().contiguous()
@@ -277,6 +295,8 @@ class IVFGroupRetriever(Retriever):
         return sum(s.nbytes() for s in self._seqs if s is not None)
 
     def bytes_per_token(self) -> int:
+        if self.code_bits == 4:
+            return -(-self.host.head_dim // 32) * 16 + 4
         return -(-self.host.head_dim // 16) * 16 + 4
 
     # ---- search -------------------------------------------------------------------------------------
@@ -374,7 +394,7 @@ class IVFGroupRetriever(Retriever):
         codes_p, ids_p, start_p, count_p, centroids_p = index.pointers()
         self._runner.ivf_search(
             qg.data_ptr(), qg.shape[2], centroids_p.ctypes.data, nprobe_t.ctypes.data, qs.qi.data_ptr(),
-            qs.qscale.data_ptr(), hkv, g, dp, codes_p.ctypes.data, ids_p.ctypes.data, start_p.ctypes.data,
+            qs.qscale.data_ptr(), hkv, g, dp, index.bits, codes_p.ctypes.data, ids_p.ctypes.data, start_p.ctypes.data,
             count_p.ctypes.data, mask.shape[1], mask.data_ptr(), k_t.ctypes.data, n_t.ctypes.data, top.data_ptr(),
             kmax, uni.data_ptr(), cnt.data_ptr(), rows.data_ptr(), k_ref_t.ctypes.data,
             float(self.softmax_scale or 1.0), missed.data_ptr() if report_missed else 0)
@@ -426,7 +446,7 @@ def search_torch(index: _SeqIndex, qs: QueryCodes, mask: torch.Tensor, ks: List[
         k = min(ks[h], len(pos))
         if k == 0:
             continue
-        scores = qs.scores(h, index.codes[h][pos.numpy()])                 # [G, n_scan]
+        scores = qs.scores(h, index.row_codes(h, pos.numpy()))             # [G, n_scan]
         order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
         best = torch.from_numpy(index.ids[h][pos.numpy()])[order]
         top[h, :, :k] = best

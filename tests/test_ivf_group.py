@@ -69,9 +69,11 @@ def _compare(r, q, ks):
 
 
 @needs_ext
-@pytest.mark.parametrize("d,g", [(16, 1), (16, 3), (24, 4), (64, 5), (32, 8)])
-def test_cpp_search_matches_torch_reference(d, g):
-    layer, keys, vals, q = _layer(900, d=d, g=g)
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("d,g", [(16, 1), (16, 3), (24, 4), (64, 5), (32, 8), (136, 4)])
+def test_cpp_search_matches_torch_reference(d, g, bits):
+    """Dp = 16 .. 160: one 64-byte chunk per row or several, the last one partial (4-bit rows are Dp / 2 bytes)."""
+    layer, keys, vals, q = _layer(900, d=d, g=g, code_bits=bits)
     layer.append(keys, vals)
     r = layer.retriever
     n = r.ntotal[0]
@@ -80,9 +82,10 @@ def test_cpp_search_matches_torch_reference(d, g):
 
 
 @needs_ext
-def test_cpp_search_is_exact_top_k_over_scanned_rows():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cpp_search_is_exact_top_k_over_scanned_rows(bits):
     """Every selected row scores >= every scanned row left out (against the quantized codes)."""
-    layer, keys, vals, q = _layer(1500, g=4)
+    layer, keys, vals, q = _layer(1500, g=4, code_bits=bits)
     layer.append(keys, vals)
     r = layer.retriever
     index, k = r._seqs[0], 25
@@ -93,12 +96,36 @@ def test_cpp_search_is_exact_top_k_over_scanned_rows():
     for h in range(2):
         rows = np.concatenate([np.arange(int(index.start[h, lst]), int(index.start[h, lst] + index.count[h, lst]))
                                for lst in mask[h].nonzero().flatten().tolist()])
-        scores = qs.scores(h, index.codes[h][rows]).T                   # [n_scan, G]
+        scores = qs.scores(h, index.row_codes(h, rows)).T               # [n_scan, G]
         ids = torch.from_numpy(index.ids[h][rows])
         for gq in range(4):
             chosen = torch.isin(ids, top[h, gq])
             assert int(chosen.sum()) == k
             assert scores[chosen, gq].min() >= scores[~chosen, gq].max()
+
+
+def _check_scores():
+    """The active ISA's code scoring equals QueryCodes.scores exactly (integer dot products, then one float32
+    multiply), for 8-bit and packed 4-bit rows: row counts around the kernels' blocks of 4 and 16, one or several
+    64-byte chunks per row, query counts around the blocks of 4."""
+    from hetero.cpu.cpp_sparse import load
+    from hetero.retrieval.ivf_group import QueryCodes
+
+    ext = load()
+    gen = torch.Generator().manual_seed(5)
+    for bits in (8, 4):
+        for dp in (32, 64, 96, 160):
+            for g in (1, 3, 4, 5, 8):
+                for n in (0, 1, 3, 4, 5, 15, 16, 17, 37):
+                    codes = torch.randint(0, 1 << bits, (n, dp), dtype=torch.uint8, generator=gen).numpy()
+                    qc = QueryCodes(torch.randint(-127, 128, (1, g, dp), dtype=torch.int8, generator=gen),
+                                    torch.rand(1, g, generator=gen) + 0.5)
+                    packed = codes[:, : dp // 2] | (codes[:, dp // 2:] << 4) if bits == 4 else codes
+                    packed = np.ascontiguousarray(packed)
+                    out = torch.full((g, n), float("nan"))
+                    ext.ivf_scores(packed.ctypes.data, n, dp, bits, qc.qi.data_ptr(), qc.qscale.data_ptr(), g,
+                                   out.data_ptr())
+                    assert torch.equal(out, qc.scores(0, codes)), (bits, dp, g, n)
 
 
 @needs_ext
@@ -110,9 +137,11 @@ def test_cpp_search_at_every_isa_level():
     code = (
         "import sys; sys.path.insert(0, {tests!r}); import torch\n"
         "from test_ivf_group import _layer, _compare\n"
-        "layer, keys, vals, q = _layer(700, d=40, g=5)\n"
-        "layer.append(keys, vals)\n"
-        "_compare(layer.retriever, q, [9, 21])\n"
+        "from test_ivf_group import _check_scores; _check_scores()\n"
+        "for bits in (8, 4):\n"
+        "    layer, keys, vals, q = _layer(700, d=40, g=5, code_bits=bits)\n"
+        "    layer.append(keys, vals)\n"
+        "    _compare(layer.retriever, q, [9, 21])\n"
         "from hetero.cpu.cpp_sparse import info; print(info()['isa'], info()['ivf_scan'])\n"
     ).format(tests=os.path.dirname(__file__))
     scans = {}
@@ -153,8 +182,9 @@ def test_incremental_adds_equal_one_batch_add_and_keep_every_token_once():
     assert sa.indices.shape[0] == 1
 
 
-def test_codes_reproduce_scores_up_to_quantization():
-    layer, keys, vals, q = _layer(800, d=32, g=1)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_codes_reproduce_scores_up_to_quantization(bits):
+    layer, keys, vals, q = _layer(800, d=32, g=1, code_bits=bits)
     layer.append(keys, vals)
     index = layer.retriever._seqs[0]
     k_host = layer.host.keys(0).float()                                   # [Hkv, N, D]
@@ -165,7 +195,7 @@ def test_codes_reproduce_scores_up_to_quantization():
             seg[s:s + int(index.count[h, lst])] = True
         rows = np.nonzero(seg)[0]
         live = torch.from_numpy(index.ids[h][rows]).long()
-        approx = torch.from_numpy(index.codes[h][rows][:, :32]).float() * index.step[h] + index.vmin[h]
+        approx = torch.from_numpy(index.row_codes(h, rows)[:, :32]).float() * index.step[h] + index.vmin[h]
         err = (approx - k_host[h, live]).abs().max(dim=0).values
         assert bool((err <= index.step[h] * 0.5 + 1e-5).all())
 
@@ -191,11 +221,12 @@ def test_query_quantization_bounds_the_score_error():
         assert bool(((qc.scores(h, codes).double() - exact).abs() <= bound).all())
 
 
-def test_memory_and_bytes_per_token():
-    layer, keys, vals, q = _layer(3000, d=24)
+@pytest.mark.parametrize("bits,row_bytes", [(8, 32), (4, 16)])
+def test_memory_and_bytes_per_token(bits, row_bytes):
+    layer, keys, vals, q = _layer(3000, d=24, code_bits=bits)
     layer.append(keys, vals)
     r = layer.retriever
-    assert r.bytes_per_token() == 32 + 4
+    assert r.bytes_per_token() == row_bytes + 4 and r._seqs[0].codes.shape[2] == row_bytes
     n = r.ntotal[0] * 2
     assert n * r.bytes_per_token() <= r.memory_bytes() < 3 * n * r.bytes_per_token() + 200_000
 
@@ -280,7 +311,8 @@ def test_newest_tokens_in_the_tail_are_searched_and_later_assigned():
     assert all(hot_pos in layer.retriever.search(q, [3]).indices[0, h].tolist() for h in range(2))
 
 
-def test_inline_tail_adds_keep_order_with_queued_background_adds():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_inline_tail_adds_keep_order_with_queued_background_adds(bits):
     """Cheap tail adds run inline only when nothing is queued; behind a queued add they queue too. Across
     delays, flushes and a retrain, every host position ends up indexed exactly once."""
     import random
@@ -291,7 +323,8 @@ def test_inline_tail_adds_keep_order_with_queued_background_adds():
     indexer = Worker("test-inline")
     gen = torch.Generator().manual_seed(8)
     # 16 lists of ~40+ keys: list capacities, and so each head's tail segment start, differ between heads
-    cfg = HeteroConfig(window=8, sinks=2, retriever="ivf-group", retriever_options={"min_train": 64, "nlist": 16})
+    cfg = HeteroConfig(window=8, sinks=2, retriever="ivf-group", retriever_options={"min_train": 64, "nlist": 16,
+                                                                                   "code_bits": bits})
     layer = LayerCache(cfg, indexer=indexer)
     n = 700
     keys, vals = torch.randn(1, 2, n, 16, generator=gen), torch.randn(1, 2, n, 16, generator=gen)
@@ -320,8 +353,10 @@ def test_inline_tail_adds_keep_order_with_queued_background_adds():
         for lst in list(range(index.nlist)) + [index.nlist]:
             seg = slice(int(index.start[h, lst]), int(index.start[h, lst] + index.count[h, lst]))
             ids = torch.from_numpy(index.ids[h, seg]).long()
-            approx = torch.from_numpy(index.codes[h, seg][:, :16]).float() * index.step[h] + index.vmin[h]
-            want = torch.minimum(torch.maximum(k_host[h, ids], index.vmin[h]), index.vmin[h] + 255 * index.step[h])
+            rows = np.arange(seg.start, seg.stop)
+            approx = torch.from_numpy(index.row_codes(h, rows)[:, :16]).float() * index.step[h] + index.vmin[h]
+            top = index.vmin[h] + index.levels * index.step[h]
+            want = torch.minimum(torch.maximum(k_host[h, ids], index.vmin[h]), top)
             assert bool(((approx - want).abs() <= index.step[h] * 0.5 + 1e-4).all())  # later keys clamp to range
     indexer.close()
 
@@ -343,9 +378,18 @@ def test_missed_mass_estimate_tracks_the_scanned_rows():
     for h in range(2):
         rows = np.concatenate([np.arange(int(index.start[h, lst]), int(index.start[h, lst] + index.count[h, lst]))
                                for lst in mask[h].nonzero().flatten().tolist()])
-        logits = qs.scores(h, index.codes[h][rows])                       # [G, n_scan], bias omitted
+        logits = qs.scores(h, index.row_codes(h, rows))                   # [G, n_scan], bias omitted
         logits = r.softmax_scale * (logits + (qg[h] * index.vmin[h]).sum(-1, keepdim=True))
         rest = logits.sort(dim=1, descending=True).values[:, 80:]
         want = torch.logsumexp(rest, dim=1)
         got = r.last_missed_lse[0, h * 4:(h + 1) * 4]
         assert bool(((got - want).abs() < 0.15).all()), (got, want)
+
+
+@pytest.mark.parametrize("bad", [2, 16, True, "4"])
+def test_code_bits_option_is_validated(bad):
+    from hetero.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="code_bits.*4 or 8"):
+        LayerCache(HeteroConfig(retriever="ivf-group", retriever_options={"code_bits": bad})).append(
+            torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8))
