@@ -19,6 +19,7 @@
 
 #include "cpu_features.h"
 #include "ivf_scan.h"
+#include "merge.h"
 #include "random_read.h"
 #include "sparse_attention.h"
 #include "thread_pool.h"
@@ -254,6 +255,16 @@ PYBIND11_MODULE(_sparse_cpp, m) {
       },
       "The active ISA's code scoring alone: out [G, n] float32 from codes [n, Dp * bits / 8] uint8, qi [G, Dp] "
       "int8, qscale [G] float32 (tests compare it with QueryCodes.scores)");
+  m.def(
+      "merge2",
+      [](uintptr_t out_a, uintptr_t lse_a, uintptr_t out_b, uintptr_t lse_b, int64_t rows, int64_t D, uintptr_t out,
+         uintptr_t lse) {
+        if (rows < 0 || D < 0) throw std::invalid_argument("merge2: rows and D must be >= 0");
+        hetero::merge2_f32(reinterpret_cast<const float*>(out_a), reinterpret_cast<const float*>(lse_a),
+                           reinterpret_cast<const float*>(out_b), reinterpret_cast<const float*>(lse_b), rows, D,
+                           reinterpret_cast<float*>(out), reinterpret_cast<float*>(lse));
+      },
+      "Fuse two float32 partial attentions (out [rows, D], lse [rows]); buffers checked by hetero/merge.py");
   m.def("set_isa", &hetero::set_isa, "Force an ISA level at or below the detected one (all Runners)");
   m.def("info", &hetero::info, "Detected and active ISA");
 }

@@ -111,3 +111,38 @@ def test_torch_and_numpy_arithmetic_agree_on_edge_cases():
     assert torch.equal(t_lse, torch.from_numpy(n_lse))
     torch.testing.assert_close(t_out, torch.from_numpy(n_out), rtol=1e-6, atol=1e-6)
     assert not torch.isnan(t_out).any()
+
+
+def test_native_two_part_merge_matches_the_numpy_arithmetic():
+    """Two float32 CPU parts (the decode step's case) are fused by one C++ call when the extension is built: the
+    same edge cases as above (empty parts with garbage, +inf parts, extreme logits), against the numpy path."""
+    import numpy as np
+
+    from hetero.cpu.cpp_sparse import load
+    from hetero.merge import _merge2_native, _merge_arrays
+
+    if load() is None:
+        pytest.skip("C++ extension not built")
+    gen = torch.Generator().manual_seed(6)
+    out = torch.randn(2, 2, 7, 8, generator=gen)
+    lse = torch.randn(2, 2, 7, generator=gen) * 30
+    lse[:, 0, 0] = float("-inf")                        # both parts empty
+    lse[1, 0, 1] = float("-inf")
+    out[1, 0, 1] = float("nan")                         # empty part with garbage
+    lse[0, 1, 2] = float("inf")                         # one +inf part
+    lse[:, 1, 3] = float("inf")                         # two +inf parts share the weight
+    lse[:, 1, 4] = torch.tensor([1e30, -1e30])          # extreme
+    lse[:, 1, 5] = torch.tensor([-1e30, float("-inf")])
+    a, b = PartialAttention(out[0], lse[0]), PartialAttention(out[1], lse[1])
+    got = _merge2_native(a, b)
+    assert got is not None
+    assert torch.equal(merge([a, b]).out, got.out)       # merge() takes this path
+    with np.errstate(all="ignore"):
+        want_out, want_lse = _merge_arrays(np, out.numpy(), lse.numpy())
+    want_out, want_lse = torch.from_numpy(want_out), torch.from_numpy(want_lse)
+    assert not torch.isnan(got.out).any() and not torch.isnan(got.lse).any()
+    assert torch.equal(torch.isinf(got.lse), torch.isinf(want_lse))
+    torch.testing.assert_close(got.lse, want_lse, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.out, want_out, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got.out[0, 0], torch.zeros(8)) and torch.equal(got.out[0, 1], out[0, 0, 1])
+    assert _merge2_native(PartialAttention(out[0].double(), lse[0].double()), b) is None   # not float32: numpy
