@@ -2,8 +2,8 @@
 //
 // One work item is (sequence, KV head): its index keeps every host key as a row of Dp uint8 codes
 // (Dp = head_dim rounded up to 16, zero padded) in per-list segments of a code arena, with the key's host
-// position in a parallel id arena. The G queries of the KV head's GQA group arrive pre-scaled and quantized:
-// q[g, d] * step[d] ~= qscale[g] * qi[g, d] with qi int8 in [-127, 127], so q . key ~= bias[g] + qscale[g] *
+// position in a parallel id arena. The G queries of the KV head's GQA group are pre-scaled and quantized first
+// (quantize_queries): q[g, d] * step[d] ~= qscale[g] * qi[g, d] with qi int8 in [-127, 127], so q . key ~= bias[g] + qscale[g] *
 // (qi[g] . codes) (the bias does not change a query's ranking and is not needed). The integer dot product is
 // exact at every ISA level (|sum| < 2^24, so its float conversion is exact too): all levels return identical
 // scores. Every probed list is read once and scored against all G queries.
@@ -94,8 +94,7 @@ struct IvfSearchArgs {
   int64_t D;
   const uint64_t* centroids;   // [items] -> float32 [D, nlist - 1] (centroids_t; the last list, the tail, has none)
   const int64_t* nprobe;       // [items] lists each query probes by q . centroid (the group scans the union)
-  const int8_t* qi;            // [items, G, Dp] int8, pre-scaled quantized queries
-  const float* qscale;         // [items, G] float32
+  const float* step;           // [items, D] float32: each dimension's code step (the queries are quantized here)
   int64_t items, G, Dp;
   int64_t bits;                // 8: a code row is Dp bytes; 4: Dp / 2 bytes, two codes per byte (score4)
   const uint64_t* codes;       // [items] -> uint8 code arena [cap, Dp * bits / 8]
@@ -118,7 +117,14 @@ struct IvfSearchArgs {
   float* missed_lse;           // [items, G]
 };
 
+// The G queries of one item in code space (QueryCodes.quantize in retrieval/ivf_group.py, the same float32
+// operations, so the same bits): x = q * step, qscale = max |x| / 127 (1 for a zero query), qi = rint(x / qscale)
+// clamped to [-127, 127], zero from D to Dp.
+void quantize_queries(const float* q, const float* step, int64_t G, int64_t D, int64_t Dp, int8_t* qi, float* qscale);
+
 struct IvfScratch {
+  std::vector<int8_t> qi;      // [G, Dp] the item's quantized queries
+  std::vector<float> qscale;   // [G]
   std::vector<float> scores;   // [G, n_scan]
   std::vector<float> cscores;  // [G, nlist - 1] centroid scores
   std::vector<int32_t> lists;

@@ -91,6 +91,23 @@ void probe_lists(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, IvfSc
 
 }  // namespace
 
+void quantize_queries(const float* q, const float* step, int64_t G, int64_t D, int64_t Dp, int8_t* qi,
+                      float* qscale) {
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qg = q + g * D;
+    float amax = 0.0f;
+    for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(qg[d] * step[d]));
+    const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+    qscale[g] = scale;
+    int8_t* out = qi + g * Dp;
+    for (int64_t d = 0; d < D; ++d) {
+      const float r = std::nearbyint((qg[d] * step[d]) / scale);  // round half to even, as numpy's rint
+      out[d] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
+    }
+    std::fill(out + D, out + Dp, int8_t{0});
+  }
+}
+
 void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, IvfScratch& s) {
   const int64_t G = a.G, Dp = a.Dp, row_bytes = a.bits == 4 ? Dp / 2 : Dp;
   const IvfScoreFn score = a.bits == 4 ? kernels.score4 : kernels.score;
@@ -99,6 +116,9 @@ void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, I
   const int64_t* start = reinterpret_cast<const int64_t*>(a.list_start[item]);
   const int64_t* count = reinterpret_cast<const int64_t*>(a.list_count[item]);
   probe_lists(a, item, kernels, s);
+  s.qi.resize(G * Dp);
+  s.qscale.resize(G);
+  quantize_queries(a.q + item * G * a.D, a.step + item * a.D, G, a.D, Dp, s.qi.data(), s.qscale.data());
   const uint8_t* probe = a.probe + item * a.nlist;
   int32_t* top = a.top ? a.top + item * G * a.kmax : nullptr;
   int32_t* uni = a.union_ids + item * G * a.kmax;
@@ -127,7 +147,7 @@ void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, I
       const int64_t bytes = std::min<int64_t>(count[next] * row_bytes, 4096);
       for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(head + b, 0, 3);
     }
-    score(codes + start[l] * row_bytes, count[l], Dp, a.qi + item * G * Dp, a.qscale + item * G, G, s.scores.data() + pos, n);
+    score(codes + start[l] * row_bytes, count[l], Dp, s.qi.data(), s.qscale.data(), G, s.scores.data() + pos, n);
     std::memcpy(s.ids.data() + pos, ids + start[l], count[l] * sizeof(int32_t));
     pos += count[l];
   }

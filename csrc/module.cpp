@@ -149,7 +149,7 @@ class Runner {
   }
 
   // Grouped IVF search (ivf_scan.h); one item per (sequence, KV head), items spread over the pool.
-  void ivf_search(uintptr_t q, int64_t D, uintptr_t centroids, uintptr_t nprobe, uintptr_t qi, uintptr_t qscale,
+  void ivf_search(uintptr_t q, int64_t D, uintptr_t centroids, uintptr_t nprobe, uintptr_t step,
                   int64_t items, int64_t G, int64_t Dp, int64_t bits, uintptr_t codes, uintptr_t ids,
                   uintptr_t list_start, uintptr_t list_count, int64_t nlist, uintptr_t probe, uintptr_t k,
                   uintptr_t n_tokens, uintptr_t top, int64_t kmax, uintptr_t union_ids, uintptr_t union_count,
@@ -159,7 +159,7 @@ class Runner {
       throw std::invalid_argument("ivf_search: invalid sizes (need G >= 1, bits 4 or 8, Dp >= D a multiple of 16 "
                                   "(32 for 4 bits), nlist >= 1)");
     IvfSearchArgs a{reinterpret_cast<const float*>(q), D, reinterpret_cast<const uint64_t*>(centroids),
-                    reinterpret_cast<const int64_t*>(nprobe), reinterpret_cast<const int8_t*>(qi), reinterpret_cast<const float*>(qscale), items, G, Dp, bits, reinterpret_cast<const uint64_t*>(codes),
+                    reinterpret_cast<const int64_t*>(nprobe), reinterpret_cast<const float*>(step), items, G, Dp, bits, reinterpret_cast<const uint64_t*>(codes),
                     reinterpret_cast<const uint64_t*>(ids), reinterpret_cast<const uint64_t*>(list_start),
                     reinterpret_cast<const uint64_t*>(list_count), nlist, reinterpret_cast<uint8_t*>(probe),
                     reinterpret_cast<const int64_t*>(k), reinterpret_cast<const int64_t*>(n_tokens),
@@ -265,6 +265,15 @@ PYBIND11_MODULE(_sparse_cpp, m) {
                            reinterpret_cast<float*>(out), reinterpret_cast<float*>(lse));
       },
       "Fuse two float32 partial attentions (out [rows, D], lse [rows]); buffers checked by hetero/merge.py");
+  m.def(
+      "ivf_quantize_queries",
+      [](uintptr_t q, uintptr_t step, int64_t G, int64_t D, int64_t Dp, uintptr_t qi, uintptr_t qscale) {
+        if (G < 0 || D < 1 || Dp < D) throw std::invalid_argument("ivf_quantize_queries: need G >= 0, 1 <= D <= Dp");
+        hetero::quantize_queries(reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(step), G, D, Dp,
+                                 reinterpret_cast<int8_t*>(qi), reinterpret_cast<float*>(qscale));
+      },
+      "The search's query quantization alone: q [G, D] float32, step [D] float32 -> qi [G, Dp] int8, qscale [G] "
+      "float32 (tests compare it with QueryCodes.quantize)");
   m.def("set_isa", &hetero::set_isa, "Force an ISA level at or below the detected one (all Runners)");
   m.def("info", &hetero::info, "Detected and active ISA");
 }

@@ -97,6 +97,9 @@ class Retriever(ABC):
         if not torch.isfinite(q).all():
             raise InvalidValueError("query contains NaN or inf")
         hkv = self.host.kv_heads
+        rows = _int_rows(budgets, b, hkv)
+        if rows is not None:  # plain ints (the decode step's case): no tensor operations
+            return [[min(k, n) for k in row] for row, n in zip(rows, self._ntotal)]
         try:
             t = torch.as_tensor(budgets)
             if t.is_floating_point() or t.dtype == torch.bool:
@@ -108,6 +111,19 @@ class Retriever(ABC):
             raise InvalidValueError(f"budgets must be {b} ints >= 0 or [B={b}, Hkv={hkv}] ints >= 0, got {budgets!r}")
         t = t.expand(b, hkv)
         return [[max(0, min(int(k), n)) for k in row] for row, n in zip(t.tolist(), self._ntotal)]
+
+
+def _int_rows(budgets, b: int, hkv: int) -> Optional[List[List[int]]]:
+    """``budgets`` as ``[B][Hkv]`` ints when it is a list of B ints >= 0 or of B lists of Hkv ints >= 0; else None
+    (the tensor path then accepts or rejects it with the full message)."""
+    if not isinstance(budgets, (list, tuple)) or len(budgets) != b:
+        return None
+    if all(type(k) is int and k >= 0 for k in budgets):
+        return [[k] * hkv for k in budgets]
+    if all(isinstance(row, (list, tuple)) and len(row) == hkv and all(type(k) is int and k >= 0 for k in row)
+           for row in budgets):
+        return [list(row) for row in budgets]
+    return None
 
 
 def flat_k(per_head: List[int]) -> int:

@@ -71,7 +71,7 @@ class _SeqIndex:
             self.centroids_t[h] = km.centroids.T
             self.quantizers.append(km.index)  # IndexFlatIP over the centroids
         self.vmin = keys.amin(dim=1)                                 # [Hkv, D]
-        self.step = ((keys.amax(dim=1) - self.vmin) / self.levels).clamp_min(1e-12)
+        self.step = ((keys.amax(dim=1) - self.vmin) / self.levels).clamp_min(1e-12).contiguous()
         self._vmin_np, self._inv_step_np = self.vmin.numpy(), (1.0 / self.step).numpy()
         assign = self.assign(keys)                                   # [Hkv, n]
         counts = torch.stack([torch.bincount(a, minlength=nlist) for a in assign]).numpy()  # [Hkv, L]
@@ -347,14 +347,13 @@ class IVFGroupRetriever(Retriever):
                          for h, k in enumerate(per_head)]
                 scanned += sum(n * g for k in per_head if k)
             else:
-                qs = self.prescale(index, qg)
                 if self._runner is not None:
-                    top, uni, cnt, rows, missed, _ = self._search_cpp(index, qg, qs, per_head, n, flat_k(per_head),
-                                                                      report)
+                    top, uni, cnt, rows, missed, _ = self._search_cpp(index, qg, per_head, n, flat_k(per_head), report)
                     if report:  # the codes' scores omit q . vmin: add it back, scaled
                         missed_lse[seq] = (missed + self.softmax_scale * (qg * index.vmin[:, None]).sum(-1)).flatten()
                 else:
-                    top, uni, cnt, rows = search_torch(index, qs, self.probe_mask(index, qg, per_head, n), per_head, n)
+                    top, uni, cnt, rows = search_torch(index, self.prescale(index, qg),
+                                                       self.probe_mask(index, qg, per_head, n), per_head, n)
                 scanned += int(rows.sum()) * g
                 width = int(cnt.max())
                 if self.group_rule != "per-head" or g == 1:  # the union rows as they are: no loop over heads
@@ -374,12 +373,13 @@ class IVFGroupRetriever(Retriever):
                 members.insert(b, [None] * hkv)
         return selection_from_groups(ids, members, hkv, g)
 
-    def _search_cpp(self, index: _SeqIndex, qg: torch.Tensor, qs: QueryCodes, ks: List[int], n: int,
-                    k_ref: int = 0, report_missed: bool = False):
-        """The C++ search (list choice included): per-query top ids ``[Hkv, G, kmax]``, sorted union
-        ``[Hkv, G*kmax]``, union sizes and rows scanned ``[Hkv]``, missed-mass estimates ``[Hkv, G]`` and the
-        probe mask ``[Hkv, nlist + 1]`` it chose (as ``probe_mask``)."""
-        hkv, g, dp = qs.qi.shape
+    def _search_cpp(self, index: _SeqIndex, qg: torch.Tensor, ks: List[int], n: int, k_ref: int = 0,
+                    report_missed: bool = False):
+        """The C++ search (list choice and query quantization included, as ``probe_mask`` and ``prescale``):
+        per-query top ids ``[Hkv, G, kmax]``, sorted union ``[Hkv, G*kmax]``, union sizes and rows scanned
+        ``[Hkv]``, missed-mass estimates ``[Hkv, G]`` and the probe mask ``[Hkv, nlist + 1]`` it chose."""
+        hkv, g, _ = qg.shape
+        dp = index.dp
         qg = qg.to(torch.float32).contiguous()
         missed = torch.empty(hkv, g, dtype=torch.float32)
         mask = torch.empty(hkv, index.nlist + 1, dtype=torch.uint8)
@@ -393,8 +393,8 @@ class IVFGroupRetriever(Retriever):
         nprobe_t = np.asarray(self.nprobe(ks, index.nlist, n), dtype=np.int64)
         codes_p, ids_p, start_p, count_p, centroids_p = index.pointers()
         self._runner.ivf_search(
-            qg.data_ptr(), qg.shape[2], centroids_p.ctypes.data, nprobe_t.ctypes.data, qs.qi.data_ptr(),
-            qs.qscale.data_ptr(), hkv, g, dp, index.bits, codes_p.ctypes.data, ids_p.ctypes.data, start_p.ctypes.data,
+            qg.data_ptr(), qg.shape[2], centroids_p.ctypes.data, nprobe_t.ctypes.data, index.step.data_ptr(),
+            hkv, g, dp, index.bits, codes_p.ctypes.data, ids_p.ctypes.data, start_p.ctypes.data,
             count_p.ctypes.data, mask.shape[1], mask.data_ptr(), k_t.ctypes.data, n_t.ctypes.data, top.data_ptr(),
             kmax, uni.data_ptr(), cnt.data_ptr(), rows.data_ptr(), k_ref_t.ctypes.data,
             float(self.softmax_scale or 1.0), missed.data_ptr() if report_missed else 0)

@@ -55,7 +55,7 @@ def _compare(r, q, ks):
     qg = q[0].float().reshape(hkv, -1, q.shape[-1])
     n = r.ntotal[0]
     qs = r.prescale(index, qg)
-    got = r._search_cpp(index, qg, qs, ks, n)
+    got = r._search_cpp(index, qg, ks, n)
     mask = got[5]
     _check_probe(r, index, qg, ks, n, mask)
     want = search_torch(index, qs, mask, ks, n)
@@ -91,7 +91,7 @@ def test_cpp_search_is_exact_top_k_over_scanned_rows(bits):
     index, k = r._seqs[0], 25
     qg = q[0].reshape(2, 4, -1)
     qs = r.prescale(index, qg)
-    out = r._search_cpp(index, qg, qs, [k, k], r.ntotal[0])
+    out = r._search_cpp(index, qg, [k, k], r.ntotal[0])
     top, mask = out[0], out[5]
     for h in range(2):
         rows = np.concatenate([np.arange(int(index.start[h, lst]), int(index.start[h, lst] + index.count[h, lst]))
@@ -219,6 +219,30 @@ def test_query_quantization_bounds_the_score_error():
         exact = qs[h].double() @ c[:, :40].T                                 # [G, n]
         bound = 0.5 * qc.qscale[h].double()[:, None] * c.sum(1)[None, :] + 1e-3
         assert bool(((qc.scores(h, codes).double() - exact).abs() <= bound).all())
+
+
+@needs_ext
+def test_cpp_query_quantization_equals_the_reference():
+    """The search quantizes its queries itself (one call, no numpy on the decode path): bit for bit the same as
+    QueryCodes.quantize of q * step, with a zero query, dimensions of very different scale, values that land
+    exactly on .5 steps (round half to even) and zero padding from D to Dp."""
+    from hetero.retrieval.ivf_group import QueryCodes
+
+    ext = load()
+    gen = torch.Generator().manual_seed(4)
+    d, dp, g = 40, 48, 6
+    q = torch.randn(g, d, generator=gen) * torch.logspace(-3, 2, d)
+    q[1] = 0.0
+    q[2, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])                    # qscale 1: exact halves
+    q[2, 4:] = 0.0
+    step = torch.rand(d, generator=gen) + 0.1
+    step[:4] = 1.0
+    want = QueryCodes.quantize((q * step)[None], dp)
+    qi = torch.full((g, dp), 99, dtype=torch.int8)
+    qscale = torch.empty(g)
+    ext.ivf_quantize_queries(q.data_ptr(), step.data_ptr(), g, d, dp, qi.data_ptr(), qscale.data_ptr())
+    assert torch.equal(qi, want.qi[0]) and torch.equal(qscale, want.qscale[0])
+    assert qi[2, :4].tolist() == [127, 0, 2, -2]
 
 
 @pytest.mark.parametrize("bits,row_bytes", [(8, 32), (4, 16)])
@@ -373,7 +397,7 @@ def test_missed_mass_estimate_tracks_the_scanned_rows():
     index, n = r._seqs[0], r.ntotal[0]
     qg = q[0].reshape(2, 4, -1)
     qs = r.prescale(index, qg)
-    mask = r._search_cpp(index, qg, qs, [40, 120], n)[5]                 # the lists the search scanned
+    mask = r._search_cpp(index, qg, [40, 120], n)[5]                 # the lists the search scanned
     assert sel.indices.shape[1] == 2
     for h in range(2):
         rows = np.concatenate([np.arange(int(index.start[h, lst]), int(index.start[h, lst] + index.count[h, lst]))
