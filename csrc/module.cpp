@@ -5,6 +5,7 @@
 // a kernel runs. Work runs on a Runner: its own thread pool and scratch, one call at a time; separate Runners
 // (the window side and the host side of a decode step) run concurrently.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <algorithm>
 #include <atomic>
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "finite.h"
 #include "ivf_scan.h"
 #include "merge.h"
 #include "random_read.h"
@@ -274,6 +276,15 @@ PYBIND11_MODULE(_sparse_cpp, m) {
       },
       "The search's query quantization alone: q [G, D] float32, step [D] float32 -> qi [G, Dp] int8, qscale [G] "
       "float32 (tests compare it with QueryCodes.quantize)");
+  m.def(
+      "all_finite",
+      [](uintptr_t data, int dtype, std::vector<int64_t> shape, std::vector<int64_t> strides) {
+        if (dtype < 0 || dtype > 2 || shape.size() != strides.size() || shape.size() > 8)
+          throw std::invalid_argument("all_finite: dtype 0 (float32), 1 (bfloat16) or 2 (float16), <= 8 dims");
+        return hetero::all_finite(reinterpret_cast<const void*>(data), dtype, static_cast<int>(shape.size()),
+                                  shape.data(), strides.data());
+      },
+      "True when a float32 / bfloat16 / float16 tensor (pointer, shape, element strides) holds no NaN or inf");
   m.def("set_isa", &hetero::set_isa, "Force an ISA level at or below the detected one (all Runners)");
   m.def("info", &hetero::info, "Detected and active ISA");
 }

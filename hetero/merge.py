@@ -45,26 +45,21 @@ def merge(parts: Sequence[PartialAttention]) -> PartialAttention:
     return _merge_stacked(out, lse)
 
 
-_native = None  # the C++ module once loaded, False if it is not built
-
-
 def _merge2_native(a: PartialAttention, b: PartialAttention):
     """Two float32 CPU parts (a decode step's window and host parts) fused in one C++ call (csrc/merge.cpp, the
     arithmetic of ``_merge_arrays``), or None when the parts are not that or the extension is not built (then
     the numpy path computes the same)."""
-    global _native
     parts = (a.out, a.lse, b.out, b.lse)
     if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.requires_grad for t in parts):
         return None
-    if _native is None:
-        from hetero.cpu.cpp_sparse import load  # lazily: hetero.cpu imports this module's package
+    from hetero.cpu.cpp_sparse import load  # lazily: hetero.cpu imports this module's package
 
-        _native = load() or False
-    if _native is False:
+    ext = load()
+    if ext is None:
         return None
     out_a, lse_a, out_b, lse_b = (t.contiguous() for t in parts)
     out, lse = torch.empty_like(out_a), torch.empty_like(lse_a)
-    _native.merge2(out_a.data_ptr(), lse_a.data_ptr(), out_b.data_ptr(), lse_b.data_ptr(), lse.numel(),
+    ext.merge2(out_a.data_ptr(), lse_a.data_ptr(), out_b.data_ptr(), lse_b.data_ptr(), lse.numel(),
                    out.shape[-1], out.data_ptr(), lse.data_ptr())
     return PartialAttention(out, lse)
 

@@ -9,6 +9,7 @@ import torch
 from hetero.errors import DTypeError, InvalidValueError, ShapeError
 from hetero.tiers import HostTier
 from hetero.types import Selection
+from hetero.validation import check_finite
 
 
 class Retriever(ABC):
@@ -94,8 +95,7 @@ class Retriever(ABC):
             )
         if not q.is_floating_point():
             raise DTypeError(f"query must be floating point, got {q.dtype}")
-        if not torch.isfinite(q).all():
-            raise InvalidValueError("query contains NaN or inf")
+        check_finite(q, "query")
         hkv = self.host.kv_heads
         rows = _int_rows(budgets, b, hkv)
         if rows is not None:  # plain ints (the decode step's case): no tensor operations
