@@ -99,7 +99,8 @@ class LayerCache:
         self.retriever.report_missed = self.config.head_budget == "adaptive"
 
     def check_append(self, keys: torch.Tensor, values: torch.Tensor, lengths=None):
-        """Validate an ``append`` without changing anything; returns normalized (keys, values, lengths)."""
+        """Validate an ``append`` without changing anything; returns normalized (keys, values, lengths), lengths
+        as B ints."""
         rank = keys.dim() if isinstance(keys, torch.Tensor) and keys.dim() == 3 else 4
         keys = check_tensor(keys, "keys", rank, _KV_LAYOUT)
         values = check_tensor(values, "values", rank, _KV_LAYOUT)
@@ -127,9 +128,9 @@ class LayerCache:
                 )
             if keys.device != self.device:
                 raise ShapeError(f"keys on {keys.device}, but layer {self.layer_idx}'s fast tier is on {self.device}")
-        lengths = check_lengths(lengths, b, t)
+        lengths = [t] * b if lengths is None else check_lengths(lengths, b, t).tolist()  # no tensor when None
         for name, x in (("keys", keys), ("values", values)):
-            check_finite(x if int(lengths.min()) == t else _used(x, lengths), name)
+            check_finite(x if min(lengths) == t else _used(x, lengths), name)
         return keys, values, lengths
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, lengths=None) -> None:
@@ -143,7 +144,7 @@ class LayerCache:
         if not self.initialized:
             self._init(keys)
         keys, values = keys.to(self.dtype), values.to(self.dtype)
-        for seq, n in enumerate(lengths.tolist()):
+        for seq, n in enumerate(lengths):
             if n == 0:
                 continue
             evicted_k, evicted_v = self.fast.append(seq, keys[seq, :, :n], values[seq, :, :n])
@@ -211,9 +212,9 @@ class LayerCache:
                 "index_bytes": self.retriever.memory_bytes()}
 
 
-def _used(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def _used(x: torch.Tensor, lengths: List[int]) -> torch.Tensor:
     """The appended part of a ragged chunk, flattened (padding beyond ``lengths`` may hold anything)."""
-    return torch.cat([x[b, :, :n].reshape(-1) for b, n in enumerate(lengths.tolist())])
+    return torch.cat([x[b, :, :n].reshape(-1) for b, n in enumerate(lengths)])
 
 
 class TieredKVCache:

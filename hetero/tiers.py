@@ -50,6 +50,32 @@ class FastTier:
             return total
         return min(total, self.sinks) + min(max(total - self.sinks, 0), self.window)
 
+    def _ring_runs(self, start: int, stop: int) -> List[Tuple[int, int]]:
+        """Ring slots of window tokens ``[start, stop)`` (at most ``W`` of them) as runs ``(first slot, count)``:
+        one run, or two when the range wraps around the ring's end."""
+        s, w = self.sinks, self.window
+        first, n = s + (start - s) % w, stop - start
+        head = min(n, s + w - first)
+        return [(first, head)] + ([(s, n - head)] if n > head else [])
+
+    def _ring_take(self, seq: int, start: int, stop: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Copies of window tokens ``[start, stop)``, ``[Hkv, n, D]`` each (slices, not index tensors: a decode
+        step moves one token, and each torch operation costs 50-150 us when the caches are cold)."""
+        runs = self._ring_runs(start, stop)
+        k, v = self.k[seq], self.v[seq]
+        if len(runs) == 1:
+            a, n = runs[0]
+            return k[:, a:a + n].clone(), v[:, a:a + n].clone()
+        return (torch.cat([k[:, a:a + n] for a, n in runs], dim=1), torch.cat([v[:, a:a + n] for a, n in runs], dim=1))
+
+    def _ring_put(self, seq: int, start: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Write ``[Hkv, n, D]`` tokens as window tokens ``start, start + 1, ...``."""
+        off = 0
+        for a, n in self._ring_runs(start, start + k_new.shape[1]):
+            self.k[seq][:, a:a + n] = k_new[:, off:off + n]
+            self.v[seq][:, a:a + n] = v_new[:, off:off + n]
+            off += n
+
     def _ring_slots(self, start: int, stop: int) -> torch.Tensor:
         s, w = self.sinks, self.window
         if stop <= start:
@@ -86,19 +112,19 @@ class FastTier:
                 self.v[seq, :, t0:sink_end] = v_new[:, : sink_end - t0]
             old_start, new_start = max(s, t0 - w), max(s, t1 - w)
             parts_k, parts_v = [], []
-            if min(t0, new_start) > old_start:  # old window tokens leaving, read before overwriting
-                slots = self._ring_slots(old_start, min(t0, new_start))
-                parts_k.append(self.k[seq][:, slots])
-                parts_v.append(self.v[seq][:, slots])
+            if min(t0, new_start) > old_start:  # old window tokens leaving, copied before overwriting
+                k_old, v_old = self._ring_take(seq, old_start, min(t0, new_start))
+                parts_k.append(k_old)
+                parts_v.append(v_old)
             first_in, skip_until = max(t0, s), max(t0, s, new_start)
             if skip_until > first_in:  # new tokens that never fit in the window
                 parts_k.append(k_new[:, first_in - t0: skip_until - t0])
                 parts_v.append(v_new[:, first_in - t0: skip_until - t0])
             if t1 > skip_until:
-                slots = self._ring_slots(skip_until, t1)
-                self.k[seq][:, slots] = k_new[:, skip_until - t0:].to(self.k.dtype)
-                self.v[seq][:, slots] = v_new[:, skip_until - t0:].to(self.v.dtype)
-            if parts_k:
+                self._ring_put(seq, skip_until, k_new[:, skip_until - t0:], v_new[:, skip_until - t0:])
+            if len(parts_k) == 1 and min(t0, new_start) > old_start:  # the ring's copy: no second copy
+                evicted_k, evicted_v = parts_k[0], parts_v[0]
+            elif parts_k:  # a copy: the caller may index the evicted tokens in the background
                 evicted_k, evicted_v = torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)
             else:
                 evicted_k, evicted_v = k_new[:, :0], v_new[:, :0]
