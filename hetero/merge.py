@@ -59,8 +59,8 @@ def _merge2_native(a: PartialAttention, b: PartialAttention):
         return None
     out_a, lse_a, out_b, lse_b = (t.contiguous() for t in parts)
     out, lse = torch.empty_like(out_a), torch.empty_like(lse_a)
-    ext.merge2(out_a.data_ptr(), lse_a.data_ptr(), out_b.data_ptr(), lse_b.data_ptr(), lse.numel(),
-                   out.shape[-1], out.data_ptr(), lse.data_ptr())
+    ext.merge2(out_a.data_ptr(), lse_a.data_ptr(), out_b.data_ptr(), lse_b.data_ptr(), lse.numel(), out.shape[-1],
+               out.data_ptr(), lse.data_ptr())
     return PartialAttention(out, lse)
 
 

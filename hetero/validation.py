@@ -37,7 +37,7 @@ def all_finite(x: torch.Tensor) -> bool:
     (csrc/finite.cpp: on a decode step's cold caches, torch's isfinite + all cost 0.1-0.2 ms per tensor); other
     tensors, or a build without the extension, by torch (the same answer)."""
     code = _FINITE_CODES.get(x.dtype)
-    if code is not None and x.device.type == "cpu" and x.dim() <= 8:
+    if code is not None and x.device.type == "cpu" and x.layout == torch.strided and x.dim() <= 8:
         from hetero.cpu.cpp_sparse import load  # lazily: hetero.cpu imports this module
 
         ext = load()
