@@ -134,6 +134,8 @@ def flat_k(per_head: List[int]) -> int:
 
 def pad_rows(rows: List[torch.Tensor], kv_heads: int) -> torch.Tensor:
     """Stack per-sequence ``[Hkv, k_b]`` index tensors into ``[B, Hkv, max k_b]`` int32, padded with -1."""
+    if len(rows) == 1 and rows[0].dtype == torch.int32:  # one sequence: a view (each torch op counts, cold)
+        return rows[0].unsqueeze(0).contiguous()
     width = max((r.shape[-1] for r in rows), default=0)
     out = torch.full((len(rows), kv_heads, width), -1, dtype=torch.int32)
     for i, r in enumerate(rows):

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -196,15 +196,16 @@ class _SeqIndex:
         self.start[h, lst], self.cap[h, lst] = new, cap
         self.used[h] += cap
 
-    def pointers(self):
-        """Per-head base addresses (uint64 ``[Hkv]`` each) of codes, ids, list starts, list counts and centroids
-        for the kernel; cached until the arena is reallocated."""
+    def pointers(self) -> Tuple[int, ...]:
+        """Addresses of five uint64 ``[Hkv]`` arrays for the kernel: each head's base address of codes, ids, list
+        starts, list counts and centroids. Cached until the arena is reallocated (numpy's ``.ctypes.data`` builds
+        an object per access: ~10-20 us each on a decode step's cold caches)."""
         if self._pointers is None:
             per_head = lambda a: (a.ctypes.data + np.arange(a.shape[0], dtype=np.uint64)  # noqa: E731
                                   * np.uint64(a.strides[0])).astype(np.uint64)
-            self._pointers = tuple(per_head(a) for a in (self.codes, self.ids, self.start, self.count,
-                                                         self.centroids_t))
-        return self._pointers
+            arrays = tuple(per_head(a) for a in (self.codes, self.ids, self.start, self.count, self.centroids_t))
+            self._pointers = (arrays, tuple(a.ctypes.data for a in arrays))  # the arrays keep the addresses valid
+        return self._pointers[1]
 
     def _grow(self, rows: int) -> None:
         rows = max(rows, self.codes.shape[1] * 3 // 2)
@@ -354,8 +355,8 @@ class IVFGroupRetriever(Retriever):
                 else:
                     top, uni, cnt, rows = search_torch(index, self.prescale(index, qg),
                                                        self.probe_mask(index, qg, per_head, n), per_head, n)
-                scanned += int(rows.sum()) * g
-                width = int(cnt.max())
+                scanned += int(rows.numpy().sum()) * g  # numpy: a torch reduction costs ~50 us with cold caches
+                width = int(cnt.numpy().max())
                 if self.group_rule != "per-head" or g == 1:  # the union rows as they are: no loop over heads
                     matrices.append(uni[:, :width])
                     continue
@@ -388,16 +389,16 @@ class IVFGroupRetriever(Retriever):
         uni = torch.empty(hkv, g * kmax, dtype=torch.int32)
         cnt = torch.empty(hkv, dtype=torch.int64)
         rows = torch.empty(hkv, dtype=torch.int64)
-        k_t, n_t = np.asarray(ks, dtype=np.int64), np.full(hkv, n, dtype=np.int64)
-        k_ref_t = np.full(hkv, k_ref, dtype=np.int64)
-        nprobe_t = np.asarray(self.nprobe(ks, index.nlist, n), dtype=np.int64)
+        counts = np.empty((4, hkv), dtype=np.int64)  # per head: k, n, k_ref, nprobe
+        counts[0], counts[1], counts[2], counts[3] = ks, n, k_ref, self.nprobe(ks, index.nlist, n)
+        base = counts.ctypes.data
+        k_p, n_p, k_ref_p, nprobe_p = (base + 8 * hkv * i for i in range(4))
         codes_p, ids_p, start_p, count_p, centroids_p = index.pointers()
         self._runner.ivf_search(
-            qg.data_ptr(), qg.shape[2], centroids_p.ctypes.data, nprobe_t.ctypes.data, index.step.data_ptr(),
-            hkv, g, dp, index.bits, codes_p.ctypes.data, ids_p.ctypes.data, start_p.ctypes.data,
-            count_p.ctypes.data, mask.shape[1], mask.data_ptr(), k_t.ctypes.data, n_t.ctypes.data, top.data_ptr(),
-            kmax, uni.data_ptr(), cnt.data_ptr(), rows.data_ptr(), k_ref_t.ctypes.data,
-            float(self.softmax_scale or 1.0), missed.data_ptr() if report_missed else 0)
+            qg.data_ptr(), qg.shape[2], centroids_p, nprobe_p, index.step.data_ptr(), hkv, g, dp, index.bits,
+            codes_p, ids_p, start_p, count_p, mask.shape[1], mask.data_ptr(), k_p, n_p, top.data_ptr(), kmax,
+            uni.data_ptr(), cnt.data_ptr(), rows.data_ptr(), k_ref_p, float(self.softmax_scale or 1.0),
+            missed.data_ptr() if report_missed else 0)
         return top, uni, cnt, rows, missed, mask
 
 
