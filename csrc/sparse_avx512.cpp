@@ -133,11 +133,12 @@ void Avx512V::dots4(const float* q, int64_t G, int64_t D, const typename Elem<DT
 
 // bf16 keys with AVX512_BF16: q is split once per item into up to three bf16 parts (q = q0 + q1 + q2 to 24
 // mantissa bits, i.e. float32), so q . k = sum_i dpbf16(q_i, k) keeps float32 accuracy (two parts keep
-// only ~16 bits: 5e-6 relative, measured) while consuming 32 key elements per instruction unwidened.
-// Measured on Emerald Rapids, whole kernel per selected row (L1-resident rows, G=4, D=128, one thread):
-// 1 part 43.7 ns, 3 parts 72 ns, widening + FMA (the plain AVX-512 path) 41.5 ns. So only a query whose
-// values are already bf16 (a bf16 model's q: one part is exact) takes dpbf16; any other goes to the
-// widening path (sparse_item_avx512_bf16).
+// only ~16 bits: 5e-6 relative, measured) while consuming 32 key elements per instruction unwidened. Only a query
+// whose values are already bf16 (a bf16 model's q: one part is exact) takes dpbf16, in the same 4 x 4 blocks as
+// the widening path (dots4_bf16); any other goes to the widening path (sparse_item_avx512_bf16). Per selected row
+// from L1 (G = 4, D = 128, one thread, Emerald Rapids): blocked dpbf16 27.5-29.9 ns, widening + FMA 26.8-27.0 ns
+// (dpbf16 issues at one per cycle: 16 of them cost what 32 FMAs on two ports do); row-at-a-time dpbf16, the form
+// before 2026-11-22's fifth session, 37-39 ns.
 inline uint16_t float_to_bf16_rne(float f) {
   uint32_t bits;
   __builtin_memcpy(&bits, &f, 4);
@@ -184,6 +185,28 @@ inline void dot_bf16_rows(const uint16_t* q, int64_t Dp, int64_t stride, const u
   for (int g = 0; g < NQ; ++g) out[g] = s[g];
 }
 
+// Four queries x four rows per block (G % 4 == 0, as Avx512V::dots4): each 32-element slice of a row is loaded once
+// and fed to one dpbf16 per query, the 16 accumulators reduced by one sum16 tree. Rows r >= nr point at the zero
+// row (attend_rows pads with it).
+inline void dots4_bf16(const uint16_t* qs, int64_t G, int64_t Dp, int64_t D, const uint16_t* const* krows,
+                       float* out) {
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    const uint16_t* qg = qs + g0 * Dp;
+    __m512 acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 32) {
+      const __mmask32 mask = D - d >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1ull << (D - d)) - 1);
+      __m512bh k[4], qv[4];
+      for (int r = 0; r < 4; ++r) k[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, krows[r] + d);
+      for (int g = 0; g < 4; ++g) qv[g] = (__m512bh)_mm512_loadu_si512(qg + g * Dp + d);
+      for (int g = 0; g < 4; ++g)
+        for (int r = 0; r < 4; ++r) acc[4 * g + r] = _mm512_dpbf16_ps(acc[4 * g + r], qv[g], k[r]);
+    }
+    const __m512 sums = sum16(acc);
+    for (int g = 0; g < 4; ++g) _mm_storeu_ps(out + (g0 + g) * kTileStride, _mm512_extractf32x4_ps(sums, g));
+  }
+}
+
 // Returns false (and does nothing) when q needs more than one bf16 part.
 bool bf16_item(const SparseArgs& a, int64_t b, int64_t h, int64_t j0, int64_t j1, float* out_g, float* lse_g,
                float* scratch) {
@@ -199,7 +222,10 @@ bool bf16_item(const SparseArgs& a, int64_t b, int64_t h, int64_t j0, int64_t j1
   };
   attend_rows<Avx512V, DType::BF16>(a, b, h, j0, n, s.rows, s, out_g, lse_g,
                                     [&](const uint16_t* const* krows, int nr, float* out) {
-                                      rows_to_tile(krows, nr, G, out, s.tmp, dot_row);
+                                      if (G % 4 != 0 || nr < 2)
+                                        rows_to_tile(krows, nr, G, out, s.tmp, dot_row);
+                                      else
+                                        dots4_bf16(qs, G, Dp, D, krows, out);
                                     });
   return true;
 }
