@@ -9,10 +9,10 @@ from setuptools import setup
 
 ext = Pybind11Extension(
     "hetero.cpu._sparse_cpp",
-    sources=["csrc/module.cpp", "csrc/cpu_features.cpp", "csrc/random_read.cpp", "csrc/sparse_scalar.cpp", "csrc/sparse_avx2.cpp",
-             "csrc/sparse_avx512.cpp", "csrc/ivf_search.cpp", "csrc/ivf_scan_scalar.cpp", "csrc/ivf_scan_avx2.cpp",
-             "csrc/ivf_scan_avx512.cpp", "csrc/ivf_scan_avx512_vnni.cpp", "csrc/merge.cpp",
-             "csrc/finite.cpp"],
+    sources=["csrc/module.cpp", "csrc/cpu_features.cpp", "csrc/random_read.cpp", "csrc/sparse_scalar.cpp",
+             "csrc/sparse_avx2.cpp", "csrc/sparse_avx512.cpp", "csrc/ivf_search.cpp", "csrc/ivf_encode.cpp",
+             "csrc/ivf_scan_scalar.cpp", "csrc/ivf_scan_avx2.cpp", "csrc/ivf_scan_avx512.cpp",
+             "csrc/ivf_scan_avx512_vnni.cpp", "csrc/merge.cpp", "csrc/finite.cpp"],
     include_dirs=["csrc"],
     cxx_std=17,
     extra_compile_args=["-O3", "-fno-math-errno"],

@@ -117,6 +117,14 @@ struct IvfSearchArgs {
   float* missed_lse;           // [items, G]
 };
 
+// Encode n keys of each of H items (keys [H, n, D] float32) into their arenas (codes[h] / ids[h]: item h's code and
+// id arenas) at rows first_row[h] .. + n - 1, with host positions first_id ..: code = clamp(rint((key - vmin) *
+// inv_step), 0, 2^bits - 1) per dimension (vmin, inv_step [H, D]; retrieval/ivf_group.py's _SeqIndex.encode, the
+// same float32 operations), 4-bit codes packed as score4 reads them, zero from D to Dp.
+void ivf_encode_rows(const float* keys, int64_t H, int64_t n, int64_t D, const float* vmin, const float* inv_step,
+                     int64_t bits, int64_t Dp, const uint64_t* codes, const uint64_t* ids, const int64_t* first_row,
+                     int32_t first_id);
+
 // The G queries of one item in code space (QueryCodes.quantize in retrieval/ivf_group.py, the same float32
 // operations, so the same bits): x = q * step, qscale = max |x| / 127 (1 for a zero query), qi = rint(x / qscale)
 // clamped to [-127, 127], zero from D to Dp.

@@ -268,6 +268,19 @@ PYBIND11_MODULE(_sparse_cpp, m) {
       },
       "Fuse two float32 partial attentions (out [rows, D], lse [rows]); buffers checked by hetero/merge.py");
   m.def(
+      "ivf_encode_rows",
+      [](uintptr_t keys, int64_t H, int64_t n, int64_t D, uintptr_t vmin, uintptr_t inv_step, int64_t bits, int64_t Dp,
+         uintptr_t codes, uintptr_t ids, uintptr_t first_row, int64_t first_id) {
+        if (H < 0 || n < 0 || D < 1 || Dp < D || (bits != 4 && bits != 8) || Dp % (bits == 4 ? 32 : 16) != 0)
+          throw std::invalid_argument("ivf_encode_rows: need bits 4 or 8, 1 <= D <= Dp, Dp a multiple of 16 (32)");
+        hetero::ivf_encode_rows(reinterpret_cast<const float*>(keys), H, n, D, reinterpret_cast<const float*>(vmin),
+                                reinterpret_cast<const float*>(inv_step), bits, Dp,
+                                reinterpret_cast<const uint64_t*>(codes), reinterpret_cast<const uint64_t*>(ids),
+                                reinterpret_cast<const int64_t*>(first_row), static_cast<int32_t>(first_id));
+      },
+      "Encode keys into ivf-group code arenas at given rows (the decode step's tail append); buffers checked by "
+      "retrieval/ivf_group.py");
+  m.def(
       "ivf_quantize_queries",
       [](uintptr_t q, uintptr_t step, int64_t G, int64_t D, int64_t Dp, uintptr_t qi, uintptr_t qscale) {
         if (G < 0 || D < 1 || Dp < D) throw std::invalid_argument("ivf_quantize_queries: need G >= 0, 1 <= D <= Dp");

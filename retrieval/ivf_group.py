@@ -73,6 +73,7 @@ class _SeqIndex:
         self.vmin = keys.amin(dim=1)                                 # [Hkv, D]
         self.step = ((keys.amax(dim=1) - self.vmin) / self.levels).clamp_min(1e-12).contiguous()
         self._vmin_np, self._inv_step_np = self.vmin.numpy(), (1.0 / self.step).numpy()
+        self._range_addrs = (self._vmin_np.ctypes.data, self._inv_step_np.ctypes.data)  # [Hkv, D] float32 each
         assign = self.assign(keys)                                   # [Hkv, n]
         counts = torch.stack([torch.bincount(a, minlength=nlist) for a in assign]).numpy()  # [Hkv, L]
         # List segments, numpy int64 [Hkv, L + 1] (a decode step touches single entries: cheap in numpy). The
@@ -145,10 +146,20 @@ class _SeqIndex:
                 self._insert(keys, np.arange(first_id, first_id + n, dtype=np.int32))
                 return
             t = 0
-        rows = self.start[:, self.nlist, None] + t + np.arange(n)   # [Hkv, n]: each head's own tail segment
-        heads = np.arange(hkv)[:, None]
-        self.codes[heads, rows] = self.encode(keys)
-        self.ids[heads, rows] = np.arange(first_id, first_id + n, dtype=np.int32)
+        from hetero.cpu.cpp_sparse import load  # lazily: hetero.cpu imports hetero, which imports this package
+
+        ext = load()
+        if ext is not None and keys.dtype == torch.float32 and keys.is_contiguous():
+            # one call instead of ~15 numpy operations (each 10-50 us on a decode step's cold caches)
+            first_rows = self.start[:, self.nlist] + t                  # [Hkv] int64: each head's own tail segment
+            codes_p, ids_p = self.pointers()[:2]
+            ext.ivf_encode_rows(keys.data_ptr(), hkv, n, keys.shape[2], *self._range_addrs, self.bits, self.dp,
+                                codes_p, ids_p, first_rows.ctypes.data, first_id)
+        else:
+            rows = self.start[:, self.nlist, None] + t + np.arange(n)   # [Hkv, n]
+            heads = np.arange(hkv)[:, None]
+            self.codes[heads, rows] = self.encode(keys)
+            self.ids[heads, rows] = np.arange(first_id, first_id + n, dtype=np.int32)
         self.tail_keys[:, t:t + n] = keys
         self.count[:, self.nlist] += n
         if self.tail == TAIL_TOKENS:

@@ -417,3 +417,28 @@ def test_code_bits_option_is_validated(bad):
     with pytest.raises(ConfigError, match="code_bits.*4 or 8"):
         LayerCache(HeteroConfig(retriever="ivf-group", retriever_options={"code_bits": bad})).append(
             torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8))
+
+
+@needs_ext
+@pytest.mark.parametrize("bits", [8, 4])
+def test_decode_adds_encode_like_the_numpy_path(bits, monkeypatch):
+    """A decode step's tail append encodes in one C++ call: the same codes and ids, byte for byte, as the numpy
+    encoding, keys beyond the trained range (clamped) included."""
+    import hetero.cpu.cpp_sparse as cpp
+
+    layers = [_layer(700, d=40, g=2, code_bits=bits, seed=3) for _ in range(2)]
+    gen = torch.Generator().manual_seed(9)
+    new = torch.randn(1, 2, 150, 40, generator=gen) * torch.linspace(0.5, 3.0, 40)   # some dims out of range
+    for i, (layer, keys, vals, q) in enumerate(layers):
+        layer.append(keys, vals)
+        with monkeypatch.context() as m:
+            if i == 1:
+                m.setattr(cpp, "load", lambda: None)                  # the numpy path
+            for t in range(new.shape[2]):
+                layer.append(new[:, :, t], new[:, :, t])
+        layer.wait_indexed()
+    a, b = (layer.retriever._seqs[0] for layer, *_ in layers)
+    assert a.codes.shape == b.codes.shape and a.tail == b.tail
+    np.testing.assert_array_equal(a.codes, b.codes)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.count, b.count)

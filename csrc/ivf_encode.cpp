@@ -1,0 +1,37 @@
+// Encoding keys into an item's code arena (ivf_scan.h): the decode step's tail append in one call.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "ivf_scan.h"
+
+namespace hetero {
+
+void ivf_encode_rows(const float* keys, int64_t H, int64_t n, int64_t D, const float* vmin, const float* inv_step,
+                     int64_t bits, int64_t Dp, const uint64_t* codes, const uint64_t* ids, const int64_t* first_row,
+                     int32_t first_id) {
+  const float levels = bits == 4 ? 15.0f : 255.0f;
+  const int64_t row_bytes = bits == 4 ? Dp / 2 : Dp;
+  std::vector<uint8_t> code(Dp);
+  for (int64_t h = 0; h < H; ++h) {
+    uint8_t* arena = reinterpret_cast<uint8_t*>(codes[h]);
+    int32_t* id = reinterpret_cast<int32_t*>(ids[h]);
+    for (int64_t j = 0; j < n; ++j) {
+      const float* k = keys + (h * n + j) * D;
+      for (int64_t d = 0; d < D; ++d) {
+        const float x = std::nearbyint((k[d] - vmin[h * D + d]) * inv_step[h * D + d]);  // half to even, as np.rint
+        code[d] = static_cast<uint8_t>(std::min(levels, std::max(0.0f, x)));
+      }
+      std::fill(code.begin() + D, code.end(), uint8_t{0});
+      uint8_t* row = arena + (first_row[h] + j) * row_bytes;
+      if (bits == 4) {
+        for (int64_t b = 0; b < Dp / 2; ++b) row[b] = static_cast<uint8_t>(code[b] | (code[Dp / 2 + b] << 4));
+      } else {
+        std::copy(code.begin(), code.end(), row);
+      }
+      id[first_row[h] + j] = first_id + static_cast<int32_t>(j);
+    }
+  }
+}
+
+}  // namespace hetero
