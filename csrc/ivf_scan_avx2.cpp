@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "ivf_scan.h"
+#include "query_blocks.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC target("avx2,fma")
@@ -42,15 +43,9 @@ void score_rows(int64_t n, int64_t Dp, const int8_t* qi, const float* qscale, in
   for (int64_t j = 0; j < G * Dp; ++j) q16[j] = qi[j];
   for (int64_t i = 0; i < n; ++i) {
     const uint8_t* row = row_at(i);
-    int64_t g = 0;
-    for (; g + 4 <= G; g += 4)
-      row_scores<4>(row, Dp, q16.data() + g * Dp, qscale + g, out + g * out_stride + i, out_stride);
-    switch (G - g) {
-      case 3: row_scores<3>(row, Dp, q16.data() + g * Dp, qscale + g, out + g * out_stride + i, out_stride); break;
-      case 2: row_scores<2>(row, Dp, q16.data() + g * Dp, qscale + g, out + g * out_stride + i, out_stride); break;
-      case 1: row_scores<1>(row, Dp, q16.data() + g * Dp, qscale + g, out + g * out_stride + i, out_stride); break;
-      default: break;
-    }
+    for_query_blocks(G, [&](auto nq, int64_t g) {
+      row_scores<decltype(nq)::size>(row, Dp, q16.data() + g * Dp, qscale + g, out + g * out_stride + i, out_stride);
+    });
   }
 }
 
