@@ -1,7 +1,7 @@
-// Grouped IVF search over 8-bit key codes: shared declarations.
+// Grouped IVF search over 8-bit or 4-bit key codes: shared declarations.
 //
-// One work item is (sequence, KV head): its index keeps every host key as a row of Dp uint8 codes
-// (Dp = head_dim rounded up to 16, zero padded) in per-list segments of a code arena, with the key's host
+// One work item is (sequence, KV head): its index keeps every host key as a row of Dp uint8 codes, or Dp / 2
+// bytes of packed 4-bit codes (Dp = head_dim rounded up to 16, or 32, zero padded) in per-list segments of a code arena, with the key's host
 // position in a parallel id arena. The G queries of the KV head's GQA group are pre-scaled and quantized first
 // (quantize_queries): q[g, d] * step[d] ~= qscale[g] * qi[g, d] with qi int8 in [-127, 127], so q . key ~= bias[g] + qscale[g] *
 // (qi[g] . codes) (the bias does not change a query's ranking and is not needed). The integer dot product is

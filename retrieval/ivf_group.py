@@ -52,6 +52,13 @@ TAIL_TOKENS = 64  # recent keys kept unassigned in the always-scanned tail list
 _warned = False
 
 
+def code_layout(head_dim: int, bits: int) -> Tuple[int, int]:
+    """``(Dp, row_bytes)``: head_dim padded for the kernels (to 16, or 32 for 4 bits) and the arena bytes per key."""
+    align = 32 if bits == 4 else 16
+    dp = -(-head_dim // align) * align
+    return dp, dp * bits // 8
+
+
 class _SeqIndex:
     """One sequence's index, all KV heads: centroids (``centroids_t [Hkv, D, L]``), code ranges, list segments."""
 
@@ -60,8 +67,7 @@ class _SeqIndex:
 
         hkv, n, d = keys.shape
         self.bits, self.levels = bits, (1 << bits) - 1
-        self.dp = -(-d // (32 if bits == 4 else 16)) * (32 if bits == 4 else 16)
-        self.row_bytes = self.dp * bits // 8                         # bytes of one key's codes in the arena
+        self.dp, self.row_bytes = code_layout(d, bits)               # row_bytes: one key's codes in the arena
         self.centroids_t = np.empty((hkv, d, nlist), dtype=np.float32)  # transposed: q @ centroids_t scores lists
         self.quantizers = []
         for h in range(hkv):
@@ -112,7 +118,7 @@ class _SeqIndex:
 
     def encode(self, keys: torch.Tensor) -> np.ndarray:
         """``keys [Hkv, n, D]`` float32 -> codes ``[Hkv, n, row_bytes]`` uint8 (packed when 4-bit)."""
-        if keys.shape[1] <= TAIL_TOKENS:  # a decode step: numpy's small-array ops cost a few us, torch's ~10
+        if keys.shape[1] <= TAIL_TOKENS:  # a tail flush: numpy's small-array ops cost a few us, torch's ~10
             x = np.rint((keys.numpy() - self._vmin_np[:, None]) * self._inv_step_np[:, None])
             codes = np.zeros((*x.shape[:2], self.dp), dtype=np.uint8)
             codes[:, :, : x.shape[2]] = np.clip(x, 0, self.levels)
@@ -307,9 +313,7 @@ class IVFGroupRetriever(Retriever):
         return sum(s.nbytes() for s in self._seqs if s is not None)
 
     def bytes_per_token(self) -> int:
-        if self.code_bits == 4:
-            return -(-self.host.head_dim // 32) * 16 + 4
-        return -(-self.host.head_dim // 16) * 16 + 4
+        return code_layout(self.host.head_dim, self.code_bits)[1] + 4  # codes + the int32 host position
 
     # ---- search -------------------------------------------------------------------------------------
     def nprobe(self, ks: List[int], nlist: int, n: int) -> List[int]:
@@ -418,7 +422,7 @@ class QueryCodes:
 
     qi: ``[Hkv, G, Dp]`` int8 in [-127, 127] (symmetric, per query: ``qscale = max |qs| / 127``), zero padded
     from D to Dp. qscale: ``[Hkv, G]`` float32. The ranking error this adds is a fraction of the codes' own
-    (the keys are 8-bit too; measured on real attention in docs/performance.md).
+    (measured against 8-bit key codes on real attention, docs/performance.md; 4-bit codes are coarser still).
     """
 
     def __init__(self, qi: torch.Tensor, qscale: torch.Tensor):
