@@ -89,6 +89,21 @@ def test_merge_rejects_bad_parts():
         merge([a, PartialAttention.empty(1, 3, 4)])
 
 
+def _edge_case_parts(parts: int, rows: int, seed: int):
+    """out ``[P, 2, rows, 8]``, lse ``[P, 2, rows]`` (P >= 2, rows >= 5) with the merge's edge cases mixed into one
+    batch: all parts empty, an empty part holding garbage, one +inf part, two +inf parts, extreme logits."""
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.randn(parts, 2, rows, 8, generator=gen)
+    lse = torch.randn(parts, 2, rows, generator=gen) * 30
+    lse[:, 0, 0] = float("-inf")                        # all parts empty
+    lse[1, 0, 1] = float("-inf")
+    out[1, 0, 1] = float("nan")                         # empty part with garbage
+    lse[parts - 1, 1, 2] = float("inf")                 # one +inf part
+    lse[:2, 1, 3] = float("inf")                        # two +inf parts share the weight
+    lse[:, 1, 4] = torch.tensor([1e30, -1e30, 0.0])[:parts]  # extreme
+    return out, lse
+
+
 def test_torch_and_numpy_arithmetic_agree_on_edge_cases():
     """CPU merges run in numpy, other devices in torch: the same function over both must agree, with
     empty parts, garbage outs, +inf and extreme logits mixed in one batch."""
@@ -96,15 +111,7 @@ def test_torch_and_numpy_arithmetic_agree_on_edge_cases():
 
     from hetero.merge import _merge_arrays
 
-    gen = torch.Generator().manual_seed(5)
-    out = torch.randn(3, 2, 6, 8, generator=gen)
-    lse = torch.randn(3, 2, 6, generator=gen) * 30
-    lse[:, 0, 0] = float("-inf")                        # all parts empty
-    lse[1, 0, 1] = float("-inf")
-    out[1, 0, 1] = float("nan")                         # empty part with garbage
-    lse[2, 1, 2] = float("inf")                         # one +inf part
-    lse[0, 1, 3] = lse[1, 1, 3] = float("inf")          # two +inf parts share the weight
-    lse[:, 1, 4] = torch.tensor([1e30, -1e30, 0.0])     # extreme
+    out, lse = _edge_case_parts(3, 6, seed=5)
     t_out, t_lse = _merge_arrays(torch, out, lse)
     with np.errstate(all="ignore"):
         n_out, n_lse = _merge_arrays(np, out.numpy(), lse.numpy())
@@ -123,16 +130,8 @@ def test_native_two_part_merge_matches_the_numpy_arithmetic():
 
     if load() is None:
         pytest.skip("C++ extension not built")
-    gen = torch.Generator().manual_seed(6)
-    out = torch.randn(2, 2, 7, 8, generator=gen)
-    lse = torch.randn(2, 2, 7, generator=gen) * 30
-    lse[:, 0, 0] = float("-inf")                        # both parts empty
-    lse[1, 0, 1] = float("-inf")
-    out[1, 0, 1] = float("nan")                         # empty part with garbage
-    lse[0, 1, 2] = float("inf")                         # one +inf part
-    lse[:, 1, 3] = float("inf")                         # two +inf parts share the weight
-    lse[:, 1, 4] = torch.tensor([1e30, -1e30])          # extreme
-    lse[:, 1, 5] = torch.tensor([-1e30, float("-inf")])
+    out, lse = _edge_case_parts(2, 7, seed=6)
+    lse[:, 1, 5] = torch.tensor([-1e30, float("-inf")])  # one part empty, the other extreme
     a, b = PartialAttention(out[0], lse[0]), PartialAttention(out[1], lse[1])
     got = _merge2_native(a, b)
     assert got is not None
