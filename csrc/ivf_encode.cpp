@@ -9,7 +9,8 @@ namespace hetero {
 
 void ivf_encode_rows(const float* keys, int64_t H, int64_t n, int64_t D, const float* vmin, const float* inv_step,
                      int64_t bits, int64_t Dp, const uint64_t* codes, const uint64_t* ids, const int64_t* first_row,
-                     int32_t first_id) {
+                     int32_t first_id, const float* values, const uint64_t* tail_ksum, const uint64_t* tail_vsum,
+                     const uint64_t* tail_vmean, int64_t tail_count) {
   const float levels = bits == 4 ? 15.0f : 255.0f;
   const int64_t row_bytes = bits == 4 ? Dp / 2 : Dp;
   std::vector<uint8_t> code(Dp);
@@ -31,6 +32,16 @@ void ivf_encode_rows(const float* keys, int64_t H, int64_t n, int64_t D, const f
       }
       id[first_row[h] + j] = first_id + static_cast<int32_t>(j);
     }
+    if (!values) continue;
+    float* ksum = reinterpret_cast<float*>(tail_ksum[h]);
+    float* vsum = reinterpret_cast<float*>(tail_vsum[h]);
+    float* vmean = reinterpret_cast<float*>(tail_vmean[h]);
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t d = 0; d < D; ++d) {
+        ksum[d] += keys[(h * n + j) * D + d];
+        vsum[d] += values[(h * n + j) * D + d];
+      }
+    for (int64_t d = 0; d < D; ++d) vmean[d] = vsum[d] / static_cast<float>(tail_count);
   }
 }
 

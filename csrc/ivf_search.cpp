@@ -65,7 +65,7 @@ float missed_lse_estimate(const float* s, int64_t n, int64_t k_ref, float scale,
 }
 
 // probe[0 .. L] for one item: each query's nprobe best lists by q . centroid (ties to the lower list), and the
-// tail list L when the item has a budget.
+// tail list L when the item has a budget. The centroid scores stay in w.cscores (the estimate reuses them).
 void probe_lists(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, IvfScratch& w) {
   const int64_t G = a.G, L = a.nlist - 1, p = std::min(a.nprobe[item], L);
   uint8_t* probe = a.probe + item * a.nlist;
@@ -75,18 +75,63 @@ void probe_lists(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, IvfSc
     return;
   }
   probe[L] = 1;
+  if (p < L || a.est_out) {
+    if (static_cast<int64_t>(w.cscores.size()) < G * L) w.cscores.resize(G * L);
+    kernels.centroids(a.q + item * G * a.D, G, a.D, reinterpret_cast<const float*>(a.centroids[item]), L,
+                      w.cscores.data());
+  }
   if (p == L) {
     std::fill(probe, probe + L, uint8_t{1});
     return;
   }
-  if (static_cast<int64_t>(w.cscores.size()) < G * L) w.cscores.resize(G * L);
-  kernels.centroids(a.q + item * G * a.D, G, a.D, reinterpret_cast<const float*>(a.centroids[item]), L,
-                    w.cscores.data());
   w.lists.resize(p);
   for (int64_t g = 0; g < G; ++g) {
     top_positions(w.cscores.data() + g * L, L, p, kernels.select, w, w.lists.data());
     for (int64_t j = 0; j < p; ++j) probe[w.lists[j]] = 1;
   }
+}
+
+// The estimate of one item (IvfSearchArgs::est_out): logits of every list with unattended members, then attention
+// over the lists' mean values. attended: [Ge or 1, nlist] rows attended per list (one row shared by the group
+// unless per_query_counts).
+void estimate_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, IvfScratch& s) {
+  const int64_t Ge = a.Ge, L = a.nlist - 1, D = a.D;
+  const int64_t* count = reinterpret_cast<const int64_t*>(a.list_count[item]);
+  const float* mean_norm = reinterpret_cast<const float*>(a.mean_norm[item]);
+  const float* tail_ksum = reinterpret_cast<const float*>(a.tail_ksum[item]);
+  const float* qe = a.qe + item * Ge * D;
+  const float* cs = s.cscores.data();
+  if (a.qe != a.q) {  // other queries than the search's (the sum rule searches with their sum)
+    if (static_cast<int64_t>(s.escores.size()) < Ge * L) s.escores.resize(Ge * L);
+    kernels.centroids(qe, Ge, D, reinterpret_cast<const float*>(a.centroids[item]), L, s.escores.data());
+    cs = s.escores.data();
+  }
+  int64_t most = 0;
+  for (int64_t l = 0; l <= L; ++l) most = std::max(most, count[l]);
+  if (static_cast<int64_t>(s.log_n.size()) <= most) {
+    const int64_t old = static_cast<int64_t>(s.log_n.size());
+    s.log_n.resize(most + 1);
+    for (int64_t i = old; i <= most; ++i) s.log_n[i] = std::log(static_cast<float>(i));
+  }
+  const float neg_inf = -__builtin_inff();
+  s.logits.resize(Ge * a.nlist);
+  s.rows.resize(a.nlist);
+  for (int64_t g = 0; g < Ge; ++g) {
+    const int32_t* att = s.attended.data() + (a.per_query_counts ? g * a.nlist : 0);
+    float* x = s.logits.data() + g * a.nlist;
+    const float* cg = cs + g * L;
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t rest = count[l] - att[l];
+      x[l] = rest > 0 ? a.scale * cg[l] * mean_norm[l] + s.log_n[rest] : neg_inf;
+    }
+    const int64_t rest = count[L] - att[L];
+    float dot = 0.0f;
+    if (rest > 0)
+      for (int64_t d = 0; d < D; ++d) dot += qe[g * D + d] * tail_ksum[d];
+    x[L] = rest > 0 ? a.scale * dot / static_cast<float>(count[L]) + s.log_n[rest] : neg_inf;
+  }
+  kernels.estimate(s.logits.data(), Ge, a.nlist, a.nlist, reinterpret_cast<const float*>(a.vmean[item]), D,
+                   s.rows.data(), a.est_out + item * Ge * D, a.est_lse + item * Ge);
 }
 
 }  // namespace
@@ -131,9 +176,18 @@ void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, I
   a.scanned[item] = n;
   const int64_t k = std::min(a.k[item], n);
   if (a.missed_lse) std::fill(a.missed_lse + item * G, a.missed_lse + (item + 1) * G, -__builtin_inff());
+  if (a.est_out) {  // empty until estimated (a k = 0 item has no host part at all)
+    std::fill(a.est_out + item * a.Ge * a.D, a.est_out + (item + 1) * a.Ge * a.D, 0.0f);
+    std::fill(a.est_lse + item * a.Ge, a.est_lse + (item + 1) * a.Ge, -__builtin_inff());
+  }
   if (k <= 0) {
     a.union_count[item] = 0;
     return;
+  }
+  const bool est = a.est_out != nullptr;
+  if (est) {
+    if (static_cast<int64_t>(s.pos_list.size()) < n) s.pos_list.resize(n);
+    s.attended.assign((a.per_query_counts ? a.Ge : 1) * a.nlist, 0);
   }
   if (static_cast<int64_t>(s.scores.size()) < G * n) s.scores.resize(G * n);
   if (static_cast<int64_t>(s.ids.size()) < n) s.ids.resize(n);
@@ -149,6 +203,7 @@ void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, I
     }
     score(codes + start[l] * row_bytes, count[l], Dp, s.qi.data(), s.qscale.data(), G, s.scores.data() + pos, n);
     std::memcpy(s.ids.data() + pos, ids + start[l], count[l] * sizeof(int32_t));
+    if (est) std::fill(s.pos_list.data() + pos, s.pos_list.data() + pos + count[l], static_cast<int32_t>(l));
     pos += count[l];
   }
 
@@ -163,7 +218,14 @@ void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, I
     for (int64_t j = 0; j < k; ++j) {
       const int32_t id = s.ids[best[j]];
       if (top) top[g * a.kmax + j] = id;
-      s.bitmap[id >> 6] |= uint64_t{1} << (id & 63);
+      const uint64_t bit = uint64_t{1} << (id & 63);
+      if (est) {  // count the attended rows per list: each query's own, or the union's once
+        if (a.per_query_counts)
+          ++s.attended[g * a.nlist + s.pos_list[best[j]]];
+        else if (!(s.bitmap[id >> 6] & bit))
+          ++s.attended[s.pos_list[best[j]]];
+      }
+      s.bitmap[id >> 6] |= bit;
     }
   }
   int64_t m = 0;
@@ -177,6 +239,7 @@ void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, I
     }
   }
   a.union_count[item] = m;
+  if (est) estimate_item(a, item, kernels, s);
 }
 
 }  // namespace hetero

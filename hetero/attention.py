@@ -21,7 +21,7 @@ from .cache import LayerCache
 from .config import HeteroConfig
 from .errors import HeteroError, ShapeError
 from .merge import merge
-from .ops import check_query, check_selection
+from .ops import check_query, check_selection, with_estimate
 from .reference import default_scale
 from .timing import PhaseRecorder, Span
 from .types import PartialAttention, Selection
@@ -149,9 +149,10 @@ class HeteroAttention:
             layer.wait_indexed()
         with rec.span("retrieve"):
             selection = layer.retriever.search(q_host, self.budgets(layer, q_host.shape[1] // layer.kv_heads))
-        check_selection(selection, q_host.shape[0], q_host.shape[1], layer.kv_heads, layer.host.length)
+        check_selection(selection, q_host.shape[0], q_host.shape[1], layer.kv_heads, layer.host.length,
+                        layer.head_dim)
         with rec.span("host_attn"):
-            hpart = plan.host(q_host, layer.host.view(), selection, scale)
+            hpart = with_estimate(plan.host(q_host, layer.host.view(), selection, scale), selection)
         return hpart, selection, (time.perf_counter() - t0) * 1e3
 
     def run(self, q: torch.Tensor, layer: LayerCache, return_details: bool = False):

@@ -53,7 +53,8 @@ class HeteroConfig:
         of a group ranks ``ceil(k / G)`` keys, so the group's union stays within k rows (a budget covering the
         whole host tier selects all of it).
     retriever: name in the retriever registry (``hetero.retrieval.available_retrievers()``): ``"ivf-group"``
-        (default: IVF over 8-bit codes, lists read once per GQA group by hetero's C++ kernel), ``"ivf-sq8"``,
+        (default: IVF over 4-bit codes, lists read once per GQA group by hetero's C++ kernel, the unselected
+        tokens estimated from their lists' means), ``"ivf-sq8"``,
         ``"ivf"``, ``"ivf-pq"``, ``"hnsw"`` (faiss), ``"lsh"``, ``"exact"`` (brute-force top-k), ``"all"`` (every host
         token: exact attention).
     retriever_options: keyword options passed to the retriever's constructor.

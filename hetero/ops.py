@@ -10,6 +10,7 @@ import torch
 
 from .backends import select_backend
 from .errors import DTypeError, InvalidValueError, ShapeError
+from .merge import merge
 from .reference import default_scale
 from .types import HostView, PartialAttention, Selection
 from .validation import check_finite, check_float, check_lengths, check_tensor
@@ -33,8 +34,10 @@ def check_query(q, kv_heads: int, head_dim: int, batch: int, name: str = "q") ->
     return q
 
 
-def check_selection(selection: Selection, batch: int, q_heads: int, kv_heads: int, host_lengths) -> None:
-    """Indices ``[B, Hkv, k]`` int32/int64 in ``[-1, host_length[b])``; log_weight ``[B, Hq, k]`` float."""
+def check_selection(selection: Selection, batch: int, q_heads: int, kv_heads: int, host_lengths,
+                    head_dim: Optional[int] = None) -> None:
+    """Indices ``[B, Hkv, k]`` int32/int64 in ``[-1, host_length[b])``; log_weight ``[B, Hq, k]`` float; estimate
+    a float32 ``PartialAttention`` ``[B, Hq, D]`` (D = ``head_dim`` when given)."""
     if not isinstance(selection, Selection):
         raise ShapeError(f"selection must be a hetero.Selection, got {type(selection).__name__}")
     idx = check_tensor(selection.indices, "selection.indices", 3, "[B, Hkv, k]")
@@ -61,6 +64,16 @@ def check_selection(selection: Selection, batch: int, q_heads: int, kv_heads: in
         check_float(lw, "selection.log_weight")
         if bool(torch.isnan(lw).any()) or bool(torch.isposinf(lw).any()):
             raise InvalidValueError("selection.log_weight must not hold NaN or +inf (-inf drops a key)")
+    est = selection.estimate
+    if est is not None:
+        if not isinstance(est, PartialAttention):
+            raise ShapeError(f"selection.estimate must be a hetero.PartialAttention, got {type(est).__name__}")
+        want = (batch, q_heads, est.out.shape[-1] if head_dim is None else head_dim)
+        if est.out.dim() != 3 or tuple(est.out.shape) != want or tuple(est.lse.shape) != want[:2]:
+            raise ShapeError(f"selection.estimate must have out [B={batch}, Hq={q_heads}, D={want[2]}] and lse "
+                             f"[B, Hq], got out {tuple(est.out.shape)}, lse {tuple(est.lse.shape)}")
+        if est.out.dtype != torch.float32 or est.lse.dtype != torch.float32:
+            raise DTypeError(f"selection.estimate must be float32, got {est.out.dtype} / {est.lse.dtype}")
 
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Optional[torch.Tensor] = None,
@@ -86,13 +99,20 @@ def sparse_attention(q: torch.Tensor, host: HostView, selection: Selection, scal
     """Attention over host-tier rows chosen by ``selection`` (the host part).
 
     q: ``[B, Hq, D]`` float (host memory); host: ``HostView`` (``k_pool``/``v_pool`` ``[Hkv, R, D]``);
-    selection: indices ``[B, Hkv, k]`` (-1 skipped), optional log_weight ``[B, Hq, k]``.
-    Returns PartialAttention on the host.
+    selection: indices ``[B, Hkv, k]`` (-1 skipped), optional log_weight ``[B, Hq, k]``, optional estimate of the
+    unselected rows (merged into the result). Returns PartialAttention on the host.
     """
     hkv, d = host.k_pool.shape[0], host.k_pool.shape[2]
     check_query(q, hkv, d, host.block_table.shape[0])
-    check_selection(selection, q.shape[0], q.shape[1], hkv, host.lengths.tolist())
+    check_selection(selection, q.shape[0], q.shape[1], hkv, host.lengths.tolist(), d)
     impl = select_backend("host", backend, lambda be: be.not_supported_reasons(q, host), device=q.device)
     if threads is not None:
         impl.set_threads(threads)
-    return impl(q, host, selection, default_scale(d) if scale is None else scale)
+    return with_estimate(impl(q, host, selection, default_scale(d) if scale is None else scale), selection)
+
+
+def with_estimate(part: PartialAttention, selection: Selection) -> PartialAttention:
+    """The host part: exact attention over the selected rows, merged with the selection's estimate of the rest."""
+    if selection.estimate is None:
+        return part
+    return merge([part, selection.estimate])

@@ -239,15 +239,20 @@ class HostTier:
             pos = run_end
         return runs
 
-    def keys(self, seq: int) -> torch.Tensor:
-        """``[Hkv, N, D]`` keys of ``seq`` in order (a view when its blocks are consecutive)."""
-        return self._gather_seq(self.k_pool, seq)
+    def keys(self, seq: int, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """``[Hkv, n, D]`` keys of ``seq`` at host positions ``[start, stop)`` (default: all), in order (a view when
+        their blocks are consecutive)."""
+        return self._gather_seq(self.k_pool, seq, start, stop)
 
-    def values(self, seq: int) -> torch.Tensor:
-        return self._gather_seq(self.v_pool, seq)
+    def values(self, seq: int, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        """``[Hkv, n, D]`` values of ``seq`` at host positions ``[start, stop)``, as ``keys``."""
+        return self._gather_seq(self.v_pool, seq, start, stop)
 
-    def _gather_seq(self, pool: torch.Tensor, seq: int) -> torch.Tensor:
-        runs = self._rows(seq, 0, self.length[seq])
+    def _gather_seq(self, pool: torch.Tensor, seq: int, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+        stop = self.length[seq] if stop is None else stop
+        if not 0 <= start <= stop <= self.length[seq]:
+            raise IndexError(f"host positions [{start}, {stop}) of sequence {seq} are outside [0, {self.length[seq]})")
+        runs = self._rows(seq, start, stop)
         if not runs:
             return pool[:, :0]
         if len(runs) == 1:

@@ -40,10 +40,14 @@ class Selection:
     indices: ``[B, Hkv, k]`` int32 positions into the host tier of sequence ``b`` (``-1`` = padding, skipped).
         Shared by the ``G = Hq // Hkv`` query heads of a KV head's group.
     log_weight: optional ``[B, Hq, k]`` float32 added to the logits (``-log w_j`` for importance sampling).
+    estimate: optional ``PartialAttention`` (``out [B, Hq, D]``, ``lse [B, Hq]`` float32) over the host tokens the
+        retriever did not select, estimated rather than read (``ivf-group``: from its lists' mean keys and values).
+        The host part is the exact attention over ``indices`` merged with it; ``(0, -inf)`` where nothing is left.
     """
 
     indices: torch.Tensor
     log_weight: Optional[torch.Tensor] = None
+    estimate: Optional[PartialAttention] = None
 
     @property
     def k(self) -> int:

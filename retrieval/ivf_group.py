@@ -27,22 +27,33 @@ each query head keeps its exact top-k over every row scanned for the group. Per 
   it was built on.
 * Group rules: ``union`` (of the per-head top-k sets), ``per-head`` (the same rows, each head attends only
   its own top-k), ``sum`` (one search with the group's summed query).
+* List statistics: each list keeps the sum of its members' keys and values; ``centroids_t`` holds each list's unit
+  mean direction (what probing ranks by; faiss's k-means centroids only assign new keys), and the mean key's norm
+  and the mean value sit beside it.
+* Estimate of the rest (``estimate=True``, the default): the host tokens a search does not select still carry
+  attention mass, and dropping them renormalizes the softmax over the selected ones. The search returns, with its
+  Selection, attention over the unselected tokens estimated per list: each list's ``n`` unselected members count
+  as ``n`` copies of its mean key and mean value (logit ``scale * q . mean_key + log n``), the lists' means fused
+  exactly like real rows (RetroInfer's estimation zone, at list granularity). It reads one mean value row per list
+  (the centroid scores it reuses from probing). On real attention (SmolLM2, all layers, 2 % budget) it cut the
+  output error ~3x; a Jensen correction from the lists' key variance made it worse there (docs/performance.md).
 
 Without the C++ extension the same search runs in PyTorch (``search_torch``: the reference, much slower),
 with a one-time warning.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 
 from hetero.errors import ConfigError, InvalidValueError
 from hetero.memory import zeros_host
-from hetero.types import Selection
+from hetero.types import PartialAttention, Selection
 from hetero.validation import check_finite
 
 from .base import Retriever, flat_k, pad_rows, selection_from_groups, topk_group
@@ -59,10 +70,26 @@ def code_layout(head_dim: int, bits: int) -> Tuple[int, int]:
     return dp, dp * bits // 8
 
 
-class _SeqIndex:
-    """One sequence's index, all KV heads: centroids (``centroids_t [Hkv, D, L]``), code ranges, list segments."""
+class _Addrs(NamedTuple):
+    """Addresses of uint64 ``[Hkv]`` arrays, one entry per head, that the C++ kernels take."""
 
-    def __init__(self, keys: torch.Tensor, nlist: int, seed: int, bits: int = 8):
+    codes: int       # code arena [cap, row_bytes] uint8
+    ids: int         # id arena [cap] int32
+    start: int       # list starts [L + 1] int64
+    count: int       # list sizes [L + 1] int64
+    centroids: int   # unit mean directions [D, L] float32
+    mean_norm: int   # |mean key| [L] float32
+    vmean: int       # mean values [L + 1, D] float32
+    tail_ksum: int   # the tail list's key sum [D] float32
+    tail_vsum: int   # the tail list's value sum [D] float32
+    tail_vmean: int  # the tail list's mean value [D] float32
+
+
+class _SeqIndex:
+    """One sequence's index, all KV heads: list directions (``centroids_t [Hkv, D, L]``), code ranges, list
+    segments, list statistics."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, nlist: int, seed: int, bits: int = 8):
         import faiss
 
         hkv, n, d = keys.shape
@@ -95,7 +122,14 @@ class _SeqIndex:
         self.codes = zeros_host((hkv, arena, self.row_bytes), torch.uint8).numpy()  # huge pages: lists are streamed
         self.ids = zeros_host((hkv, arena), torch.int32).numpy()
         self.tail_keys = torch.empty(hkv, TAIL_TOKENS, d)           # float keys of the tail, for assignment
-        self._insert(keys, np.arange(n, dtype=np.int32), assign)
+        self.tail_values = torch.empty(hkv, TAIL_TOKENS, d)
+        # Per (head, list), the tail list last: sums of the members' keys and values, the mean value, and the mean
+        # key's norm (its direction is centroids_t's column). Float32 [Hkv, L + 1, D] / [Hkv, L].
+        self.ksum = np.zeros((hkv, nlist + 1, d), dtype=np.float32)
+        self.vsum = np.zeros_like(self.ksum)
+        self.vmean = np.zeros_like(self.ksum)
+        self.mean_norm = np.zeros((hkv, nlist), dtype=np.float32)
+        self._insert(keys, values, np.arange(n, dtype=np.int32), assign)
 
     @property
     def nlist(self) -> int:
@@ -140,34 +174,42 @@ class _SeqIndex:
             return codes
         return np.concatenate([codes & 0x0F, codes >> 4], axis=-1)
 
-    def add(self, keys: torch.Tensor, first_id: int) -> None:
-        """Append ``keys [Hkv, n, D]`` float32 with host positions ``first_id ..`` (all heads at once). A decode
-        step's few keys go to the tail list (no centroid read: that is 4 MB per step at 1024 lists x 8 heads);
-        the tail is assigned to lists in one batch when it holds ``TAIL_TOKENS`` keys, or before a large add."""
+    def add(self, keys: torch.Tensor, values: torch.Tensor, first_id: int) -> None:
+        """Append ``keys, values [Hkv, n, D]`` float32 with host positions ``first_id ..`` (all heads at once). A
+        decode step's few keys go to the tail list (no centroid read: that is 4 MB per step at 1024 lists x 8
+        heads); the tail is assigned to lists in one batch when it holds ``TAIL_TOKENS`` keys, or before a large
+        add."""
         hkv, n, _ = keys.shape
         t = self.tail
         if n > TAIL_TOKENS - t:
             self.flush()
             if n > TAIL_TOKENS // 4:
-                self._insert(keys, np.arange(first_id, first_id + n, dtype=np.int32))
+                self._insert(keys, values, np.arange(first_id, first_id + n, dtype=np.int32))
                 return
             t = 0
         from hetero.cpu.cpp_sparse import load  # lazily: hetero.cpu imports hetero, which imports this package
 
         ext = load()
-        if ext is not None and keys.dtype == torch.float32 and keys.is_contiguous():
-            # one call instead of ~15 numpy operations (each 10-50 us on a decode step's cold caches)
-            first_rows = self.start[:, self.nlist] + t                  # [Hkv] int64: each head's own tail segment
-            codes_p, ids_p = self.pointers()[:2]
+        tail = self.nlist
+        if ext is not None and all(x.dtype == torch.float32 and x.is_contiguous() for x in (keys, values)):
+            # one call instead of ~20 numpy operations (each 10-50 us on a decode step's cold caches)
+            first_rows = self.start[:, tail] + t                         # [Hkv] int64: each head's own tail segment
+            a = self.pointers()
             ext.ivf_encode_rows(keys.data_ptr(), hkv, n, keys.shape[2], *self._range_addrs, self.bits, self.dp,
-                                codes_p, ids_p, first_rows.ctypes.data, first_id)
+                                a.codes, a.ids, first_rows.ctypes.data, first_id, values.data_ptr(), a.tail_ksum,
+                                a.tail_vsum, a.tail_vmean, t + n)
         else:
-            rows = self.start[:, self.nlist, None] + t + np.arange(n)   # [Hkv, n]
+            rows = self.start[:, tail, None] + t + np.arange(n)         # [Hkv, n]
             heads = np.arange(hkv)[:, None]
             self.codes[heads, rows] = self.encode(keys)
             self.ids[heads, rows] = np.arange(first_id, first_id + n, dtype=np.int32)
+            for j in range(n):  # one key at a time, in the kernel's order (the same float32 sums)
+                self.ksum[:, tail] += keys[:, j].numpy()
+                self.vsum[:, tail] += values[:, j].numpy()
+            self.vmean[:, tail] = self.vsum[:, tail] / np.float32(t + n)
         self.tail_keys[:, t:t + n] = keys
-        self.count[:, self.nlist] += n
+        self.tail_values[:, t:t + n] = values
+        self.count[:, tail] += n
         if self.tail == TAIL_TOKENS:
             self.flush()
 
@@ -179,10 +221,14 @@ class _SeqIndex:
         first = int(self.start[0, self.nlist])
         ids = self.ids[0, first:first + t].copy()  # the same positions in every head's tail
         self.count[:, self.nlist] = 0
-        self._insert(self.tail_keys[:, :t], ids)
+        for stat in (self.ksum, self.vsum, self.vmean):
+            stat[:, self.nlist] = 0.0
+        self._insert(self.tail_keys[:, :t], self.tail_values[:, :t], ids)
 
-    def _insert(self, keys: torch.Tensor, ids: np.ndarray, assign: Optional[torch.Tensor] = None) -> None:
-        """Write ``keys [Hkv, n, D]`` (host positions ``ids [n]``) into their lists."""
+    def _insert(self, keys: torch.Tensor, values: torch.Tensor, ids: np.ndarray,
+                assign: Optional[torch.Tensor] = None) -> None:
+        """Write ``keys [Hkv, n, D]`` (host positions ``ids [n]``, values ``[Hkv, n, D]``) into their lists and
+        their lists' statistics."""
         hkv, n, _ = keys.shape
         if assign is None:
             assign = self.assign(keys)
@@ -201,6 +247,26 @@ class _SeqIndex:
         self.codes[head, dest] = codes[order]
         self.ids[head, dest] = ids[order % n]
         count[pairs] += sizes
+        flat = torch.from_numpy(pair)
+        d = keys.shape[2]
+        torch.from_numpy(self.ksum).view(-1, d).index_add_(0, flat, keys.reshape(-1, d))
+        torch.from_numpy(self.vsum).view(-1, d).index_add_(0, flat, values.reshape(-1, d))
+        self._refresh(pairs)
+
+    def _refresh(self, pairs: np.ndarray) -> None:
+        """Recompute the mean value, the mean key's norm and unit direction of the (head, list) pairs ``pairs``
+        (flat ``head * (L + 1) + list``) from their sums; an empty list keeps its direction."""
+        lists = self.count.shape[1]
+        h, lst = pairs // lists, pairs % lists
+        cnt = self.count[h, lst].astype(np.float32)
+        inv = np.divide(np.float32(1.0), cnt, out=np.zeros_like(cnt), where=cnt > 0)
+        self.vmean[h, lst] = self.vsum[h, lst] * inv[:, None]
+        ks = self.ksum[h, lst]
+        norm = np.linalg.norm(ks, axis=1).astype(np.float32)
+        own = lst < self.nlist  # the tail list has no direction (every search scans it)
+        self.mean_norm[h[own], lst[own]] = norm[own] * inv[own]
+        live = own & (norm > 0)
+        self.centroids_t[h[live], :, lst[live]] = ks[live] / norm[live, None]
 
     def _relocate(self, h: int, lst: int, need: int) -> None:
         """Move list ``lst`` of head ``h`` to the arena's end with room for ``need`` rows (at least twice)."""
@@ -213,16 +279,30 @@ class _SeqIndex:
         self.start[h, lst], self.cap[h, lst] = new, cap
         self.used[h] += cap
 
-    def pointers(self) -> Tuple[int, ...]:
-        """Addresses of five uint64 ``[Hkv]`` arrays for the kernel: each head's base address of codes, ids, list
-        starts, list counts and centroids. Cached until the arena is reallocated (numpy's ``.ctypes.data`` builds
-        an object per access: ~10-20 us each on a decode step's cold caches)."""
+    def pointers(self) -> _Addrs:
+        """Addresses of the uint64 ``[Hkv]`` arrays the kernels take (``_Addrs``). Cached until the arena is
+        reallocated (numpy's ``.ctypes.data`` builds an object per access: ~10-20 us each on a decode step's cold
+        caches)."""
         if self._pointers is None:
-            per_head = lambda a: (a.ctypes.data + np.arange(a.shape[0], dtype=np.uint64)  # noqa: E731
-                                  * np.uint64(a.strides[0])).astype(np.uint64)
-            arrays = tuple(per_head(a) for a in (self.codes, self.ids, self.start, self.count, self.centroids_t))
-            self._pointers = (arrays, tuple(a.ctypes.data for a in arrays))  # the arrays keep the addresses valid
+            tail = self.nlist
+
+            def per_head(a, row=0):
+                base = a.ctypes.data + row * a.strides[1]
+                return (base + np.arange(a.shape[0], dtype=np.uint64) * np.uint64(a.strides[0])).astype(np.uint64)
+
+            arrays = (per_head(self.codes), per_head(self.ids), per_head(self.start), per_head(self.count),
+                      per_head(self.centroids_t), per_head(self.mean_norm), per_head(self.vmean),
+                      per_head(self.ksum, tail), per_head(self.vsum, tail), per_head(self.vmean, tail))
+            self._pointers = (arrays, _Addrs(*(a.ctypes.data for a in arrays)))  # the arrays keep them valid
         return self._pointers[1]
+
+    def list_of(self, h: int, n_tokens: int) -> np.ndarray:
+        """``[n_tokens]`` int64: the list (``L`` = the tail) holding each host position of head h, -1 if none."""
+        out = np.full(n_tokens, -1, dtype=np.int64)
+        for lst in range(self.nlist + 1):
+            s = int(self.start[h, lst])
+            out[self.ids[h, s:s + int(self.count[h, lst])]] = lst
+        return out
 
     def _grow(self, rows: int) -> None:
         rows = max(rows, self.codes.shape[1] * 3 // 2)
@@ -235,18 +315,23 @@ class _SeqIndex:
 
     def nbytes(self) -> int:
         return (self.codes.nbytes + self.ids.nbytes + 2 * self.centroids_t.nbytes + 3 * self.count.nbytes
-                + self.tail_keys.numel() * 4)  # centroids twice: ours and the faiss quantizers' copies
+                + 2 * self.tail_keys.numel() * 4  # centroids twice: ours and the faiss quantizers' copies
+                + self.ksum.nbytes + self.vsum.nbytes + self.vmean.nbytes + self.mean_norm.nbytes)
 
 
 class IVFGroupRetriever(Retriever):
-    """IVF over 8-bit (or 4-bit) codes, each probed list read once per GQA group (see the module docstring)."""
+    """IVF over 4-bit (or 8-bit) codes, each probed list read once per GQA group, and with ``estimate`` (default)
+    the unselected tokens estimated from their lists' means (see the module docstring)."""
 
     name = "ivf-group"
 
     def __init__(self, host, group_rule: str = "union", probe_factor: float = 1.0, min_train: int = 256,
                  retrain_factor: float = 4.0, nlist: Optional[int] = None, threads: int = 1, seed: int = 1234,
-                 code_bits: int = 4, **options: Any):
+                 code_bits: int = 4, estimate: bool = True, **options: Any):
         super().__init__(host, group_rule, **options)
+        if not isinstance(estimate, bool):
+            raise ConfigError(f"retriever option estimate={estimate!r} is not allowed: True or False")
+        self.estimate = estimate
         for name, val, low in (("probe_factor", probe_factor, 0.0), ("retrain_factor", retrain_factor, 1.0)):
             if not isinstance(val, (int, float)) or not val > low:
                 raise ConfigError(f"retriever option {name}={val!r} is not allowed: a number > {low}")
@@ -289,15 +374,17 @@ class IVFGroupRetriever(Retriever):
             if self.host.length[seq] < new_total:
                 raise InvalidValueError(f"retriever out of sync with the host tier: {self.host.length[seq]} "
                                         f"tokens stored, {new_total} to index")
-            x = self.host.keys(seq)[:, :new_total].float()
+            x = self.host.keys(seq, 0, new_total).float()
             check_finite(x, "the keys added to the ivf-group index")
-            self._seqs[seq] = _SeqIndex(x.contiguous(), min(self._nlist(new_total), new_total), self.seed,
-                                        self.code_bits)
+            v = self.host.values(seq, 0, new_total).float()  # the tier's values passed the cache's checks
+            self._seqs[seq] = _SeqIndex(x.contiguous(), v.contiguous(), min(self._nlist(new_total), new_total),
+                                        self.seed, self.code_bits)
             self._trained_on[seq] = new_total
         elif index is not None:
             x = keys.float().contiguous()
             check_finite(x, "the keys added to the ivf-group index")
-            index.add(x, self._ntotal[seq])
+            first = self._ntotal[seq]
+            index.add(x, self.host.values(seq, first, first + x.shape[1]).float().contiguous(), first)
 
     def cheap_add(self, seq: int, n: int) -> bool:
         index = self._seqs[seq]
@@ -341,6 +428,11 @@ class IVFGroupRetriever(Retriever):
         """``qg [Hkv, G, D]`` -> the queries in code space (``qs . codes = q . key - q . vmin``), quantized."""
         return QueryCodes.quantize(qg * index.step[:, None, :], index.dp)
 
+    @property
+    def scale(self) -> float:
+        """The softmax scale the estimate and the missed-mass report use (LayerCache sets the layer's)."""
+        return self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(self.host.head_dim)
+
     def _search(self, q: torch.Tensor, ks) -> Selection:
         hkv = self.host.kv_heads
         g = q.shape[1] // hkv
@@ -349,11 +441,15 @@ class IVFGroupRetriever(Retriever):
         report = (self.report_missed and self.softmax_scale is not None and self._runner is not None
                   and (self.group_rule != "sum" or g == 1))
         missed_lse = torch.full((q.shape[0], q.shape[1]), float("-inf")) if report else None
+        # the estimate of the unselected tokens, [B, Hq, D] / [B, Hq]; empty for a sequence with no search
+        est = PartialAttention.empty(q.shape[0], q.shape[1], q.shape[2]) if self.estimate else None
+        per_query = self.group_rule == "per-head" and g > 1
         for seq, per_head in enumerate(ks):
             n, index = self._ntotal[seq], self._seqs[seq]
             qg = q[seq].reshape(hkv, g, -1)
+            qe = None  # the queries estimated for, when they are not the searched ones
             if self.group_rule == "sum" and g > 1:
-                qg = qg.sum(dim=1, keepdim=True)
+                qe, qg = qg.contiguous(), qg.sum(dim=1, keepdim=True)
             if not any(per_head):
                 found = [(torch.empty(0, dtype=torch.int32), None)] * hkv
             elif index is None:  # not trained yet: exact scan of the few keys there are
@@ -363,13 +459,19 @@ class IVFGroupRetriever(Retriever):
                          for h, k in enumerate(per_head)]
                 scanned += sum(n * g for k in per_head if k)
             else:
+                est_seq = (est.out[seq], est.lse[seq]) if est is not None else None
                 if self._runner is not None:
-                    top, uni, cnt, rows, missed, _ = self._search_cpp(index, qg, per_head, n, flat_k(per_head), report)
+                    top, uni, cnt, rows, missed, _ = self._search_cpp(index, qg, per_head, n, flat_k(per_head), report,
+                                                                      qe, est_seq)
                     if report:  # the codes' scores omit q . vmin: add it back, scaled
                         missed_lse[seq] = (missed + self.softmax_scale * (qg * index.vmin[:, None]).sum(-1)).flatten()
                 else:
                     top, uni, cnt, rows = search_torch(index, self.prescale(index, qg),
                                                        self.probe_mask(index, qg, per_head, n), per_head, n)
+                    if est_seq is not None:
+                        out, lse = estimate_torch(index, qg if qe is None else qe, top, uni, cnt, per_query, self.scale)
+                        est_seq[0].copy_(out.reshape(-1, out.shape[-1]))
+                        est_seq[1].copy_(lse.flatten())
                 scanned += int(rows.numpy().sum()) * g  # numpy: a torch reduction costs ~50 us with cold caches
                 width = int(cnt.numpy().max())
                 if self.group_rule != "per-head" or g == 1:  # the union rows as they are: no loop over heads
@@ -382,18 +484,21 @@ class IVFGroupRetriever(Retriever):
         self.last_scanned = scanned
         self.last_missed_lse = missed_lse
         if all(m is not None for m in matrices):
-            return Selection(pad_rows(matrices, hkv))
+            return Selection(pad_rows(matrices, hkv), estimate=est)
         for b, m in enumerate(matrices):  # mixed batch (a sequence not trained yet, or per-head membership)
             if m is not None:
                 ids.insert(b, [row[row >= 0] for row in m])
                 members.insert(b, [None] * hkv)
-        return selection_from_groups(ids, members, hkv, g)
+        return dataclasses.replace(selection_from_groups(ids, members, hkv, g), estimate=est)
 
     def _search_cpp(self, index: _SeqIndex, qg: torch.Tensor, ks: List[int], n: int, k_ref: int = 0,
-                    report_missed: bool = False):
+                    report_missed: bool = False, qe: Optional[torch.Tensor] = None,
+                    est: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
         """The C++ search (list choice and query quantization included, as ``probe_mask`` and ``prescale``):
         per-query top ids ``[Hkv, G, kmax]``, sorted union ``[Hkv, G*kmax]``, union sizes and rows scanned
-        ``[Hkv]``, missed-mass estimates ``[Hkv, G]`` and the probe mask ``[Hkv, nlist + 1]`` it chose."""
+        ``[Hkv]``, missed-mass estimates ``[Hkv, G]`` and the probe mask ``[Hkv, nlist + 1]`` it chose.
+        est: optional contiguous float32 ``(out [Hkv * Ge, D], lse [Hkv * Ge])`` the estimate of the unselected
+        tokens is written to, for the queries ``qe [Hkv, Ge, D]`` (default: ``qg``)."""
         hkv, g, _ = qg.shape
         dp = index.dp
         qg = qg.to(torch.float32).contiguous()
@@ -408,12 +513,17 @@ class IVFGroupRetriever(Retriever):
         counts[0], counts[1], counts[2], counts[3] = ks, n, k_ref, self.nprobe(ks, index.nlist, n)
         base = counts.ctypes.data
         k_p, n_p, k_ref_p, nprobe_p = (base + 8 * hkv * i for i in range(4))
-        codes_p, ids_p, start_p, count_p, centroids_p = index.pointers()
+        a = index.pointers()
+        est_args = (0, 0, 0, 0, 0, 0, 0, 0)
+        if est is not None:
+            qe = qg if qe is None else qe.to(torch.float32).contiguous()   # the same pointer: centroid scores reused
+            est_args = (qe.data_ptr(), qe.shape[1], a.mean_norm, a.tail_ksum, a.vmean,
+                        int(self.group_rule == "per-head" and g > 1), est[0].data_ptr(), est[1].data_ptr())
         self._runner.ivf_search(
-            qg.data_ptr(), qg.shape[2], centroids_p, nprobe_p, index.step.data_ptr(), hkv, g, dp, index.bits,
-            codes_p, ids_p, start_p, count_p, mask.shape[1], mask.data_ptr(), k_p, n_p, top.data_ptr(), kmax,
-            uni.data_ptr(), cnt.data_ptr(), rows.data_ptr(), k_ref_p, float(self.softmax_scale or 1.0),
-            missed.data_ptr() if report_missed else 0)
+            qg.data_ptr(), qg.shape[2], a.centroids, nprobe_p, index.step.data_ptr(), hkv, g, dp, index.bits,
+            a.codes, a.ids, a.start, a.count, mask.shape[1], mask.data_ptr(), k_p, n_p, top.data_ptr(), kmax,
+            uni.data_ptr(), cnt.data_ptr(), rows.data_ptr(), k_ref_p, float(self.scale),
+            missed.data_ptr() if report_missed else 0, *est_args)
         return top, uni, cnt, rows, missed, mask
 
 
@@ -442,6 +552,34 @@ class QueryCodes:
         arithmetic: the exact integer dot product, converted to float32, times qscale."""
         dots = self.qi[h].to(torch.int64) @ torch.from_numpy(np.ascontiguousarray(codes)).to(torch.int64).T
         return dots.to(torch.float32) * self.qscale[h][:, None]
+
+
+def estimate_torch(index: _SeqIndex, qe: torch.Tensor, top: torch.Tensor, uni: torch.Tensor, cnt: torch.Tensor,
+                   per_query: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch reference of the kernel's estimate of the unselected tokens (float64 inside): ``qe [Hkv, Ge, D]``;
+    ``top`` / ``uni`` / ``cnt`` as the search returns them (query g attends its own ``top[h, g]`` when
+    ``per_query``, else the union). Each list's unattended members count at its mean key and mean value. Returns
+    ``out [Hkv, Ge, D]``, ``lse [Hkv, Ge]`` float32 (0 / -inf where nothing is left out)."""
+    hkv, ge, d = qe.shape
+    lists = index.nlist + 1
+    out = torch.zeros(hkv, ge, d, dtype=torch.float64)
+    lse = torch.full((hkv, ge), float("-inf"), dtype=torch.float64)
+    n_tokens = int(index.ids.max()) + 1 if index.ids.size else 0
+    for h in range(hkv):
+        where = torch.from_numpy(index.list_of(h, n_tokens))
+        count = torch.from_numpy(index.count[h]).double()
+        mean_k = torch.from_numpy(index.ksum[h]).double() / count.clamp_min(1)[:, None]   # [L + 1, D]
+        mean_v = torch.from_numpy(index.vsum[h]).double() / count.clamp_min(1)[:, None]
+        for g in range(ge):
+            rows = top[h, g] if per_query else uni[h, : int(cnt[h])]
+            rows = rows[rows >= 0].long()
+            rest = count - torch.bincount(where[rows], minlength=lists).double()
+            logits = scale * (mean_k @ qe[h, g].double()) + torch.log(rest.clamp_min(1e-300))
+            logits[rest <= 0] = float("-inf")
+            if bool(torch.isfinite(logits).any()):
+                lse[h, g] = torch.logsumexp(logits, 0)
+                out[h, g] = torch.softmax(logits, 0) @ mean_v
+    return out.float(), lse.float()
 
 
 def search_torch(index: _SeqIndex, qs: QueryCodes, mask: torch.Tensor, ks: List[int], n: int):

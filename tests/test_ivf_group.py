@@ -12,7 +12,7 @@ from hetero import HeteroConfig, LayerCache
 from hetero.cpu.cpp_sparse import load
 
 pytest.importorskip("faiss")
-from hetero.retrieval.ivf_group import search_torch  # noqa: E402
+from hetero.retrieval.ivf_group import estimate_torch, search_torch  # noqa: E402
 
 needs_ext = pytest.mark.skipif(load() is None, reason="C++ extension not built")
 
@@ -50,12 +50,16 @@ def _check_probe(r, index, qg, ks, n, mask):
 
 
 def _compare(r, q, ks):
+    """The C++ search against search_torch (same lists, rows, sets) and its estimate of the unselected tokens
+    against estimate_torch (float64) for the sets it chose."""
     index = r._seqs[0]
     hkv = r.host.kv_heads
     qg = q[0].float().reshape(hkv, -1, q.shape[-1])
     n = r.ntotal[0]
     qs = r.prescale(index, qg)
-    got = r._search_cpp(index, qg, ks, n)
+    est = (torch.full((qg.shape[0] * qg.shape[1], qg.shape[2]), float("nan")), torch.full((qg.numel() // qg.shape[2],),
+                                                                                          float("nan")))
+    got = r._search_cpp(index, qg, ks, n, est=est)
     mask = got[5]
     _check_probe(r, index, qg, ks, n, mask)
     want = search_torch(index, qs, mask, ks, n)
@@ -65,6 +69,17 @@ def _compare(r, q, ks):
         assert torch.equal(got[1][h, : got[2][h]], want[1][h, : want[2][h]])
         for gq in range(qg.shape[1]):                                     # per-query top sets
             assert torch.equal(got[0][h, gq].sort().values, want[0][h, gq].sort().values)
+    per_query = r.group_rule == "per-head" and qg.shape[1] > 1
+    out, lse = estimate_torch(index, qg, got[0], got[1], got[2], per_query, r.scale)
+    for h, k in enumerate(ks):
+        rows = slice(h * qg.shape[1], (h + 1) * qg.shape[1])
+        if k == 0:                                                        # no search, no host part: empty
+            assert bool((est[1][rows] == float("-inf")).all()) and bool((est[0][rows] == 0).all())
+            continue
+        assert torch.equal(torch.isinf(est[1][rows]), torch.isinf(lse[h]))
+        live = torch.isfinite(lse[h])
+        torch.testing.assert_close(est[1][rows][live], lse[h][live], rtol=0, atol=1e-4)
+        torch.testing.assert_close(est[0][rows], out[h], rtol=1e-4, atol=1e-5)
     return got
 
 

@@ -45,6 +45,8 @@ def default_rows(budgets=BUDGETS) -> List[Dict]:
                      "budget": b})
         rows.append({"retriever": "ivf-group+adaptive", "name": "ivf-group", "group_rule": "union",
                      "head_budget": "adaptive", "budget": b})
+        rows.append({"retriever": "ivf-group-no-estimate", "name": "ivf-group", "group_rule": "union", "budget": b,
+                     "options": {"estimate": False}})
     for k_bits, tables in ((9, 50), (9, 100), (9, 150), (8, 100), (10, 150)):
         rows.append({"retriever": f"lsh-K{k_bits}-L{tables}", "name": "lsh", "budget": 0.02,
                      "options": {"K": k_bits, "L": tables}})
