@@ -9,8 +9,7 @@ namespace hetero {
 
 void ivf_encode_rows(const float* keys, int64_t H, int64_t n, int64_t D, const float* vmin, const float* inv_step,
                      int64_t bits, int64_t Dp, const uint64_t* codes, const uint64_t* ids, const int64_t* first_row,
-                     int32_t first_id, const float* values, const uint64_t* tail_ksum, const uint64_t* tail_vsum,
-                     const uint64_t* tail_vmean, int64_t tail_count) {
+                     int32_t first_id, const float* values, const uint64_t* tail_ksum, const uint64_t* tail_vsum) {
   const float levels = bits == 4 ? 15.0f : 255.0f;
   const int64_t row_bytes = bits == 4 ? Dp / 2 : Dp;
   std::vector<uint8_t> code(Dp);
@@ -24,24 +23,20 @@ void ivf_encode_rows(const float* keys, int64_t H, int64_t n, int64_t D, const f
         code[d] = static_cast<uint8_t>(std::min(levels, std::max(0.0f, x)));
       }
       std::fill(code.begin() + D, code.end(), uint8_t{0});
-      uint8_t* row = arena + (first_row[h] + j) * row_bytes;
-      if (bits == 4) {
-        for (int64_t b = 0; b < Dp / 2; ++b) row[b] = static_cast<uint8_t>(code[b] | (code[Dp / 2 + b] << 4));
-      } else {
-        std::copy(code.begin(), code.end(), row);
-      }
+      const int64_t r = first_row[h] + j;  // arena row, stored in the blocked layout (code_offset)
+      for (int64_t b = 0; b < row_bytes; ++b)
+        arena[code_offset(r, b, row_bytes)] =
+            bits == 4 ? static_cast<uint8_t>(code[b] | (code[Dp / 2 + b] << 4)) : code[b];
       id[first_row[h] + j] = first_id + static_cast<int32_t>(j);
     }
     if (!values) continue;
     float* ksum = reinterpret_cast<float*>(tail_ksum[h]);
     float* vsum = reinterpret_cast<float*>(tail_vsum[h]);
-    float* vmean = reinterpret_cast<float*>(tail_vmean[h]);
     for (int64_t j = 0; j < n; ++j)
       for (int64_t d = 0; d < D; ++d) {
         ksum[d] += keys[(h * n + j) * D + d];
         vsum[d] += values[(h * n + j) * D + d];
       }
-    for (int64_t d = 0; d < D; ++d) vmean[d] = vsum[d] / static_cast<float>(tail_count);
   }
 }
 

@@ -1,8 +1,11 @@
 // Grouped IVF search over 8-bit or 4-bit key codes: shared declarations.
 //
 // One work item is (sequence, KV head): its index keeps every host key as a row of Dp uint8 codes, or Dp / 2
-// bytes of packed 4-bit codes (Dp = head_dim rounded up to 16, or 32, zero padded) in per-list segments of a code arena, with the key's host
-// position in a parallel id arena. The G queries of the KV head's GQA group are pre-scaled and quantized first
+// bytes of packed 4-bit codes (Dp = head_dim rounded up to 16, or 32, zero padded) in per-list segments of a code
+// arena, with the key's host position in a parallel id arena. The arena is stored in blocks of kCodeBlock = 16 rows,
+// transposed by 4-byte groups (code_offset below): one 64-byte load holds the same four bytes of 16 rows, so a
+// vpdpbusd against a broadcast group of the query scores 16 rows at once with no horizontal sums. Lists start on a
+// block boundary. The G queries of the KV head's GQA group are pre-scaled and quantized first
 // (quantize_queries): q[g, d] * step[d] ~= qscale[g] * qi[g, d] with qi int8 in [-127, 127], so q . key ~= bias[g] + qscale[g] *
 // (qi[g] . codes) (the bias does not change a query's ranking and is not needed). The integer dot product is
 // exact at every ISA level (|sum| < 2^24, so its float conversion is exact too): all levels return identical
@@ -14,8 +17,16 @@
 
 namespace hetero {
 
-// out[g * out_stride + i] = float(sum_d qi[g * Dp + d] * codes[i * Dp + d]) * qscale[g] for g < G, i < n
-// (integer sum, then one float32 multiply). Dp % 16 == 0.
+constexpr int64_t kCodeBlock = 16;
+
+// Byte offset of byte j of arena row i (row_bytes per row, a multiple of 4): blocks of 16 rows, in each block the
+// 4-byte group j / 4 of all 16 rows is 64 contiguous bytes (row i % 16 at 4 * (i % 16)).
+inline int64_t code_offset(int64_t i, int64_t j, int64_t row_bytes) {
+  return (i / kCodeBlock) * kCodeBlock * row_bytes + (j / 4) * 64 + (i % kCodeBlock) * 4 + j % 4;
+}
+
+// out[g * out_stride + i] = float(sum_d qi[g * Dp + d] * code(i, d)) * qscale[g] for g < G, i < n (integer sum,
+// then one float32 multiply); codes: the first block of n rows in the blocked layout (code_offset). Dp % 16 == 0.
 // The 4-bit form (score4): a row is Dp / 2 bytes, byte j holding the code of dimension j in its low nibble and
 // of dimension j + Dp / 2 in its high nibble; the same sum over the unpacked codes. Dp % 32 == 0.
 using IvfScoreFn = void (*)(const uint8_t* codes, int64_t n, int64_t Dp, const int8_t* qi, const float* qscale,
@@ -32,15 +43,6 @@ HETERO_IVF_SCORE_FN(ivf_scores4_scalar);
 HETERO_IVF_SCORE_FN(ivf_scores4_avx2);
 HETERO_IVF_SCORE_FN(ivf_scores4_avx512);
 HETERO_IVF_SCORE_FN(ivf_scores4_avx512_vnni);
-
-// One packed 4-bit row (Dp / 2 bytes) -> Dp 8-bit codes (the layout above); plain loops, vectorized per ISA.
-__attribute__((always_inline)) inline void unpack_codes4(const uint8_t* row, int64_t Dp, uint8_t* out) {
-  const int64_t half = Dp / 2;
-  for (int64_t j = 0; j < half; ++j) {
-    out[j] = row[j] & 0x0F;
-    out[half + j] = row[j] >> 4;
-  }
-}
 
 // Positions i < n with s[i] >= threshold, ascending, written to out (room for n + 16); returns how many.
 // select_ge_from: the same from position i on, appending after the c already written (branch-free: ~1 % pass).
@@ -121,29 +123,28 @@ struct IvfSearchArgs {
   // Optional (est_out = nullptr: skip): attention over the host tokens the search did not select, estimated per
   // list from its mean key and mean value (every unselected member counted at the list's mean). Query g of the
   // item attends the union (per_query_counts = 0) or its own top set (1); for list l with c_l members of which
-  // n_l are not attended: logit = scale * qe_g . mean_key_l + log(n_l), value = mean_value_l (lists with n_l = 0
+  // n_l are not attended: logit = scale * qe_g . mean_key_l + log(n_l), value = vsum_l / c_l (lists with n_l = 0
   // drop out). Lists l < nlist - 1 take qe_g . mean_key_l = (qe_g . centroid_l) * mean_norm[l] (centroids_t
   // holds each list's unit mean direction); the tail list's mean key is tail_ksum / c_tail.
   const float* qe;             // [items, Ge, D] float32: the queries estimated for (q itself unless the sum rule)
   int64_t Ge;
   const uint64_t* mean_norm;   // [items] -> float32 [nlist - 1]: |mean key| of each list
   const uint64_t* tail_ksum;   // [items] -> float32 [D]: sum of the tail list's keys
-  const uint64_t* vmean;       // [items] -> float32 [nlist, D]: mean value of each list (the tail's last)
+  const uint64_t* vsum;        // [items] -> float32 [nlist, D]: sum of each list's values (the tail's last)
   int per_query_counts;
   float* est_out;              // [items, Ge, D]
   float* est_lse;              // [items, Ge]
 };
 
 // Encode n keys of each of H items (keys [H, n, D] float32) into their arenas (codes[h] / ids[h]: item h's code and
-// id arenas) at rows first_row[h] .. + n - 1, with host positions first_id ..: code = clamp(rint((key - vmin) *
+// id arenas; codes in the blocked layout) at rows first_row[h] .. + n - 1, with host positions first_id ..: code = clamp(rint((key - vmin) *
 // inv_step), 0, 2^bits - 1) per dimension (vmin, inv_step [H, D]; retrieval/ivf_group.py's _SeqIndex.encode, the
 // same float32 operations), 4-bit codes packed as score4 reads them, zero from D to Dp.
 // With values ([H, n, D] float32, or nullptr: skipped), the tail list's statistics of item h follow (the estimate's):
-// tail_ksum[h] / tail_vsum[h] (float32 [D]) += the keys / values, tail_vmean[h] = tail_vsum[h] / tail_count.
+// tail_ksum[h] / tail_vsum[h] (float32 [D]) += the keys / values, one key at a time.
 void ivf_encode_rows(const float* keys, int64_t H, int64_t n, int64_t D, const float* vmin, const float* inv_step,
                      int64_t bits, int64_t Dp, const uint64_t* codes, const uint64_t* ids, const int64_t* first_row,
-                     int32_t first_id, const float* values, const uint64_t* tail_ksum, const uint64_t* tail_vsum,
-                     const uint64_t* tail_vmean, int64_t tail_count);
+                     int32_t first_id, const float* values, const uint64_t* tail_ksum, const uint64_t* tail_vsum);
 
 // The G queries of one item in code space (QueryCodes.quantize in retrieval/ivf_group.py, the same float32
 // operations, so the same bits): x = q * step, qscale = max |x| / 127 (1 for a zero query), qi = rint(x / qscale)
@@ -166,6 +167,7 @@ struct IvfScratch {
   std::vector<int32_t> attended;  // [Ge or 1, nlist] attended rows per list
   std::vector<float> escores;     // [Ge, nlist - 1] centroid scores of qe (when it is not q)
   std::vector<float> logits;      // [Ge, nlist]
+  std::vector<float> inv_count;   // [nlist]
   std::vector<int64_t> rows;      // [nlist]
   std::vector<float> log_n;       // log(i), i < size
 };

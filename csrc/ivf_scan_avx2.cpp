@@ -1,4 +1,5 @@
-// AVX2 code scoring for the grouped IVF search. Only called when the CPU reports AVX2.
+// AVX2 code scoring for the grouped IVF search over the blocked arena (ivf_scan.h). Only called when the CPU
+// reports AVX2.
 #include <cstdint>
 #include <vector>
 
@@ -11,40 +12,76 @@
 
 namespace {
 
-inline int32_t hsum(__m256i x) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
-  return _mm_cvtsi128_si32(s);
+// Exact u8 x s8 dot products of 4-byte groups without VNNI: the even and odd bytes of each 16-bit lane as int16
+// (codes unsigned, query signed), one vpmaddwd each. qe / qo: the query group's even / odd bytes as two int16
+// per int32 (precomputed per query and group).
+inline __m256i dot_groups(__m256i acc, __m256i even_u, __m256i odd_u, int32_t qe, int32_t qo) {
+  return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(even_u, _mm256_set1_epi32(qe)),
+                                                _mm256_madd_epi16(odd_u, _mm256_set1_epi32(qo))));
 }
 
-// NQ queries (widened to int16 once per call) x one code row: u8 -> int16, vpmaddwd into int32 (exact).
-template <int NQ>
-inline void row_scores(const uint8_t* row, int64_t Dp, const int16_t* q16, const float* qscale, float* out,
-                       int64_t out_stride) {
-  __m256i acc[NQ];
-  for (int g = 0; g < NQ; ++g) acc[g] = _mm256_setzero_si256();
-  for (int64_t d = 0; d < Dp; d += 16) {
-    const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d)));
+// A 32-byte half of one 4-byte group across 8 rows: even / odd bytes widened to int16 lanes.
+inline void split_bytes(__m256i x, __m256i* even_u, __m256i* odd_u) {
+  *even_u = _mm256_and_si256(x, _mm256_set1_epi16(0x00FF));
+  *odd_u = _mm256_srli_epi16(x, 8);
+}
+
+// Blocks of 16 rows over the blocked arena (ivf_scan.h), 8 rows per 256-bit vector (the two halves of each
+// 64-byte group), NQ (<= 4) queries; FOUR: packed 4-bit rows, split into nibbles first.
+template <int NQ, bool FOUR>
+inline void block_scores(const uint8_t* block, int nr, int64_t Dp, const int32_t* qe, const int32_t* qo,
+                         int64_t q_groups, const float* qscale, float* out, int64_t out_stride) {
+  const int64_t groups = (FOUR ? Dp / 2 : Dp) / 4;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  for (int half = 0; half < 2 && 8 * half < nr; ++half) {
+    __m256i acc[NQ];
+    for (int g = 0; g < NQ; ++g) acc[g] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < groups; ++c) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + c * 64 + 32 * half));
+      __m256i ev, od;
+      if constexpr (FOUR) {
+        split_bytes(_mm256_and_si256(x, nibble), &ev, &od);
+        for (int g = 0; g < NQ; ++g) acc[g] = dot_groups(acc[g], ev, od, qe[g * q_groups + c], qo[g * q_groups + c]);
+        split_bytes(_mm256_and_si256(_mm256_srli_epi16(x, 4), nibble), &ev, &od);
+        for (int g = 0; g < NQ; ++g)
+          acc[g] = dot_groups(acc[g], ev, od, qe[g * q_groups + groups + c], qo[g * q_groups + groups + c]);
+      } else {
+        split_bytes(x, &ev, &od);
+        for (int g = 0; g < NQ; ++g) acc[g] = dot_groups(acc[g], ev, od, qe[g * q_groups + c], qo[g * q_groups + c]);
+      }
+    }
+    const int rows = nr - 8 * half < 8 ? nr - 8 * half : 8;
     for (int g = 0; g < NQ; ++g) {
-      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q16 + g * Dp + d));
-      acc[g] = _mm256_add_epi32(acc[g], _mm256_madd_epi16(c, q));
+      alignas(32) float s[8];
+      _mm256_store_ps(s, _mm256_mul_ps(_mm256_cvtepi32_ps(acc[g]), _mm256_set1_ps(qscale[g])));
+      for (int r = 0; r < rows; ++r) out[g * out_stride + 8 * half + r] = s[r];
     }
   }
-  for (int g = 0; g < NQ; ++g) out[g * out_stride] = static_cast<float>(hsum(acc[g])) * qscale[g];
 }
 
-// Every row (row_at(i): its Dp 8-bit codes) against every query.
-template <class RowAt>
-void score_rows(int64_t n, int64_t Dp, const int8_t* qi, const float* qscale, int64_t G, float* out,
-                int64_t out_stride, RowAt row_at) {
-  thread_local std::vector<int16_t> q16;
-  q16.resize(G * Dp);
-  for (int64_t j = 0; j < G * Dp; ++j) q16[j] = qi[j];
-  for (int64_t i = 0; i < n; ++i) {
-    const uint8_t* row = row_at(i);
+template <bool FOUR>
+void scores_blocked(const uint8_t* codes, int64_t n, int64_t Dp, const int8_t* qi, const float* qscale, int64_t G,
+                    float* out, int64_t out_stride) {
+  const int64_t q_groups = Dp / 4, block_bytes = 16 * (FOUR ? Dp / 2 : Dp);
+  thread_local std::vector<int32_t> qe, qo;  // per query and 4-byte group: even / odd bytes as int16 pairs
+  qe.resize(G * q_groups);
+  qo.resize(G * q_groups);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t c = 0; c < q_groups; ++c) {
+      const int8_t* q = qi + g * Dp + 4 * c;
+      const auto pair = [](int8_t a, int8_t b) {
+        return static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(a)) |
+                                    (static_cast<uint32_t>(static_cast<uint16_t>(static_cast<int16_t>(b))) << 16));
+      };
+      qe[g * q_groups + c] = pair(q[0], q[2]);
+      qo[g * q_groups + c] = pair(q[1], q[3]);
+    }
+  for (int64_t i = 0; i < n; i += 16) {
+    const int nr = static_cast<int>(n - i < 16 ? n - i : 16);
     for_query_blocks(G, [&](auto nq, int64_t g) {
-      row_scores<decltype(nq)::size>(row, Dp, q16.data() + g * Dp, qscale + g, out + g * out_stride + i, out_stride);
+      block_scores<decltype(nq)::size, FOUR>(codes + (i / 16) * block_bytes, nr, Dp, qe.data() + g * q_groups,
+                                             qo.data() + g * q_groups, q_groups, qscale + g,
+                                             out + g * out_stride + i, out_stride);
     });
   }
 }
@@ -57,18 +94,8 @@ void ivf_centroid_scores_avx2(const float* q, int64_t G, int64_t D, const float*
   centroid_scores_loops(q, G, D, centroids_t, L, out);
 }
 
-HETERO_IVF_SCORE_FN(ivf_scores_avx2) {
-  score_rows(n, Dp, qi, qscale, G, out, out_stride, [&](int64_t i) { return codes + i * Dp; });
-}
-
-HETERO_IVF_SCORE_FN(ivf_scores4_avx2) {
-  thread_local std::vector<uint8_t> row;
-  row.resize(Dp);
-  score_rows(n, Dp, qi, qscale, G, out, out_stride, [&](int64_t i) {
-    unpack_codes4(codes + i * (Dp / 2), Dp, row.data());
-    return static_cast<const uint8_t*>(row.data());
-  });
-}
+HETERO_IVF_SCORE_FN(ivf_scores_avx2) { scores_blocked<false>(codes, n, Dp, qi, qscale, G, out, out_stride); }
+HETERO_IVF_SCORE_FN(ivf_scores4_avx2) { scores_blocked<true>(codes, n, Dp, qi, qscale, G, out, out_stride); }
 }  // namespace hetero
 #else
 namespace hetero {

@@ -1,27 +1,29 @@
-// Portable code scoring for the grouped IVF search (no vector ISA assumed).
+// Portable code scoring for the grouped IVF search (no vector ISA assumed), over the blocked arena (ivf_scan.h).
 #include "ivf_scan.h"
 
 namespace hetero {
 HETERO_IVF_SCORE_FN(ivf_scores_scalar) {
   for (int64_t i = 0; i < n; ++i) {
-    const uint8_t* row = codes + i * Dp;
     for (int64_t g = 0; g < G; ++g) {
       const int8_t* q = qi + g * Dp;
       int32_t s = 0;
-      for (int64_t d = 0; d < Dp; ++d) s += static_cast<int32_t>(q[d]) * static_cast<int32_t>(row[d]);
+      for (int64_t d = 0; d < Dp; ++d)
+        s += static_cast<int32_t>(q[d]) * static_cast<int32_t>(codes[code_offset(i, d, Dp)]);
       out[g * out_stride + i] = static_cast<float>(s) * qscale[g];
     }
   }
 }
 
 HETERO_IVF_SCORE_FN(ivf_scores4_scalar) {
+  const int64_t half = Dp / 2;
   for (int64_t i = 0; i < n; ++i) {
-    const uint8_t* row = codes + i * (Dp / 2);
     for (int64_t g = 0; g < G; ++g) {
       const int8_t* q = qi + g * Dp;
       int32_t s = 0;
-      for (int64_t j = 0; j < Dp / 2; ++j)
-        s += static_cast<int32_t>(q[j]) * (row[j] & 0x0F) + static_cast<int32_t>(q[Dp / 2 + j]) * (row[j] >> 4);
+      for (int64_t j = 0; j < half; ++j) {
+        const uint8_t b = codes[code_offset(i, j, half)];
+        s += static_cast<int32_t>(q[j]) * (b & 0x0F) + static_cast<int32_t>(q[half + j]) * (b >> 4);
+      }
       out[g * out_stride + i] = static_cast<float>(s) * qscale[g];
     }
   }

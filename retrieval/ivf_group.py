@@ -1,4 +1,4 @@
-"""``ivf-group``: an IVF index over 8-bit key codes whose probed lists are read once per GQA group.
+"""``ivf-group``: an IVF index over 4-bit (or 8-bit) key codes whose probed lists are read once per GQA group.
 
 faiss's IVF scans a list once per query; the G query heads of a KV head share their keys, so here every
 list probed by any of them is read once and scored against all G (hetero's C++ kernel, ``csrc/ivf_*``), and
@@ -12,14 +12,17 @@ each query head keeps its exact top-k over every row scanned for the group. Per 
   quantized to int8 (``QueryCodes``) so that ``q . key`` ~= a per-query constant + ``qscale * (qi . codes)``; the
   constant does not change a query's ranking, and the integer dot product (``vpdpbusd`` with AVX-512 VNNI) keeps
   the scan near the memory rate. Keys added later outside the range are clamped to it. 4-bit codes halve the
-  bytes a search reads for a little accuracy (docs/performance.md, "Retrievers on real attention").
+  bytes a search reads for a little accuracy (docs/performance.md, "Retrievers on real attention"). The arena
+  stores rows in blocks of 16, transposed by 4-byte groups (``block_rows``), so one vector instruction scores
+  16 rows against a broadcast query group with no horizontal sums.
 * Recent keys: a decode step's evicted keys go to a tail list that every search scans, and are assigned to
   their lists (one batched centroid search) every ``TAIL_TOKENS`` (64) tokens; assigning each token on its
   own read all centroids (4 MB at 1024 lists x 8 heads x D 128) every step.
-* Lists live in segments of one code arena with spare room (1/16 + 8 rows per list, 1/16 at the end); a list
-  that fills up moves to the arena's end with twice the room (the arena grows by half when needed), so a
-  decode step's add is O(1). ``memory_bytes`` counts the whole arena: about 1.15x ``bytes_per_token`` at
-  128K tokens per head, ~1.9x at 8K (where lists hold ~16 keys and the 8 spare rows weigh more).
+* Lists live in segments of one code arena with spare room (1/16 + 1 rows per list rounded up to a block of
+  16, 1/16 at the end); a list that fills up moves to the arena's end with twice the room (the arena grows by
+  half when needed), so a decode step's add is O(1). ``memory_bytes`` counts the whole arena, the centroids and
+  the list statistics: 1.44x ``bytes_per_token`` at 128K tokens per head and head_dim 128 (the arena alone 1.19x),
+  3.7x at 8K (1.63x; lists of ~16 keys padded to blocks of 16, and 2 x 512 lists x D floats of statistics).
 * Probing: each query head ranks the lists by ``q . centroid`` and takes ``nprobe = ceil(nlist *
   min(1, probe_factor * sqrt(k / N)))``, the same rule as the faiss IVF retrievers; the group scans the union.
 * Training and retraining as the faiss IVF retrievers: built on the first add that brings ``min_train``
@@ -29,12 +32,12 @@ each query head keeps its exact top-k over every row scanned for the group. Per 
   its own top-k), ``sum`` (one search with the group's summed query).
 * List statistics: each list keeps the sum of its members' keys and values; ``centroids_t`` holds each list's unit
   mean direction (what probing ranks by; faiss's k-means centroids only assign new keys), and the mean key's norm
-  and the mean value sit beside it.
+  sits beside it.
 * Estimate of the rest (``estimate=True``, the default): the host tokens a search does not select still carry
   attention mass, and dropping them renormalizes the softmax over the selected ones. The search returns, with its
   Selection, attention over the unselected tokens estimated per list: each list's ``n`` unselected members count
   as ``n`` copies of its mean key and mean value (logit ``scale * q . mean_key + log n``), the lists' means fused
-  exactly like real rows (RetroInfer's estimation zone, at list granularity). It reads one mean value row per list
+  exactly like real rows (RetroInfer's estimation zone, at list granularity). It reads one value-sum row per list
   (the centroid scores it reuses from probing). On real attention (SmolLM2, all layers, 2 % budget) it cut the
   output error ~3x; a Jensen correction from the lists' key variance made it worse there (docs/performance.md).
 
@@ -63,6 +66,9 @@ TAIL_TOKENS = 64  # recent keys kept unassigned in the always-scanned tail list
 _warned = False
 
 
+BLOCK = 16  # arena rows per block of the transposed code layout (csrc/ivf_scan.h)
+
+
 def code_layout(head_dim: int, bits: int) -> Tuple[int, int]:
     """``(Dp, row_bytes)``: head_dim padded for the kernels (to 16, or 32 for 4 bits) and the arena bytes per key."""
     align = 32 if bits == 4 else 16
@@ -70,19 +76,34 @@ def code_layout(head_dim: int, bits: int) -> Tuple[int, int]:
     return dp, dp * bits // 8
 
 
+def _blocks(rows):
+    """Rows (or a row count) rounded up to whole blocks."""
+    return -(-rows // BLOCK) * BLOCK
+
+
+def block_rows(codes: np.ndarray) -> np.ndarray:
+    """Code rows ``[n, row_bytes]`` uint8 in the arena's blocked layout: ``[ceil(n / 16), row_bytes / 4, 16, 4]``
+    (block, 4-byte group, row in block, byte), zero rows padding the last block. This is the memory layout the
+    kernels read (csrc/ivf_scan.h ``code_offset``)."""
+    n, rb = codes.shape
+    out = np.zeros((_blocks(n) // BLOCK, rb // 4, BLOCK, 4), dtype=np.uint8)
+    rows = np.arange(n)
+    out[rows // BLOCK, :, rows % BLOCK, :] = codes.reshape(n, rb // 4, 4)
+    return out
+
+
 class _Addrs(NamedTuple):
     """Addresses of uint64 ``[Hkv]`` arrays, one entry per head, that the C++ kernels take."""
 
-    codes: int       # code arena [cap, row_bytes] uint8
+    codes: int       # code arena, blocked layout (block_rows) uint8
     ids: int         # id arena [cap] int32
     start: int       # list starts [L + 1] int64
     count: int       # list sizes [L + 1] int64
     centroids: int   # unit mean directions [D, L] float32
     mean_norm: int   # |mean key| [L] float32
-    vmean: int       # mean values [L + 1, D] float32
+    vsum: int        # value sums [L + 1, D] float32
     tail_ksum: int   # the tail list's key sum [D] float32
     tail_vsum: int   # the tail list's value sum [D] float32
-    tail_vmean: int  # the tail list's mean value [D] float32
 
 
 class _SeqIndex:
@@ -112,22 +133,20 @@ class _SeqIndex:
         # List segments, numpy int64 [Hkv, L + 1] (a decode step touches single entries: cheap in numpy). The
         # last list is the tail: recent tokens, not assigned yet, scanned by every search.
         counts = np.concatenate([counts, np.zeros((hkv, 1), dtype=counts.dtype)], axis=1)
-        self.cap = counts + counts // 16 + 8  # room for decode-step adds; a full list moves (see _relocate)
+        # room for decode-step adds (a full list moves, see _relocate), whole blocks: every list starts on one
+        self.cap = _blocks(counts + counts // 16 + 1)
         self.cap[:, nlist] = TAIL_TOKENS
         self.start = np.cumsum(self.cap, axis=1) - self.cap
         self.count = np.zeros_like(counts)
         self.used = self.cap.sum(axis=1)                             # arena rows handed out, per head
-        arena = int(self.used.max()) + n // 16 + 64
         self._pointers = None
-        self.codes = zeros_host((hkv, arena, self.row_bytes), torch.uint8).numpy()  # huge pages: lists are streamed
-        self.ids = zeros_host((hkv, arena), torch.int32).numpy()
+        self._alloc(_blocks(int(self.used.max()) + n // 16 + 64))
         self.tail_keys = torch.empty(hkv, TAIL_TOKENS, d)           # float keys of the tail, for assignment
         self.tail_values = torch.empty(hkv, TAIL_TOKENS, d)
-        # Per (head, list), the tail list last: sums of the members' keys and values, the mean value, and the mean
-        # key's norm (its direction is centroids_t's column). Float32 [Hkv, L + 1, D] / [Hkv, L].
+        # Per (head, list), the tail list last: sums of the members' keys and values, and the mean key's norm (its
+        # direction is centroids_t's column). Float32 [Hkv, L + 1, D] / [Hkv, L].
         self.ksum = np.zeros((hkv, nlist + 1, d), dtype=np.float32)
         self.vsum = np.zeros_like(self.ksum)
-        self.vmean = np.zeros_like(self.ksum)
         self.mean_norm = np.zeros((hkv, nlist), dtype=np.float32)
         self._insert(keys, values, np.arange(n, dtype=np.int32), assign)
 
@@ -167,9 +186,25 @@ class _SeqIndex:
             return codes[..., :half] | (codes[..., half:] << 4)
         return codes
 
+    def _alloc(self, rows: int) -> None:
+        """Zeroed code and id arenas of ``rows`` rows (a multiple of BLOCK) per head, huge-page advised (lists are
+        streamed): codes ``[Hkv, rows / 16, row_bytes / 4, 16, 4]`` (block_rows' layout), ids ``[Hkv, rows]``."""
+        hkv = self.count.shape[0]
+        self.codes = zeros_host((hkv, rows // BLOCK, self.row_bytes // 4, BLOCK, 4), torch.uint8).numpy()
+        self.ids = zeros_host((hkv, rows), torch.int32).numpy()
+        self._pointers = None
+
+    @property
+    def arena_rows(self) -> int:
+        return self.codes.shape[1] * BLOCK
+
+    def put_rows(self, heads: np.ndarray, rows: np.ndarray, codes: np.ndarray) -> None:
+        """Write code rows ``codes [..., row_bytes]`` at arena rows ``rows`` of heads ``heads`` (broadcast together)."""
+        self.codes[heads, rows // BLOCK, :, rows % BLOCK, :] = codes.reshape(*codes.shape[:-1], -1, 4)
+
     def row_codes(self, h: int, rows: np.ndarray) -> np.ndarray:
         """Head h's arena rows ``rows [n]`` as one 8-bit code per dimension: ``[n, Dp]`` uint8 (4-bit rows unpacked)."""
-        codes = self.codes[h][rows]
+        codes = self.codes[h, rows // BLOCK, :, rows % BLOCK, :].reshape(len(rows), self.row_bytes)
         if self.bits == 8:
             return codes
         return np.concatenate([codes & 0x0F, codes >> 4], axis=-1)
@@ -197,16 +232,15 @@ class _SeqIndex:
             a = self.pointers()
             ext.ivf_encode_rows(keys.data_ptr(), hkv, n, keys.shape[2], *self._range_addrs, self.bits, self.dp,
                                 a.codes, a.ids, first_rows.ctypes.data, first_id, values.data_ptr(), a.tail_ksum,
-                                a.tail_vsum, a.tail_vmean, t + n)
+                                a.tail_vsum)
         else:
             rows = self.start[:, tail, None] + t + np.arange(n)         # [Hkv, n]
             heads = np.arange(hkv)[:, None]
-            self.codes[heads, rows] = self.encode(keys)
+            self.put_rows(heads, rows, self.encode(keys))
             self.ids[heads, rows] = np.arange(first_id, first_id + n, dtype=np.int32)
             for j in range(n):  # one key at a time, in the kernel's order (the same float32 sums)
                 self.ksum[:, tail] += keys[:, j].numpy()
                 self.vsum[:, tail] += values[:, j].numpy()
-            self.vmean[:, tail] = self.vsum[:, tail] / np.float32(t + n)
         self.tail_keys[:, t:t + n] = keys
         self.tail_values[:, t:t + n] = values
         self.count[:, tail] += n
@@ -221,7 +255,7 @@ class _SeqIndex:
         first = int(self.start[0, self.nlist])
         ids = self.ids[0, first:first + t].copy()  # the same positions in every head's tail
         self.count[:, self.nlist] = 0
-        for stat in (self.ksum, self.vsum, self.vmean):
+        for stat in (self.ksum, self.vsum):
             stat[:, self.nlist] = 0.0
         self._insert(self.tail_keys[:, :t], self.tail_values[:, :t], ids)
 
@@ -244,7 +278,7 @@ class _SeqIndex:
         rank = np.arange(len(order)) - np.repeat(first, sizes)
         dest = np.repeat(start[pairs] + count[pairs], sizes) + rank
         head = order // n
-        self.codes[head, dest] = codes[order]
+        self.put_rows(head, dest, codes[order])
         self.ids[head, dest] = ids[order % n]
         count[pairs] += sizes
         flat = torch.from_numpy(pair)
@@ -254,13 +288,12 @@ class _SeqIndex:
         self._refresh(pairs)
 
     def _refresh(self, pairs: np.ndarray) -> None:
-        """Recompute the mean value, the mean key's norm and unit direction of the (head, list) pairs ``pairs``
-        (flat ``head * (L + 1) + list``) from their sums; an empty list keeps its direction."""
+        """Recompute the mean key's norm and unit direction of the (head, list) pairs ``pairs`` (flat ``head * (L +
+        1) + list``) from their sums; an empty list keeps its direction."""
         lists = self.count.shape[1]
         h, lst = pairs // lists, pairs % lists
         cnt = self.count[h, lst].astype(np.float32)
         inv = np.divide(np.float32(1.0), cnt, out=np.zeros_like(cnt), where=cnt > 0)
-        self.vmean[h, lst] = self.vsum[h, lst] * inv[:, None]
         ks = self.ksum[h, lst]
         norm = np.linalg.norm(ks, axis=1).astype(np.float32)
         own = lst < self.nlist  # the tail list has no direction (every search scans it)
@@ -270,11 +303,12 @@ class _SeqIndex:
 
     def _relocate(self, h: int, lst: int, need: int) -> None:
         """Move list ``lst`` of head ``h`` to the arena's end with room for ``need`` rows (at least twice)."""
-        cap = max(2 * int(self.cap[h, lst]), need)
-        if int(self.used[h]) + cap > self.codes.shape[1]:
+        cap = _blocks(max(2 * int(self.cap[h, lst]), need))
+        if int(self.used[h]) + cap > self.arena_rows:
             self._grow(int(self.used[h]) + cap)
         old, new, cnt = int(self.start[h, lst]), int(self.used[h]), int(self.count[h, lst])
-        self.codes[h, new:new + cnt] = self.codes[h, old:old + cnt]
+        blocks = _blocks(cnt) // BLOCK  # lists start on block boundaries: move whole blocks
+        self.codes[h, new // BLOCK:new // BLOCK + blocks] = self.codes[h, old // BLOCK:old // BLOCK + blocks]
         self.ids[h, new:new + cnt] = self.ids[h, old:old + cnt]
         self.start[h, lst], self.cap[h, lst] = new, cap
         self.used[h] += cap
@@ -291,8 +325,8 @@ class _SeqIndex:
                 return (base + np.arange(a.shape[0], dtype=np.uint64) * np.uint64(a.strides[0])).astype(np.uint64)
 
             arrays = (per_head(self.codes), per_head(self.ids), per_head(self.start), per_head(self.count),
-                      per_head(self.centroids_t), per_head(self.mean_norm), per_head(self.vmean),
-                      per_head(self.ksum, tail), per_head(self.vsum, tail), per_head(self.vmean, tail))
+                      per_head(self.centroids_t), per_head(self.mean_norm), per_head(self.vsum),
+                      per_head(self.ksum, tail), per_head(self.vsum, tail))
             self._pointers = (arrays, _Addrs(*(a.ctypes.data for a in arrays)))  # the arrays keep them valid
         return self._pointers[1]
 
@@ -305,18 +339,15 @@ class _SeqIndex:
         return out
 
     def _grow(self, rows: int) -> None:
-        rows = max(rows, self.codes.shape[1] * 3 // 2)
-        codes = zeros_host((self.codes.shape[0], rows, self.row_bytes), torch.uint8).numpy()
-        ids = zeros_host((self.codes.shape[0], rows), torch.int32).numpy()
-        codes[:, : self.codes.shape[1]] = self.codes
-        ids[:, : self.ids.shape[1]] = self.ids
-        self.codes, self.ids = codes, ids
-        self._pointers = None
+        codes, ids = self.codes, self.ids
+        self._alloc(_blocks(max(rows, self.arena_rows * 3 // 2)))
+        self.codes[:, : codes.shape[1]] = codes
+        self.ids[:, : ids.shape[1]] = ids
 
     def nbytes(self) -> int:
         return (self.codes.nbytes + self.ids.nbytes + 2 * self.centroids_t.nbytes + 3 * self.count.nbytes
                 + 2 * self.tail_keys.numel() * 4  # centroids twice: ours and the faiss quantizers' copies
-                + self.ksum.nbytes + self.vsum.nbytes + self.vmean.nbytes + self.mean_norm.nbytes)
+                + self.ksum.nbytes + self.vsum.nbytes + self.mean_norm.nbytes)
 
 
 class IVFGroupRetriever(Retriever):
@@ -517,7 +548,7 @@ class IVFGroupRetriever(Retriever):
         est_args = (0, 0, 0, 0, 0, 0, 0, 0)
         if est is not None:
             qe = qg if qe is None else qe.to(torch.float32).contiguous()   # the same pointer: centroid scores reused
-            est_args = (qe.data_ptr(), qe.shape[1], a.mean_norm, a.tail_ksum, a.vmean,
+            est_args = (qe.data_ptr(), qe.shape[1], a.mean_norm, a.tail_ksum, a.vsum,
                         int(self.group_rule == "per-head" and g > 1), est[0].data_ptr(), est[1].data_ptr())
         self._runner.ivf_search(
             qg.data_ptr(), qg.shape[2], a.centroids, nprobe_p, index.step.data_ptr(), hkv, g, dp, index.bits,

@@ -124,7 +124,7 @@ def _check_scores():
     multiply), for 8-bit and packed 4-bit rows: row counts around the kernels' blocks of 4 and 16, one or several
     64-byte chunks per row, query counts around the blocks of 4."""
     from hetero.cpu.cpp_sparse import load
-    from hetero.retrieval.ivf_group import QueryCodes
+    from hetero.retrieval.ivf_group import QueryCodes, block_rows
 
     ext = load()
     gen = torch.Generator().manual_seed(5)
@@ -136,7 +136,7 @@ def _check_scores():
                     qc = QueryCodes(torch.randint(-127, 128, (1, g, dp), dtype=torch.int8, generator=gen),
                                     torch.rand(1, g, generator=gen) + 0.5)
                     packed = codes[:, : dp // 2] | (codes[:, dp // 2:] << 4) if bits == 4 else codes
-                    packed = np.ascontiguousarray(packed)
+                    packed = block_rows(np.ascontiguousarray(packed))         # the arena's blocked layout
                     out = torch.full((g, n), float("nan"))
                     ext.ivf_scores(packed.ctypes.data, n, dp, bits, qc.qi.data_ptr(), qc.qscale.data_ptr(), g,
                                    out.data_ptr())
@@ -187,7 +187,7 @@ def test_incremental_adds_equal_one_batch_add_and_keep_every_token_once():
     assert ia.tail == (800 % 64) and ib.tail == 0
     ia.flush()
     assert a.retriever._trained_on[0] == b.retriever._trained_on[0]      # no retrain in between
-    assert ia.codes.shape[1] > 1.2 * a.retriever._trained_on[0]          # the arena grew
+    assert ia.arena_rows > 1.2 * a.retriever._trained_on[0]              # the arena grew
     n = a.host.length[0]
     for h in range(2):
         la, lb = _list_contents(ia, h), _list_contents(ib, h)
@@ -204,7 +204,7 @@ def test_codes_reproduce_scores_up_to_quantization(bits):
     index = layer.retriever._seqs[0]
     k_host = layer.host.keys(0).float()                                   # [Hkv, N, D]
     for h in range(2):
-        seg = np.zeros(index.codes.shape[1], dtype=bool)
+        seg = np.zeros(index.arena_rows, dtype=bool)
         for lst in range(index.nlist):
             s = int(index.start[h, lst])
             seg[s:s + int(index.count[h, lst])] = True
@@ -265,7 +265,8 @@ def test_memory_and_bytes_per_token(bits, row_bytes):
     layer, keys, vals, q = _layer(3000, d=24, code_bits=bits)
     layer.append(keys, vals)
     r = layer.retriever
-    assert r.bytes_per_token() == row_bytes + 4 and r._seqs[0].codes.shape[2] == row_bytes
+    index = r._seqs[0]
+    assert r.bytes_per_token() == row_bytes + 4 and index.codes[0].nbytes == index.arena_rows * row_bytes
     n = r.ntotal[0] * 2
     assert n * r.bytes_per_token() <= r.memory_bytes() < 3 * n * r.bytes_per_token() + 200_000
 
