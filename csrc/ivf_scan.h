@@ -13,6 +13,7 @@
 #pragma once
 #include <cstdint>
 
+#include "half.h"
 #include "sparse_attention.h"
 
 namespace hetero {
@@ -57,19 +58,28 @@ using IvfSelectFn = int64_t (*)(const float* s, int64_t n, float threshold, int3
 int64_t ivf_select_ge_scalar(const float* s, int64_t n, float threshold, int32_t* out);
 int64_t ivf_select_ge_avx512(const float* s, int64_t n, float threshold, int32_t* out);  // compress
 
-// out[g * L + l] = sum_d q[g * D + d] * centroids_t[d * L + l]: every query against every list's centroid.
-using IvfCentroidFn = void (*)(const float* q, int64_t G, int64_t D, const float* centroids_t, int64_t L, float* out);
-void ivf_centroid_scores_scalar(const float* q, int64_t G, int64_t D, const float* centroids_t, int64_t L, float* out);
-void ivf_centroid_scores_avx2(const float* q, int64_t G, int64_t D, const float* centroids_t, int64_t L, float* out);
-void ivf_centroid_scores_avx512(const float* q, int64_t G, int64_t D, const float* centroids_t, int64_t L, float* out);
+// out[g * L + l] = sum_d q[g * D + d] * centroids_t[d * L + l]: every query against every list's centroid, the
+// centroids stored as float16 (unit directions: half the bytes of float32 for an 11-bit mantissa, which ranks lists
+// and estimates their mass alike), each converted exactly to float32 before the float32 products. row: scratch of
+// L floats (the ISA files keep no containers of their own).
+#define HETERO_IVF_CENTROID_FN(name)                                                                          \
+  void name(const float* q, int64_t G, int64_t D, const uint16_t* centroids_t, int64_t L, float* row, float* out)
+using IvfCentroidFn = void (*)(const float* q, int64_t G, int64_t D, const uint16_t* centroids_t, int64_t L,
+                               float* row, float* out);
+HETERO_IVF_CENTROID_FN(ivf_centroid_scores_scalar);
+HETERO_IVF_CENTROID_FN(ivf_centroid_scores_avx2);
+HETERO_IVF_CENTROID_FN(ivf_centroid_scores_avx512);
 
 // Plain loops, inlined into each ISA's wrapper above and vectorized there for that ISA (over lists; d outer, so
-// the centroid rows stream once and the G output rows stay in L1).
+// the centroid rows stream once and the G output rows stay in L1). to_float(src, n, dst): one row of halves to
+// floats (row: scratch of L floats).
+template <class ToFloat>
 __attribute__((always_inline)) inline void centroid_scores_loops(const float* q, int64_t G, int64_t D,
-                                                                 const float* centroids_t, int64_t L, float* out) {
+                                                                 const uint16_t* centroids_t, int64_t L, float* row,
+                                                                 float* out, ToFloat to_float) {
   for (int64_t j = 0; j < G * L; ++j) out[j] = 0.0f;
   for (int64_t d = 0; d < D; ++d) {
-    const float* __restrict row = centroids_t + d * L;
+    to_float(centroids_t + d * L, L, row);
     for (int64_t g = 0; g < G; ++g) {
       const float qd = q[g * D + d];
       float* __restrict o = out + g * L;
@@ -97,7 +107,7 @@ namespace hetero {
 struct IvfSearchArgs {
   const float* q;              // [items, G, D] float32 queries (list probing)
   int64_t D;
-  const uint64_t* centroids;   // [items] -> float32 [D, nlist - 1] (centroids_t; the last list, the tail, has none)
+  const uint64_t* centroids;   // [items] -> float16 [D, nlist - 1] (centroids_t; the last list, the tail, has none)
   const int64_t* nprobe;       // [items] lists each query probes by q . centroid (the group scans the union)
   const float* step;           // [items, D] float32: each dimension's code step (the queries are quantized here)
   int64_t items, G, Dp;
@@ -156,9 +166,11 @@ struct IvfScratch {
   std::vector<float> qscale;   // [G]
   std::vector<float> scores;   // [G, n_scan]
   std::vector<float> cscores;  // [G, nlist - 1] centroid scores
+  std::vector<float> crow;     // [nlist - 1] one centroid row as float32
   std::vector<int32_t> lists;
   std::vector<int32_t> ids;    // [n_scan]
   std::vector<int32_t> cand;   // candidate positions of one query
+  std::vector<float> cand_scores;
   std::vector<float> sample;
   std::vector<uint64_t> bitmap;
   std::vector<int32_t> best;   // one query's top positions

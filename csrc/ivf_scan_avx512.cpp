@@ -5,7 +5,7 @@
 #include "ivf_scan.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 #include <immintrin.h>
 
 namespace {
@@ -23,9 +23,13 @@ inline __m512i dot_u8s8(__m512i acc, __m512i u8, __m512i s8) {
 #include "ivf_scan_avx512.inc"
 
 namespace hetero {
-void ivf_centroid_scores_avx512(const float* q, int64_t G, int64_t D, const float* centroids_t, int64_t L,
-                                float* out) {
-  centroid_scores_loops(q, G, D, centroids_t, L, out);
+HETERO_IVF_CENTROID_FN(ivf_centroid_scores_avx512) {
+  centroid_scores_loops(q, G, D, centroids_t, L, row, out, [](const uint16_t* src, int64_t n, float* dst) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+    for (; i < n; ++i) dst[i] = half_bits_to_float(src[i]);
+  });
 }
 
 int64_t ivf_select_ge_avx512(const float* s, int64_t n, float threshold, int32_t* out) {
@@ -44,9 +48,8 @@ int64_t ivf_select_ge_avx512(const float* s, int64_t n, float threshold, int32_t
 }  // namespace hetero
 #else
 namespace hetero {
-void ivf_centroid_scores_avx512(const float* q, int64_t G, int64_t D, const float* centroids_t, int64_t L,
-                                float* out) {
-  ivf_centroid_scores_scalar(q, G, D, centroids_t, L, out);
+HETERO_IVF_CENTROID_FN(ivf_centroid_scores_avx512) {
+  ivf_centroid_scores_scalar(q, G, D, centroids_t, L, row, out);
 }
 HETERO_IVF_SCORE_FN(ivf_scores_avx512) { ivf_scores_scalar(codes, n, Dp, qi, qscale, G, out, out_stride); }
 HETERO_IVF_SCORE_FN(ivf_scores4_avx512) { ivf_scores4_scalar(codes, n, Dp, qi, qscale, G, out, out_stride); }

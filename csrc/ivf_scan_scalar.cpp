@@ -29,9 +29,10 @@ HETERO_IVF_SCORE_FN(ivf_scores4_scalar) {
   }
 }
 
-void ivf_centroid_scores_scalar(const float* q, int64_t G, int64_t D, const float* centroids_t, int64_t L,
-                                float* out) {
-  centroid_scores_loops(q, G, D, centroids_t, L, out);
+HETERO_IVF_CENTROID_FN(ivf_centroid_scores_scalar) {
+  centroid_scores_loops(q, G, D, centroids_t, L, row, out, [](const uint16_t* src, int64_t n, float* dst) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = half_bits_to_float(src[i]);
+  });
 }
 
 int64_t ivf_select_ge_scalar(const float* s, int64_t n, float threshold, int32_t* out) {

@@ -19,9 +19,11 @@ int64_t strided_sample(const float* s, int64_t n, std::vector<float>& out) {
   return static_cast<int64_t>(out.size());
 }
 
-// Positions (into s[0..n)) of the k largest scores, written to out[0..k). Exact: a threshold from a strided
-// sample narrows the candidates to a little over k, nth_element finishes on those; if the sample's
-// threshold admits fewer than k, it is lowered until it admits enough (at worst every position).
+// Positions (into s[0..n)) of the k largest scores, written to out[0..k) in ascending order; ties at the k-th
+// score go to the lower positions. Exact: a threshold from a strided sample narrows the candidates to a little over
+// k (if it admits fewer than k, it is lowered until it admits enough, at worst every position); nth_element on
+// the candidates' scores, copied contiguous, finds the k-th score (an indirect comparator through the positions
+// cost 4x more: half of a 128K search's selection time); one pass over the candidates keeps the winners.
 void top_positions(const float* s, int64_t n, int64_t k, IvfSelectFn select, IvfScratch& w, int32_t* out) {
   if (k <= 0) return;
   if (k >= n) {
@@ -43,9 +45,18 @@ void top_positions(const float* s, int64_t n, int64_t k, IvfSelectFn select, Ivf
     if (c >= k) break;
     r = std::min<int64_t>(m - 1, 2 * r + 1);
   }
-  std::nth_element(w.cand.begin(), w.cand.begin() + (k - 1), w.cand.begin() + c,
-                   [s](int32_t x, int32_t y) { return s[x] > s[y] || (s[x] == s[y] && x < y); });
-  std::memcpy(out, w.cand.data(), k * sizeof(int32_t));
+  if (static_cast<int64_t>(w.cand_scores.size()) < c) w.cand_scores.resize(c);
+  for (int64_t i = 0; i < c; ++i) w.cand_scores[i] = s[w.cand[i]];
+  std::nth_element(w.cand_scores.begin(), w.cand_scores.begin() + (k - 1), w.cand_scores.begin() + c,
+                   std::greater<float>());
+  const float kth = w.cand_scores[k - 1];
+  int64_t above = 0;  // candidates strictly above the k-th score: all of them win, the rest of the k tie at it
+  for (int64_t i = 0; i < c; ++i) above += s[w.cand[i]] > kth;
+  int64_t ties = k - above, taken = 0;
+  for (int64_t i = 0; i < c; ++i) {  // ascending positions: ties go to the lower ones
+    const float x = s[w.cand[i]];
+    if (x > kth || (x == kth && ties-- > 0)) out[taken++] = w.cand[i];
+  }
 }
 
 // log sum exp(scale * s_i) over the positions outside the k_ref largest of s[0..n), estimated from a strided
@@ -77,8 +88,9 @@ void probe_lists(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, IvfSc
   probe[L] = 1;
   if (p < L || a.est_out) {
     if (static_cast<int64_t>(w.cscores.size()) < G * L) w.cscores.resize(G * L);
-    kernels.centroids(a.q + item * G * a.D, G, a.D, reinterpret_cast<const float*>(a.centroids[item]), L,
-                      w.cscores.data());
+    if (static_cast<int64_t>(w.crow.size()) < L) w.crow.resize(L);
+    kernels.centroids(a.q + item * G * a.D, G, a.D, reinterpret_cast<const uint16_t*>(a.centroids[item]), L,
+                      w.crow.data(), w.cscores.data());
   }
   if (p == L) {
     std::fill(probe, probe + L, uint8_t{1});
@@ -103,7 +115,9 @@ void estimate_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, Ivf
   const float* cs = s.cscores.data();
   if (a.qe != a.q) {  // other queries than the search's (the sum rule searches with their sum)
     if (static_cast<int64_t>(s.escores.size()) < Ge * L) s.escores.resize(Ge * L);
-    kernels.centroids(qe, Ge, D, reinterpret_cast<const float*>(a.centroids[item]), L, s.escores.data());
+    if (static_cast<int64_t>(s.crow.size()) < L) s.crow.resize(L);
+    kernels.centroids(qe, Ge, D, reinterpret_cast<const uint16_t*>(a.centroids[item]), L, s.crow.data(),
+                      s.escores.data());
     cs = s.escores.data();
   }
   int64_t most = 0;

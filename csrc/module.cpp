@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -107,6 +108,23 @@ class Runner {
 
   int threads() const { return pool_->threads(); }
 
+  // Tracing: while on, each call records, per thread of the pool, when it took its first item and finished its
+  // last (seconds on the steady clock, the clock of Python's time.perf_counter on Linux); take_trace() returns and
+  // clears them as (worker, start, end), worker 0 being the calling thread.
+  void set_trace(bool on) {
+    std::lock_guard<std::mutex> lock(mu_);
+    trace_on_ = on;
+    if (!on) trace_.clear();
+  }
+
+  py::list take_trace() {
+    std::lock_guard<std::mutex> lock(mu_);
+    py::list out;
+    for (const TraceRecord& r : trace_) out.append(py::make_tuple(r.worker, r.start, r.end));
+    trace_.clear();
+    return out;
+  }
+
   void sparse_attention(uintptr_t q, uintptr_t k_pool, uintptr_t v_pool, int64_t head_stride, int64_t row_stride,
                         uintptr_t block_table, int64_t max_blocks, int64_t block_tokens, uintptr_t indices,
                         uintptr_t log_weight, uintptr_t out, uintptr_t lse, int64_t B, int64_t Hq, int64_t Hkv,
@@ -142,7 +160,7 @@ class Runner {
       part_out_.resize(items * G * D);
       part_lse_.resize(items * G);
     }
-    pool_->run(items, [&](int64_t item, int worker) {
+    traced_run(items, [&](int64_t item, int worker) {
       const int64_t head = item / chunks, c = item % chunks;
       const int64_t b = head / Hkv, h = head % Hkv;
       const int64_t j0 = std::min(K, c * chunk_len), j1 = std::min(K, j0 + chunk_len);
@@ -184,7 +202,7 @@ class Runner {
     std::lock_guard<std::mutex> lock(mu_);
     const IvfKernels fn = ivf_kernels(static_cast<Isa>(global().active.load()));
     if (static_cast<int>(ivf_scratch_.size()) < pool_->threads()) ivf_scratch_.resize(pool_->threads());
-    pool_->run(items, [&](int64_t item, int worker) { ivf_search_item(a, item, fn, ivf_scratch_[worker]); });
+    traced_run(items, [&](int64_t item, int worker) { ivf_search_item(a, item, fn, ivf_scratch_[worker]); });
   }
 
   // Read n random runs (offsets in bytes from base) across the pool; returns a checksum.
@@ -234,7 +252,37 @@ class Runner {
     }
   }
 
+  struct TraceRecord {
+    int worker;
+    double start, end;
+  };
+
+  static double now() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
+
+  // pool_->run, recording each thread's busy span when tracing (called with mu_ held).
+  template <class Fn>
+  void traced_run(int64_t items, Fn fn) {
+    if (!trace_on_) {
+      pool_->run(items, fn);
+      return;
+    }
+    std::vector<TraceRecord> spans(pool_->threads(), TraceRecord{-1, 0.0, 0.0});
+    pool_->run(items, [&](int64_t item, int worker) {
+      TraceRecord& r = spans[worker];  // each thread writes its own entry
+      const double t = now();
+      if (r.worker < 0) r = TraceRecord{worker, t, t};
+      fn(item, worker);
+      r.end = now();
+    });
+    for (const TraceRecord& r : spans)
+      if (r.worker >= 0) trace_.push_back(r);
+  }
+
   std::mutex mu_;
+  bool trace_on_ = false;
+  std::vector<TraceRecord> trace_;
   std::unique_ptr<ThreadPool> pool_;
   std::vector<std::vector<float>> scratch_;  // per worker
   std::vector<float> part_out_, part_lse_;   // chunk partials
@@ -254,6 +302,8 @@ PYBIND11_MODULE(_sparse_cpp, m) {
            "Grouped IVF search over 8-bit or 4-bit codes; pointers to buffers checked by retrieval/ivf_group.py")
       .def("random_read", &hetero::Runner::random_read, "Ceiling probe: read random runs of memory (benchmarks)")
       .def("set_threads", &hetero::Runner::set_threads)
+      .def("set_trace", &hetero::Runner::set_trace, "Record each pool thread's busy span per call (take_trace)")
+      .def("take_trace", &hetero::Runner::take_trace, "The recorded spans as (worker, start, end), cleared")
       .def_property_readonly("threads", &hetero::Runner::threads);
   m.def(
       "ivf_scores",

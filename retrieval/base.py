@@ -8,6 +8,7 @@ import torch
 
 from hetero.errors import DTypeError, InvalidValueError, ShapeError
 from hetero.tiers import HostTier
+from hetero.timing import Span
 from hetero.types import Selection
 from hetero.validation import check_finite
 
@@ -69,6 +70,13 @@ class Retriever(ABC):
 
     def set_threads(self, threads: int) -> None:
         """Threads a search may use (the host side's share, set by ``HeteroAttention.plan``)."""
+
+    def set_native_trace(self, on: bool) -> None:
+        """Record the busy spans of the retriever's native pool threads (``take_native_spans``); none by default."""
+
+    def take_native_spans(self) -> List[Span]:
+        """Spans of the retriever's native pool threads since the last call (empty unless it has such threads)."""
+        return []
 
     def search(self, q: torch.Tensor, budgets) -> Selection:
         """Select host rows for decode queries.

@@ -56,6 +56,7 @@ import torch
 
 from hetero.errors import ConfigError, InvalidValueError
 from hetero.memory import zeros_host
+from hetero.timing import Span
 from hetero.types import PartialAttention, Selection
 from hetero.validation import check_finite
 
@@ -99,7 +100,7 @@ class _Addrs(NamedTuple):
     ids: int         # id arena [cap] int32
     start: int       # list starts [L + 1] int64
     count: int       # list sizes [L + 1] int64
-    centroids: int   # unit mean directions [D, L] float32
+    centroids: int   # unit mean directions [D, L] float16
     mean_norm: int   # |mean key| [L] float32
     vsum: int        # value sums [L + 1, D] float32
     tail_ksum: int   # the tail list's key sum [D] float32
@@ -116,7 +117,8 @@ class _SeqIndex:
         hkv, n, d = keys.shape
         self.bits, self.levels = bits, (1 << bits) - 1
         self.dp, self.row_bytes = code_layout(d, bits)               # row_bytes: one key's codes in the arena
-        self.centroids_t = np.empty((hkv, d, nlist), dtype=np.float32)  # transposed: q @ centroids_t scores lists
+        # transposed (q @ centroids_t scores lists), float16: unit directions, half the bytes a search reads
+        self.centroids_t = np.empty((hkv, d, nlist), dtype=np.float16)
         self.quantizers = []
         for h in range(hkv):
             km = faiss.Kmeans(d, nlist, niter=10, spherical=True, max_points_per_centroid=32,
@@ -345,8 +347,8 @@ class _SeqIndex:
         self.ids[:, : ids.shape[1]] = ids
 
     def nbytes(self) -> int:
-        return (self.codes.nbytes + self.ids.nbytes + 2 * self.centroids_t.nbytes + 3 * self.count.nbytes
-                + 2 * self.tail_keys.numel() * 4  # centroids twice: ours and the faiss quantizers' copies
+        return (self.codes.nbytes + self.ids.nbytes + 3 * self.centroids_t.nbytes + 3 * self.count.nbytes
+                + 2 * self.tail_keys.numel() * 4  # centroids: ours (float16) and the faiss quantizers' (float32)
                 + self.ksum.nbytes + self.vsum.nbytes + self.mean_norm.nbytes)
 
 
@@ -378,6 +380,7 @@ class IVFGroupRetriever(Retriever):
         self._seqs: List[Optional[_SeqIndex]] = [None] * host.batch
         self._trained_on = [0] * host.batch
         self._runner = None
+        self._buffers = None  # _search_cpp's outputs kept between calls
         from hetero.cpu.cpp_sparse import load, load_error
 
         ext = load()
@@ -392,6 +395,16 @@ class IVFGroupRetriever(Retriever):
     def set_threads(self, threads: int) -> None:
         if self._runner is not None and self._runner.threads != int(threads):
             self._runner.set_threads(int(threads))
+
+    def set_native_trace(self, on: bool) -> None:
+        if self._runner is not None and on != getattr(self, "_trace_on", False):  # a C++ call only on a change
+            self._runner.set_trace(on)
+            self._trace_on = on
+
+    def take_native_spans(self) -> List[Span]:
+        from hetero.cpu.cpp_sparse import pool_spans
+
+        return pool_spans(self._runner, "cpp search", "retrieve") if self._runner is not None else []
 
     # ---- index life cycle ---------------------------------------------------------------------------
     def _nlist(self, n: int) -> int:
@@ -529,19 +542,21 @@ class IVFGroupRetriever(Retriever):
         per-query top ids ``[Hkv, G, kmax]``, sorted union ``[Hkv, G*kmax]``, union sizes and rows scanned
         ``[Hkv]``, missed-mass estimates ``[Hkv, G]`` and the probe mask ``[Hkv, nlist + 1]`` it chose.
         est: optional contiguous float32 ``(out [Hkv * Ge, D], lse [Hkv * Ge])`` the estimate of the unselected
-        tokens is written to, for the queries ``qe [Hkv, Ge, D]`` (default: ``qg``)."""
+        tokens is written to, for the queries ``qe [Hkv, Ge, D]`` (default: ``qg``). The returned tensors are valid
+        until the next search (buffers kept between calls; the union, which a Selection keeps, is fresh)."""
         hkv, g, _ = qg.shape
         dp = index.dp
         qg = qg.to(torch.float32).contiguous()
-        missed = torch.empty(hkv, g, dtype=torch.float32)
-        mask = torch.empty(hkv, index.nlist + 1, dtype=torch.uint8)
         kmax = max(ks)
-        top = torch.empty(hkv, g, kmax, dtype=torch.int32)
+        key = (hkv, g, kmax, index.nlist)
+        if self._buffers is None or self._buffers[0] != key:  # ~8 allocations less per decode step
+            self._buffers = (key, torch.empty(hkv, g, dtype=torch.float32),
+                             torch.empty(hkv, index.nlist + 1, dtype=torch.uint8),
+                             torch.empty(hkv, g, kmax, dtype=torch.int32), torch.empty(hkv, dtype=torch.int64),
+                             torch.empty(hkv, dtype=torch.int64), np.empty((4, hkv), dtype=np.int64))
+        _, missed, mask, top, cnt, rows, counts = self._buffers
         uni = torch.empty(hkv, g * kmax, dtype=torch.int32)
-        cnt = torch.empty(hkv, dtype=torch.int64)
-        rows = torch.empty(hkv, dtype=torch.int64)
-        counts = np.empty((4, hkv), dtype=np.int64)  # per head: k, n, k_ref, nprobe
-        counts[0], counts[1], counts[2], counts[3] = ks, n, k_ref, self.nprobe(ks, index.nlist, n)
+        counts[0], counts[1], counts[2], counts[3] = ks, n, k_ref, self.nprobe(ks, index.nlist, n)  # k, n, k_ref, nprobe
         base = counts.ctypes.data
         k_p, n_p, k_ref_p, nprobe_p = (base + 8 * hkv * i for i in range(4))
         a = index.pointers()
@@ -589,7 +604,8 @@ def estimate_torch(index: _SeqIndex, qe: torch.Tensor, top: torch.Tensor, uni: t
                    per_query: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """PyTorch reference of the kernel's estimate of the unselected tokens (float64 inside): ``qe [Hkv, Ge, D]``;
     ``top`` / ``uni`` / ``cnt`` as the search returns them (query g attends its own ``top[h, g]`` when
-    ``per_query``, else the union). Each list's unattended members count at its mean key and mean value. Returns
+    ``per_query``, else the union). Each list's unattended members count at its mean key and mean value, the mean
+    key of a list being its stored float16 direction times its norm (the tail's: its key sum / its size). Returns
     ``out [Hkv, Ge, D]``, ``lse [Hkv, Ge]`` float32 (0 / -inf where nothing is left out)."""
     hkv, ge, d = qe.shape
     lists = index.nlist + 1
@@ -600,6 +616,8 @@ def estimate_torch(index: _SeqIndex, qe: torch.Tensor, top: torch.Tensor, uni: t
         where = torch.from_numpy(index.list_of(h, n_tokens))
         count = torch.from_numpy(index.count[h]).double()
         mean_k = torch.from_numpy(index.ksum[h]).double() / count.clamp_min(1)[:, None]   # [L + 1, D]
+        mean_k[: index.nlist] = (torch.from_numpy(index.centroids_t[h].astype(np.float64)).T
+                                 * torch.from_numpy(index.mean_norm[h]).double()[:, None])
         mean_v = torch.from_numpy(index.vsum[h]).double() / count.clamp_min(1)[:, None]
         for g in range(ge):
             rows = top[h, g] if per_query else uni[h, : int(cnt[h])]

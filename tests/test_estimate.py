@@ -53,7 +53,8 @@ def _check_statistics(layer):
             if lst < index.nlist and len(ids) and float(ksum.norm()) > 0:
                 mean = ksum / len(ids)
                 np.testing.assert_allclose(index.mean_norm[h, lst], float(mean.norm()), rtol=1e-4)
-                np.testing.assert_allclose(index.centroids_t[h, :, lst], (ksum / ksum.norm()).numpy(), atol=1e-5)
+                direction = (ksum / ksum.norm()).numpy()                    # stored as float16: 11-bit mantissa
+                np.testing.assert_allclose(index.centroids_t[h, :, lst].astype(np.float64), direction, atol=3e-4)
 
 
 @pytest.mark.filterwarnings("ignore:hetero.*searches in PyTorch")
@@ -131,8 +132,9 @@ def test_estimate_equals_its_definition(rule, cpp, monkeypatch):
     sel = layer.retriever.search(q, [20])
     assert isinstance(sel.estimate, PartialAttention)
     out, lse = _oracle(layer, q, sel, 3)
-    torch.testing.assert_close(sel.estimate.lse[0].double(), lse, rtol=0, atol=2e-4)
-    torch.testing.assert_close(sel.estimate.out[0].double(), out, rtol=1e-4, atol=1e-5)
+    # the index keeps each list's mean-key direction in float16 (11-bit mantissa): logits within ~1e-3
+    torch.testing.assert_close(sel.estimate.lse[0].double(), lse, rtol=0, atol=2e-3)
+    torch.testing.assert_close(sel.estimate.out[0].double(), out, rtol=1e-3, atol=1e-4)
 
 
 def _errors(layer_cfg_opts, keys, vals, queries, budget):
