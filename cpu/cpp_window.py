@@ -11,9 +11,10 @@ from typing import List
 import torch
 
 from hetero.backends import WindowBackend
+from hetero.timing import Span
 from hetero.types import HostView, PartialAttention, Selection
 
-from .cpp_sparse import _load_error, default_threads, load, run_sparse
+from .cpp_sparse import _load_error, default_threads, load, pool_spans, run_sparse
 
 
 class CppWindowBackend(WindowBackend):
@@ -29,6 +30,8 @@ class CppWindowBackend(WindowBackend):
         ext = load()
         self._runner = ext.Runner(default_threads()) if ext is not None else None
         self._index = torch.empty(1, 0, 0, dtype=torch.int32)  # [1, Hkv, n]: 0 .. n-1 per head, the last n used
+        self._table = torch.zeros(1, 1, dtype=torch.int32)      # the fast tier of one sequence is one block
+        self._slots = torch.tensor([0])
 
     def availability_reasons(self) -> List[str]:
         return [] if load() is not None else [_load_error or "C++ extension not built"]
@@ -45,6 +48,14 @@ class CppWindowBackend(WindowBackend):
         if self._runner.threads != int(threads):
             self._runner.set_threads(int(threads))
 
+    def set_native_trace(self, on: bool) -> None:
+        if on != getattr(self, "_trace_on", False):  # called every step: a C++ call only on a change
+            self._runner.set_trace(on)
+            self._trace_on = on
+
+    def take_native_spans(self) -> List[Span]:
+        return pool_spans(self._runner, "cpp window", "window")
+
     def _window_index(self, hkv: int, n: int) -> torch.Tensor:
         """``[1, hkv, n]`` int32, contiguous: every slot of the window. Kept between calls (n is fixed once the
         window is full): building it from an expanded arange cost ~75 us per call."""
@@ -55,15 +66,16 @@ class CppWindowBackend(WindowBackend):
     def __call__(self, q, k, v, lengths, scale) -> PartialAttention:
         b, hq, d = q.shape
         hkv, slots = k.shape[1], k.shape[2]
-        table = torch.zeros(1, 1, dtype=torch.int32)
+        if int(self._slots[0]) != slots:
+            self._slots = torch.tensor([slots])
         # One block of a power-of-two size >= slots: the kernel then resolves rows with a shift, not a 64-bit
         # division per row (~0.2 ms of a 4100-token window on two threads).
         block = 1 << max(slots - 1, 0).bit_length()
-        outs, lses = [], []
+        parts = []
         for seq, n in enumerate(lengths.tolist()):
-            view = HostView(k[seq], v[seq], table, torch.tensor([slots]), block)
+            view = HostView(k[seq], v[seq], self._table, self._slots, block)
             idx = self._window_index(hkv, n)
-            part = run_sparse(self._runner, q[seq:seq + 1], view, Selection(idx), scale, self.prefetch_rows)
-            outs.append(part.out)
-            lses.append(part.lse)
-        return PartialAttention(torch.cat(outs), torch.cat(lses))
+            parts.append(run_sparse(self._runner, q[seq:seq + 1], view, Selection(idx), scale, self.prefetch_rows))
+        if len(parts) == 1:
+            return parts[0]
+        return PartialAttention(torch.cat([p.out for p in parts]), torch.cat([p.lse for p in parts]))

@@ -4,7 +4,8 @@ CPU kernel) fused exactly by log-sum-exp, the two parts running concurrently.
 Per step and layer: the query goes to the host (pinned staging and a side stream on CUDA); the host side
 (wait for pending index adds, search, host kernel, result back) runs on a persistent worker thread while
 the window kernel runs on the caller's thread (the native host kernels release the GIL); then the parts are
-merged. ``overlap=False`` runs the same calls one after the other (bit-identical results).
+merged. Run side by side or one after the other (bit-identical results): ``HeteroConfig.overlap``, by default
+side by side when the fast tier is on CUDA and one after the other when it shares the CPU with the host side.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from .backends import HostBackend, WindowBackend, select_backend
@@ -64,6 +66,8 @@ class HeteroAttention:
     Usage per decode step: append the new token's K/V to each layer's cache, then ``run(q, layer)``.
     ``plan(layer)`` resolves backends, thread split and staging buffers once per layer geometry; ``run``
     calls it, so calling it yourself is optional. ``close()`` stops the host worker (also done at exit).
+    ``native_trace = True``: ``run(..., return_details=True)`` also returns the busy spans of the native kernels'
+    own pool threads (one per thread and call), so a trace shows every thread that worked.
     """
 
     def __init__(self, config: HeteroConfig, host_worker: Optional[Worker] = None):
@@ -71,14 +75,20 @@ class HeteroAttention:
             raise ShapeError(f"config must be a HeteroConfig, got {type(config).__name__}")
         self.config = config
         self._plans: Dict[Tuple, _Plan] = {}
-        self._own_worker = host_worker is None and config.overlap
-        self._worker = host_worker if host_worker is not None else (Worker("hetero-host") if config.overlap else None)
+        self._own_worker = host_worker is None  # created on the first overlapped step
+        self._worker = host_worker
         self._balancers: Dict[Tuple, Balancer] = {}
         self._stream = None
+        self.native_trace = False
 
     def close(self) -> None:
         if self._own_worker and self._worker is not None:
             self._worker.close()
+
+    def _host_worker(self) -> Worker:
+        if self._worker is None:
+            self._worker = Worker("hetero-host")
+        return self._worker
 
     def balancer(self, layer: LayerCache) -> Balancer:
         key = (layer.layer_idx, layer.device)
@@ -103,11 +113,14 @@ class HeteroAttention:
             self._plans[key] = _Plan(window, host)
         split = self.balancer(layer).split()
         plan = self._plans[key]
+        overlap = self.config.overlap_on(layer.device)
         if layer.device.type == "cpu":
-            plan.window.set_threads(split.window_threads if self.config.overlap else self.config.resolved_threads)
-        host_threads = split.host_threads if self.config.overlap else self.config.resolved_threads
+            plan.window.set_threads(split.window_threads if overlap else self.config.resolved_threads)
+        host_threads = split.host_threads if overlap else self.config.resolved_threads
         plan.host.set_threads(host_threads)
         layer.retriever.set_threads(host_threads)
+        for part in (plan.window, plan.host, layer.retriever):
+            part.set_native_trace(self.native_trace)
         return plan
 
     def budgets(self, layer: LayerCache, group: int):
@@ -175,8 +188,8 @@ class HeteroAttention:
         if has_host:
             with rec.span("transfer"):
                 q_host, ready = self._query_to_host(q, plan)
-            if self._worker is not None:
-                future = self._worker.submit(self._host_side, q_host, ready, layer, plan, scale, rec)
+            if self.config.overlap_on(layer.device):
+                future = self._host_worker().submit(self._host_side, q_host, ready, layer, plan, scale, rec)
         t0 = time.perf_counter()
         with rec.span("window"):
             wpart = plan.window(q, layer.fast.k, layer.fast.v, layer.fast.lengths, scale)
@@ -195,7 +208,8 @@ class HeteroAttention:
             with rec.span("transfer"):
                 hpart = PartialAttention(hpart.out.to(q.device, non_blocking=True),
                                          hpart.lse.to(q.device, non_blocking=True))
-            rows = int((selection.indices >= 0).sum())
+            idx = selection.indices  # numpy on the host: a torch reduction costs ~50 us with a decode step's cold caches
+            rows = int(np.count_nonzero(idx.numpy() >= 0)) if idx.device.type == "cpu" else int((idx >= 0).sum())
             if layer.head_budget is not None:
                 layer.head_budget.update(wpart, hpart, layer.retriever)
         else:
@@ -210,7 +224,9 @@ class HeteroAttention:
         with rec.span("merge"):
             merged = merge([wpart, hpart])
             out = merged.out.to(q.dtype)
+        native = [s for part in (plan.window, plan.host, layer.retriever) for s in part.take_native_spans()] \
+            if self.native_trace else []  # taken every step: nothing piles up when no details are asked for
         if not return_details:
             return out
-        return DecodeResult(out, wpart, hpart, selection, rec.totals_ms(), rec.spans, rows,
+        return DecodeResult(out, wpart, hpart, selection, rec.totals_ms(), rec.spans + native, rows,
                             balancer.critical if has_host else "window", window_ms, host_ms)

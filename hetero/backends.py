@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .errors import BackendUnavailableError, ConfigError
+from .timing import Span
 from .types import HostView, PartialAttention, Selection
 
 
@@ -47,6 +48,13 @@ class Backend(ABC):
         if self.head_dims is not None and head_dim not in self.head_dims:
             reasons.append(f"head_dim {head_dim} not in {list(self.head_dims)}")
         return reasons
+
+    def set_native_trace(self, on: bool) -> None:
+        """Record the busy spans of this backend's own native threads (``take_native_spans``); none by default."""
+
+    def take_native_spans(self) -> List[Span]:
+        """Spans of this backend's native pool threads since the last call (empty unless it has such threads)."""
+        return []
 
 
 class WindowBackend(Backend):

@@ -80,6 +80,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=5, help="decode steps measured (5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (all cores)")
+    p.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
+                   help="the two sides of a step side by side (on) or one after the other (off); auto: side by side "
+                        "when the fast tier is on CUDA")
     p.add_argument("--window-backend", default="auto")
     p.add_argument("--host-backend", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -106,7 +109,8 @@ def _profile(ns: argparse.Namespace) -> int:
     if ns.workload == "real" and (heads, kv_heads, head_dim) != PRESETS["smollm2"]:
         raise HeteroError("--workload real is SmolLM2's attention: use --preset smollm2 (9 q / 3 kv heads, head_dim 64)")
     config = HeteroConfig(window=ns.window, sinks=ns.sinks, budget=ns.budget, retriever=ns.retriever,
-                          threads=ns.threads, window_backend=ns.window_backend, host_backend=ns.host_backend)
+                          threads=ns.threads, window_backend=ns.window_backend, host_backend=ns.host_backend,
+                          overlap={"auto": "auto", "on": True, "off": False}[ns.overlap])
     log = (lambda s: None) if ns.json else _stderr
     if ns.model:
         from .profile_model import profile_model
@@ -118,7 +122,8 @@ def _profile(ns: argparse.Namespace) -> int:
     if ns.workload == "real" and context + ns.steps > 8192:
         raise HeteroError(f"the real workload has 8192 tokens: --context {context} + --steps {ns.steps} is too long")
     args = ProfileArgs(context=context, batch=ns.batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                       steps=ns.steps, seed=ns.seed, kv_dtype=ns.kv_dtype, workload=ns.workload, layer=ns.layer)
+                       steps=ns.steps, seed=ns.seed, kv_dtype=ns.kv_dtype, workload=ns.workload, layer=ns.layer,
+                       native_threads=bool(ns.trace))
     try:
         result = run_profile(config, args, log=log, progress=None if ns.json else progress)
     except ValueError as e:

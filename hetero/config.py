@@ -74,8 +74,11 @@ class HeteroConfig:
     block_tokens: host-tier page size in tokens (>= 1).
     dense_layers: layer indices kept fully on the fast device (no host tier, exact attention).
     scale: softmax scale (None: ``1/sqrt(head_dim)``).
-    overlap: run the host side on a background worker while the window side runs (False: one after the
-        other, same results bit for bit).
+    overlap: ``"auto"`` (default), True or False. True runs the host side on a background worker while the window
+        side runs; False runs them one after the other on the caller's thread, each with every thread (the same
+        results bit for bit). ``"auto"``: True when the fast tier is on CUDA (the window leaves the CPU to the host
+        side), False when it is on the CPU, where both sides share the same cores and memory bus (measured on 2
+        vCPUs, 128K tokens: 5.2 ms per step one after the other, 6.0-7.3 ms side by side; docs/performance.md).
     balance: ``"fixed"`` thread split and budget, or ``"auto"`` (``hetero/balance.py``): re-split threads
         and move the budget within ``[budget_floor, 2 x budget]`` from measured costs.
     budget_floor: the accuracy floor of ``balance="auto"`` (same units as ``budget``; None: ``budget / 2``).
@@ -96,7 +99,7 @@ class HeteroConfig:
     block_tokens: int = 256
     dense_layers: Tuple[int, ...] = ()
     scale: Optional[float] = None
-    overlap: bool = True
+    overlap: Union[bool, str] = "auto"
     balance: str = "fixed"
     budget_floor: Optional[Union[int, float]] = None
 
@@ -142,8 +145,8 @@ class HeteroConfig:
         if not all(_is_int(x) and x >= 0 for x in layers) or len(set(layers)) != len(layers):
             raise _fail("dense_layers", self.dense_layers, "distinct ints >= 0")
         object.__setattr__(self, "dense_layers", tuple(sorted(layers)))
-        if not isinstance(self.overlap, bool):
-            raise _fail("overlap", self.overlap, "True or False")
+        if not isinstance(self.overlap, bool) and self.overlap != "auto":
+            raise _fail("overlap", self.overlap, "'auto', True or False")
         if self.balance not in ("fixed", "auto"):
             raise _fail("balance", self.balance, "'fixed' or 'auto'")
         f = self.budget_floor
@@ -153,6 +156,10 @@ class HeteroConfig:
         if self.scale is not None and not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale)
                                            and self.scale > 0):
             raise _fail("scale", self.scale, "None or a finite float > 0")
+
+    def overlap_on(self, device: torch.device) -> bool:
+        """Whether the two sides of a decode step run side by side when the fast tier is on ``device``."""
+        return self.overlap if isinstance(self.overlap, bool) else torch.device(device).type == "cuda"
 
     @property
     def torch_kv_dtype(self) -> Optional[torch.dtype]:

@@ -142,7 +142,7 @@ def _classes():
                 # the indexer doubles as the host worker: a layer's index add and its search share one FIFO
                 # thread (no cross-thread wait in the decode step)
                 cfg = self.config.with_(scale=scaling)
-                self._attention = HeteroAttention(cfg, host_worker=self.indexer if cfg.overlap else None)
+                self._attention = HeteroAttention(cfg, host_worker=self.indexer)
             return self._attention
 
         def close(self) -> None:

@@ -45,6 +45,7 @@ class ProfileArgs:
     kv_dtype: str = "bfloat16"
     workload: str = "synthetic"  # or "real": captured SmolLM2 attention (hetero.workloads.real)
     layer: int = 15              # real workload: which layer
+    native_threads: bool = False  # spans of the native kernels' pool threads too (a trace's thread tracks)
 
 
 def dense_sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
@@ -136,7 +137,8 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
     # separate indexer thread cost ~1 ms per step in GIL hand-offs on 2 vCPUs).
     indexer = Worker("hetero-host")
     layer = LayerCache(config.with_(kv_dtype=args.kv_dtype), indexer=indexer)
-    attn = HeteroAttention(layer.config, host_worker=indexer if config.overlap else None)
+    attn = HeteroAttention(layer.config, host_worker=indexer)  # used when the step overlaps (config.overlap)
+    attn.native_trace = args.native_threads
     t = time.perf_counter()
     ctx = progress(f"prefill: {n0:,} tokens into the tiers, building the {config.retriever} index") if progress \
         else contextlib.nullcontext()
@@ -197,7 +199,7 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
         "kv_dtype": args.kv_dtype, "workload": args.workload, "window": config.window, "sinks": config.sinks,
         "budget": config.budget, "budget_per": config.budget_per, "retriever": config.retriever,
         "backends": {"window": plan.window.name, "host": plan.host.name},
-        "threads": config.resolved_threads, "overlap": config.overlap, "steps": workload.steps,
+        "threads": config.resolved_threads, "overlap": config.overlap_on(layer.device), "steps": workload.steps,
         "dense_ms": round(d_ms, 4), "hetero_ms": round(h_ms, 4),
         "speedup": round(d_ms / h_ms, 4) if h_ms > 0 else None,
         "rel_error": max(errors) if errors else None, "rel_error_mean": _median(errors),

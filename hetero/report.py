@@ -20,10 +20,13 @@ def progress(description: str):
 
 
 def verdict(r: Dict) -> str:
-    """One line naming the side the decode step waited on."""
+    """One line naming the side the decode step waited on (overlapped), or the larger side (one after the other)."""
     side = "host side (retrieval + host attention)" if r["critical_path"] == "host" else "fast-tier window side"
     share = r.get("critical_share")
-    return (f"{side} is the critical path: {100 * share:.0f} % of the step" if share else f"{side} is the critical path")
+    if r.get("overlap", True):
+        return (f"{side} is the critical path: {100 * share:.0f} % of the step" if share else
+                f"{side} is the critical path")
+    return f"{side} takes the larger part of the step" + (f": {100 * share:.0f} %" if share else "")
 
 
 def _bytes(n: int) -> str:
@@ -50,7 +53,8 @@ def print_profile(r: Dict, console: Console = None) -> None:
             f"{r['heads']} q / {r['kv_heads']} kv heads, head_dim {r['head_dim']}, {r['kv_dtype']} KV, "
             f"{r['threads']} threads")
     cfg = (f"window {r['window']} + {r['sinks']} sinks, budget {r['budget']}, retriever {r['retriever']}, "
-           f"backends window={r['backends']['window']} host={r['backends']['host']}")
+           f"backends window={r['backends']['window']} host={r['backends']['host']}, sides "
+           f"{'side by side' if r.get('overlap', True) else 'one after the other'}")
     console.print(f"[bold]hetero profile[/bold]  {head}\n  {cfg}")
     phases = Table(title="hetero decode step, one layer (median of steps)")
     phases.add_column("phase")
@@ -78,8 +82,9 @@ def print_profile(r: Dict, console: Console = None) -> None:
         ("retriever index", _bytes(mem["index_bytes"])),
     ]))
     if "critical_path" in r:
-        console.print(f"[bold]verdict:[/bold] {verdict(r)}; phases of the two sides overlap, so their sum exceeds "
-                      "the step")
+        tail = ("phases of the two sides overlap, so their sum exceeds the step" if r.get("overlap", True) else
+                "the sides ran one after the other (--overlap on runs them side by side)")
+        console.print(f"[bold]verdict:[/bold] {verdict(r)}; {tail}")
 
 
 def print_model_profile(r: Dict, console: Console = None) -> None:

@@ -98,7 +98,7 @@ BAD_CONFIGS = [
     ({"kv_dtype": "int8"}, "kv_dtype"), ({"threads": 0}, "threads"), ({"block_tokens": 0}, "block_tokens"),
     ({"group_rule": "max"}, "group_rule"), ({"host_backend": "cuda"}, "host_backend"),
     ({"dense_layers": (1, 1)}, "dense_layers"), ({"dense_layers": (-1,)}, "dense_layers"),
-    ({"scale": 0}, "scale"), ({"window": True}, "window"),
+    ({"scale": 0}, "scale"), ({"window": True}, "window"), ({"overlap": "yes"}, "overlap"), ({"overlap": 1}, "overlap"),
 ]
 
 

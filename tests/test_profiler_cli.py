@@ -47,10 +47,32 @@ def test_profile_presets(preset):
     assert (r["heads"], r["kv_heads"]) == {"qwen2-7b": (28, 4), "smollm2": (9, 3)}[preset]
 
 
-def test_profile_table_has_verdict():
-    p = _run("profile", "--context", "4000", "--heads", "8", "--kv-heads", "2", "--steps", "2")
+@pytest.mark.parametrize("overlap,words", [("on", "critical path"), ("off", "larger part of the step"),
+                                           ("auto", "larger part of the step")])  # auto on a CPU: one after the other
+def test_profile_table_has_verdict(overlap, words):
+    p = _run("profile", "--context", "4000", "--heads", "8", "--kv-heads", "2", "--steps", "2", "--overlap", overlap)
     assert p.returncode == 0, p.stderr
-    assert "critical path" in p.stdout and "share of step" in p.stdout
+    text = " ".join(p.stdout.split())  # rich wraps long lines
+    assert words in text and "share of step" in text
+    assert ("side by side" if overlap == "on" else "one after the other") in text
+
+
+def test_trace_shows_the_native_pool_threads(tmp_path):
+    """With the sides one after the other (the CPU default) every phase runs on the main thread; the trace has a
+    track per native pool thread too, busy while the main thread's phase runs (the host kernel's few rows here may
+    all go to the calling thread before its pool thread wakes: its track is not required)."""
+    trace = tmp_path / "t.json"
+    p = _run("profile", "--context", "9000", "--heads", "8", "--kv-heads", "2", "--steps", "2", "--trace", str(trace))
+    assert p.returncode == 0, p.stderr
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "thread_name"}
+    assert {"cpp window pool 1", "cpp search pool 1"} <= set(names.values())
+    spans = [e for e in events if e.get("ph") == "X"]
+    for pool, phase in (("cpp window pool 1", "window"), ("cpp search pool 1", "retrieve")):
+        busy = [e for e in spans if names[e["tid"]] == pool]
+        main = [e for e in spans if names[e["tid"]] == "MainThread" and e["name"] == phase]
+        assert busy and all(e["name"] == phase for e in busy)
+        assert any(m["ts"] <= b["ts"] and b["ts"] + b["dur"] <= m["ts"] + m["dur"] + 1 for b in busy for m in main)
 
 
 @needs_model

@@ -69,6 +69,26 @@ def test_phases_are_torch_profiler_ranges():
     attn.close()
 
 
+def test_overlap_auto_runs_the_sides_one_after_the_other_when_the_fast_tier_is_on_the_cpu():
+    """overlap="auto" (the default): side by side with a CUDA fast tier, one after the other on the caller's thread
+    when the window shares the CPU with the host side; the same results as forcing either."""
+    assert HeteroConfig().overlap == "auto"
+    assert HeteroConfig().overlap_on(torch.device("cuda")) and not HeteroConfig().overlap_on(torch.device("cpu"))
+    assert HeteroConfig(overlap=True).overlap_on(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 8, 32, generator=gen)
+    outs = {}
+    for overlap in ("auto", False, True):
+        cfg, layer = _layers(overlap, "ivf-group")
+        attn = HeteroAttention(cfg)
+        res = attn.run(q, layer, return_details=True)
+        threads = {s.thread for s in res.spans if s.phase in ("retrieve", "host_attn")}
+        assert threads == ({"hetero-host"} if overlap is True else {"MainThread"}), (overlap, threads)
+        outs[overlap] = res.out
+        attn.close()
+    assert torch.equal(outs["auto"], outs[False]) and torch.equal(outs["auto"], outs[True])
+
+
 def test_phases_of_the_two_sides_overlap_in_time():
     cfg, layer = _layers(True, "exact", n=20000)
     attn = HeteroAttention(cfg)
