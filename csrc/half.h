@@ -28,4 +28,11 @@ inline float half_bits_to_float(uint16_t h) {
   return f;
 }
 
+// float -> bfloat16 bits, round to nearest even (finite inputs; the index's statistics are finite).
+inline uint16_t float_to_bf16_bits(float f) {
+  uint32_t bits;
+  __builtin_memcpy(&bits, &f, 4);
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
 }  // namespace

@@ -3,13 +3,15 @@
 #include <cmath>
 #include <vector>
 
+#include "half.h"
 #include "ivf_scan.h"
 
 namespace hetero {
 
 void ivf_encode_rows(const float* keys, int64_t H, int64_t n, int64_t D, const float* vmin, const float* inv_step,
                      int64_t bits, int64_t Dp, const uint64_t* codes, const uint64_t* ids, const int64_t* first_row,
-                     int32_t first_id, const float* values, const uint64_t* tail_ksum, const uint64_t* tail_vsum) {
+                     int32_t first_id, const float* values, const uint64_t* tail_ksum, const uint64_t* tail_vsum,
+                     const uint64_t* tail_vmean, int64_t tail_count) {
   const float levels = bits == 4 ? 15.0f : 255.0f;
   const int64_t row_bytes = bits == 4 ? Dp / 2 : Dp;
   std::vector<uint8_t> code(Dp);
@@ -32,11 +34,13 @@ void ivf_encode_rows(const float* keys, int64_t H, int64_t n, int64_t D, const f
     if (!values) continue;
     float* ksum = reinterpret_cast<float*>(tail_ksum[h]);
     float* vsum = reinterpret_cast<float*>(tail_vsum[h]);
+    uint16_t* vmean = reinterpret_cast<uint16_t*>(tail_vmean[h]);
     for (int64_t j = 0; j < n; ++j)
       for (int64_t d = 0; d < D; ++d) {
         ksum[d] += keys[(h * n + j) * D + d];
         vsum[d] += values[(h * n + j) * D + d];
       }
+    for (int64_t d = 0; d < D; ++d) vmean[d] = float_to_bf16_bits(vsum[d] / static_cast<float>(tail_count));
   }
 }
 

@@ -133,14 +133,14 @@ struct IvfSearchArgs {
   // Optional (est_out = nullptr: skip): attention over the host tokens the search did not select, estimated per
   // list from its mean key and mean value (every unselected member counted at the list's mean). Query g of the
   // item attends the union (per_query_counts = 0) or its own top set (1); for list l with c_l members of which
-  // n_l are not attended: logit = scale * qe_g . mean_key_l + log(n_l), value = vsum_l / c_l (lists with n_l = 0
-  // drop out). Lists l < nlist - 1 take qe_g . mean_key_l = (qe_g . centroid_l) * mean_norm[l] (centroids_t
+  // n_l are not attended: logit = scale * qe_g . mean_key_l + log(n_l), value = vmean_l (lists with n_l = 0 drop
+  // out). Lists l < nlist - 1 take qe_g . mean_key_l = (qe_g . centroid_l) * mean_norm[l] (centroids_t
   // holds each list's unit mean direction); the tail list's mean key is tail_ksum / c_tail.
   const float* qe;             // [items, Ge, D] float32: the queries estimated for (q itself unless the sum rule)
   int64_t Ge;
   const uint64_t* mean_norm;   // [items] -> float32 [nlist - 1]: |mean key| of each list
   const uint64_t* tail_ksum;   // [items] -> float32 [D]: sum of the tail list's keys
-  const uint64_t* vsum;        // [items] -> float32 [nlist, D]: sum of each list's values (the tail's last)
+  const uint64_t* vmean;       // [items] -> bfloat16 [nlist, D]: mean value of each list (the tail's last)
   int per_query_counts;
   float* est_out;              // [items, Ge, D]
   float* est_lse;              // [items, Ge]
@@ -151,10 +151,12 @@ struct IvfSearchArgs {
 // inv_step), 0, 2^bits - 1) per dimension (vmin, inv_step [H, D]; retrieval/ivf_group.py's _SeqIndex.encode, the
 // same float32 operations), 4-bit codes packed as score4 reads them, zero from D to Dp.
 // With values ([H, n, D] float32, or nullptr: skipped), the tail list's statistics of item h follow (the estimate's):
-// tail_ksum[h] / tail_vsum[h] (float32 [D]) += the keys / values, one key at a time.
+// tail_ksum[h] / tail_vsum[h] (float32 [D]) += the keys / values, one key at a time, and tail_vmean[h] (bfloat16
+// [D]) = tail_vsum[h] / tail_count, rounded to nearest even.
 void ivf_encode_rows(const float* keys, int64_t H, int64_t n, int64_t D, const float* vmin, const float* inv_step,
                      int64_t bits, int64_t Dp, const uint64_t* codes, const uint64_t* ids, const int64_t* first_row,
-                     int32_t first_id, const float* values, const uint64_t* tail_ksum, const uint64_t* tail_vsum);
+                     int32_t first_id, const float* values, const uint64_t* tail_ksum, const uint64_t* tail_vsum,
+                     const uint64_t* tail_vmean, int64_t tail_count);
 
 // The G queries of one item in code space (QueryCodes.quantize in retrieval/ivf_group.py, the same float32
 // operations, so the same bits): x = q * step, qscale = max |x| / 127 (1 for a zero query), qi = rint(x / qscale)
@@ -179,7 +181,6 @@ struct IvfScratch {
   std::vector<int32_t> attended;  // [Ge or 1, nlist] attended rows per list
   std::vector<float> escores;     // [Ge, nlist - 1] centroid scores of qe (when it is not q)
   std::vector<float> logits;      // [Ge, nlist]
-  std::vector<float> inv_count;   // [nlist]
   std::vector<int64_t> rows;      // [nlist]
   std::vector<float> log_n;       // log(i), i < size
 };

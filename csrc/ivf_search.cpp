@@ -130,8 +130,6 @@ void estimate_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, Ivf
   const float neg_inf = -__builtin_inff();
   s.logits.resize(Ge * a.nlist);
   s.rows.resize(a.nlist);
-  s.inv_count.resize(a.nlist);
-  for (int64_t l = 0; l <= L; ++l) s.inv_count[l] = count[l] > 0 ? 1.0f / static_cast<float>(count[l]) : 0.0f;
   for (int64_t g = 0; g < Ge; ++g) {
     const int32_t* att = s.attended.data() + (a.per_query_counts ? g * a.nlist : 0);
     float* x = s.logits.data() + g * a.nlist;
@@ -144,10 +142,10 @@ void estimate_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, Ivf
     float dot = 0.0f;
     if (rest > 0)
       for (int64_t d = 0; d < D; ++d) dot += qe[g * D + d] * tail_ksum[d];
-    x[L] = rest > 0 ? a.scale * dot * s.inv_count[L] + s.log_n[rest] : neg_inf;
+    x[L] = rest > 0 ? a.scale * dot / static_cast<float>(count[L]) + s.log_n[rest] : neg_inf;
   }
-  kernels.estimate(s.logits.data(), Ge, a.nlist, a.nlist, reinterpret_cast<const float*>(a.vsum[item]),
-                   s.inv_count.data(), D, s.rows.data(), a.est_out + item * Ge * D, a.est_lse + item * Ge);
+  kernels.estimate(s.logits.data(), Ge, a.nlist, a.nlist, reinterpret_cast<const uint16_t*>(a.vmean[item]), D,
+                   s.rows.data(), a.est_out + item * Ge * D, a.est_lse + item * Ge);
 }
 
 }  // namespace

@@ -177,13 +177,13 @@ class Runner {
                   uintptr_t list_start, uintptr_t list_count, int64_t nlist, uintptr_t probe, uintptr_t k,
                   uintptr_t n_tokens, uintptr_t top, int64_t kmax, uintptr_t union_ids, uintptr_t union_count,
                   uintptr_t scanned, uintptr_t k_ref, double scale, uintptr_t missed_lse, uintptr_t qe, int64_t Ge,
-                  uintptr_t mean_norm, uintptr_t tail_ksum, uintptr_t vsum, int per_query_counts, uintptr_t est_out,
+                  uintptr_t mean_norm, uintptr_t tail_ksum, uintptr_t vmean, int per_query_counts, uintptr_t est_out,
                   uintptr_t est_lse) {
     if (items < 0 || G < 1 || D < 1 || Dp < D || Dp % (bits == 4 ? 32 : 16) != 0 || nlist < 1 || kmax < 0 ||
         (bits != 4 && bits != 8))
       throw std::invalid_argument("ivf_search: invalid sizes (need G >= 1, bits 4 or 8, Dp >= D a multiple of 16 "
                                   "(32 for 4 bits), nlist >= 1)");
-    if (est_out && (Ge < 1 || !qe || !mean_norm || !tail_ksum || !vsum || !est_lse || (per_query_counts && Ge != G)))
+    if (est_out && (Ge < 1 || !qe || !mean_norm || !tail_ksum || !vmean || !est_lse || (per_query_counts && Ge != G)))
       throw std::invalid_argument("ivf_search: an estimate needs Ge >= 1 queries, its list statistics and outputs "
                                   "(per-query counts need Ge == G)");
     IvfSearchArgs a{reinterpret_cast<const float*>(q), D, reinterpret_cast<const uint64_t*>(centroids),
@@ -196,7 +196,7 @@ class Runner {
                     reinterpret_cast<const int64_t*>(k_ref), static_cast<float>(scale),
                     reinterpret_cast<float*>(missed_lse), reinterpret_cast<const float*>(qe), Ge,
                     reinterpret_cast<const uint64_t*>(mean_norm), reinterpret_cast<const uint64_t*>(tail_ksum),
-                    reinterpret_cast<const uint64_t*>(vsum), per_query_counts, reinterpret_cast<float*>(est_out),
+                    reinterpret_cast<const uint64_t*>(vmean), per_query_counts, reinterpret_cast<float*>(est_out),
                     reinterpret_cast<float*>(est_lse)};
     py::gil_scoped_release release;
     std::lock_guard<std::mutex> lock(mu_);
@@ -332,17 +332,18 @@ PYBIND11_MODULE(_sparse_cpp, m) {
       "ivf_encode_rows",
       [](uintptr_t keys, int64_t H, int64_t n, int64_t D, uintptr_t vmin, uintptr_t inv_step, int64_t bits, int64_t Dp,
          uintptr_t codes, uintptr_t ids, uintptr_t first_row, int64_t first_id, uintptr_t values, uintptr_t tail_ksum,
-         uintptr_t tail_vsum) {
+         uintptr_t tail_vsum, uintptr_t tail_vmean, int64_t tail_count) {
         if (H < 0 || n < 0 || D < 1 || Dp < D || (bits != 4 && bits != 8) || Dp % (bits == 4 ? 32 : 16) != 0)
           throw std::invalid_argument("ivf_encode_rows: need bits 4 or 8, 1 <= D <= Dp, Dp a multiple of 16 (32)");
-        if (values && (!tail_ksum || !tail_vsum))
-          throw std::invalid_argument("ivf_encode_rows: values need the tail statistics");
+        if (values && (!tail_ksum || !tail_vsum || !tail_vmean || tail_count < n))
+          throw std::invalid_argument("ivf_encode_rows: values need the tail statistics and tail_count >= n");
         hetero::ivf_encode_rows(reinterpret_cast<const float*>(keys), H, n, D, reinterpret_cast<const float*>(vmin),
                                 reinterpret_cast<const float*>(inv_step), bits, Dp,
                                 reinterpret_cast<const uint64_t*>(codes), reinterpret_cast<const uint64_t*>(ids),
                                 reinterpret_cast<const int64_t*>(first_row), static_cast<int32_t>(first_id),
                                 reinterpret_cast<const float*>(values), reinterpret_cast<const uint64_t*>(tail_ksum),
-                                reinterpret_cast<const uint64_t*>(tail_vsum));
+                                reinterpret_cast<const uint64_t*>(tail_vsum),
+                                reinterpret_cast<const uint64_t*>(tail_vmean), tail_count);
       },
       "Encode keys into ivf-group code arenas at given rows (the decode step's tail append) and, with values, update "
       "the tail list's statistics; buffers checked by retrieval/ivf_group.py");

@@ -52,15 +52,14 @@ void sparse_item_avx512_bf16(const SparseArgs& a, int64_t b, int64_t h, int64_t 
                              float* lse_g, float* scratch);
 
 // Attention over rows with given logits (sparse_kernel.inc, attend_logits_impl): logits [G, stride] float32
-// (overwritten), values vrows [R, D] float32 each scaled by row_scale [R], rows: scratch of R int64; out [G, D],
-// lse [G]. One per ISA.
-using AttendLogitsFn = void (*)(float* logits, int64_t G, int64_t R, int64_t stride, const float* vrows,
-                                const float* row_scale, int64_t D, int64_t* rows, float* out, float* lse);
-void attend_logits_scalar(float* logits, int64_t G, int64_t R, int64_t stride, const float* vrows,
-                          const float* row_scale, int64_t D, int64_t* rows, float* out, float* lse);
-void attend_logits_avx2(float* logits, int64_t G, int64_t R, int64_t stride, const float* vrows,
-                        const float* row_scale, int64_t D, int64_t* rows, float* out, float* lse);
-void attend_logits_avx512(float* logits, int64_t G, int64_t R, int64_t stride, const float* vrows,
-                          const float* row_scale, int64_t D, int64_t* rows, float* out, float* lse);
+// (overwritten), values vrows [R, D] bfloat16 bits, rows: scratch of R int64; out [G, D], lse [G]. One per ISA.
+using AttendLogitsFn = void (*)(float* logits, int64_t G, int64_t R, int64_t stride, const uint16_t* vrows,
+                                int64_t D, int64_t* rows, float* out, float* lse);
+void attend_logits_scalar(float* logits, int64_t G, int64_t R, int64_t stride, const uint16_t* vrows,
+                          int64_t D, int64_t* rows, float* out, float* lse);
+void attend_logits_avx2(float* logits, int64_t G, int64_t R, int64_t stride, const uint16_t* vrows,
+                        int64_t D, int64_t* rows, float* out, float* lse);
+void attend_logits_avx512(float* logits, int64_t G, int64_t R, int64_t stride, const uint16_t* vrows,
+                          int64_t D, int64_t* rows, float* out, float* lse);
 
 }  // namespace hetero

@@ -81,9 +81,9 @@ void sparse_item_avx2(const SparseArgs& a, int64_t b, int64_t h, int64_t j0, int
                       float* lse_g, float* scratch) {
   dispatch_item<Avx2V>(a, b, h, j0, j1, out_g, lse_g, scratch);
 }
-void attend_logits_avx2(float* logits, int64_t G, int64_t R, int64_t stride, const float* vrows,
-                        const float* row_scale, int64_t D, int64_t* rows, float* out, float* lse) {
-  attend_logits_impl<Avx2V>(logits, G, R, stride, vrows, row_scale, D, rows, out, lse);
+void attend_logits_avx2(float* logits, int64_t G, int64_t R, int64_t stride, const uint16_t* vrows,
+                        int64_t D, int64_t* rows, float* out, float* lse) {
+  attend_logits_impl<Avx2V>(logits, G, R, stride, vrows, D, rows, out, lse);
 }
 }  // namespace hetero
 #else
@@ -92,9 +92,9 @@ void sparse_item_avx2(const SparseArgs& a, int64_t b, int64_t h, int64_t j0, int
                       float* lse_g, float* scratch) {
   sparse_item_scalar(a, b, h, j0, j1, out_g, lse_g, scratch);
 }
-void attend_logits_avx2(float* logits, int64_t G, int64_t R, int64_t stride, const float* vrows,
-                        const float* row_scale, int64_t D, int64_t* rows, float* out, float* lse) {
-  attend_logits_scalar(logits, G, R, stride, vrows, row_scale, D, rows, out, lse);
+void attend_logits_avx2(float* logits, int64_t G, int64_t R, int64_t stride, const uint16_t* vrows,
+                        int64_t D, int64_t* rows, float* out, float* lse) {
+  attend_logits_scalar(logits, G, R, stride, vrows, D, rows, out, lse);
 }
 }  // namespace hetero
 #endif

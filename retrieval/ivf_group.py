@@ -31,14 +31,14 @@ each query head keeps its exact top-k over every row scanned for the group. Per 
 * Group rules: ``union`` (of the per-head top-k sets), ``per-head`` (the same rows, each head attends only
   its own top-k), ``sum`` (one search with the group's summed query).
 * List statistics: each list keeps the sum of its members' keys and values; ``centroids_t`` holds each list's unit
-  mean direction (what probing ranks by; faiss's k-means centroids only assign new keys), and the mean key's norm
-  sits beside it.
+  mean direction (float16; what probing ranks by; faiss's k-means centroids only assign new keys), and the mean
+  key's norm and the mean value (bfloat16) sit beside it.
 * Estimate of the rest (``estimate=True``, the default): the host tokens a search does not select still carry
   attention mass, and dropping them renormalizes the softmax over the selected ones. The search returns, with its
   Selection, attention over the unselected tokens estimated per list: each list's ``n`` unselected members count
   as ``n`` copies of its mean key and mean value (logit ``scale * q . mean_key + log n``), the lists' means fused
-  exactly like real rows (RetroInfer's estimation zone, at list granularity). It reads one value-sum row per list
-  (the centroid scores it reuses from probing). On real attention (SmolLM2, all layers, 2 % budget) it cut the
+  exactly like real rows (RetroInfer's estimation zone, at list granularity). It reads one bfloat16 mean-value
+  row per list (the centroid scores it reuses from probing). On real attention (SmolLM2, all layers, 2 % budget) it cut the
   output error ~3x; a Jensen correction from the lists' key variance made it worse there (docs/performance.md).
 
 Without the C++ extension the same search runs in PyTorch (``search_torch``: the reference, much slower),
@@ -82,6 +82,17 @@ def _blocks(rows):
     return -(-rows // BLOCK) * BLOCK
 
 
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), round to nearest even: the C++ encode's float_to_bf16_bits, bit for bit."""
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+
+
+def bf16_values(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bits -> float32 values."""
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
 def block_rows(codes: np.ndarray) -> np.ndarray:
     """Code rows ``[n, row_bytes]`` uint8 in the arena's blocked layout: ``[ceil(n / 16), row_bytes / 4, 16, 4]``
     (block, 4-byte group, row in block, byte), zero rows padding the last block. This is the memory layout the
@@ -102,9 +113,10 @@ class _Addrs(NamedTuple):
     count: int       # list sizes [L + 1] int64
     centroids: int   # unit mean directions [D, L] float16
     mean_norm: int   # |mean key| [L] float32
-    vsum: int        # value sums [L + 1, D] float32
+    vmean: int       # mean values [L + 1, D] bfloat16
     tail_ksum: int   # the tail list's key sum [D] float32
     tail_vsum: int   # the tail list's value sum [D] float32
+    tail_vmean: int  # the tail list's mean value [D] bfloat16
 
 
 class _SeqIndex:
@@ -145,10 +157,12 @@ class _SeqIndex:
         self._alloc(_blocks(int(self.used.max()) + n // 16 + 64))
         self.tail_keys = torch.empty(hkv, TAIL_TOKENS, d)           # float keys of the tail, for assignment
         self.tail_values = torch.empty(hkv, TAIL_TOKENS, d)
-        # Per (head, list), the tail list last: sums of the members' keys and values, and the mean key's norm (its
-        # direction is centroids_t's column). Float32 [Hkv, L + 1, D] / [Hkv, L].
+        # Per (head, list), the tail list last: sums of the members' keys and values (float32 [Hkv, L + 1, D]), the
+        # mean key's norm (float32 [Hkv, L]; its direction is centroids_t's column) and the mean value (bfloat16 bits
+        # [Hkv, L + 1, D]: what the estimate reads, half the bytes of float32, ample for an estimate).
         self.ksum = np.zeros((hkv, nlist + 1, d), dtype=np.float32)
         self.vsum = np.zeros_like(self.ksum)
+        self.vmean = np.zeros((hkv, nlist + 1, d), dtype=np.uint16)
         self.mean_norm = np.zeros((hkv, nlist), dtype=np.float32)
         self._insert(keys, values, np.arange(n, dtype=np.int32), assign)
 
@@ -234,7 +248,7 @@ class _SeqIndex:
             a = self.pointers()
             ext.ivf_encode_rows(keys.data_ptr(), hkv, n, keys.shape[2], *self._range_addrs, self.bits, self.dp,
                                 a.codes, a.ids, first_rows.ctypes.data, first_id, values.data_ptr(), a.tail_ksum,
-                                a.tail_vsum)
+                                a.tail_vsum, a.tail_vmean, t + n)
         else:
             rows = self.start[:, tail, None] + t + np.arange(n)         # [Hkv, n]
             heads = np.arange(hkv)[:, None]
@@ -243,6 +257,7 @@ class _SeqIndex:
             for j in range(n):  # one key at a time, in the kernel's order (the same float32 sums)
                 self.ksum[:, tail] += keys[:, j].numpy()
                 self.vsum[:, tail] += values[:, j].numpy()
+            self.vmean[:, tail] = bf16_bits(self.vsum[:, tail] / np.float32(t + n))
         self.tail_keys[:, t:t + n] = keys
         self.tail_values[:, t:t + n] = values
         self.count[:, tail] += n
@@ -257,8 +272,8 @@ class _SeqIndex:
         first = int(self.start[0, self.nlist])
         ids = self.ids[0, first:first + t].copy()  # the same positions in every head's tail
         self.count[:, self.nlist] = 0
-        for stat in (self.ksum, self.vsum):
-            stat[:, self.nlist] = 0.0
+        for stat in (self.ksum, self.vsum, self.vmean):
+            stat[:, self.nlist] = 0
         self._insert(self.tail_keys[:, :t], self.tail_values[:, :t], ids)
 
     def _insert(self, keys: torch.Tensor, values: torch.Tensor, ids: np.ndarray,
@@ -290,12 +305,13 @@ class _SeqIndex:
         self._refresh(pairs)
 
     def _refresh(self, pairs: np.ndarray) -> None:
-        """Recompute the mean key's norm and unit direction of the (head, list) pairs ``pairs`` (flat ``head * (L +
-        1) + list``) from their sums; an empty list keeps its direction."""
+        """Recompute the mean value, the mean key's norm and unit direction of the (head, list) pairs ``pairs`` (flat
+        ``head * (L + 1) + list``) from their sums; an empty list keeps its direction."""
         lists = self.count.shape[1]
         h, lst = pairs // lists, pairs % lists
         cnt = self.count[h, lst].astype(np.float32)
         inv = np.divide(np.float32(1.0), cnt, out=np.zeros_like(cnt), where=cnt > 0)
+        self.vmean[h, lst] = bf16_bits(self.vsum[h, lst] * inv[:, None])
         ks = self.ksum[h, lst]
         norm = np.linalg.norm(ks, axis=1).astype(np.float32)
         own = lst < self.nlist  # the tail list has no direction (every search scans it)
@@ -327,8 +343,8 @@ class _SeqIndex:
                 return (base + np.arange(a.shape[0], dtype=np.uint64) * np.uint64(a.strides[0])).astype(np.uint64)
 
             arrays = (per_head(self.codes), per_head(self.ids), per_head(self.start), per_head(self.count),
-                      per_head(self.centroids_t), per_head(self.mean_norm), per_head(self.vsum),
-                      per_head(self.ksum, tail), per_head(self.vsum, tail))
+                      per_head(self.centroids_t), per_head(self.mean_norm), per_head(self.vmean),
+                      per_head(self.ksum, tail), per_head(self.vsum, tail), per_head(self.vmean, tail))
             self._pointers = (arrays, _Addrs(*(a.ctypes.data for a in arrays)))  # the arrays keep them valid
         return self._pointers[1]
 
@@ -349,7 +365,7 @@ class _SeqIndex:
     def nbytes(self) -> int:
         return (self.codes.nbytes + self.ids.nbytes + 3 * self.centroids_t.nbytes + 3 * self.count.nbytes
                 + 2 * self.tail_keys.numel() * 4  # centroids: ours (float16) and the faiss quantizers' (float32)
-                + self.ksum.nbytes + self.vsum.nbytes + self.mean_norm.nbytes)
+                + self.ksum.nbytes + self.vsum.nbytes + self.vmean.nbytes + self.mean_norm.nbytes)
 
 
 class IVFGroupRetriever(Retriever):
@@ -563,7 +579,7 @@ class IVFGroupRetriever(Retriever):
         est_args = (0, 0, 0, 0, 0, 0, 0, 0)
         if est is not None:
             qe = qg if qe is None else qe.to(torch.float32).contiguous()   # the same pointer: centroid scores reused
-            est_args = (qe.data_ptr(), qe.shape[1], a.mean_norm, a.tail_ksum, a.vsum,
+            est_args = (qe.data_ptr(), qe.shape[1], a.mean_norm, a.tail_ksum, a.vmean,
                         int(self.group_rule == "per-head" and g > 1), est[0].data_ptr(), est[1].data_ptr())
         self._runner.ivf_search(
             qg.data_ptr(), qg.shape[2], a.centroids, nprobe_p, index.step.data_ptr(), hkv, g, dp, index.bits,
@@ -604,8 +620,9 @@ def estimate_torch(index: _SeqIndex, qe: torch.Tensor, top: torch.Tensor, uni: t
                    per_query: bool, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """PyTorch reference of the kernel's estimate of the unselected tokens (float64 inside): ``qe [Hkv, Ge, D]``;
     ``top`` / ``uni`` / ``cnt`` as the search returns them (query g attends its own ``top[h, g]`` when
-    ``per_query``, else the union). Each list's unattended members count at its mean key and mean value, the mean
-    key of a list being its stored float16 direction times its norm (the tail's: its key sum / its size). Returns
+    ``per_query``, else the union). Each list's unattended members count at its mean key and mean value as the
+    index stores them: the mean key a float16 direction times its norm (the tail's: its key sum / its size), the
+    mean value in bfloat16. Returns
     ``out [Hkv, Ge, D]``, ``lse [Hkv, Ge]`` float32 (0 / -inf where nothing is left out)."""
     hkv, ge, d = qe.shape
     lists = index.nlist + 1
@@ -618,7 +635,7 @@ def estimate_torch(index: _SeqIndex, qe: torch.Tensor, top: torch.Tensor, uni: t
         mean_k = torch.from_numpy(index.ksum[h]).double() / count.clamp_min(1)[:, None]   # [L + 1, D]
         mean_k[: index.nlist] = (torch.from_numpy(index.centroids_t[h].astype(np.float64)).T
                                  * torch.from_numpy(index.mean_norm[h]).double()[:, None])
-        mean_v = torch.from_numpy(index.vsum[h]).double() / count.clamp_min(1)[:, None]
+        mean_v = torch.from_numpy(bf16_values(index.vmean[h])).double()                     # as stored: bfloat16
         for g in range(ge):
             rows = top[h, g] if per_query else uni[h, : int(cnt[h])]
             rows = rows[rows >= 0].long()
