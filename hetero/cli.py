@@ -78,6 +78,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retriever", choices=available_retrievers(), default="ivf-group")
     p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bfloat16")
     p.add_argument("--steps", type=_positive_int, default=5, help="decode steps measured (5)")
+    p.add_argument("--warmup", type=_nonneg_int, default=2,
+                   help="decode steps run first and reported apart, not in the medians (2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (all cores)")
     p.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
@@ -118,11 +120,13 @@ def _profile(ns: argparse.Namespace) -> int:
         result = profile_model(ns.model, config, ns.context or 4096, ns.steps, log=log)
         print(json.dumps(result)) if ns.json else print_model_profile(result)
         return 0
-    context = ns.context or (8192 - ns.steps if ns.workload == "real" else 32768)
-    if ns.workload == "real" and context + ns.steps > 8192:
-        raise HeteroError(f"the real workload has 8192 tokens: --context {context} + --steps {ns.steps} is too long")
+    decoded = ns.steps + ns.warmup
+    context = ns.context or (8192 - decoded if ns.workload == "real" else 32768)
+    if ns.workload == "real" and context + decoded > 8192:
+        raise HeteroError(f"the real workload has 8192 tokens: --context {context} + --steps {ns.steps} + --warmup "
+                          f"{ns.warmup} is too long")
     args = ProfileArgs(context=context, batch=ns.batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                       steps=ns.steps, seed=ns.seed, kv_dtype=ns.kv_dtype, workload=ns.workload, layer=ns.layer,
+                       steps=ns.steps, warmup=ns.warmup, seed=ns.seed, kv_dtype=ns.kv_dtype, workload=ns.workload, layer=ns.layer,
                        native_threads=bool(ns.trace))
     try:
         result = run_profile(config, args, log=log, progress=None if ns.json else progress)

@@ -4,6 +4,11 @@ For each decode step: the step's new key/value is appended to hetero's cache (ev
 and the retriever included in ``hetero_ms``) and to the dense KV; hetero runs; torch SDPA over all tokens
 in the KV dtype runs (``dense_ms``, what a user would otherwise run); and a float32 reference over the
 same stored KV gives ``rel_error = ||out - out_dense|| / ||out_dense||``.
+
+The first ``warmup`` steps run the same way and are reported apart (``warmup_ms``), not in the medians: right after
+a prefill, steps pay for first touches of the index and pool pages (2-5x a later step), and on a VM that hands
+freed memory back to its host, for that host reclaiming the prefill's temporaries (measured at 512K tokens: the
+2-4 steps after a 4 GB index build took 10-100 ms, later ones 5.5-6 ms).
 """
 from __future__ import annotations
 
@@ -40,7 +45,8 @@ class ProfileArgs:
     heads: int = 32
     kv_heads: int = 8
     head_dim: int = 128
-    steps: int = 5
+    steps: int = 5               # decode steps measured
+    warmup: int = 2              # decode steps run first, reported apart (when the profile builds its workload)
     seed: int = 0
     kv_dtype: str = "bfloat16"
     workload: str = "synthetic"  # or "real": captured SmolLM2 attention (hetero.workloads.real)
@@ -89,14 +95,15 @@ def reference_scratch(keys: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.T
     return torch.empty(shape, dtype=torch.float32), torch.empty(shape, dtype=torch.float32)
 
 
-def real_workload(context: int, steps: int, layer: int, dtype: torch.dtype) -> SyntheticWorkload:
+def real_workload(context: int, steps: int, layer: int, dtype: torch.dtype) -> SyntheticWorkload:  # steps: all
     """One layer of captured SmolLM2 attention as a workload: the first ``context`` tokens are the prompt,
     the next ``steps`` are decoded with their real queries (context + steps <= 8192)."""
     from .workloads.real import capture
 
     total = context + steps
     if total > 8192:
-        raise ValueError(f"the real workload has 8192 tokens: --context {context} + --steps {steps} is too long")
+        raise ValueError(f"the real workload has 8192 tokens: --context {context} + {steps} decode steps (warm-up "
+                         "included) is too long")
     # captures exist for 1024 and 8192 tokens (the smaller one builds in seconds)
     cap = capture(1024 if total <= 1024 else 8192)
     if layer not in cap.k:
@@ -111,21 +118,25 @@ def _median(xs: List[float]) -> float:
 
 def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[SyntheticWorkload] = None,
                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr), progress=None) -> Dict:
-    """Profile ``args.steps`` decode steps of one layer; returns the JSON-ready result dict. ``progress``:
-    optional callable ``(description)`` -> context manager, shown around long work (prefill, index build)."""
+    """Profile ``args.steps`` decode steps of one layer, after ``args.warmup`` steps reported apart; returns the
+    JSON-ready result dict. A given ``workload`` decodes all its steps: the ones beyond ``args.steps`` come first,
+    as warm-up. ``progress``: optional callable ``(description)`` -> context manager, shown around long work
+    (prefill, index build)."""
     from .config import KV_DTYPES
 
     torch.set_num_threads(config.resolved_threads)
     dtype = KV_DTYPES[args.kv_dtype]
     if workload is None:
+        total = args.steps + args.warmup
         if args.workload == "real":
             log(f"loading captured SmolLM2 attention, layer {args.layer}, context {args.context}")
-            workload = real_workload(args.context, args.steps, args.layer, dtype)
+            workload = real_workload(args.context, total, args.layer, dtype)
         else:
             log(f"building synthetic workload: context {args.context}, batch {args.batch}, "
                 f"{args.heads}/{args.kv_heads} heads, head_dim {args.head_dim}, {args.kv_dtype}")
             workload = make_synthetic(args.context, args.batch, args.heads, args.kv_heads, args.head_dim,
-                                      args.steps, dtype, args.seed)
+                                      total, dtype, args.seed)
+    warmup = max(0, workload.steps - args.steps)
     keys, values, n0 = workload.keys, workload.values, workload.context
     heads, kv_heads, head_dim = workload.queries.shape[2], keys.shape[1], keys.shape[3]
     scale = config.scale or default_scale(head_dim)
@@ -149,10 +160,13 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
     log(f"prefill into tiers: {prefill_s:.2f} s (host tier {layer.host_lengths()} tokens)")
     plan = attn.plan(layer)
 
-    dense_ms, hetero_ms, errors, rows, steps_out, spans = [], [], [], [], [], []
+    dense_ms, hetero_ms, errors, rows, steps_out, spans, warm_ms = [], [], [], [], [], [], []
     scratch = reference_scratch(keys, n0 + workload.steps)
     phases: Dict[str, List[float]] = {p: [] for p in PHASES}
     for step in range(workload.steps):
+        if step == warmup:  # the measured steps start here
+            dense_ms, hetero_ms, errors, rows, steps_out, spans = [], [], [], [], [], []
+            phases = {p: [] for p in PHASES}
         n = n0 + step + 1
         layer.add_spans.clear()
         t = time.perf_counter()
@@ -181,12 +195,14 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
             phases[p].append(step_phases[p])
         host_total = sum(layer.host_lengths()) * layer.kv_heads
         rows.append(res.rows_read / host_total if host_total else 0.0)
-        steps_out.append({"step": step, "hetero_ms": round(hetero_ms[-1], 4), "dense_ms": round(dense_ms[-1], 4),
-                          "rel_error": errors[-1], "window_ms": round(res.window_ms, 4),
+        steps_out.append({"step": step - warmup, "hetero_ms": round(hetero_ms[-1], 4),
+                          "dense_ms": round(dense_ms[-1], 4), "rel_error": errors[-1], "window_ms": round(res.window_ms, 4),
                           "host_ms": round(res.host_ms, 4), "critical": res.critical,
                           "phases": {p: round(v, 4) for p, v in step_phases.items()}})
-        log(f"step {step + 1}/{workload.steps}: hetero {hetero_ms[-1]:.2f} ms, dense {dense_ms[-1]:.2f} ms, "
-            f"rel_error {errors[-1]:.2e}")
+        if step < warmup:
+            warm_ms.append(round(hetero_ms[-1], 4))
+        what = f"warm-up {step + 1}/{warmup}" if step < warmup else f"step {step - warmup + 1}/{workload.steps - warmup}"
+        log(f"{what}: hetero {hetero_ms[-1]:.2f} ms, dense {dense_ms[-1]:.2f} ms, rel_error {errors[-1]:.2e}")
     attn.close()
     layer.wait_indexed()
     indexer.close()
@@ -199,7 +215,8 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
         "kv_dtype": args.kv_dtype, "workload": args.workload, "window": config.window, "sinks": config.sinks,
         "budget": config.budget, "budget_per": config.budget_per, "retriever": config.retriever,
         "backends": {"window": plan.window.name, "host": plan.host.name},
-        "threads": config.resolved_threads, "overlap": config.overlap_on(layer.device), "steps": workload.steps,
+        "threads": config.resolved_threads, "overlap": config.overlap_on(layer.device),
+        "steps": workload.steps - warmup, "warmup": warmup, "warmup_ms": warm_ms,
         "dense_ms": round(d_ms, 4), "hetero_ms": round(h_ms, 4),
         "speedup": round(d_ms / h_ms, 4) if h_ms > 0 else None,
         "rel_error": max(errors) if errors else None, "rel_error_mean": _median(errors),

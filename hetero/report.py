@@ -56,6 +56,9 @@ def print_profile(r: Dict, console: Console = None) -> None:
            f"backends window={r['backends']['window']} host={r['backends']['host']}, sides "
            f"{'side by side' if r.get('overlap', True) else 'one after the other'}")
     console.print(f"[bold]hetero profile[/bold]  {head}\n  {cfg}")
+    if r.get("warmup"):
+        console.print(f"  median of {r['steps']} decode steps, after {r['warmup']} warm-up steps "
+                      f"({', '.join(f'{x:.1f}' for x in r['warmup_ms'])} ms, not counted)")
     phases = Table(title="hetero decode step, one layer (median of steps)")
     phases.add_column("phase")
     phases.add_column("side")

@@ -39,6 +39,16 @@ def test_profile_trace_and_plot(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
+@pytest.mark.parametrize("warmup", [0, 1])
+def test_profile_warmup_steps_are_reported_apart(warmup):
+    p = _run("profile", "--context", "3000", "--heads", "8", "--kv-heads", "2", "--steps", "2", "--warmup",
+             str(warmup), "--json")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout)
+    assert (r["steps"], r["warmup"], len(r["per_step"]), len(r["warmup_ms"])) == (2, warmup, 2, warmup)
+    assert [s["step"] for s in r["per_step"]] == [0, 1] and all(ms > 0 for ms in r["warmup_ms"])
+
+
 @pytest.mark.parametrize("preset", ["qwen2-7b", "smollm2"])
 def test_profile_presets(preset):
     p = _run("profile", "--preset", preset, "--context", "3000", "--steps", "2", "--json")
