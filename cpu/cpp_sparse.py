@@ -67,6 +67,26 @@ def pool_spans(runner, pool: str, phase: str) -> List[Span]:
             if worker > 0]
 
 
+class RunnerBacked:
+    """Thread count and pool tracing of a backend that owns a C++ Runner (``self._runner``); ``pool`` and ``phase``
+    name its pool threads' spans in a trace."""
+
+    pool: str = "cpp"
+    phase: str = "?"
+
+    def set_threads(self, threads: int) -> None:
+        if self._runner.threads != int(threads):
+            self._runner.set_threads(int(threads))
+
+    def set_native_trace(self, on: bool) -> None:
+        if on != getattr(self, "_trace_on", False):  # called every step: a C++ call only on a change
+            self._runner.set_trace(on)
+            self._trace_on = on
+
+    def take_native_spans(self) -> List[Span]:
+        return pool_spans(self._runner, self.pool, self.phase)
+
+
 def run_sparse(runner, q, host, selection, scale, prefetch_rows: int) -> PartialAttention:
     """Call ``runner.sparse_attention`` on checked, contiguous buffers; returns float32 out/lse."""
     b, hq, d = q.shape
@@ -89,12 +109,13 @@ def run_sparse(runner, q, host, selection, scale, prefetch_rows: int) -> Partial
     return PartialAttention(out, lse)
 
 
-class CppSparseBackend(HostBackend):
+class CppSparseBackend(RunnerBacked, HostBackend):
     """Host attention in C++: each selected K/V row read once per GQA group, software prefetch
     ``prefetch_rows`` rows ahead, GIL released, the module's own thread pool."""
 
     name = "cpp"
     devices = ("cpu",)
+    pool, phase = "cpp host", "host_attn"
     # K|V rows this far ahead go to L2 (prefetcht2), K rows 8 ahead to L1. cpu-sparse benchmark, k = 2048, 2 threads:
     # bf16 7.1 / 8.8 / 8.8 GB/s and fp32 9.4 / 10.3 / 10.6 GB/s at 24 / 64 / 96 rows.
     prefetch_rows = 64
@@ -119,18 +140,6 @@ class CppSparseBackend(HostBackend):
     def __init__(self) -> None:
         ext = load()
         self._runner = ext.Runner(default_threads()) if ext is not None else None
-
-    def set_threads(self, threads: int) -> None:
-        if self._runner.threads != int(threads):
-            self._runner.set_threads(int(threads))
-
-    def set_native_trace(self, on: bool) -> None:
-        if on != getattr(self, "_trace_on", False):  # called every step: a C++ call only on a change
-            self._runner.set_trace(on)
-            self._trace_on = on
-
-    def take_native_spans(self) -> List[Span]:
-        return pool_spans(self._runner, "cpp host", "host_attn")
 
     def __call__(self, q, host, selection, scale) -> PartialAttention:
         return run_sparse(self._runner, q, host, selection, scale, self.prefetch_rows)

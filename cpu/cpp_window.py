@@ -11,15 +11,15 @@ from typing import List
 import torch
 
 from hetero.backends import WindowBackend
-from hetero.timing import Span
 from hetero.types import HostView, PartialAttention, Selection
 
-from .cpp_sparse import _load_error, default_threads, load, pool_spans, run_sparse
+from .cpp_sparse import RunnerBacked, _load_error, default_threads, load, run_sparse
 
 
-class CppWindowBackend(WindowBackend):
+class CppWindowBackend(RunnerBacked, WindowBackend):
     name = "cpp"
     devices = ("cpu",)
+    pool, phase = "cpp window", "window"
     max_group = 64
     # Contiguous rows still gain from software prefetch (4100 bf16 tokens x 8 KV heads from DRAM, one thread:
     # 3.3 ms without, 2.35 ms with 4-32 rows ahead; 1.84 -> 1.43 ms on two threads). With the L2/L1 split of
@@ -44,17 +44,6 @@ class CppWindowBackend(WindowBackend):
             reasons.append(f"GQA group larger than {self.max_group}")
         return reasons
 
-    def set_threads(self, threads: int) -> None:
-        if self._runner.threads != int(threads):
-            self._runner.set_threads(int(threads))
-
-    def set_native_trace(self, on: bool) -> None:
-        if on != getattr(self, "_trace_on", False):  # called every step: a C++ call only on a change
-            self._runner.set_trace(on)
-            self._trace_on = on
-
-    def take_native_spans(self) -> List[Span]:
-        return pool_spans(self._runner, "cpp window", "window")
 
     def _window_index(self, hkv: int, n: int) -> torch.Tensor:
         """``[1, hkv, n]`` int32, contiguous: every slot of the window. Kept between calls (n is fixed once the
