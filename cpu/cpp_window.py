@@ -44,7 +44,6 @@ class CppWindowBackend(RunnerBacked, WindowBackend):
             reasons.append(f"GQA group larger than {self.max_group}")
         return reasons
 
-
     def _window_index(self, hkv: int, n: int) -> torch.Tensor:
         """``[1, hkv, n]`` int32, contiguous: every slot of the window. Kept between calls (n is fixed once the
         window is full): building it from an expanded arange cost ~75 us per call."""

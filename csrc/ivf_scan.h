@@ -147,8 +147,8 @@ struct IvfSearchArgs {
 };
 
 // Encode n keys of each of H items (keys [H, n, D] float32) into their arenas (codes[h] / ids[h]: item h's code and
-// id arenas; codes in the blocked layout) at rows first_row[h] .. + n - 1, with host positions first_id ..: code = clamp(rint((key - vmin) *
-// inv_step), 0, 2^bits - 1) per dimension (vmin, inv_step [H, D]; retrieval/ivf_group.py's _SeqIndex.encode, the
+// id arenas; codes in the blocked layout) at rows first_row[h] .. + n - 1, with host positions first_id ..:
+// code = clamp(rint((key - vmin) * inv_step), 0, 2^bits - 1) per dimension (vmin, inv_step [H, D]; retrieval/ivf_group.py's _SeqIndex.encode, the
 // same float32 operations), 4-bit codes packed as score4 reads them, zero from D to Dp.
 // With values ([H, n, D] float32, or nullptr: skipped), the tail list's statistics of item h follow (the estimate's):
 // tail_ksum[h] / tail_vsum[h] (float32 [D]) += the keys / values, one key at a time, and tail_vmean[h] (bfloat16

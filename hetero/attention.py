@@ -1,5 +1,5 @@
 """``HeteroAttention``: one decode step of one layer = window part (fast device) + host part (retriever +
-CPU kernel) fused exactly by log-sum-exp, the two parts running concurrently.
+CPU kernel) fused exactly by log-sum-exp, the two parts running concurrently when the window is on a GPU.
 
 Per step and layer: the query goes to the host (pinned staging and a side stream on CUDA); the host side
 (wait for pending index adds, search, host kernel, result back) runs on a persistent worker thread while
@@ -208,7 +208,7 @@ class HeteroAttention:
             with rec.span("transfer"):
                 hpart = PartialAttention(hpart.out.to(q.device, non_blocking=True),
                                          hpart.lse.to(q.device, non_blocking=True))
-            idx = selection.indices  # numpy on the host: a torch reduction costs ~50 us with a decode step's cold caches
+            idx = selection.indices  # numpy on the host: a torch reduction costs ~50 us with the step's caches cold
             rows = int(np.count_nonzero(idx.numpy() >= 0)) if idx.device.type == "cpu" else int((idx >= 0).sum())
             if layer.head_budget is not None:
                 layer.head_budget.update(wpart, hpart, layer.retriever)

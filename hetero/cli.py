@@ -126,8 +126,8 @@ def _profile(ns: argparse.Namespace) -> int:
         raise HeteroError(f"the real workload has 8192 tokens: --context {context} + --steps {ns.steps} + --warmup "
                           f"{ns.warmup} is too long")
     args = ProfileArgs(context=context, batch=ns.batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                       steps=ns.steps, warmup=ns.warmup, seed=ns.seed, kv_dtype=ns.kv_dtype, workload=ns.workload, layer=ns.layer,
-                       native_threads=bool(ns.trace))
+                       steps=ns.steps, warmup=ns.warmup, seed=ns.seed, kv_dtype=ns.kv_dtype, workload=ns.workload,
+                       layer=ns.layer, native_threads=bool(ns.trace))
     try:
         result = run_profile(config, args, log=log, progress=None if ns.json else progress)
     except ValueError as e:

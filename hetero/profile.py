@@ -196,12 +196,13 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
         host_total = sum(layer.host_lengths()) * layer.kv_heads
         rows.append(res.rows_read / host_total if host_total else 0.0)
         steps_out.append({"step": step - warmup, "hetero_ms": round(hetero_ms[-1], 4),
-                          "dense_ms": round(dense_ms[-1], 4), "rel_error": errors[-1], "window_ms": round(res.window_ms, 4),
-                          "host_ms": round(res.host_ms, 4), "critical": res.critical,
+                          "dense_ms": round(dense_ms[-1], 4), "rel_error": errors[-1],
+                          "window_ms": round(res.window_ms, 4), "host_ms": round(res.host_ms, 4), "critical": res.critical,
                           "phases": {p: round(v, 4) for p, v in step_phases.items()}})
         if step < warmup:
             warm_ms.append(round(hetero_ms[-1], 4))
-        what = f"warm-up {step + 1}/{warmup}" if step < warmup else f"step {step - warmup + 1}/{workload.steps - warmup}"
+        what = (f"warm-up {step + 1}/{warmup}" if step < warmup else
+                f"step {step - warmup + 1}/{workload.steps - warmup}")
         log(f"{what}: hetero {hetero_ms[-1]:.2f} ms, dense {dense_ms[-1]:.2f} ms, rel_error {errors[-1]:.2e}")
     attn.close()
     layer.wait_indexed()

@@ -38,8 +38,9 @@ each query head keeps its exact top-k over every row scanned for the group. Per 
   Selection, attention over the unselected tokens estimated per list: each list's ``n`` unselected members count
   as ``n`` copies of its mean key and mean value (logit ``scale * q . mean_key + log n``), the lists' means fused
   exactly like real rows (RetroInfer's estimation zone, at list granularity). It reads one bfloat16 mean-value
-  row per list (the centroid scores it reuses from probing). On real attention (SmolLM2, all layers, 2 % budget) it cut the
-  output error ~3x; a Jensen correction from the lists' key variance made it worse there (docs/performance.md).
+  row per list (the centroid scores it reuses from probing). On real attention (SmolLM2, all layers, 1-5 %
+  budgets) it cut the output error 2.3-3.4x; a Jensen correction from the lists' key variance made it worse there
+  (docs/performance.md).
 
 Without the C++ extension the same search runs in PyTorch (``search_torch``: the reference, much slower),
 with a one-time warning.

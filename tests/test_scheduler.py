@@ -163,14 +163,22 @@ def test_worker_exception_propagates_with_context_and_next_step_works():
 def test_failed_background_add_is_reported_and_index_rebuilt():
     indexer = Worker("test-indexer-2")
     cfg, layer = _layers(True, "all", indexer=indexer)
-    add = layer.retriever.add
-    layer.retriever.add = lambda seq, keys: (_ for _ in ()).throw(ValueError("disk full"))
+    add, failed = layer.retriever.add, []
+
+    def add_failing_once(seq, keys):  # the queued add runs on the indexer whenever it gets there: fail the first
+        if not failed:
+            failed.append(seq)
+            raise ValueError("disk full")
+        return add(seq, keys)
+
+    layer.retriever.add = add_failing_once
     layer.append(torch.randn(2, 2, 32), torch.randn(2, 2, 32))
-    layer.retriever.add = add
     attn = HeteroAttention(cfg)
     q = torch.randn(2, 8, 32)
     with pytest.raises(HeteroError, match="index failed.*disk full.*rebuilt"):
         attn.run(q, layer)
+    layer.retriever.add = add
+    assert failed
     assert layer.retriever.ntotal == layer.host.length
     assert rel_err(attn.run(q, layer), oracle(q, layer)) <= 1e-5
     attn.close()
