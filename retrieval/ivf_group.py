@@ -122,9 +122,16 @@ class _Addrs(NamedTuple):
 
 class _SeqIndex:
     """One sequence's index, all KV heads: list directions (``centroids_t [Hkv, D, L]``), code ranges, list
-    segments, list statistics."""
+    segments, list statistics.
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, nlist: int, seed: int, bits: int = 8):
+    Built from ``keys, values [Hkv, n, D]`` in any float dtype (e.g. views of the host tier), converted to float32
+    one head at a time into two buffers reused across heads: at 512K tokens x 8 heads x D 128 the build holds 0.5 GB
+    of float32 instead of 4 GB (plus as much again in encoding temporaries), and frees little when it is done (on a
+    VM that hands freed memory back to its host, reclaiming the old build's ~6 GB slowed the next decode steps 5-8x
+    for tens of seconds). ``check``: called on each head's float32 keys (the caller's finiteness check)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, nlist: int, seed: int, bits: int = 8,
+                 check=lambda x: None):
         import faiss
 
         hkv, n, d = keys.shape
@@ -133,17 +140,23 @@ class _SeqIndex:
         # transposed (q @ centroids_t scores lists), float16: unit directions, half the bytes a search reads
         self.centroids_t = np.empty((hkv, d, nlist), dtype=np.float16)
         self.quantizers = []
+        self.vmin = torch.empty(hkv, d)                              # [Hkv, D] code range per dimension
+        self.step = torch.empty(hkv, d)
+        kbuf, vbuf = torch.empty(n, d), torch.empty(n, d)            # one head's keys / values as float32
+        assign = torch.empty(hkv, n, dtype=torch.long)
         for h in range(hkv):
+            kbuf.copy_(keys[h])
+            check(kbuf)
             km = faiss.Kmeans(d, nlist, niter=10, spherical=True, max_points_per_centroid=32,
                               min_points_per_centroid=1, seed=seed + h)
-            km.train(np.ascontiguousarray(keys[h].numpy()))
+            km.train(kbuf.numpy())
             self.centroids_t[h] = km.centroids.T
             self.quantizers.append(km.index)  # IndexFlatIP over the centroids
-        self.vmin = keys.amin(dim=1)                                 # [Hkv, D]
-        self.step = ((keys.amax(dim=1) - self.vmin) / self.levels).clamp_min(1e-12).contiguous()
+            assign[h] = torch.from_numpy(km.index.search(kbuf.numpy(), 1)[1][:, 0])
+            self.vmin[h] = kbuf.amin(dim=0)
+            self.step[h] = ((kbuf.amax(dim=0) - self.vmin[h]) / self.levels).clamp_min(1e-12)
         self._vmin_np, self._inv_step_np = self.vmin.numpy(), (1.0 / self.step).numpy()
         self._range_addrs = (self._vmin_np.ctypes.data, self._inv_step_np.ctypes.data)  # [Hkv, D] float32 each
-        assign = self.assign(keys)                                   # [Hkv, n]
         counts = torch.stack([torch.bincount(a, minlength=nlist) for a in assign]).numpy()  # [Hkv, L]
         # List segments, numpy int64 [Hkv, L + 1] (a decode step touches single entries: cheap in numpy). The
         # last list is the tail: recent tokens, not assigned yet, scanned by every search.
@@ -165,7 +178,11 @@ class _SeqIndex:
         self.vsum = np.zeros_like(self.ksum)
         self.vmean = np.zeros((hkv, nlist + 1, d), dtype=np.uint16)
         self.mean_norm = np.zeros((hkv, nlist), dtype=np.float32)
-        self._insert(keys, values, np.arange(n, dtype=np.int32), assign)
+        ids = np.arange(n, dtype=np.int32)
+        for h in range(hkv):
+            kbuf.copy_(keys[h])
+            vbuf.copy_(values[h])
+            self._insert(kbuf[None], vbuf[None], ids, assign[h:h + 1], head0=h)
 
     @property
     def nlist(self) -> int:
@@ -186,18 +203,21 @@ class _SeqIndex:
             out[h] = torch.from_numpy(quantizer.search(np.ascontiguousarray(keys[h].numpy()), 1)[1][:, 0])
         return out
 
-    def encode(self, keys: torch.Tensor) -> np.ndarray:
-        """``keys [Hkv, n, D]`` float32 -> codes ``[Hkv, n, row_bytes]`` uint8 (packed when 4-bit)."""
-        if keys.shape[1] <= TAIL_TOKENS:  # a tail flush: numpy's small-array ops cost a few us, torch's ~10
-            x = np.rint((keys.numpy() - self._vmin_np[:, None]) * self._inv_step_np[:, None])
-            codes = np.zeros((*x.shape[:2], self.dp), dtype=np.uint8)
-            codes[:, :, : x.shape[2]] = np.clip(x, 0, self.levels)
-        else:
-            inv_step = torch.from_numpy(self._inv_step_np)[:, None]  # the same float32 arithmetic as above
-            codes = ((keys - self.vmin[:, None]) * inv_step).round_().clamp_(0, self.levels).to(torch.uint8)
-            if self.dp != keys.shape[2]:
-                codes = torch.nn.functional.pad(codes, (0, self.dp - keys.shape[2]))
-            codes = codes.numpy()
+    def encode(self, keys: torch.Tensor, head0: int = 0) -> np.ndarray:
+        """``keys [H, n, D]`` float32 of heads ``head0 ..`` -> codes ``[H, n, row_bytes]`` uint8 (packed when 4-bit)."""
+        hk, n, d = keys.shape
+        vmin_np, inv_np = self._vmin_np[head0:head0 + hk, None], self._inv_step_np[head0:head0 + hk, None]
+        if n <= TAIL_TOKENS:  # a tail flush: numpy's small-array ops cost a few us, torch's ~10
+            x = np.rint((keys.numpy() - vmin_np) * inv_np)
+            codes = np.zeros((hk, n, self.dp), dtype=np.uint8)
+            codes[:, :, :d] = np.clip(x, 0, self.levels)
+        else:  # the same float32 arithmetic, in chunks: a prefill's temporaries stay small
+            vmin, inv = torch.from_numpy(vmin_np), torch.from_numpy(inv_np)
+            codes8 = torch.zeros(hk, n, self.dp, dtype=torch.uint8)
+            for s in range(0, n, 65536):
+                x = keys[:, s:s + 65536] - vmin
+                codes8[:, s:s + 65536, :d] = x.mul_(inv).round_().clamp_(0, self.levels)
+            codes = codes8.numpy()
         if self.bits == 4:
             half = self.dp // 2
             return codes[..., :half] | (codes[..., half:] << 4)
@@ -278,16 +298,16 @@ class _SeqIndex:
         self._insert(self.tail_keys[:, :t], self.tail_values[:, :t], ids)
 
     def _insert(self, keys: torch.Tensor, values: torch.Tensor, ids: np.ndarray,
-                assign: Optional[torch.Tensor] = None) -> None:
-        """Write ``keys [Hkv, n, D]`` (host positions ``ids [n]``, values ``[Hkv, n, D]``) into their lists and
-        their lists' statistics."""
+                assign: Optional[torch.Tensor] = None, head0: int = 0) -> None:
+        """Write ``keys [H, n, D]`` of heads ``head0 ..`` (host positions ``ids [n]``, values ``[H, n, D]``) into
+        their lists and their lists' statistics; ``assign [H, n]`` their lists (default: computed)."""
         hkv, n, _ = keys.shape
         if assign is None:
             assign = self.assign(keys)
-        codes = self.encode(keys).reshape(hkv * n, self.row_bytes)
+        codes = self.encode(keys, head0).reshape(hkv * n, self.row_bytes)
         lists = self.count.shape[1]
         # one slot per (head, list) pair in a flat [Hkv * nlist] view; group the new keys by pair
-        pair = (assign + torch.arange(hkv)[:, None] * lists).flatten().numpy()
+        pair = (assign + (head0 + torch.arange(hkv))[:, None] * lists).flatten().numpy()
         order = np.argsort(pair, kind="stable")
         pairs, first, sizes = np.unique(pair[order], return_index=True, return_counts=True)
         start, count, cap = self.start.reshape(-1), self.count.reshape(-1), self.cap.reshape(-1)  # views
@@ -295,7 +315,7 @@ class _SeqIndex:
             self._relocate(int(p) // lists, int(p) % lists, int(count[p] + sizes[pairs == p][0]))
         rank = np.arange(len(order)) - np.repeat(first, sizes)
         dest = np.repeat(start[pairs] + count[pairs], sizes) + rank
-        head = order // n
+        head = head0 + order // n
         self.put_rows(head, dest, codes[order])
         self.ids[head, dest] = ids[order % n]
         count[pairs] += sizes
@@ -435,11 +455,10 @@ class IVFGroupRetriever(Retriever):
             if self.host.length[seq] < new_total:
                 raise InvalidValueError(f"retriever out of sync with the host tier: {self.host.length[seq]} "
                                         f"tokens stored, {new_total} to index")
-            x = self.host.keys(seq, 0, new_total).float()
-            check_finite(x, "the keys added to the ivf-group index")
-            v = self.host.values(seq, 0, new_total).float()  # the tier's values passed the cache's checks
-            self._seqs[seq] = _SeqIndex(x.contiguous(), v.contiguous(), min(self._nlist(new_total), new_total),
-                                        self.seed, self.code_bits)
+            # the tier's own rows (views), converted per head inside; its values passed the cache's checks
+            self._seqs[seq] = _SeqIndex(self.host.keys(seq, 0, new_total), self.host.values(seq, 0, new_total),
+                                        min(self._nlist(new_total), new_total), self.seed, self.code_bits,
+                                        check=lambda x: check_finite(x, "the keys added to the ivf-group index"))
             self._trained_on[seq] = new_total
         elif index is not None:
             x = keys.float().contiguous()
