@@ -4,6 +4,8 @@ No native-architecture flag and no global AVX-512 flag: the AVX2 and AVX-512 ker
 that enable their ISA with `#pragma GCC target`, and the module picks one at run time from CPU flags.
 If the build fails, hetero still installs and the host backend falls back to numba (with a warning).
 """
+from glob import glob
+
 from pybind11.setup_helpers import Pybind11Extension
 from setuptools import setup
 
@@ -14,6 +16,8 @@ ext = Pybind11Extension(
              "csrc/ivf_scan_scalar.cpp", "csrc/ivf_scan_avx2.cpp", "csrc/ivf_scan_avx512.cpp",
              "csrc/ivf_scan_avx512_vnni.cpp", "csrc/merge.cpp", "csrc/finite.cpp"],
     include_dirs=["csrc"],
+    # headers and the per-ISA kernel bodies (.inc): an in-place rebuild after editing only these must recompile
+    depends=sorted(glob("csrc/*.h") + glob("csrc/*.inc")),
     cxx_std=17,
     extra_compile_args=["-O3", "-fno-math-errno"],
     extra_link_args=["-pthread"],
