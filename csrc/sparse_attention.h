@@ -35,7 +35,7 @@ struct SparseArgs {
 constexpr int64_t kRowTile = 32;
 constexpr int64_t kTileStride = 48;
 
-// Scratch floats a work item of n indices needs (row offsets, one score tile, per-query state, a zero row, split queries).
+// Scratch floats a work item of n indices needs (row offsets, one score tile, per-query state, a zero row, bf16 queries).
 inline int64_t item_scratch_floats(const SparseArgs& a, int64_t n) {
   const int64_t g = a.Hq / a.Hkv;
   return 2 * n + g * (kTileStride + 8) + 4 * g * (a.D + 32) + a.D + 128;

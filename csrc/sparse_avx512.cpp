@@ -131,54 +131,40 @@ void Avx512V::dots4(const float* q, int64_t G, int64_t D, const typename Elem<DT
   }
 }
 
-// bf16 keys with AVX512_BF16: q is split once per item into up to three bf16 parts (q = q0 + q1 + q2 to 24
-// mantissa bits, i.e. float32), so q . k = sum_i dpbf16(q_i, k) keeps float32 accuracy (two parts keep
-// only ~16 bits: 5e-6 relative, measured) while consuming 32 key elements per instruction unwidened. Only a query
-// whose values are already bf16 (a bf16 model's q: one part is exact) takes dpbf16, in the same 4 x 4 blocks as
-// the widening path (dots4_bf16); any other goes to the widening path (sparse_item_avx512_bf16). Per selected row
-// from L1 (G = 4, D = 128, one thread, Emerald Rapids): blocked dpbf16 27.5-29.9 ns, widening + FMA 26.8-27.0 ns
-// (dpbf16 issues at one per cycle: 16 of them cost what 32 FMAs on two ports do); row-at-a-time dpbf16, the form
-// before 2026-11-22's fifth session, 37-39 ns.
-inline uint16_t float_to_bf16_rne(float f) {
-  uint32_t bits;
-  __builtin_memcpy(&bits, &f, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);  // NaN
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
+// bf16 keys with AVX512_BF16: dpbf16 consumes 32 key elements per instruction unwidened, but multiplies bf16 by
+// bf16. A float32 query would need three bf16 parts (q = q0 + q1 + q2) to keep float32 accuracy (two keep only
+// ~16 bits: 5e-6 relative, measured), costing more than widening the keys. So only a query whose values are
+// already bf16 (a bf16 model's q, checked per item) takes dpbf16, in the same 4 x 4 blocks as the widening path
+// (dots4_bf16); any other goes to the widening path (sparse_item_avx512_bf16). Per selected row from L1 (G = 4,
+// D = 128, one thread, Emerald Rapids): blocked dpbf16 27.5-29.9 ns, widening + FMA 26.8-27.0 ns (dpbf16 issues at
+// one per cycle: 16 of them cost what 32 FMAs on two ports do); row-at-a-time dpbf16, the form before 2026-11-22's
+// fifth session, 37-39 ns.
 
-constexpr int kParts = 3;
-
-// qs: kParts arrays of [G, Dp] bf16 (Dp = D rounded up to 32, zero padded). Returns how many parts are
-// needed to represent q exactly (to float32 precision): 1 when q already holds bf16 values (a bf16 model),
-// so that case costs one dpbf16 per 32 elements.
-int split_queries(const float* q, int64_t G, int64_t D, int64_t Dp, uint16_t* qs) {
-  int needed = 1;
+// qs: [G, Dp] bf16 bits of q (Dp = D rounded up to 32, zero padded). Returns false, at the first element that is
+// not exactly a bf16 value, when q is not all bf16 values (a float32 query: stops within a few elements; the
+// three-part split this replaced cost 4.7 % of a bf16 item on such queries, perf on Zen 4).
+bool bf16_queries(const float* q, int64_t G, int64_t D, int64_t Dp, uint16_t* qs) {
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t d = 0; d < Dp; ++d) {
-      float rest = d < D ? q[g * D + d] : 0.0f;
-      for (int i = 0; i < kParts; ++i) {
-        const uint16_t part = float_to_bf16_rne(rest);
-        qs[(i * G + g) * Dp + d] = part;
-        if (part != 0 && part != 0x8000 && i + 1 > needed) needed = i + 1;
-        rest -= bf16_to_float(part);
-      }
+      uint32_t bits = 0;
+      if (d < D) __builtin_memcpy(&bits, q + g * D + d, 4);
+      if (bits & 0xffffu) return false;
+      qs[g * Dp + d] = static_cast<uint16_t>(bits >> 16);
     }
   }
-  return needed;
+  return true;
 }
 
-// Dots of NQ (<= 4) queries with one bf16 row: each 32-element slice of the row is loaded once and fed to
-// kParts dpbf16 per query; the NQ accumulators are reduced together.
-template <int NQ, int NP>
-inline void dot_bf16_rows(const uint16_t* q, int64_t Dp, int64_t stride, const uint16_t* row, int64_t D, float* out) {
+// Dots of NQ (<= 4) queries with one bf16 row: each 32-element slice of the row is loaded once and fed to one
+// dpbf16 per query; the NQ accumulators are reduced together.
+template <int NQ>
+inline void dot_bf16_rows(const uint16_t* q, int64_t Dp, const uint16_t* row, int64_t D, float* out) {
   __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   for (int64_t d = 0; d < D; d += 32) {
     const __m512i k = d + 32 <= D ? _mm512_loadu_si512(row + d)
                                   : _mm512_maskz_loadu_epi16(static_cast<__mmask32>((1ull << (D - d)) - 1), row + d);
     for (int g = 0; g < NQ; ++g)
-      for (int i = 0; i < NP; ++i)
-        acc[g] = _mm512_dpbf16_ps(acc[g], (__m512bh)_mm512_loadu_si512(q + i * stride + g * Dp + d), (__m512bh)k);
+      acc[g] = _mm512_dpbf16_ps(acc[g], (__m512bh)_mm512_loadu_si512(q + g * Dp + d), (__m512bh)k);
   }
   float s[4];
   Avx512V::reduce4(acc[0], acc[1], acc[2], acc[3], s);
@@ -207,17 +193,17 @@ inline void dots4_bf16(const uint16_t* qs, int64_t G, int64_t Dp, int64_t D, con
   }
 }
 
-// Returns false (and does nothing) when q needs more than one bf16 part.
+// Returns false (and does nothing) when q is not all bf16 values.
 bool bf16_item(const SparseArgs& a, int64_t b, int64_t h, int64_t j0, int64_t j1, float* out_g, float* lse_g,
                float* scratch) {
   const int64_t G = a.Hq / a.Hkv, n = j1 - j0, D = a.D, Dp = (D + 31) / 32 * 32;
   ItemScratch s(scratch, G, n, D);
-  uint16_t* qs = reinterpret_cast<uint16_t*>(s.extra);  // kParts * G * Dp uint16 <= 2 * G * Dp floats
-  if (split_queries(a.q + (b * a.Hq + h * G) * D, G, D, Dp, qs) > 1) return false;
+  uint16_t* qs = reinterpret_cast<uint16_t*>(s.extra);  // G * Dp uint16
+  if (!bf16_queries(a.q + (b * a.Hq + h * G) * D, G, D, Dp, qs)) return false;
   resolve_rows(a, a.indices + (b * a.Hkv + h) * a.K, a.block_table + b * a.max_blocks, j0, j1, s.rows);
   const auto dot_row = [&](const uint16_t* row, float* o) {
     for_query_blocks(G, [&](auto nq, int64_t g) {
-      dot_bf16_rows<decltype(nq)::size, 1>(qs + g * Dp, Dp, G * Dp, row, D, o + g);
+      dot_bf16_rows<decltype(nq)::size>(qs + g * Dp, Dp, row, D, o + g);
     });
   };
   attend_rows<Avx512V, DType::BF16>(a, b, h, j0, n, s.rows, s, out_g, lse_g,

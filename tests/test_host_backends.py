@@ -182,7 +182,10 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     layer = LayerCache(HeteroConfig(window=2, sinks=1, block_tokens=8, retriever="all"))
     layer.append(torch.randn(2, 2, 300, 72).to(dtype), torch.randn(2, 2, 300, 72).to(dtype), torch.tensor([300, 77]))
     idx = torch.stack([torch.stack([torch.randperm(n)[:50].sort().values for _ in range(2)]) for n in (297, 74)]).int()
-    for q in (torch.randn(2, 8, 72), torch.randn(2, 8, 72).bfloat16().float()):
+    exact = torch.randn(2, 8, 72).bfloat16().float()  # bf16 values: the dpbf16 path where the CPU has it
+    last_off = exact.clone()
+    last_off[1, -1, -1] += 1e-3  # one float32 value in the last item's last query: the widening path
+    for q in (torch.randn(2, 8, 72), exact, last_off):
         sel = Selection(idx, -torch.rand(2, 8, 50))
         got = sparse_attention(q, layer.host.view(), sel, backend="cpp")
         want = ref(q.double(), layer.host.view(), sel, compute_dtype=torch.float64)
