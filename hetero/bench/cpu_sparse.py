@@ -6,7 +6,7 @@ rows), several layers' tiers rotated so that the footprint is >= 4x the last-lev
 DRAM. ``gbps`` counts the bytes of the selected K and V rows; ``membw_gbps`` is a streaming read measured
 in the same run with the same threads; ``random_read_gbps`` is the ceiling for this access pattern: a
 bare C++ loop reading the same rows of the same pools (each token's fused K|V run) with the same threads,
-nothing computed; ``speedup_vs_torch`` is the torch reference's median time over the backend's, same
+nothing computed, timed in the same interleaved rounds as the kernels (best of its prefetch forms); ``speedup_vs_torch`` is the torch reference's median time over the backend's, same
 inputs. One JSON object per line.
 """
 from __future__ import annotations
@@ -51,57 +51,95 @@ def _index_sets(count: int, hkv: int, tokens: int, k: int, gen: torch.Generator)
     return sets
 
 
-def _random_read_gbps(views, index_sets, runs: int) -> Optional[float]:
-    """Best over prefetch forms of the median GB/s of reading exactly the selected fused K|V runs, no
-    arithmetic (needs the C++ module): into L1 0 / 8 / 32 runs ahead, into L2 64 / 128 runs ahead (the kernel's
-    own form; measured 1.3x the L1 form at any distance on the development VM)."""
+_READ_FORMS = [(0, False), (8, False), (32, False), (64, True), (128, True)]
+
+
+def _read_offsets(view, sel: Selection):
+    """Byte offsets of the selected fused K|V runs of one sequence (int64 [Hkv * k]) and the run length."""
+    idx = sel.indices[0].long()  # [Hkv, k] positions
+    kp = view.k_pool
+    elem = kp.element_size()
+    heads = torch.arange(idx.shape[0]).unsqueeze(1)
+    offsets = ((heads * kp.stride(0) + view.rows(idx.unsqueeze(0))[0] * kp.stride(1)) * elem).flatten()
+    return offsets.contiguous(), 2 * kp.shape[2] * elem  # K row and V row are adjacent in the fused pool
+
+
+class _ReadRuns:
+    """The ceiling loop as a timed entry: reads exactly the selected runs, prefetching ``prefetch`` runs ahead
+    into L1 (or L2 with ``to_l2``), nothing computed. Offsets are computed before the timed call."""
+
+    def __init__(self, runner, prefetch: int, to_l2: bool) -> None:
+        self.runner, self.prefetch, self.to_l2 = runner, prefetch, to_l2
+        self.name = f"read prefetch{'t2' if to_l2 else 't0'} {prefetch}"
+
+    def prepare(self, q, view, sel, scale):
+        offsets, run = _read_offsets(view, sel)
+        base = view.k_pool.data_ptr()
+        return lambda: self.runner.random_read(base, offsets.data_ptr(), offsets.numel(), run, self.prefetch,
+                                               self.to_l2)
+
+
+class _Kernel:
+    """A host backend as a timed entry."""
+
+    def __init__(self, backend) -> None:
+        self.backend, self.name = backend, backend.name
+
+    def prepare(self, q, view, sel, scale):
+        return lambda: self.backend(q, view, sel, scale)
+
+
+def _ceiling_entries(threads: int) -> List[_ReadRuns]:
+    """The ceiling loop in each prefetch form (needs the C++ module; none without it): into L1 0 / 8 / 32 runs
+    ahead, into L2 64 / 128 runs ahead (the kernel's own form; 1.3x the L1 form on the development VM)."""
     from hetero.cpu.cpp_sparse import default_threads, load
 
     ext = load()
     if ext is None:
-        return None
-    runner = ext.Runner(min(default_threads(), torch.get_num_threads()))
-    forms = [(0, False), (8, False), (32, False), (64, True), (128, True)]
-    return max(_random_read_once(runner, views, index_sets, runs, pf, l2) for pf, l2 in forms)
+        return []
+    runner = ext.Runner(min(default_threads(), threads))
+    return [_ReadRuns(runner, pf, l2) for pf, l2 in _READ_FORMS]
 
 
 def _random_read_once(runner, views, index_sets, runs: int, prefetch: int, to_l2: bool = False) -> float:
+    """Median GB/s of the ceiling loop alone over ``runs`` calls (rotating tiers and index sets)."""
+    entry = _ReadRuns(runner, prefetch, to_l2)
     times, nbytes = [], 0
     for i in range(runs + 2):
-        view = views[i % len(views)]
-        idx = index_sets[i % len(index_sets)][0].long()  # [Hkv, k] positions (single sequence)
-        kp = view.k_pool
-        elem = kp.element_size()
-        heads = torch.arange(idx.shape[0]).unsqueeze(1)
-        offsets = ((heads * kp.stride(0) + view.rows(idx.unsqueeze(0))[0] * kp.stride(1)) * elem).flatten()
-        offsets = offsets.contiguous()
-        run = 2 * kp.shape[2] * elem  # K row and V row are adjacent in the fused pool
-        nbytes = offsets.numel() * run
+        view, sel = views[i % len(views)], Selection(index_sets[i % len(index_sets)])
+        nbytes = sel.indices.numel() * 2 * view.k_pool.shape[2] * view.k_pool.element_size()
+        call = entry.prepare(None, view, sel, None)
         t = time.perf_counter()
-        runner.random_read(kp.data_ptr(), offsets.data_ptr(), offsets.numel(), run, prefetch, to_l2)
+        call()
         if i >= 2:
             times.append(time.perf_counter() - t)
     return nbytes / statistics.median(times) / 1e9
 
 
-def _time_interleaved(backends, q, views, index_sets, scale, runs: int, rounds: int = 3,
-                      warmup: int = 3) -> List[float]:
-    """Median seconds per backend over ``runs`` calls on the same inputs. Backends alternate in blocks over
-    ``rounds`` rounds, so a noisy shared machine slows them alike; the first ``warmup`` calls of every block
-    are not timed (compilation, page faults, threads of the previous backend, and the state the previous
-    backend left: after the torch reference's calls, numba's next calls ran at 5.8, 6.2, 6.3, 6.5 then ~6.9
-    GB/s, also with a 50 ms pause in between, so not spinning threads; the ceiling loop is measured alone)."""
-    times = [[] for _ in backends]
+_ROUNDS, _WARMUP = 3, 3
+
+
+def _time_interleaved(entries, q, views, index_sets, scale, runs: int, rounds: int = _ROUNDS,
+                      warmup: int = _WARMUP) -> List[float]:
+    """Median seconds per entry (a kernel or a form of the ceiling loop) over ``runs`` calls on the same inputs.
+    Entries alternate in blocks over ``rounds`` rounds, so a noisy shared machine slows them alike (the ceiling
+    measured alone before the kernels once came out at 0.75x of its interleaved rate); the first ``warmup`` calls
+    of every block are not timed (compilation, page faults, threads of the previous entry, and the state the
+    previous entry left: after the torch reference's calls, numba's next calls ran at 5.8, 6.2, 6.3, 6.5 then
+    ~6.9 GB/s, also with a 50 ms pause in between, so not spinning threads). Only the call is timed, not the
+    preparation of its arguments."""
+    times = [[] for _ in entries]
     per_block = max(1, -(-runs // rounds))
     i = 0
     for _ in range(rounds):
-        for j, be in enumerate(backends):
+        for j, entry in enumerate(entries):
             for call in range(per_block + warmup):
                 view = views[i % len(views)]
                 sel = Selection(index_sets[i % len(index_sets)])
                 i += 1
+                fn = entry.prepare(q, view, sel, scale)
                 t = time.perf_counter()
-                be(q, view, sel, scale)
+                fn()
                 if call >= warmup:
                     times[j].append(time.perf_counter() - t)
     return [statistics.median(t) for t in times]
@@ -126,9 +164,6 @@ def run(backends: List[str], dtypes: List[str], ks: List[int], threads: int, tok
         q = torch.randn(1, kv_heads * group, head_dim, generator=gen)
         scale = 1 / math.sqrt(head_dim)
         for k in ks:
-            # enough fresh sets that no (tier, index set) pair repeats across all timed backends
-            index_sets = _index_sets(4 * (runs + 2) + 1, kv_heads, tokens, k, gen)
-            ceiling = _random_read_gbps(views, index_sets, runs)
             usable, skipped = [], []
             for name in dict.fromkeys(["torch"] + backends):  # torch first: the reference, always timed
                 be = get_backend("host", name)
@@ -138,10 +173,16 @@ def run(backends: List[str], dtypes: List[str], ks: List[int], threads: int, tok
                 else:
                     be.set_threads(threads)
                     usable.append(be)
-            medians = _time_interleaved(usable, q, views, index_sets, scale, runs)
+            reads = _ceiling_entries(threads)
+            entries = [_Kernel(be) for be in usable] + reads
+            # a fresh index set for every call of every entry: no rows left in a cache by an earlier call
+            calls = len(entries) * _ROUNDS * (-(-runs // _ROUNDS) + _WARMUP)
+            index_sets = _index_sets(calls + 1, kv_heads, tokens, k, gen)
+            medians = _time_interleaved(entries, q, views, index_sets, scale, runs)
             t_torch = medians[0]
             sel_bytes = 2 * kv_heads * k * head_dim * views[0].k_pool.element_size()
-            for be, t in zip(usable, medians):
+            ceiling = sel_bytes / min(medians[len(usable):]) / 1e9 if reads else None
+            for be, t in zip(usable, medians[:len(usable)]):
                 if be.name not in backends:
                     continue
                 gbps = sel_bytes / t / 1e9
