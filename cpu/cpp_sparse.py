@@ -116,9 +116,10 @@ class CppSparseBackend(RunnerBacked, HostBackend):
     name = "cpp"
     devices = ("cpu",)
     pool, phase = "cpp host", "host_attn"
-    # K|V rows this far ahead go to L2 (prefetcht2), K rows 8 ahead to L1. cpu-sparse benchmark, k = 2048, 2 threads:
-    # bf16 7.1 / 8.8 / 8.8 GB/s and fp32 9.4 / 10.3 / 10.6 GB/s at 24 / 64 / 96 rows.
-    prefetch_rows = 64
+    # K|V rows this far ahead go to L2 (prefetcht2). cpu-sparse benchmark, k = 2048, 2 threads, Zen 4 VM, as a
+    # fraction of the bare read loop timed alongside: bf16 0.93-0.96 / 0.85-0.97 / 0.86-0.95 and fp32 1.01-1.05 /
+    # 0.92-1.0 at 24-32 / 32 / 64 rows (noisy; 64 was best with the L1 prefetch the kernel no longer makes).
+    prefetch_rows = 32
     max_group = 64
 
     def availability_reasons(self) -> List[str]:
