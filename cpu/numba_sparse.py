@@ -6,8 +6,9 @@ query heads of the group: scores (four queries per pass over a row), then ``p = 
 polynomial), then ``sum p v`` (two value rows per pass over the accumulators); chunk partials fused by
 log-sum-exp. bf16 and fp16 rows are stored as uint16 bits; bf16 is widened in registers (an LLVM bitcast
 intrinsic), fp16 in a per-item buffer (Numba has no CPU float16 type). K and V rows are prefetched into L2 far
-ahead and into L1 near, through LLVM intrinsics. Compiled with ``cache=True``; ``warmup()`` compiles (or loads
-from cache) every dtype ahead of the first decode step.
+ahead (the score pass) and V rows into L1 near (the value pass), through LLVM intrinsics; a near L1 prefetch of
+K rows in the score pass cost 5-10 % on Zen 4 (cpu-sparse bench, 2026-11-30) and was dropped. Compiled with
+``cache=True``; ``warmup()`` compiles (or loads from cache) every dtype ahead of the first decode step.
 """
 from __future__ import annotations
 
@@ -209,9 +210,6 @@ def _sparse_kernel(q, kflat, vflat, head_stride, row_stride, table, block_tokens
                 for e in range(0, d, line_elems):
                     _prefetch_l2(kflat, rows[j + prefetch_rows] + e)
                     _prefetch_l2(vflat, rows[j + prefetch_rows] + e)
-            if near > 0 and j + near < n and rows[j + near] >= 0:
-                for e in range(0, d, line_elems):
-                    _prefetch(kflat, rows[j + near] + e)
             r = rows[j]
             if r < 0:
                 for g in range(g_size):
