@@ -22,8 +22,8 @@ class CppWindowBackend(RunnerBacked, WindowBackend):
     pool, phase = "cpp window", "window"
     max_group = 64
     # Contiguous rows still gain from software prefetch (4100 bf16 tokens x 8 KV heads from DRAM, one thread:
-    # 3.3 ms without, 2.35 ms with 4-32 rows ahead; 1.84 -> 1.43 ms on two threads). With the L2/L1 split of
-    # the kernel's prefetch (cpp_sparse.py) 8 to 128 rows measure the same here: the window is compute-bound.
+    # 3.3 ms without, 2.35 ms with 4-32 rows ahead; 1.84 -> 1.43 ms on two threads, Intel VM). With the kernel's
+    # prefetch into L2 only (cpp_sparse.py), Zen 4 VM, two threads: 1.00 / 0.80 / 0.78 ms at 0 / 8 / 32 rows.
     prefetch_rows = 8
 
     def __init__(self) -> None:
