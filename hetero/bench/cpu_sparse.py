@@ -210,8 +210,8 @@ def row_costs(backends: List[str], dtypes: List[str], k: int = 2048, tokens: int
               out=sys.stdout) -> List[dict]:
     """Nanoseconds per selected row on one thread, two cases per (backend, dtype): ``l1`` reads the same 64 rows
     over and over (the kernel's arithmetic alone), ``dram`` fresh random rows of tiers rotated beyond the LLC
-    (arithmetic plus misses); and ``read_only``, the ceiling loop over those rows. On the development VM ``dram``
-    is about ``l1 + read_only``: arithmetic does not hide behind the misses (docs/performance.md)."""
+    (arithmetic plus misses); and ``read_only``, the ceiling loop over those rows. ``dram`` near ``read_only``
+    means the arithmetic hides behind the misses, near ``l1 + read_only`` that it does not (docs/performance.md)."""
     from hetero.cpu.cpp_sparse import load
 
     torch.set_num_threads(1)
