@@ -1,6 +1,8 @@
 // A small persistent thread pool: run(n_items, fn) calls fn(item, worker) for every item across the
 // calling thread and the pool's workers, and returns when all are done. Items are taken from an atomic
-// counter (dynamic balance). Workers sleep on a condition variable between calls.
+// counter (dynamic balance). Workers sleep on a condition variable between calls. The caller waits only for
+// workers that joined the call before it ran out of items: waiting for every worker to wake cost a small call
+// 30-45 us on the development VM (a 16-row host attention took 43 us, a 16-run read loop 45), all of it wake-up.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -40,13 +42,14 @@ class ThreadPool {
       fn_ = &fn;
       n_items_ = n_items;
       next_.store(0);
-      pending_ = static_cast<int>(workers_.size());
+      open_ = true;
       ++generation_;
     }
     cv_.notify_all();
     drain(0);
     std::unique_lock<std::mutex> lock(mu_);
-    done_cv_.wait(lock, [this] { return pending_ == 0; });
+    open_ = false;  // every item is taken: a worker waking from now on skips this call
+    done_cv_.wait(lock, [this] { return joined_ == 0; });
     fn_ = nullptr;
   }
 
@@ -63,11 +66,13 @@ class ThreadPool {
         cv_.wait(lock, [&] { return stopping_ || generation_ != seen; });
         if (stopping_) return;
         seen = generation_;
+        if (!open_) continue;
+        ++joined_;
       }
       drain(worker);
       {
         std::lock_guard<std::mutex> lock(mu_);
-        if (--pending_ == 0) done_cv_.notify_one();
+        if (--joined_ == 0 && !open_) done_cv_.notify_one();
       }
     }
   }
@@ -88,7 +93,8 @@ class ThreadPool {
   const std::function<void(int64_t, int)>* fn_ = nullptr;
   std::atomic<int64_t> next_{0};
   int64_t n_items_ = 0;
-  int pending_ = 0;
+  int joined_ = 0;     // workers inside the current call's drain
+  bool open_ = false;  // the current call still has items a worker may take
   uint64_t generation_ = 0;
   bool stopping_ = false;
 };

@@ -292,3 +292,22 @@ def test_cpp_extension_is_built_where_a_compiler_exists():
     from hetero.cpu.cpp_sparse import load_error
 
     assert load_error() is None, load_error()
+
+
+@pytest.mark.skipif(not _usable("cpp"), reason="C++ extension not built")
+def test_cpp_pool_back_to_back_calls_match_one_thread():
+    """Small calls (the caller may finish before a worker wakes, and must not wait for it) between large ones
+    (workers join): 600 calls, each bit-identical to the same call on one thread, none hanging."""
+    from hetero.cpu.cpp_sparse import CppSparseBackend
+
+    gen = torch.Generator().manual_seed(5)
+    layer = _host(torch.bfloat16, 8, 64, [700])
+    two, one = CppSparseBackend(), CppSparseBackend()
+    two.set_threads(2)
+    one.set_threads(1)
+    q = torch.randn(1, 16, 64, generator=gen)
+    cases = [_selection(layer, k, gen, False, 2) for k in (1, 3, 8, 200, 2, 255)]
+    want = [one(q, layer.host.view(), sel, 0.125) for sel in cases]
+    for i in range(600):
+        got = two(q, layer.host.view(), cases[i % len(cases)], 0.125)
+        assert torch.equal(got.out, want[i % len(cases)].out) and torch.equal(got.lse, want[i % len(cases)].lse), i
