@@ -15,7 +15,7 @@ import torch
 
 from hetero.backends import HostBackend
 from hetero.errors import ConfigError
-from hetero.timing import Span
+from hetero.native_pool import RunnerBacked
 from hetero.types import PartialAttention
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -58,33 +58,6 @@ def info() -> dict:
     if ext is None:
         return {"error": _load_error}
     return dict(ext.info(), threads=default_threads())
-
-
-def pool_spans(runner, pool: str, phase: str) -> List[Span]:
-    """The busy spans a traced ``runner`` recorded for its own pool threads, as ``phase`` spans on threads named
-    ``"<pool> pool <i>"`` (worker 0 is the calling thread, whose phase span the caller records itself)."""
-    return [Span(phase, start, end, f"{pool} pool {worker}") for worker, start, end in runner.take_trace()
-            if worker > 0]
-
-
-class RunnerBacked:
-    """Thread count and pool tracing of a backend that owns a C++ Runner (``self._runner``); ``pool`` and ``phase``
-    name its pool threads' spans in a trace."""
-
-    pool: str = "cpp"
-    phase: str = "?"
-
-    def set_threads(self, threads: int) -> None:
-        if self._runner.threads != int(threads):
-            self._runner.set_threads(int(threads))
-
-    def set_native_trace(self, on: bool) -> None:
-        if on != getattr(self, "_trace_on", False):  # called every step: a C++ call only on a change
-            self._runner.set_trace(on)
-            self._trace_on = on
-
-    def take_native_spans(self) -> List[Span]:
-        return pool_spans(self._runner, self.pool, self.phase)
 
 
 def run_sparse(runner, q, host, selection, scale, prefetch_rows: int) -> PartialAttention:

@@ -11,9 +11,10 @@ from typing import List
 import torch
 
 from hetero.backends import WindowBackend
+from hetero.native_pool import RunnerBacked
 from hetero.types import HostView, PartialAttention, Selection
 
-from .cpp_sparse import RunnerBacked, _load_error, default_threads, load, run_sparse
+from .cpp_sparse import _load_error, default_threads, load, run_sparse
 
 
 class CppWindowBackend(RunnerBacked, WindowBackend):

@@ -57,7 +57,7 @@ import torch
 
 from hetero.errors import ConfigError, InvalidValueError
 from hetero.memory import zeros_host
-from hetero.timing import Span
+from hetero.native_pool import RunnerBacked
 from hetero.types import PartialAttention, Selection
 from hetero.validation import check_finite
 
@@ -389,11 +389,12 @@ class _SeqIndex:
                 + self.ksum.nbytes + self.vsum.nbytes + self.vmean.nbytes + self.mean_norm.nbytes)
 
 
-class IVFGroupRetriever(Retriever):
+class IVFGroupRetriever(RunnerBacked, Retriever):
     """IVF over 4-bit (or 8-bit) codes, each probed list read once per GQA group, and with ``estimate`` (default)
     the unselected tokens estimated from their lists' means (see the module docstring)."""
 
     name = "ivf-group"
+    pool, phase = "cpp search", "retrieve"
 
     def __init__(self, host, group_rule: str = "union", probe_factor: float = 1.0, min_train: int = 256,
                  retrain_factor: float = 4.0, nlist: Optional[int] = None, threads: int = 1, seed: int = 1234,
@@ -428,20 +429,6 @@ class IVFGroupRetriever(Retriever):
             if not _warned:
                 warnings.warn(f"hetero: {load_error()}; ivf-group searches in PyTorch (slow)", stacklevel=2)
                 _warned = True
-
-    def set_threads(self, threads: int) -> None:
-        if self._runner is not None and self._runner.threads != int(threads):
-            self._runner.set_threads(int(threads))
-
-    def set_native_trace(self, on: bool) -> None:
-        if self._runner is not None and on != getattr(self, "_trace_on", False):  # a C++ call only on a change
-            self._runner.set_trace(on)
-            self._trace_on = on
-
-    def take_native_spans(self) -> List[Span]:
-        from hetero.cpu.cpp_sparse import pool_spans
-
-        return pool_spans(self._runner, "cpp search", "retrieve") if self._runner is not None else []
 
     # ---- index life cycle ---------------------------------------------------------------------------
     def _nlist(self, n: int) -> int:

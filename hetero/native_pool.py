@@ -1,0 +1,34 @@
+"""Thread count and tracing of an object that owns a C++ ``Runner`` (the extension's thread pool): the C++ window
+and host backends and the ivf-group retriever. Depends only on ``hetero.timing``, so the retrievers can import it
+without importing ``hetero.cpu``."""
+from __future__ import annotations
+
+from typing import List
+
+from .timing import Span
+
+
+class RunnerBacked:
+    """Mixin over ``self._runner`` (a Runner, or None where the object also works without the extension: then
+    these do nothing). ``pool`` and ``phase`` name the pool threads' spans in a trace: threads
+    ``"<pool> pool <i>"``, worker 0 being the calling thread, whose phase span the caller records itself."""
+
+    pool: str = "cpp"
+    phase: str = "?"
+    _runner = None
+    _trace_on = False
+
+    def set_threads(self, threads: int) -> None:
+        if self._runner is not None and self._runner.threads != int(threads):
+            self._runner.set_threads(int(threads))
+
+    def set_native_trace(self, on: bool) -> None:
+        if self._runner is not None and on != self._trace_on:  # called every step: a C++ call only on a change
+            self._runner.set_trace(on)
+            self._trace_on = on
+
+    def take_native_spans(self) -> List[Span]:
+        if self._runner is None:
+            return []
+        return [Span(self.phase, start, end, f"{self.pool} pool {worker}")
+                for worker, start, end in self._runner.take_trace() if worker > 0]
