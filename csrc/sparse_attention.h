@@ -35,10 +35,11 @@ struct SparseArgs {
 constexpr int64_t kRowTile = 32;
 constexpr int64_t kTileStride = 48;
 
-// Scratch floats a work item of n indices needs (row offsets, one score tile, per-query state, a zero row, bf16 queries).
+// Scratch floats a work item of n indices needs (ItemScratch in sparse_kernel.inc: row offsets 2n, one score tile,
+// per-query state, a zero row, then the bf16 queries of AVX512_BF16, G * Dp uint16 with Dp <= D + 31).
 inline int64_t item_scratch_floats(const SparseArgs& a, int64_t n) {
   const int64_t g = a.Hq / a.Hkv;
-  return 2 * n + g * (kTileStride + 8) + 4 * g * (a.D + 32) + a.D + 128;
+  return 2 * n + g * (kTileStride + 8) + g * (a.D + 32) + a.D + 128;
 }
 
 // One work item; out_g [G, D], lse_g [G]; scratch of item_scratch_floats(j1 - j0) floats.
