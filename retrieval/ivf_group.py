@@ -167,7 +167,6 @@ class _SeqIndex:
         self.start = np.cumsum(self.cap, axis=1) - self.cap
         self.count = np.zeros_like(counts)
         self.used = self.cap.sum(axis=1)                             # arena rows handed out, per head
-        self._pointers = None
         self._alloc(_blocks(int(self.used.max()) + n // 16 + 64))
         self.tail_keys = torch.empty(hkv, TAIL_TOKENS, d)           # float keys of the tail, for assignment
         self.tail_values = torch.empty(hkv, TAIL_TOKENS, d)
