@@ -1,4 +1,4 @@
-"""Builds the optional C++ extension hetero.cpu._sparse_cpp (metadata lives in pyproject.toml).
+"""Builds the optional C++ extension hetero._native (metadata lives in pyproject.toml).
 
 No native-architecture flag and no global AVX-512 flag: the AVX2 and AVX-512 kernels are separate translation units
 that enable their ISA with `#pragma GCC target`, and the module picks one at run time from CPU flags.
@@ -10,7 +10,7 @@ from pybind11.setup_helpers import Pybind11Extension
 from setuptools import setup
 
 ext = Pybind11Extension(
-    "hetero.cpu._sparse_cpp",
+    "hetero._native",
     sources=["csrc/module.cpp", "csrc/cpu_features.cpp", "csrc/random_read.cpp", "csrc/sparse_scalar.cpp",
              "csrc/sparse_avx2.cpp", "csrc/sparse_avx512.cpp", "csrc/ivf_search.cpp", "csrc/ivf_encode.cpp",
              "csrc/ivf_scan_scalar.cpp", "csrc/ivf_scan_avx2.cpp", "csrc/ivf_scan_avx512.cpp",

@@ -1,63 +1,22 @@
-"""C++ sparse host-attention backend (pybind11 extension ``hetero.cpu._sparse_cpp``).
+"""C++ sparse host-attention backend: the kernels of ``hetero._native`` (see ``hetero/native.py``).
 
-The extension carries scalar, AVX2+FMA, AVX-512 and AVX-512+BF16 kernels and picks the highest level the
-CPU supports at import; ``HETERO_CPU_ISA=scalar|avx2|avx512|avx512_bf16`` forces a lower one. If the
-extension was not built (compiler missing on this machine), the backend reports why and "auto" falls back
+If the extension was not built (compiler missing on this machine), the backend reports why and "auto" falls back
 to numba with a one-line warning.
 """
 from __future__ import annotations
 
-import os
 import warnings
-from typing import List, Optional
+from typing import List
 
 import torch
 
+from hetero import native
 from hetero.backends import HostBackend
-from hetero.errors import ConfigError
 from hetero.native_pool import RunnerBacked
 from hetero.types import PartialAttention
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_ext = None
-_load_error: Optional[str] = None
 _warned = False
-
-
-def load():
-    """The extension module, or None (the reason is in ``load_error()``)."""
-    global _ext, _load_error
-    if _ext is None and _load_error is None:
-        try:
-            from hetero.cpu import _sparse_cpp as ext
-        except ImportError as e:
-            _load_error = f"C++ extension not built ({e})"
-            return None
-        isa = os.environ.get("HETERO_CPU_ISA")
-        if isa:
-            try:
-                ext.set_isa(isa)
-            except ValueError as e:
-                raise ConfigError(f"HETERO_CPU_ISA={isa!r}: {e}") from None
-        _ext = ext
-    return _ext
-
-
-def load_error() -> Optional[str]:
-    load()
-    return _load_error
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def info() -> dict:
-    """``{"isa_detected", "isa", "threads"}`` of the extension, or ``{"error": reason}``."""
-    ext = load()
-    if ext is None:
-        return {"error": _load_error}
-    return dict(ext.info(), threads=default_threads())
 
 
 def run_sparse(runner, q, host, selection, scale, prefetch_rows: int) -> PartialAttention:
@@ -97,11 +56,12 @@ class CppSparseBackend(RunnerBacked, HostBackend):
 
     def availability_reasons(self) -> List[str]:
         global _warned
-        if load() is None:
+        error = native.load_error()
+        if error is not None:
             if not _warned:
-                warnings.warn(f"hetero: {_load_error}; host attention falls back to numba", stacklevel=3)
+                warnings.warn(f"hetero: {error}; host attention falls back to numba", stacklevel=3)
                 _warned = True
-            return [_load_error]
+            return [error]
         return []
 
     def not_supported_reasons(self, q, host) -> List[str]:
@@ -112,8 +72,7 @@ class CppSparseBackend(RunnerBacked, HostBackend):
         return reasons
 
     def __init__(self) -> None:
-        ext = load()
-        self._runner = ext.Runner(default_threads()) if ext is not None else None
+        self._runner = native.new_runner(native.usable_cores())
 
     def __call__(self, q, host, selection, scale) -> PartialAttention:
         return run_sparse(self._runner, q, host, selection, scale, self.prefetch_rows)

@@ -14,7 +14,9 @@ from hetero.backends import WindowBackend
 from hetero.native_pool import RunnerBacked
 from hetero.types import HostView, PartialAttention, Selection
 
-from .cpp_sparse import _load_error, default_threads, load, run_sparse
+from hetero import native
+
+from .cpp_sparse import run_sparse
 
 
 class CppWindowBackend(RunnerBacked, WindowBackend):
@@ -28,14 +30,14 @@ class CppWindowBackend(RunnerBacked, WindowBackend):
     prefetch_rows = 8
 
     def __init__(self) -> None:
-        ext = load()
-        self._runner = ext.Runner(default_threads()) if ext is not None else None
+        self._runner = native.new_runner(native.usable_cores())
         self._index = torch.empty(1, 0, 0, dtype=torch.int32)  # [1, Hkv, n]: 0 .. n-1 per head, the last n used
         self._table = torch.zeros(1, 1, dtype=torch.int32)      # the fast tier of one sequence is one block
         self._slots = torch.tensor([0])
 
     def availability_reasons(self) -> List[str]:
-        return [] if load() is not None else [_load_error or "C++ extension not built"]
+        error = native.load_error()
+        return [] if error is None else [error]
 
     def not_supported_reasons(self, q, k) -> List[str]:
         reasons = super().not_supported_reasons(q, k)

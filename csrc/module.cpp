@@ -1,6 +1,6 @@
-// pybind11 module hetero.cpu._sparse_cpp: sparse decode attention over selected host rows.
+// pybind11 module hetero._native: sparse decode attention over selected host rows.
 //
-// Tensors cross the boundary as raw data pointers plus sizes: the Python wrapper (cpu/cpp_sparse.py) owns
+// Tensors cross the boundary as raw data pointers plus sizes: the Python wrapper (hetero/native.py and its callers) own
 // every check (dtype, contiguity, shapes, index ranges) and the output allocation. The GIL is released while
 // a kernel runs. Work runs on a Runner: its own thread pool and scratch, one call at a time; separate Runners
 // (the window side and the host side of a decode step) run concurrently.
@@ -292,7 +292,7 @@ class Runner {
 }  // namespace
 }  // namespace hetero
 
-PYBIND11_MODULE(_sparse_cpp, m) {
+PYBIND11_MODULE(_native, m) {
   m.doc() = "hetero C++ sparse decode attention (AVX-512 / AVX2 / scalar, chosen at run time)";
   py::class_<hetero::Runner>(m, "Runner", "A thread pool with its own scratch; one call at a time per Runner")
       .def(py::init<int>(), py::arg("threads"))

@@ -65,7 +65,7 @@ def _faiss_threads():
 
 
 def collect(kernels: bool = False) -> Dict:
-    from hetero.cpu.cpp_sparse import info as cpp_info
+    from hetero.native import info as cpp_info
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     out: Dict = {

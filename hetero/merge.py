@@ -6,6 +6,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import native
 from .errors import DTypeError, ShapeError
 from .types import PartialAttention
 
@@ -52,9 +53,7 @@ def _merge2_native(a: PartialAttention, b: PartialAttention):
     parts = (a.out, a.lse, b.out, b.lse)
     if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.requires_grad for t in parts):
         return None
-    from hetero.cpu.cpp_sparse import load  # lazily: hetero.cpu imports this module's package
-
-    ext = load()
+    ext = native.load()
     if ext is None:
         return None
     out_a, lse_a, out_b, lse_b = (t.contiguous() for t in parts)

@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import native
 from .errors import DTypeError, InvalidValueError, ShapeError
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -38,9 +39,7 @@ def all_finite(x: torch.Tensor) -> bool:
     tensors, or a build without the extension, by torch (the same answer)."""
     code = _FINITE_CODES.get(x.dtype)
     if code is not None and x.device.type == "cpu" and x.layout == torch.strided and x.dim() <= 8:
-        from hetero.cpu.cpp_sparse import load  # lazily: hetero.cpu imports this module
-
-        ext = load()
+        ext = native.load()
         if ext is not None:
             return ext.all_finite(x.data_ptr(), code, x.shape, x.stride())
     return bool(torch.isfinite(x).all())

@@ -55,6 +55,7 @@ from typing import Any, List, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
+from hetero import native
 from hetero.errors import ConfigError, InvalidValueError
 from hetero.memory import zeros_host
 from hetero.native_pool import RunnerBacked
@@ -258,9 +259,7 @@ class _SeqIndex:
                 self._insert(keys, values, np.arange(first_id, first_id + n, dtype=np.int32))
                 return
             t = 0
-        from hetero.cpu.cpp_sparse import load  # lazily: hetero.cpu imports hetero, which imports this package
-
-        ext = load()
+        ext = native.load()
         tail = self.nlist
         if ext is not None and all(x.dtype == torch.float32 and x.is_contiguous() for x in (keys, values)):
             # one call instead of ~20 numpy operations (each 10-50 us on a decode step's cold caches)
@@ -418,15 +417,11 @@ class IVFGroupRetriever(RunnerBacked, Retriever):
         self._trained_on = [0] * host.batch
         self._runner = None
         self._buffers = None  # _search_cpp's outputs kept between calls
-        from hetero.cpu.cpp_sparse import load, load_error
-
-        ext = load()
-        if ext is not None:
-            self._runner = ext.Runner(threads)
-        else:
+        self._runner = native.new_runner(threads)
+        if self._runner is None:
             global _warned
             if not _warned:
-                warnings.warn(f"hetero: {load_error()}; ivf-group searches in PyTorch (slow)", stacklevel=2)
+                warnings.warn(f"hetero: {native.load_error()}; ivf-group searches in PyTorch (slow)", stacklevel=2)
                 _warned = True
 
     # ---- index life cycle ---------------------------------------------------------------------------

@@ -65,7 +65,7 @@ _FALLBACK = r"""
 import importlib.abc, sys, warnings
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name == "hetero.cpu._sparse_cpp":
+        if name == "hetero._native":
             raise ImportError("simulated: extension not built")
 sys.meta_path.insert(0, Block())
 import torch

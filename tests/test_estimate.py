@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hetero import HeteroAttention, HeteroConfig, LayerCache, PartialAttention, Selection
-from hetero.cpu.cpp_sparse import load
+from hetero.native import load
 from hetero.errors import ConfigError, DTypeError, ShapeError
 from hetero.merge import merge
 from hetero.ops import check_selection, sparse_attention
@@ -72,7 +72,7 @@ def test_list_statistics_follow_adds_flushes_relocations_and_retrains(bits, monk
     for i, layer in enumerate(layers):
         with monkeypatch.context() as m:
             if i == 1:
-                m.setattr("hetero.cpu.cpp_sparse.load", lambda: None)
+                m.setattr("hetero.native.load", lambda: None)
             layer.append(keys[:, :, :400], vals[:, :, :400])
             trained = layer.retriever._trained_on[0]
             for t in range(400, 2400):
@@ -127,7 +127,7 @@ def test_estimate_equals_its_definition(rule, cpp, monkeypatch):
     if cpp and load() is None:
         pytest.skip("C++ extension not built")
     if not cpp:
-        monkeypatch.setattr("hetero.cpu.cpp_sparse.load", lambda: None)
+        monkeypatch.setattr("hetero.native.load", lambda: None)
     keys, vals, q = _clustered(1500, g=3)
     layer = _layer(rule)
     layer.append(keys[:, :, :1400], vals[:, :, :1400])

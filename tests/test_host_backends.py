@@ -174,7 +174,7 @@ def test_fp16_subnormal_and_extreme_values_widen_exactly():
 _ISA_SCRIPT = """
 import json, torch
 from hetero import HeteroConfig, LayerCache, Selection, sparse_attention
-from hetero.cpu.cpp_sparse import info
+from hetero.native import info
 from hetero.reference import sparse_attention as ref
 torch.manual_seed(0)
 errs = {}
@@ -198,7 +198,7 @@ _LEVELS = ["scalar", "avx2", "avx512", "avx512_bf16"]
 
 
 def _detected():
-    from hetero.cpu.cpp_sparse import info
+    from hetero.native import info
 
     return info().get("isa_detected")
 
@@ -221,7 +221,7 @@ def test_cpp_isa_override_above_cpu_or_unknown_is_refused():
     if not _usable("cpp"):
         pytest.skip("C++ extension not built")
     env = dict(os.environ, HETERO_CPU_ISA="avx9000")
-    code = "from hetero.cpu.cpp_sparse import load; load()"
+    code = "from hetero.native import load; load()"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode != 0 and "HETERO_CPU_ISA" in p.stderr and "allowed" in p.stderr
 
@@ -289,7 +289,7 @@ def test_cpp_extension_is_built_where_a_compiler_exists():
 
     if not (shutil.which("c++") or shutil.which("g++")):
         pytest.skip("no C++ compiler on this machine")
-    from hetero.cpu.cpp_sparse import load_error
+    from hetero.native import load_error
 
     assert load_error() is None, load_error()
 

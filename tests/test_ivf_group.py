@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hetero import HeteroConfig, LayerCache
-from hetero.cpu.cpp_sparse import load
+from hetero.native import load
 
 pytest.importorskip("faiss")
 from hetero.retrieval.ivf_group import estimate_torch, search_torch  # noqa: E402
@@ -123,7 +123,7 @@ def _check_scores():
     """The active ISA's code scoring equals QueryCodes.scores exactly (integer dot products, then one float32
     multiply), for 8-bit and packed 4-bit rows: row counts around the kernels' blocks of 4 and 16, one or several
     64-byte chunks per row, query counts around the blocks of 4."""
-    from hetero.cpu.cpp_sparse import load
+    from hetero.native import load
     from hetero.retrieval.ivf_group import QueryCodes, block_rows
 
     ext = load()
@@ -145,7 +145,7 @@ def _check_scores():
 
 @needs_ext
 def test_cpp_search_at_every_isa_level():
-    from hetero.cpu.cpp_sparse import info
+    from hetero.native import info
 
     levels = ["scalar", "avx2", "avx512", "avx512_bf16"]
     usable = levels[: levels.index(info()["isa_detected"]) + 1]
@@ -157,7 +157,7 @@ def test_cpp_search_at_every_isa_level():
         "    layer, keys, vals, q = _layer(700, d=40, g=5, code_bits=bits)\n"
         "    layer.append(keys, vals)\n"
         "    _compare(layer.retriever, q, [9, 21])\n"
-        "from hetero.cpu.cpp_sparse import info; print(info()['isa'], info()['ivf_scan'])\n"
+        "from hetero.native import info; print(info()['isa'], info()['ivf_scan'])\n"
     ).format(tests=os.path.dirname(__file__))
     scans = {}
     for isa in usable:
@@ -440,7 +440,7 @@ def test_code_bits_option_is_validated(bad):
 def test_decode_adds_encode_like_the_numpy_path(bits, monkeypatch):
     """A decode step's tail append encodes in one C++ call: the same codes and ids, byte for byte, as the numpy
     encoding, keys beyond the trained range (clamped) included."""
-    import hetero.cpu.cpp_sparse as cpp
+    import hetero.native as cpp
 
     layers = [_layer(700, d=40, g=2, code_bits=bits, seed=3) for _ in range(2)]
     gen = torch.Generator().manual_seed(9)

@@ -125,7 +125,7 @@ def test_native_two_part_merge_matches_the_numpy_arithmetic():
     same edge cases as above (empty parts with garbage, +inf parts, extreme logits), against the numpy path."""
     import numpy as np
 
-    from hetero.cpu.cpp_sparse import load
+    from hetero.native import load
     from hetero.merge import _merge2_native, _merge_arrays
 
     if load() is None:

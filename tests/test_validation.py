@@ -3,7 +3,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from hetero.cpu.cpp_sparse import load
+from hetero.native import load
 from hetero.errors import InvalidValueError
 from hetero.validation import all_finite, check_finite
 

@@ -92,12 +92,11 @@ class _Kernel:
 def _ceiling_entries(threads: int) -> List[_ReadRuns]:
     """The ceiling loop in each prefetch form (needs the C++ module; none without it): into L1 0 / 8 / 32 runs
     ahead, into L2 64 / 128 runs ahead (the kernel's own form; 1.3x the L1 form on the development VM)."""
-    from hetero.cpu.cpp_sparse import default_threads, load
+    from hetero import native
 
-    ext = load()
-    if ext is None:
+    runner = native.new_runner(min(native.usable_cores(), threads))
+    if runner is None:
         return []
-    runner = ext.Runner(min(default_threads(), threads))
     return [_ReadRuns(runner, pf, l2) for pf, l2 in _READ_FORMS]
 
 
@@ -212,7 +211,7 @@ def row_costs(backends: List[str], dtypes: List[str], k: int = 2048, tokens: int
     over and over (the kernel's arithmetic alone), ``dram`` fresh random rows of tiers rotated beyond the LLC
     (arithmetic plus misses); and ``read_only``, the ceiling loop over those rows. ``dram`` near ``read_only``
     means the arithmetic hides behind the misses, near ``l1 + read_only`` that it does not (docs/performance.md)."""
-    from hetero.cpu.cpp_sparse import load
+    from hetero.native import load
 
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(seed)
@@ -255,7 +254,7 @@ def row_costs(backends: List[str], dtypes: List[str], k: int = 2048, tokens: int
 def _isa(backend: str) -> Optional[str]:
     if backend != "cpp":
         return None
-    from hetero.cpu.cpp_sparse import info
+    from hetero.native import info
 
     return info().get("isa")
 
