@@ -11,13 +11,10 @@ from setuptools import setup
 
 ext = Pybind11Extension(
     "hetero._native",
-    sources=["csrc/module.cpp", "csrc/cpu_features.cpp", "csrc/random_read.cpp", "csrc/sparse_scalar.cpp",
-             "csrc/sparse_avx2.cpp", "csrc/sparse_avx512.cpp", "csrc/ivf_search.cpp", "csrc/ivf_encode.cpp",
-             "csrc/ivf_scan_scalar.cpp", "csrc/ivf_scan_avx2.cpp", "csrc/ivf_scan_avx512.cpp",
-             "csrc/ivf_scan_avx512_vnni.cpp", "csrc/merge.cpp", "csrc/finite.cpp"],
+    sources=sorted(glob("csrc/*.cpp") + glob("csrc/*/*.cpp")),
     include_dirs=["csrc"],
     # headers and the per-ISA kernel bodies (.inc): an in-place rebuild after editing only these must recompile
-    depends=sorted(glob("csrc/*.h") + glob("csrc/*.inc")),
+    depends=sorted(glob("csrc/*/*.h") + glob("csrc/*/*.inc")),
     cxx_std=17,
     extra_compile_args=["-O3", "-fno-math-errno"],
     extra_link_args=["-pthread"],

@@ -1,7 +1,7 @@
 """Host sparse-attention kernels vs streaming bandwidth (same as `hetero bench cpu-sparse`)."""
 import sys
 
-from hetero.bench.cpu_sparse import main
+from hetero.tools.bench.cpu_sparse import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from hetero.workloads.real import capture
+from hetero.tools.workloads.real import capture
 
 SINKS, WINDOW = 4, 256
 

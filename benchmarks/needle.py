@@ -1,7 +1,7 @@
 """Passkey retrieval with SmolLM2, dense vs hetero (same as `hetero bench needle`)."""
 import sys
 
-from hetero.bench.needle import main
+from hetero.tools.bench.needle import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,15 +18,16 @@ import numpy as np
 import torch
 from llvmlite import ir
 
-from .numba_vectors import prefer_wide_vectors
+from hetero.numba_setup import prefer_wide_vectors
 
-prefer_wide_vectors()  # must run before numba is first imported (see numba_vectors.py)
+prefer_wide_vectors()  # must run before numba is first imported (see hetero/numba_setup.py)
 
 from numba import njit, prange  # noqa: E402
 from numba.core import cgutils, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
 from hetero.backends import HostBackend  # noqa: E402
+from hetero.merge import merge  # noqa: E402
 from hetero.types import PartialAttention  # noqa: E402
 
 _MODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -321,7 +322,6 @@ class NumbaSparseBackend(HostBackend):
         b, hq, d = q.shape
         hkv = host.k_pool.shape[0]
         g = hq // hkv
-        host.check_row_layout()
         k_pool, v_pool = host.k_pool, host.v_pool
         idx = selection.indices.to(torch.int32).contiguous()
         k = idx.shape[2]
@@ -342,9 +342,6 @@ class NumbaSparseBackend(HostBackend):
         out = torch.from_numpy(part_out).view(b, hkv, chunks, g, d)
         lse = torch.from_numpy(part_lse).view(b, hkv, chunks, g)
         if chunks > 1:
-            from hetero.merge import _merge_stacked
-
-            merged = _merge_stacked(out.permute(2, 0, 1, 3, 4).reshape(chunks, b, hq, d),
-                                    lse.permute(2, 0, 1, 3).reshape(chunks, b, hq))
-            return PartialAttention(merged.out.float(), merged.lse.float())
+            out, lse = out.permute(2, 0, 1, 3, 4).reshape(chunks, b, hq, d), lse.permute(2, 0, 1, 3).reshape(chunks, b, hq)
+            return merge([PartialAttention(out[c], lse[c]) for c in range(chunks)])
         return PartialAttention(out.reshape(b, hq, d), lse.reshape(b, hq))

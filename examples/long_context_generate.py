@@ -8,8 +8,8 @@ import torch
 
 import hetero
 from hetero.hf import HeteroCache
-from hetero.workloads import smollm2
-from hetero.workloads.real import corpus_text
+from hetero.tools.workloads import smollm2
+from hetero.tools.workloads.real import corpus_text
 
 model, tok = smollm2.load()
 text = tok.decode(tok(corpus_text(), add_special_tokens=False).input_ids[:6000])

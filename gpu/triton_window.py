@@ -117,20 +117,20 @@ class TritonWindowBackend(WindowBackend):
             return ["no CUDA device (set TRITON_INTERPRET=1 to run the kernel in Triton's interpreter)"]
         return []
 
-    def not_supported_reasons(self, q, k) -> List[str]:
+    def not_supported_reasons(self, inputs) -> List[str]:
         reasons = self.availability_reasons()
-        if k.device.type == "cpu" and not interpreting():
+        if inputs.device.type == "cpu" and not interpreting():
             reasons.append("CPU tensors need TRITON_INTERPRET=1")
-        if k.device.type not in self.devices:
-            reasons.append(f"device {k.device.type} not in {list(self.devices)}")
-        if k.dtype not in self.dtypes:
-            reasons.append(f"KV dtype {k.dtype} not supported")
-        if k.shape[-1] > MAX_HEAD_DIM:
-            reasons.append(f"head_dim {k.shape[-1]} > {MAX_HEAD_DIM}")
+        if inputs.device.type not in self.devices:
+            reasons.append(f"device {inputs.device.type} not in {list(self.devices)}")
+        if inputs.kv_dtype not in self.dtypes:
+            reasons.append(f"KV dtype {inputs.kv_dtype} not supported")
+        if inputs.head_dim > MAX_HEAD_DIM:
+            reasons.append(f"head_dim {inputs.head_dim} > {MAX_HEAD_DIM}")
         return reasons
 
-    def auto_reasons(self, device: torch.device) -> List[str]:
-        if device.type == "cpu":
+    def auto_reasons(self, inputs) -> List[str]:
+        if inputs.device.type == "cpu":
             return ["on CPU 'auto' takes a CPU backend: Triton runs there only in its (slow) interpreter; ask for "
                     "'triton' by name"]
         return []

@@ -1,44 +1,55 @@
-"""``HeteroAttention``: one decode step of one layer = window part (fast device) + host part (retriever +
-CPU kernel) fused exactly by log-sum-exp, the two parts running concurrently when the window is on a GPU.
+"""``HeteroAttention``: the decode-step runtime. Per step, ``plan(cache)`` once for every layer; per layer,
+``run(q, layer, plan)``: the window part (fast device) and the host part (retriever + CPU kernel) fused exactly by
+log-sum-exp.
 
-Per step and layer: the query goes to the host (pinned staging and a side stream on CUDA); the host side
-(wait for pending index adds, search, host kernel, result back) runs on a persistent worker thread while
-the window kernel runs on the caller's thread (the native host kernels release the GIL); then the parts are
-merged. Run side by side or one after the other (bit-identical results): ``HeteroConfig.overlap``, by default
-side by side when the fast tier is on CUDA and one after the other when it shares the CPU with the host side.
+Three ways a layer's step runs, chosen by the plan:
+
+* fused, fast tier on the CPU (the default there): one C++ call does the window attention, the ivf-group search
+  (or attends a selection another retriever made in Python), the host rows, the estimate of the unselected tokens
+  and the fusion, and writes the output in the query's dtype; nothing is allocated.
+* fused, fast tier on CUDA: the Triton window kernel runs on the GPU while the calling thread runs the host part
+  in C++ on the query copied to pinned memory; the host result goes back from pinned buffers and the merge runs on
+  the GPU. The only host wait is for the query's copy.
+* generic: any other backend pair (numba, torch, Triton under the interpreter, side by side on the CPU), each part
+  in Python, the host side on a worker thread when ``overlap`` is on. Results are the same to rounding.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .backends import HostBackend, WindowBackend, select_backend
+from . import native
+from .backends import BackendSet
 from .balance import Balancer
 from .budgets import AdaptiveHeadBudget
 from .cache import LayerCache
 from .config import HeteroConfig
-from .errors import HeteroError, ShapeError
+from .errors import ClosedError, ConfigError, HeteroError, InvalidValueError, ShapeError
 from .merge import merge
-from .ops import check_query, check_selection, with_estimate
+from .plan import LayerWorkspace, StepGeometry, StepPlan, workspace_kmax
 from .reference import default_scale
 from .timing import PhaseRecorder, Span
 from .types import PartialAttention, Selection
+from .validation import all_finite, check_query, check_selection
 from .worker import Worker
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_NATIVE_PHASES = ("window", "retrieve", "host_attn", "merge")
 
 
 @dataclass
 class DecodeResult:
     """What ``HeteroAttention.run(..., return_details=True)`` returns.
 
-    out: ``[B, Hq, D]`` in the query dtype. window, host: the two PartialAttentions (float32).
-    selection: the retriever's choice (None when the host part was empty). timings_ms: ms per phase
-    (window, transfer, retrieve, host_attn, merge; phases of the two sides overlap in time). spans: the
-    phases with start/end times and thread names. rows_read: selected host rows, padding excluded, summed
-    over sequences and KV heads. critical: the side the step waited on ("window" or "host").
+    out: ``[B, Hq, D]`` in the query dtype. window, host: the two PartialAttentions (float32; host includes the
+    retriever's estimate of the unselected tokens). selection: the rows the host part read (None when the host part
+    was empty). timings_ms: ms per phase (window, transfer, retrieve, host_attn, merge). spans: the phases with
+    start/end times and thread names. rows_read: selected host rows, padding excluded, summed over sequences and KV
+    heads. critical: the side the step waited on ("window" or "host"). native_ms: time inside the C++ kernels.
     """
 
     out: torch.Tensor
@@ -51,37 +62,48 @@ class DecodeResult:
     critical: Optional[str] = None
     window_ms: float = 0.0
     host_ms: float = 0.0
+    native_ms: float = 0.0
 
 
-@dataclass
-class _Plan:
-    window: WindowBackend
-    host: HostBackend
-    staging: Optional[torch.Tensor] = None  # pinned [B, Hq, D] float32 query staging (CUDA only)
+def _layers_of(cache) -> List[LayerCache]:
+    if isinstance(cache, LayerCache):
+        return [cache]
+    layers = getattr(cache, "layers", cache)
+    out = [getattr(x, "layer", x) for x in layers]  # hetero.hf's cache layers hold a LayerCache
+    if not out or not all(isinstance(x, LayerCache) for x in out):
+        raise ShapeError(f"plan() takes a LayerCache, a TieredKVCache, a HeteroCache or a list of LayerCaches, got "
+                         f"{type(cache).__name__}")
+    return out
 
 
 class HeteroAttention:
-    """Decode attention over a ``LayerCache``.
+    """Decode attention over ``LayerCache``s.
 
-    Usage per decode step: append the new token's K/V to each layer's cache, then ``run(q, layer)``.
-    ``plan(layer)`` resolves backends, thread split and staging buffers once per layer geometry; ``run``
-    calls it, so calling it yourself is optional. ``close()`` stops the host worker (also done at exit).
-    ``native_trace = True``: ``run(..., return_details=True)`` also returns the busy spans of the native kernels'
-    own pool threads (one per thread and call), so a trace shows every thread that worked.
+    Per decode step: append the new token's K/V to each layer's cache, ``plan = attn.plan(cache, q_heads)``, then
+    ``attn.run(q, layer, plan)`` per layer. ``run(q, layer)`` without a plan makes a one-layer plan itself (handy,
+    not the lean path). ``close()`` stops the host worker (also done at exit). ``native_trace = True``: details also
+    carry the busy spans of the native kernels' pool threads.
     """
 
     def __init__(self, config: HeteroConfig, host_worker: Optional[Worker] = None):
         if not isinstance(config, HeteroConfig):
-            raise ShapeError(f"config must be a HeteroConfig, got {type(config).__name__}")
+            raise ConfigError(f"config must be a hetero.HeteroConfig, got {type(config).__name__}")
         self.config = config
-        self._plans: Dict[Tuple, _Plan] = {}
-        self._own_worker = host_worker is None  # created on the first overlapped step
+        self.backends = BackendSet()
+        self._own_worker = host_worker is None  # created on the first side-by-side step
         self._worker = host_worker
-        self._balancers: Dict[Tuple, Balancer] = {}
+        self._balancers: Dict[int, Balancer] = {}
+        self._workspaces: Dict[int, LayerWorkspace] = {}
+        self._geometry: Optional[StepGeometry] = None
+        self._plan: Optional[StepPlan] = None
         self._stream = None
+        self._step = 0
+        self._closed = False
         self.native_trace = False
+        self.record_phases = False  # fused steps record their native phases (``phases``) without details
 
     def close(self) -> None:
+        self._closed = True
         if self._own_worker and self._worker is not None:
             self._worker.close()
 
@@ -91,108 +113,320 @@ class HeteroAttention:
         return self._worker
 
     def balancer(self, layer: LayerCache) -> Balancer:
-        key = (layer.layer_idx, layer.device)
-        if key not in self._balancers:
-            self._balancers[key] = Balancer(self.config.resolved_threads, layer.device.type == "cuda",
-                                            self.config.balance == "auto")
-        return self._balancers[key]
+        if layer.layer_idx not in self._balancers:
+            self._balancers[layer.layer_idx] = Balancer(self.config.resolved_threads, layer.device.type == "cuda",
+                                                        self.config.balance == "auto")
+        return self._balancers[layer.layer_idx]
 
-    def plan(self, layer: LayerCache) -> _Plan:
-        """Backends for this layer's device, dtype and head dim (cached), staging buffers, thread split."""
-        if not layer.initialized:
-            raise ShapeError(f"layer {layer.layer_idx}'s cache is empty: append the prompt's keys first")
-        key = (layer.device, layer.dtype, layer.head_dim, layer.batch, layer.kv_heads)
-        if key not in self._plans:
-            q_probe = torch.empty(layer.batch, layer.kv_heads, layer.head_dim, device=layer.device)
-            window = select_backend("window", self.config.window_backend,
-                                    lambda be: be.not_supported_reasons(q_probe, layer.fast.k), device=layer.device)
-            host_view = layer.host.view()
-            host = select_backend("host", self.config.host_backend,
-                                  lambda be: be.not_supported_reasons(q_probe.cpu(), host_view),
-                                  device=torch.device("cpu"))
-            self._plans[key] = _Plan(window, host)
-        split = self.balancer(layer).split()
-        plan = self._plans[key]
-        overlap = self.config.overlap_on(layer.device)
-        if layer.device.type == "cpu":
-            plan.window.set_threads(split.window_threads if overlap else self.config.resolved_threads)
-        host_threads = split.host_threads if overlap else self.config.resolved_threads
-        plan.host.set_threads(host_threads)
-        layer.retriever.set_threads(host_threads)
-        for part in (plan.window, plan.host, layer.retriever):
+    # ---- plan ---------------------------------------------------------------------------------------
+    def plan(self, cache, q_heads: Optional[int] = None, q_dtype: Optional[torch.dtype] = None) -> StepPlan:
+        """The plan of the decode steps over ``cache``'s layers (a ``LayerCache``, a ``TieredKVCache``, a
+        ``hetero.hf.HeteroCache`` or a list of LayerCaches) for queries ``[B, q_heads, D]`` of ``q_dtype`` (default
+        float32): backends, whether the fused C++ step runs, workspaces. It stays valid while the geometry holds
+        (lengths may grow); asking again with the same geometry returns it at the cost of a few comparisons."""
+        if self._closed:
+            raise ClosedError("this HeteroAttention was closed; create a new one")
+        layers = _layers_of(cache)
+        ref = next((x for x in layers if x.initialized and not x.dense), None) or \
+            next((x for x in layers if x.initialized), None)
+        if ref is None:
+            raise ShapeError("the cache is empty: append the prompt's keys first")
+        q_heads = q_heads or (self._geometry.q_heads if self._geometry is not None else ref.kv_heads)
+        q_dtype = q_dtype or torch.float32
+        cached = self._plan
+        if (cached is not None and cached.geometry.q_heads == q_heads and cached.geometry.q_dtype == q_dtype
+                and cached.geometry.batch == ref.batch and cached.geometry.kv_heads == ref.kv_heads
+                and cached.geometry.kv_dtype == ref.dtype and cached.geometry.device == ref.device):
+            self._ensure_workspaces(cached, layers)
+            return cached
+        if isinstance(q_heads, bool) or not isinstance(q_heads, int) or q_heads % ref.kv_heads:
+            raise ShapeError(f"q_heads={q_heads!r} must be a positive multiple of the {ref.kv_heads} KV heads")
+        g = StepGeometry(ref.batch, q_heads, ref.kv_heads, ref.head_dim, ref.dtype, q_dtype, ref.device)
+        self._workspaces.clear()
+        self._geometry = g
+        window = self.backends.select("window", self.config.window_backend, g.inputs())
+        host = self.backends.select("host", self.config.host_backend, g.inputs(torch.device("cpu")))
+        threads = self.config.resolved_threads
+        overlap = self.config.overlap_on(g.device)
+        if g.device.type == "cpu":
+            fused = window.native and host.native and not overlap
+            window.set_threads(threads if not overlap else self.balancer(ref).split().window_threads)
+        else:
+            fused = host.native and window.name == "triton"
+        host.set_threads(threads)
+        for part in (window, host):
             part.set_native_trace(self.native_trace)
+        scale = self.config.scale or default_scale(g.head_dim)
+        plan = StepPlan(g, window, host, fused and native.load() is not None, scale, self.config, self._workspaces)
+        self._ensure_workspaces(plan, layers)
+        self._plan = plan
         return plan
 
-    def budgets(self, layer: LayerCache, group: int):
-        """Keys per query head: ``[B]`` (flat) or ``[B, Hkv]`` (adaptive), from the config's budget, the
-        host-tier sizes, the group size ``G = Hq / Hkv`` (``budget_per="kv_head"`` splits a KV head's rows over
-        its G query heads), the auto balance's scale and, when adaptive, the layer's previous steps."""
-        scale = self.balancer(layer).budget_scale
-        flat = [self.config.budget_for(n, scale) for n in layer.host.length]
-        if self.config.budget_per == "kv_head" and self.config.group_rule != "sum":
-            flat = [k if k >= n else -(-k // group) for k, n in zip(flat, layer.host.length)]
-        if self.config.head_budget == "flat":
-            return flat
-        if layer.head_budget is None:
-            layer.head_budget = AdaptiveHeadBudget(layer.batch, layer.kv_heads)
-        return layer.head_budget.split(flat)
+    def _ensure_workspaces(self, plan: StepPlan, layers: Sequence[LayerCache]) -> None:
+        for x in layers:
+            if x.layer_idx not in self._workspaces and x.initialized:
+                if self.config.head_budget == "adaptive" and x.head_budget is None:
+                    x.head_budget = AdaptiveHeadBudget(x.batch, x.kv_heads)
+                self._grow_workspace(plan, x)
 
-    # ---- the two sides ------------------------------------------------------------------------------
-    def _query_to_host(self, q: torch.Tensor, plan: _Plan):
+    def _grow_workspace(self, plan: StepPlan, layer: LayerCache, need_k: int = 0) -> LayerWorkspace:
+        """A workspace for ``layer`` with room for its current budget (or ``need_k`` keys) and lists."""
+        old = self._workspaces.get(layer.layer_idx)
+        budgets = plan.budgets_for(layer) if not layer.dense else np.zeros(1, dtype=np.int64)
+        kmax = workspace_kmax(max(need_k, int(budgets.max()) if budgets.size else 0, old.kmax if old else 0))
+        lists = layer.retriever.max_lists() if hasattr(layer.retriever, "max_lists") else 1
+        ws = LayerWorkspace(plan.geometry, kmax, max(lists + 16, 2 * lists, old.max_lists if old else 0))
+        if ws.work is not None:
+            ws.work.set(**plan.budget)
+        self._workspaces[layer.layer_idx] = ws
+        return ws
+
+    # ---- run ----------------------------------------------------------------------------------------
+    def run(self, q: torch.Tensor, layer: LayerCache, plan: Optional[StepPlan] = None,
+            out: Optional[torch.Tensor] = None, return_details: bool = False):
+        """Attention of decode queries over every token of ``layer`` (fast and host tiers).
+
+        q: ``[B, Hq, D]`` float, post-RoPE, on the fast tier's device; ``Hq = G * Hkv``. plan: this step's
+        ``StepPlan`` (made here when None). out: optional ``[B, Hq, D]`` tensor of q's dtype and device written in
+        place (``plan.output(layer)`` is the workspace's). Returns ``out [B, Hq, D]`` in q's dtype, or a
+        ``DecodeResult`` with the parts and timings.
+        """
+        if self._closed:
+            raise ClosedError("this HeteroAttention was closed; create a new one")
+        if type(layer) is not LayerCache and not isinstance(layer, LayerCache):
+            raise ShapeError(f"layer must be a LayerCache, got {type(layer).__name__}")
+        if not layer.initialized:
+            raise ShapeError(f"layer {layer.layer_idx}'s cache is empty: append the prompt's keys first")
+        if plan is None:
+            check_query(q, layer.kv_heads, layer.head_dim, layer.batch)
+            if q.device != layer.device:
+                raise ShapeError(f"q is on {q.device}, layer {layer.layer_idx}'s fast tier on {layer.device}")
+            plan = self.plan(layer, q.shape[1], q.dtype)
+        else:
+            if type(plan) is not StepPlan:
+                raise ShapeError(f"plan must be a StepPlan (HeteroAttention.plan), got {type(plan).__name__}")
+            if type(q) is not torch.Tensor and not isinstance(q, torch.Tensor):
+                raise ShapeError(f"q must be a torch.Tensor [B, Hq, D], got {type(q).__name__}")
+            plan.check(q, layer)
+            if not plan.fused and not all_finite(q):  # the fused step checks the query itself
+                raise InvalidValueError("q contains NaN or inf")
+        if out is not None and out is not plan.workspaces[layer.layer_idx].out:
+            self._check_out(out, plan)
+        with layer.lock:
+            if not layer.index.idle:
+                layer.index.wait()  # heals and reports a failed add, before any search
+            if plan.fused and q.stride(-1) == 1:
+                if plan.on_cpu:
+                    return self._run_fused_cpu(q, layer, plan, out, return_details)
+                return self._run_fused_cuda(q, layer, plan, out, return_details)
+            return self._run_generic(q, layer, plan, out, return_details)
+
+    @staticmethod
+    def _check_out(out, plan: StepPlan) -> None:
+        g = plan.geometry
+        if (not isinstance(out, torch.Tensor) or tuple(out.shape) != (g.batch, g.q_heads, g.head_dim)
+                or out.dtype != g.q_dtype or out.device != g.device or out.stride(-1) != 1):
+            raise ShapeError(f"out must be a [{g.batch}, {g.q_heads}, {g.head_dim}] {g.q_dtype} tensor on {g.device} "
+                             f"with contiguous rows, got {getattr(out, 'shape', type(out).__name__)}")
+
+    @staticmethod
+    def _host_mode(layer: LayerCache) -> int:
+        """0: no host part (a dense layer), 2: the C++ step searches the index, 1: the retriever searches in Python
+        (an empty host tier gives an empty part either way)."""
+        if layer.dense:
+            return 0
+        return 2 if layer.retriever.native_search_ready() else 1
+
+    def _prepare_work(self, ws: LayerWorkspace, q: torch.Tensor, out: torch.Tensor, layer: LayerCache,
+                      plan: StepPlan, mode: int, window_on: bool, timed: bool) -> Optional[Selection]:
+        """Fill the WORK descriptor of this call; for a selection made in Python, search and point at it."""
+        w = ws.work
+        qs, os_ = q.stride(), out.stride()
+        key = (q.dtype, qs[0], qs[1], out.dtype, os_[0], os_[1], window_on, mode, timed)
+        if ws.last_call != key:  # a decode loop calls with the same formats every step: set them once
+            w.set(SCALE=native.float_bits(plan.scale), Q_DTYPE=_DTYPE_CODES[q.dtype], Q_STRIDE_B=qs[0],
+                  Q_STRIDE_H=qs[1], OUT_DTYPE=_DTYPE_CODES[out.dtype], OUT_STRIDE_B=os_[0], OUT_STRIDE_H=os_[1],
+                  WINDOW_ON=int(window_on), HOST_MODE=mode, FAST_PREFETCH=getattr(plan.window, "prefetch_rows", 0),
+                  HOST_PREFETCH=plan.host.prefetch_rows, TIMES=native.address(ws.times) if timed else 0)
+            ws.last_call = key
+        if self.config.balance == "auto":
+            w.set(BUDGET_SCALE=native.float_bits(self.balancer(layer).budget_scale))
+        if mode == 2:
+            return None
+        if mode == 1:
+            q32 = ws.q_host.float() if q.device.type == "cuda" else q.detach().float()
+            sel = layer.retriever.search(q32, plan.budgets_for(layer, self.balancer(layer).budget_scale).tolist())
+            check_selection(sel, layer.batch, q.shape[1], layer.kv_heads, layer.host.length.tolist(), layer.head_dim)
+            idx = sel.indices.to(torch.int32).contiguous()
+            counts = native.used_counts(idx)
+            lw = None if sel.log_weight is None else sel.log_weight.float().contiguous()
+            est = sel.estimate
+            ws.selection = (idx, lw, est, counts)  # kept alive until the next call
+            w.set(SEL_INDICES=idx.data_ptr(), SEL_K=idx.shape[2], SEL_COUNTS=native.address(counts),
+                  SEL_LOG_WEIGHT=native.address(lw),
+                  SEL_EST_OUT=0 if est is None else est.out.contiguous().data_ptr(),
+                  SEL_EST_LSE=0 if est is None else est.lse.contiguous().data_ptr())
+            return Selection(idx, lw, est)
+        return None
+
+    def _run_fused_cpu(self, q, layer, plan, out, details):
+        dst = plan.workspaces[layer.layer_idx].out if out is None else out
+        timed = details or self.record_phases or self.config.balance == "auto" or layer.head_budget is not None
+        t0 = time.perf_counter()
+        ws, mode, sel = self._decode_step(plan, layer, q, dst, True, timed)
+        if out is None and ws.out is not dst:  # the workspace grew: its new output buffer
+            ws.out.copy_(dst)
+            dst = ws.out
+        self._after_step(layer, ws, mode, timed)
+        if not details:
+            return dst if out is not None else dst.clone()
+        return self._fused_details(dst, ws, layer, plan, mode, sel, t0)
+
+    def _decode_step(self, plan: StepPlan, layer: LayerCache, q: torch.Tensor, dst: torch.Tensor, window_on: bool,
+                     timed: bool):
+        """Prepare the WORK descriptor and run the C++ step; a workspace too small for this step (a budget that
+        outgrew it, an index with more lists) grows and the step runs again. Returns (workspace, mode, selection)."""
+        ext = native.load()
+        mode = self._host_mode(layer)
+        for _ in range(3):
+            ws = plan.workspaces[layer.layer_idx]
+            sel = self._prepare_work(ws, q, dst, layer, plan, mode, window_on, timed)
+            code = plan.host._runner.decode_step(layer.native_layer().address, ws.work.address, q.data_ptr(),
+                                                 dst.data_ptr())
+            if code == 0:
+                return ws, mode, sel
+            if code == ext.STEP_QUERY_NOT_FINITE:
+                raise InvalidValueError("q contains NaN or inf")
+            self._grow_workspace(plan, layer, 0 if code == ext.STEP_NEED_PROBE else int(code))
+        raise RuntimeError(f"layer {layer.layer_idx}: the step's workspace did not fit after growing it")
+
+    def _after_step(self, layer: LayerCache, ws: LayerWorkspace, mode: int, timed: bool) -> None:
+        if layer.head_budget is not None and mode:
+            layer.head_budget.update(PartialAttention(ws.win_out, ws.win_lse), PartialAttention(ws.host_out,
+                                                                                               ws.host_lse),
+                                     layer.retriever)
+        if self.config.balance == "auto" and mode:
+            t = ws.times
+            self.balancer(layer).record((t[1] - t[0]) * 1e3, (t[5] - t[2]) * 1e3, can_lower=True, can_raise=True)
+
+    def _fused_details(self, dst, ws, layer, plan, mode, sel, t0) -> DecodeResult:
+        t = ws.times
+        timings = self.phases(plan, layer)
+        spans = [Span(name, t[2 * i], t[2 * i + 1], "MainThread") for i, name in enumerate(_NATIVE_PHASES)
+                 if t[2 * i + 1] > t[2 * i]]
+        window = PartialAttention(ws.win_out.clone(), ws.win_lse.clone())
+        if mode == 0:
+            host = PartialAttention.empty(*ws.win_out.shape)
+        else:
+            parts = [PartialAttention(ws.host_out.clone(), ws.host_lse.clone())]
+            est = (PartialAttention(ws.est_out, ws.est_lse) if mode == 2 and layer.retriever.estimate else
+                   (sel.estimate if sel is not None else None))
+            if est is not None:
+                parts.append(est)
+            host = merge(parts) if len(parts) > 1 else parts[0]
+        if mode == 2:
+            width = int(ws.union_count.max()) if ws.union_count.size else 0
+            idx = torch.from_numpy(ws.union[:, :width].copy()).view(layer.batch, layer.kv_heads, width)
+            est = PartialAttention(ws.est_out.clone(), ws.est_lse.clone()) if layer.retriever.estimate else None
+            sel = Selection(idx, estimate=est)
+            rows = int(ws.union_count.sum())
+        else:
+            rows = int((sel.indices >= 0).sum()) if sel is not None else 0
+        native_ms = sum(timings.values())
+        window_ms = timings["window"]
+        host_ms = timings["retrieve"] + timings["host_attn"]
+        spans += self._native_spans(plan, layer)
+        out = dst if dst is not ws.out else dst.clone()
+        return DecodeResult(out, window, host, sel if mode else None, timings, spans, rows,
+                            "host" if host_ms > window_ms else "window", window_ms, host_ms, native_ms)
+
+    def _native_spans(self, plan, layer) -> List[Span]:
+        if not self.native_trace:
+            return []
+        return [s for part in (plan.window, plan.host, layer.retriever) for s in part.take_native_spans()]
+
+    def _run_fused_cuda(self, q, layer, plan, out, details):
+        """Window on the GPU (Triton), host part in C++ on the calling thread meanwhile, merge on the GPU."""
+        ws = plan.workspaces[layer.layer_idx]
+        dst = ws.out if out is None else out
+        mode = self._host_mode(layer)
+        rec = PhaseRecorder()
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=q.device)
+        current = torch.cuda.current_stream(q.device)
+        ready = None
+        if mode:
+            with rec.span("transfer"):
+                self._stream.wait_stream(current)  # q is produced on the current stream
+                with torch.cuda.stream(self._stream):
+                    ws.q_host.copy_(q.detach(), non_blocking=True)
+                    ready = torch.cuda.Event()
+                    ready.record(self._stream)
+        with rec.span("window"):
+            wpart = plan.window(q, layer.fast.k, layer.fast.v, layer.fast.lengths, plan.scale)
+        if mode:
+            layer.finish_device_appends()
+            with rec.span("transfer"):
+                ready.synchronize()  # the one host wait of the step: the query's copy
+            with rec.span("host"):
+                ws, mode, _ = self._decode_step(plan, layer, ws.q_host, ws.q_host, False, details)
+            with rec.span("transfer"):
+                ws.host_out_dev.copy_(ws.host_out, non_blocking=True)  # from pinned memory: asynchronous
+                ws.host_lse_dev.copy_(ws.host_lse, non_blocking=True)
+            parts = [wpart, PartialAttention(ws.host_out_dev, ws.host_lse_dev)]
+        else:
+            parts = [wpart]
+        with rec.span("merge"):
+            merged = merge(parts)
+            dst.copy_(merged.out)
+        if not details:
+            return dst if out is not None else dst.clone()
+        host = parts[1] if mode else PartialAttention.empty(*wpart.out.shape, device=q.device)
+        return DecodeResult(dst.clone(), wpart, host, None, rec.totals_ms(), rec.spans,
+                            int(ws.union_count.sum()) if mode == 2 else 0)
+
+    # ---- generic path -------------------------------------------------------------------------------
+    def _query_to_host(self, q: torch.Tensor):
         """The query as float32 on the host, and an event to wait on before reading it (CUDA)."""
         if q.device.type != "cuda":
             return q.detach().to(torch.float32), None
-        if plan.staging is None or plan.staging.shape != q.shape:
-            plan.staging = torch.empty(q.shape, dtype=torch.float32, pin_memory=True)
+        staging = torch.empty(q.shape, dtype=torch.float32, pin_memory=True)
         if self._stream is None:
             self._stream = torch.cuda.Stream(device=q.device)
         self._stream.wait_stream(torch.cuda.current_stream(q.device))
         with torch.cuda.stream(self._stream):
-            plan.staging.copy_(q.detach(), non_blocking=True)
+            staging.copy_(q.detach(), non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(self._stream)
-        return plan.staging, ready
+        return staging, ready
 
-    def _host_side(self, q_host, ready, layer: LayerCache, plan: _Plan, scale: float, rec: PhaseRecorder):
+    def _host_side(self, q_host, ready, layer: LayerCache, plan: StepPlan, rec: PhaseRecorder):
         t0 = time.perf_counter()
         if ready is not None:
             with rec.span("transfer"):
                 ready.synchronize()
-        with rec.span("index_wait"):
-            layer.wait_indexed()
         with rec.span("retrieve"):
-            selection = layer.retriever.search(q_host, self.budgets(layer, q_host.shape[1] // layer.kv_heads))
-        check_selection(selection, q_host.shape[0], q_host.shape[1], layer.kv_heads, layer.host.length,
+            selection = layer.retriever.search(q_host, plan.budgets_for(layer, self.balancer(layer).budget_scale)
+                                               .tolist())
+        check_selection(selection, q_host.shape[0], q_host.shape[1], layer.kv_heads, layer.host.length.tolist(),
                         layer.head_dim)
         with rec.span("host_attn"):
-            hpart = with_estimate(plan.host(q_host, layer.host.view(), selection, scale), selection)
+            hpart = plan.host(q_host, layer.host.view(), selection, plan.scale)
         return hpart, selection, (time.perf_counter() - t0) * 1e3
 
-    def run(self, q: torch.Tensor, layer: LayerCache, return_details: bool = False):
-        """Attention of decode queries over every token of ``layer`` (fast and host tiers).
-
-        q: ``[B, Hq, D]`` float, post-RoPE, on the fast tier's device; ``Hq = G * Hkv``.
-        Returns ``out [B, Hq, D]`` in q's dtype, or a ``DecodeResult`` with the parts and timings.
-        """
-        if not isinstance(layer, LayerCache):
-            raise ShapeError(f"layer must be a LayerCache, got {type(layer).__name__}")
-        plan = self.plan(layer)
-        check_query(q, layer.kv_heads, layer.head_dim, layer.batch)
-        if q.device != layer.device:
-            raise ShapeError(f"q is on {q.device}, layer {layer.layer_idx}'s fast tier on {layer.device}")
-        scale = self.config.scale or default_scale(layer.head_dim)
+    def _run_generic(self, q, layer, plan, out, details):
         rec = PhaseRecorder()
         b, hq, d = q.shape
-        has_host = not layer.dense and sum(layer.host.length) > 0
+        has_host = not layer.dense and bool(layer.host.length.any())
         future = None
         if has_host:
             with rec.span("transfer"):
-                q_host, ready = self._query_to_host(q, plan)
+                q_host, ready = self._query_to_host(q)
             if self.config.overlap_on(layer.device):
-                future = self._host_worker().submit(self._host_side, q_host, ready, layer, plan, scale, rec)
+                future = self._host_worker().submit(self._host_side, q_host, ready, layer, plan, rec)
         t0 = time.perf_counter()
         with rec.span("window"):
-            wpart = plan.window(q, layer.fast.k, layer.fast.v, layer.fast.lengths, scale)
+            wpart = plan.window(q, layer.fast.k, layer.fast.v, layer.fast.lengths, plan.scale)
         window_ms = (time.perf_counter() - t0) * 1e3
         selection, rows, host_ms = None, 0, 0.0
         if has_host:
@@ -200,33 +434,73 @@ class HeteroAttention:
                 if future is not None:
                     hpart, selection, host_ms = future.result()
                 else:
-                    hpart, selection, host_ms = self._host_side(q_host, ready, layer, plan, scale, rec)
+                    hpart, selection, host_ms = self._host_side(q_host, ready, layer, plan, rec)
             except HeteroError:
                 raise
             except Exception as e:
                 raise HeteroError(f"host side of layer {layer.layer_idx} failed ({type(e).__name__}: {e})") from e
+            parts = [hpart] if selection.estimate is None else [hpart, selection.estimate]
             with rec.span("transfer"):
-                hpart = PartialAttention(hpart.out.to(q.device, non_blocking=True),
-                                         hpart.lse.to(q.device, non_blocking=True))
-            idx = selection.indices  # numpy on the host: a torch reduction costs ~50 us with the step's caches cold
-            rows = int(np.count_nonzero(idx.numpy() >= 0)) if idx.device.type == "cpu" else int((idx >= 0).sum())
+                parts = [PartialAttention(p.out.to(q.device, non_blocking=True), p.lse.to(q.device, non_blocking=True))
+                         for p in parts]
+            hpart = parts[0] if len(parts) == 1 else merge(parts)  # the details' host part: rows and estimate
+            rows = int(np.count_nonzero(selection.indices.numpy() >= 0))
             if layer.head_budget is not None:
-                layer.head_budget.update(wpart, hpart, layer.retriever)
+                layer.head_budget.update(wpart, parts[0], layer.retriever)
         else:
             hpart = PartialAttention.empty(b, hq, d, device=q.device)
+            parts = []
         balancer = self.balancer(layer)
         if has_host:
-            n = max(layer.host.length)
+            n = int(layer.host.length.max())
             k_now = self.config.budget_for(n, balancer.budget_scale)
             floor = self.config.budget_for(n, 0.0)
             balancer.record(window_ms, host_ms, can_lower=k_now > floor,
                             can_raise=k_now < min(n, 2 * self.config.budget_for(n)))
-        with rec.span("merge"):
-            merged = merge([wpart, hpart])
-            out = merged.out.to(q.dtype)
-        native = [s for part in (plan.window, plan.host, layer.retriever) for s in part.take_native_spans()] \
-            if self.native_trace else []  # taken every step: nothing piles up when no details are asked for
-        if not return_details:
-            return out
-        return DecodeResult(out, wpart, hpart, selection, rec.totals_ms(), rec.spans + native, rows,
+        with rec.span("merge"):  # all parts at once, as the fused step does (the same result bit for bit)
+            merged = merge([wpart] + parts)
+            result = merged.out.to(q.dtype)
+        if out is not None:
+            out.copy_(result)
+            result = out
+        native = self._native_spans(plan, layer)
+        if not details:
+            return result
+        return DecodeResult(result, wpart, hpart, selection, rec.totals_ms(), rec.spans + native, rows,
                             balancer.critical if has_host else "window", window_ms, host_ms)
+
+    # ---- helpers ------------------------------------------------------------------------------------
+    @staticmethod
+    def phases(plan: StepPlan, layer: LayerCache) -> Dict[str, float]:
+        """Milliseconds of each native phase (window, retrieve, host_attn, merge) of ``layer``'s last fused step under
+        ``plan`` (recorded when ``record_phases`` or details are on; zeros otherwise)."""
+        t = plan.workspaces[layer.layer_idx].times
+        return {name: max(0.0, float(t[2 * i + 1] - t[2 * i]) * 1e3) for i, name in enumerate(_NATIVE_PHASES)}
+
+    @staticmethod
+    def step_stats(plan: StepPlan, layer: LayerCache) -> Dict[str, int]:
+        """What ``layer``'s last fused step read: ``rows_read`` (selected host rows, padding excluded, over sequences
+        and KV heads) and ``index_bytes`` (the index data the search streamed)."""
+        ws = plan.workspaces[layer.layer_idx]
+        if HeteroAttention._host_mode(layer) == 2:
+            return {"rows_read": int(ws.union_count.sum()), "index_bytes": layer.retriever.bytes_read(ws.scanned)}
+        sel = ws.selection
+        rows = int((sel[0] >= 0).sum()) if sel is not None else 0
+        elem = torch.tensor([], dtype=layer.dtype).element_size()
+        return {"rows_read": rows, "index_bytes": int(layer.retriever.last_scanned) * layer.head_dim * elem}
+
+    def phase_spans(self, plan: StepPlan, layer: LayerCache) -> List[Span]:
+        """Spans of ``layer``'s last fused step: its native phases on the calling thread and, with ``native_trace``,
+        each pool thread's busy span, named by the phase it fell in."""
+        t = plan.workspaces[layer.layer_idx].times
+        phases = [(name, t[2 * i], t[2 * i + 1]) for i, name in enumerate(_NATIVE_PHASES) if t[2 * i + 1] > t[2 * i]]
+        spans = [Span(name, a, b, "MainThread") for name, a, b in phases]
+        for s in self._native_spans(plan, layer):
+            name = next((p for p, a, b in phases if a <= s.start <= b), s.phase)
+            spans.append(Span(name, s.start, s.end, s.thread))
+        return spans
+
+    def output(self, plan: StepPlan, layer: LayerCache) -> torch.Tensor:
+        """The workspace output ``[B, Hq, D]`` of ``layer`` under ``plan`` (``run(..., out=...)`` without allocating;
+        overwritten by the layer's next step)."""
+        return plan.workspaces[layer.layer_idx].out

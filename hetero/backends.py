@@ -1,26 +1,45 @@
-"""Backend registries, one per side (DESIGN.md "Backends").
+"""Backends of the two sides of a step (DESIGN.md "Backends"), chosen from ``hetero.registry``.
 
 * window (fast device): attention over sinks + window, ``(q, k, v, lengths, scale) -> PartialAttention``.
-* host (CPU): attention over a ``Selection`` of host rows, ``(q, host_view, selection, scale) ->
-  PartialAttention``.
+* host (CPU): attention over a ``Selection`` of host rows, ``(q, host_view, selection, scale) -> PartialAttention``.
 
-Each backend declares what it supports and explains refusals with ``not_supported_reasons``; ``"auto"``
-takes the first backend, in registry order, that supports the inputs; if none does the error lists every
-backend's reasons. Implementations are imported lazily, only when their backend is asked about.
-Environment overrides of ``"auto"``: ``HETERO_WINDOW_BACKEND``, ``HETERO_CPU_BACKEND``.
+Each backend declares what it supports and explains refusals with ``not_supported_reasons(inputs)`` over one
+``AttentionInputs`` bundle; ``"auto"`` takes the first backend, in registry order, that supports the inputs; if
+none does, the error prints the inputs and every backend's reasons. A backend instance belongs to one owner (a
+``HeteroAttention`` runtime, or the standalone operations): it may hold a thread pool, never per-layer state.
 """
 from __future__ import annotations
 
-import importlib
-import os
 from abc import ABC, abstractmethod
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .errors import BackendUnavailableError, ConfigError
+from .errors import BackendUnavailableError
+from .registry import HOST_BACKENDS, WINDOW_BACKENDS, Registry
 from .timing import Span
 from .types import HostView, PartialAttention, Selection
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """What backends decide on: the K/V's device and dtype, head dim, query and KV heads, batch."""
+
+    device: torch.device
+    kv_dtype: torch.dtype
+    head_dim: int
+    q_heads: int
+    kv_heads: int
+    batch: int
+
+    @property
+    def group(self) -> int:
+        return self.q_heads // max(self.kv_heads, 1)
+
+    def __str__(self) -> str:
+        return (f"device={self.device.type}, kv_dtype={str(self.kv_dtype).replace('torch.', '')}, "
+                f"head_dim={self.head_dim}, heads={self.q_heads}/{self.kv_heads} (G={self.group}), batch={self.batch}")
 
 
 class Backend(ABC):
@@ -29,25 +48,29 @@ class Backend(ABC):
     name: str = "?"
     devices: Tuple[str, ...] = ("cpu",)
     dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
-    head_dims: Optional[Tuple[int, ...]] = None  # None: any
+    max_group: Optional[int] = None  # largest GQA group (query heads per KV head); None: any
+    native: bool = False  # the fused C++ decode step computes this side itself (hetero/native.py)
 
     def availability_reasons(self) -> List[str]:
         """Why this backend cannot run on this machine at all (missing library, no device...)."""
         return []
 
-    def auto_reasons(self, device: torch.device) -> List[str]:
-        """Why "auto" should not pick this backend for tensors on ``device`` even though it could run."""
+    def not_supported_reasons(self, inputs: AttentionInputs) -> List[str]:
+        reasons = list(self.availability_reasons())
+        if inputs.device.type not in self.devices:
+            reasons.append(f"device {inputs.device.type} not in {list(self.devices)}")
+        if inputs.kv_dtype not in self.dtypes:
+            reasons.append(f"KV dtype {inputs.kv_dtype} not in {[str(d).replace('torch.', '') for d in self.dtypes]}")
+        if self.max_group is not None and inputs.group > self.max_group:
+            reasons.append(f"GQA group of {inputs.group} query heads > {self.max_group}")
+        return reasons
+
+    def auto_reasons(self, inputs: AttentionInputs) -> List[str]:
+        """Why "auto" should not pick this backend for these inputs even though it could run them."""
         return []
 
-    def reasons_for(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> List[str]:
-        reasons = list(self.availability_reasons())
-        if device.type not in self.devices:
-            reasons.append(f"device {device.type} not in {list(self.devices)}")
-        if dtype not in self.dtypes:
-            reasons.append(f"KV dtype {dtype} not in {[str(d).replace('torch.', '') for d in self.dtypes]}")
-        if self.head_dims is not None and head_dim not in self.head_dims:
-            reasons.append(f"head_dim {head_dim} not in {list(self.head_dims)}")
-        return reasons
+    def set_threads(self, threads: int) -> None:
+        """CPU threads this backend may use (its own pool; torch's intra-op pool by default)."""
 
     def set_native_trace(self, on: bool) -> None:
         """Record the busy spans of this backend's own native threads (``take_native_spans``); none by default."""
@@ -58,14 +81,9 @@ class Backend(ABC):
 
 
 class WindowBackend(Backend):
-    """Dense attention over the fast tier. Inputs: q ``[B, Hq, D]``, k/v ``[B, Hkv, L, D]``,
-    lengths ``[B]`` (valid slots), scale."""
-
-    def not_supported_reasons(self, q: torch.Tensor, k: torch.Tensor) -> List[str]:
-        return self.reasons_for(k.device, k.dtype, k.shape[-1])
+    """Dense attention over the fast tier. q ``[B, Hq, D]``, k/v ``[B, Hkv, L, D]``, lengths ``[B]`` valid slots."""
 
     def set_threads(self, threads: int) -> None:
-        """CPU threads this backend may use (its own pool; torch's intra-op pool by default)."""
         torch.set_num_threads(int(threads))
 
     @abstractmethod
@@ -75,85 +93,52 @@ class WindowBackend(Backend):
 
 
 class HostBackend(Backend):
-    """Sparse attention over host rows. Inputs: q ``[B, Hq, D]`` (on the host), a ``HostView``, a
-    ``Selection``, scale."""
-
-    def not_supported_reasons(self, q: torch.Tensor, host: HostView) -> List[str]:
-        return self.reasons_for(host.k_pool.device, host.k_pool.dtype, host.k_pool.shape[-1])
-
-    def set_threads(self, threads: int) -> None:
-        """Threads this backend may use for one call (torch's pool by default)."""
+    """Sparse attention over host rows. q ``[B, Hq, D]`` (host memory), a ``HostView``, a ``Selection``."""
 
     @abstractmethod
     def __call__(self, q: torch.Tensor, host: HostView, selection: Selection, scale: float) -> PartialAttention:
         ...
 
 
-# Registry order is "auto" preference order.
-WINDOW_REGISTRY: Dict[str, str] = {
-    "triton": "hetero.gpu.triton_window:TritonWindowBackend",
-    "cpp": "hetero.cpu.cpp_window:CppWindowBackend",
-    "torch": "hetero.gpu.torch_window:TorchWindowBackend",
-}
-HOST_REGISTRY: Dict[str, str] = {
-    "cpp": "hetero.cpu.cpp_sparse:CppSparseBackend",
-    "numba": "hetero.cpu.numba_sparse:NumbaSparseBackend",
-    "torch": "hetero.cpu.torch_sparse:TorchSparseBackend",
-}
-_ENV = {"window": "HETERO_WINDOW_BACKEND", "host": "HETERO_CPU_BACKEND"}
-_instances: Dict[Tuple[str, str], Backend] = {}
+_SIDES = {"window": WINDOW_BACKENDS, "host": HOST_BACKENDS}
 
 
-def _registry(side: str) -> Dict[str, str]:
-    return WINDOW_REGISTRY if side == "window" else HOST_REGISTRY
+def registry(side: str) -> Registry:
+    return _SIDES[side]
 
 
-def get_backend(side: str, name: str) -> Backend:
-    """The backend instance called ``name`` on ``side`` ("window" or "host")."""
-    reg = _registry(side)
-    if name not in reg:
-        raise ConfigError(f"unknown {side} backend {name!r}; registered: {list(reg)}")
-    key = (side, name)
-    if key not in _instances:
-        module, cls = reg[name].split(":")
-        _instances[key] = getattr(importlib.import_module(module), cls)()
-    return _instances[key]
+class BackendSet:
+    """The backend instances of one owner, created on first use (one per name and side)."""
 
+    def __init__(self) -> None:
+        self._instances: Dict[Tuple[str, str], Backend] = {}
 
-def select_backend(side: str, requested: str, reasons_of, device: Optional[torch.device] = None) -> Backend:
-    """Resolve ``requested`` (a name or "auto") on ``side``; ``reasons_of(backend) -> list[str]``.
+    def get(self, side: str, name: str) -> Backend:
+        key = (side, name)
+        if key not in self._instances:
+            self._instances[key] = registry(side).load(name)()
+        return self._instances[key]
 
-    An explicit name that cannot serve the inputs raises with its reasons; "auto" (or the environment
-    override) takes the first backend with no reasons (including its ``auto_reasons(device)``), else raises
-    listing every backend's reasons.
-    """
-    if requested == "auto":
-        requested = os.environ.get(_ENV[side], "auto") or "auto"
-    auto = requested == "auto"
-    names: Sequence[str] = list(_registry(side)) if auto else [requested]
-    collected = []
-    for name in names:
-        try:
-            backend = get_backend(side, name)
-        except ImportError as e:  # its library is not installed: a reason, not a crash
-            collected.append(f"  {name}: failed to load ({type(e).__name__}: {e})")
-            continue
-        reasons = reasons_of(backend)
-        if auto and device is not None:
-            reasons = reasons + backend.auto_reasons(device)
-        if not reasons:
-            return backend
-        collected.append(f"  {name}: " + "; ".join(reasons))
-    raise BackendUnavailableError(f"no {side} backend supports these inputs (requested {requested!r}):\n"
-                                  + "\n".join(collected))
+    def select(self, side: str, requested: str, inputs: AttentionInputs) -> Backend:
+        """Resolve ``requested`` (a name or "auto") for ``inputs``. An explicit name that cannot serve them raises
+        with its reasons; "auto" (or the environment override) takes the first backend with none (including its
+        ``auto_reasons``), else raises listing every backend's reasons."""
+        reg = registry(side)
+        requested = reg.resolve(requested)
+        auto = requested == "auto"
+        collected = []
+        for name in reg.names() if auto else [requested]:
+            try:
+                backend = self.get(side, name)
+            except ImportError as e:  # its library is not installed: a reason, not a crash
+                collected.append(f"  {name}: failed to load ({type(e).__name__}: {e})")
+                continue
+            reasons = backend.not_supported_reasons(inputs) + (backend.auto_reasons(inputs) if auto else [])
+            if not reasons:
+                return backend
+            collected.append(f"  {name}: " + "; ".join(reasons))
+        raise BackendUnavailableError(f"no {side} backend supports these inputs ({inputs}; requested "
+                                      f"{requested!r}):\n" + "\n".join(collected))
 
-
-def describe_backends(side: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Dict[str, List[str]]:
-    """``{name: reasons}`` for every backend on ``side`` (empty list: usable)."""
-    out = {}
-    for name in _registry(side):
-        try:
-            out[name] = get_backend(side, name).reasons_for(device, dtype, head_dim)
-        except Exception as e:  # a backend whose module fails to import is unusable, with the reason
-            out[name] = [f"failed to load: {type(e).__name__}: {e}"]
-    return out
+    def all(self) -> List[Backend]:
+        return list(self._instances.values())

@@ -1,55 +1,65 @@
-"""The tiered KV cache: a list of per-layer caches (like transformers' ``cache_utils``), each with a
-fast tier (sinks + recent window), a host tier (everything older) and the retriever over the host tier.
+"""The tiered KV cache: a list of per-layer caches (like transformers' ``cache_utils``), each with a fast tier
+(sinks + recent window), a host tier (everything older) and the retriever over the host tier.
 
-Every token of every sequence is in exactly one tier. A call rejected for bad input changes nothing.
+Every token of every sequence is in exactly one tier. A call is atomic: it completes, or it raises a typed error
+and leaves the tiers and the index as they were (inputs are checked and memory is allocated before anything is
+written). Concurrent calls on one layer (appends, crops, ``HeteroAttention.run``) are serialized by the layer's
+lock; different layers run concurrently.
 """
 from __future__ import annotations
 
 import threading
-import time
-from collections import deque
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
+from . import native
 from .config import HeteroConfig
-from .errors import DTypeError, ShapeError
-from .tiers import FastTier, HostTier
+from .errors import ConfigError, InvalidValueError, ShapeError
+from .indexing import IndexQueue
 from .reference import default_scale
-from .timing import Span
-from .validation import check_finite, check_float, check_lengths, check_tensor
+from .registry import RETRIEVERS
+from .tiers import FastTier, HostTier
+from .validation import check_finite, check_float, check_kv, check_lengths, check_tensor
 
 _KV_LAYOUT = "[B, Hkv, T, D] (or [B, Hkv, D] for one decode token)"
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _used(x: torch.Tensor, lengths: List[int]) -> torch.Tensor:
+    """The appended part of a ragged chunk, flattened (padding beyond ``lengths`` may hold anything)."""
+    return torch.cat([x[b, :, :n].reshape(-1) for b, n in enumerate(lengths)])
 
 
 class LayerCache:
     """KV cache of one attention layer for a batch of sequences of different lengths.
 
-    Created empty; the first ``append`` fixes batch size, KV heads, head dim, device (the fast tier's,
-    from the keys) and storage dtype (``config.kv_dtype`` or the keys' dtype).
-
-    Indexing: tokens pushed out of the window are copied into the host tier at once; handing them to the
-    retriever (``add``) runs on ``indexer`` (a ``hetero.worker.Worker``) when one is given, else inline. An
-    add the retriever calls constant-time (``cheap_add``: a decode step's keys into ivf-group's tail list)
-    runs inline when nothing is queued ahead of it: on two cores the hand-off to the worker cost ~0.7 ms of
-    GIL waiting for ~0.05 ms of work.
-    ``wait_indexed()`` (called before every search) waits for this layer's queued adds, so a search always
-    sees every token evicted before it. A failed add re-raises there, with the layer named, after the
-    index is rebuilt from the host tier (the tokens themselves are never lost).
+    Created empty; the first ``append`` fixes batch size, KV heads, head dim, device (the fast tier's, from the
+    keys) and storage dtype (``config.kv_dtype`` or the keys' dtype). ``indexer``: an optional
+    ``hetero.worker.Worker`` that indexes evicted tokens in the background (``hetero/indexing.py``).
     """
 
     def __init__(self, config: HeteroConfig, layer_idx: int = 0, indexer=None):
+        if not isinstance(config, HeteroConfig):
+            raise ConfigError(f"config must be a hetero.HeteroConfig, got {type(config).__name__} (build one with "
+                              "HeteroConfig(**fields))")
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
+            raise ConfigError(f"layer_idx must be an int >= 0, got {layer_idx!r}")
         self.config = config
         self.layer_idx = layer_idx
-        self.indexer = indexer
-        self._pending = []  # futures of queued retriever adds, oldest first
         self.dense = layer_idx in config.dense_layers
         self.fast: Optional[FastTier] = None
         self.host: Optional[HostTier] = None
         self.retriever = None
+        self.index = IndexQueue(layer_idx, config.retriever, indexer)
         self.head_budget = None  # per-head budget state (hetero.budgets), created by HeteroAttention
-        # "index_add" spans of recent adds (thread and times; the profiler's trace), at most 256 kept
-        self.add_spans: Deque[Span] = deque(maxlen=256)
+        self.lock = threading.Lock()
+        self._desc = None
+        self._desc_key = None
+        self._flags = None
+        self._native_ok = False
+        self.geometry = None  # (batch, kv_heads, head_dim, dtype, device) once the first append fixed them
 
     # ---- shape facts -------------------------------------------------------------------------------
     @property
@@ -76,56 +86,70 @@ class LayerCache:
     def device(self) -> Optional[torch.device]:
         return self.fast.k.device if self.fast is not None else None
 
+    @property
+    def indexer(self):
+        return self.index.indexer
+
     def seq_lengths(self) -> List[int]:
         """Logical length (all tiers) of each sequence."""
-        return list(self.fast.total) if self.fast is not None else []
+        return self.fast.total.tolist() if self.fast is not None else []
 
     def host_lengths(self) -> List[int]:
-        return list(self.host.length) if self.host is not None else []
+        return self.host.length.tolist() if self.host is not None else []
 
-    # ---- mutation ----------------------------------------------------------------------------------
-    def _init(self, keys: torch.Tensor) -> None:
-        from hetero.retrieval import retriever_class
+    @property
+    def add_spans(self):
+        """Spans of recent index adds (the profiler's trace)."""
+        return self.index.spans
 
+    # ---- building ----------------------------------------------------------------------------------
+    def _build(self, keys: torch.Tensor) -> Tuple[FastTier, HostTier, object]:
+        """Tiers and retriever for the geometry of ``keys``, not yet attached (a failure leaves the cache empty)."""
         b, hkv, _, d = keys.shape
         dtype = self.config.torch_kv_dtype or keys.dtype
+        if dtype not in _DTYPE_CODES:
+            raise ShapeError(f"keys of dtype {keys.dtype} cannot be stored: set HeteroConfig.kv_dtype to float32, "
+                             "bfloat16 or float16")
         window = None if self.dense else self.config.window
-        self.fast = FastTier(b, hkv, d, self.config.sinks, window, dtype, keys.device)
-        self.host = HostTier(b, hkv, d, dtype, self.config.block_tokens,
-                             pin_memory=keys.device.type == "cuda")
-        cls = retriever_class(self.config.retriever)
-        self.retriever = cls(self.host, group_rule=self.config.group_rule, **self.config.retriever_options)
-        self.retriever.softmax_scale = self.config.scale or default_scale(d)
-        self.retriever.report_missed = self.config.head_budget == "adaptive"
+        fast = FastTier(b, hkv, d, self.config.sinks, window, dtype, keys.device)
+        host = HostTier(b, hkv, d, dtype, self.config.block_tokens, pin_memory=keys.device.type == "cuda")
+        cls = RETRIEVERS.load(self.config.retriever)
+        retriever = cls(host, group_rule=self.config.group_rule, **self.config.retriever_options)
+        retriever.softmax_scale = self.config.scale or default_scale(d)
+        retriever.report_missed = self.config.head_budget == "adaptive"
+        return fast, host, retriever
 
+    def _attach(self, fast, host, retriever) -> None:
+        self.fast, self.host, self.retriever = fast, host, retriever
+        self.index.bind(retriever, host)
+        self._flags = np.zeros(fast.batch, dtype=np.int64)
+        self._flags_addr = native.address(self._flags)
+        self._desc_key = None
+        self._decode_shape = torch.Size((fast.batch, fast.k.shape[1], fast.k.shape[3]))
+        self.geometry = (fast.batch, fast.k.shape[1], fast.k.shape[3], fast.k.dtype, fast.device)
+        self._native_ok = fast.device.type == "cpu" and not self.dense and native.load() is not None
+
+    # ---- appending ---------------------------------------------------------------------------------
     def check_append(self, keys: torch.Tensor, values: torch.Tensor, lengths=None):
         """Validate an ``append`` without changing anything; returns normalized (keys, values, lengths), lengths
         as B ints."""
         rank = keys.dim() if isinstance(keys, torch.Tensor) and keys.dim() == 3 else 4
-        keys = check_tensor(keys, "keys", rank, _KV_LAYOUT)
-        values = check_tensor(values, "values", rank, _KV_LAYOUT)
+        check_kv(keys, values, "keys", "values", rank, _KV_LAYOUT)
         if keys.dim() == 3:
             keys, values = keys.unsqueeze(2), values.unsqueeze(2)
-        if keys.shape != values.shape:
-            raise ShapeError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} must have the same shape")
-        check_float(keys, "keys")
-        check_float(values, "values")
-        if keys.dtype != values.dtype:
-            raise DTypeError(f"keys ({keys.dtype}) and values ({values.dtype}) must have the same dtype")
-        if keys.device != values.device:
-            raise ShapeError(f"keys on {keys.device} and values on {values.device} must share a device")
         b, hkv, t, d = keys.shape
         if b == 0:
             raise ShapeError("empty batch: keys have B = 0 sequences")
         if hkv == 0 or d == 0:
             raise ShapeError(f"keys {tuple(keys.shape)} need Hkv >= 1 and D >= 1")
+        if keys.dtype == torch.float64 and self.config.kv_dtype is None:
+            raise ShapeError("float64 keys need a storage dtype: set HeteroConfig.kv_dtype (float32, bfloat16, "
+                             "float16)")
         if self.initialized:
             want = (self.batch, self.kv_heads, self.head_dim)
             if (b, hkv, d) != want:
-                raise ShapeError(
-                    f"keys {tuple(keys.shape)} do not match layer {self.layer_idx}'s cache: expected "
-                    f"[B={want[0]}, Hkv={want[1]}, T, D={want[2]}]"
-                )
+                raise ShapeError(f"keys {tuple(keys.shape)} do not match layer {self.layer_idx}'s cache: expected "
+                                 f"[B={want[0]}, Hkv={want[1]}, T, D={want[2]}]")
             if keys.device != self.device:
                 raise ShapeError(f"keys on {keys.device}, but layer {self.layer_idx}'s fast tier is on {self.device}")
         lengths = [t] * b if lengths is None else check_lengths(lengths, b, t).tolist()  # no tensor when None
@@ -140,67 +164,149 @@ class LayerCache:
         cache's dtype). lengths: optional ``[B]`` ints; sequence ``b`` takes ``keys[b, :, :lengths[b]]``
         (default all ``T``). Tokens pushed out of the window move to the host tier and its retriever.
         """
-        keys, values, lengths = self.check_append(keys, values, lengths)
-        if not self.initialized:
-            self._init(keys)
-        keys, values = keys.to(self.dtype), values.to(self.dtype)
-        for seq, n in enumerate(lengths):
-            if n == 0:
+        if lengths is None and self._native_ok and self._append_decode_fast(keys, values):
+            return
+        with self.lock:
+            keys, values, lengths = self.check_append(keys, values, lengths)
+            self.index.check_open()
+            parts = self._build(keys) if not self.initialized else (self.fast, self.host, self.retriever)
+            fast, host, _ = parts
+            dtype = fast.k.dtype
+            keys, values = keys.to(dtype), values.to(dtype)  # allocations before any write
+            for seq, n in enumerate(lengths):  # room first: nothing is written if an allocation fails
+                t = int(fast.total[seq])
+                fast.reserve(seq, n)
+                host.reserve(seq, (t + n - fast.valid(t + n)) - (t - fast.valid(t)))  # tokens leaving the window
+            if not self.initialized:
+                self._attach(*parts)
+            adds = []
+            for seq, n in enumerate(lengths):
+                if n == 0:
+                    continue
+                evicted_k, evicted_v = fast.append(seq, keys[seq, :, :n], values[seq, :, :n])
+                if evicted_k.shape[1]:
+                    first = int(host.length[seq])
+                    host.append(seq, evicted_k.cpu(), evicted_v.cpu())
+                    adds.append((seq, first, evicted_k.shape[1]))
+            fast.sync_lengths()
+            for seq, first, n in adds:
+                self.index.add(seq, first, n)
+
+    def _append_decode_fast(self, k, v) -> bool:
+        """One decode token per sequence (``[B, Hkv, D]`` or ``[B, Hkv, 1, D]`` on the CPU) in one C++ call, which
+        also refuses NaN and inf before changing anything. False (nothing done) for anything else: the general path
+        then checks the inputs and explains what is wrong."""
+        if type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+            return False
+        shape = k.shape
+        if len(shape) == 4:
+            if shape[2] != 1:
+                return False
+            k, v = k[:, :, 0], v[:, :, 0]
+        elif len(shape) != 3:
+            return False
+        if (k.shape != self._decode_shape or v.shape != self._decode_shape or k.dtype != v.dtype
+                or k.dtype not in _DTYPE_CODES or not k.is_cpu or not v.is_cpu or k.stride() != v.stride()
+                or k.stride(-1) != 1):
+            return False
+        with self.lock:
+            self.index.check_open()
+            self._append_native(k, v)
+        return True
+
+    def native_layer(self):
+        """The LAYER descriptor (csrc/runner/step.h) of this layer's storage, rebuilt when a buffer moved."""
+        key = (self.fast.version, self.host.version, getattr(self.retriever, "native_version", 0),
+               id(self.fast), id(self.host))
+        if self._desc_key != key:
+            d = self._desc or native.Descriptor("layer")
+            f, h, r = self.fast, self.host, self.retriever
+            cpu_fast = f.device.type == "cpu"
+            d.set(B=f.batch, HKV=self.kv_heads, D=self.head_dim, KV_DTYPE=_DTYPE_CODES[self.dtype],
+                  SINKS=f.sinks, WINDOW=-1 if f.window is None else f.window, FAST_SLOTS=f.k.shape[2],
+                  FAST_K=f.k.data_ptr() if cpu_fast else 0, FAST_V=f.v.data_ptr() if cpu_fast else 0,
+                  FAST_STRIDE_B=f.k.stride(0), FAST_STRIDE_H=f.k.stride(1), FAST_STRIDE_N=f.k.stride(2),
+                  FAST_LENGTHS=native.address(f.lengths_np), FAST_TOTAL=native.address(f.total),
+                  HOST_K=h.k_pool.data_ptr(), HOST_V=h.v_pool.data_ptr(), HOST_STRIDE_H=h.k_pool.stride(0),
+                  HOST_STRIDE_N=h.k_pool.stride(1), HOST_TABLE=native.address(h.table),
+                  HOST_MAX_BLOCKS=h.table.shape[1], HOST_BLOCK_TOKENS=h.block_tokens,
+                  HOST_LENGTHS=native.address(h.length), HOST_CAPACITY=native.address(h.capacity),
+                  INDEX_KIND=r.native_kind, INDEX_NTOTAL=native.address(r.ntotal_array),
+                  INDEX_LIMIT=native.address(r.limit_array), **r.native_tables())
+            self._desc, self._desc_key = d, key
+        return self._desc
+
+    def _append_native(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """One decode token per sequence (``k, v [B, Hkv, D]`` on the CPU) in one C++ call."""
+        ext = native.load()
+        flags = self._flags
+        for _ in range(2):
+            code = ext.append_decode(self.native_layer().address, k.data_ptr(), v.data_ptr(), k.stride(0),
+                                     k.stride(1), _DTYPE_CODES[k.dtype], int(self.index.idle), self._flags_addr)
+            if code == 0:
+                return
+            if code == ext.APPEND_NEED_BLOCKS:  # reserve (allocates; nothing written yet), then again
+                for seq in np.flatnonzero(flags).tolist():
+                    self.host.reserve(seq, 1)
                 continue
-            evicted_k, evicted_v = self.fast.append(seq, keys[seq, :, :n], values[seq, :, :n])
-            if evicted_k.shape[1]:
-                evicted_k, evicted_v = evicted_k.cpu(), evicted_v.cpu()
-                self.host.append(seq, evicted_k, evicted_v)
-                background = self.indexer is not None and not (  # queued work first: then the index is idle
-                    all(f.done() for f in self._pending) and self.retriever.cheap_add(seq, evicted_k.shape[1]))
-                if background:
-                    self._pending.append(self.indexer.submit(self._timed_add, seq, evicted_k))
-                else:  # no indexer, or an O(1) add with nothing queued ahead of it (order is kept either way)
-                    self._timed_add(seq, evicted_k)
+            if code == ext.APPEND_NOT_FINITE:
+                bad = np.flatnonzero(flags).tolist()
+                raise InvalidValueError(f"keys or values contain NaN or inf (sequences {bad})")
+            for seq in np.flatnonzero(flags >= 0).tolist():  # adds the native path leaves to Python
+                self.index.add(seq, int(flags[seq]), 1)
+            return
+        raise RuntimeError("append_decode: host blocks still full after reserving")  # pragma: no cover
 
-    def _timed_add(self, seq: int, keys: torch.Tensor) -> None:
-        start = time.perf_counter()
-        try:
-            self.retriever.add(seq, keys)
-        finally:
-            self.add_spans.append(Span("index_add", start, time.perf_counter(), threading.current_thread().name))
+    # ---- rolling back ------------------------------------------------------------------------------
+    def crop(self, lengths: Sequence[int]) -> None:
+        """Keep the first ``lengths[b]`` tokens of each sequence (at most what it holds): the window gets back the
+        tokens that had left it since, and the host tier and the index forget the rest, as if the dropped tokens
+        had never been appended."""
+        with self.lock:
+            if not self.initialized:
+                return
+            lengths = check_lengths(lengths, self.batch, np.iinfo(np.int64).max, "lengths").tolist()
+            self.index.check_open()
+            self.index.wait()  # nothing may still be on its way into the index
+            fast, host = self.fast, self.host
+            for seq, n in enumerate(lengths):
+                n = min(n, int(fast.total[seq]))
+                if n == int(fast.total[seq]):
+                    continue
+                lo, hi = fast.refill_range(seq, n)
+                s = self.config.sinks if not self.dense else 0
+                refill_k = host.keys(seq, lo - s, hi - s).to(fast.device) if hi > lo else fast.k[seq, :, :0]
+                refill_v = host.values(seq, lo - s, hi - s).to(fast.device) if hi > lo else fast.v[seq, :, :0]
+                keep_host = max(0, lo - s) if not self.dense else 0
+                self.retriever.truncate(seq, keep_host)  # reads the removed keys from the tier: before it shrinks
+                fast.crop(seq, n, refill_k.clone(), refill_v.clone())
+                host.truncate(seq, keep_host)
+            fast.sync_lengths()
 
+    # ---- index -------------------------------------------------------------------------------------
     def wait_indexed(self) -> None:
-        """Block until every token in the host tier has reached the retriever (see the class docstring)."""
-        from .errors import HeteroError
-
-        pending, self._pending = self._pending, []
-        failure = None
-        for fut in pending:
-            try:
-                fut.result()
-            except Exception as e:  # keep draining: later adds may have queued behind the failed one
-                failure = failure or e
-        if failure is not None:
-            self.resync_index()
-            raise HeteroError(f"layer {self.layer_idx}: adding evicted tokens to the {self.config.retriever!r} "
-                              f"index failed ({type(failure).__name__}: {failure}); the index was rebuilt from the "
-                              "host tier") from failure
+        """Block until every token in the host tier has reached the retriever (see ``hetero/indexing.py``)."""
+        if self.initialized:
+            self.index.wait()
 
     def resync_index(self) -> None:
         """Rebuild the retriever from the host tier (every token the tier holds, in order)."""
-        self.retriever.reset()
-        for seq in range(self.batch):
-            if self.host.length[seq]:
-                self.retriever.add(seq, self.host.keys(seq))
+        with self.lock:
+            self.index.resync()
 
     def reset(self) -> None:
         """Forget every token (shape facts are kept from the next append)."""
-        for fut in self._pending:
-            fut.cancel()
-        self._pending = []
-        self.fast = self.host = self.retriever = self.head_budget = None
+        with self.lock:
+            self.index.cancel()
+            self.fast = self.host = self.retriever = self.head_budget = None
+            self._desc_key = None
+            self._native_ok = False
 
     # ---- inspection --------------------------------------------------------------------------------
     def tokens(self, seq: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """All keys and values of ``seq`` in logical order, ``[Hkv, L, D]`` each (sinks, host, window)."""
         fk, fv = self.fast.tokens(seq)
-        ns = min(self.fast.total[seq], self.config.sinks) if not self.dense else fk.shape[1]
+        ns = min(int(self.fast.total[seq]), self.config.sinks) if not self.dense else fk.shape[1]
         hk, hv = self.host.keys(seq).to(fk.device), self.host.values(seq).to(fk.device)
         return (torch.cat([fk[:, :ns], hk, fk[:, ns:]], dim=1), torch.cat([fv[:, :ns], hv, fv[:, ns:]], dim=1))
 
@@ -212,18 +318,13 @@ class LayerCache:
                 "index_bytes": self.retriever.memory_bytes()}
 
 
-def _used(x: torch.Tensor, lengths: List[int]) -> torch.Tensor:
-    """The appended part of a ragged chunk, flattened (padding beyond ``lengths`` may hold anything)."""
-    return torch.cat([x[b, :, :n].reshape(-1) for b, n in enumerate(lengths)])
-
-
 class TieredKVCache:
     """KV cache of a whole model: ``layers[i]`` is layer ``i``'s ``LayerCache``; ``indexer`` (optional
     ``hetero.worker.Worker``) indexes evicted tokens in the background for every layer."""
 
     def __init__(self, config: HeteroConfig, num_layers: int, indexer=None):
-        if not isinstance(num_layers, int) or num_layers < 1:
-            raise ShapeError(f"num_layers must be an int >= 1, got {num_layers!r}")
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ConfigError(f"num_layers must be an int >= 1, got {num_layers!r}")
         self.config = config
         self.layers = [LayerCache(config, i, indexer) for i in range(num_layers)]
 
@@ -239,6 +340,10 @@ class TieredKVCache:
             for k, v in layer.memory().items():
                 total[k] += v
         return total
+
+    def crop(self, lengths: Sequence[int]) -> None:
+        for layer in self.layers:
+            layer.crop(lengths)
 
     def reset(self) -> None:
         for layer in self.layers:

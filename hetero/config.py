@@ -9,12 +9,11 @@ from typing import Any, Mapping, Optional, Tuple, Union
 import torch
 
 from .errors import ConfigError
+from .registry import HOST_BACKENDS, RETRIEVERS, WINDOW_BACKENDS
 
 KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 GROUP_RULES = ("union", "per-head", "sum")
-WINDOW_BACKENDS = ("auto", "cpp", "torch", "triton")
-HOST_BACKENDS = ("auto", "cpp", "numba", "torch")
 
 
 def _fail(name: str, value: Any, allowed: str) -> ConfigError:
@@ -52,12 +51,13 @@ class HeteroConfig:
         ``(0, 1]`` of that sequence's host tier (rounded up). With ``"kv_head"`` each of the G query heads
         of a group ranks ``ceil(k / G)`` keys, so the group's union stays within k rows (a budget covering the
         whole host tier selects all of it).
-    retriever: name in the retriever registry (``hetero.retrieval.available_retrievers()``): ``"ivf-group"``
+    retriever: name in the retriever registry (``hetero.registry.RETRIEVERS.names()``): ``"ivf-group"``
         (default: IVF over 4-bit codes, lists read once per GQA group by hetero's C++ kernel, the unselected
         tokens estimated from their lists' means), ``"ivf-sq8"``,
         ``"ivf"``, ``"ivf-pq"``, ``"hnsw"`` (faiss), ``"lsh"``, ``"exact"`` (brute-force top-k), ``"all"`` (every host
         token: exact attention).
-    retriever_options: keyword options passed to the retriever's constructor.
+    retriever_options: keyword options of the retriever (validated here: an unknown option or a value out of range
+        raises ``ConfigError`` naming it).
     group_rule: how a GQA group's queries choose shared rows: ``"union"`` of per-head top-k sets (up
         to ``G * k`` rows, the most accurate), ``"per-head"`` (the same rows, but each head attends only to
         its own top-k), or ``"sum"`` of the group's scores (exactly ``k`` rows).
@@ -82,6 +82,9 @@ class HeteroConfig:
     balance: ``"fixed"`` thread split and budget, or ``"auto"`` (``hetero/balance.py``): re-split threads
         and move the budget within ``[budget_floor, 2 x budget]`` from measured costs.
     budget_floor: the accuracy floor of ``balance="auto"`` (same units as ``budget``; None: ``budget / 2``).
+    sparse_chunk_tokens: a chunk of at most this many query tokens (assisted decoding's drafts, a short turn)
+        attends the host tier as decode tokens do, each query through the retriever; longer chunks (a prompt, a
+        long turn) attend it exactly (``hetero/chunk.py``).
     """
 
     window: int = 1024
@@ -102,6 +105,7 @@ class HeteroConfig:
     overlap: Union[bool, str] = "auto"
     balance: str = "fixed"
     budget_floor: Optional[Union[int, float]] = None
+    sparse_chunk_tokens: int = 16
 
     def __post_init__(self) -> None:
         for name in ("window", "sinks", "block_tokens"):
@@ -118,23 +122,24 @@ class HeteroConfig:
                 raise _fail("budget", b, "an int count >= 0 or a float fraction in (0, 1]")
         else:
             raise _fail("budget", b, "an int count >= 0 or a float fraction in (0, 1]")
-        from hetero.retrieval import available_retrievers  # registry names only; no heavy imports
-
-        if not isinstance(self.retriever, str) or self.retriever not in available_retrievers():
-            raise _fail("retriever", self.retriever, f"one of {available_retrievers()}")
+        if not isinstance(self.retriever, str) or self.retriever not in RETRIEVERS:
+            raise _fail("retriever", self.retriever, f"one of {RETRIEVERS.names()}")
         if not isinstance(self.retriever_options, Mapping):
             raise _fail("retriever_options", self.retriever_options, "a mapping of keyword options")
         object.__setattr__(self, "retriever_options", dict(self.retriever_options))
+        RETRIEVERS.load(self.retriever).check_options(self.retriever_options)  # a ConfigError naming the option
         if self.group_rule not in GROUP_RULES:
             raise _fail("group_rule", self.group_rule, f"one of {GROUP_RULES}")
         if self.budget_per not in ("kv_head", "query_head"):
             raise _fail("budget_per", self.budget_per, "'kv_head' or 'query_head'")
         if self.head_budget not in ("flat", "adaptive"):
             raise _fail("head_budget", self.head_budget, "'flat' or 'adaptive'")
-        if self.window_backend not in WINDOW_BACKENDS:
-            raise _fail("window_backend", self.window_backend, f"one of {WINDOW_BACKENDS}")
-        if self.host_backend not in HOST_BACKENDS:
-            raise _fail("host_backend", self.host_backend, f"one of {HOST_BACKENDS}")
+        if self.window_backend != "auto" and self.window_backend not in WINDOW_BACKENDS:
+            raise _fail("window_backend", self.window_backend, f"'auto' or one of {WINDOW_BACKENDS.names()}")
+        if self.host_backend != "auto" and self.host_backend not in HOST_BACKENDS:
+            raise _fail("host_backend", self.host_backend, f"'auto' or one of {HOST_BACKENDS.names()}")
+        if not _is_int(self.sparse_chunk_tokens) or self.sparse_chunk_tokens < 0:
+            raise _fail("sparse_chunk_tokens", self.sparse_chunk_tokens, "an int >= 0")
         if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
             raise _fail("threads", self.threads, "None (all cores) or an int >= 1")
         object.__setattr__(self, "kv_dtype", canonical_dtype_name(self.kv_dtype))

@@ -23,3 +23,19 @@ class ConfigError(HeteroError, ValueError):
 
 class BackendUnavailableError(HeteroError, RuntimeError):
     """No backend supports the request; the message lists every backend's reasons."""
+
+
+class IndexSyncError(HeteroError, RuntimeError):
+    """A retriever's index fell behind its host tier (an add failed); it was rebuilt from the tier."""
+
+
+class ClosedError(HeteroError, RuntimeError):
+    """The object (a cache, a runtime) was closed; nothing was changed."""
+
+
+class StalePlanError(HeteroError, RuntimeError):
+    """A step plan was used after the cache's geometry or lengths changed: plan again."""
+
+
+class UnsupportedError(HeteroError, ValueError):
+    """A feature hetero does not implement was asked for; the message names it and what to do instead."""

@@ -1,94 +1,81 @@
-"""Exact fusion of partial attention results by log-sum-exp."""
+"""Exact fusion of partial attention results by log-sum-exp: one merge per device family (the C++ merge for CPU
+float32 parts, the Triton merge kernel on CUDA) and the PyTorch reference for everything else (float64, autograd,
+any other device)."""
 from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from . import native
-from .errors import DTypeError, ShapeError
+from .errors import ShapeError
+from .registry import DEVICE_MERGES
 from .types import PartialAttention
+from .validation import check_part
 
 
 def merge(parts: Sequence[PartialAttention]) -> PartialAttention:
     """Fuse partial attentions over disjoint key sets into attention over their union.
 
-    parts: each ``out [B, Hq, D]``, ``lse [B, Hq]`` (natural log), same shapes, float dtype.
-    Returns ``lse = logsumexp_i lse_i`` and ``out = sum_i exp(lse_i - lse) out_i`` in float32 (float64 if
-    any part is float64). Never NaN: all-empty gives ``(0, -inf)``; a ``+inf`` lse takes all the weight
-    (shared equally between ``+inf`` parts); extreme finite lse values do not overflow.
+    parts: each ``out [B, Hq, D]`` (or ``[B, Hq, C, D]``), ``lse [B, Hq]`` (or ``[B, Hq, C]``), natural log, the
+    same shapes, one device, float dtype; an lse holding NaN is refused (a broken part). Returns ``lse =
+    logsumexp_i lse_i`` and ``out = sum_i exp(lse_i - lse) out_i`` in float32 (float64 if any part is float64).
+    Never NaN: all-empty gives ``(0, -inf)``; a ``+inf`` lse takes all the weight (shared equally between ``+inf``
+    parts); extreme finite lse values do not overflow.
 
     Equivalent PyTorch: ``w = softmax(stack(lse), 0); out = sum(w[..., None] * stack(out), 0)``.
     """
+    if not isinstance(parts, (list, tuple)):
+        raise ShapeError(f"merge() takes a list of PartialAttention, got {type(parts).__name__}")
     if len(parts) == 0:
         raise ShapeError("merge() needs at least one PartialAttention, got an empty sequence")
+    for i, p in enumerate(parts):
+        check_part(p, f"part {i}")
     first = parts[0]
     for i, p in enumerate(parts):
-        if p.out.dim() != 3 or p.lse.dim() != 2 or p.out.shape[:2] != p.lse.shape:
-            raise ShapeError(
-                f"part {i}: expected out [B, Hq, D] and lse [B, Hq], got out {tuple(p.out.shape)}, "
-                f"lse {tuple(p.lse.shape)}"
-            )
-        if p.out.shape != first.out.shape:
-            raise ShapeError(f"part {i} has out {tuple(p.out.shape)}, part 0 has {tuple(first.out.shape)}")
-        if not (p.out.is_floating_point() and p.lse.is_floating_point()):
-            raise DTypeError(f"part {i}: out and lse must be floating point, got {p.out.dtype}, {p.lse.dtype}")
+        if p.out.shape != first.out.shape or p.out.device != first.out.device:
+            raise ShapeError(f"part {i} has out {tuple(p.out.shape)} on {p.out.device}, part 0 has "
+                             f"{tuple(first.out.shape)} on {first.out.device}")
     dtype = torch.float64 if any(p.out.dtype == torch.float64 for p in parts) else torch.float32
     if len(parts) == 1:
         return PartialAttention(first.out.to(dtype), first.lse.to(dtype))
-    if len(parts) == 2 and dtype == torch.float32:
-        fused = _merge2_native(parts[0], parts[1])
-        if fused is not None:
-            return fused
-    lse = torch.stack([p.lse.to(dtype) for p in parts])  # [P, B, Hq]
-    out = torch.stack([p.out.to(dtype) for p in parts])  # [P, B, Hq, D]
-    return _merge_stacked(out, lse)
+    grad = any(p.out.requires_grad or p.lse.requires_grad for p in parts)
+    device = first.out.device
+    if dtype == torch.float32 and not grad and len(parts) <= 64:
+        if device.type == "cpu" and native.load() is not None:
+            return _merge_native(parts)
+        if device.type in DEVICE_MERGES:
+            return DEVICE_MERGES.load(device.type)(parts)
+    return merge_reference(parts, dtype)
 
 
-def _merge2_native(a: PartialAttention, b: PartialAttention):
-    """Two float32 CPU parts (a decode step's window and host parts) fused in one C++ call (csrc/merge.cpp, the
-    arithmetic of ``_merge_arrays``), or None when the parts are not that or the extension is not built (then
-    the numpy path computes the same)."""
-    parts = (a.out, a.lse, b.out, b.lse)
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.requires_grad for t in parts):
-        return None
-    ext = native.load()
-    if ext is None:
-        return None
-    out_a, lse_a, out_b, lse_b = (t.contiguous() for t in parts)
-    out, lse = torch.empty_like(out_a), torch.empty_like(lse_a)
-    ext.merge2(out_a.data_ptr(), lse_a.data_ptr(), out_b.data_ptr(), lse_b.data_ptr(), lse.numel(), out.shape[-1],
-               out.data_ptr(), lse.data_ptr())
+def _merge_native(parts: Sequence[PartialAttention]) -> PartialAttention:
+    outs = [p.out.to(torch.float32).contiguous() for p in parts]
+    lses = [p.lse.to(torch.float32).contiguous() for p in parts]
+    out, lse = torch.empty_like(outs[0]), torch.empty_like(lses[0])
+    native.require().merge_parts([o.data_ptr() for o in outs], [x.data_ptr() for x in lses], lse.numel(),
+                                 out.shape[-1], out.data_ptr(), lse.data_ptr())
     return PartialAttention(out, lse)
 
 
-def _merge_stacked(out: torch.Tensor, lse: torch.Tensor) -> PartialAttention:
-    """merge() over stacked parts: ``out [P, B, Hq, D]``, ``lse [P, B, Hq]``. CPU tensors are merged in numpy
-    (the same operations: a decode step's few thousand values cost ~1 us per numpy op, ~5-20 us per torch op)."""
-    if out.device.type == "cpu" and not out.requires_grad and not lse.requires_grad:
-        with np.errstate(all="ignore"):  # masked lanes (0 * inf garbage) are discarded, as in torch
-            o, m = _merge_arrays(np, out.numpy(), lse.numpy())
-        return PartialAttention(torch.from_numpy(o), torch.from_numpy(m))
-    return PartialAttention(*_merge_arrays(torch, out, lse))
-
-
-def _merge_arrays(xp, out, lse):
-    """The merge arithmetic over ``xp`` = numpy or torch arrays (the functions used exist in both)."""
-    m = xp.amax(lse, axis=0)  # [B, Hq]
-    pos_inf = xp.isposinf(lse)
+def merge_reference(parts: Sequence[PartialAttention], dtype: torch.dtype = torch.float32) -> PartialAttention:
+    """``merge`` in plain PyTorch (the oracle, and the path for float64, autograd and other devices)."""
+    lse = torch.stack([p.lse.to(dtype) for p in parts])  # [P, ...]
+    out = torch.stack([p.out.to(dtype) for p in parts])  # [P, ..., D]
+    m = lse.amax(dim=0)
+    pos_inf = torch.isposinf(lse)
     # Shift by a finite max: -inf rows (all empty) shift by 0, +inf rows are handled by the mask below.
-    m_safe = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
-    w = xp.exp(lse - m_safe)  # exp(-inf) = 0 for empty parts; +inf stays +inf
-    has_pos_inf = pos_inf.any(axis=0)
-    w = xp.where(has_pos_inf[None], xp.where(pos_inf, xp.ones_like(w), xp.zeros_like(w)), w)
-    total = w.sum(axis=0)  # [B, Hq]
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    w = torch.exp(lse - m_safe)  # exp(-inf) = 0 for empty parts; +inf stays +inf
+    has_pos_inf = pos_inf.any(dim=0)
+    w = torch.where(has_pos_inf[None], torch.where(pos_inf, torch.ones_like(w), torch.zeros_like(w)), w)
+    total = w.sum(dim=0)
     nonempty = total > 0
-    denom = xp.where(nonempty, total, xp.ones_like(total))
+    denom = torch.where(nonempty, total, torch.ones_like(total))
     # A part with zero weight contributes nothing, even if its out holds garbage.
-    contrib = xp.where(w[..., None] > 0, w[..., None] * out, xp.zeros_like(out))
-    merged_out = contrib.sum(axis=0) / denom[..., None]
-    merged_out = xp.where(nonempty[..., None], merged_out, xp.zeros_like(merged_out))
-    merged_lse = xp.where(has_pos_inf, m, m_safe + xp.log(denom))
-    merged_lse = xp.where(nonempty | has_pos_inf, merged_lse, xp.full_like(m, float("-inf")))
-    return merged_out, merged_lse
+    contrib = torch.where(w[..., None] > 0, w[..., None] * out, torch.zeros_like(out))
+    merged_out = contrib.sum(dim=0) / denom[..., None]
+    merged_out = torch.where(nonempty[..., None], merged_out, torch.zeros_like(merged_out))
+    merged_lse = torch.where(has_pos_inf, m, m_safe + torch.log(denom))
+    merged_lse = torch.where(nonempty | has_pos_inf, merged_lse, torch.full_like(m, float("-inf")))
+    return PartialAttention(merged_out, merged_lse)

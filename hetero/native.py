@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import numpy as np
+
 from .errors import ConfigError
 
 _ext = None
@@ -76,3 +78,46 @@ def info() -> dict:
     if ext is None:
         return {"error": _load_error}
     return dict(ext.info(), threads=usable_cores())
+
+
+def float_bits(x: float) -> int:
+    """A float64 as the int64 holding its bits (how descriptors carry floats)."""
+    return int(np.array([x], dtype=np.float64).view(np.int64)[0])
+
+
+class Descriptor:
+    """The int64 fields of one C++ descriptor (csrc/runner/step.h), set by name; ``address`` is stable."""
+
+    def __init__(self, kind: str):
+        names = list(require().LAYER_FIELDS if kind == "layer" else require().WORK_FIELDS)
+        self.index = {n: i for i, n in enumerate(names)}
+        self.array = np.zeros(len(names), dtype=np.int64)
+        self.address = int(self.array.ctypes.data)
+
+    def set(self, **values: int) -> None:
+        for name, value in values.items():
+            self.array[self.index[name]] = int(value)
+
+    def __getitem__(self, name: str) -> int:
+        return int(self.array[self.index[name]])
+
+
+def address(t) -> int:
+    """Data address of a tensor or numpy array (0 for None)."""
+    if t is None:
+        return 0
+    if isinstance(t, np.ndarray):
+        return int(t.ctypes.data)
+    return int(t.data_ptr())
+
+
+def used_counts(idx) -> np.ndarray:
+    """``[B * Hkv]`` int64: entries of each row of selection indices ``idx [B, Hkv, K]`` up to its last selected
+    one. The kernels read only these (retrievers leave their -1 padding at the end), the same rows whichever path
+    runs them, so that results match bit for bit."""
+    rows = idx.shape[0] * idx.shape[1]
+    if idx.shape[-1] == 0 or rows == 0:
+        return np.zeros(rows, dtype=np.int64)
+    valid = idx.numpy().reshape(rows, idx.shape[-1]) >= 0
+    last = valid.shape[1] - np.argmax(valid[:, ::-1], axis=1)
+    return np.where(valid.any(axis=1), last, 0).astype(np.int64)

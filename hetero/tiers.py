@@ -1,17 +1,21 @@
 """The two storage tiers of one layer's KV cache.
 
-``FastTier``: sinks + a ring buffer of the recent window on the fast device, ``[B, Hkv, S + W, D]``;
-slots ``[0, lengths[b])`` are valid, so a window kernel only needs a length tensor.
-``HostTier``: older tokens in host memory, paged: ``block_tokens``-row blocks of one ``[Hkv, R, 2, D]``
-pool shared by the batch (a token's key and value rows side by side, so a random row is one contiguous
-run of memory), one block table per sequence (pinned when the fast device is CUDA).
+``FastTier``: sinks + a ring buffer of the recent window on the fast device, ``[B, Hkv, S + W, D]``; slots
+``[0, lengths[b])`` are valid, so a window kernel only needs a length tensor.
+``HostTier``: older tokens in host memory, paged: ``block_tokens``-row blocks of one ``[Hkv, R, 2, D]`` pool shared
+by the batch (a token's key and value rows side by side, so a random row is one contiguous run of memory), one
+block table row per sequence (pinned when the fast device is CUDA).
 
-Both hold post-RoPE keys. Neither validates its inputs: ``LayerCache`` does, before touching them.
+The per-sequence counters (``FastTier.total``, ``HostTier.length`` / ``capacity`` and the block table) are numpy
+arrays the native decode step reads and updates in place (runner/append.h); ``version`` changes whenever a buffer
+the native descriptors point at is reallocated. Both hold post-RoPE keys. Neither validates its inputs:
+``LayerCache`` does, before touching them.
 """
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from .memory import empty_host, zeros_host
@@ -21,34 +25,48 @@ from .types import HostView
 class FastTier:
     """Sinks and recent window of every sequence on the fast device.
 
-    k, v: ``[B, Hkv, S + W, D]``; slots ``0..S-1`` hold the sinks, ``S..S+W-1`` a ring of the window:
-    window token ``t`` (logical index, ``t >= S``) lives in slot ``S + (t - S) % W``.
-    ``window=None`` makes the tier unbounded (a dense layer): token ``t`` lives in slot ``t``.
+    k, v: ``[B, Hkv, S + W, D]``; slots ``0..S-1`` hold the sinks, ``S..S+W-1`` a ring of the window: window token
+    ``t`` (logical index, ``t >= S``) lives in slot ``S + (t - S) % W``. ``window=None`` makes the tier unbounded (a
+    dense layer): token ``t`` lives in slot ``t``.
+    total: ``[B]`` int64 numpy, logical tokens seen. lengths: ``[B]`` int32 on the device, valid slots (on the CPU
+    a tensor sharing memory with ``lengths_np``; on CUDA ``lengths_np`` is a pinned host mirror copied to it).
     """
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, sinks: int, window: Optional[int],
                  dtype: torch.dtype, device: torch.device):
         self.sinks, self.window = sinks, window
+        self.device = torch.device(device)
         slots = sinks + window if window is not None else 0
-        self.k = self._zeros((batch, kv_heads, slots, head_dim), dtype, device)
-        self.v = self._zeros((batch, kv_heads, slots, head_dim), dtype, device)
-        self.total: List[int] = [0] * batch  # logical tokens seen per sequence
-        self.lengths = torch.zeros(batch, dtype=torch.int32, device=device)  # valid slots
+        self.k = self._zeros((batch, kv_heads, slots, head_dim), dtype)
+        self.v = self._zeros((batch, kv_heads, slots, head_dim), dtype)
+        self.total = np.zeros(batch, dtype=np.int64)
+        if self.device.type == "cpu":
+            self.lengths = torch.zeros(batch, dtype=torch.int32)
+            self.lengths_np = self.lengths.numpy()
+        else:
+            self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)
+            self.lengths_np = torch.zeros(batch, dtype=torch.int32, pin_memory=True).numpy()
+        self.version = 0
 
-    @staticmethod
-    def _zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        if torch.device(device).type == "cpu":  # the window is streamed every step: huge pages (hetero.memory)
+    def _zeros(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        if self.device.type == "cpu":  # the window is streamed every step: huge pages (hetero.memory)
             return zeros_host(shape, dtype)
-        return torch.zeros(shape, dtype=dtype, device=device)
+        return torch.zeros(shape, dtype=dtype, device=self.device)
 
     @property
     def batch(self) -> int:
         return self.k.shape[0]
 
-    def _valid(self, total: int) -> int:
+    def valid(self, total: int) -> int:
+        """Valid slots of a sequence of ``total`` tokens."""
         if self.window is None:
             return total
         return min(total, self.sinks) + min(max(total - self.sinks, 0), self.window)
+
+    def sync_lengths(self) -> None:
+        """Publish ``lengths_np`` to the device tensor (a no-op on the CPU, where they share memory)."""
+        if self.device.type != "cpu":
+            self.lengths.copy_(torch.from_numpy(self.lengths_np), non_blocking=True)
 
     def _ring_runs(self, start: int, stop: int) -> List[Tuple[int, int]]:
         """Ring slots of window tokens ``[start, stop)`` (at most ``W`` of them) as runs ``(first slot, count)``:
@@ -59,8 +77,7 @@ class FastTier:
         return [(first, head)] + ([(s, n - head)] if n > head else [])
 
     def _ring_take(self, seq: int, start: int, stop: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Copies of window tokens ``[start, stop)``, ``[Hkv, n, D]`` each (slices, not index tensors: a decode
-        step moves one token, and each torch operation costs 50-150 us when the caches are cold)."""
+        """Copies of window tokens ``[start, stop)``, ``[Hkv, n, D]`` each."""
         runs = self._ring_runs(start, stop)
         k, v = self.k[seq], self.v[seq]
         if len(runs) == 1:
@@ -79,29 +96,30 @@ class FastTier:
     def _ring_slots(self, start: int, stop: int) -> torch.Tensor:
         s, w = self.sinks, self.window
         if stop <= start:
-            return torch.empty(0, dtype=torch.long, device=self.k.device)
-        return s + (torch.arange(start, stop, device=self.k.device) - s) % w
+            return torch.empty(0, dtype=torch.long, device=self.device)
+        return s + (torch.arange(start, stop, device=self.device) - s) % w
 
-    def _grow(self, needed: int) -> None:
-        cap = self.k.shape[2]
+    def reserve(self, seq: int, tokens: int) -> None:
+        """Room for ``tokens`` more tokens of ``seq`` (a dense tier grows; a windowed one never needs to)."""
+        if self.window is not None:
+            return
+        needed, cap = int(self.total[seq]) + tokens, self.k.shape[2]
         if needed <= cap:
             return
         new_cap = max(needed, cap + cap // 2, 64)
         b, h, _, d = self.k.shape
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = self._zeros((b, h, new_cap, d), old.dtype, old.device)
-            new[:, :, :cap] = old
-            setattr(self, name, new)
+        k, v = self._zeros((b, h, new_cap, d), self.k.dtype), self._zeros((b, h, new_cap, d), self.v.dtype)
+        k[:, :, :cap], v[:, :, :cap] = self.k, self.v
+        self.k, self.v = k, v
+        self.version += 1
 
     def append(self, seq: int, k_new: torch.Tensor, v_new: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Append ``[Hkv, n, D]`` tokens to sequence ``seq``; return the tokens pushed out of the window,
-        ``[Hkv, m, D]`` each, oldest first (they belong to the host tier now)."""
+        """Append ``[Hkv, n, D]`` tokens to sequence ``seq`` (``reserve`` first for a dense tier); return the tokens
+        pushed out of the window, ``[Hkv, m, D]`` each, oldest first (they belong to the host tier now)."""
         n = k_new.shape[1]
-        t0, t1 = self.total[seq], self.total[seq] + n
+        t0, t1 = int(self.total[seq]), int(self.total[seq]) + n
         s, w = self.sinks, self.window
         if w is None:
-            self._grow(t1)
             self.k[seq, :, t0:t1] = k_new
             self.v[seq, :, t0:t1] = v_new
             evicted_k, evicted_v = k_new[:, :0], v_new[:, :0]
@@ -122,30 +140,55 @@ class FastTier:
                 parts_v.append(v_new[:, first_in - t0: skip_until - t0])
             if t1 > skip_until:
                 self._ring_put(seq, skip_until, k_new[:, skip_until - t0:], v_new[:, skip_until - t0:])
-            if len(parts_k) == 1 and min(t0, new_start) > old_start:  # the ring's copy: no second copy
+            if len(parts_k) == 1:
                 evicted_k, evicted_v = parts_k[0], parts_v[0]
-            elif parts_k:  # a copy: the caller may index the evicted tokens in the background
+            elif parts_k:
                 evicted_k, evicted_v = torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)
             else:
                 evicted_k, evicted_v = k_new[:, :0], v_new[:, :0]
         self.total[seq] = t1
-        self.lengths[seq] = self._valid(t1)
+        self.lengths_np[seq] = self.valid(t1)
         return evicted_k, evicted_v
+
+    def window_positions(self, seq: int) -> Tuple[int, int]:
+        """Logical positions ``[start, stop)`` of the window tokens of ``seq`` (empty for a dense tier)."""
+        t = int(self.total[seq])
+        if self.window is None:
+            return t, t
+        return max(self.sinks, t - self.window), t
+
+    def refill_range(self, seq: int, n: int) -> Tuple[int, int]:
+        """Logical positions ``[lo, hi)`` that ``crop(seq, n)`` brings back into the window from the host tier (the
+        ones that left it since the sequence was ``n`` tokens long; empty when none did)."""
+        if self.window is None:
+            return 0, 0
+        lo, hi = max(self.sinks, n - self.window), self.window_positions(seq)[0]
+        return lo, max(lo, hi)
+
+    def crop(self, seq: int, n: int, refill_k: torch.Tensor, refill_v: torch.Tensor) -> None:
+        """Keep the first ``n`` tokens of ``seq``; ``refill_k/v [Hkv, m, D]``: the tokens of ``refill_range(seq, n)``
+        (from the host tier), written back to their ring slots. A ring slot is a function of the logical position,
+        so the window tokens below ``n`` are already in place and the dropped ones are simply overwritten or left
+        outside the valid range."""
+        if self.window is not None and refill_k.shape[1]:
+            self._ring_put(seq, self.refill_range(seq, n)[0], refill_k, refill_v)
+        self.total[seq] = n
+        self.lengths_np[seq] = self.valid(n)
 
     def tokens(self, seq: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of ``seq`` on this tier in logical order, ``[Hkv, n, D]`` each."""
-        total = self.total[seq]
+        total = int(self.total[seq])
         if self.window is None:
             return self.k[seq, :, :total], self.v[seq, :, :total]
         ns = min(total, self.sinks)
-        slots = torch.cat([torch.arange(ns, device=self.k.device),
+        slots = torch.cat([torch.arange(ns, device=self.device),
                            self._ring_slots(max(self.sinks, total - self.window), total)])
         return self.k[seq][:, slots], self.v[seq][:, slots]
 
     def nbytes(self) -> int:
         """Bytes of valid token slots (keys + values)."""
         per_token = self.k.shape[1] * self.k.shape[3] * self.k.element_size() * 2
-        return int(self.lengths.sum().item()) * per_token
+        return int(self.lengths_np.sum()) * per_token
 
     def allocated_bytes(self) -> int:
         return (self.k.numel() + self.v.numel()) * self.k.element_size()
@@ -155,9 +198,9 @@ class HostTier:
     """Older tokens of every sequence in host memory, paged.
 
     kv_pool: ``[Hkv, R, 2, D]``; k_pool, v_pool: its ``[Hkv, R, D]`` views (row stride ``2 * D``).
-    Block ``j`` is rows ``j*C .. j*C+C-1`` (``C = block_tokens``).
-    Sequence ``b`` owns blocks ``blocks[b]`` in order; host position ``i`` is row
-    ``blocks[b][i // C] * C + i % C``.
+    Block ``j`` is rows ``j*C .. j*C+C-1`` (``C = block_tokens``). Sequence ``b`` owns blocks ``blocks[b]`` in order
+    (also row ``b`` of ``table``, ``[B, max_blocks]`` int32, -1 beyond them); host position ``i`` is row
+    ``blocks[b][i // C] * C + i % C``. length / capacity: ``[B]`` int64 numpy, tokens stored / room in the blocks.
     """
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, block_tokens: int,
@@ -167,9 +210,12 @@ class HostTier:
         self.pin_memory = pin_memory
         self._set_pool(self._alloc(0))
         self.blocks: List[List[int]] = [[] for _ in range(batch)]
-        self.length: List[int] = [0] * batch
+        self.length = np.zeros(batch, dtype=np.int64)
+        self.capacity = np.zeros(batch, dtype=np.int64)
+        self._table_t = torch.full((batch, 4), -1, dtype=torch.int32)
+        self.table = self._table_t.numpy()
         self._next_block = 0
-        self._table: Optional[torch.Tensor] = None
+        self.version = 0
 
     @property
     def batch(self) -> int:
@@ -187,18 +233,33 @@ class HostTier:
     def capacity_blocks(self) -> int:
         return self.k_pool.shape[1] // self.block_tokens
 
+    def blocks_needed(self, seq: int, tokens: int) -> int:
+        """New blocks ``reserve(seq, tokens)`` would take."""
+        have = int(self.capacity[seq] - self.length[seq])
+        return max(0, -(-(tokens - have) // self.block_tokens))
+
     def reserve(self, seq: int, tokens: int) -> None:
-        """Make room for ``tokens`` more tokens of ``seq`` without reallocating the pools later; blocks
-        reserved together are consecutive, which lets ``keys(seq)`` return a view."""
-        c = self.block_tokens
-        have = len(self.blocks[seq]) * c - self.length[seq]
-        need_blocks = max(0, -(-(tokens - have) // c))
-        if need_blocks == 0:
+        """Make room for ``tokens`` more tokens of ``seq`` without reallocating the pools later; blocks reserved
+        together are consecutive, which lets ``keys(seq)`` return a view. Allocation happens here, before anything
+        is written: a failed reservation leaves the tier as it was."""
+        need = self.blocks_needed(seq, tokens)
+        if need == 0:
             return
-        self._ensure_capacity(self._next_block + need_blocks)
-        self.blocks[seq].extend(range(self._next_block, self._next_block + need_blocks))
-        self._next_block += need_blocks
-        self._table = None
+        width = len(self.blocks[seq]) + need
+        if width > self.table.shape[1]:  # grow the table first (nothing changes if an allocation fails)
+            table = torch.full((self.batch, max(width, 2 * self.table.shape[1])), -1, dtype=torch.int32)
+            table[:, : self.table.shape[1]] = self._table_t
+        else:
+            table = None
+        self._ensure_capacity(self._next_block + need)
+        if table is not None:
+            self._table_t, self.table = table, table.numpy()
+            self.version += 1
+        first = self._next_block
+        self.table[seq, len(self.blocks[seq]): width] = np.arange(first, first + need, dtype=np.int32)
+        self.blocks[seq].extend(range(first, first + need))
+        self._next_block += need
+        self.capacity[seq] = width * self.block_tokens
 
     def _ensure_capacity(self, blocks: int) -> None:
         cap = self.capacity_blocks
@@ -211,18 +272,23 @@ class HostTier:
         new = self._alloc(new_cap)
         new[:, :rows] = self.kv_pool[:, :rows]
         self._set_pool(new)
+        self.version += 1
 
     def append(self, seq: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Append ``[Hkv, n, D]`` keys and values to the end of sequence ``seq``."""
+        """Append ``[Hkv, n, D]`` keys and values to the end of sequence ``seq`` (reserved beforehand, or here)."""
         n = keys.shape[1]
         if n == 0:
             return
         self.reserve(seq, n)
-        rows = self._rows(seq, self.length[seq], self.length[seq] + n)
-        for dst_start, src_start, count in rows:
+        start = int(self.length[seq])
+        for dst_start, src_start, count in self._rows(seq, start, start + n):
             self.k_pool[:, dst_start: dst_start + count] = keys[:, src_start: src_start + count]
             self.v_pool[:, dst_start: dst_start + count] = values[:, src_start: src_start + count]
-        self.length[seq] += n
+        self.length[seq] = start + n
+
+    def truncate(self, seq: int, n: int) -> None:
+        """Forget host positions ``>= n`` of ``seq`` (its blocks stay reserved for what comes next)."""
+        self.length[seq] = min(int(self.length[seq]), n)
 
     def _rows(self, seq: int, start: int, stop: int):
         """Runs ``(pool_row, offset_from_start, count)`` covering host positions ``[start, stop)``."""
@@ -249,7 +315,7 @@ class HostTier:
         return self._gather_seq(self.v_pool, seq, start, stop)
 
     def _gather_seq(self, pool: torch.Tensor, seq: int, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
-        stop = self.length[seq] if stop is None else stop
+        stop = int(self.length[seq]) if stop is None else stop
         if not 0 <= start <= stop <= self.length[seq]:
             raise IndexError(f"host positions [{start}, {stop}) of sequence {seq} are outside [0, {self.length[seq]})")
         runs = self._rows(seq, start, stop)
@@ -262,26 +328,20 @@ class HostTier:
 
     @property
     def block_table(self) -> torch.Tensor:
-        """``[B, max_blocks]`` int32 block ids, ``-1`` where a sequence has fewer blocks."""
-        if self._table is None:
-            width = max((len(b) for b in self.blocks), default=0)
-            table = torch.full((self.batch, max(width, 1)), -1, dtype=torch.int32)
-            for i, blks in enumerate(self.blocks):
-                if blks:
-                    table[i, : len(blks)] = torch.tensor(blks, dtype=torch.int32)
-            self._table = table
-        return self._table
+        """``[B, max_blocks]`` int32 block ids, ``-1`` where a sequence has fewer blocks (shares the tier's memory)."""
+        return self._table_t
 
     @property
     def lengths(self) -> torch.Tensor:
-        return torch.tensor(self.length, dtype=torch.int64)
+        """``[B]`` int64 host tokens per sequence (a copy)."""
+        return torch.from_numpy(self.length.copy())
 
     def view(self) -> HostView:
-        return HostView(self.k_pool, self.v_pool, self.block_table, self.lengths, self.block_tokens)
+        return HostView(self.k_pool, self.v_pool, self._table_t, self.lengths, self.block_tokens)
 
     def nbytes(self) -> int:
         """Bytes of stored tokens (keys + values)."""
-        return sum(self.length) * self.kv_heads * self.head_dim * self.k_pool.element_size() * 2
+        return int(self.length.sum()) * self.kv_heads * self.head_dim * self.k_pool.element_size() * 2
 
     def allocated_bytes(self) -> int:
         return self.kv_pool.numel() * self.kv_pool.element_size()

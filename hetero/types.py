@@ -72,13 +72,6 @@ class HostView:
     lengths: torch.Tensor
     block_tokens: int
 
-    def check_row_layout(self) -> None:
-        """Native kernels address rows as ``head * stride(0) + row * stride(1)`` with contiguous elements and the
-        same strides for K and V (true of every ``HostTier``); raise ``ValueError`` otherwise."""
-        if self.k_pool.stride() != self.v_pool.stride() or self.k_pool.stride(2) != 1:
-            raise ValueError(f"host pools need contiguous rows and equal strides, got {self.k_pool.stride()} and "
-                             f"{self.v_pool.stride()}")
-
     def rows(self, indices: torch.Tensor) -> torch.Tensor:
         """Physical pool rows ``[B, Hkv, k]`` int64 of host positions ``indices`` (``-1`` maps to row 0)."""
         idx = indices.long().clamp_min(0)

@@ -1,37 +1,114 @@
-"""The Retriever interface (DESIGN.md): incremental ``add``, ``search(q, budgets) -> Selection``."""
+"""The Retriever interface (DESIGN.md): incremental ``add``, ``search(q, budgets) -> Selection``, ``truncate``.
+
+A retriever declares its options (``Option`` specs in ``options``) so that ``HeteroConfig`` validates
+``retriever_options`` when it is built, before any cache exists; the constructor takes the validated values.
+"""
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from typing import Any, List, Optional
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
-from hetero.errors import DTypeError, InvalidValueError, ShapeError
+from hetero.errors import ConfigError, DTypeError, InvalidValueError, ShapeError
 from hetero.tiers import HostTier
 from hetero.timing import Span
 from hetero.types import Selection
 from hetero.validation import check_finite
 
 
+@dataclass(frozen=True)
+class Option:
+    """One retriever option: a default and what is allowed.
+
+    kind: ``"int"``, ``"number"`` (int or float), ``"bool"`` or ``"choice"`` (one of ``choices``); ``low`` /
+    ``high`` bound numbers (``low_open``: ``> low`` instead of ``>= low``); ``none_ok``: None is allowed."""
+
+    default: Any
+    kind: str = "number"
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    choices: Tuple[Any, ...] = ()
+    none_ok: bool = False
+
+    def allowed(self) -> str:
+        if self.kind == "bool":
+            text = "True or False"
+        elif self.kind == "choice":
+            text = " or ".join(map(repr, self.choices))
+        else:
+            what = "an int" if self.kind == "int" else "a number"
+            bounds = []
+            if self.low is not None:
+                bounds.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+            if self.high is not None:
+                bounds.append(f"<= {self.high:g}")
+            text = what + (" " + " and ".join(bounds) if bounds else "")
+        return ("None or " if self.none_ok else "") + text
+
+    def valid(self, value: Any) -> bool:
+        if value is None:
+            return self.none_ok
+        if self.kind == "bool":
+            return isinstance(value, bool)
+        if self.kind == "choice":
+            return not isinstance(value, bool) and value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind == "int" and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+
 class Retriever(ABC):
     """Chooses host-tier rows for decode queries, one index per KV head.
 
-    Bound to one layer's ``HostTier``; told about every token appended to it through ``add`` (in host
-    order, right after the tier stored it). GQA: the ``G`` query heads of a KV head's group are searched
-    together and share one selection (``group_rule``: ``"union"`` of per-head top-k, or ``"sum"`` of
-    scores).
+    Bound to one layer's ``HostTier``; told about every token appended to it through ``add`` (in host order, right
+    after the tier stored it). GQA: the ``G`` query heads of a KV head's group are searched together and share one
+    selection (``group_rule``: ``"union"`` of per-head top-k, or ``"sum"`` of scores).
+
+    Native decode path (hetero/native.py): ``native_kind`` says how the C++ append treats this index: 0 every add
+    comes through ``add`` from Python, 1 the index only counts tokens (exhaustive retrievers), 2 ivf-group's tail
+    append. ``ntotal_array`` / ``limit_array`` (int64 ``[B]``) are what the C++ append reads and advances.
     """
 
     name: str = "?"
+    options: ClassVar[Dict[str, Option]] = {}
+    native_kind: int = 0
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> Dict[str, Any]:
+        """Every option with its default filled in; ``ConfigError`` naming the option, its value and what is allowed
+        for an unknown option or a value out of range."""
+        if not isinstance(options, Mapping):
+            raise ConfigError(f"retriever_options={options!r} is not allowed: a mapping of option names to values")
+        unknown = sorted(set(options) - set(cls.options))
+        if unknown:
+            known = ", ".join(sorted(cls.options)) or "none"
+            raise ConfigError(f"retriever {cls.name!r} has no option(s) {unknown}; its options: {known}")
+        out = {}
+        for key, spec in cls.options.items():
+            value = options.get(key, spec.default)
+            if not spec.valid(value):
+                raise ConfigError(f"retriever {cls.name!r} option {key}={value!r} is not allowed: {spec.allowed()}")
+            out[key] = value
+        return out
 
     def __init__(self, host: HostTier, group_rule: str = "union", **options: Any):
-        if options:
-            from hetero.errors import ConfigError
-
-            raise ConfigError(f"retriever {self.name!r} takes no options {sorted(options)}")
+        self.opts = self.check_options(options)
         self.host = host
         self.group_rule = group_rule
-        self._ntotal: List[int] = [0] * host.batch
+        self.ntotal_array = np.zeros(host.batch, dtype=np.int64)
+        # the largest ntotal a native add may reach without Python (training, retraining); no limit by default
+        self.limit_array = np.full(host.batch, np.iinfo(np.int64).max, dtype=np.int64)
         self.last_scanned = 0  # keys whose similarity to a query was computed in the last search
         # Softmax scale of the layer (set by LayerCache), and what a retriever can report from its last search
         # when asked (``report_missed``): log of each query head's host mass outside its top ``flat_k`` keys
@@ -45,19 +122,33 @@ class Retriever(ABC):
 
     @property
     def ntotal(self) -> List[int]:
-        """Tokens indexed per sequence (equals the host tier's length after every ``add``)."""
-        return list(self._ntotal)
+        """Tokens indexed per sequence (equals the host tier's length once every add has run)."""
+        return self.ntotal_array.tolist()
 
     def add(self, seq: int, keys: torch.Tensor) -> None:
-        """Index ``keys [Hkv, n, D]``, host positions ``ntotal[seq] .. ntotal[seq] + n - 1`` of ``seq``."""
+        """Index ``keys [Hkv, n, D]``, host positions ``ntotal[seq] .. ntotal[seq] + n - 1`` of ``seq``. The count
+        advances only when the add completed, so a failed add leaves ``ntotal`` behind the tier (healed by a
+        rebuild, ``LayerCache``)."""
         self._add(seq, keys)
-        self._ntotal[seq] += keys.shape[1]
+        self.ntotal_array[seq] += keys.shape[1]
 
     def _add(self, seq: int, keys: torch.Tensor) -> None:
         """Index structures update; exhaustive retrievers read the host tier and need none."""
 
     def reset(self) -> None:
-        self._ntotal = [0] * self.host.batch
+        self.ntotal_array[:] = 0
+
+    def truncate(self, seq: int, n: int) -> None:
+        """Forget host positions ``>= n`` of ``seq`` (the host tier still holds them while this runs). The default
+        rebuilds the sequence's index from its first ``n`` host keys; retrievers that can remove the newest keys in
+        place override it."""
+        self._reset_seq(seq)
+        self.ntotal_array[seq] = 0
+        if n:
+            self.add(seq, self.host.keys(seq, 0, n))
+
+    def _reset_seq(self, seq: int) -> None:
+        """Drop every index structure of ``seq`` (``truncate``'s rebuild starts from here)."""
 
     def memory_bytes(self) -> int:
         """Bytes this retriever holds beyond the host tier itself."""
@@ -66,6 +157,19 @@ class Retriever(ABC):
     def cheap_add(self, seq: int, n: int) -> bool:
         """True when adding ``n`` keys to ``seq`` is a constant-time write (no training, no assignment): the
         cache then adds them inline instead of handing a few microseconds of work to the background worker."""
+        return False
+
+    def bytes_read(self, scanned: np.ndarray) -> int:
+        """Index bytes a search streamed when it scored ``scanned[b * Hkv + h]`` keys per item (the floor of a step,
+        ``hetero profile``); exhaustive retrievers read the keys themselves."""
+        return int(np.asarray(scanned).sum()) * self.host.head_dim * self.host.k_pool.element_size()
+
+    def native_tables(self) -> Dict[str, int]:
+        """LAYER descriptor fields (runner/step.h) of this index beyond INDEX_*, for ``native_kind`` 2."""
+        return {}
+
+    def native_search_ready(self) -> bool:
+        """Whether the fused C++ step can search this index itself (ivf-group, every sequence trained)."""
         return False
 
     def set_threads(self, threads: int) -> None:
@@ -105,9 +209,10 @@ class Retriever(ABC):
             raise DTypeError(f"query must be floating point, got {q.dtype}")
         check_finite(q, "query")
         hkv = self.host.kv_heads
+        ntotal = self.ntotal
         rows = _int_rows(budgets, b, hkv)
         if rows is not None:  # plain ints (the decode step's case): no tensor operations
-            return [[min(k, n) for k in row] for row, n in zip(rows, self._ntotal)]
+            return [[min(k, n) for k in row] for row, n in zip(rows, ntotal)]
         try:
             t = torch.as_tensor(budgets)
             if t.is_floating_point() or t.dtype == torch.bool:
@@ -118,7 +223,7 @@ class Retriever(ABC):
         if t is None or bool((t < 0).any()):
             raise InvalidValueError(f"budgets must be {b} ints >= 0 or [B={b}, Hkv={hkv}] ints >= 0, got {budgets!r}")
         t = t.expand(b, hkv)
-        return [[max(0, min(int(k), n)) for k in row] for row, n in zip(t.tolist(), self._ntotal)]
+        return [[max(0, min(int(k), n)) for k in row] for row, n in zip(t.tolist(), ntotal)]
 
 
 def _int_rows(budgets, b: int, hkv: int) -> Optional[List[List[int]]]:
@@ -134,7 +239,7 @@ def _int_rows(budgets, b: int, hkv: int) -> Optional[List[List[int]]]:
     return None
 
 
-def flat_k(per_head: List[int]) -> int:
+def flat_k(per_head: Sequence[int]) -> int:
     """The flat split's keys per query head of a sequence: the mean of its per-KV-head budgets (an adaptive split
     keeps their sum)."""
     return round(sum(per_head) / len(per_head))
@@ -142,7 +247,7 @@ def flat_k(per_head: List[int]) -> int:
 
 def pad_rows(rows: List[torch.Tensor], kv_heads: int) -> torch.Tensor:
     """Stack per-sequence ``[Hkv, k_b]`` index tensors into ``[B, Hkv, max k_b]`` int32, padded with -1."""
-    if len(rows) == 1 and rows[0].dtype == torch.int32:  # one sequence: a view (each torch op counts, cold)
+    if len(rows) == 1 and rows[0].dtype == torch.int32:  # one sequence: a view
         return rows[0].unsqueeze(0).contiguous()
     width = max((r.shape[-1] for r in rows), default=0)
     out = torch.full((len(rows), kv_heads, width), -1, dtype=torch.int32)

@@ -12,19 +12,28 @@ from .base import Retriever, flat_k, pad_rows, selection_from_groups, topk_group
 _SCORE_CHUNK = 32768  # tokens scored at once: bounds the float32 copy of the keys
 
 
-class AllRetriever(Retriever):
+class _Exhaustive(Retriever):
+    """A retriever that reads the host tier itself: its index is the token count (the native append keeps it)."""
+
+    native_kind = 1
+
+    def truncate(self, seq: int, n: int) -> None:
+        self.ntotal_array[seq] = min(int(self.ntotal_array[seq]), n)
+
+
+class AllRetriever(_Exhaustive):
     """Selects every host token, whatever the budget: the host part becomes exact attention."""
 
     name = "all"
 
     def _search(self, q: torch.Tensor, ks) -> Selection:
         hkv = self.host.kv_heads
-        rows = [torch.arange(n, dtype=torch.int32).expand(hkv, n) for n in self._ntotal]
+        rows = [torch.arange(n, dtype=torch.int32).expand(hkv, n) for n in self.ntotal]
         self.last_scanned = 0
         return Selection(pad_rows(rows, hkv))
 
 
-class ExactTopK(Retriever):
+class ExactTopK(_Exhaustive):
     """Brute-force top-k by ``q . k`` over every host key of each KV head (exact, O(N) per query)."""
 
     name = "exact"
@@ -57,7 +66,7 @@ class ExactTopK(Retriever):
                 if k == 0:
                     ids[-1].append(torch.empty(0, dtype=torch.int32)), members[-1].append(None)
                     continue
-                scanned += self._ntotal[seq] * g
+                scanned += int(self.ntotal_array[seq]) * g
                 i, m = topk_group(scores[h], k, self.group_rule)
                 ids[-1].append(i), members[-1].append(m)
         self.last_scanned = scanned

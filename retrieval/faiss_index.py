@@ -6,16 +6,11 @@ Rules (documented defaults, all overridable through ``retriever_options``):
 * GQA: each of the G query heads of a KV head's group searches for its own top-k; the shared selection is
   the union (``group_rule="union"``; ``"per-head"`` keeps each head on its own top-k through -inf
   log-weights), or one search with the summed query (``"sum"``: ranks by summed logits).
-* Training: an IVF index trains its coarse quantizer (and SQ ranges) on the first ``add`` that brings at
-  least ``min_train`` keys (the prefill); until then searches scan every key exactly (and say so in
-  ``last_scanned``). ``nlist`` = the power of two nearest ``sqrt(N)`` of the training set, within [16, 4096].
-* Retraining: when a sequence's index holds more than ``retrain_factor`` (4) times the keys it was
-  trained on, it is retrained on all of them and rebuilt from the host tier (at that ``add``).
-* Budget -> search effort: IVF probes ``nprobe = ceil(nlist * min(1, probe_factor * sqrt(k / N)))`` lists
-  (``probe_factor`` 1: a 1 / 2 / 5 % budget scans about 10 / 14 / 22 % of the keys). Measured on SmolLM2
-  at 8K (all layers, union rule), IVF's error relative to exact top-k at 2 % / 5 % was 1.28 / 1.16 with
-  about 10 / 25 % scanned and 1.11 / 1.02 with 20 / 50 %: a rule linear in k/N over-probes large budgets.
-  HNSW uses ``efSearch = max(k, ef_factor * k)`` (``ef_factor`` 2).
+* Training, lists, retraining and the budget -> nprobe rule of the IVF retrievers: ``retrieval/ivf_rules.py``
+  (shared with ``ivf-group``). Measured on SmolLM2 at 8K (all layers, union rule), IVF's error relative to exact
+  top-k at 2 % / 5 % was 1.28 / 1.16 with about 10 / 25 % scanned and 1.11 / 1.02 with 20 / 50 %: a rule linear
+  in k/N over-probes large budgets. HNSW needs no training (built on the first add) and uses
+  ``efSearch = max(k, ef_factor * k)`` (``ef_factor`` 2).
 * ``last_scanned``: keys whose similarity faiss computed in the last search (its ``ndis`` counters).
 
 Inputs are validated here, never left to faiss (its checks are asserts that ``python -O`` removes).
@@ -23,7 +18,7 @@ Inputs are validated here, never left to faiss (its checks are asserts that ``py
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional
+from typing import Any, List
 
 import numpy as np
 import torch
@@ -31,7 +26,8 @@ import torch
 from hetero.errors import ConfigError, InvalidValueError
 from hetero.types import Selection
 
-from .base import Retriever, selection_from_groups
+from .base import Option, Retriever, selection_from_groups
+from .ivf_rules import IVF_OPTIONS, IVFLifecycle
 
 
 def _faiss():
@@ -40,80 +36,72 @@ def _faiss():
     return faiss
 
 
-def _nearest_pow2(x: float, lo: int, hi: int) -> int:
-    return int(min(hi, max(lo, 2 ** round(math.log2(max(x, 1.0))))))
-
-
 class _FaissRetriever(Retriever):
-    """Shared machinery: per (sequence, KV head) index, union/sum over the GQA group, validation."""
+    """Shared machinery: per (sequence, KV head) index, union/sum over the GQA group, validation. Subclasses say
+    when a sequence's index is (re)built (``build_due``) and how (``_new_index``)."""
 
-    kind = "?"
+    options = {
+        "ef_factor": Option(2.0, low=0.0, low_open=True),
+        "M": Option(32, kind="int", low=2),
+        "threads": Option(None, kind="int", low=1, none_ok=True),
+    }
+    trains = True
 
-    def __init__(self, host, group_rule: str = "union", probe_factor: float = 1.0, ef_factor: float = 2.0,
-                 min_train: int = 256, retrain_factor: float = 4.0, nlist: Optional[int] = None, M: int = 32,
-                 threads: Optional[int] = None, **options: Any):
+    def __init__(self, host, group_rule: str = "union", **options: Any):
         super().__init__(host, group_rule, **options)
-        for name, val, low in (("probe_factor", probe_factor, 0.0), ("ef_factor", ef_factor, 0.0),
-                               ("retrain_factor", retrain_factor, 1.0)):
-            if not isinstance(val, (int, float)) or not val > low:
-                raise ConfigError(f"retriever option {name}={val!r} is not allowed: a number > {low}")
-        if not isinstance(min_train, int) or min_train < 1:
-            raise ConfigError(f"retriever option min_train={min_train!r} is not allowed: an int >= 1")
-        if nlist is not None and (not isinstance(nlist, int) or nlist < 1):
-            raise ConfigError(f"retriever option nlist={nlist!r} is not allowed: None or an int >= 1")
-        self.probe_factor, self.ef_factor = float(probe_factor), float(ef_factor)
-        self.min_train, self.retrain_factor, self.nlist_option, self.M = min_train, retrain_factor, nlist, M
-        if threads is not None:
-            _faiss().omp_set_num_threads(int(threads))
+        self.ef_factor, self.M = float(self.opts["ef_factor"]), self.opts["M"]
+        if self.opts["threads"] is not None:
+            _faiss().omp_set_num_threads(int(self.opts["threads"]))
         b, h = host.batch, host.kv_heads
         self._index: List[List[Any]] = [[None] * h for _ in range(b)]
-        self._trained_on = [0] * b
         self.last_scanned = 0
 
     # ---- index life cycle ---------------------------------------------------------------------------
     def _new_index(self, n_train: int):
         raise NotImplementedError
 
-    def _needs_training(self) -> bool:
-        return True
+    def build_due(self, seq: int, new_total: int) -> bool:
+        return self._index[seq][0] is None
+
+    def set_trained(self, seq: int, n: int) -> None:
+        """Record that ``seq``'s index was (re)built on ``n`` keys (0: dropped)."""
 
     def _build(self, seq: int, upto: int) -> None:
-        """(Re)train on the first ``upto`` host-tier keys of ``seq`` and add them (with background indexing the
-        tier may already hold later tokens, whose own adds are still queued)."""
-        keys = self.host.keys(seq)[:, :upto]  # [Hkv, N, D]
-        n = keys.shape[1]
+        """(Re)build on the first ``upto`` host-tier keys of ``seq`` (with background indexing the tier may already
+        hold later tokens, whose own adds are still queued). The new per-head indexes replace the old ones only once
+        every head is built."""
+        if self.host.length[seq] < upto:
+            raise InvalidValueError(f"retriever out of sync with the host tier: {self.host.length[seq]} tokens "
+                                    f"stored, {upto} to index")
+        keys = self.host.keys(seq, 0, upto)  # [Hkv, N, D]
+        built = []
         for h in range(self.host.kv_heads):
             x = _as_float32(keys[h])
-            index = self._new_index(n)
-            if self._needs_training():
+            index = self._new_index(upto)
+            if self.trains:
                 index.train(x)
             index.add(x)
-            self._index[seq][h] = index
-        self._trained_on[seq] = n
+            built.append(index)
+        self._index[seq] = built
+        self.set_trained(seq, upto)
 
     def _add(self, seq: int, keys: torch.Tensor) -> None:
-        new_total = self._ntotal[seq] + keys.shape[1]
-        if self._index[seq][0] is None:
-            if new_total >= self.min_train or not self._needs_training():
-                self._build_after(seq, new_total)
-            return
-        if self._needs_training() and new_total > self.retrain_factor * self._trained_on[seq]:
-            self._build_after(seq, new_total)
-            return
-        for h in range(self.host.kv_heads):
-            self._index[seq][h].add(_as_float32(keys[h]))
-
-    def _build_after(self, seq: int, expected: int) -> None:
-        # The host tier already holds the new keys (LayerCache appends to the tier before calling add).
-        if self.host.length[seq] < expected:
-            raise InvalidValueError(f"retriever out of sync with the host tier: {self.host.length[seq]} tokens "
-                                    f"stored, {expected} to index")
-        self._build(seq, expected)
+        new_total = int(self.ntotal_array[seq]) + keys.shape[1]
+        if self.build_due(seq, new_total):
+            self._build(seq, new_total)
+        elif self._index[seq][0] is not None:
+            arrays = [_as_float32(keys[h]) for h in range(self.host.kv_heads)]  # every check before any index grows
+            for h, x in enumerate(arrays):
+                self._index[seq][h].add(x)
 
     def reset(self) -> None:
         super().reset()
-        self._index = [[None] * self.host.kv_heads for _ in range(self.host.batch)]
-        self._trained_on = [0] * self.host.batch
+        for seq in range(self.host.batch):
+            self._reset_seq(seq)
+
+    def _reset_seq(self, seq: int) -> None:
+        self._index[seq] = [None] * self.host.kv_heads
+        self.set_trained(seq, 0)
 
     # ---- search -------------------------------------------------------------------------------------
     def _set_effort(self, index, k: int, n: int) -> None:
@@ -125,7 +113,7 @@ class _FaissRetriever(Retriever):
         g = q.shape[1] // hkv
         ids, members, scanned = [], [], 0
         for seq, per_head in enumerate(ks):
-            n = self._ntotal[seq]
+            n = int(self.ntotal_array[seq])
             ids.append([]), members.append([])
             for h, k in enumerate(per_head):
                 if k == 0 or n == 0:
@@ -182,19 +170,20 @@ def _as_float32(x: torch.Tensor) -> np.ndarray:
     return arr
 
 
-class IVFRetriever(_FaissRetriever):
+class IVFRetriever(IVFLifecycle, _FaissRetriever):
     """IVF with exact float32 vectors in the lists (``IndexIVFFlat``, inner product)."""
 
     name = "ivf"
-
-    def _nlist(self, n_train: int) -> int:
-        return self.nlist_option or _nearest_pow2(6 * math.sqrt(n_train), 16, 1024)
-
+    options = dict(_FaissRetriever.options, **IVF_OPTIONS)
     codes = "Flat"
+
+    def __init__(self, host, group_rule: str = "union", **options: Any):
+        super().__init__(host, group_rule, **options)
+        self.init_lifecycle(host.batch)
 
     def _new_index(self, n_train: int):
         faiss = _faiss()
-        index = faiss.index_factory(self.host.head_dim, f"IVF{self._nlist(n_train)},{self.codes}",
+        index = faiss.index_factory(self.host.head_dim, f"IVF{self.nlist_for(n_train)},{self.codes}",
                                     faiss.METRIC_INNER_PRODUCT)
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.min_points_per_centroid = 1  # small tiers: no 39-per-list warning
@@ -204,8 +193,7 @@ class IVFRetriever(_FaissRetriever):
         return index
 
     def _set_effort(self, index, k: int, n: int) -> None:
-        share = min(1.0, self.probe_factor * math.sqrt(k / n))
-        index.nprobe = max(1, min(index.nlist, math.ceil(index.nlist * share)))
+        index.nprobe = self.nprobe([k], index.nlist, n)[0]
 
     def bytes_per_token(self) -> int:
         return 4 * self.host.head_dim + 8  # float32 vector + int64 id
@@ -229,13 +217,13 @@ class IVFPQRetriever(IVFRetriever):
 
     name = "ivf-pq"
 
-    def __init__(self, host, group_rule: str = "union", rerank: float = 2.0, **options: Any):
-        if not isinstance(rerank, (int, float)) or rerank < 1:
-            raise ConfigError(f"retriever option rerank={rerank!r} is not allowed: a number >= 1")
+    options = dict(IVFRetriever.options, rerank=Option(2.0, low=1.0))
+
+    def __init__(self, host, group_rule: str = "union", **options: Any):
         super().__init__(host, group_rule, **options)
         if host.head_dim % 2:
             raise ConfigError(f"ivf-pq needs an even head_dim, got {host.head_dim}")
-        self.rerank = float(rerank)
+        self.rerank = float(self.opts["rerank"])
         self.codes = f"PQ{host.head_dim // 2}x4fs"
 
     def _candidates(self, k: int, n: int) -> int:
@@ -260,9 +248,7 @@ class HNSWRetriever(_FaissRetriever):
     """HNSW graph over float32 keys (``IndexHNSWFlat``, inner product); needs no training."""
 
     name = "hnsw"
-
-    def _needs_training(self) -> bool:
-        return False
+    trains = False
 
     def _new_index(self, n_train: int):
         faiss = _faiss()

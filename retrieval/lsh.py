@@ -15,56 +15,18 @@ The ``budget`` does not bound LSH: the sample size follows from K, L and the dat
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
-from hetero.cpu.numba_vectors import prefer_wide_vectors
+from hetero.errors import ConfigError
+from hetero.types import Selection
 
-prefer_wide_vectors()  # before numba's first import (see hetero/cpu/numba_vectors.py)
+from .base import Option, Retriever, pad_rows
 
-from numba import njit  # noqa: E402
-
-from hetero.errors import ConfigError  # noqa: E402
-from hetero.types import Selection  # noqa: E402
-
-from .base import Retriever, pad_rows  # noqa: E402
-
-
-@njit(cache=True)
-def _insert(codes, first_id, heads, nxt):
-    """Push keys ``first_id + i`` (codes ``[n, L]``) onto their buckets' lists."""
-    n, tables = codes.shape
-    for i in range(n):
-        key = first_id + i
-        for t in range(tables):
-            b = codes[i, t]
-            nxt[t, key] = heads[t, b]
-            heads[t, b] = key
-
-
-@njit(cache=True)
-def _collide(qcodes, heads, nxt, min_collisions, counts, out, lens):
-    """For each query (codes ``[G, L]``): keys sharing a bucket in >= min_collisions tables -> ``out[g, :lens[g]]``.
-    ``counts`` must be zero on entry and is zero again on return."""
-    g_size, tables = qcodes.shape
-    for g in range(g_size):
-        m = 0
-        for t in range(tables):
-            key = heads[t, qcodes[g, t]]
-            while key >= 0:
-                counts[key] += 1
-                if counts[key] == min_collisions:
-                    out[g, m] = key
-                    m += 1
-                key = nxt[t, key]
-        lens[g] = m
-        for t in range(tables):  # reset only what was touched
-            key = heads[t, qcodes[g, t]]
-            while key >= 0:
-                counts[key] = 0
-                key = nxt[t, key]
+_warned_budget = False
 
 
 class LSHSampler(Retriever):
@@ -72,19 +34,37 @@ class LSHSampler(Retriever):
 
     name = "lsh"
 
-    def __init__(self, host, group_rule: str = "union", K: int = 9, L: int = 120, seed: int = 0,
-                 min_collisions: int = 2, **options: Any):
+    options = {
+        "K": Option(9, kind="int", low=1, high=20),
+        "L": Option(120, kind="int", low=1),
+        "seed": Option(0, kind="int"),
+        "min_collisions": Option(2, kind="int", low=1),
+    }
+
+    @classmethod
+    def check_options(cls, options):
+        out = super().check_options(options)
+        if out["L"] < out["min_collisions"]:
+            raise ConfigError(f"retriever 'lsh' options L={out['L']}, min_collisions={out['min_collisions']}: need "
+                              "L >= min_collisions")
+        return out
+
+    def __init__(self, host, group_rule: str = "union", **options: Any):
         super().__init__(host, group_rule, **options)
-        if not (isinstance(K, int) and 1 <= K <= 20):
-            raise ConfigError(f"retriever option K={K!r} is not allowed: an int in [1, 20]")
-        if not (isinstance(L, int) and L >= min_collisions >= 1):
-            raise ConfigError(f"retriever options L={L!r}, min_collisions={min_collisions!r}: need L >= "
-                              "min_collisions >= 1")
-        self.K, self.L, self.min_collisions = K, L, min_collisions
-        gen = torch.Generator().manual_seed(seed)
+        global _warned_budget
+        if not _warned_budget:
+            warnings.warn("hetero: the 'lsh' retriever samples the keys that collide with the query in enough tables; "
+                          "it ignores the budget (the share of host keys it reads is reported as rows read)",
+                          stacklevel=3)
+            _warned_budget = True
+        self.K, self.L, self.min_collisions = self.opts["K"], self.opts["L"], self.opts["min_collisions"]
+        from . import lsh_kernels
+
+        self._kernels = lsh_kernels
+        gen = torch.Generator().manual_seed(self.opts["seed"])
         hkv, d = host.kv_heads, host.head_dim
-        self.planes = torch.randn(hkv, L * K, d, generator=gen)  # per KV head
-        self._pow2 = 2 ** torch.arange(K, dtype=torch.int32)
+        self.planes = torch.randn(hkv, self.L * self.K, d, generator=gen)  # per KV head
+        self._pow2 = 2 ** torch.arange(self.K, dtype=torch.int32)
         self._mu = [None] * host.batch           # [Hkv, D] per sequence
         self._heads = [None] * host.batch        # [Hkv] arrays [L, 2^K]
         self._next = [None] * host.batch         # [Hkv] arrays [L, capacity]
@@ -102,7 +82,7 @@ class LSHSampler(Retriever):
             self._heads[seq] = [np.full((self.L, 2 ** self.K), -1, np.int32) for _ in range(hkv)]
             self._next[seq] = [np.full((self.L, max(1024, 2 * n)), -1, np.int32) for _ in range(hkv)]
             self._counts[seq] = np.zeros(max(1024, 2 * n), np.int32)
-        first = self._ntotal[seq]
+        first = int(self.ntotal_array[seq])
         cap = self._next[seq][0].shape[1]
         if first + n > cap:  # grow geometrically
             new_cap = max(first + n, 2 * cap)
@@ -113,12 +93,15 @@ class LSHSampler(Retriever):
             self._counts[seq] = np.zeros(new_cap, np.int32)
         for h in range(hkv):
             codes = self._codes(keys[h].float() - self._mu[seq][h], h)
-            _insert(codes, first, self._heads[seq][h], self._next[seq][h])
+            self._kernels.insert(codes, first, self._heads[seq][h], self._next[seq][h])
 
     def reset(self) -> None:
         super().reset()
         b = self.host.batch
         self._mu, self._heads, self._next, self._counts = [None] * b, [None] * b, [None] * b, [None] * b
+
+    def _reset_seq(self, seq: int) -> None:
+        self._mu[seq] = self._heads[seq] = self._next[seq] = self._counts[seq] = None
 
     def collision_probability(self, cos: torch.Tensor) -> torch.Tensor:
         """``w = P(>= min_collisions of L tables collide)`` for angle ``acos(cos)``."""
@@ -134,7 +117,7 @@ class LSHSampler(Retriever):
         b = q.shape[0]
         rows, weights, scanned = [], [], 0
         for seq in range(b):
-            n = self._ntotal[seq]
+            n = int(self.ntotal_array[seq])
             if n == 0 or self._mu[seq] is None:
                 rows.append(torch.empty(hkv, 0, dtype=torch.int32))
                 weights.append(torch.empty(hkv * g, 0))
@@ -145,7 +128,7 @@ class LSHSampler(Retriever):
                 qg = q[seq, h * g:(h + 1) * g]  # [G, D]
                 out = np.empty((g, n), np.int32)
                 lens = np.zeros(g, np.int64)
-                _collide(self._codes(qg, h), self._heads[seq][h], self._next[seq][h], self.min_collisions,
+                self._kernels.collide(self._codes(qg, h), self._heads[seq][h], self._next[seq][h], self.min_collisions,
                          self._counts[seq], out, lens)
                 sampled = [torch.from_numpy(out[i, : lens[i]].copy()) for i in range(g)]
                 union = torch.unique(torch.cat(sampled)) if sum(map(len, sampled)) else torch.empty(0, dtype=torch.int32)

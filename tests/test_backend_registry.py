@@ -4,49 +4,54 @@ import sys
 import pytest
 import torch
 
-from hetero import BackendUnavailableError, HeteroConfig, LayerCache, window_attention
-from hetero.backends import describe_backends, get_backend, select_backend
+from hetero import BackendUnavailableError, ConfigError, HeteroAttention, HeteroConfig, LayerCache, window_attention
+from hetero.backends import AttentionInputs, BackendSet
+from hetero.registry import HOST_BACKENDS, RETRIEVERS, WINDOW_BACKENDS, Registry
 
-
-def _layer(dtype=torch.float32, d=16):
-    layer = LayerCache(HeteroConfig(window=2, sinks=1, retriever="all"))
-    layer.append(torch.randn(1, 2, 20, d).to(dtype), torch.randn(1, 2, 20, d).to(dtype))
-    return layer
+CPU_INPUTS = AttentionInputs(torch.device("cpu"), torch.bfloat16, 64, 8, 2, 1)
 
 
 def test_auto_prefers_cpp_then_numba_then_torch(monkeypatch):
     monkeypatch.delenv("HETERO_CPU_BACKEND", raising=False)
-    layer = _layer()
-    q = torch.randn(1, 4, 16)
-    host = layer.host.view()
-    chosen = select_backend("host", "auto", lambda be: be.not_supported_reasons(q, host))
-    expected = "cpp" if not get_backend("host", "cpp").availability_reasons() else "numba"
+    backends = BackendSet()
+    chosen = backends.select("host", "auto", CPU_INPUTS)
+    expected = "cpp" if not backends.get("host", "cpp").availability_reasons() else "numba"
     assert chosen.name == expected
 
 
 def test_auto_window_backend_on_cpu_is_cpp_never_the_interpreter(monkeypatch):
     monkeypatch.delenv("HETERO_WINDOW_BACKEND", raising=False)
-    q, k = torch.randn(1, 4, 16), torch.randn(1, 2, 8, 16)
-    chosen = select_backend("window", "auto", lambda be: be.not_supported_reasons(q, k), device=k.device).name
-    assert chosen == ("cpp" if not get_backend("window", "cpp").availability_reasons() else "torch")
+    backends = BackendSet()
+    chosen = backends.select("window", "auto", CPU_INPUTS).name
+    assert chosen == ("cpp" if not backends.get("window", "cpp").availability_reasons() else "torch")
 
 
 def test_env_override_selects_backend(monkeypatch):
     monkeypatch.setenv("HETERO_CPU_BACKEND", "numba")
-    layer = _layer()
-    q = torch.randn(1, 4, 16)
-    assert select_backend("host", "auto", lambda be: be.not_supported_reasons(q, layer.host.view())).name == "numba"
+    assert BackendSet().select("host", "auto", CPU_INPUTS).name == "numba"
 
 
-def test_impossible_request_lists_every_backend_reason():
-    def refuse(be):
-        return [f"{be.name} says no"]
-
+def test_impossible_request_prints_the_inputs_and_every_backend_reason():
+    big = AttentionInputs(torch.device("cpu"), torch.bfloat16, 64, 130 * 2, 2, 1)  # a GQA group of 130
     with pytest.raises(BackendUnavailableError) as info:
-        select_backend("host", "auto", refuse)
-    msg = str(info.value)
-    for name in ("cpp", "numba", "torch"):
-        assert f"{name}: {name} says no" in msg
+        BackendSet().select("host", "numba", AttentionInputs(torch.device("cuda"), torch.bfloat16, 64, 8, 2, 1))
+    assert "device=cuda" in str(info.value) and "numba: device cuda not in ['cpu']" in str(info.value)
+    # "auto" over a group too large for the C++ kernel falls back (the plan probes with the real Hq)
+    assert BackendSet().select("host", "auto", big).name in ("numba", "torch")
+
+
+def test_plan_falls_back_when_the_group_is_too_large_for_the_cpp_kernel():
+    cfg = HeteroConfig(window=4, sinks=1, retriever="all")
+    layer = LayerCache(cfg)
+    layer.append(torch.randn(1, 1, 40, 16), torch.randn(1, 1, 40, 16))
+    attn = HeteroAttention(cfg)
+    q = torch.randn(1, 70, 16)  # MQA with 70 query heads: G = 70 > 64
+    plan = attn.plan(layer, 70)
+    assert plan.host.name != "cpp" and plan.window.name != "cpp" and not plan.fused
+    out = attn.run(q, layer, plan)
+    from helpers import oracle, rel_err
+
+    assert rel_err(out, oracle(q, layer)) < 1e-5
 
 
 def test_explicit_backend_that_cannot_serve_raises_with_reason(monkeypatch):
@@ -56,9 +61,25 @@ def test_explicit_backend_that_cannot_serve_raises_with_reason(monkeypatch):
         window_attention(q, k, k, backend="triton")
 
 
-def test_describe_backends_reports_each():
-    info = describe_backends("host", torch.device("cpu"), torch.bfloat16, 128)
-    assert set(info) == {"cpp", "numba", "torch"} and info["torch"] == []
+def test_registries_are_lazy_and_reject_unknown_names():
+    reg = Registry("thing", {"a": "hetero.does_not_exist:Nothing"})
+    assert reg.names() == ["a"] and "a" in reg
+    with pytest.raises(ConfigError, match="unknown thing 'b'; registered: \\['a'\\]"):
+        reg.load("b")
+    with pytest.raises(ImportError):
+        reg.load("a")
+    assert set(HOST_BACKENDS.names()) == {"cpp", "numba", "torch"}
+    assert set(WINDOW_BACKENDS.names()) == {"cpp", "torch", "triton"}
+    assert "ivf-group" in RETRIEVERS.names() and "all" in RETRIEVERS.names()
+
+
+def test_every_backend_explains_itself_for_one_inputs_bundle():
+    backends = BackendSet()
+    for side, reg in (("window", WINDOW_BACKENDS), ("host", HOST_BACKENDS)):
+        for name in reg.names():
+            reasons = backends.get(side, name).not_supported_reasons(CPU_INPUTS)
+            assert isinstance(reasons, list) and all(isinstance(r, str) for r in reasons)
+    assert backends.get("host", "torch").not_supported_reasons(CPU_INPUTS) == []
 
 
 _FALLBACK = r"""
@@ -69,20 +90,23 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError("simulated: extension not built")
 sys.meta_path.insert(0, Block())
 import torch
-from hetero import HeteroConfig, LayerCache, sparse_attention, Selection
+from hetero import HeteroAttention, HeteroConfig, LayerCache
+from hetero.backends import AttentionInputs, BackendSet
 layer = LayerCache(HeteroConfig(window=2, sinks=1, retriever="all"))
 layer.append(torch.randn(1, 2, 20, 16), torch.randn(1, 2, 20, 16))
+inputs = AttentionInputs(torch.device("cpu"), torch.float32, 16, 4, 2, 1)
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
-    from hetero.backends import select_backend
+    be = BackendSet().select("host", "auto", inputs)
+    be2 = BackendSet().select("host", "auto", inputs)
+    attn = HeteroAttention(layer.config)
     q = torch.randn(1, 4, 16)
-    be = select_backend("host", "auto", lambda be: be.not_supported_reasons(q, layer.host.view()))
-    be2 = select_backend("host", "auto", lambda be: be.not_supported_reasons(q, layer.host.view()))
-print(be.name, len([x for x in w if "falls back to numba" in str(x.message)]))
+    out = attn.run(q, layer)
+print(be.name, len([x for x in w if "falls back to numba" in str(x.message)]), tuple(out.shape))
 """
 
 
 def test_missing_extension_falls_back_to_numba_with_one_warning():
     p = subprocess.run([sys.executable, "-c", _FALLBACK], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == ["numba", "1"]
+    assert p.stdout.split() == ["numba", "1", "(1,", "4,", "16)"]

@@ -62,7 +62,7 @@ def test_dense_layer_keeps_everything_on_fast_tier():
     k = torch.randn(1, 2, 50, 8)
     for layer in cache.layers:
         layer.append(k, k)
-    assert cache[0].host.length == [45] and cache[1].host.length == [0]
+    assert cache[0].host_lengths() == [45] and cache[1].host_lengths() == [0]
     assert int(cache[1].fast.lengths[0]) == 50
     assert torch.equal(cache[1].tokens(0)[0], k[0])
     assert cache.memory()["host_bytes"] == 45 * 2 * 8 * 4 * 2

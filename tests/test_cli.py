@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-CLI = [sys.executable, "-m", "hetero.cli"]
+CLI = [sys.executable, "-m", "hetero.tools.cli"]
 SMALL = ["--context", "1500", "--heads", "8", "--kv-heads", "2", "--head-dim", "32", "--window", "128",
          "--steps", "2"]
 

@@ -138,8 +138,10 @@ def test_bad_selection_rejected(layer, name, make, err, match):
 
 
 def test_window_attention_rejects_mismatched_kv():
-    with pytest.raises(ShapeError, match="must match"):
+    with pytest.raises(DTypeError, match="must have the same dtype"):
         window_attention(q_ok(), torch.randn(B, HKV, 4, D), torch.randn(B, HKV, 4, D).half())
+    with pytest.raises(ShapeError, match="must have the same shape"):
+        window_attention(q_ok(), torch.randn(B, HKV, 4, D), torch.randn(B, HKV, 5, D))
 
 
 def test_unknown_backend_lists_registered():

@@ -74,12 +74,12 @@ def test_list_statistics_follow_adds_flushes_relocations_and_retrains(bits, monk
             if i == 1:
                 m.setattr("hetero.native.load", lambda: None)
             layer.append(keys[:, :, :400], vals[:, :, :400])
-            trained = layer.retriever._trained_on[0]
+            trained = layer.retriever.trained_on[0]
             for t in range(400, 2400):
                 layer.append(keys[:, :, t], vals[:, :, t])
                 if t in (437, 1000):
                     _check_statistics(layer)
-            assert layer.retriever._trained_on[0] > trained      # retrained on the way
+            assert layer.retriever.trained_on[0] > trained      # retrained on the way
             assert 0 < layer.retriever._seqs[0].tail < 64
             _check_statistics(layer)
     a, b = (layer.retriever._seqs[0] for layer in layers)

@@ -6,7 +6,7 @@ import torch
 
 import hetero
 from hetero.hf import UnsupportedModelError, unsupported_features
-from hetero.workloads import smollm2
+from hetero.tools.workloads import smollm2
 
 transformers = pytest.importorskip("transformers")
 
@@ -122,7 +122,7 @@ def test_plain_forward_with_dynamic_cache_still_exact():
 
 @pytest.mark.skipif(not smollm2.available(), reason=f"SmolLM2 not installed ({smollm2.INSTALL_HINT})")
 def test_smollm2_exact_mode_real_prompt_matches_dense_for_128_tokens():
-    from hetero.workloads.real import corpus_text
+    from hetero.tools.workloads.real import corpus_text
 
     model, tok = smollm2.load()
     ref, _ = smollm2.load()

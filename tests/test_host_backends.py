@@ -10,7 +10,13 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from hetero import HeteroConfig, LayerCache, Selection, sparse_attention
-from hetero.backends import get_backend
+from hetero.backends import BackendSet
+
+_BACKENDS = BackendSet()
+
+
+def get_backend(side, name):
+    return _BACKENDS.get(side, name)
 from hetero.reference import sparse_attention as ref_sparse
 
 from helpers import rel_err
@@ -232,7 +238,7 @@ if sys.argv[1] == "numba-first":
     import numba
 from hetero.cpu import numba_sparse
 from hetero.retrieval import lsh  # a second numba module of hetero: must not change the first decision
-from hetero.cpu.numba_vectors import STATE
+from hetero.numba_setup import STATE
 import numba, llvmlite.binding as llvm
 llvm.initialize_native_target()
 print(json.dumps({"state": STATE, "features": numba.config.CPU_FEATURES,
@@ -243,7 +249,7 @@ print(json.dumps({"state": STATE, "features": numba.config.CPU_FEATURES,
 @pytest.mark.parametrize("case", ["default", "opt-out", "numba-first"])
 def test_numba_wide_vectors_only_when_allowed(case):
     """The numba backend asks for 512-bit vectors before numba's first import, on AVX-512 CPUs only, and leaves
-    numba alone when told to or when numba was imported first (hetero/cpu/numba_vectors.py)."""
+    numba alone when told to or when numba was imported first (hetero/numba_setup.py)."""
     env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CPU_FEATURES", "NUMBA_CPU_NAME")}
     if case == "opt-out":
         env["HETERO_NUMBA_WIDE_VECTORS"] = "0"
@@ -271,7 +277,7 @@ def test_long_selection_with_concentrated_attention_stays_accurate(backend):
     rows lost 2e-5 here (fixed by two-level sums in the C++ kernel)."""
     if not _usable(backend):
         pytest.skip("unavailable")
-    from hetero.workloads.synthetic import make_synthetic
+    from hetero.tools.workloads.synthetic import make_synthetic
 
     w = make_synthetic(20000, q_heads=4, kv_heads=1, head_dim=64, steps=1, dtype=torch.bfloat16, seed=1)
     layer = LayerCache(HeteroConfig(window=0, sinks=0, retriever="all", block_tokens=256))

@@ -166,7 +166,7 @@ def test_cpp_search_at_every_isa_level():
         assert p.returncode == 0, p.stderr[-2000:]
         assert p.stdout.split()[-2] == isa
         scans[isa] = p.stdout.split()[-1]
-    from hetero.envinfo import _cpu_flags
+    from hetero.tools.envinfo import _cpu_flags
 
     if "avx512_bf16" in usable and "avx512_vnni" in _cpu_flags():  # both AVX-512 scan kernels were exercised
         assert scans["avx512_bf16"] == "avx512_vnni" and scans["avx512"] == "avx512"
@@ -186,8 +186,8 @@ def test_incremental_adds_equal_one_batch_add_and_keep_every_token_once():
     sa = a.retriever.search(q, [12])  # before flushing: a's newest keys sit in the always-scanned tail
     assert ia.tail == (800 % 64) and ib.tail == 0
     ia.flush()
-    assert a.retriever._trained_on[0] == b.retriever._trained_on[0]      # no retrain in between
-    assert ia.arena_rows > 1.2 * a.retriever._trained_on[0]              # the arena grew
+    assert a.retriever.trained_on[0] == b.retriever.trained_on[0]      # no retrain in between
+    assert ia.arena_rows > 1.2 * a.retriever.trained_on[0]              # the arena grew
     n = a.host.length[0]
     for h in range(2):
         la, lb = _list_contents(ia, h), _list_contents(ib, h)
@@ -281,10 +281,10 @@ def test_retrains_when_tier_outgrows_training_and_scans_exactly_before():
     exact.append(keys[:, :, :200], vals[:, :, :200])
     assert torch.equal(sel.indices, exact.retriever.search(q, [5]).indices)
     layer.append(keys[:, :, 200:320], vals[:, :, 200:320])
-    first = layer.retriever._trained_on[0]
+    first = layer.retriever.trained_on[0]
     assert first == layer.host.length[0] >= 300
     layer.append(keys[:, :, 320:1500], vals[:, :, 320:1500])
-    assert layer.retriever._trained_on[0] > 2 * first - 1
+    assert layer.retriever.trained_on[0] > 2 * first - 1
     assert layer.retriever.ntotal[0] == layer.host.length[0]
 
 
@@ -374,14 +374,14 @@ def test_inline_tail_adds_keep_order_with_queued_background_adds(bits):
     for t in range(100, n):
         if rng.random() < 0.05:
             indexer.submit(time.sleep, 0.01)          # an unrelated job delays the queue
-        before = len(layer._pending)
+        before = len(layer.index._pending)
         layer.append(keys[:, :, t], vals[:, :, t])
-        inline += len(layer._pending) == before
+        inline += len(layer.index._pending) == before
         if rng.random() < 0.1:
             layer.wait_indexed()
     layer.wait_indexed()
     index = layer.retriever._seqs[0]
-    assert layer.retriever._trained_on[0] > 100          # retrained on the way (4x growth)
+    assert layer.retriever.trained_on[0] > 100          # retrained on the way (4x growth)
     assert 0 < inline < n - 100                          # both paths were taken
     assert index.start[0, index.nlist] != index.start[1, index.nlist]
     k_host = layer.host.keys(0).float()
@@ -448,8 +448,9 @@ def test_decode_adds_encode_like_the_numpy_path(bits, monkeypatch):
     for i, (layer, keys, vals, q) in enumerate(layers):
         layer.append(keys, vals)
         with monkeypatch.context() as m:
-            if i == 1:
-                m.setattr(cpp, "load", lambda: None)                  # the numpy path
+            if i == 1:                                            # the Python append and the numpy encoding
+                m.setattr(layer, "_native_ok", False)
+                m.setattr(cpp, "load", lambda: None)
             for t in range(new.shape[2]):
                 layer.append(new[:, :, t], new[:, :, t])
         layer.wait_indexed()

@@ -100,48 +100,45 @@ def _edge_case_parts(parts: int, rows: int, seed: int):
     out[1, 0, 1] = float("nan")                         # empty part with garbage
     lse[parts - 1, 1, 2] = float("inf")                 # one +inf part
     lse[:2, 1, 3] = float("inf")                        # two +inf parts share the weight
-    lse[:, 1, 4] = torch.tensor([1e30, -1e30, 0.0])[:parts]  # extreme
+    lse[:, 1, 4] = torch.tensor([1e30, -1e30, 0.0, 5.0, -5.0])[:parts]  # extreme
     return out, lse
 
 
-def test_torch_and_numpy_arithmetic_agree_on_edge_cases():
-    """CPU merges run in numpy, other devices in torch: the same function over both must agree, with
-    empty parts, garbage outs, +inf and extreme logits mixed in one batch."""
-    import numpy as np
-
-    from hetero.merge import _merge_arrays
-
-    out, lse = _edge_case_parts(3, 6, seed=5)
-    t_out, t_lse = _merge_arrays(torch, out, lse)
-    with np.errstate(all="ignore"):
-        n_out, n_lse = _merge_arrays(np, out.numpy(), lse.numpy())
-    assert torch.equal(t_lse, torch.from_numpy(n_lse))
-    torch.testing.assert_close(t_out, torch.from_numpy(n_out), rtol=1e-6, atol=1e-6)
-    assert not torch.isnan(t_out).any()
-
-
-def test_native_two_part_merge_matches_the_numpy_arithmetic():
-    """Two float32 CPU parts (the decode step's case) are fused by one C++ call when the extension is built: the
-    same edge cases as above (empty parts with garbage, +inf parts, extreme logits), against the numpy path."""
-    import numpy as np
-
+@pytest.mark.parametrize("parts", [2, 3, 5])
+def test_native_merge_matches_the_torch_reference_on_edge_cases(parts):
+    """CPU float32 parts are fused by the C++ merge (the one the decode step uses): against the PyTorch reference,
+    with empty parts holding garbage, +inf parts and extreme logits mixed in one batch."""
+    from hetero.merge import merge_reference
     from hetero.native import load
-    from hetero.merge import _merge2_native, _merge_arrays
 
     if load() is None:
         pytest.skip("C++ extension not built")
-    out, lse = _edge_case_parts(2, 7, seed=6)
-    lse[:, 1, 5] = torch.tensor([-1e30, float("-inf")])  # one part empty, the other extreme
-    a, b = PartialAttention(out[0], lse[0]), PartialAttention(out[1], lse[1])
-    got = _merge2_native(a, b)
-    assert got is not None
-    assert torch.equal(merge([a, b]).out, got.out)       # merge() takes this path
-    with np.errstate(all="ignore"):
-        want_out, want_lse = _merge_arrays(np, out.numpy(), lse.numpy())
-    want_out, want_lse = torch.from_numpy(want_out), torch.from_numpy(want_lse)
+    out, lse = _edge_case_parts(parts, 7, seed=6)
+    lse[:, 1, 5] = torch.tensor([-1e30, float("-inf"), 3.0, 0.0, 1.0])[:parts]  # one part empty, one extreme
+    ps = [PartialAttention(out[i], lse[i]) for i in range(parts)]
+    got, want = merge(ps), merge_reference(ps)
     assert not torch.isnan(got.out).any() and not torch.isnan(got.lse).any()
-    assert torch.equal(torch.isinf(got.lse), torch.isinf(want_lse))
-    torch.testing.assert_close(got.lse, want_lse, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(got.out, want_out, rtol=1e-6, atol=1e-6)
-    assert torch.equal(got.out[0, 0], torch.zeros(8)) and torch.equal(got.out[0, 1], out[0, 0, 1])
-    assert _merge2_native(PartialAttention(out[0].double(), lse[0].double()), b) is None   # not float32: numpy
+    assert torch.equal(torch.isinf(got.lse), torch.isinf(want.lse))
+    torch.testing.assert_close(got.lse, want.lse, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.out, want.out, rtol=1e-6, atol=1e-6)
+    merged64 = merge([PartialAttention(p.out.double(), p.lse.double()) for p in ps])  # float64: the reference
+    assert merged64.out.dtype == torch.float64
+    torch.testing.assert_close(merged64.out.float(), want.out, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_refuses_a_nan_lse_instead_of_erasing_the_valid_parts():
+    from hetero import InvalidValueError
+
+    good = PartialAttention(torch.ones(1, 2, 4), torch.zeros(1, 2))
+    broken = PartialAttention(torch.ones(1, 2, 4), torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(InvalidValueError, match="NaN"):
+        merge([good, broken])
+
+
+@pytest.mark.parametrize("bad, match", [(None, "list of PartialAttention"), ([None], "part 0 must be"),
+                                        ([(torch.zeros(1, 2, 4), torch.zeros(1, 2))], "part 0 must be")])
+def test_merge_rejects_what_is_not_a_list_of_parts(bad, match):
+    from hetero import ShapeError
+
+    with pytest.raises(ShapeError, match=match):
+        merge(bad)

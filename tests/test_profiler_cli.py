@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from hetero.workloads import smollm2
+from hetero.tools.workloads import smollm2
 
-CLI = [sys.executable, "-m", "hetero.cli"]
+CLI = [sys.executable, "-m", "hetero.tools.cli"]
 needs_model = pytest.mark.skipif(not smollm2.available(), reason=f"SmolLM2 not installed ({smollm2.INSTALL_HINT})")
 
 
@@ -32,7 +32,7 @@ def test_profile_trace_and_plot(tmp_path):
     doc = json.loads(trace.read_text())
     events = doc["traceEvents"]
     names = {e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "thread_name"}
-    assert {"MainThread", "hetero-host"} <= names
+    assert {"MainThread", "cpp host pool 1"} <= names  # the fused step's phases and its pool thread
     assert all({"ts", "dur", "pid", "tid", "name"} <= set(e) for e in events if e["ph"] == "X")
     assert _overlapping_threads(events), "the window and host tracks never overlap"
     data = png.read_bytes()
@@ -68,21 +68,22 @@ def test_profile_table_has_verdict(overlap, words):
 
 
 def test_trace_shows_the_native_pool_threads(tmp_path):
-    """With the sides one after the other (the CPU default) every phase runs on the main thread; the trace has a
-    track per native pool thread too, busy while the main thread's phase runs (the host kernel's few rows here may
-    all go to the calling thread before its pool thread wakes: its track is not required)."""
+    """The fused step (the CPU default) runs its phases on the main thread and the host backend's pool; the trace
+    has a track for the pool thread too, each of its busy spans named by the phase it fell in and inside it (the
+    host kernel's few rows here may all go to the calling thread before its pool thread wakes: not required)."""
     trace = tmp_path / "t.json"
     p = _run("profile", "--context", "9000", "--heads", "8", "--kv-heads", "2", "--steps", "2", "--trace", str(trace))
     assert p.returncode == 0, p.stderr
     events = json.loads(trace.read_text())["traceEvents"]
     names = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "thread_name"}
-    assert {"cpp window pool 1", "cpp search pool 1"} <= set(names.values())
+    assert "cpp host pool 1" in set(names.values())
     spans = [e for e in events if e.get("ph") == "X"]
-    for pool, phase in (("cpp window pool 1", "window"), ("cpp search pool 1", "retrieve")):
-        busy = [e for e in spans if names[e["tid"]] == pool]
+    busy = [e for e in spans if names[e["tid"]] == "cpp host pool 1"]
+    for phase in ("window", "retrieve"):
         main = [e for e in spans if names[e["tid"]] == "MainThread" and e["name"] == phase]
-        assert busy and all(e["name"] == phase for e in busy)
-        assert any(m["ts"] <= b["ts"] and b["ts"] + b["dur"] <= m["ts"] + m["dur"] + 1 for b in busy for m in main)
+        mine = [b for b in busy if b["name"] == phase]
+        assert mine and main
+        assert all(any(m["ts"] <= b["ts"] <= m["ts"] + m["dur"] + 1 for m in main) for b in mine)
 
 
 @needs_model

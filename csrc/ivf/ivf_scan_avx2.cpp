@@ -1,0 +1,100 @@
+// AVX2 code scoring for the grouped IVF search over the blocked arena (ivf_scan.h). Only called when the CPU
+// reports AVX2.
+#include <cstdint>
+
+#include "ivf/ivf_scan.h"
+#include "common/query_blocks.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+
+namespace {
+
+// Exact u8 x s8 dot products of 4-byte groups without VNNI: the even and odd bytes of each 16-bit lane as int16
+// (codes unsigned, query signed), one vpmaddwd each. A query group (4 int8) becomes its even and odd bytes as two
+// int16 per int32, broadcast.
+inline __m256i dot_groups(__m256i acc, __m256i even_u, __m256i odd_u, const int8_t* q4) {
+  const auto pair = [](int8_t a, int8_t b) {
+    return static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(a)) |
+                                (static_cast<uint32_t>(static_cast<uint16_t>(static_cast<int16_t>(b))) << 16));
+  };
+  return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(even_u, _mm256_set1_epi32(pair(q4[0], q4[2]))),
+                                                _mm256_madd_epi16(odd_u, _mm256_set1_epi32(pair(q4[1], q4[3])))));
+}
+
+// A 32-byte half of one 4-byte group across 8 rows: even / odd bytes widened to int16 lanes.
+inline void split_bytes(__m256i x, __m256i* even_u, __m256i* odd_u) {
+  *even_u = _mm256_and_si256(x, _mm256_set1_epi16(0x00FF));
+  *odd_u = _mm256_srli_epi16(x, 8);
+}
+
+// Blocks of 16 rows over the blocked arena (ivf_scan.h), 8 rows per 256-bit vector (the two halves of each
+// 64-byte group), NQ (<= 4) queries; FOUR: packed 4-bit rows, split into nibbles first.
+template <int NQ, bool FOUR>
+inline void block_scores(const uint8_t* block, int nr, int64_t Dp, const int8_t* qi, const float* qscale, float* out,
+                         int64_t out_stride) {
+  const int64_t groups = (FOUR ? Dp / 2 : Dp) / 4;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  for (int half = 0; half < 2 && 8 * half < nr; ++half) {
+    __m256i acc[NQ];
+    for (int g = 0; g < NQ; ++g) acc[g] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < groups; ++c) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + c * 64 + 32 * half));
+      __m256i ev, od;
+      if constexpr (FOUR) {
+        split_bytes(_mm256_and_si256(x, nibble), &ev, &od);
+        for (int g = 0; g < NQ; ++g) acc[g] = dot_groups(acc[g], ev, od, qi + g * Dp + 4 * c);
+        split_bytes(_mm256_and_si256(_mm256_srli_epi16(x, 4), nibble), &ev, &od);
+        for (int g = 0; g < NQ; ++g) acc[g] = dot_groups(acc[g], ev, od, qi + g * Dp + 4 * (groups + c));
+      } else {
+        split_bytes(x, &ev, &od);
+        for (int g = 0; g < NQ; ++g) acc[g] = dot_groups(acc[g], ev, od, qi + g * Dp + 4 * c);
+      }
+    }
+    const int rows = nr - 8 * half < 8 ? nr - 8 * half : 8;
+    for (int g = 0; g < NQ; ++g) {
+      alignas(32) float s[8];
+      _mm256_store_ps(s, _mm256_mul_ps(_mm256_cvtepi32_ps(acc[g]), _mm256_set1_ps(qscale[g])));
+      for (int r = 0; r < rows; ++r) out[g * out_stride + 8 * half + r] = s[r];
+    }
+  }
+}
+
+template <bool FOUR>
+void scores_blocked(const uint8_t* codes, int64_t n, int64_t Dp, const int8_t* qi, const float* qscale, int64_t G,
+                    float* out, int64_t out_stride) {
+  const int64_t block_bytes = 16 * (FOUR ? Dp / 2 : Dp);
+  for (int64_t i = 0; i < n; i += 16) {
+    const int nr = static_cast<int>(n - i < 16 ? n - i : 16);
+    for_query_blocks(G, [&](auto nq, int64_t g) {
+      block_scores<decltype(nq)::size, FOUR>(codes + (i / 16) * block_bytes, nr, Dp, qi + g * Dp, qscale + g,
+                                             out + g * out_stride + i, out_stride);
+    });
+  }
+}
+
+}  // namespace
+
+namespace hetero {
+HETERO_IVF_CENTROID_FN(ivf_centroid_scores_avx2) {
+  centroid_scores_loops(q, G, D, centroids_t, L, row, out, [](const uint16_t* src, int64_t n, float* dst) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+    for (; i < n; ++i) dst[i] = half_bits_to_float(src[i]);
+  });
+}
+
+HETERO_IVF_SCORE_FN(ivf_scores_avx2) { scores_blocked<false>(codes, n, Dp, qi, qscale, G, out, out_stride); }
+HETERO_IVF_SCORE_FN(ivf_scores4_avx2) { scores_blocked<true>(codes, n, Dp, qi, qscale, G, out, out_stride); }
+}  // namespace hetero
+#else
+namespace hetero {
+HETERO_IVF_CENTROID_FN(ivf_centroid_scores_avx2) {
+  ivf_centroid_scores_scalar(q, G, D, centroids_t, L, row, out);
+}
+HETERO_IVF_SCORE_FN(ivf_scores_avx2) { ivf_scores_scalar(codes, n, Dp, qi, qscale, G, out, out_stride); }
+HETERO_IVF_SCORE_FN(ivf_scores4_avx2) { ivf_scores4_scalar(codes, n, Dp, qi, qscale, G, out, out_stride); }
+}  // namespace hetero
+#endif

@@ -1,0 +1,60 @@
+// AVX-512 (F/BW/VL/DQ, no VNNI) code scoring for the grouped IVF search: the u8 x s8 dot product of VNNI
+// emulated exactly with two vpmaddwd on the even and odd bytes widened to int16.
+#include <cstdint>
+
+#include "ivf/ivf_scan.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#include <immintrin.h>
+
+namespace {
+inline __m512i dot_u8s8(__m512i acc, __m512i u8, __m512i s8) {
+  const __m512i even_u = _mm512_and_si512(u8, _mm512_set1_epi16(0x00FF));
+  const __m512i odd_u = _mm512_srli_epi16(u8, 8);
+  const __m512i even_s = _mm512_srai_epi16(_mm512_slli_epi16(s8, 8), 8);
+  const __m512i odd_s = _mm512_srai_epi16(s8, 8);
+  return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_madd_epi16(even_u, even_s), _mm512_madd_epi16(odd_u, odd_s)));
+}
+}  // namespace
+
+#define IVF_SCORE_NAME ivf_scores_avx512
+#define IVF_SCORE4_NAME ivf_scores4_avx512
+#include "ivf/ivf_scan_avx512.inc"
+
+namespace hetero {
+HETERO_IVF_CENTROID_FN(ivf_centroid_scores_avx512) {
+  centroid_scores_loops(q, G, D, centroids_t, L, row, out, [](const uint16_t* src, int64_t n, float* dst) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+    for (; i < n; ++i) dst[i] = half_bits_to_float(src[i]);
+  });
+}
+
+int64_t ivf_select_ge_avx512(const float* s, int64_t n, float threshold, int32_t* out) {
+  const __m512 t = _mm512_set1_ps(threshold);
+  const __m512i step = _mm512_set1_epi32(16);
+  __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t c = 0, i = 0;
+  for (; i + 16 <= n; i += 16) {  // compress into a register, store all 16 lanes (out has 16 spare)
+    const __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(s + i), t, _CMP_GE_OQ);
+    _mm512_storeu_si512(out + c, _mm512_maskz_compress_epi32(m, idx));
+    c += __builtin_popcount(m);
+    idx = _mm512_add_epi32(idx, step);
+  }
+  return select_ge_from(s, i, n, threshold, out, c);
+}
+}  // namespace hetero
+#else
+namespace hetero {
+HETERO_IVF_CENTROID_FN(ivf_centroid_scores_avx512) {
+  ivf_centroid_scores_scalar(q, G, D, centroids_t, L, row, out);
+}
+HETERO_IVF_SCORE_FN(ivf_scores_avx512) { ivf_scores_scalar(codes, n, Dp, qi, qscale, G, out, out_stride); }
+HETERO_IVF_SCORE_FN(ivf_scores4_avx512) { ivf_scores4_scalar(codes, n, Dp, qi, qscale, G, out, out_stride); }
+int64_t ivf_select_ge_avx512(const float* s, int64_t n, float threshold, int32_t* out) {
+  return ivf_select_ge_scalar(s, n, threshold, out);
+}
+}  // namespace hetero
+#endif

@@ -1,0 +1,261 @@
+// Grouped IVF search, per item: pick the lists to probe, gather them, score them (ISA-specific IvfKernels), select each
+// query's top k, union the sets through a bitmap over host positions (sorted output without a sort).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "ivf_scan.h"
+
+namespace hetero {
+namespace {
+
+// Every stride-th score of s[0..n) (stride = n / 512, at least 1) into out; returns how many (m). Each sampled
+// score stands for about n / m scores.
+int64_t strided_sample(const float* s, int64_t n, std::vector<float>& out) {
+  const int64_t stride = std::max<int64_t>(1, n / 512);
+  out.clear();
+  for (int64_t i = 0; i < n; i += stride) out.push_back(s[i]);
+  return static_cast<int64_t>(out.size());
+}
+
+// Positions (into s[0..n)) of the k largest scores, written to out[0..k) in ascending order; ties at the k-th
+// score go to the lower positions. Exact: a threshold from a strided sample narrows the candidates to a little over
+// k (if it admits fewer than k, it is lowered until it admits enough, at worst every position); nth_element on
+// the candidates' scores, copied contiguous, finds the k-th score (an indirect comparator through the positions
+// cost 4x more: half of a 128K search's selection time); one pass over the candidates keeps the winners.
+void top_positions(const float* s, int64_t n, int64_t k, IvfSelectFn select, IvfScratch& w, int32_t* out) {
+  if (k <= 0) return;
+  if (k >= n) {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<int32_t>(i);
+    return;
+  }
+  const int64_t m = strided_sample(s, n, w.sample);
+  // aim at ~1.25 k candidates: rank r in the sample of m corresponds to ~r * n / m in the full set
+  int64_t r = std::min<int64_t>(m - 1, (k * m * 5) / (4 * n) + 2);
+  if (static_cast<int64_t>(w.cand.size()) < n + 16) w.cand.resize(n + 16);
+  int64_t c = 0;
+  for (;;) {
+    float threshold = -__builtin_inff();
+    if (r < m - 1) {
+      std::nth_element(w.sample.begin(), w.sample.begin() + r, w.sample.end(), std::greater<float>());
+      threshold = w.sample[r];
+    }
+    c = select(s, n, threshold, w.cand.data());
+    if (c >= k) break;
+    r = std::min<int64_t>(m - 1, 2 * r + 1);
+  }
+  if (static_cast<int64_t>(w.cand_scores.size()) < c) w.cand_scores.resize(c);
+  for (int64_t i = 0; i < c; ++i) w.cand_scores[i] = s[w.cand[i]];
+  std::nth_element(w.cand_scores.begin(), w.cand_scores.begin() + (k - 1), w.cand_scores.begin() + c,
+                   std::greater<float>());
+  const float kth = w.cand_scores[k - 1];
+  int64_t above = 0;  // candidates strictly above the k-th score: all of them win, the rest of the k tie at it
+  for (int64_t i = 0; i < c; ++i) above += s[w.cand[i]] > kth;
+  int64_t ties = k - above, taken = 0;
+  for (int64_t i = 0; i < c; ++i) {  // ascending positions: ties go to the lower ones
+    const float x = s[w.cand[i]];
+    if (x > kth || (x == kth && ties-- > 0)) out[taken++] = w.cand[i];
+  }
+}
+
+// log sum exp(scale * s_i) over the positions outside the k_ref largest of s[0..n), estimated from a strided
+// sample (every stride-th score stands for stride scores). -inf when nothing is outside.
+float missed_lse_estimate(const float* s, int64_t n, int64_t k_ref, float scale, IvfScratch& w) {
+  const float neg_inf = -__builtin_inff();
+  if (k_ref >= n) return neg_inf;
+  const int64_t m = strided_sample(s, n, w.sample);
+  const int64_t r = (k_ref * m + n - 1) / n;  // sample rank of the k_ref-th score
+  if (r >= m) return neg_inf;
+  // sample[r] becomes the largest score outside the top r, the shift that keeps the exponentials in range
+  std::nth_element(w.sample.begin(), w.sample.begin() + r, w.sample.end(), std::greater<float>());
+  const float top = w.sample[r];
+  double sum = 0.0;
+  for (int64_t j = r; j < m; ++j) sum += std::exp(static_cast<double>(scale) * (w.sample[j] - top));
+  return static_cast<float>(scale * top + std::log(sum * static_cast<double>(n) / m));
+}
+
+// probe[0 .. L] for one item: each query's nprobe best lists by q . centroid (ties to the lower list), and the
+// tail list L when the item has a budget. The centroid scores stay in w.cscores (the estimate reuses them).
+void probe_lists(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, IvfScratch& w) {
+  const int64_t G = a.G, lists = a.nlists[item], L = lists - 1, p = std::min(a.nprobe[item], L);
+  uint8_t* probe = a.probe + item * a.probe_stride;
+  std::fill(probe, probe + lists, uint8_t{0});
+  if (a.k[item] <= 0 || p <= 0) {
+    probe[L] = a.k[item] > 0;
+    return;
+  }
+  probe[L] = 1;
+  if (p < L || a.est_out) {
+    if (static_cast<int64_t>(w.cscores.size()) < G * L) w.cscores.resize(G * L);
+    if (static_cast<int64_t>(w.crow.size()) < L) w.crow.resize(L);
+    kernels.centroids(a.q + item * G * a.D, G, a.D, reinterpret_cast<const uint16_t*>(a.centroids[item]), L,
+                      w.crow.data(), w.cscores.data());
+  }
+  if (p == L) {
+    std::fill(probe, probe + L, uint8_t{1});
+    return;
+  }
+  w.lists.resize(p);
+  for (int64_t g = 0; g < G; ++g) {
+    top_positions(w.cscores.data() + g * L, L, p, kernels.select, w, w.lists.data());
+    for (int64_t j = 0; j < p; ++j) probe[w.lists[j]] = 1;
+  }
+}
+
+// The estimate of one item (IvfSearchArgs::est_out): logits of every list with unattended members, then attention
+// over the lists' mean values. attended: [Ge or 1, nlist] rows attended per list (one row shared by the group
+// unless per_query_counts).
+void estimate_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, IvfScratch& s) {
+  const int64_t Ge = a.Ge, lists = a.nlists[item], L = lists - 1, D = a.D;
+  const int64_t* count = reinterpret_cast<const int64_t*>(a.list_count[item]);
+  const float* mean_norm = reinterpret_cast<const float*>(a.mean_norm[item]);
+  const float* tail_ksum = reinterpret_cast<const float*>(a.tail_ksum[item]);
+  const float* qe = a.qe + item * Ge * D;
+  const float* cs = s.cscores.data();
+  if (a.qe != a.q) {  // other queries than the search's (the sum rule searches with their sum)
+    if (static_cast<int64_t>(s.escores.size()) < Ge * L) s.escores.resize(Ge * L);
+    if (static_cast<int64_t>(s.crow.size()) < L) s.crow.resize(L);
+    kernels.centroids(qe, Ge, D, reinterpret_cast<const uint16_t*>(a.centroids[item]), L, s.crow.data(),
+                      s.escores.data());
+    cs = s.escores.data();
+  }
+  int64_t most = 0;
+  for (int64_t l = 0; l <= L; ++l) most = std::max(most, count[l]);
+  if (static_cast<int64_t>(s.log_n.size()) <= most) {
+    const int64_t old = static_cast<int64_t>(s.log_n.size());
+    s.log_n.resize(most + 1);
+    for (int64_t i = old; i <= most; ++i) s.log_n[i] = std::log(static_cast<float>(i));
+  }
+  const float neg_inf = -__builtin_inff();
+  s.logits.resize(Ge * lists);
+  s.rows.resize(lists);
+  for (int64_t g = 0; g < Ge; ++g) {
+    const int32_t* att = s.attended.data() + (a.per_query_counts ? g * lists : 0);
+    float* x = s.logits.data() + g * lists;
+    const float* cg = cs + g * L;
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t rest = count[l] - att[l];
+      x[l] = rest > 0 ? a.scale * cg[l] * mean_norm[l] + s.log_n[rest] : neg_inf;
+    }
+    const int64_t rest = count[L] - att[L];
+    float dot = 0.0f;
+    if (rest > 0)
+      for (int64_t d = 0; d < D; ++d) dot += qe[g * D + d] * tail_ksum[d];
+    x[L] = rest > 0 ? a.scale * dot / static_cast<float>(count[L]) + s.log_n[rest] : neg_inf;
+  }
+  kernels.estimate(s.logits.data(), Ge, lists, lists, reinterpret_cast<const uint16_t*>(a.vmean[item]), D,
+                   s.rows.data(), a.est_out + item * Ge * D, a.est_lse + item * Ge);
+}
+
+}  // namespace
+
+void quantize_queries(const float* q, const float* step, int64_t G, int64_t D, int64_t Dp, int8_t* qi,
+                      float* qscale) {
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qg = q + g * D;
+    float amax = 0.0f;
+    for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(qg[d] * step[d]));
+    const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+    qscale[g] = scale;
+    int8_t* out = qi + g * Dp;
+    for (int64_t d = 0; d < D; ++d) {
+      const float r = std::nearbyint((qg[d] * step[d]) / scale);  // round half to even, as numpy's rint
+      out[d] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
+    }
+    std::fill(out + D, out + Dp, int8_t{0});
+  }
+}
+
+void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, IvfScratch& s) {
+  const int64_t G = a.G, Dp = a.Dp, row_bytes = a.bits == 4 ? Dp / 2 : Dp;
+  const IvfScoreFn score = a.bits == 4 ? kernels.score4 : kernels.score;
+  const uint8_t* codes = reinterpret_cast<const uint8_t*>(a.codes[item]);
+  const int32_t* ids = reinterpret_cast<const int32_t*>(a.ids[item]);
+  const int64_t* start = reinterpret_cast<const int64_t*>(a.list_start[item]);
+  const int64_t* count = reinterpret_cast<const int64_t*>(a.list_count[item]);
+  probe_lists(a, item, kernels, s);
+  s.qi.resize(G * Dp);
+  s.qscale.resize(G);
+  quantize_queries(a.q + item * G * a.D, reinterpret_cast<const float*>(a.step[item]), G, a.D, Dp, s.qi.data(),
+                   s.qscale.data());
+  const int64_t lists = a.nlists[item];
+  const uint8_t* probe = a.probe + item * a.probe_stride;
+  int32_t* top = a.top ? a.top + item * G * a.kmax : nullptr;
+  int32_t* uni = a.union_ids + item * G * a.kmax;
+  std::fill(uni, uni + G * a.kmax, -1);
+  if (top) std::fill(top, top + G * a.kmax, -1);
+
+  int64_t n = 0;
+  for (int64_t l = 0; l < lists; ++l)
+    if (probe[l]) n += count[l];
+  a.scanned[item] = n;
+  const int64_t k = std::min(a.k[item], n);
+  if (a.missed_lse) std::fill(a.missed_lse + item * G, a.missed_lse + (item + 1) * G, -__builtin_inff());
+  if (a.est_out) {  // empty until estimated (a k = 0 item has no host part at all)
+    std::fill(a.est_out + item * a.Ge * a.D, a.est_out + (item + 1) * a.Ge * a.D, 0.0f);
+    std::fill(a.est_lse + item * a.Ge, a.est_lse + (item + 1) * a.Ge, -__builtin_inff());
+  }
+  if (k <= 0) {
+    a.union_count[item] = 0;
+    return;
+  }
+  const bool est = a.est_out != nullptr;
+  if (est) {
+    if (static_cast<int64_t>(s.pos_list.size()) < n) s.pos_list.resize(n);
+    s.attended.assign((a.per_query_counts ? a.Ge : 1) * lists, 0);
+  }
+  if (static_cast<int64_t>(s.scores.size()) < G * n) s.scores.resize(G * n);
+  if (static_cast<int64_t>(s.ids.size()) < n) s.ids.resize(n);
+  int64_t pos = 0;
+  int64_t next = 0;  // the next probed list after l, whose first rows are prefetched while l is scored
+  for (int64_t l = 0; l < lists; ++l) {
+    if (!probe[l] || count[l] == 0) continue;
+    for (next = std::max(next, l + 1); next < lists && (!probe[next] || count[next] == 0);) ++next;
+    if (next < lists) {
+      const uint8_t* head = codes + start[next] * row_bytes;
+      const int64_t bytes = std::min<int64_t>(count[next] * row_bytes, 4096);
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(head + b, 0, 3);
+    }
+    score(codes + start[l] * row_bytes, count[l], Dp, s.qi.data(), s.qscale.data(), G, s.scores.data() + pos, n);
+    std::memcpy(s.ids.data() + pos, ids + start[l], count[l] * sizeof(int32_t));
+    if (est) std::fill(s.pos_list.data() + pos, s.pos_list.data() + pos + count[l], static_cast<int32_t>(l));
+    pos += count[l];
+  }
+
+  const int64_t words = (a.n_tokens[item] + 63) / 64;
+  if (static_cast<int64_t>(s.bitmap.size()) < words) s.bitmap.assign(words, 0);
+  if (static_cast<int64_t>(s.best.size()) < k) s.best.resize(k);
+  int32_t* best = s.best.data();
+  for (int64_t g = 0; g < G; ++g) {
+    if (a.missed_lse)
+      a.missed_lse[item * G + g] = missed_lse_estimate(s.scores.data() + g * n, n, a.k_ref[item], a.scale, s);
+    top_positions(s.scores.data() + g * n, n, k, kernels.select, s, best);
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t id = s.ids[best[j]];
+      if (top) top[g * a.kmax + j] = id;
+      const uint64_t bit = uint64_t{1} << (id & 63);
+      if (est) {  // count the attended rows per list: each query's own, or the union's once
+        if (a.per_query_counts)
+          ++s.attended[g * lists + s.pos_list[best[j]]];
+        else if (!(s.bitmap[id >> 6] & bit))
+          ++s.attended[s.pos_list[best[j]]];
+      }
+      s.bitmap[id >> 6] |= bit;
+    }
+  }
+  int64_t m = 0;
+  for (int64_t w = 0; w < words; ++w) {
+    uint64_t bits = s.bitmap[w];
+    if (!bits) continue;
+    s.bitmap[w] = 0;
+    while (bits) {
+      uni[m++] = static_cast<int32_t>(w * 64 + __builtin_ctzll(bits));
+      bits &= bits - 1;
+    }
+  }
+  a.union_count[item] = m;
+  if (est) estimate_item(a, item, kernels, s);
+}
+
+}  // namespace hetero

@@ -1,0 +1,313 @@
+#include "runner/runner.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "common/cpu_features.h"
+#include "common/half.h"
+#include "common/merge.h"
+#include "runner/isa.h"
+#include "runner/step.h"
+#include "sparse/random_read.h"
+
+namespace hetero {
+namespace {
+
+double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+// The rows of one (sequence, KV head) are split into chunks of kChunkRows (at most kMaxChunks, merge_rows' part
+// limit), fused by log-sum-exp in chunk order. The split depends on the rows alone, never on the thread count, so a
+// result is the same bit for bit whatever the pool's size and whichever path (fused or not) computes it.
+constexpr int64_t kChunkRows = 512;
+constexpr int64_t kMaxChunks = 64;
+
+}  // namespace
+
+Runner::Runner(int threads) : pool_(std::make_unique<ThreadPool>(threads < 1 ? 1 : threads)) {}
+
+void Runner::set_threads(int threads) {
+  if (threads < 1) throw std::invalid_argument("threads must be >= 1");
+  std::lock_guard<std::mutex> lock(mu_);
+  pool_->resize(threads);
+}
+
+void Runner::set_trace(bool on) {
+  std::lock_guard<std::mutex> lock(mu_);
+  trace_on_ = on;
+  if (!on) trace_.clear();
+}
+
+std::vector<Runner::TraceRecord> Runner::take_trace() {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<TraceRecord> out;
+  out.swap(trace_);
+  return out;
+}
+
+// pool_->run, recording each thread's busy span when tracing (called with mu_ held).
+template <class Fn>
+void Runner::traced_run(int64_t items, Fn fn) {
+  if (!trace_on_) {
+    pool_->run(items, fn);
+    return;
+  }
+  std::vector<TraceRecord> spans(pool_->threads(), TraceRecord{-1, 0.0, 0.0});
+  pool_->run(items, [&](int64_t item, int worker) {
+    TraceRecord& r = spans[worker];  // each thread writes its own entry
+    const double t = now();
+    if (r.worker < 0) r = TraceRecord{worker, t, t};
+    fn(item, worker);
+    r.end = now();
+  });
+  for (const TraceRecord& r : spans)
+    if (r.worker >= 0) trace_.push_back(r);
+}
+
+void Runner::sparse_attention(const SparseArgs& a, float* out, float* lse) {
+  std::lock_guard<std::mutex> lock(mu_);
+  sparse_locked(a, out, lse);
+}
+
+void Runner::sparse_locked(const SparseArgs& a, float* out_p, float* lse_p) {
+  const ItemFn fn = active_item_fn();
+  const int threads = pool_->threads();
+  const int64_t heads = a.B * a.Hkv, K = a.K, G = a.Hq / a.Hkv, D = a.D;
+  const int64_t chunks = std::min(kMaxChunks, std::max<int64_t>(1, (K + kChunkRows - 1) / kChunkRows));
+  const int64_t chunk_len = K > 0 ? std::max(kChunkRows, (K + chunks - 1) / chunks) : 0;
+  const int64_t items = heads * chunks;
+  if (static_cast<int>(scratch_.size()) < threads) scratch_.resize(threads);
+  const int64_t need = item_scratch_floats(a, std::max<int64_t>(chunk_len, 1));
+  for (auto& buf : scratch_)
+    if (static_cast<int64_t>(buf.size()) < need) buf.resize(need);
+  if (chunks > 1) {
+    part_out_.resize(items * G * D);
+    part_lse_.resize(items * G);
+  }
+  traced_run(items, [&](int64_t item, int worker) {
+    const int64_t head = item / chunks, c = item % chunks;
+    const int64_t b = head / a.Hkv, h = head % a.Hkv;
+    const int64_t used = a.counts ? std::min(K, a.counts[head]) : K;
+    const int64_t j0 = std::min(used, c * chunk_len), j1 = std::min(used, j0 + chunk_len);
+    float* o = chunks > 1 ? part_out_.data() + item * G * D : out_p + (b * a.Hq + h * G) * D;
+    float* l = chunks > 1 ? part_lse_.data() + item * G : lse_p + b * a.Hq + h * G;
+    fn(a, b, h, j0, j1, o, l, scratch_[worker].data());
+  });
+  if (chunks == 1) return;
+  const float* outs[kMaxChunks];
+  const float* lses[kMaxChunks];
+  for (int64_t head = 0; head < heads; ++head) {
+    const int64_t b = head / a.Hkv, h = head % a.Hkv;
+    for (int64_t c = 0; c < chunks; ++c) {
+      outs[c] = part_out_.data() + (head * chunks + c) * G * D;
+      lses[c] = part_lse_.data() + (head * chunks + c) * G;
+    }
+    merge_rows(static_cast<int>(chunks), outs, lses, G, D, out_p + (b * a.Hq + h * G) * D, lse_p + b * a.Hq + h * G);
+  }
+}
+
+void Runner::ivf_search(const IvfSearchArgs& a) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const IvfKernels fn = active_ivf_kernels();
+  if (static_cast<int>(ivf_scratch_.size()) < pool_->threads()) ivf_scratch_.resize(pool_->threads());
+  traced_run(a.items, [&](int64_t item, int worker) { ivf_search_item(a, item, fn, ivf_scratch_[worker]); });
+}
+
+double Runner::random_read(const char* base, const int64_t* offsets, int64_t n, int64_t run_bytes, int prefetch,
+                           bool to_l2) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const int threads = pool_->threads();
+  std::vector<double> sums(threads, 0.0);
+  const int64_t per = (n + threads - 1) / threads;
+  pool_->run(threads, [&](int64_t t, int) {
+    const int64_t lo = std::min(n, t * per), hi = std::min(n, lo + per);
+    sums[t] = read_runs(base, offsets + lo, hi - lo, run_bytes, prefetch, to_l2);
+  });
+  double total = 0.0;
+  for (double x : sums) total += x;
+  return total;
+}
+
+namespace {
+
+// Keys per query head of a host tier of n tokens (hetero/config.py HeteroConfig.budget_for and the G split of
+// hetero/plan.py flat_budgets, the same arithmetic).
+int64_t budget_keys(const int64_t* W, int64_t n) {
+  const auto keys = [n](int64_t kind, double value) { return kind == 1 ? std::ceil(value * n - 1e-9) : value; };
+  const double scale = field_f64(W, BUDGET_SCALE);
+  double k = keys(W[BUDGET_KIND], field_f64(W, BUDGET_VALUE)) * scale;
+  if (scale != 1.0) k = std::max(k, keys(W[FLOOR_KIND], field_f64(W, FLOOR_VALUE)));
+  int64_t kk = std::max<int64_t>(0, std::min<int64_t>(static_cast<int64_t>(std::ceil(k - 1e-9)), n));
+  const int64_t split = W[BUDGET_SPLIT];
+  if (split > 1 && kk < n) kk = (kk + split - 1) / split;
+  return kk;
+}
+
+}  // namespace
+
+int64_t Runner::decode_step(const int64_t* L, const int64_t* W, const void* q, void* out) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t B = L[LayerField::B], Hkv = L[HKV], D = L[LayerField::D], Hq = W[HQ], G = Hq / Hkv;
+  const int64_t items = B * Hkv, rows = B * Hq;
+  const float scale = static_cast<float>(field_f64(W, SCALE));
+  double* times = field_ptr<double>(W, TIMES);
+  const auto mark = [&](int phase, int end) {
+    if (times) times[2 * phase + end] = now();
+  };
+
+  // The query as float32 [B, Hq, D], the layout every kernel reads; a NaN or inf refuses the step.
+  float* q32 = field_ptr<float>(W, Q32);
+  const int q_dtype = static_cast<int>(W[Q_DTYPE]);
+  bool finite = true;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hq; ++h) {
+      const int64_t src = b * W[Q_STRIDE_B] + h * W[Q_STRIDE_H];
+      float* dst = q32 + (b * Hq + h) * D;
+      for (int64_t d = 0; d < D; ++d) {
+        dst[d] = load_as_float(q, src + d, q_dtype);
+        finite &= std::isfinite(dst[d]);
+      }
+    }
+  if (!finite) return kStepQueryNotFinite;
+
+  const int64_t mode = W[HOST_MODE];
+  if (mode == 2) {  // the budget of every item, and room for it in the workspace
+    const int64_t* host_len = field_ptr<const int64_t>(L, HOST_LENGTHS);
+    int64_t* k = field_ptr<int64_t>(W, IVF_K);
+    int64_t need = 0;
+    if (W[BUDGET_KIND] != 2)
+      for (int64_t i = 0; i < items; ++i) k[i] = budget_keys(W, host_len[i / Hkv]);
+    for (int64_t i = 0; i < items; ++i) need = std::max(need, k[i]);
+    if (need > W[IVF_KMAX]) return need;
+    const int64_t* nlists = field_ptr<const int64_t>(L, IVF_NLISTS);
+    for (int64_t i = 0; i < items; ++i)
+      if (nlists[i] > W[IVF_PROBE_STRIDE]) return kStepNeedProbe;
+  }
+
+  // WINDOW_ON: this call attends the fast tier (in host memory) and writes the fused output; without it (the fast
+  // tier on a GPU) it writes the host side's fusion to HOST_OUT. A tier of no slots (window = sinks = 0) has no part.
+  const bool final_out = W[WINDOW_ON] != 0;
+  const bool window = final_out && L[FAST_K] && L[FAST_SLOTS] > 0;
+  float* win_out = field_ptr<float>(W, WIN_OUT);
+  float* win_lse = field_ptr<float>(W, WIN_LSE);
+  if (window) {
+    mark(0, 0);
+    const int32_t* lengths = field_ptr<int32_t>(L, FAST_LENGTHS);
+    counts_.resize(items);
+    int64_t longest = 0;
+    for (int64_t i = 0; i < items; ++i) {
+      counts_[i] = lengths[i / Hkv];
+      longest = std::max(longest, counts_[i]);
+    }
+    SparseArgs wa{q32, field_ptr<const void>(L, FAST_K), field_ptr<const void>(L, FAST_V), L[FAST_STRIDE_H],
+                  L[FAST_STRIDE_N], L[FAST_STRIDE_B], nullptr, 0, 1, nullptr, counts_.data(), nullptr, B, Hq, Hkv, D,
+                  longest, scale, static_cast<DType>(L[KV_DTYPE]), static_cast<int>(W[FAST_PREFETCH])};
+    sparse_locked(wa, win_out, win_lse);
+    mark(0, 1);
+  }
+
+  float* host_out = field_ptr<float>(W, HOST_OUT);
+  float* host_lse = field_ptr<float>(W, HOST_LSE);
+  const float* est_out = nullptr;
+  const float* est_lse = nullptr;
+  if (mode == 2) {  // ivf-group: search, then the rows of each group's union
+    mark(1, 0);
+    const int64_t* k = field_ptr<const int64_t>(W, IVF_K);
+    const int64_t* nlists = field_ptr<const int64_t>(L, IVF_NLISTS);
+    const int64_t* host_len = field_ptr<const int64_t>(L, HOST_LENGTHS);
+    const double pf = field_f64(L, IVF_PROBE_FACTOR);
+    nprobe_.resize(items);
+    ntokens_.resize(items);
+    for (int64_t i = 0; i < items; ++i) {
+      const int64_t n = host_len[i / Hkv], lists = nlists[i] - 1;
+      ntokens_[i] = n;
+      // the faiss IVF retrievers' rule: ceil(nlist * min(1, probe_factor * sqrt(k / N))) lists per query
+      nprobe_[i] = (k[i] <= 0 || n <= 0 || lists <= 0)
+                       ? 0
+                       : std::max<int64_t>(1, std::min<int64_t>(lists, static_cast<int64_t>(std::ceil(
+                             lists * std::min(1.0, pf * std::sqrt(static_cast<double>(k[i]) / n))))));
+    }
+    const bool est = L[IVF_ESTIMATE] != 0;
+    if (est) {
+      est_out = field_ptr<const float>(W, IVF_EST_OUT);
+      est_lse = field_ptr<const float>(W, IVF_EST_LSE);
+    }
+    const int64_t kmax = W[IVF_KMAX];
+    IvfSearchArgs a{q32, D, field_ptr<const uint64_t>(L, IVF_CENTROIDS), nprobe_.data(),
+                    field_ptr<const uint64_t>(L, IVF_STEP), items, G, L[IVF_DP], L[IVF_BITS],
+                    field_ptr<const uint64_t>(L, IVF_CODES), field_ptr<const uint64_t>(L, IVF_IDS),
+                    field_ptr<const uint64_t>(L, IVF_START), field_ptr<const uint64_t>(L, IVF_COUNT), nlists,
+                    W[IVF_PROBE_STRIDE], field_ptr<uint8_t>(W, IVF_PROBE), k, ntokens_.data(),
+                    field_ptr<int32_t>(W, IVF_TOP), kmax, field_ptr<int32_t>(W, IVF_UNION),
+                    field_ptr<int64_t>(W, IVF_UNION_COUNT), field_ptr<int64_t>(W, IVF_SCANNED), nullptr, scale,
+                    nullptr, q32, G, field_ptr<const uint64_t>(L, IVF_MEAN_NORM),
+                    field_ptr<const uint64_t>(L, IVF_TAIL_KSUM), field_ptr<const uint64_t>(L, IVF_VMEAN), 0,
+                    est ? field_ptr<float>(W, IVF_EST_OUT) : nullptr, est ? field_ptr<float>(W, IVF_EST_LSE) : nullptr};
+    const IvfKernels fn = active_ivf_kernels();
+    if (static_cast<int>(ivf_scratch_.size()) < pool_->threads()) ivf_scratch_.resize(pool_->threads());
+    traced_run(items, [&](int64_t item, int worker) { ivf_search_item(a, item, fn, ivf_scratch_[worker]); });
+    mark(1, 1);
+    // ivf_search_item wrote each item's union ascending and its size; the attention reads exactly those rows
+    mark(2, 0);
+    SparseArgs ha{q32, field_ptr<const void>(L, HOST_K), field_ptr<const void>(L, HOST_V), L[HOST_STRIDE_H],
+                  L[HOST_STRIDE_N], 0, field_ptr<const int32_t>(L, HOST_TABLE), L[HOST_MAX_BLOCKS],
+                  L[HOST_BLOCK_TOKENS], field_ptr<const int32_t>(W, IVF_UNION),
+                  field_ptr<const int64_t>(W, IVF_UNION_COUNT), nullptr, B, Hq, Hkv, D, G * kmax, scale,
+                  static_cast<DType>(L[KV_DTYPE]), static_cast<int>(W[HOST_PREFETCH])};
+    sparse_locked(ha, host_out, host_lse);
+    mark(2, 1);
+  } else if (mode == 1) {  // a selection made in Python
+    mark(2, 0);
+    SparseArgs ha{q32, field_ptr<const void>(L, HOST_K), field_ptr<const void>(L, HOST_V), L[HOST_STRIDE_H],
+                  L[HOST_STRIDE_N], 0, field_ptr<const int32_t>(L, HOST_TABLE), L[HOST_MAX_BLOCKS],
+                  L[HOST_BLOCK_TOKENS], field_ptr<const int32_t>(W, SEL_INDICES),
+                  field_ptr<const int64_t>(W, SEL_COUNTS), field_ptr<const float>(W, SEL_LOG_WEIGHT), B, Hq, Hkv, D,
+                  W[SEL_K], scale, static_cast<DType>(L[KV_DTYPE]), static_cast<int>(W[HOST_PREFETCH])};
+    sparse_locked(ha, host_out, host_lse);
+    est_out = field_ptr<const float>(W, SEL_EST_OUT);
+    est_lse = field_ptr<const float>(W, SEL_EST_LSE);
+    mark(2, 1);
+  }
+
+  // Fusion by log-sum-exp: window, host rows, estimate of the rest. Without the window here (the fast tier on a
+  // GPU) the host rows and the estimate are fused into HOST_OUT / HOST_LSE for the device to merge.
+  mark(3, 0);
+  float* lse_out = field_ptr<float>(W, LSE_OUT);
+  const int out_dtype = static_cast<int>(W[OUT_DTYPE]);
+  row_.resize(D);
+  float* row = row_.data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* outs[3];
+    float lses[3];
+    int P = 0;
+    if (window) {
+      outs[P] = win_out + r * D;
+      lses[P++] = win_lse[r];
+    }
+    if (mode) {
+      outs[P] = host_out + r * D;
+      lses[P++] = host_lse[r];
+    }
+    if (est_out) {
+      outs[P] = est_out + r * D;
+      lses[P++] = est_lse[r];
+    }
+    const float l = merge_row(P, outs, lses, D, row);
+    if (final_out) {
+      const int64_t b = r / Hq, h = r % Hq, dst = b * W[OUT_STRIDE_B] + h * W[OUT_STRIDE_H];
+      for (int64_t d = 0; d < D; ++d) store_from_float(out, dst + d, out_dtype, row[d]);
+      if (lse_out) lse_out[r] = l;
+    } else if (mode) {
+      std::copy(row, row + D, host_out + r * D);
+      host_lse[r] = l;
+    }
+  }
+  mark(3, 1);
+  return 0;
+}
+
+}  // namespace hetero

@@ -1,0 +1,70 @@
+// A Runner: one thread pool with its own scratch, running the host kernels one call at a time (a mutex orders
+// concurrent callers). Separate Runners run concurrently. Pointers come from Python, which owns every check; the
+// Runner only computes.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "common/thread_pool.h"
+#include "ivf/ivf_scan.h"
+#include "sparse/sparse_attention.h"
+
+namespace hetero {
+
+using ItemFn = void (*)(const SparseArgs&, int64_t, int64_t, int64_t, int64_t, float*, float*, float*);
+
+// The kernels of the active ISA level (set_isa may lower it; every Runner follows).
+ItemFn active_item_fn();
+IvfKernels active_ivf_kernels();
+
+class Runner {
+ public:
+  explicit Runner(int threads);
+
+  void set_threads(int threads);
+  int threads() const { return pool_->threads(); }
+
+  // Tracing: while on, each pool run records per thread when it took its first item and finished its last (seconds
+  // on the steady clock, Python's time.perf_counter on Linux); take_trace() returns and clears them as (worker,
+  // start, end), worker 0 being the calling thread.
+  void set_trace(bool on);
+  struct TraceRecord {
+    int worker;
+    double start, end;
+  };
+  std::vector<TraceRecord> take_trace();
+
+  // Attention of each (sequence, KV head) group over its rows (SparseArgs): out [B, Hq, D], lse [B, Hq] float32.
+  // Items with many rows and too few items for the pool are split in chunks merged by log-sum-exp.
+  void sparse_attention(const SparseArgs& a, float* out, float* lse);
+
+  // Grouped IVF search, one item per (sequence, KV head).
+  void ivf_search(const IvfSearchArgs& a);
+
+  // One decode step of one layer (runner/step.h): the window part, the host part (a given selection, or the
+  // ivf-group search and its estimate), and their log-sum-exp fusion written to out in the query's format.
+  // Returns 0, or kStepQueryNotFinite / a workspace size (runner/step.h) with nothing computed.
+  int64_t decode_step(const int64_t* layer, const int64_t* work, const void* q, void* out);
+
+  // Ceiling probe: read n random runs (offsets in bytes from base) across the pool; returns a checksum.
+  double random_read(const char* base, const int64_t* offsets, int64_t n, int64_t run_bytes, int prefetch,
+                     bool to_l2);
+
+ private:
+  template <class Fn>
+  void traced_run(int64_t items, Fn fn);
+  void sparse_locked(const SparseArgs& a, float* out, float* lse);
+
+  std::mutex mu_;
+  bool trace_on_ = false;
+  std::vector<TraceRecord> trace_;
+  std::unique_ptr<ThreadPool> pool_;
+  std::vector<std::vector<float>> scratch_;  // per worker: sparse work items
+  std::vector<float> part_out_, part_lse_;   // chunk partials of split items
+  std::vector<IvfScratch> ivf_scratch_;      // per worker
+  std::vector<int64_t> counts_, nprobe_, ntokens_;  // per item, of a decode step
+  std::vector<float> row_;
+};
+}  // namespace hetero

@@ -1,0 +1,128 @@
+"""Keeping one layer's retriever in step with its host tier.
+
+Tokens pushed out of the window are stored in the host tier at once and handed to the retriever (``add``) in host
+order, inline or on a background worker (``indexer``, a ``hetero.worker.Worker``). An add the retriever calls
+constant-time (``cheap_add``: a decode step's keys into ivf-group's tail list) runs inline when nothing is queued
+ahead of it: on two cores the hand-off to the worker cost ~0.7 ms of GIL waiting for ~0.05 ms of work. The C++
+decode append indexes natively only while the queue is idle, so the order is kept either way.
+
+A failed add, inline or in the background, an exception or an interrupt, never leaves the index silently behind
+the tier: the queue records it, and ``wait()`` (called before every search) rebuilds the index from the host tier
+and raises ``IndexSyncError`` naming the layer (an interrupt is not reported again: it already was). The tokens
+themselves are never lost.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from typing import Deque, List, Optional
+
+from .errors import ClosedError, IndexSyncError
+from .timing import Span
+
+
+class IndexQueue:
+    def __init__(self, layer_idx: int, retriever_name: str, indexer=None):
+        self.layer_idx, self.retriever_name, self.indexer = layer_idx, retriever_name, indexer
+        self.retriever = None
+        self.host = None
+        self._pending: List[Future] = []
+        self._failure: Optional[BaseException] = None
+        self._reported = True  # whether the recorded failure needs no report at the next wait (interrupts)
+        # "index_add" spans of recent adds (thread and times; the profiler's trace), at most 256 kept
+        self.spans: Deque[Span] = deque(maxlen=256)
+
+    def bind(self, retriever, host) -> None:
+        self.retriever, self.host = retriever, host
+
+    def check_open(self) -> None:
+        """Refuse, before the caller changes anything, when the background indexer was closed."""
+        if self.indexer is not None and getattr(self.indexer, "closed", False):
+            raise ClosedError(f"layer {self.layer_idx}: the cache's indexer thread was closed (cache.close()); "
+                              "build a new cache to continue")
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or failed: the index holds every host token, and a native add may go next."""
+        if self._failure is not None:
+            return False
+        if self._pending and all(f.done() for f in self._pending):
+            self._collect()
+        return not self._pending
+
+    @property
+    def broken(self) -> bool:
+        return self._failure is not None
+
+    def add(self, seq: int, first: int, n: int) -> None:
+        """Index host positions ``[first, first + n)`` of ``seq`` (already stored in the tier)."""
+        if n <= 0:
+            return
+        if self.indexer is not None and not (self.idle and self.retriever.cheap_add(seq, n)):
+            self._pending.append(self.indexer.submit(self._run, seq, first, n))
+        else:  # no indexer, or an O(1) add with nothing queued ahead of it
+            self._run(seq, first, n, inline=True)
+
+    def _run(self, seq: int, first: int, n: int, inline: bool = False) -> None:
+        start = time.perf_counter()
+        try:
+            if self._failure is not None:
+                return  # the index is rebuilt from the tier at the next wait(): nothing to add to a broken one
+            have = int(self.retriever.ntotal_array[seq])
+            if have != first:
+                raise IndexSyncError(f"layer {self.layer_idx}: sequence {seq} has {have} tokens indexed, the next "
+                                     f"add starts at host position {first}")
+            self.retriever.add(seq, self.host.keys(seq, first, first + n))
+        except Exception as e:
+            self._failure, self._reported = e, False
+            if not inline:
+                raise  # the future carries it too
+        except BaseException as e:  # an interrupt: the index is healed at the next wait, the interrupt goes on
+            self._failure, self._reported = e, True
+            raise
+        finally:
+            self.spans.append(Span("index_add", start, time.perf_counter(), threading.current_thread().name))
+
+    def _collect(self) -> None:
+        pending, self._pending = self._pending, []
+        for fut in pending:
+            try:
+                fut.result()
+            except BaseException as e:  # keep draining: later adds may have queued behind the failed one
+                if self._failure is None:
+                    self._failure, self._reported = e, not isinstance(e, Exception)
+
+    def wait(self) -> None:
+        """Block until every host token has reached the retriever; heal and report a failed add."""
+        self._collect()
+        if self._failure is None:
+            return
+        failure, reported = self._failure, self._reported
+        self.resync()
+        if not reported:
+            raise IndexSyncError(f"layer {self.layer_idx}: adding evicted tokens to the {self.retriever_name!r} index "
+                                 f"failed ({type(failure).__name__}: {failure}); the index was rebuilt from the host "
+                                 "tier") from failure
+
+    def resync(self) -> None:
+        """Rebuild the retriever from the host tier (every token the tier holds, in order). While a rebuild fails the
+        index stays marked broken, and the next ``wait`` tries again."""
+        try:
+            self.retriever.reset()
+            for seq in range(self.host.batch):
+                if self.host.length[seq]:
+                    self.retriever.add(seq, self.host.keys(seq))
+        except BaseException as e:
+            self._failure, self._reported = e, False
+            raise IndexSyncError(f"layer {self.layer_idx}: rebuilding the {self.retriever_name!r} index from the "
+                                 f"host tier failed ({type(e).__name__}: {e})") from e
+        self._failure = None
+
+    def cancel(self) -> None:
+        """Drop queued adds (``reset``)."""
+        for fut in self._pending:
+            fut.cancel()
+        self._pending = []
+        self._failure = None

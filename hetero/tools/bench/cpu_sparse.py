@@ -1,0 +1,299 @@
+"""Host sparse-attention kernels against the memory wall.
+
+Workload (issue #3): one sequence, 8 KV heads x 4 query heads, head_dim 128, a host tier of 128K tokens per
+head, k selected rows per KV head (fresh random, sorted indices every iteration: retrievers return sorted
+rows), several layers' tiers rotated so that the footprint is >= 4x the last-level cache and rows come from
+DRAM. ``gbps`` counts the bytes of the selected K and V rows; ``membw_gbps`` is a streaming read measured
+in the same run with the same threads; ``random_read_gbps`` is the ceiling for this access pattern: a
+bare C++ loop reading the same rows of the same pools (each token's fused K|V run) with the same threads,
+nothing computed, timed in the same interleaved rounds as the kernels (best of its prefetch forms); ``speedup_vs_torch`` is the torch reference's median time over the backend's, same
+inputs. One JSON object per line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+from hetero.backends import AttentionInputs, BackendSet
+from hetero.config import KV_DTYPES
+from hetero.tiers import HostTier
+from hetero.types import Selection
+
+from .membw import last_level_cache_bytes, streaming_read_gbps
+
+_BACKENDS = BackendSet()
+
+
+def _inputs(q: torch.Tensor, view) -> AttentionInputs:
+    return AttentionInputs(torch.device("cpu"), view.k_pool.dtype, q.shape[2], q.shape[1], view.k_pool.shape[0],
+                           q.shape[0])
+
+
+def _make_layers(n_layers: int, hkv: int, tokens: int, d: int, dtype: torch.dtype, block_tokens: int):
+    """Host tiers exactly as hetero stores them (fused K|V rows, paged, huge-page advised)."""
+    views = []
+    for _ in range(n_layers):
+        tier = HostTier(1, hkv, d, dtype, block_tokens)
+        tier.reserve(0, tokens)
+        step = 16384
+        for start in range(0, tokens, step):
+            n = min(step, tokens - start)
+            tier.append(0, torch.randn(hkv, n, d).to(dtype), torch.randn(hkv, n, d).to(dtype))
+        views.append(tier.view())
+    return views
+
+
+def _index_sets(count: int, hkv: int, tokens: int, k: int, gen: torch.Generator) -> List[torch.Tensor]:
+    sets = []
+    for _ in range(count):
+        idx = torch.stack([torch.randperm(tokens, generator=gen)[:k] for _ in range(hkv)])
+        sets.append(idx.sort(dim=-1).values.to(torch.int32).unsqueeze(0))
+    return sets
+
+
+_READ_FORMS = [(0, False), (8, False), (32, False), (64, True), (128, True)]
+
+
+def _read_offsets(view, sel: Selection):
+    """Byte offsets of the selected fused K|V runs of one sequence (int64 [Hkv * k]) and the run length."""
+    idx = sel.indices[0].long()  # [Hkv, k] positions
+    kp = view.k_pool
+    elem = kp.element_size()
+    heads = torch.arange(idx.shape[0]).unsqueeze(1)
+    offsets = ((heads * kp.stride(0) + view.rows(idx.unsqueeze(0))[0] * kp.stride(1)) * elem).flatten()
+    return offsets.contiguous(), 2 * kp.shape[2] * elem  # K row and V row are adjacent in the fused pool
+
+
+class _ReadRuns:
+    """The ceiling loop as a timed entry: reads exactly the selected runs, prefetching ``prefetch`` runs ahead
+    into L1 (or L2 with ``to_l2``), nothing computed. Offsets are computed before the timed call."""
+
+    def __init__(self, runner, prefetch: int, to_l2: bool) -> None:
+        self.runner, self.prefetch, self.to_l2 = runner, prefetch, to_l2
+        self.name = f"read prefetch{'t2' if to_l2 else 't0'} {prefetch}"
+
+    def prepare(self, q, view, sel, scale):
+        offsets, run = _read_offsets(view, sel)
+        base = view.k_pool.data_ptr()
+        return lambda: self.runner.random_read(base, offsets.data_ptr(), offsets.numel(), run, self.prefetch,
+                                               self.to_l2)
+
+
+class _Kernel:
+    """A host backend as a timed entry."""
+
+    def __init__(self, backend) -> None:
+        self.backend, self.name = backend, backend.name
+
+    def prepare(self, q, view, sel, scale):
+        return lambda: self.backend(q, view, sel, scale)
+
+
+def _ceiling_entries(threads: int) -> List[_ReadRuns]:
+    """The ceiling loop in each prefetch form (needs the C++ module; none without it): into L1 0 / 8 / 32 runs
+    ahead, into L2 64 / 128 runs ahead (the kernel's own form; 1.3x the L1 form on the development VM)."""
+    from hetero import native
+
+    runner = native.new_runner(min(native.usable_cores(), threads))
+    if runner is None:
+        return []
+    return [_ReadRuns(runner, pf, l2) for pf, l2 in _READ_FORMS]
+
+
+def _random_read_once(runner, views, index_sets, runs: int, prefetch: int, to_l2: bool = False) -> float:
+    """Median GB/s of the ceiling loop alone over ``runs`` calls (rotating tiers and index sets)."""
+    entry = _ReadRuns(runner, prefetch, to_l2)
+    times, nbytes = [], 0
+    for i in range(runs + 2):
+        view, sel = views[i % len(views)], Selection(index_sets[i % len(index_sets)])
+        nbytes = sel.indices.numel() * 2 * view.k_pool.shape[2] * view.k_pool.element_size()
+        call = entry.prepare(None, view, sel, None)
+        t = time.perf_counter()
+        call()
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    return nbytes / statistics.median(times) / 1e9
+
+
+_ROUNDS, _WARMUP = 3, 3
+
+
+def _time_interleaved(entries, q, views, index_sets, scale, runs: int, rounds: int = _ROUNDS,
+                      warmup: int = _WARMUP) -> List[float]:
+    """Median seconds per entry (a kernel or a form of the ceiling loop) over ``runs`` calls on the same inputs.
+    Entries alternate in blocks over ``rounds`` rounds, so a noisy shared machine slows them alike (the ceiling
+    measured alone before the kernels once came out at 0.75x of its interleaved rate); the first ``warmup`` calls
+    of every block are not timed (compilation, page faults, threads of the previous entry, and the state the
+    previous entry left: after the torch reference's calls, numba's next calls ran at 5.8, 6.2, 6.3, 6.5 then
+    ~6.9 GB/s, also with a 50 ms pause in between, so not spinning threads). Only the call is timed, not the
+    preparation of its arguments."""
+    times = [[] for _ in entries]
+    per_block = max(1, -(-runs // rounds))
+    i = 0
+    for _ in range(rounds):
+        for j, entry in enumerate(entries):
+            for call in range(per_block + warmup):
+                view = views[i % len(views)]
+                sel = Selection(index_sets[i % len(index_sets)])
+                i += 1
+                fn = entry.prepare(q, view, sel, scale)
+                t = time.perf_counter()
+                fn()
+                if call >= warmup:
+                    times[j].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
+
+
+def run(backends: List[str], dtypes: List[str], ks: List[int], threads: int, tokens: int = 131072,
+        kv_heads: int = 8, group: int = 4, head_dim: int = 128, runs: int = 21, block_tokens: int = 256,
+        seed: int = 0, out=sys.stdout, layers: int = 0,
+        membw_bytes: int = 1 << 30) -> List[dict]:
+    """One JSON row per (dtype, k, backend). ``layers=0``: as many host tiers as make the footprint >= 4x
+    the last-level cache."""
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(seed)
+    llc = last_level_cache_bytes()
+    rows = []
+    membw = streaming_read_gbps(threads, membw_bytes)
+    for dtype_name in dtypes:
+        dtype = KV_DTYPES[dtype_name]
+        layer_bytes = 2 * kv_heads * tokens * head_dim * dtype.itemsize
+        n_layers = layers or max(2, math.ceil(4 * llc / layer_bytes))
+        views = _make_layers(n_layers, kv_heads, tokens, head_dim, dtype, block_tokens)
+        q = torch.randn(1, kv_heads * group, head_dim, generator=gen)
+        scale = 1 / math.sqrt(head_dim)
+        for k in ks:
+            usable, skipped = [], []
+            for name in dict.fromkeys(["torch"] + backends):  # torch first: the reference, always timed
+                be = _BACKENDS.get("host", name)
+                reasons = be.not_supported_reasons(_inputs(q, views[0]))
+                if reasons:
+                    skipped.append({"backend": name, "dtype": dtype_name, "k": k, "skipped": "; ".join(reasons)})
+                else:
+                    be.set_threads(threads)
+                    usable.append(be)
+            reads = _ceiling_entries(threads)
+            entries = [_Kernel(be) for be in usable] + reads
+            # a fresh index set for every call of every entry: no rows left in a cache by an earlier call
+            calls = len(entries) * _ROUNDS * (-(-runs // _ROUNDS) + _WARMUP)
+            index_sets = _index_sets(calls + 1, kv_heads, tokens, k, gen)
+            medians = _time_interleaved(entries, q, views, index_sets, scale, runs)
+            t_torch = medians[0]
+            sel_bytes = 2 * kv_heads * k * head_dim * views[0].k_pool.element_size()
+            ceiling = sel_bytes / min(medians[len(usable):]) / 1e9 if reads else None
+            for be, t in zip(usable, medians[:len(usable)]):
+                if be.name not in backends:
+                    continue
+                gbps = sel_bytes / t / 1e9
+                row = {
+                    "backend": be.name, "dtype": dtype_name, "k": k, "threads": threads,
+                    "median_us": round(t * 1e6, 1), "gbps": round(gbps, 4), "membw_gbps": round(membw, 2),
+                    "ratio_to_membw": round(gbps / membw, 3),
+                    "random_read_gbps": round(ceiling, 2) if ceiling else None,
+                    "ratio_to_random_read": round(gbps / ceiling, 3) if ceiling else None,
+                    "speedup_vs_torch": round(t_torch / t, 2), "torch_us": round(t_torch * 1e6, 1),
+                    "footprint_gb": round(n_layers * layer_bytes / 1e9, 2), "llc_mb": round(llc / 2**20),
+                    "runs": runs, "isa": _isa(be.name),
+                }
+                rows.append(row)
+                print(json.dumps(row), file=out, flush=True)
+            for row in skipped:
+                rows.append(row)
+                print(json.dumps(row), file=out, flush=True)
+        del views
+    return rows
+
+
+def row_costs(backends: List[str], dtypes: List[str], k: int = 2048, tokens: int = 131072, kv_heads: int = 8,
+              group: int = 4, head_dim: int = 128, calls: int = 60, seed: int = 0, layers: int = 0,
+              out=sys.stdout) -> List[dict]:
+    """Nanoseconds per selected row on one thread, two cases per (backend, dtype): ``l1`` reads the same 64 rows
+    over and over (the kernel's arithmetic alone), ``dram`` fresh random rows of tiers rotated beyond the LLC
+    (arithmetic plus misses); and ``read_only``, the ceiling loop over those rows. ``dram`` near ``read_only``
+    means the arithmetic hides behind the misses, near ``l1 + read_only`` that it does not (docs/performance.md)."""
+    from hetero.native import load
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(seed)
+    llc = last_level_cache_bytes()
+    ext = load()
+    rows = []
+    for dtype_name in dtypes:
+        dtype = KV_DTYPES[dtype_name]
+        layer_bytes = 2 * kv_heads * tokens * head_dim * dtype.itemsize
+        views = _make_layers(layers or max(2, math.ceil(4 * llc / layer_bytes)), kv_heads, tokens, head_dim, dtype,
+                             256)
+        q = torch.randn(1, kv_heads * group, head_dim, generator=gen)
+        fresh = _index_sets(calls + 1, kv_heads, tokens, k, gen)
+        same = [s[..., :64].repeat(1, 1, -(-k // 64))[..., :k].contiguous() for s in fresh[:1]]
+        read_ns = None  # the ceiling loop (reads only, prefetcht2 64 runs ahead) on one thread, same rows
+        if ext is not None:
+            gbps = _random_read_once(ext.Runner(1), views, fresh, calls, 64, True)
+            read_ns = round(2 * head_dim * dtype.itemsize / gbps, 1)
+        for name in backends:
+            be = _BACKENDS.get("host", name)
+            if be.not_supported_reasons(_inputs(q, views[0])):
+                continue
+            be.set_threads(1)
+            row = {"backend": name, "dtype": dtype_name, "k": k, "threads": 1, "ns_per_row_read_only": read_ns}
+            for case, sets, tiers in (("l1", same, views[:1]), ("dram", fresh, views)):
+                times = []
+                for i in range(calls + 2):
+                    sel = Selection(sets[i % len(sets)])
+                    t = time.perf_counter()
+                    be(q, tiers[i % len(tiers)], sel, 1 / math.sqrt(head_dim))
+                    if i >= 2:
+                        times.append(time.perf_counter() - t)
+                row[f"ns_per_row_{case}"] = round(statistics.median(times) / (kv_heads * k) * 1e9, 1)
+            rows.append(row)
+            print(json.dumps(row), file=out, flush=True)
+        del views
+    return rows
+
+
+def _isa(backend: str) -> Optional[str]:
+    if backend != "cpp":
+        return None
+    from hetero.native import info
+
+    return info().get("isa")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from hetero.registry import HOST_BACKENDS
+
+    p = argparse.ArgumentParser(prog="hetero bench cpu-sparse", description=__doc__.splitlines()[0])
+    p.add_argument("--backends", default=",".join(HOST_BACKENDS.names()))
+    p.add_argument("--dtypes", default="bfloat16,float32")
+    p.add_argument("--k", default="512,2048,8192")
+    p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument("--tokens", type=int, default=131072)
+    p.add_argument("--runs", type=int, default=21)
+    p.add_argument("--layers", type=int, default=0, help="host tiers rotated (default: footprint >= 4x LLC)")
+    p.add_argument("--membw-mb", type=int, default=1024, help="buffer of the streaming-read measurement")
+    p.add_argument("--row-cost", action="store_true",
+                   help="instead: ns per selected row on one thread, rows in L1 vs from DRAM (first k only)")
+    ns = p.parse_args(argv)
+    from hetero.config import HeteroConfig
+
+    if ns.row_cost:
+        row_costs([b for b in ns.backends.split(",") if b and b != "torch"], ns.dtypes.split(","),
+                  int(ns.k.split(",")[0]) if ns.k != p.get_default("k") else 2048, ns.tokens, calls=ns.runs,
+                  layers=ns.layers)
+        return 0
+
+    threads = ns.threads or HeteroConfig().resolved_threads
+    run([b for b in ns.backends.split(",") if b], ns.dtypes.split(","), [int(x) for x in ns.k.split(",")],
+        threads, tokens=ns.tokens, runs=ns.runs, layers=ns.layers, membw_bytes=ns.membw_mb << 20)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

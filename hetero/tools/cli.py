@@ -1,0 +1,183 @@
+"""The ``hetero`` command: ``hetero profile`` (default job) and friends.
+
+User errors (bad flag values, invalid config) print one line and exit with code 2, no stack trace.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from hetero.errors import HeteroError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_at_least(low: int):
+    """argparse type: an int >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{v} must be >= {low}")
+        return v
+
+    return parse
+
+
+_positive_int, _nonneg_int = _int_at_least(1), _int_at_least(0)
+
+
+def _budget(text: str):
+    """'0.02' -> fraction, '2621' -> count."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a count (int) nor a fraction (float)") from None
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from hetero.config import KV_DTYPES
+    from hetero.retrieval import available_retrievers
+
+    parser = _Parser(prog="hetero", description="Heterogeneous CPU-GPU attention for long-context decoding.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    from .profile import PRESETS
+
+    p = sub.add_parser("profile", help="dense vs hetero on a decode workload: time per phase, error, memory")
+    p.add_argument("--context", type=_positive_int, default=None,
+                   help="tokens already in the cache (32768; real workload: 8192 - steps)")
+    p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="layer geometry of a known model (default llama3-8b: 32 q / 8 kv heads, head_dim 128)")
+    p.add_argument("--heads", type=_positive_int, default=None, help="query heads (overrides the preset)")
+    p.add_argument("--kv-heads", type=_positive_int, default=None, help="KV heads (overrides the preset)")
+    p.add_argument("--head-dim", type=_positive_int, default=None, help="head dim (overrides the preset)")
+    p.add_argument("--workload", choices=["synthetic", "real"], default="synthetic",
+                   help="synthetic (structured keys, any size) or real (captured SmolLM2 attention, <= 8192 tokens)")
+    p.add_argument("--layer", type=_nonneg_int, default=15, help="real workload / --model: layer to profile (15)")
+    p.add_argument("--model", default=None,
+                   help="profile a HuggingFace model end to end instead ('smollm2' or a local model folder)")
+    p.add_argument("--trace", default=None, metavar="OUT.json",
+                   help="write a Chrome/Perfetto trace (one track per thread)")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="write a PNG of phases per step and accuracy")
+    p.add_argument("--window", type=_nonneg_int, default=1024, help="recent tokens on the fast tier (1024)")
+    p.add_argument("--sinks", type=_nonneg_int, default=4, help="attention-sink tokens on the fast tier (4)")
+    p.add_argument("--budget", type=_budget, default=0.02,
+                   help="host keys per query head: a fraction of the host tier (0.02) or a count (2621)")
+    p.add_argument("--retriever", choices=available_retrievers(), default="ivf-group")
+    p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bfloat16")
+    p.add_argument("--steps", type=_positive_int, default=5, help="decode steps measured (5)")
+    p.add_argument("--warmup", type=_nonneg_int, default=2,
+                   help="decode steps run first and reported apart, not in the medians (2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (all cores)")
+    p.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
+                   help="the two sides of a step side by side (on) or one after the other (off); auto: side by side "
+                        "when the fast tier is on CUDA")
+    p.add_argument("--window-backend", default="auto")
+    p.add_argument("--host-backend", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    e = sub.add_parser("env", help="versions, CPU features, threads, and which backends are usable and why not")
+    e.add_argument("--kernels", action="store_true",
+                   help="also compile the Triton kernels for sm_80/sm_90 and show registers, shared memory, spills")
+    e.add_argument("--json", action="store_true")
+    bench = sub.add_parser("bench", help="benchmarks: sweep, cpu-sparse, retrieval, needle")
+    bench.add_argument("name", choices=["sweep", "cpu-sparse", "retrieval", "needle"])
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark (see --help after its name)")
+    return parser
+
+
+def _profile(ns: argparse.Namespace) -> int:
+    from hetero.config import HeteroConfig
+    from .profile import PRESETS, ProfileArgs, run_profile
+    from .report import print_model_profile, print_profile, progress
+
+    preset = ns.preset or ("smollm2" if ns.workload == "real" else "llama3-8b")
+    heads, kv_heads, head_dim = PRESETS[preset]
+    heads, kv_heads, head_dim = ns.heads or heads, ns.kv_heads or kv_heads, ns.head_dim or head_dim
+    if heads % kv_heads:
+        raise HeteroError(f"--heads {heads} must be a multiple of --kv-heads {kv_heads}")
+    if ns.workload == "real" and (heads, kv_heads, head_dim) != PRESETS["smollm2"]:
+        raise HeteroError("--workload real is SmolLM2's attention: use --preset smollm2 (9 q / 3 kv heads, head_dim 64)")
+    config = HeteroConfig(window=ns.window, sinks=ns.sinks, budget=ns.budget, retriever=ns.retriever,
+                          threads=ns.threads, window_backend=ns.window_backend, host_backend=ns.host_backend,
+                          overlap={"auto": "auto", "on": True, "off": False}[ns.overlap])
+    log = (lambda s: None) if ns.json else _stderr
+    if ns.model:
+        from .profile_model import profile_model
+
+        result = profile_model(ns.model, config, ns.context or 4096, ns.steps, log=log)
+        print(json.dumps(result)) if ns.json else print_model_profile(result)
+        return 0
+    decoded = ns.steps + ns.warmup
+    context = ns.context or (8192 - decoded if ns.workload == "real" else 32768)
+    if ns.workload == "real" and context + decoded > 8192:
+        raise HeteroError(f"the real workload has 8192 tokens: --context {context} + --steps {ns.steps} + --warmup "
+                          f"{ns.warmup} is too long")
+    args = ProfileArgs(context=context, batch=ns.batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                       steps=ns.steps, warmup=ns.warmup, seed=ns.seed, kv_dtype=ns.kv_dtype, workload=ns.workload,
+                       layer=ns.layer, native_threads=bool(ns.trace))
+    try:
+        result = run_profile(config, args, log=log, progress=None if ns.json else progress)
+    except ValueError as e:
+        raise HeteroError(str(e)) from None
+    spans = result.pop("_spans")
+    if ns.trace:
+        from .trace import write_trace
+
+        result["trace_events"] = write_trace(ns.trace, spans)
+        log(f"trace: {ns.trace} ({result['trace_events']} events; open in ui.perfetto.dev)")
+    if ns.plot:
+        from .plots import plot_profile
+
+        plot_profile(result, ns.plot)
+        log(f"plot: {ns.plot}")
+    if ns.json:
+        print(json.dumps(result))
+    else:
+        print_profile(result)
+    return 0
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = _build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        if ns.command == "profile":
+            return _profile(ns)
+        if ns.command == "env":
+            from .envinfo import collect, print_env
+
+            info = collect(kernels=ns.kernels)
+            print(json.dumps(info)) if ns.json else print_env(info)
+            return 0
+        if ns.command == "bench":
+            import importlib
+
+            module = importlib.import_module(f".bench.{ns.name.replace('-', '_')}", __package__)
+            return module.main(ns.args)
+    except (HeteroError, FileNotFoundError) as e:
+        print(f"hetero {ns.command}: error: {e}".splitlines()[0] if "\n" not in str(e) else
+              f"hetero {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {ns.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

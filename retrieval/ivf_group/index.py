@@ -1,0 +1,343 @@
+"""One sequence's ivf-group index (all KV heads): the code arena with its list segments, the list statistics, the
+tail list of recent keys, and the pointer tables the C++ kernels read."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+
+from hetero import native
+from hetero.memory import zeros_host
+
+from .codes import BLOCK, TAIL_TOKENS, bf16_bits, code_layout, whole_blocks
+
+
+class _Addrs(NamedTuple):
+    """Addresses of uint64 ``[Hkv]`` arrays, one entry per head, that the C++ kernels take."""
+
+    codes: int       # code arena, blocked layout (block_rows) uint8
+    ids: int         # id arena [cap] int32
+    start: int       # list starts [L + 1] int64
+    count: int       # list sizes [L + 1] int64
+    centroids: int   # unit mean directions [D, L] float16
+    mean_norm: int   # |mean key| [L] float32
+    vmean: int       # mean values [L + 1, D] bfloat16
+    tail_ksum: int   # the tail list's key sum [D] float32
+    tail_vsum: int   # the tail list's value sum [D] float32
+    tail_vmean: int  # the tail list's mean value [D] bfloat16
+    vmin: int        # code range start [D] float32
+    inv_step: int    # 1 / code step [D] float32
+    step: int        # code step [D] float32
+    tail_keys: int   # the tail's keys [TAIL_TOKENS, D] float32
+    tail_values: int  # the tail's values [TAIL_TOKENS, D] float32
+
+
+class SeqIndex:
+    """One sequence's index, all KV heads: list directions (``centroids_t [Hkv, D, L]``), code ranges, list
+    segments, list statistics.
+
+    Built from ``keys, values [Hkv, n, D]`` in any float dtype (e.g. views of the host tier), converted to float32
+    one head at a time into two buffers reused across heads: at 512K tokens x 8 heads x D 128 the build holds 0.5 GB
+    of float32 instead of 4 GB (plus as much again in encoding temporaries), and frees little when it is done (on a
+    machine that hands freed memory back to its hypervisor, reclaiming an old build's ~6 GB slowed the next decode
+    steps 5-8x for tens of seconds). ``check``: called on each head's float32 keys (the caller's finiteness check)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, nlist: int, seed: int, bits: int = 8,
+                 check=lambda x: None):
+        import faiss
+
+        hkv, n, d = keys.shape
+        self.bits, self.levels = bits, (1 << bits) - 1
+        self.dp, self.row_bytes = code_layout(d, bits)               # row_bytes: one key's codes in the arena
+        # transposed (q @ centroids_t scores lists), float16: unit directions, half the bytes a search reads
+        self.centroids_t = np.empty((hkv, d, nlist), dtype=np.float16)
+        self.quantizers = []
+        self.vmin = torch.empty(hkv, d)                              # [Hkv, D] code range per dimension
+        self.step = torch.empty(hkv, d)
+        kbuf, vbuf = torch.empty(n, d), torch.empty(n, d)            # one head's keys / values as float32
+        assign = torch.empty(hkv, n, dtype=torch.long)
+        for h in range(hkv):
+            kbuf.copy_(keys[h])
+            check(kbuf)
+            km = faiss.Kmeans(d, nlist, niter=10, spherical=True, max_points_per_centroid=32,
+                              min_points_per_centroid=1, seed=seed + h)
+            km.train(kbuf.numpy())
+            self.centroids_t[h] = km.centroids.T
+            self.quantizers.append(km.index)  # IndexFlatIP over the centroids
+            assign[h] = torch.from_numpy(km.index.search(kbuf.numpy(), 1)[1][:, 0])
+            self.vmin[h] = kbuf.amin(dim=0)
+            self.step[h] = ((kbuf.amax(dim=0) - self.vmin[h]) / self.levels).clamp_min(1e-12)
+        self._vmin_np, self._inv_step_np, self._step_np = self.vmin.numpy(), (1.0 / self.step).numpy(), self.step.numpy()
+        self._range_addrs = (self._vmin_np.ctypes.data, self._inv_step_np.ctypes.data)  # [Hkv, D] float32 each
+        counts = torch.stack([torch.bincount(a, minlength=nlist) for a in assign]).numpy()  # [Hkv, L]
+        # List segments, numpy int64 [Hkv, L + 1] (a decode step touches single entries: cheap in numpy). The
+        # last list is the tail: recent tokens, not assigned yet, scanned by every search.
+        counts = np.concatenate([counts, np.zeros((hkv, 1), dtype=counts.dtype)], axis=1)
+        # room for decode-step adds (a full list moves, see _relocate), whole blocks: every list starts on one
+        self.cap = whole_blocks(counts + counts // 16 + 1)
+        self.cap[:, nlist] = TAIL_TOKENS
+        self.start = np.cumsum(self.cap, axis=1) - self.cap
+        self.count = np.zeros_like(counts)
+        self.used = self.cap.sum(axis=1)                             # arena rows handed out, per head
+        self._alloc(whole_blocks(int(self.used.max()) + n // 16 + 64))
+        self.tail_keys = torch.empty(hkv, TAIL_TOKENS, d)           # float keys of the tail, for assignment
+        self.tail_values = torch.empty(hkv, TAIL_TOKENS, d)
+        self._tail_keys_np, self._tail_values_np = self.tail_keys.numpy(), self.tail_values.numpy()
+        # Per (head, list), the tail list last: sums of the members' keys and values (float32 [Hkv, L + 1, D]), the
+        # mean key's norm (float32 [Hkv, L]; its direction is centroids_t's column) and the mean value (bfloat16 bits
+        # [Hkv, L + 1, D]: what the estimate reads, half the bytes of float32, ample for an estimate).
+        self.ksum = np.zeros((hkv, nlist + 1, d), dtype=np.float32)
+        self.vsum = np.zeros_like(self.ksum)
+        self.vmean = np.zeros((hkv, nlist + 1, d), dtype=np.uint16)
+        self.mean_norm = np.zeros((hkv, nlist), dtype=np.float32)
+        ids = np.arange(n, dtype=np.int32)
+        for h in range(hkv):
+            kbuf.copy_(keys[h])
+            vbuf.copy_(values[h])
+            self._insert(kbuf[None], vbuf[None], ids, assign[h:h + 1], head0=h)
+
+    @property
+    def nlist(self) -> int:
+        """Lists with a centroid (the tail list, index ``nlist``, has none)."""
+        return self.centroids_t.shape[2]
+
+    @property
+    def tail(self) -> int:
+        return int(self.count[0, self.nlist])
+
+    def assign(self, keys: torch.Tensor) -> torch.Tensor:
+        """Nearest list by inner product: ``keys [Hkv, n, D]`` -> ``[Hkv, n]`` int64 (faiss's blocked GEMM +
+        argmax: 4x faster than torch.bmm + argmax over a prefill, and no ``[n, nlist]`` score matrix)."""
+        if keys.shape[1] <= 16:  # a decode step's add: one small batched matmul (torch.bmm: 6.6 ms here, numpy 0.1)
+            return torch.from_numpy(np.matmul(keys.numpy(), self.centroids_t).argmax(axis=2))
+        out = torch.empty(keys.shape[:2], dtype=torch.long)
+        for h, quantizer in enumerate(self.quantizers):
+            out[h] = torch.from_numpy(quantizer.search(np.ascontiguousarray(keys[h].numpy()), 1)[1][:, 0])
+        return out
+
+    def encode(self, keys: torch.Tensor, head0: int = 0) -> np.ndarray:
+        """``keys [H, n, D]`` float32 of heads ``head0 ..`` -> codes ``[H, n, row_bytes]`` uint8 (packed when 4-bit)."""
+        hk, n, d = keys.shape
+        vmin_np, inv_np = self._vmin_np[head0:head0 + hk, None], self._inv_step_np[head0:head0 + hk, None]
+        if n <= TAIL_TOKENS:  # a tail flush: numpy's small-array ops cost a few us, torch's ~10
+            x = np.rint((keys.numpy() - vmin_np) * inv_np)
+            codes = np.zeros((hk, n, self.dp), dtype=np.uint8)
+            codes[:, :, :d] = np.clip(x, 0, self.levels)
+        else:  # the same float32 arithmetic, in chunks: a prefill's temporaries stay small
+            vmin, inv = torch.from_numpy(vmin_np), torch.from_numpy(inv_np)
+            codes8 = torch.zeros(hk, n, self.dp, dtype=torch.uint8)
+            for s in range(0, n, 65536):
+                x = keys[:, s:s + 65536] - vmin
+                codes8[:, s:s + 65536, :d] = x.mul_(inv).round_().clamp_(0, self.levels)
+            codes = codes8.numpy()
+        if self.bits == 4:
+            half = self.dp // 2
+            return codes[..., :half] | (codes[..., half:] << 4)
+        return codes
+
+    def _alloc(self, rows: int) -> None:
+        """Zeroed code and id arenas of ``rows`` rows (a multiple of BLOCK) per head, huge-page advised (lists are
+        streamed): codes ``[Hkv, rows / 16, row_bytes / 4, 16, 4]`` (block_rows' layout), ids ``[Hkv, rows]``."""
+        hkv = self.count.shape[0]
+        self.codes = zeros_host((hkv, rows // BLOCK, self.row_bytes // 4, BLOCK, 4), torch.uint8).numpy()
+        self.ids = zeros_host((hkv, rows), torch.int32).numpy()
+        self._pointers = None
+        self.version = getattr(self, "version", 0) + 1  # the retriever republishes its pointer tables
+
+    @property
+    def arena_rows(self) -> int:
+        return self.codes.shape[1] * BLOCK
+
+    def put_rows(self, heads: np.ndarray, rows: np.ndarray, codes: np.ndarray) -> None:
+        """Write code rows ``codes [..., row_bytes]`` at arena rows ``rows`` of heads ``heads`` (broadcast together)."""
+        self.codes[heads, rows // BLOCK, :, rows % BLOCK, :] = codes.reshape(*codes.shape[:-1], -1, 4)
+
+    def row_codes(self, h: int, rows: np.ndarray) -> np.ndarray:
+        """Head h's arena rows ``rows [n]`` as one 8-bit code per dimension: ``[n, Dp]`` uint8 (4-bit rows unpacked)."""
+        codes = self.codes[h, rows // BLOCK, :, rows % BLOCK, :].reshape(len(rows), self.row_bytes)
+        if self.bits == 8:
+            return codes
+        return np.concatenate([codes & 0x0F, codes >> 4], axis=-1)
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor, first_id: int) -> None:
+        """Append ``keys, values [Hkv, n, D]`` float32 with host positions ``first_id ..`` (all heads at once). A
+        decode step's few keys go to the tail list (no centroid read: that is 4 MB per step at 1024 lists x 8
+        heads); the tail is assigned to lists in one batch when it holds ``TAIL_TOKENS`` keys, or before a large
+        add."""
+        hkv, n, _ = keys.shape
+        t = self.tail
+        if n > TAIL_TOKENS - t:
+            self.flush()
+            if n > TAIL_TOKENS // 4:
+                self._insert(keys, values, np.arange(first_id, first_id + n, dtype=np.int32))
+                return
+            t = 0
+        ext = native.load()
+        tail = self.nlist
+        if ext is not None and all(x.dtype == torch.float32 and x.is_contiguous() for x in (keys, values)):
+            # one call instead of ~20 numpy operations (each 10-50 us on a decode step's cold caches)
+            first_rows = self.start[:, tail] + t                         # [Hkv] int64: each head's own tail segment
+            a = self.pointers()
+            ext.ivf_encode_rows(keys.data_ptr(), hkv, n, keys.shape[2], *self._range_addrs, self.bits, self.dp,
+                                a.codes, a.ids, first_rows.ctypes.data, first_id, values.data_ptr(), a.tail_ksum,
+                                a.tail_vsum, a.tail_vmean, t + n)
+        else:
+            rows = self.start[:, tail, None] + t + np.arange(n)         # [Hkv, n]
+            heads = np.arange(hkv)[:, None]
+            self.put_rows(heads, rows, self.encode(keys))
+            self.ids[heads, rows] = np.arange(first_id, first_id + n, dtype=np.int32)
+            for j in range(n):  # one key at a time, in the kernel's order (the same float32 sums)
+                self.ksum[:, tail] += keys[:, j].numpy()
+                self.vsum[:, tail] += values[:, j].numpy()
+            self.vmean[:, tail] = bf16_bits(self.vsum[:, tail] / np.float32(t + n))
+        self.tail_keys[:, t:t + n] = keys
+        self.tail_values[:, t:t + n] = values
+        self.count[:, tail] += n
+        if self.tail == TAIL_TOKENS:
+            self.flush()
+
+    def flush(self) -> None:
+        """Assign the tail's keys to their lists."""
+        t = self.tail
+        if t == 0:
+            return
+        first = int(self.start[0, self.nlist])
+        ids = self.ids[0, first:first + t].copy()  # the same positions in every head's tail
+        self.count[:, self.nlist] = 0
+        for stat in (self.ksum, self.vsum, self.vmean):
+            stat[:, self.nlist] = 0
+        self._insert(self.tail_keys[:, :t], self.tail_values[:, :t], ids)
+
+    def _insert(self, keys: torch.Tensor, values: torch.Tensor, ids: np.ndarray,
+                assign: Optional[torch.Tensor] = None, head0: int = 0) -> None:
+        """Write ``keys [H, n, D]`` of heads ``head0 ..`` (host positions ``ids [n]``, values ``[H, n, D]``) into
+        their lists and their lists' statistics; ``assign [H, n]`` their lists (default: computed)."""
+        hkv, n, _ = keys.shape
+        if assign is None:
+            assign = self.assign(keys)
+        codes = self.encode(keys, head0).reshape(hkv * n, self.row_bytes)
+        lists = self.count.shape[1]
+        # one slot per (head, list) pair in a flat [Hkv * nlist] view; group the new keys by pair
+        pair = (assign + (head0 + torch.arange(hkv))[:, None] * lists).flatten().numpy()
+        order = np.argsort(pair, kind="stable")
+        pairs, first, sizes = np.unique(pair[order], return_index=True, return_counts=True)
+        start, count, cap = self.start.reshape(-1), self.count.reshape(-1), self.cap.reshape(-1)  # views
+        for p in pairs[count[pairs] + sizes > cap[pairs]]:  # overflowing lists move first (rare)
+            self._relocate(int(p) // lists, int(p) % lists, int(count[p] + sizes[pairs == p][0]))
+        rank = np.arange(len(order)) - np.repeat(first, sizes)
+        dest = np.repeat(start[pairs] + count[pairs], sizes) + rank
+        head = head0 + order // n
+        self.put_rows(head, dest, codes[order])
+        self.ids[head, dest] = ids[order % n]
+        count[pairs] += sizes
+        flat = torch.from_numpy(pair)
+        d = keys.shape[2]
+        torch.from_numpy(self.ksum).view(-1, d).index_add_(0, flat, keys.reshape(-1, d))
+        torch.from_numpy(self.vsum).view(-1, d).index_add_(0, flat, values.reshape(-1, d))
+        self._refresh(pairs)
+
+    def _refresh(self, pairs: np.ndarray) -> None:
+        """Recompute the mean value, the mean key's norm and unit direction of the (head, list) pairs ``pairs`` (flat
+        ``head * (L + 1) + list``) from their sums; an empty list keeps its direction."""
+        lists = self.count.shape[1]
+        h, lst = pairs // lists, pairs % lists
+        cnt = self.count[h, lst].astype(np.float32)
+        inv = np.divide(np.float32(1.0), cnt, out=np.zeros_like(cnt), where=cnt > 0)
+        self.vmean[h, lst] = bf16_bits(self.vsum[h, lst] * inv[:, None])
+        ks = self.ksum[h, lst]
+        norm = np.linalg.norm(ks, axis=1).astype(np.float32)
+        own = lst < self.nlist  # the tail list has no direction (every search scans it)
+        self.mean_norm[h[own], lst[own]] = norm[own] * inv[own]
+        live = own & (norm > 0)
+        self.centroids_t[h[live], :, lst[live]] = ks[live] / norm[live, None]
+
+    def _relocate(self, h: int, lst: int, need: int) -> None:
+        """Move list ``lst`` of head ``h`` to the arena's end with room for ``need`` rows (at least twice)."""
+        cap = whole_blocks(max(2 * int(self.cap[h, lst]), need))
+        if int(self.used[h]) + cap > self.arena_rows:
+            self._grow(int(self.used[h]) + cap)
+        old, new, cnt = int(self.start[h, lst]), int(self.used[h]), int(self.count[h, lst])
+        blocks = whole_blocks(cnt) // BLOCK  # lists start on block boundaries: move whole blocks
+        self.codes[h, new // BLOCK:new // BLOCK + blocks] = self.codes[h, old // BLOCK:old // BLOCK + blocks]
+        self.ids[h, new:new + cnt] = self.ids[h, old:old + cnt]
+        self.start[h, lst], self.cap[h, lst] = new, cap
+        self.used[h] += cap
+
+    def pointers(self) -> _Addrs:
+        """Addresses of the uint64 ``[Hkv]`` arrays the kernels take (``_Addrs``). Cached until the arena is
+        reallocated (numpy's ``.ctypes.data`` builds an object per access: ~10-20 us each on a decode step's cold
+        caches)."""
+        if self._pointers is None:
+            tail = self.nlist
+
+            def per_head(a, row=0):
+                base = a.ctypes.data + row * a.strides[1]
+                return (base + np.arange(a.shape[0], dtype=np.uint64) * np.uint64(a.strides[0])).astype(np.uint64)
+
+            arrays = (per_head(self.codes), per_head(self.ids), per_head(self.start), per_head(self.count),
+                      per_head(self.centroids_t), per_head(self.mean_norm), per_head(self.vmean),
+                      per_head(self.ksum, tail), per_head(self.vsum, tail), per_head(self.vmean, tail),
+                      per_head(self._vmin_np), per_head(self._inv_step_np), per_head(self._step_np),
+                      per_head(self._tail_keys_np), per_head(self._tail_values_np))
+            self._pointers = (arrays, _Addrs(*(a.ctypes.data for a in arrays)))  # the arrays keep them valid
+        return self._pointers[1]
+
+    def pointer_arrays(self):
+        """The uint64 ``[Hkv]`` address arrays behind ``pointers()``, in ``_Addrs`` order."""
+        self.pointers()
+        return self._pointers[0]
+
+    def list_of(self, h: int, n_tokens: int) -> np.ndarray:
+        """``[n_tokens]`` int64: the list (``L`` = the tail) holding each host position of head h, -1 if none."""
+        out = np.full(n_tokens, -1, dtype=np.int64)
+        for lst in range(self.nlist + 1):
+            s = int(self.start[h, lst])
+            out[self.ids[h, s:s + int(self.count[h, lst])]] = lst
+        return out
+
+    def _grow(self, rows: int) -> None:
+        codes, ids = self.codes, self.ids
+        self._alloc(whole_blocks(max(rows, self.arena_rows * 3 // 2)))
+        self.codes[:, : codes.shape[1]] = codes
+        self.ids[:, : ids.shape[1]] = ids
+
+    def truncate(self, n: int, keys_of, values_of) -> None:
+        """Remove the keys of host positions ``>= n`` (the newest: every list holds its ids in increasing order, and
+        the tail holds the newest of all). ``keys_of(first, stop)`` / ``values_of``: float32 ``[Hkv, m, D]`` of host
+        positions ``[first, stop)``, read to take the removed keys out of their lists' sums; the sums of the lists
+        that lost members and the tail's are recomputed from what stays."""
+        hkv, lists = self.count.shape
+        tail = self.nlist
+        t = self.tail
+        first = int(self.start[0, tail])
+        tail_ids = self.ids[0, first:first + t]
+        keep = int(np.searchsorted(tail_ids, n))  # ascending
+        if keep < t:
+            self.count[:, tail] = keep
+            self.ksum[:, tail] = self.tail_keys[:, :keep].sum(dim=1).numpy()
+            self.vsum[:, tail] = self.tail_values[:, :keep].sum(dim=1).numpy()
+            self._refresh(np.arange(hkv) * lists + tail)
+        touched = []
+        for h in range(hkv):
+            for lst in range(self.nlist):
+                s, c = int(self.start[h, lst]), int(self.count[h, lst])
+                if c == 0 or self.ids[h, s + c - 1] < n:
+                    continue
+                kept = int(np.searchsorted(self.ids[h, s:s + c], n))
+                removed = self.ids[h, s + kept:s + c].astype(np.int64)
+                if len(removed):
+                    lo, hi = int(removed.min()), int(removed.max()) + 1
+                    k = keys_of(lo, hi)[h].numpy()[removed - lo]
+                    v = values_of(lo, hi)[h].numpy()[removed - lo]
+                    self.ksum[h, lst] -= k.sum(axis=0)
+                    self.vsum[h, lst] -= v.sum(axis=0)
+                    self.count[h, lst] = kept
+                    touched.append(h * lists + lst)
+        if touched:
+            self._refresh(np.asarray(touched))
+
+    def nbytes(self) -> int:
+        return (self.codes.nbytes + self.ids.nbytes + 3 * self.centroids_t.nbytes + 3 * self.count.nbytes
+                + 2 * self.tail_keys.numel() * 4  # centroids: ours (float16) and the faiss quantizers' (float32)
+                + self.ksum.nbytes + self.vsum.nbytes + self.vmean.nbytes + self.mean_norm.nbytes)
