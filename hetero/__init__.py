@@ -32,14 +32,26 @@ from .types import HostView, PartialAttention, Selection
 __version__ = "0.1.0"
 
 
-def wrap(model, config=None):
-    """``hetero.hf.wrap``: make a transformers causal LM decode with hetero (imports transformers lazily)."""
+def wrap(model, config=None, **options):
+    """``hetero.hf.wrap``: make a transformers causal LM decode with hetero (imports ``hetero.hf``, which registers
+    the "hetero" attention with transformers)."""
     from .hf import wrap as _wrap
 
-    return _wrap(model, config)
+    return _wrap(model, config, **options)
+
+
+def unwrap(model):
+    """``hetero.hf.unwrap``: the model's previous attention implementation."""
+    from .hf import unwrap as _unwrap
+
+    return _unwrap(model)
+
+
+if "transformers" in _sys.modules:  # transformers is loaded already: register "hetero" now (else: import hetero.hf)
+    from . import hf as _hf  # noqa: F401
 
 __all__ = [
     "BackendUnavailableError", "ConfigError", "DTypeError", "DecodeResult", "HeteroAttention", "HeteroConfig",
     "HeteroError", "HostView", "InvalidValueError", "LayerCache", "PartialAttention", "Selection", "ShapeError",
-    "TieredKVCache", "causal_attention", "merge", "sparse_attention", "window_attention", "wrap",
+    "TieredKVCache", "causal_attention", "merge", "sparse_attention", "unwrap", "window_attention", "wrap",
 ]

@@ -1,36 +1,46 @@
-"""HuggingFace transformers integration: ``hetero.wrap(model, config)`` and keep calling ``generate()``.
+"""HuggingFace transformers integration. Importing this module registers the ``"hetero"`` attention.
 
 Pieces:
 
-* ``HeteroCache``: a ``transformers.cache_utils.Cache`` whose layers hold hetero ``LayerCache``s (sinks +
-  window on the model's device, older tokens in host memory behind a retriever). ``get_seq_length`` reports
-  every token processed (all tiers), which drives position ids.
-* ``hetero_attention``: registered with ``AttentionInterface`` as ``"hetero"`` (with the sdpa mask function,
-  so padded batches get their masks). Prefill (several query tokens): dense SDPA over the prompt, then the
-  prompt's real tokens (left padding removed using the mask) move into the tiers and the index is built.
-  Decode (one query token): ``HeteroAttention.run`` over the tiers.
-* ``wrap``: checks the architecture, switches the model to the ``"hetero"`` attention, and makes
-  ``generate()`` create a ``HeteroCache`` unless one is passed.
+* ``HeteroCache``: a ``transformers.cache_utils.Cache`` whose layers (``HeteroCacheLayer``) hold hetero
+  ``LayerCache``s: sinks + window on the model's device, older tokens in host memory behind a retriever.
+  ``get_seq_length`` counts every token processed (padding included), which drives position ids; ``crop`` rolls
+  the tiers and the index back (assisted and prompt-lookup decoding).
+* ``hetero_attention``: the attention function. One query token: ``HeteroAttention.run`` under a step plan made
+  at the first layer of each forward. Several (a prompt, its chunks, a new turn, draft tokens): attention of the
+  chunk over the tiers and itself (``hetero/chunk.py``), then the chunk's tokens enter the tiers.
+* Registration: ``AttentionInterface`` / ``AttentionMaskInterface`` (the sdpa mask, so padded batches get their
+  masks), and ``generate()`` of a model whose attention implementation is ``"hetero"`` builds a ``HeteroCache``
+  when none is passed (hetero settings from ``generate(hetero_config=...)`` or ``model.generation_config
+  .hetero_config``). ``wrap`` / ``unwrap`` switch a loaded model.
 
-The cache's ``update`` returns the key/value tensors tagged with their layer state (a Python attribute on
-the returned tensor), which the attention function reads: no global state, so several wrapped models and
-caches coexist. Attention called with another cache (e.g. a plain ``forward`` with ``DynamicCache``) falls back
-to SDPA over the key/value it is given, which is then exact.
+Mistakes are refused rather than decoded wrongly: a ``HeteroCache`` under another attention implementation raises at
+its next update; hetero's attention handed another cache (or none) warns once and computes exact dense attention
+over what it was given; ``output_attentions`` and beam search raise.
 """
 from __future__ import annotations
 
-import functools
+import threading
+import warnings
+import weakref
 from typing import List, Optional
 
 import torch
+from transformers import AttentionInterface, GenerationMixin, PretrainedConfig
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import HeteroAttention
 from .cache import LayerCache
+from .chunk import chunk_attention
 from .config import HeteroConfig
-from .errors import HeteroError
+from .errors import ConfigError, HeteroError, UnsupportedError
+from .worker import Worker
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ATTN_NAME = "hetero"
+DEFAULT_PROGRESS_TOKENS = 16384
 
 
 class UnsupportedModelError(HeteroError, ValueError):
@@ -62,111 +72,163 @@ def unsupported_features(config) -> List[str]:
     return reasons
 
 
-@functools.lru_cache(maxsize=None)
-def _classes():
-    """Build the Cache classes on first use, so that importing hetero does not import transformers."""
-    from transformers.cache_utils import Cache, CacheLayerMixin
+class _Shared:
+    """What the layers of one HeteroCache share: the config, the indexer thread, the decode runtime (one per softmax
+    scale), the step plan of the current forward and the prefill progress bar. Holds no reference to the cache, so
+    a cache nobody holds any more is freed at once (and its indexer thread stopped, ``HeteroCache.__init__``)."""
 
-    class HeteroCacheLayer(CacheLayerMixin):
-        """One attention layer's cache: a hetero ``LayerCache`` plus the bookkeeping transformers needs."""
+    def __init__(self, config: HeteroConfig, num_layers: int, progress_tokens: int):
+        self.config = config
+        self.indexer = Worker("hetero-indexer")
+        self.progress = _PrefillProgress(num_layers, progress_tokens)
+        self.layers: List[LayerCache] = []
+        self._runtime: Optional[HeteroAttention] = None
+        self.plan = None
+        self.peak_fast_bytes = 0
 
-        is_sliding = False
-        is_compileable = False
+    def runtime(self, scaling: Optional[float]) -> HeteroAttention:
+        """The decode runtime of this cache for the model's softmax scale."""
+        if self._runtime is None or self._runtime.config.scale != scaling:
+            if self._runtime is not None:
+                self._runtime.close()
+            self._runtime = HeteroAttention(self.config.with_(scale=scaling))
+        return self._runtime
 
-        def __init__(self, config: HeteroConfig, layer_idx: int, indexer=None, progress=None, parent=None):
-            super().__init__()
-            self.layer = LayerCache(config, layer_idx, indexer)
-            self.progress = progress
-            self.parent = parent  # the HeteroCache: owns the decode-step runtime shared by all layers
-            self.processed = 0  # tokens seen, padding included: what position ids count
-            self.pending = None  # prompt K/V waiting for the attention call (it has the padding mask)
-
-        def lazy_initialization(self, key_states, value_states) -> None:
-            self.dtype, self.device = key_states.dtype, key_states.device
-            self.is_initialized = True
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            if key_states.shape[2] > 1 or self.processed == 0:
-                if self.processed > 0:
-                    raise HeteroError("hetero's cache takes a multi-token chunk only as the first (prefill) call; "
-                                      "continue a conversation with a new cache, or decode token by token")
-                self.pending = (key_states, value_states)
-            else:
-                self.layer.append(key_states[:, :, 0], value_states[:, :, 0])
-                self.processed += 1
-            key_states._hetero_layer = self
-            return key_states, value_states
-
-        def get_seq_length(self) -> int:
-            return self.processed
-
-        def get_mask_sizes(self, query_length: int):
-            return self.processed + query_length, 0
-
-        def get_max_length(self) -> int:
-            return -1
-
-        def reset(self) -> None:
-            self.layer.reset()
-            self.processed = 0
-            self.pending = None
-
-        def reorder_cache(self, beam_idx) -> None:
-            raise HeteroError("beam search is not supported by hetero's cache (use greedy or sampling)")
-
-    class HeteroCache(Cache):
-        """transformers Cache over hetero's tiers: ``layers[i].layer`` is layer i's ``LayerCache``.
-
-        Tokens moved to the host tier are indexed on a background worker, so a layer's index build during
-        prefill overlaps the next layers' compute (each layer's first search waits for its own builds).
-        Prompts of ``progress_tokens`` tokens or more show a progress bar on stderr, one tick per layer.
-        """
-
-        def __init__(self, config: HeteroConfig, num_layers: int, progress_tokens: int = 16384):
-            from .worker import Worker
-
-            self.indexer = Worker("hetero-indexer")
-            self.prefill_progress = _PrefillProgress(num_layers, progress_tokens)
-            super().__init__(layers=[HeteroCacheLayer(config, i, self.indexer, self.prefill_progress, self)
-                                     for i in range(num_layers)])
-            self.config = config
-            self._attention: Optional[HeteroAttention] = None
-
-        def attention(self, scaling: Optional[float]) -> HeteroAttention:
-            """The decode-step runtime of this cache (one host worker for all layers)."""
-            if self._attention is None or self._attention.config.scale != scaling:
-                if self._attention is not None:
-                    self._attention.close()
-                # the indexer doubles as the host worker: a layer's index add and its search share one FIFO
-                # thread (no cross-thread wait in the decode step)
-                cfg = self.config.with_(scale=scaling)
-                self._attention = HeteroAttention(cfg, host_worker=self.indexer)
-            return self._attention
-
-        def close(self) -> None:
-            """Finish pending index work, stop the indexer and host worker threads (also done at exit)."""
-            for lay in self.layers:
-                lay.layer.wait_indexed()
-            self.indexer.close()
-            if self._attention is not None:
-                self._attention.close()
-
-        def memory(self):
-            """Bytes per tier summed over layers (``fast_bytes``, ``host_bytes``, ``index_bytes``)."""
-            total = {"fast_bytes": 0, "host_bytes": 0, "index_bytes": 0}
-            for lay in self.layers:
-                for k, v in lay.layer.memory().items():
-                    total[k] += v
-            return total
-
-    return HeteroCacheLayer, HeteroCache
+    def close(self) -> None:
+        self.indexer.close()
+        if self._runtime is not None:
+            self._runtime.close()
 
 
-def HeteroCache(config: HeteroConfig, num_layers: int, progress_tokens: int = 16384):  # noqa: N802
-    """A transformers ``Cache`` whose layers are hetero's tiered caches (a factory that reads like the class)."""
-    return _classes()[1](config, num_layers, progress_tokens)
+class HeteroCacheLayer(CacheLayerMixin):
+    """One attention layer's cache: a hetero ``LayerCache`` plus what transformers' cache contract needs."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, shared: _Shared, layer_idx: int):
+        super().__init__()
+        self.shared = shared
+        self.layer = LayerCache(shared.config, layer_idx, shared.indexer)
+        self.processed = 0  # tokens seen, padding included: what position ids count
+        self.pad: List[int] = []  # left padding of each sequence's first prompt (never stored)
+        self.pending = None  # a chunk's K/V waiting for the attention call
+        self.attended = True  # hetero's attention consumed the last update (else another implementation did)
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.attended:
+            raise UnsupportedError(
+                f"layer {self.layer.layer_idx}: this HeteroCache is used by a model whose attention implementation is "
+                f"not {ATTN_NAME!r} (its last update never reached hetero's attention, so a step would attend only to "
+                "its new tokens); load the model with attn_implementation='hetero' or call hetero.wrap(model)")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.attended = False
+        if key_states.shape[2] == 1 and self.processed > 0:  # a decode token: into the tiers now
+            self.layer.append(key_states, value_states)
+            self.processed += 1
+        else:  # a chunk: attended over the tiers first, then appended (hetero_attention)
+            self.pending = (key_states, value_states)
+            fast = self.layer.fast.nbytes() if self.layer.initialized else 0
+            self.shared.peak_fast_bytes = max(self.shared.peak_fast_bytes, fast + 2 * key_states.numel()
+                                              * key_states.element_size())
+        key_states._hetero_layer = self
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.processed
+
+    def get_mask_sizes(self, query_length: int):
+        return self.processed + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, max_length: int) -> None:
+        """``crop(-n)``: forget the last n tokens (transformers' convention, ``crop(0)`` changes nothing); ``crop(n)``,
+        n > 0: keep the first n positions (the older convention). The window gets back the tokens that had left it,
+        the host tier and the index forget the rest."""
+        keep = self.processed + max_length if max_length <= 0 else min(max_length, self.processed)
+        if keep >= self.processed or not self.layer.initialized:
+            self.processed = max(0, min(self.processed, keep))
+            return
+        keep = max(keep, max(self.pad, default=0))
+        self.layer.crop([keep - p for p in self.pad])
+        self.processed = keep
+
+    def reset(self) -> None:
+        self.layer.reset()
+        self.processed, self.pad, self.pending, self.attended = 0, [], None, True
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise UnsupportedError("beam search is not supported by hetero's cache (use greedy or sampling)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise UnsupportedError("expanding a HeteroCache's batch is not supported (one sequence per prompt)")
+
+    def batch_select_indices(self, indices) -> None:
+        raise UnsupportedError("selecting sequences of a HeteroCache is not supported")
+
+
+class HeteroCache(Cache):
+    """A transformers ``Cache`` over hetero's tiers: ``layers[i].layer`` is layer i's ``LayerCache``.
+
+    ``HeteroCache(hetero_config, config=model.config)`` (or ``HeteroCache(hetero_config, num_layers)``): HF-style,
+    ``config`` is the model's config (its layer count); ``hetero_config`` a ``HeteroConfig`` (default:
+    ``HeteroConfig()``). Tokens moved to
+    the host tier are indexed on a background thread, so a layer's index build during a prefill overlaps the next
+    layers' compute. Prompts of ``progress_tokens`` tokens or more show a progress bar on stderr, one tick per layer.
+    ``close()`` (or leaving a ``with`` block, or dropping the last reference) stops that thread.
+    """
+
+    def __init__(self, hetero_config: Optional[HeteroConfig] = None, num_layers: Optional[int] = None, *,
+                 config: Optional[PretrainedConfig] = None, progress_tokens: int = DEFAULT_PROGRESS_TOKENS):
+        if isinstance(hetero_config, PretrainedConfig) and config is None:  # HeteroCache(model.config)
+            hetero_config, config = None, hetero_config
+        hetero_config = HeteroConfig() if hetero_config is None else hetero_config
+        if not isinstance(hetero_config, HeteroConfig):
+            raise ConfigError(f"hetero_config must be a hetero.HeteroConfig, got {type(hetero_config).__name__}")
+        if num_layers is None and config is not None:
+            num_layers = config.get_text_config(decoder=True).num_hidden_layers
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ConfigError(f"HeteroCache needs the model's layer count: pass config=model.config or num_layers=N "
+                              f"(an int >= 1), got {num_layers!r}")
+        if isinstance(progress_tokens, bool) or not isinstance(progress_tokens, int) or progress_tokens < 0:
+            raise ConfigError(f"progress_tokens must be an int >= 0, got {progress_tokens!r}")
+        shared = _Shared(hetero_config, num_layers, progress_tokens)
+        layers = [HeteroCacheLayer(shared, i) for i in range(num_layers)]
+        shared.layers = [x.layer for x in layers]
+        super().__init__(layers=layers)
+        self.config = hetero_config
+        self._shared = shared
+        self._finalizer = weakref.finalize(self, shared.close)
+
+    def __enter__(self) -> "HeteroCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Finish pending index work and stop the indexer thread (also done when the cache is freed, or at exit)."""
+        for lay in self.layers:
+            lay.layer.wait_indexed()
+        self._finalizer()
+
+    def memory(self):
+        """Bytes per tier summed over layers (``fast_bytes``, ``host_bytes``, ``index_bytes``) and the most the fast
+        tier of one layer held at once (``fast_peak_layer_bytes``: stored tokens plus a chunk in flight)."""
+        total = {"fast_bytes": 0, "host_bytes": 0, "index_bytes": 0}
+        for lay in self.layers:
+            for k, v in lay.layer.memory().items():
+                total[k] += v
+        total["fast_peak_layer_bytes"] = self._shared.peak_fast_bytes
+        return total
 
 
 class _PrefillProgress:
@@ -178,12 +240,13 @@ class _PrefillProgress:
         self._task = None
 
     def layer_done(self, layer_idx: int, tokens: int) -> None:
-        if tokens < self.min_tokens:
+        if not self.min_tokens or tokens < self.min_tokens:
             return
         if self._bar is None:
+            from rich.console import Console
             from rich.progress import Progress
 
-            self._bar = Progress(transient=False)
+            self._bar = Progress(transient=False, console=Console(stderr=True))
             self._bar.start()
             self._task = self._bar.add_task(f"hetero prefill: {tokens:,} tokens into the tiers", total=self.num_layers)
         self._bar.update(self._task, completed=layer_idx + 1)
@@ -192,85 +255,145 @@ class _PrefillProgress:
             self._bar = None
 
 
-def _real_tokens(attention_mask: Optional[torch.Tensor], batch: int, length: int, device) -> torch.Tensor:
-    """``[B, T]`` bool: which prompt tokens are real (not padding), read off the prompt's last mask row."""
+def _real_lengths(attention_mask: Optional[torch.Tensor], batch: int, length: int) -> List[int]:
+    """Real (not padding) tokens of each sequence in a chunk of ``length`` query tokens, read off the mask's last
+    row (``True`` / a finite additive 0 = attended); None means every token is real."""
     if attention_mask is None:
-        return torch.ones(batch, length, dtype=torch.bool, device=device)
+        return [length] * batch
     row = attention_mask[:, 0, -1, -length:]
-    return row if row.dtype == torch.bool else torch.isfinite(row) & (row > torch.finfo(row.dtype).min)
+    real = row if row.dtype == torch.bool else torch.isfinite(row) & (row > torch.finfo(row.dtype).min)
+    return real.sum(dim=1).tolist()
+
+
+_warned_dense = False
 
 
 def hetero_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """``AttentionInterface`` function: query ``[B, Hq, Lq, D]`` (post-RoPE), key/value ``[B, Hkv, Lk, D]``;
-    returns ``(out [B, Lq, Hq, D], None)``."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
+    """``AttentionInterface`` function: query ``[B, Hq, Lq, D]`` (post-RoPE), key/value ``[B, Hkv, Lk, D]`` (what
+    the cache's update returned); returns ``(out [B, Lq, Hq, D], None)``."""
+    global _warned_dense
+    if kwargs.get("output_attentions"):
+        raise UnsupportedError("output_attentions is not available with hetero's attention: the host tier's tokens "
+                               "are read sparsely, so there is no full attention matrix; load the model with "
+                               "attn_implementation='eager' to inspect attention weights")
     state = getattr(key, "_hetero_layer", None)
-    if state is None:  # not our cache: the key/value are complete, SDPA is exact
+    if state is None:  # not our cache (or none): the key/value are complete, dense attention is exact
+        if not _warned_dense:
+            warnings.warn("hetero: the 'hetero' attention was given no HeteroCache (use_cache=False, or another cache "
+                          "passed as past_key_values): it computes exact dense attention (SDPA) over the keys it got",
+                          stacklevel=2)
+            _warned_dense = True
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    if state.pending is not None:  # prefill: dense over the prompt, then the prompt moves into the tiers
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                        **kwargs)
-        k, v = state.pending
-        state.pending = None
-        b, _, t, _ = k.shape
-        real = _real_tokens(attention_mask, b, t, k.device)
-        order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # real tokens first, in order
-        idx = order[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        state.layer.append(torch.gather(k, 2, idx), torch.gather(v, 2, idx), real.sum(dim=1).cpu())
-        state.processed += t
-        if state.progress is not None:
-            state.progress.layer_done(state.layer.layer_idx, t)
-        return out, None
-    cache_attention = state.parent.attention(scaling)
-    record = getattr(module, "_hetero_record", None)
-    if record is None:
-        out = cache_attention.run(query[:, :, 0, :], state.layer)  # [B, Hq, D]
-    else:  # profiling: keep the step's phase timings per layer
-        res = cache_attention.run(query[:, :, 0, :], state.layer, return_details=True)
-        record.append(res)
-        out = res.out
-    return out.unsqueeze(1), None
+    state.attended = True
+    shared, layer = state.shared, state.layer
+    runtime = shared.runtime(scaling)
+    if state.pending is None:  # one decode token
+        if layer.layer_idx == 0 or shared.plan is None:
+            shared.plan = runtime.plan(shared.layers, query.shape[1], query.dtype)
+        q = query[:, :, 0, :]
+        record = getattr(module, "_hetero_record", None)  # profiling: the native phases of this layer's steps
+        runtime.record_phases = record is not None
+        out = runtime.run(q, layer, shared.plan, out=runtime.output(shared.plan, layer))
+        if record is not None:
+            record.append(runtime.phases(shared.plan, layer))
+        return out.unsqueeze(1), None
+    k, v = state.pending
+    state.pending = None
+    b, _, c, _ = k.shape
+    if state.processed == 0:
+        lengths = _real_lengths(attention_mask, b, c)
+        state.pad = [c - n for n in lengths]
+    else:
+        lengths = _real_lengths(attention_mask, b, c)
+        if any(n != c for n in lengths):
+            raise UnsupportedError(f"layer {layer.layer_idx}: a chunk of {c} tokens into a warm HeteroCache holds "
+                                   f"padding ({lengths} real tokens per sequence); only the first prompt of a batch "
+                                   "may be left-padded")
+    out = chunk_attention(runtime, layer, query, k, v, lengths)  # [B, Hq, C, D]
+    if min(lengths) == c:
+        layer.append(k, v)
+    else:  # the first prompt of a padded batch: each sequence's real tokens, moved to the front
+        idx = torch.arange(c, device=k.device)
+        order = torch.stack([torch.cat([idx[c - n:], idx[:c - n]]) for n in lengths])
+        gather = order[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        layer.append(torch.gather(k, 2, gather), torch.gather(v, 2, gather), lengths)
+    state.processed += c
+    shared.plan = None  # the next decode step plans again (the chunk may have made the first prefill)
+    shared.progress.layer_done(layer.layer_idx, c)
+    return out.transpose(1, 2), None
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTN_NAME, hetero_attention)
-    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+# ---- registration --------------------------------------------------------------------------------------
+_registered = threading.Lock()
+_original_prepare_cache = GenerationMixin._prepare_cache_for_generation
+_original_prepare_config = GenerationMixin._prepare_generation_config
 
 
-def wrap(model, config: Optional[HeteroConfig] = None):
+def _prepare_generation_config(self, generation_config, **kwargs):
+    """``generate(hetero_config=...)``: taken off the model kwargs (which would refuse it) onto the generation
+    config, where ``_prepare_cache_for_generation`` reads it."""
+    hetero_config = kwargs.pop("hetero_config", None)
+    generation_config, model_kwargs = _original_prepare_config(self, generation_config, **kwargs)
+    if hetero_config is not None:
+        generation_config.hetero_config = hetero_config
+    return generation_config, model_kwargs
+
+
+def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+    """A model whose attention is "hetero" gets a ``HeteroCache`` when ``generate()`` is given no cache (and uses
+    one: ``use_cache=False`` keeps none); any other model is left to transformers."""
+    if (getattr(self.config, "_attn_implementation", None) == ATTN_NAME and model_kwargs.get("past_key_values") is None
+            and generation_config.use_cache is not False and generation_config.cache_implementation is None):
+        config = getattr(generation_config, "hetero_config", None) or getattr(self, "hetero_config", None)
+        progress = getattr(self, "hetero_progress_tokens", DEFAULT_PROGRESS_TOKENS)
+        cache = HeteroCache(config, config=self.config, progress_tokens=progress)
+        if generation_config.is_assistant:
+            cache.activate_past_recording()
+        model_kwargs["past_key_values"] = cache
+        return
+    return _original_prepare_cache(self, generation_config, model_kwargs, *args, **kwargs)
+
+
+def register() -> None:
+    """Register the "hetero" attention and mask with transformers and the cache hook of ``generate()`` (idempotent;
+    done when this module is imported)."""
+    with _registered:
+        AttentionInterface.register(ATTN_NAME, hetero_attention)
+        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+        GenerationMixin._prepare_cache_for_generation = _prepare_cache_for_generation
+        GenerationMixin._prepare_generation_config = _prepare_generation_config
+
+
+def wrap(model, config: Optional[HeteroConfig] = None, progress_tokens: int = DEFAULT_PROGRESS_TOKENS):
     """Make a loaded transformers causal LM decode with hetero; returns the same model.
 
-    ``model.generate(...)`` then creates a ``HeteroCache`` (unless you pass ``past_key_values``); greedy,
-    sampling and streaming work unchanged, batches may be left-padded. Raises ``UnsupportedModelError``
-    naming the feature for models hetero cannot serve exactly (sliding-window layers, soft-capping,
-    encoder-decoder, MLA, cross-attention).
+    ``model.generate(...)`` then builds a ``HeteroCache`` (unless you pass ``past_key_values``); greedy, sampling,
+    streaming, multi-turn, chunked prefill and prompt-lookup decoding work, batches may be left-padded. Raises
+    ``UnsupportedModelError`` naming the feature for models hetero cannot serve exactly (sliding-window layers,
+    soft-capping, encoder-decoder, MLA, cross-attention). ``unwrap(model)`` undoes it.
     """
-    config = config or HeteroConfig()
+    if config is not None and not isinstance(config, HeteroConfig):
+        raise ConfigError(f"config must be a hetero.HeteroConfig (or None for the defaults), got {type(config).__name__}")
     reasons = unsupported_features(model.config)
     if reasons:
         raise UnsupportedModelError(f"hetero cannot wrap this {type(model).__name__}: " + "; ".join(reasons))
-    _register()
+    register()
+    if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
+        model._hetero_previous_attn = model.config._attn_implementation
     model.set_attn_implementation(ATTN_NAME)
-    num_layers = model.config.num_hidden_layers
-    original = getattr(model.generate, "_hetero_original", model.generate)
-
-    @functools.wraps(original)
-    def generate(*args, **kwargs):
-        if kwargs.get("past_key_values") is not None:
-            return original(*args, **kwargs)
-        cache = HeteroCache(config, num_layers)
-        kwargs["past_key_values"] = cache
-        try:
-            return original(*args, **kwargs)
-        finally:
-            cache.close()  # the cache is ours: stop its indexer thread
-
-    generate._hetero_original = original
-    model.generate = generate
-    model.hetero_config = config
+    model.hetero_config = config or HeteroConfig()
+    model.hetero_progress_tokens = progress_tokens
     return model
+
+
+def unwrap(model):
+    """Undo ``wrap``: the attention implementation the model had before (sdpa if unknown); returns the model."""
+    model.set_attn_implementation(getattr(model, "_hetero_previous_attn", None) or "sdpa")
+    for name in ("hetero_config", "hetero_progress_tokens", "_hetero_previous_attn"):
+        if hasattr(model, name):
+            delattr(model, name)
+    return model
+
+
+register()

@@ -162,7 +162,7 @@ class FastTier:
         ones that left it since the sequence was ``n`` tokens long; empty when none did)."""
         if self.window is None:
             return 0, 0
-        lo, hi = max(self.sinks, n - self.window), self.window_positions(seq)[0]
+        lo, hi = max(self.sinks, n - self.window), min(n, self.window_positions(seq)[0])
         return lo, max(lo, hi)
 
     def crop(self, seq: int, n: int, refill_k: torch.Tensor, refill_v: torch.Tensor) -> None:

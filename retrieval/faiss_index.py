@@ -103,6 +103,18 @@ class _FaissRetriever(Retriever):
         self._index[seq] = [None] * self.host.kv_heads
         self.set_trained(seq, 0)
 
+    def truncate(self, seq: int, n: int) -> None:
+        """IVF indexes drop the ids ``>= n`` in place (faiss numbers added vectors by position; the coarse quantizer
+        stays as it was trained); HNSW cannot remove, and is rebuilt from the first n host keys."""
+        n = min(n, int(self.ntotal_array[seq]))
+        if self.trains and n > 0 and self._index[seq][0] is not None:
+            faiss = _faiss()
+            for index in self._index[seq]:
+                index.remove_ids(faiss.IDSelectorRange(n, int(self.ntotal_array[seq])))
+            self.ntotal_array[seq] = n
+            return
+        super().truncate(seq, n)
+
     # ---- search -------------------------------------------------------------------------------------
     def _set_effort(self, index, k: int, n: int) -> None:
         raise NotImplementedError

@@ -103,6 +103,23 @@ class LSHSampler(Retriever):
     def _reset_seq(self, seq: int) -> None:
         self._mu[seq] = self._heads[seq] = self._next[seq] = self._counts[seq] = None
 
+    def truncate(self, seq: int, n: int) -> None:
+        """Keys are pushed onto the front of their buckets' lists, so every list holds ids in decreasing order: a
+        bucket forgets the ids ``>= n`` by moving its head past them (the centering mean, from the first add, stays:
+        the tables are as they were after n keys)."""
+        n = min(n, int(self.ntotal_array[seq]))
+        if self._heads[seq] is None or n == 0:
+            super().truncate(seq, n)
+            return
+        for heads, nxt in zip(self._heads[seq], self._next[seq]):
+            tables = np.arange(heads.shape[0])[:, None]
+            while True:
+                drop = heads >= n
+                if not drop.any():
+                    break
+                heads[drop] = nxt[np.broadcast_to(tables, heads.shape)[drop], heads[drop]]
+        self.ntotal_array[seq] = n
+
     def collision_probability(self, cos: torch.Tensor) -> torch.Tensor:
         """``w = P(>= min_collisions of L tables collide)`` for angle ``acos(cos)``."""
         theta = torch.arccos(cos.clamp(-1.0, 1.0))

@@ -88,12 +88,11 @@ def profile_model(name: str, config: HeteroConfig, context: int, steps: int,
         del m._hetero_record
         if not recs:
             continue
-        mean = lambda key: sum(r.timings_ms.get(key, 0.0) for r in recs) / len(recs)  # noqa: E731
-        host = sum(r.host_ms for r in recs) / len(recs)
-        window = sum(r.window_ms for r in recs) / len(recs)
-        per_layer.append({"layer": m.layer_idx, "window": mean("window"), "retrieve": mean("retrieve"),
+        mean = lambda key: sum(r.get(key, 0.0) for r in recs) / len(recs)  # noqa: E731
+        host, window = mean("retrieve") + mean("host_attn"), mean("window")
+        per_layer.append({"layer": m.layer_idx, "window": window, "retrieve": mean("retrieve"),
                           "host_attn": mean("host_attn"), "merge": mean("merge"),
-                          "step": max(host, window) + mean("merge"), "critical": "host" if host > window else "window"})
+                          "step": window + host + mean("merge"), "critical": "host" if host > window else "window"})
     agree = int((ref.sequences[0, ids.shape[1]:] == mine.sequences[0, ids.shape[1]:]).sum())
     host_bound = sum(1 for row in per_layer if row["critical"] == "host")
     return {

@@ -96,6 +96,8 @@ class SeqIndex:
             kbuf.copy_(keys[h])
             vbuf.copy_(values[h])
             self._insert(kbuf[None], vbuf[None], ids, assign[h:h + 1], head0=h)
+        # host positions at which the tail list was empty, oldest first (truncate restores the tail of a past state)
+        self.tail_starts = [n]
 
     @property
     def nlist(self) -> int:
@@ -171,6 +173,7 @@ class SeqIndex:
             self.flush()
             if n > TAIL_TOKENS // 4:
                 self._insert(keys, values, np.arange(first_id, first_id + n, dtype=np.int32))
+                self.tail_starts.append(first_id + n)
                 return
             t = 0
         ext = native.load()
@@ -208,6 +211,7 @@ class SeqIndex:
         for stat in (self.ksum, self.vsum, self.vmean):
             stat[:, self.nlist] = 0
         self._insert(self.tail_keys[:, :t], self.tail_values[:, :t], ids)
+        self.tail_starts.append(int(ids[-1]) + 1)
 
     def _insert(self, keys: torch.Tensor, values: torch.Tensor, ids: np.ndarray,
                 assign: Optional[torch.Tensor] = None, head0: int = 0) -> None:
@@ -303,39 +307,37 @@ class SeqIndex:
         self.ids[:, : ids.shape[1]] = ids
 
     def truncate(self, n: int, keys_of, values_of) -> None:
-        """Remove the keys of host positions ``>= n`` (the newest: every list holds its ids in increasing order, and
-        the tail holds the newest of all). ``keys_of(first, stop)`` / ``values_of``: float32 ``[Hkv, m, D]`` of host
-        positions ``[first, stop)``, read to take the removed keys out of their lists' sums; the sums of the lists
-        that lost members and the tail's are recomputed from what stays."""
+        """The index as it was after ``n`` host tokens: the keys of host positions ``>= n`` removed (the newest: every
+        list holds its ids in increasing order, the tail the newest of all), and the tail list holding again the
+        keys it held then (``tail_starts``: the keys the tail had passed on to lists since come back to it, re-added
+        in order, so its sums are the same as then). ``keys_of(first, stop)`` / ``values_of``: float32 ``[Hkv, m, D]``
+        of host positions ``[first, stop)`` (the tier still holds them); the sums of the lists that lost members are
+        reduced by them (equal to what they were up to rounding)."""
         hkv, lists = self.count.shape
         tail = self.nlist
-        t = self.tail
-        first = int(self.start[0, tail])
-        tail_ids = self.ids[0, first:first + t]
-        keep = int(np.searchsorted(tail_ids, n))  # ascending
-        if keep < t:
-            self.count[:, tail] = keep
-            self.ksum[:, tail] = self.tail_keys[:, :keep].sum(dim=1).numpy()
-            self.vsum[:, tail] = self.tail_values[:, :keep].sum(dim=1).numpy()
-            self._refresh(np.arange(hkv) * lists + tail)
+        starts = [x for x in self.tail_starts if x <= n]
+        cut = starts[-1] if starts else n  # where the tail began in the state after n tokens
+        self.tail_starts = starts or [n]
         touched = []
-        for h in range(hkv):
+        for h in range(hkv):  # lists forget every key from `cut` on
             for lst in range(self.nlist):
                 s, c = int(self.start[h, lst]), int(self.count[h, lst])
-                if c == 0 or self.ids[h, s + c - 1] < n:
+                if c == 0 or self.ids[h, s + c - 1] < cut:
                     continue
-                kept = int(np.searchsorted(self.ids[h, s:s + c], n))
+                kept = int(np.searchsorted(self.ids[h, s:s + c], cut))
                 removed = self.ids[h, s + kept:s + c].astype(np.int64)
-                if len(removed):
-                    lo, hi = int(removed.min()), int(removed.max()) + 1
-                    k = keys_of(lo, hi)[h].numpy()[removed - lo]
-                    v = values_of(lo, hi)[h].numpy()[removed - lo]
-                    self.ksum[h, lst] -= k.sum(axis=0)
-                    self.vsum[h, lst] -= v.sum(axis=0)
-                    self.count[h, lst] = kept
-                    touched.append(h * lists + lst)
+                lo, hi = int(removed.min()), int(removed.max()) + 1
+                self.ksum[h, lst] -= keys_of(lo, hi)[h].numpy()[removed - lo].sum(axis=0)
+                self.vsum[h, lst] -= values_of(lo, hi)[h].numpy()[removed - lo].sum(axis=0)
+                self.count[h, lst] = kept
+                touched.append(h * lists + lst)
         if touched:
             self._refresh(np.asarray(touched))
+        self.count[:, tail] = 0  # the tail, rebuilt from [cut, n) in host order
+        for stat in (self.ksum, self.vsum, self.vmean):
+            stat[:, tail] = 0
+        if n > cut:
+            self.add(keys_of(cut, n).contiguous(), values_of(cut, n).contiguous(), cut)
 
     def nbytes(self) -> int:
         return (self.codes.nbytes + self.ids.nbytes + 3 * self.centroids_t.nbytes + 3 * self.count.nbytes

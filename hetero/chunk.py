@@ -1,0 +1,121 @@
+"""Attention of a chunk of ``C >= 1`` query tokens over a layer's tiers and the chunk itself (DESIGN.md "Chunk
+attention"): a prompt (or its chunks, ``prefill_chunk_size``), a new conversation turn into a warm cache, the draft
+tokens of assisted decoding.
+
+Queries ``q [B, Hq, C, D]`` at positions ``[p_b, p_b + C)`` of each sequence attend to every token before them —
+the fast tier (sinks + window) and the host tier — and to the chunk's own tokens causally. Three parts per
+sequence, fused by the same log-sum-exp rule as a decode step (now ``[B, Hq, C, D]`` / ``[B, Hq, C]``):
+
+* fast tier: every valid slot (all are before the chunk), exact.
+* host tier: exact for a chunk longer than ``HeteroConfig.sparse_chunk_tokens`` (a prompt or a long turn: every
+  host row, in runs of the paged tier), else as decode tokens attend it: each query through the retriever, its
+  selection read by the host backend (with the retriever's estimate of the rest).
+* the chunk: causal over its own keys.
+
+Exact parts run in PyTorch (``torch``'s fused CPU attention with its log-sum-exp where it exists, else matmuls); on
+CUDA the host tier's runs are copied to the device for its part. The caller appends the chunk's K/V to the tiers
+afterwards (``LayerCache.append``), as decode tokens enter them.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from .merge import merge
+from .types import PartialAttention
+
+_HOST_RUN = 32768  # host rows attended at once (bounds the device copy and the score matrix)
+
+
+def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      causal: bool = False) -> PartialAttention:
+    """``q [Hq, C, D]`` over ``k, v [Hkv, N, D]`` (``Hq = G * Hkv``; causal needs ``N == C``): out ``[Hq, C, D]``
+    float32, lse ``[Hq, C]`` natural log (``-inf``, out 0 where nothing is attended).
+
+    Equivalent PyTorch: ``softmax(scale * q @ k.T (+ causal mask)) @ v`` with its log-sum-exp, per query head over
+    the KV head of its group."""
+    hq, c, d = q.shape
+    if k.shape[1] == 0 or c == 0:
+        return PartialAttention(torch.zeros(hq, c, d, device=q.device), torch.full((hq, c), float("-inf"),
+                                                                                   device=q.device))
+    dtype = q.dtype if q.dtype == k.dtype else torch.float32
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.to(dtype)[None], k.to(dtype)[None], v.to(dtype)[None], 0.0, causal, scale=scale)
+        return PartialAttention(out[0].float(), lse[0].float())
+    g = hq // k.shape[0]
+    qf = q.float().reshape(k.shape[0], g * c, d)
+    s = torch.matmul(qf, k.float().transpose(1, 2)) * scale  # [Hkv, G*C, N]
+    if causal:
+        pos = torch.arange(c, device=q.device)
+        mask = (pos[None, :] > pos[:, None]).repeat(g, 1)  # query row (g, i) sees keys j <= i
+        s = s.masked_fill(mask[None], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+    out = torch.matmul(p, v.float())
+    return PartialAttention(out.reshape(hq, c, d), lse.reshape(hq, c))
+
+
+def _stack(parts: Sequence[PartialAttention]) -> PartialAttention:
+    return PartialAttention(torch.stack([p.out for p in parts]), torch.stack([p.lse for p in parts]))
+
+
+def chunk_attention(runtime, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    lengths: Optional[List[int]] = None) -> torch.Tensor:
+    """Attention of the chunk ``q [B, Hq, C, D]`` (post-RoPE) with its own keys and values ``k, v [B, Hkv, C, D]``
+    over ``layer``'s tiers, before the chunk is appended. ``lengths``: the chunk's real (trailing) tokens per
+    sequence when it is left-padded (the first prompt of a padded batch); padded query rows get 0. Returns
+    ``[B, Hq, C, D]`` in q's dtype."""
+    b, hq, c, d = q.shape
+    config = runtime.config
+    scale = config.scale or d ** -0.5
+    lengths = [c] * b if lengths is None else list(lengths)
+    out = torch.zeros_like(q)
+    sparse = (layer.initialized and not layer.dense and c <= config.sparse_chunk_tokens
+              and bool(layer.host.length.any()))
+    host_parts = _sparse_host_parts(runtime, layer, q, scale) if sparse else None
+    for seq, n in enumerate(lengths):
+        if n == 0:
+            continue
+        qs, ks, vs = q[seq, :, c - n:], k[seq, :, c - n:], v[seq, :, c - n:]
+        parts = [partial_attention(qs, ks, vs, scale, causal=True)]
+        if layer.initialized:
+            fk, fv = layer.fast.tokens(seq)
+            parts.append(partial_attention(qs, fk, fv, scale))
+            if host_parts is not None:
+                parts.append(PartialAttention(host_parts.out[seq, :, c - n:], host_parts.lse[seq, :, c - n:]))
+            elif not layer.dense and layer.host.length[seq]:
+                parts.extend(_exact_host_parts(layer, seq, qs, scale))
+        out[seq, :, c - n:] = merge(parts).out.to(q.dtype)
+    return out
+
+
+def _exact_host_parts(layer, seq: int, q: torch.Tensor, scale: float) -> List[PartialAttention]:
+    """The host tier of ``seq`` attended exactly, one part per run of consecutive pool rows (at most _HOST_RUN)."""
+    host, parts = layer.host, []
+    n = int(host.length[seq])
+    for start in range(0, n, _HOST_RUN):
+        stop = min(n, start + _HOST_RUN)
+        for row, _, count in host._rows(seq, start, stop):
+            kk, vv = host.k_pool[:, row:row + count], host.v_pool[:, row:row + count]
+            if q.device.type != "cpu":
+                kk, vv = kk.to(q.device, non_blocking=True), vv.to(q.device, non_blocking=True)
+            parts.append(partial_attention(q, kk, vv, scale))
+    return parts
+
+
+def _sparse_host_parts(runtime, layer, q: torch.Tensor, scale: float) -> PartialAttention:
+    """The host tier as decode tokens attend it, one query position at a time: ``[B, Hq, C, D]`` / ``[B, Hq, C]``."""
+    b, hq, c, d = q.shape
+    plan = runtime.plan(layer, hq, torch.float32)
+    per_pos = []
+    for i in range(c):
+        qi = q[:, :, i].detach().float().cpu().contiguous()
+        sel = layer.retriever.search(qi, plan.budgets_for(layer).tolist())
+        part = plan.host(qi, layer.host.view(), sel, scale)
+        if sel.estimate is not None:
+            part = merge([part, sel.estimate])
+        per_pos.append(part)
+    stacked = _stack(per_pos)  # [C, B, Hq, D]
+    return PartialAttention(stacked.out.permute(1, 2, 0, 3).to(q.device), stacked.lse.permute(1, 2, 0).to(q.device))

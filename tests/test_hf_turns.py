@@ -1,0 +1,266 @@
+"""HeteroCache as a whole transformers Cache: several tokens into a warm cache (multi-turn chat, chunked prefill,
+prompt lookup), crop, native registration, and every silent mistake refused or warned."""
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import hetero
+from hetero import HeteroConfig, HeteroError, LayerCache
+from hetero.tools.workloads import smollm2
+
+transformers = pytest.importorskip("transformers")
+import hetero.hf  # noqa: E402  (registers "hetero")
+from hetero.hf import HeteroCache  # noqa: E402
+
+COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+EXACT = HeteroConfig(window=8, sinks=2, retriever="all")
+needs_model = pytest.mark.skipif(not smollm2.available(), reason=f"SmolLM2 not installed ({smollm2.INSTALL_HINT})")
+
+
+def _pair(config=EXACT):
+    from transformers import LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**COMMON)
+    ref = transformers.LlamaForCausalLM._from_config(copy.deepcopy(cfg), attn_implementation="sdpa").eval()
+    model = transformers.LlamaForCausalLM._from_config(copy.deepcopy(cfg), attn_implementation="sdpa").eval()
+    model.load_state_dict(ref.state_dict())
+    return ref, hetero.wrap(model, config)
+
+
+def _chat(model, cache, turns, new_tokens=10):
+    ids, seqs = None, []
+    for t in turns:
+        ids = t if ids is None else torch.cat([ids, t], dim=1)
+        ids = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, past_key_values=cache)
+        seqs.append(ids)
+    return seqs
+
+
+def _record_chunks(monkeypatch):
+    """Sizes of the multi-token chunks layer 0 is handed (what a prefill processes)."""
+    sizes, update = [], hetero.hf.HeteroCacheLayer.update
+
+    def spy(self, k, v, *a, **kw):
+        if self.layer.layer_idx == 0 and k.shape[2] > 1:
+            sizes.append(k.shape[2])
+        return update(self, k, v, *a, **kw)
+
+    monkeypatch.setattr(hetero.hf.HeteroCacheLayer, "update", spy)
+    return sizes
+
+
+def test_multi_turn_chat_reuses_the_cache_and_matches_dynamic_cache(monkeypatch):
+    from transformers import DynamicCache
+
+    ref, model = _pair()
+    gen = torch.Generator().manual_seed(1)
+    turns = [torch.randint(3, 160, (1, n), generator=gen) for n in (40, 17, 23)]
+    want = _chat(ref, DynamicCache(config=ref.config), turns)
+    sizes = _record_chunks(monkeypatch)
+    cache = HeteroCache(model.hetero_config, config=model.config)
+    got = _chat(model, cache, turns)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    # each turn's prefill is its new tokens only (and the last token the previous turn generated, never fed back)
+    assert sizes == [40, 17 + 1, 23 + 1]
+    assert cache.get_seq_length() == got[-1].shape[1] - 1
+    cache.close()
+
+
+def test_chunked_prefill_matches_one_shot_and_bounds_the_fast_tier():
+    ref, model = _pair(HeteroConfig(window=16, sinks=2, retriever="all"))
+    ids = torch.randint(3, 160, (1, 300), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    one = model.generate(ids, **kw)
+    cache = HeteroCache(model.hetero_config, config=model.config)
+    chunked = model.generate(ids, prefill_chunk_size=64, past_key_values=cache, **kw)
+    dense = ref.generate(ids, **kw)
+    assert torch.equal(one.sequences, chunked.sequences) and torch.equal(one.sequences, dense.sequences)
+    assert max(float((a - b).abs().max()) for a, b in zip(one.logits, chunked.logits)) <= 1e-4
+    per_token = 2 * 2 * 16 * 4  # K and V, 2 KV heads, head_dim 16, float32
+    assert cache.memory()["fast_peak_layer_bytes"] <= (64 + 16 + 2) * per_token  # chunk + window + sinks
+
+
+def test_prompt_lookup_and_assisted_decoding_roll_the_cache_back_exactly():
+    ref, model = _pair()
+    ids = torch.randint(3, 30, (1, 60), generator=torch.Generator().manual_seed(3))  # repetitive: drafts get taken
+    kw = dict(max_new_tokens=40, do_sample=False)
+    assert torch.equal(ref.generate(ids, prompt_lookup_num_tokens=5, **kw), model.generate(ids, **kw))
+    assert torch.equal(model.generate(ids, prompt_lookup_num_tokens=5, **kw), model.generate(ids, **kw))
+
+
+def test_use_cache_false_is_respected_and_output_attentions_refused():
+    ref, model = _pair()
+    ids = torch.randint(3, 160, (1, 30), generator=torch.Generator().manual_seed(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(got, ref.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False))
+    with pytest.raises(HeteroError, match="output_attentions"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, output_attentions=True, return_dict_in_generate=True)
+
+
+def test_a_hetero_cache_under_another_attention_raises_before_a_wrong_step():
+    ref, _ = _pair()
+    ids = torch.randint(3, 160, (1, 30), generator=torch.Generator().manual_seed(5))
+    cache = HeteroCache(EXACT, config=ref.config)  # ref was never wrapped: sdpa attention
+    with pytest.raises(HeteroError, match="attention implementation is not 'hetero'"):
+        ref.generate(ids, max_new_tokens=4, do_sample=False, past_key_values=cache)
+
+
+def test_switching_back_to_sdpa_after_wrap_decodes_dense_and_unwrap_restores():
+    ref, model = _pair()
+    ids = torch.randint(3, 160, (1, 30), generator=torch.Generator().manual_seed(6))
+    want = ref.generate(ids, max_new_tokens=10, do_sample=False)
+    model.set_attn_implementation("sdpa")
+    assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=False), want)  # a DynamicCache, not ours
+    hetero.unwrap(hetero.wrap(model, EXACT))
+    assert model.config._attn_implementation == "sdpa" and not hasattr(model, "hetero_config")
+
+
+def test_hetero_attention_by_name_at_load_decodes_on_a_hetero_cache(monkeypatch):
+    from transformers import GenerationConfig, LlamaConfig
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(LlamaConfig(**COMMON), attn_implementation="hetero").eval()
+    seen = []
+    monkeypatch.setattr(HeteroCache, "__init__", _spy_init(seen))
+    ids = torch.randint(3, 160, (1, 40), generator=torch.Generator().manual_seed(7))
+    out = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
+                         hetero_config=HeteroConfig(window=4, sinks=1, retriever="exact", budget=3))
+    assert isinstance(out.past_key_values, HeteroCache) and seen[-1].window == 4
+    model.generation_config.hetero_config = HeteroConfig(window=6, sinks=1, retriever="all")
+    model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert seen[-1].window == 6
+    model.generate(ids, max_new_tokens=2, do_sample=False, generation_config=GenerationConfig(
+        hetero_config=HeteroConfig(window=5, sinks=1, retriever="all"), max_new_tokens=2, do_sample=False))
+    assert seen[-1].window == 5
+
+
+def _spy_init(seen):
+    init = HeteroCache.__init__
+
+    def spy(self, hetero_config=None, *args, **kwargs):
+        init(self, hetero_config, *args, **kwargs)
+        seen.append(self.config)
+
+    return spy
+
+
+def test_hetero_cache_is_a_class_with_an_hf_style_constructor():
+    from transformers import LlamaConfig
+    from transformers.cache_utils import Cache
+
+    cfg = LlamaConfig(**COMMON)
+    with HeteroCache(config=cfg) as cache:
+        assert isinstance(cache, HeteroCache) and isinstance(cache, Cache) and len(cache.layers) == 2
+        assert cache.config == HeteroConfig()
+    assert len(HeteroCache(EXACT, 3).layers) == 3 and len(HeteroCache(cfg).layers) == 2
+    with pytest.raises(HeteroError, match="layer count"):
+        HeteroCache(EXACT)
+    with pytest.raises(HeteroError, match="HeteroConfig"):
+        HeteroCache({"window": 4}, 2)
+
+
+def test_progress_threshold_is_reachable_from_wrap(capsys):
+    _, model = _pair()
+    hetero.wrap(model, EXACT, progress_tokens=32)
+    ids = torch.randint(3, 160, (1, 40), generator=torch.Generator().manual_seed(8))
+    model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert "hetero prefill: 40 tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("retriever, extra", [("all", 40), ("ivf-group", 40), ("ivf-group", 150), ("exact", 40),
+                                             ("lsh", 40), ("ivf", 150)])
+def test_crop_returns_tiers_and_index_to_the_state_after_n_tokens(retriever, extra):
+    """Append 300 tokens in one chunk and ``extra`` one by one, crop back to 310: the tiers hold exactly the first
+    310 tokens of each sequence, the index as many host tokens, and the next step agrees with a cache that never
+    saw the dropped ones (with 150, ivf-group's dropped keys had left its tail list for their lists)."""
+    opts = {"min_train": 64} if retriever in ("ivf-group", "ivf") else {}
+    cfg = HeteroConfig(window=16, sinks=2, retriever=retriever, budget=0.3, retriever_options=opts)
+    gen = torch.Generator().manual_seed(9)
+    k, v = torch.randn(2, 2, 300 + extra, 16, generator=gen), torch.randn(2, 2, 300 + extra, 16, generator=gen)
+    a, b = LayerCache(cfg), LayerCache(cfg)
+    a.append(k[:, :, :300], v[:, :, :300])
+    b.append(k[:, :, :300], v[:, :, :300])
+    for t in range(300, 300 + extra):
+        a.append(k[:, :, t], v[:, :, t])
+    for t in range(300, 310):
+        b.append(k[:, :, t], v[:, :, t])
+    a.crop([310, 310])
+    a.wait_indexed()
+    b.wait_indexed()
+    for seq in range(2):
+        ka, va = a.tokens(seq)
+        assert torch.equal(ka, k[seq, :, :310]) and torch.equal(va, v[seq, :, :310])
+    assert a.host_lengths() == b.host_lengths() == a.retriever.ntotal
+    if retriever == "ivf-group":
+        for x, y in zip(a.retriever._seqs, b.retriever._seqs):
+            np.testing.assert_array_equal(x.count, y.count)
+    q = torch.randn(2, 8, 16, generator=gen)
+    attn = hetero.HeteroAttention(cfg)
+    ra, rb = attn.run(q, a, return_details=True), attn.run(q, b, return_details=True)
+    assert torch.equal(ra.selection.indices, rb.selection.indices)
+    if retriever in ("all", "exact", "lsh", "ivf"):  # an index of counts, or one that removes its newest ids
+        assert torch.equal(ra.out, rb.out)
+    else:  # ivf-group's lists are the same; the sums of the lists that lost members are recomputed (rounding)
+        torch.testing.assert_close(ra.out, rb.out, rtol=1e-5, atol=1e-6)
+
+
+@needs_model
+def test_smollm2_three_turn_chat_exact_and_turn_two_prefills_only_the_new_tokens(monkeypatch):
+    from transformers import DynamicCache
+
+    model, tok = smollm2.load()
+    ref, _ = smollm2.load()
+    hetero.wrap(model, HeteroConfig(window=64, sinks=4, retriever="all"))
+    first = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                    add_generation_prompt=True, return_tensors="pt")
+    first = getattr(first, "input_ids", first)
+    turns = [first] + [tok(f"<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n",
+                           return_tensors="pt", add_special_tokens=False).input_ids
+                       for text in ("And of Italy?", "Which of the two is larger?")]
+    with torch.no_grad():
+        want = _chat(ref, DynamicCache(config=ref.config), turns, new_tokens=12)
+        sizes = _record_chunks(monkeypatch)
+        got = _chat(model, HeteroCache(model.hetero_config, config=model.config), turns, new_tokens=12)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+    # turns 2 and 3 prefill only their own tokens and the previous turn's last one (never fed back)
+    assert sizes == [turns[0].shape[1]] + [t.shape[1] + 1 for t in turns[1:]]
+
+
+@needs_model
+def test_smollm2_chunked_prefill_of_8k_matches_one_shot():
+    from hetero.tools.workloads.real import corpus_text
+
+    model, tok = smollm2.load()
+    hetero.wrap(model, HeteroConfig(window=256, sinks=4, retriever="all"))
+    ids = tok(corpus_text(), return_tensors="pt").input_ids[:, :8192]
+    kw = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        one = model.generate(ids, **kw)
+        cache = HeteroCache(model.hetero_config, config=model.config)
+        chunked = model.generate(ids, prefill_chunk_size=1024, past_key_values=cache, **kw)
+    assert torch.equal(one.sequences, chunked.sequences)
+    assert max(float((a - b).abs().max()) for a, b in zip(one.logits, chunked.logits)) <= 1e-4
+    per_token = 2 * 3 * 64 * 4
+    assert cache.memory()["fast_peak_layer_bytes"] <= (1024 + 256 + 4) * per_token
+    cache.close()
+
+
+@needs_model
+def test_smollm2_prompt_lookup_exact_matches_plain_hf():
+    from hetero.tools.workloads.real import corpus_text
+
+    model, tok = smollm2.load()
+    ref, _ = smollm2.load()
+    hetero.wrap(model, HeteroConfig(window=64, sinks=4, retriever="all"))
+    ids = tok(corpus_text(), return_tensors="pt").input_ids[:, 2000:2600]
+    with torch.no_grad():
+        want = ref.generate(ids, max_new_tokens=48, do_sample=False)
+        got = model.generate(ids, max_new_tokens=48, do_sample=False, prompt_lookup_num_tokens=8)
+    assert torch.equal(want, got)
