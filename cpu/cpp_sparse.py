@@ -15,11 +15,13 @@ from hetero.backends import HostBackend
 from hetero.native_pool import RunnerBacked
 from hetero.types import HostView, PartialAttention, Selection
 
+from .prefetch import packed
+
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _warned = False
 
 
-def run_sparse(runner, q: torch.Tensor, host: HostView, selection: Selection, scale: float, prefetch_rows: int,
+def run_sparse(runner, q: torch.Tensor, host: HostView, selection: Selection, scale: float, prefetch: int,
                batch_stride: int = 0, table: bool = True) -> PartialAttention:
     """``runner.sparse_attention`` over a checked view and selection (``hetero.validation``); float32 out/lse.
     ``table=False``: the pools are ``[B, Hkv, L, D]`` with ``batch_stride`` and position i is row i."""
@@ -38,21 +40,19 @@ def run_sparse(runner, q: torch.Tensor, host: HostView, selection: Selection, sc
         q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), k_pool.stride(-3), k_pool.stride(-2), batch_stride,
         native.address(tab), 0 if tab is None else tab.shape[1], host.block_tokens, idx.data_ptr(), counts.ctypes.data,
         native.address(lw), out.data_ptr(), lse.data_ptr(), b, hq, hkv, d, idx.shape[2], float(scale),
-        _DTYPE_CODES[k_pool.dtype], prefetch_rows)
+        _DTYPE_CODES[k_pool.dtype], prefetch)
     return PartialAttention(out, lse)
 
 
 class CppSparseBackend(RunnerBacked, HostBackend):
-    """Host attention in C++: each selected K/V row read once per GQA group, software prefetch ``prefetch_rows`` rows
-    ahead, GIL released, the backend's own thread pool."""
+    """Host attention in C++: each selected K/V row read once per GQA group, rows prefetched ahead by ``prefetch``
+    (a packed policy, ``hetero.native.pack_prefetch``), GIL released, the backend's own thread pool."""
 
     name = "cpp"
     devices = ("cpu",)
-    native = True
+    native_step = True
     max_group = 64
     pool, phase = "cpp host", "host_attn"
-    # K|V rows this far ahead go to L2 (prefetcht2); docs/performance.md has the measurements behind it.
-    prefetch_rows = 32
 
     def availability_reasons(self) -> List[str]:
         global _warned
@@ -66,6 +66,7 @@ class CppSparseBackend(RunnerBacked, HostBackend):
 
     def __init__(self) -> None:
         self._runner = native.new_runner(native.usable_cores())
+        self.prefetch = packed("host")  # this CPU's policy for random rows (cpu/prefetch.py)
 
     def __call__(self, q, host, selection, scale) -> PartialAttention:
-        return run_sparse(self._runner, q, host, selection, scale, self.prefetch_rows)
+        return run_sparse(self._runner, q, host, selection, scale, self.prefetch)

@@ -15,20 +15,20 @@ from hetero.backends import WindowBackend
 from hetero.native_pool import RunnerBacked
 from hetero.types import PartialAttention
 
+from .prefetch import packed
+
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 class CppWindowBackend(RunnerBacked, WindowBackend):
     name = "cpp"
     devices = ("cpu",)
-    native = True
+    native_step = True
     max_group = 64
     pool, phase = "cpp window", "window"
-    # Contiguous rows still gain from software prefetch; docs/performance.md has the measurements behind it.
-    prefetch_rows = 8
-
     def __init__(self) -> None:
         self._runner = native.new_runner(native.usable_cores())
+        self.prefetch = packed("window")  # this CPU's policy for contiguous rows (cpu/prefetch.py)
 
     def availability_reasons(self) -> List[str]:
         error = native.load_error()
@@ -46,5 +46,5 @@ class CppWindowBackend(RunnerBacked, WindowBackend):
         self._runner.sparse_attention(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(1), k.stride(2), k.stride(0), 0, 0, 1, 0,
             counts.data_ptr(), 0, out.data_ptr(), lse.data_ptr(), b, hq, hkv, d, k.shape[2], float(scale),
-            _DTYPE_CODES[k.dtype], self.prefetch_rows)
+            _DTYPE_CODES[k.dtype], self.prefetch)
         return PartialAttention(out, lse)

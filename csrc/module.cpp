@@ -56,14 +56,14 @@ void sparse_attention(Runner& r, uintptr_t q, uintptr_t k_pool, uintptr_t v_pool
                       int64_t row_stride, int64_t batch_stride, uintptr_t block_table, int64_t max_blocks,
                       int64_t block_tokens, uintptr_t indices, uintptr_t counts, uintptr_t log_weight, uintptr_t out,
                       uintptr_t lse, int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t K, double scale, int dtype,
-                      int prefetch_rows) {
+                      int64_t prefetch) {
   if (B <= 0 || Hkv <= 0 || Hq % Hkv != 0 || D <= 0 || Hq / Hkv > kMaxGroup || block_tokens <= 0 || K < 0 ||
       dtype < 0 || dtype > 2)
     throw std::invalid_argument("sparse_attention: invalid sizes (need B, Hkv, D >= 1, Hq = G * Hkv, G <= 64, K >= 0)");
   SparseArgs a{ptr<const float>(q), ptr<const void>(k_pool), ptr<const void>(v_pool), head_stride, row_stride,
                batch_stride, ptr<const int32_t>(block_table), max_blocks, block_tokens, ptr<const int32_t>(indices),
                ptr<const int64_t>(counts), ptr<const float>(log_weight), B, Hq, Hkv, D, K, static_cast<float>(scale),
-               static_cast<DType>(dtype), prefetch_rows};
+               static_cast<DType>(dtype), prefetch};
   py::gil_scoped_release release;
   r.sparse_attention(a, ptr<float>(out), ptr<float>(lse));
 }

@@ -149,10 +149,10 @@ class HeteroAttention:
         threads = self.config.resolved_threads
         overlap = self.config.overlap_on(g.device)
         if g.device.type == "cpu":
-            fused = window.native and host.native and not overlap
+            fused = window.native_step and host.native_step and not overlap
             window.set_threads(threads if not overlap else self.balancer(ref).split().window_threads)
         else:
-            fused = host.native and window.name == "triton"
+            fused = host.native_step and window.name == "triton"
         host.set_threads(threads)
         for part in (window, host):
             part.set_native_trace(self.native_trace)
@@ -246,8 +246,8 @@ class HeteroAttention:
         if ws.last_call != key:  # a decode loop calls with the same formats every step: set them once
             w.set(SCALE=native.float_bits(plan.scale), Q_DTYPE=_DTYPE_CODES[q.dtype], Q_STRIDE_B=qs[0],
                   Q_STRIDE_H=qs[1], OUT_DTYPE=_DTYPE_CODES[out.dtype], OUT_STRIDE_B=os_[0], OUT_STRIDE_H=os_[1],
-                  WINDOW_ON=int(window_on), HOST_MODE=mode, FAST_PREFETCH=getattr(plan.window, "prefetch_rows", 0),
-                  HOST_PREFETCH=plan.host.prefetch_rows, TIMES=native.address(ws.times) if timed else 0)
+                  WINDOW_ON=int(window_on), HOST_MODE=mode, FAST_PREFETCH=getattr(plan.window, "prefetch", 0),
+                  HOST_PREFETCH=plan.host.prefetch, TIMES=native.address(ws.times) if timed else 0)
             ws.last_call = key
         if self.config.balance == "auto":
             w.set(BUDGET_SCALE=native.float_bits(self.balancer(layer).budget_scale))

@@ -49,7 +49,7 @@ class Backend(ABC):
     devices: Tuple[str, ...] = ("cpu",)
     dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
     max_group: Optional[int] = None  # largest GQA group (query heads per KV head); None: any
-    native: bool = False  # the fused C++ decode step computes this side itself (hetero/native.py)
+    native_step: bool = False  # the fused C++ decode step computes this side itself (hetero/native.py)
 
     def availability_reasons(self) -> List[str]:
         """Why this backend cannot run on this machine at all (missing library, no device...)."""

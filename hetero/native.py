@@ -121,3 +121,12 @@ def used_counts(idx) -> np.ndarray:
     valid = idx.numpy().reshape(rows, idx.shape[-1]) >= 0
     last = valid.shape[1] - np.argmax(valid[:, ::-1], axis=1)
     return np.where(valid.any(axis=1), last, 0).astype(np.int64)
+
+
+def pack_prefetch(far: int, near: int = 0, lines: int = 0) -> int:
+    """A prefetch policy as the kernels take it (csrc/sparse/sparse_attention.h PrefetchPolicy): ``far`` rows ahead
+    into L2, ``near`` rows ahead into L1, ``lines`` cache lines of each K and V row (0: the whole row)."""
+    for name, x in (("far", far), ("near", near), ("lines", lines)):
+        if not 0 <= int(x) < 1 << 16:
+            raise ValueError(f"prefetch {name}={x} must lie in [0, 65536)")
+    return int(far) | int(near) << 16 | int(lines) << 32

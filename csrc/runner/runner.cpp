@@ -205,7 +205,7 @@ int64_t Runner::decode_step(const int64_t* L, const int64_t* W, const void* q, v
     }
     SparseArgs wa{q32, field_ptr<const void>(L, FAST_K), field_ptr<const void>(L, FAST_V), L[FAST_STRIDE_H],
                   L[FAST_STRIDE_N], L[FAST_STRIDE_B], nullptr, 0, 1, nullptr, counts_.data(), nullptr, B, Hq, Hkv, D,
-                  longest, scale, static_cast<DType>(L[KV_DTYPE]), static_cast<int>(W[FAST_PREFETCH])};
+                  longest, scale, static_cast<DType>(L[KV_DTYPE]), W[FAST_PREFETCH]};
     sparse_locked(wa, win_out, win_lse);
     mark(0, 1);
   }
@@ -257,7 +257,7 @@ int64_t Runner::decode_step(const int64_t* L, const int64_t* W, const void* q, v
                   L[HOST_STRIDE_N], 0, field_ptr<const int32_t>(L, HOST_TABLE), L[HOST_MAX_BLOCKS],
                   L[HOST_BLOCK_TOKENS], field_ptr<const int32_t>(W, IVF_UNION),
                   field_ptr<const int64_t>(W, IVF_UNION_COUNT), nullptr, B, Hq, Hkv, D, G * kmax, scale,
-                  static_cast<DType>(L[KV_DTYPE]), static_cast<int>(W[HOST_PREFETCH])};
+                  static_cast<DType>(L[KV_DTYPE]), W[HOST_PREFETCH]};
     sparse_locked(ha, host_out, host_lse);
     mark(2, 1);
   } else if (mode == 1) {  // a selection made in Python
@@ -266,7 +266,7 @@ int64_t Runner::decode_step(const int64_t* L, const int64_t* W, const void* q, v
                   L[HOST_STRIDE_N], 0, field_ptr<const int32_t>(L, HOST_TABLE), L[HOST_MAX_BLOCKS],
                   L[HOST_BLOCK_TOKENS], field_ptr<const int32_t>(W, SEL_INDICES),
                   field_ptr<const int64_t>(W, SEL_COUNTS), field_ptr<const float>(W, SEL_LOG_WEIGHT), B, Hq, Hkv, D,
-                  W[SEL_K], scale, static_cast<DType>(L[KV_DTYPE]), static_cast<int>(W[HOST_PREFETCH])};
+                  W[SEL_K], scale, static_cast<DType>(L[KV_DTYPE]), W[HOST_PREFETCH]};
     sparse_locked(ha, host_out, host_lse);
     est_out = field_ptr<const float>(W, SEL_EST_OUT);
     est_lse = field_ptr<const float>(W, SEL_EST_LSE);

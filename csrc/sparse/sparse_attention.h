@@ -30,7 +30,18 @@ struct SparseArgs {
   int64_t B, Hq, Hkv, D, K;
   float scale;
   DType dtype;
-  int prefetch_rows;         // software prefetch distance in rows (0 = off)
+  int64_t prefetch;          // the software prefetch policy, packed (PrefetchPolicy below)
+};
+
+// How the kernel asks for rows ahead of their use, chosen per CPU at run time (hetero/cpu/prefetch.py): `far` rows
+// ahead into L2 (prefetcht2; 0 = none), `near` rows ahead into L1 (prefetcht0; 0 = none), `lines` cache lines of the
+// start of each K and each V row (0 = the whole row; the hardware's adjacent-line and streamer prefetchers may fetch
+// the rest). Packed into one int64 so descriptors and bindings carry it as one field: far | near << 16 | lines << 32.
+struct PrefetchPolicy {
+  int far, near, lines;
+  static PrefetchPolicy unpack(int64_t x) {
+    return {static_cast<int>(x & 0xffff), static_cast<int>((x >> 16) & 0xffff), static_cast<int>((x >> 32) & 0xffff)};
+  }
 };
 
 // Rows per online-softmax tile of the kernel, and the float stride between the G score rows of a tile.

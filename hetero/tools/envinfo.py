@@ -76,6 +76,12 @@ def _numba_info() -> Dict:
             "threading_layer": layer, "vectors": vectors}
 
 
+def _prefetch_info() -> Dict:
+    from hetero.cpu import prefetch
+
+    return prefetch.describe()
+
+
 def _faiss_threads():
     try:
         faiss = importlib.import_module("faiss")
@@ -96,6 +102,7 @@ def collect(kernels: bool = False) -> Dict:
         "cpu": {"model": cpu_model(), "flags": _cpu_flags(), "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                 else os.cpu_count()},
         "cpp_extension": cpp_info(),
+        "prefetch": _prefetch_info(),
         "threads": {"torch": torch.get_num_threads(), "faiss": _faiss_threads()},
         "numba": _numba_info(),
         "overrides": {k: os.environ.get(k) for k in ("HETERO_CPU_BACKEND", "HETERO_WINDOW_BACKEND", "HETERO_CPU_ISA",
@@ -134,7 +141,11 @@ def print_env(info: Dict) -> None:
     cpp = info["cpp_extension"]
     t.add_row("C++ extension", f"ISA {cpp['isa']} (detected {cpp['isa_detected']}), IVF code scan "
               f"{cpp.get('ivf_scan', '?')}, {cpp['threads']} threads" if "isa" in cpp else str(cpp.get("error")))
+    t.add_row("CPU", info["cpu"]["model"])
     t.add_row("CPU flags", " ".join(info["cpu"]["flags"]) or "-")
+    for kind, p in info["prefetch"].items():
+        t.add_row(f"prefetch ({kind} rows)", f"{p['far_rows_l2']} rows ahead into L2, {p['near_rows_l1']} into L1, "
+                  f"lines per row {p['lines_per_row']}: {p['why']}")
     t.add_row("cores usable", str(info["cpu"]["cores_usable"]))
     nb = info["numba"]
     t.add_row("threads", f"torch {info['threads']['torch']}, faiss {info['threads']['faiss']}, numba "

@@ -1,0 +1,85 @@
+"""The prefetch policy: chosen per CPU, overridable, and without effect on any result."""
+import json
+
+import pytest
+import torch
+
+from hetero import ConfigError, HeteroConfig, LayerCache, Selection, native
+from hetero.cpu import prefetch
+
+needs_native = pytest.mark.skipif(native.load() is None, reason="C++ extension not built")
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """No remembered choice, no environment override, an empty calibration folder."""
+    monkeypatch.setattr(prefetch, "_chosen", {})
+    monkeypatch.delenv("HETERO_PREFETCH", raising=False)
+    monkeypatch.setenv("HETERO_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_environment_overrides_everything(fresh, monkeypatch):
+    monkeypatch.setenv("HETERO_PREFETCH", "host=40,2,3;window=0,4,0")
+    assert prefetch.choose("host")[0] == (40, 2, 3)
+    assert prefetch.choose("window")[0] == (0, 4, 0)
+    assert "HETERO_PREFETCH" in prefetch.describe()["host"]["why"]
+
+
+def test_one_policy_for_both_kinds(fresh, monkeypatch):
+    monkeypatch.setenv("HETERO_PREFETCH", "16,0,1")
+    assert prefetch.choose("host")[0] == prefetch.choose("window")[0] == (16, 0, 1)
+
+
+@pytest.mark.parametrize("text", ["1,2", "a,b,c", "host=1,2,3;fast=1,2,3", "-1,0,0", "70000,0,0", "host:1,2,3"])
+def test_bad_environment_is_a_config_error_that_names_the_format(fresh, monkeypatch, text):
+    monkeypatch.setenv("HETERO_PREFETCH", text)
+    with pytest.raises(ConfigError, match="far,near,lines"):
+        prefetch.choose("host")
+
+
+def test_calibration_file_is_used_and_table_is_the_fallback(fresh, monkeypatch):
+    cpu = {"vendor": "GenuineIntel", "family": "6", "model": "167", "name": "Test CPU"}
+    monkeypatch.setattr(prefetch, "cpu_identity", lambda: cpu)
+    assert prefetch.choose("host")[0] == prefetch.TABLE[("GenuineIntel", "6")]["host"]
+    path = prefetch.save({"host": (96, 4, 0), "window": (16, 0, 0)}, threads=2)
+    assert path.is_relative_to(fresh) and json.loads(path.read_text())["cpu"] == cpu
+    assert prefetch.choose("host") == ((96, 4, 0), f"calibrated on this CPU model ({path})")
+    monkeypatch.setattr(prefetch, "_chosen", {})
+    cpu = {"vendor": "SomeVendor", "family": "99", "model": "1", "name": "Other"}
+    policy, why = prefetch.choose("host")
+    assert policy == prefetch.FALLBACK["host"] and "no table entry" in why
+
+
+@needs_native
+def test_pack_prefetch_refuses_values_out_of_range():
+    assert native.pack_prefetch(128, 8, 0) != native.pack_prefetch(8, 128, 0)
+    with pytest.raises((ValueError, OverflowError, TypeError)):
+        native.pack_prefetch(1 << 16, 0, 0)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_policies_change_no_bit_of_the_result(dtype):
+    from hetero.cpu.cpp_sparse import CppSparseBackend
+    from hetero.cpu.cpp_window import CppWindowBackend
+
+    gen = torch.Generator().manual_seed(3)
+    layer = LayerCache(HeteroConfig(window=3, sinks=1, block_tokens=5, retriever="all"))
+    k = torch.randn(2, 2, 301, 64, generator=gen).to(dtype)
+    layer.append(k, torch.randn_like(k, dtype=torch.float32).to(dtype), torch.tensor([301, 190]))
+    q = torch.randn(2, 8, 64, generator=gen)
+    idx = torch.stack([torch.stack([torch.randperm(186, generator=gen)[:97].sort().values for _ in range(2)])
+                       for _ in range(2)]).to(torch.int32)
+    sel = Selection(idx)
+    wk, wv = torch.randn(2, 2, 77, 64, generator=gen).to(dtype), torch.randn(2, 2, 77, 64, generator=gen).to(dtype)
+    lengths = torch.tensor([77, 40], dtype=torch.int32)
+    host, window = CppSparseBackend(), CppWindowBackend()
+    results = []
+    for policy in [(0, 0, 0), (128, 8, 0), (1, 1, 1), (32, 0, 2), (300, 200, 0)]:
+        host.prefetch = window.prefetch = native.pack_prefetch(*policy)
+        h = host(q, layer.host.view(), sel, 0.125)
+        w = window(q, wk, wv, lengths, 0.125)
+        results.append((h.out, h.lse, w.out, w.lse))
+    for got in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
