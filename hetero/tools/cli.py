@@ -91,9 +91,11 @@ def _build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("env", help="versions, CPU features, threads, and which backends are usable and why not")
     e.add_argument("--kernels", action="store_true",
                    help="also compile the Triton kernels for sm_80/sm_90 and show registers, shared memory, spills")
+    e.add_argument("--calibrate", action="store_true",
+                   help="measure the C++ kernels' prefetch policies on this CPU (a few seconds) and keep the best")
     e.add_argument("--json", action="store_true")
-    bench = sub.add_parser("bench", help="benchmarks: sweep, cpu-sparse, retrieval, needle")
-    bench.add_argument("name", choices=["sweep", "cpu-sparse", "retrieval", "needle"])
+    bench = sub.add_parser("bench", help="benchmarks: sweep, cpu-sparse, retrieval, needle, e2e")
+    bench.add_argument("name", choices=["sweep", "cpu-sparse", "retrieval", "needle", "e2e"])
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark (see --help after its name)")
     return parser
 
@@ -163,6 +165,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if ns.command == "env":
             from .envinfo import collect, print_env
 
+            if ns.calibrate:
+                from hetero.cpu.prefetch_calibrate import calibrate
+
+                calibrate(log=(lambda s: None) if ns.json else _stderr)
             info = collect(kernels=ns.kernels)
             print(json.dumps(info)) if ns.json else print_env(info)
             return 0

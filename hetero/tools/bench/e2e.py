@@ -1,0 +1,214 @@
+"""Whole-model decoding: a transformers model decoding token by token with hetero, against the same model with
+transformers' default cache (``DynamicCache``) + SDPA and with a preallocated ``StaticCache`` + SDPA, in the same
+run. One JSON line per row:
+
+``model, context, batch, tokens_per_s_dense, tokens_per_s_static, tokens_per_s_hetero, ratio, weights_bound``,
+and what each row was measured under. ``tokens_per_s`` counts every sequence's tokens (batch x steps / time of the
+measured steps, after warm-up steps). ``ratio`` = hetero / the faster dense baseline. ``weights_bound`` = the best
+ratio possible when every step still reads the weights once: the faster baseline's step time over the step time of
+the same model with a nearly empty cache (``floor_step_ms``, also measured here).
+
+Rows:
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct's real weights (float32) on an 8K prompt of real prose; the prompt is
+  prefilled once with the dense cache, and the same post-RoPE K/V fill the static cache and hetero's; greedy
+  agreement of hetero with dense over 32 tokens (``tokens_agree``).
+* ``llama3-8b-geometry``: Llama-3-8B's layer shapes (hidden 4096, 32 q / 8 KV heads, head_dim 128, MLP 14336,
+  vocab 128256) with 4 layers and random weights, bfloat16, at 32K and 128K (batch 1) and 32K (batch 4). A prefill
+  would take CPU-hours, so every cache is filled with the same synthetic post-RoPE K/V
+  (``hetero.tools.workloads.synthetic``: clustered keys, so retrieval has structure to find).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from hetero.config import HeteroConfig
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                 head_dim=128, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=262144,
+                 tie_word_embeddings=False)
+
+
+def _decode(model, cache, first: torch.Tensor, steps: int, warmup: int) -> Dict:
+    """Greedy decoding of ``steps`` tokens from ``first [B, 1]`` with ``cache``: the tokens and the per-step times
+    (the first ``warmup`` steps are left out of the timing)."""
+    tokens, times, nxt = [], [], first
+    with torch.no_grad():
+        for i in range(warmup + steps):
+            t = time.perf_counter()
+            logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+            nxt = logits.argmax(-1, keepdim=True)
+            times.append(time.perf_counter() - t)
+            tokens.append(nxt)
+    return {"tokens": torch.cat(tokens, dim=1), "step_ms": [1e3 * x for x in times[warmup:]]}
+
+
+def _tps(run: Dict, batch: int) -> float:
+    return batch * len(run["step_ms"]) / (sum(run["step_ms"]) / 1e3)
+
+
+def _hetero_cache(model, kv, config: HeteroConfig, padding: int = 0):
+    """A HeteroCache filled with the per-layer ``kv [(k, v)]`` ``[B, Hkv, N, D]`` (index built before it returns)."""
+    from hetero.hf import HeteroCache
+
+    cache = HeteroCache(config, config=model.config, progress_tokens=0)
+    for layer, (k, v) in zip(cache.layers, kv):
+        layer.layer.append(k, v)
+        layer.processed, layer.pad = k.shape[2], [padding] * k.shape[0]
+        layer.lazy_initialization(k, v)
+    for layer in cache.layers:
+        layer.layer.wait_indexed()
+    return cache
+
+
+def _static_cache(model, kv, max_len: int):
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    for i, (k, v) in enumerate(kv):
+        cache.update(k, v, i)
+    return cache
+
+
+def _dynamic_cache(model, kv):
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=list(kv), config=model.config)  # its updates concatenate: kv stays intact
+
+
+def _floor_ms(model, batch: int, steps: int, warmup: int, dtype) -> float:
+    """Median step time with a 16-token cache: everything but attention (weights, norms, Python)."""
+    from transformers import DynamicCache
+
+    cfg = model.config
+    kv = [(torch.randn(batch, cfg.num_key_value_heads, 16, cfg.head_dim, dtype=dtype),
+           torch.randn(batch, cfg.num_key_value_heads, 16, cfg.head_dim, dtype=dtype))
+          for _ in range(cfg.num_hidden_layers)]
+    run = _decode(model, DynamicCache(ddp_cache_data=kv, config=cfg), torch.zeros(batch, 1, dtype=torch.long),
+                  steps, warmup)
+    return statistics.median(run["step_ms"])
+
+
+def _row(name: str, model, kv, first: torch.Tensor, config: HeteroConfig, steps: int, warmup: int, dtype,
+         note: str, agree: bool = False) -> Dict:
+    import hetero
+
+    b, n = first.shape[0], kv[0][0].shape[2]
+    model.set_attn_implementation("sdpa")
+    dense = _decode(model, _dynamic_cache(model, kv), first, steps, warmup)
+    gc.collect()
+    static_cache = _static_cache(model, kv, n + steps + warmup + 1)
+    static = _decode(model, static_cache, first, steps, warmup)
+    del static_cache
+    gc.collect()
+    floor = _floor_ms(model, b, steps, warmup, dtype)
+    hetero.wrap(model, config)
+    cache = _hetero_cache(model, kv, config)
+    het = _decode(model, cache, first, steps, warmup)
+    memory = cache.memory()
+    cache.close()
+    del cache
+    hetero.unwrap(model)
+    gc.collect()
+    tps_d, tps_s, tps_h = _tps(dense, b), _tps(static, b), _tps(het, b)
+    best = max(tps_d, tps_s)
+    best_ms = 1e3 * b / best
+    from hetero.tools.envinfo import cpu_model
+
+    row = {"model": name, "context": n, "batch": b, "steps": steps, "warmup": warmup,
+           "tokens_per_s_dense": round(tps_d, 3), "tokens_per_s_static": round(tps_s, 3),
+           "tokens_per_s_hetero": round(tps_h, 3), "ratio": round(tps_h / best, 3),
+           "weights_bound": round(best_ms / floor, 3), "floor_step_ms": round(floor, 3),
+           "step_ms_dense": round(statistics.median(dense["step_ms"]), 3),
+           "step_ms_static": round(statistics.median(static["step_ms"]), 3),
+           "step_ms_hetero": round(statistics.median(het["step_ms"]), 3),
+           "hetero": {"window": config.window, "sinks": config.sinks, "budget": config.budget,
+                      "retriever": config.retriever}, "memory": memory, "kv": note,
+           "threads": torch.get_num_threads(), "cpu": cpu_model()}
+    if agree:
+        row["tokens_agree"] = int((dense["tokens"] == het["tokens"]).sum())
+        row["tokens_compared"] = int(dense["tokens"].numel())
+    return row
+
+
+def smollm2_row(context: int = 8192, steps: int = 32, warmup: int = 3, config: Optional[HeteroConfig] = None) -> Dict:
+    from hetero.tools.workloads import smollm2
+    from hetero.tools.workloads.real import corpus_text
+
+    model, tok = smollm2.load()
+    ids = tok(corpus_text(), return_tensors="pt").input_ids[:, :context]
+    from transformers import DynamicCache
+
+    prefill = DynamicCache(config=model.config)
+    with torch.no_grad():
+        logits = model(ids, past_key_values=prefill, logits_to_keep=1).logits
+    kv = [(layer.keys, layer.values) for layer in prefill.layers]
+    first = logits[:, -1].argmax(-1, keepdim=True)
+    return _row("smollm2-135m", model, kv, first, config or HeteroConfig(), steps, warmup, torch.float32,
+                "the real prompt's K/V (one dense prefill)", agree=True)
+
+
+def llama3_rows(contexts=(32768, 131072), batches=(1,), batch4_context: int = 32768, layers: int = 4,
+                steps: int = 16, warmup: int = 3, config: Optional[HeteroConfig] = None) -> List[Dict]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hetero.tools.workloads.synthetic import make_synthetic
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=layers, **LLAMA3_8B)
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16).eval()
+    config = config or HeteroConfig(window=4096, sinks=4, budget=0.02)
+    runs = [(n, b) for n in contexts for b in batches] + ([(batch4_context, 4)] if batch4_context else [])
+    rows = []
+    for n, b in runs:
+        kv = []
+        for i in range(layers):
+            w = make_synthetic(n, b, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 1,
+                               torch.bfloat16, seed=i)
+            kv.append((w.keys[:, :, :n].contiguous(), w.values[:, :, :n].contiguous()))
+            del w
+        first = torch.zeros(b, 1, dtype=torch.long)
+        rows.append(_row("llama3-8b-geometry", model, kv, first, config, steps, warmup, torch.bfloat16,
+                         "synthetic post-RoPE K/V (clustered keys), the same in every cache"))
+        del kv
+        gc.collect()
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="hetero bench e2e", description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default="smollm2,llama3", help="which rows: smollm2, llama3 (comma separated)")
+    p.add_argument("--contexts", default="32768,131072", help="Llama-3-8B-geometry contexts, batch 1")
+    p.add_argument("--batch4-context", type=int, default=32768, help="the batch-4 row's context (0: none)")
+    p.add_argument("--steps", type=int, default=16, help="measured decode steps per row (SmolLM2: 32)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--smollm2-context", type=int, default=8192)
+    p.add_argument("--json", action="store_true", help="JSON lines only (the default prints them too)")
+    ns = p.parse_args(argv)
+    rows = [r for r in ns.rows.split(",") if r]
+    unknown = set(rows) - {"smollm2", "llama3"}
+    if unknown:
+        p.error(f"unknown rows {sorted(unknown)}; choose from smollm2, llama3")
+    from hetero.tools.bench import run_reporting_missing_workload
+
+    def run():
+        if "smollm2" in rows:
+            print(json.dumps(smollm2_row(ns.smollm2_context, max(ns.steps, 32), ns.warmup)), flush=True)
+        if "llama3" in rows:
+            contexts = tuple(int(x) for x in ns.contexts.split(",") if x)
+            for row in llama3_rows(contexts, batch4_context=ns.batch4_context, steps=ns.steps, warmup=ns.warmup):
+                print(json.dumps(row), flush=True)
+
+    return run_reporting_missing_workload("hetero bench e2e", run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
