@@ -15,6 +15,7 @@ Three ways a layer's step runs, chosen by the plan:
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -93,9 +94,10 @@ class HeteroAttention:
         self._own_worker = host_worker is None  # created on the first side-by-side step
         self._worker = host_worker
         self._balancers: Dict[int, Balancer] = {}
-        self._workspaces: Dict[int, LayerWorkspace] = {}
         self._geometry: Optional[StepGeometry] = None
         self._plan: Optional[StepPlan] = None
+        self._lock = threading.Lock()  # plan() and workspace growth (runs of different layers may race on them)
+        self._checked: Dict[int, HeteroConfig] = {}  # id(layer config) -> that config, once found compatible
         self._stream = None
         self._step = 0
         self._closed = False
@@ -126,7 +128,10 @@ class HeteroAttention:
         (lengths may grow); asking again with the same geometry returns it at the cost of a few comparisons."""
         if self._closed:
             raise ClosedError("this HeteroAttention was closed; create a new one")
-        layers = _layers_of(cache)
+        with self._lock:
+            return self._plan_locked(_layers_of(cache), q_heads, q_dtype)
+
+    def _plan_locked(self, layers: List[LayerCache], q_heads, q_dtype) -> StepPlan:
         ref = next((x for x in layers if x.initialized and not x.dense), None) or \
             next((x for x in layers if x.initialized), None)
         if ref is None:
@@ -142,7 +147,6 @@ class HeteroAttention:
         if isinstance(q_heads, bool) or not isinstance(q_heads, int) or q_heads % ref.kv_heads:
             raise ShapeError(f"q_heads={q_heads!r} must be a positive multiple of the {ref.kv_heads} KV heads")
         g = StepGeometry(ref.batch, q_heads, ref.kv_heads, ref.head_dim, ref.dtype, q_dtype, ref.device)
-        self._workspaces.clear()
         self._geometry = g
         window = self.backends.select("window", self.config.window_backend, g.inputs())
         host = self.backends.select("host", self.config.host_backend, g.inputs(torch.device("cpu")))
@@ -157,28 +161,46 @@ class HeteroAttention:
         for part in (window, host):
             part.set_native_trace(self.native_trace)
         scale = self.config.scale or default_scale(g.head_dim)
-        plan = StepPlan(g, window, host, fused and native.load() is not None, scale, self.config, self._workspaces)
+        plan = StepPlan(g, window, host, fused and native.load() is not None, scale, self.config, {})
         self._ensure_workspaces(plan, layers)
         self._plan = plan
         return plan
 
     def _ensure_workspaces(self, plan: StepPlan, layers: Sequence[LayerCache]) -> None:
         for x in layers:
-            if x.layer_idx not in self._workspaces and x.initialized:
+            if x.initialized:
+                self._check_compatible(x)
+            if x.layer_idx not in plan.workspaces and x.initialized:
                 if self.config.head_budget == "adaptive" and x.head_budget is None:
                     x.head_budget = AdaptiveHeadBudget(x.batch, x.kv_heads)
                 self._grow_workspace(plan, x)
 
+    _MATCH = ("window", "sinks", "retriever", "retriever_options", "group_rule", "head_budget", "block_tokens",
+              "kv_dtype", "dense_layers")
+
+    def _check_compatible(self, layer: LayerCache) -> None:
+        """``ConfigError`` when ``layer`` was built with a config this runtime would run wrongly (another retriever,
+        window, sinks...); the scale and the backends may differ (the runtime's apply). Checked once per config."""
+        if self._checked.get(id(layer.config)) is layer.config:
+            return
+        diff = [f"{name}: layer {getattr(layer.config, name)!r}, runtime {getattr(self.config, name)!r}"
+                for name in self._MATCH if getattr(layer.config, name) != getattr(self.config, name)]
+        if diff:
+            raise ConfigError(f"layer {layer.layer_idx} was built with another config than this HeteroAttention's ("
+                              + "; ".join(diff) + "): run it with HeteroAttention(layer.config) or a config that "
+                              "differs only in scale, backends, threads, overlap or balance")
+        self._checked[id(layer.config)] = layer.config
+
     def _grow_workspace(self, plan: StepPlan, layer: LayerCache, need_k: int = 0) -> LayerWorkspace:
         """A workspace for ``layer`` with room for its current budget (or ``need_k`` keys) and lists."""
-        old = self._workspaces.get(layer.layer_idx)
+        old = plan.workspaces.get(layer.layer_idx)
         budgets = plan.budgets_for(layer) if not layer.dense else np.zeros(1, dtype=np.int64)
         kmax = workspace_kmax(max(need_k, int(budgets.max()) if budgets.size else 0, old.kmax if old else 0))
         lists = layer.retriever.max_lists() if hasattr(layer.retriever, "max_lists") else 1
         ws = LayerWorkspace(plan.geometry, kmax, max(lists + 16, 2 * lists, old.max_lists if old else 0))
         if ws.work is not None:
             ws.work.set(**plan.budget)
-        self._workspaces[layer.layer_idx] = ws
+        plan.workspaces[layer.layer_idx] = ws
         return ws
 
     # ---- run ----------------------------------------------------------------------------------------
@@ -210,8 +232,15 @@ class HeteroAttention:
             plan.check(q, layer)
             if not plan.fused and not all_finite(q):  # the fused step checks the query itself
                 raise InvalidValueError("q contains NaN or inf")
-        if out is not None and out is not plan.workspaces[layer.layer_idx].out:
+        ws = plan.workspaces.get(layer.layer_idx)
+        if ws is None:  # a layer the plan was not made over (planned with another list of layers)
+            with self._lock:
+                self._ensure_workspaces(plan, [layer])
+            ws = plan.workspaces[layer.layer_idx]
+        if out is not None and out is not ws.out:
             self._check_out(out, plan)
+        if layer.retriever.softmax_scale != plan.scale:  # the estimate uses the step's scale
+            layer.retriever.softmax_scale = plan.scale
         with layer.lock:
             if not layer.index.idle:
                 layer.index.wait()  # heals and reports a failed add, before any search
@@ -297,7 +326,8 @@ class HeteroAttention:
                 return ws, mode, sel
             if code == ext.STEP_QUERY_NOT_FINITE:
                 raise InvalidValueError("q contains NaN or inf")
-            self._grow_workspace(plan, layer, 0 if code == ext.STEP_NEED_PROBE else int(code))
+            with self._lock:
+                self._grow_workspace(plan, layer, 0 if code == ext.STEP_NEED_PROBE else int(code))
         raise RuntimeError(f"layer {layer.layer_idx}: the step's workspace did not fit after growing it")
 
     def _after_step(self, layer: LayerCache, ws: LayerWorkspace, mode: int, timed: bool) -> None:

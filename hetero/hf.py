@@ -208,6 +208,12 @@ class HeteroCache(Cache):
         self._shared = shared
         self._finalizer = weakref.finalize(self, shared.close)
 
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if not 0 <= layer_idx < len(self.layers):
+            raise ConfigError(f"this HeteroCache has {len(self.layers)} layers and the model updated layer {layer_idx}: "
+                              "build it for the model, HeteroCache(hetero_config, config=model.config)")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
     def __enter__(self) -> "HeteroCache":
         return self
 
