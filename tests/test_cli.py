@@ -1,16 +1,18 @@
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 CLI = [sys.executable, "-m", "hetero.tools.cli"]
 SMALL = ["--context", "1500", "--heads", "8", "--kv-heads", "2", "--head-dim", "32", "--window", "128",
          "--steps", "2"]
 
 
-def _run(*args):
-    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=300)
+def _run(*args, env=None):
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_profile_exact_mode_json():
@@ -51,6 +53,59 @@ def test_bad_flags_exit_2_with_one_line(args, needle):
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], p.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["profile", "--model", "/nonexistent/model"], "no such folder"),
+    (["profile", "--model", "{tmp}"], "no config.json"),
+    (["profile", "--model", "smollm2", "--steps", "1"], "--steps 1"),
+    (["profile", "--model", "smollm2", "--batch", "2", "--plot", "x.png"], "--batch, --plot"),
+    (["profile", "--model", "smollm2", "--layer", "3"], "--layer"),
+    (["profile", "--layer", "3"], "--workload real"),
+    (["profile", "--device", "cuda"] if not torch.cuda.is_available() else ["profile", "--device", "tpu"], "--device"),
+    (["profile", "--window-backend", "triton"] if not torch.cuda.is_available() else
+     ["profile", "--host-backend", "nosuch"], "backend"),
+    (["profile", "--trace", "/nonexistent/t.json"], "does not exist"),
+    (["profile", "--trace", "{tmp}"], "is a folder"),
+    (["profile", "--plot", "/proc/hetero-test.png"], "cannot be written"),
+])
+def test_profile_refuses_before_running_the_workload(args, needle, tmp_path):
+    """One line, exit 2, and nothing of the workload started (no prefill line on stderr)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # triton then needs a real GPU
+    p = _run(*[a.replace("{tmp}", str(tmp_path)) for a in args], env=env)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], p.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("missing,args,needle", [
+    ("matplotlib", ["profile", "--plot", "{tmp}/p.png"], "--plot needs matplotlib"),
+    ("transformers", ["profile", "--model", "smollm2"], "--model needs transformers"),
+])
+def test_profile_names_a_missing_optional_dependency_first(monkeypatch, capsys, tmp_path, missing, args, needle):
+    import importlib.util
+
+    from hetero.tools import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else real(name, *a))
+    assert cli.main([a.replace("{tmp}", str(tmp_path)) for a in args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not list(tmp_path.iterdir())
+
+
+def test_profile_names_missing_weights(monkeypatch, capsys):
+    from hetero.tools import cli
+    from hetero.tools.workloads import smollm2
+
+    def missing():
+        raise smollm2.WorkloadUnavailable("the SmolLM2 weights package is not installed")
+
+    monkeypatch.setattr(smollm2, "package_folder", missing)
+    assert cli.main(["profile", "--model", "smollm2"]) == 2
+    assert "--model smollm2: the SmolLM2 weights package is not installed" in capsys.readouterr().err
 
 
 def test_env_json_lists_backends_and_threads():

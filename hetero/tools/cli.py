@@ -57,17 +57,21 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profile", help="dense vs hetero on a decode workload: time per phase, error, memory")
     p.add_argument("--context", type=_positive_int, default=None,
                    help="tokens already in the cache (32768; real workload: 8192 - steps)")
-    p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--batch", type=_positive_int, default=None, help="sequences decoded together (1)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="layer geometry of a known model (default llama3-8b: 32 q / 8 kv heads, head_dim 128)")
     p.add_argument("--heads", type=_positive_int, default=None, help="query heads (overrides the preset)")
     p.add_argument("--kv-heads", type=_positive_int, default=None, help="KV heads (overrides the preset)")
     p.add_argument("--head-dim", type=_positive_int, default=None, help="head dim (overrides the preset)")
-    p.add_argument("--workload", choices=["synthetic", "real"], default="synthetic",
-                   help="synthetic (structured keys, any size) or real (captured SmolLM2 attention, <= 8192 tokens)")
-    p.add_argument("--layer", type=_nonneg_int, default=15, help="real workload / --model: layer to profile (15)")
+    p.add_argument("--workload", choices=["synthetic", "real"], default=None,
+                   help="synthetic (structured keys, any size; the default) or real (captured SmolLM2 attention, "
+                        "<= 8192 tokens)")
+    p.add_argument("--layer", type=_nonneg_int, default=None, help="real workload: the layer profiled (15)")
     p.add_argument("--model", default=None,
                    help="profile a HuggingFace model end to end instead ('smollm2' or a local model folder)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the fast tier and the dense baseline run (auto: CUDA when present); the host tier "
+                        "is always in CPU memory")
     p.add_argument("--trace", default=None, metavar="OUT.json",
                    help="write a Chrome/Perfetto trace (one track per thread)")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="write a PNG of phases per step and accuracy")
@@ -76,11 +80,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=_budget, default=0.02,
                    help="host keys per query head: a fraction of the host tier (0.02) or a count (2621)")
     p.add_argument("--retriever", choices=available_retrievers(), default="ivf-group")
-    p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default="bfloat16")
+    p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default=None, help="dtype of the stored K/V (bfloat16)")
     p.add_argument("--steps", type=_positive_int, default=5, help="decode steps measured (5)")
-    p.add_argument("--warmup", type=_nonneg_int, default=2,
+    p.add_argument("--warmup", type=_nonneg_int, default=None,
                    help="decode steps run first and reported apart, not in the medians (2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="seed of the synthetic workload (0)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (all cores)")
     p.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
                    help="the two sides of a step side by side (on) or one after the other (off); auto: side by side "
@@ -102,19 +106,25 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _profile(ns: argparse.Namespace) -> int:
     from hetero.config import HeteroConfig
+    from .preflight import check_profile, resolve_device
     from .profile import PRESETS, ProfileArgs, run_profile
     from .report import print_model_profile, print_profile, progress
 
-    preset = ns.preset or ("smollm2" if ns.workload == "real" else "llama3-8b")
+    workload = ns.workload or "synthetic"
+    preset = ns.preset or ("smollm2" if workload == "real" else "llama3-8b")
     heads, kv_heads, head_dim = PRESETS[preset]
     heads, kv_heads, head_dim = ns.heads or heads, ns.kv_heads or kv_heads, ns.head_dim or head_dim
     if heads % kv_heads:
         raise HeteroError(f"--heads {heads} must be a multiple of --kv-heads {kv_heads}")
-    if ns.workload == "real" and (heads, kv_heads, head_dim) != PRESETS["smollm2"]:
+    if workload == "real" and (heads, kv_heads, head_dim) != PRESETS["smollm2"]:
         raise HeteroError("--workload real is SmolLM2's attention: use --preset smollm2 (9 q / 3 kv heads, head_dim 64)")
     config = HeteroConfig(window=ns.window, sinks=ns.sinks, budget=ns.budget, retriever=ns.retriever,
                           threads=ns.threads, window_backend=ns.window_backend, host_backend=ns.host_backend,
                           overlap={"auto": "auto", "on": True, "off": False}[ns.overlap])
+    device = resolve_device(ns.device)
+    check_profile(ns, config, device, None if ns.model else (heads, kv_heads, head_dim))
+    if workload != "real" and ns.layer is not None:
+        raise HeteroError("--layer picks a layer of the real workload: use it with --workload real")
     log = (lambda s: None) if ns.json else _stderr
     if ns.model:
         from .profile_model import profile_model
@@ -122,14 +132,16 @@ def _profile(ns: argparse.Namespace) -> int:
         result = profile_model(ns.model, config, ns.context or 4096, ns.steps, log=log)
         print(json.dumps(result)) if ns.json else print_model_profile(result)
         return 0
-    decoded = ns.steps + ns.warmup
-    context = ns.context or (8192 - decoded if ns.workload == "real" else 32768)
-    if ns.workload == "real" and context + decoded > 8192:
+    warmup = 2 if ns.warmup is None else ns.warmup
+    decoded = ns.steps + warmup
+    context = ns.context or (8192 - decoded if workload == "real" else 32768)
+    if workload == "real" and context + decoded > 8192:
         raise HeteroError(f"the real workload has 8192 tokens: --context {context} + --steps {ns.steps} + --warmup "
-                          f"{ns.warmup} is too long")
-    args = ProfileArgs(context=context, batch=ns.batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                       steps=ns.steps, warmup=ns.warmup, seed=ns.seed, kv_dtype=ns.kv_dtype, workload=ns.workload,
-                       layer=ns.layer, native_threads=bool(ns.trace))
+                          f"{warmup} is too long")
+    args = ProfileArgs(context=context, batch=ns.batch or 1, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                       steps=ns.steps, warmup=warmup, seed=ns.seed or 0, kv_dtype=ns.kv_dtype or "bfloat16",
+                       workload=workload, layer=15 if ns.layer is None else ns.layer, native_threads=bool(ns.trace),
+                       device=device.type)
     try:
         result = run_profile(config, args, log=log, progress=None if ns.json else progress)
     except ValueError as e:

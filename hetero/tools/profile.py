@@ -54,6 +54,7 @@ class ProfileArgs:
     workload: str = "synthetic"  # or "real": captured SmolLM2 attention (hetero.workloads.real)
     layer: int = 15              # real workload: which layer
     native_threads: bool = False  # spans of the native kernels' pool threads too (a trace's thread tracks)
+    device: str = "cpu"          # the fast tier's and the dense baseline's device; the host tier is in CPU memory
 
 
 def dense_sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
@@ -94,7 +95,8 @@ def reference_scratch(keys: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.T
     """Two float32 chunk buffers for ``reference_output`` over ``keys [B, Hkv, N, D]``, allocated once."""
     b, hkv, _, d = keys.shape
     shape = (b, hkv, min(n, _REF_CHUNK), d)
-    return torch.empty(shape, dtype=torch.float32), torch.empty(shape, dtype=torch.float32)
+    return (torch.empty(shape, dtype=torch.float32, device=keys.device),
+            torch.empty(shape, dtype=torch.float32, device=keys.device))
 
 
 def real_workload(context: int, steps: int, layer: int, dtype: torch.dtype) -> SyntheticWorkload:  # steps: all
@@ -139,8 +141,12 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
             workload = make_synthetic(args.context, args.batch, args.heads, args.kv_heads, args.head_dim,
                                       total, dtype, args.seed)
     warmup = max(0, workload.steps - args.steps)
-    keys, values, n0 = workload.keys, workload.values, workload.context
-    heads, kv_heads, head_dim = workload.queries.shape[2], keys.shape[1], keys.shape[3]
+    device = torch.device(args.device)
+    keys, values, n0 = workload.keys.to(device), workload.values.to(device), workload.context
+    queries = workload.queries.to(device)
+    # CUDA work is asynchronous: every clock read below waits for what was queued before it
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    heads, kv_heads, head_dim = queries.shape[2], keys.shape[1], keys.shape[3]
     scale = config.scale or default_scale(head_dim)
 
     from hetero.worker import Worker
@@ -158,9 +164,10 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
     with ctx:
         layer.append(keys[:, :, :n0], values[:, :, :n0])
         layer.wait_indexed()  # the index build is part of the prefill
+        sync()
     prefill_s = time.perf_counter() - t
     log(f"prefill into tiers: {prefill_s:.2f} s (host tier {layer.host_lengths()} tokens)")
-    q_dtype = workload.queries.dtype
+    q_dtype = queries.dtype
     plan = attn.plan(layer, heads, q_dtype)
     rates = measure_rates(layer.host, config.resolved_threads)
     log(f"read rates: streaming {rates.stream_gbps:.1f} GB/s, random {rates.run_bytes}-byte runs "
@@ -176,14 +183,17 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
             phases = {p: [] for p in PHASES}
         n = n0 + step + 1
         layer.add_spans.clear()
-        q = workload.queries[step]
+        q = queries[step]
+        sync()
         t = time.perf_counter()
         layer.append(keys[:, :, n - 1], values[:, :, n - 1])
+        sync()
         t_evict = time.perf_counter()
         plan = attn.plan(layer, heads, q_dtype)
         t_plan = time.perf_counter()
         if plan.fused:
             out = attn.run(q, layer, plan, out=attn.output(plan, layer))
+            sync()
             t_end = time.perf_counter()
             step_phases = attn.phases(plan, layer)
             stats = attn.step_stats(plan, layer)
@@ -191,6 +201,7 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
             spans.extend(attn.phase_spans(plan, layer))
         else:
             res = attn.run(q, layer, plan, return_details=True)
+            sync()
             t_end = time.perf_counter()
             out, step_phases, native_ms = res.out, dict(res.timings_ms), 0.0
             stats = {"rows_read": res.rows_read, "index_bytes": 0}
@@ -206,6 +217,7 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
         torch.set_num_threads(config.resolved_threads)  # the dense baseline gets every thread
         t = time.perf_counter()
         dense_sdpa(q, keys, values, n)
+        sync()
         t_dense = time.perf_counter()
         dense_ms.append((t_dense - t) * 1e3)
         spans.append(Span("dense_sdpa", t, t_dense, "MainThread"))
@@ -239,7 +251,7 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
     critical = "host" if host_med > window_med else "window"
     return {
         "context": n0, "batch": keys.shape[0], "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
-        "kv_dtype": args.kv_dtype, "workload": args.workload, "window": config.window, "sinks": config.sinks,
+        "kv_dtype": args.kv_dtype, "workload": args.workload, "device": device.type, "window": config.window, "sinks": config.sinks,
         "budget": config.budget, "budget_per": config.budget_per, "retriever": config.retriever,
         "backends": {"window": plan.window.name, "host": plan.host.name},
         "threads": config.resolved_threads, "overlap": config.overlap_on(layer.device),
