@@ -173,10 +173,10 @@ class LayerCache:
             fast, host, _ = parts
             dtype = fast.k.dtype
             keys, values = keys.to(dtype), values.to(dtype)  # allocations before any write
-            for seq, n in enumerate(lengths):  # room first: nothing is written if an allocation fails
-                t = int(fast.total[seq])
-                fast.reserve(seq, n)
-                host.reserve(seq, (t + n - fast.valid(t + n)) - (t - fast.valid(t)))  # tokens leaving the window
+            # room first, one allocation per tier: nothing is written if one fails
+            fast.reserve_all(dict(enumerate(lengths)))
+            host.reserve_all({seq: (t + n - fast.valid(t + n)) - (t - fast.valid(t))  # tokens leaving the window
+                              for seq, (t, n) in enumerate(zip(fast.total.tolist(), lengths))})
             if not self.initialized:
                 self._attach(*parts)
             adds = []
@@ -246,8 +246,7 @@ class LayerCache:
             if code == 0:
                 return
             if code == ext.APPEND_NEED_BLOCKS:  # reserve (allocates; nothing written yet), then again
-                for seq in np.flatnonzero(flags).tolist():
-                    self.host.reserve(seq, 1)
+                self.host.reserve_all({seq: 1 for seq in np.flatnonzero(flags).tolist()})
                 continue
             if code == ext.APPEND_NOT_FINITE:
                 bad = np.flatnonzero(flags).tolist()
@@ -267,8 +266,9 @@ class LayerCache:
                 return
             lengths = check_lengths(lengths, self.batch, np.iinfo(np.int64).max, "lengths").tolist()
             self.index.check_open()
-            self.index.wait()  # nothing may still be on its way into the index
+            self.index.settle()  # nothing may still be on its way into the index; a failed add heals (reported later)
             fast, host = self.fast, self.host
+            interrupt = None
             for seq, n in enumerate(lengths):
                 n = min(n, int(fast.total[seq]))
                 if n == int(fast.total[seq]):
@@ -278,10 +278,17 @@ class LayerCache:
                 refill_k = host.keys(seq, lo - s, hi - s).to(fast.device) if hi > lo else fast.k[seq, :, :0]
                 refill_v = host.values(seq, lo - s, hi - s).to(fast.device) if hi > lo else fast.v[seq, :, :0]
                 keep_host = max(0, lo - s) if not self.dense else 0
-                self.retriever.truncate(seq, keep_host)  # reads the removed keys from the tier: before it shrinks
+                if not self.index.broken:
+                    try:  # reads the removed keys from the tier: before it shrinks
+                        self.retriever.truncate(seq, keep_host)
+                    except BaseException as e:  # the tiers still crop; the index heals from them at the next wait
+                        self.index.record_failure(e)
+                        interrupt = interrupt or (None if isinstance(e, Exception) else e)
                 fast.crop(seq, n, refill_k.clone(), refill_v.clone())
                 host.truncate(seq, keep_host)
             fast.sync_lengths()
+            if interrupt is not None:
+                raise interrupt
 
     # ---- index -------------------------------------------------------------------------------------
     def wait_indexed(self) -> None:

@@ -71,6 +71,13 @@ def chunk_attention(runtime, layer, q: torch.Tensor, k: torch.Tensor, v: torch.T
     config = runtime.config
     scale = config.scale or d ** -0.5
     lengths = [c] * b if lengths is None else list(lengths)
+    with layer.lock:  # the tiers and the index stay as they are while the chunk reads them
+        return _chunk_attention_locked(runtime, layer, q, k, v, lengths, scale)
+
+
+def _chunk_attention_locked(runtime, layer, q, k, v, lengths: List[int], scale: float) -> torch.Tensor:
+    b, hq, c, d = q.shape
+    config = runtime.config
     out = torch.zeros_like(q)
     sparse = (layer.initialized and not layer.dense and c <= config.sparse_chunk_tokens
               and bool(layer.host.length.any()))
@@ -109,6 +116,8 @@ def _sparse_host_parts(runtime, layer, q: torch.Tensor, scale: float) -> Partial
     """The host tier as decode tokens attend it, one query position at a time: ``[B, Hq, C, D]`` / ``[B, Hq, C]``."""
     b, hq, c, d = q.shape
     plan = runtime.plan(layer, hq, torch.float32)
+    if not layer.index.idle:
+        layer.index.wait()  # every host token indexed (a failed add healed and reported) before a search
     per_pos = []
     for i in range(c):
         qi = q[:, :, i].detach().float().cpu().contiguous()

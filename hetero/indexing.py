@@ -6,10 +6,10 @@ constant-time (``cheap_add``: a decode step's keys into ivf-group's tail list) r
 ahead of it: on two cores the hand-off to the worker cost ~0.7 ms of GIL waiting for ~0.05 ms of work. The C++
 decode append indexes natively only while the queue is idle, so the order is kept either way.
 
-A failed add, inline or in the background, an exception or an interrupt, never leaves the index silently behind
-the tier: the queue records it, and ``wait()`` (called before every search) rebuilds the index from the host tier
-and raises ``IndexSyncError`` naming the layer (an interrupt is not reported again: it already was). The tokens
-themselves are never lost.
+A failed add (or a crop's failed ``truncate``), inline or in the background, an exception or an interrupt, never
+leaves the index silently behind the tier: the queue records it; ``settle()`` (before a crop) rebuilds the index
+from the host tier, and ``wait()`` (before every search) does the same and raises ``IndexSyncError`` naming the
+layer (an interrupt is not reported again: it already was). The tokens themselves are never lost.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class IndexQueue:
         self._pending: List[Future] = []
         self._failure: Optional[BaseException] = None
         self._reported = True  # whether the recorded failure needs no report at the next wait (interrupts)
+        self._report: Optional[BaseException] = None  # a healed failure not yet reported
         # "index_add" spans of recent adds (thread and times; the profiler's trace), at most 256 kept
         self.spans: Deque[Span] = deque(maxlen=256)
 
@@ -39,14 +40,14 @@ class IndexQueue:
 
     def check_open(self) -> None:
         """Refuse, before the caller changes anything, when the background indexer was closed."""
-        if self.indexer is not None and getattr(self.indexer, "closed", False):
+        if self.indexer is not None and self.indexer.closed:
             raise ClosedError(f"layer {self.layer_idx}: the cache's indexer thread was closed (cache.close()); "
                               "build a new cache to continue")
 
     @property
     def idle(self) -> bool:
-        """Nothing queued or failed: the index holds every host token, and a native add may go next."""
-        if self._failure is not None:
+        """Nothing queued, failed or unreported: the index holds every host token, and a native add may go next."""
+        if self._failure is not None or self._report is not None:
             return False
         if self._pending and all(f.done() for f in self._pending):
             self._collect()
@@ -85,6 +86,12 @@ class IndexQueue:
         finally:
             self.spans.append(Span("index_add", start, time.perf_counter(), threading.current_thread().name))
 
+    def record_failure(self, e: BaseException) -> None:
+        """An index operation outside ``add`` failed (a crop's ``truncate``): heal and report it like a failed add.
+        The first failure is the one reported."""
+        if self._failure is None:
+            self._failure, self._reported = e, not isinstance(e, Exception)
+
     def _collect(self) -> None:
         pending, self._pending = self._pending, []
         for fut in pending:
@@ -94,14 +101,23 @@ class IndexQueue:
                 if self._failure is None:
                     self._failure, self._reported = e, not isinstance(e, Exception)
 
-    def wait(self) -> None:
-        """Block until every host token has reached the retriever; heal and report a failed add."""
+    def settle(self) -> None:
+        """Block until every host token has reached the retriever, and heal a failed add (rebuild from the tier);
+        its report waits for the next ``wait``. Raises ``IndexSyncError`` only when the rebuild itself fails."""
         self._collect()
         if self._failure is None:
             return
         failure, reported = self._failure, self._reported
         self.resync()
-        if not reported:
+        if not reported and self._report is None:
+            self._report = failure
+
+    def wait(self) -> None:
+        """``settle``, then report a healed failure once: ``IndexSyncError`` naming the layer and the cause (an
+        interrupt is not reported again: it already was)."""
+        self.settle()
+        failure, self._report = self._report, None
+        if failure is not None:
             raise IndexSyncError(f"layer {self.layer_idx}: adding evicted tokens to the {self.retriever_name!r} index "
                                  f"failed ({type(failure).__name__}: {failure}); the index was rebuilt from the host "
                                  "tier") from failure
@@ -125,4 +141,4 @@ class IndexQueue:
         for fut in self._pending:
             fut.cancel()
         self._pending = []
-        self._failure = None
+        self._failure = self._report = None

@@ -13,7 +13,7 @@ the native descriptors point at is reallocated. Both hold post-RoPE keys. Neithe
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -101,9 +101,15 @@ class FastTier:
 
     def reserve(self, seq: int, tokens: int) -> None:
         """Room for ``tokens`` more tokens of ``seq`` (a dense tier grows; a windowed one never needs to)."""
-        if self.window is not None:
-            return
-        needed, cap = int(self.total[seq]) + tokens, self.k.shape[2]
+        self.reserve_all({seq: tokens})
+
+    def reserve_all(self, tokens: Dict[int, int]) -> None:
+        """Room for ``tokens[seq]`` more tokens of each ``seq``, in one allocation (all or nothing)."""
+        if self.window is None and tokens:
+            self._grow(max(int(self.total[seq]) + n for seq, n in tokens.items()))
+
+    def _grow(self, needed: int) -> None:
+        cap = self.k.shape[2]
         if needed <= cap:
             return
         new_cap = max(needed, cap + cap // 2, 64)
@@ -239,27 +245,33 @@ class HostTier:
         return max(0, -(-(tokens - have) // self.block_tokens))
 
     def reserve(self, seq: int, tokens: int) -> None:
-        """Make room for ``tokens`` more tokens of ``seq`` without reallocating the pools later; blocks reserved
-        together are consecutive, which lets ``keys(seq)`` return a view. Allocation happens here, before anything
-        is written: a failed reservation leaves the tier as it was."""
-        need = self.blocks_needed(seq, tokens)
-        if need == 0:
+        """Make room for ``tokens`` more tokens of ``seq`` without reallocating the pools later (``reserve_all``)."""
+        self.reserve_all({seq: tokens})
+
+    def reserve_all(self, tokens: Dict[int, int]) -> None:
+        """Room for ``tokens[seq]`` more tokens of each ``seq``; blocks reserved together for a sequence are
+        consecutive, which lets ``keys(seq)`` return a view. The pool and the block table grow once, before any
+        block is handed out: a failed allocation leaves the tier as it was, for every sequence."""
+        need = {seq: self.blocks_needed(seq, n) for seq, n in tokens.items()}
+        need = {seq: n for seq, n in need.items() if n}
+        if not need:
             return
-        width = len(self.blocks[seq]) + need
+        width = max(len(self.blocks[seq]) + n for seq, n in need.items())
         if width > self.table.shape[1]:  # grow the table first (nothing changes if an allocation fails)
             table = torch.full((self.batch, max(width, 2 * self.table.shape[1])), -1, dtype=torch.int32)
             table[:, : self.table.shape[1]] = self._table_t
         else:
             table = None
-        self._ensure_capacity(self._next_block + need)
+        self._ensure_capacity(self._next_block + sum(need.values()))
         if table is not None:
             self._table_t, self.table = table, table.numpy()
             self.version += 1
-        first = self._next_block
-        self.table[seq, len(self.blocks[seq]): width] = np.arange(first, first + need, dtype=np.int32)
-        self.blocks[seq].extend(range(first, first + need))
-        self._next_block += need
-        self.capacity[seq] = width * self.block_tokens
+        for seq, n in need.items():
+            first, have = self._next_block, len(self.blocks[seq])
+            self.table[seq, have: have + n] = np.arange(first, first + n, dtype=np.int32)
+            self.blocks[seq].extend(range(first, first + n))
+            self._next_block += n
+            self.capacity[seq] = (have + n) * self.block_tokens
 
     def _ensure_capacity(self, blocks: int) -> None:
         cap = self.capacity_blocks

@@ -14,6 +14,8 @@ import weakref
 from concurrent.futures import Future
 from typing import Any, Callable
 
+from .errors import ClosedError
+
 _STOP = object()
 
 
@@ -29,7 +31,7 @@ class Worker:
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
         if self._closed:
-            raise RuntimeError(f"worker {self.name!r} is closed")
+            raise ClosedError(f"worker {self.name!r} is closed")
         fut: Future = Future()
         self._queue.put((fut, fn, args, kwargs))
         return fut
@@ -58,6 +60,10 @@ class Worker:
             return
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def alive(self) -> bool:
