@@ -29,7 +29,7 @@ from .balance import Balancer
 from .budgets import AdaptiveHeadBudget
 from .cache import LayerCache
 from .config import HeteroConfig
-from .errors import ClosedError, ConfigError, HeteroError, InvalidValueError, ShapeError
+from .errors import ClosedError, ConfigError, DTypeError, HeteroError, InvalidValueError, ShapeError
 from .merge import merge
 from .plan import LayerWorkspace, StepGeometry, StepPlan, workspace_kmax
 from .reference import default_scale
@@ -84,6 +84,14 @@ class HeteroAttention:
     ``attn.run(q, layer, plan)`` per layer. ``run(q, layer)`` without a plan makes a one-layer plan itself (handy,
     not the lean path). ``close()`` stops the host worker (also done at exit). ``native_trace = True``: details also
     carry the busy spans of the native kernels' pool threads.
+
+    A layer's config must match the runtime's in what its storage was built for (window, sinks, retriever and its
+    options, block_tokens, kv_dtype, dense_layers, group_rule, head_budget: else ``ConfigError``); the runtime's own
+    budget, scale, backends, threads, overlap and balance apply to every layer it runs.
+
+    Threads: ``run`` calls on the same layer are serialized by the layer's lock (and its appends and crops with
+    them); calls on different layers may run at once, sharing the runtime's backends, whose native pool takes one
+    call at a time. Outputs equal those of the same calls made one after another.
     """
 
     def __init__(self, config: HeteroConfig, host_worker: Optional[Worker] = None):
@@ -138,6 +146,9 @@ class HeteroAttention:
             raise ShapeError("the cache is empty: append the prompt's keys first")
         q_heads = q_heads or (self._geometry.q_heads if self._geometry is not None else ref.kv_heads)
         q_dtype = q_dtype or torch.float32
+        if q_dtype not in _DTYPE_CODES:
+            raise DTypeError(f"decode queries of dtype {q_dtype} are not supported; allowed: float32, bfloat16, "
+                             "float16 (the step writes its output in the query's dtype)")
         cached = self._plan
         if (cached is not None and cached.geometry.q_heads == q_heads and cached.geometry.q_dtype == q_dtype
                 and cached.geometry.batch == ref.batch and cached.geometry.kv_heads == ref.kv_heads
@@ -180,7 +191,8 @@ class HeteroAttention:
 
     def _check_compatible(self, layer: LayerCache) -> None:
         """``ConfigError`` when ``layer`` was built with a config this runtime would run wrongly (another retriever,
-        window, sinks...); the scale and the backends may differ (the runtime's apply). Checked once per config."""
+        window, sinks...). What only a step decides may differ, and the runtime's applies: the budget (``budget``,
+        ``budget_per``, ``budget_floor``), scale, backends, threads, overlap and balance. Checked once per config."""
         if self._checked.get(id(layer.config)) is layer.config:
             return
         diff = [f"{name}: layer {getattr(layer.config, name)!r}, runtime {getattr(self.config, name)!r}"
@@ -188,7 +200,7 @@ class HeteroAttention:
         if diff:
             raise ConfigError(f"layer {layer.layer_idx} was built with another config than this HeteroAttention's ("
                               + "; ".join(diff) + "): run it with HeteroAttention(layer.config) or a config that "
-                              "differs only in scale, backends, threads, overlap or balance")
+                              "differs only in what a step decides (budget, scale, backends, threads, overlap, balance)")
         self._checked[id(layer.config)] = layer.config
 
     def _grow_workspace(self, plan: StepPlan, layer: LayerCache, need_k: int = 0) -> LayerWorkspace:
@@ -232,6 +244,8 @@ class HeteroAttention:
             plan.check(q, layer)
             if not plan.fused and not all_finite(q):  # the fused step checks the query itself
                 raise InvalidValueError("q contains NaN or inf")
+        if layer.config is not self.config:
+            self._check_compatible(layer)  # a dict lookup once checked
         ws = plan.workspaces.get(layer.layer_idx)
         if ws is None:  # a layer the plan was not made over (planned with another list of layers)
             with self._lock:

@@ -293,6 +293,12 @@ def hetero_attention(module, query, key, value, attention_mask, scaling=None, dr
                                       **kwargs)
     state.attended = True
     shared, layer = state.shared, state.layer
+    if layer.layer_idx == 0:  # before the first layer stores anything: a cache with too few layers is refused whole
+        model_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+        if isinstance(model_layers, int) and model_layers > len(shared.layers):
+            state.pending = None
+            raise ConfigError(f"this HeteroCache has {len(shared.layers)} layers and the model {model_layers}: build "
+                              "it for the model, HeteroCache(hetero_config, config=model.config)")
     runtime = shared.runtime(scaling)
     if state.pending is None:  # one decode token
         if layer.layer_idx == 0 or shared.plan is None:

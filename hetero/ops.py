@@ -16,7 +16,8 @@ from .errors import InvalidValueError, ShapeError
 from .merge import merge
 from .reference import default_scale
 from .types import HostView, PartialAttention, Selection
-from .validation import check_finite, check_host_view, check_kv, check_lengths, check_query, check_selection
+from .validation import (check_finite, check_host_view, check_kv, check_lengths, check_query, check_scale,
+                         check_selection)
 
 _backends = BackendSet()
 _lock = threading.Lock()
@@ -37,6 +38,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     """
     check_kv(k, v)
     check_query(q, k.shape[1], k.shape[3], k.shape[0])
+    check_scale(scale)
     if q.device != k.device:
         raise ShapeError(f"q is on {q.device}, k and v on {k.device}")
     lengths = check_lengths(lengths, k.shape[0], k.shape[2])
@@ -63,6 +65,7 @@ def sparse_attention(q: torch.Tensor, host: HostView, selection: Selection, scal
     check_host_view(host)
     hkv, d = host.k_pool.shape[0], host.k_pool.shape[2]
     check_query(q, hkv, d, host.block_table.shape[0])
+    check_scale(scale)
     if q.device.type != "cpu":
         raise ShapeError(f"q must be in host memory for the host part, got {q.device}")
     check_selection(selection, q.shape[0], q.shape[1], hkv, host.lengths.tolist(), d)

@@ -127,7 +127,7 @@ class StepPlan:
         """``StalePlanError`` unless ``q`` and ``layer`` have this plan's geometry (cheap)."""
         g = self.geometry
         if (layer.geometry != self.layer_geometry or q.shape != self._q_shape or q.dtype != g.q_dtype
-                or q.get_device() != self._q_device):
+                or q.get_device() != self._q_device or q.is_meta or q.layout != torch.strided):
             raise StalePlanError(
                 f"the step plan was made for q [{g.batch}, {g.q_heads}, {g.head_dim}] {g.q_dtype} on {g.device} over "
                 f"{g.kv_heads} KV heads of {g.kv_dtype}; got q {tuple(q.shape)} {q.dtype} on {q.device} and layer "

@@ -86,7 +86,7 @@ def sparse_attention(
     g = hq // hkv
     kk = selection.k
     scale = default_scale(d) if scale is None else scale
-    if kk == 0:
+    if kk == 0 or host.k_pool.shape[1] == 0:  # nothing selected, or nothing stored (every index is -1)
         return PartialAttention.empty(b, hq, d, device=q.device, dtype=compute_dtype)
     rows = host.rows(selection.indices)  # [B, Hkv, k]
     head = torch.arange(hkv, device=rows.device).view(1, hkv, 1)

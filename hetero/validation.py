@@ -55,6 +55,13 @@ def all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
+def check_scale(scale, name: str = "scale") -> None:
+    """None (1/sqrt(D)) or a finite real number > 0."""
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or
+                              not np.isfinite(scale) or scale <= 0):
+        raise InvalidValueError(f"{name} must be None (1/sqrt(head_dim)) or a finite number > 0, got {scale!r}")
+
+
 def check_lengths(lengths, batch: int, limit: int, name: str = "lengths") -> torch.Tensor:
     """``[B]`` integer counts in ``[0, limit]`` (a tensor, a numpy array or a list of ints); None means all
     ``limit``. Returns them as a CPU int64 tensor."""
@@ -67,6 +74,8 @@ def check_lengths(lengths, batch: int, limit: int, name: str = "lengths") -> tor
             arr = None
         if arr is None or arr.dtype == object or arr.dtype.kind not in "iu":
             raise DTypeError(f"{name} must be [B={batch}] integers (a tensor or a list of ints), got {lengths!r}")
+        if arr.size and arr.dtype.kind == "u" and int(arr.max()) > limit:  # before int64 would wrap it negative
+            raise InvalidValueError(f"{name} must lie in [0, {limit}], got {arr.tolist()}")
         lengths = torch.from_numpy(arr.astype(np.int64))
     if lengths.is_meta or lengths.layout != torch.strided:
         raise ShapeError(f"{name} must be a dense tensor with data, got {lengths!r}")
@@ -135,9 +144,10 @@ def check_host_view(view) -> None:
     table = check_tensor(view.block_table, "host.block_table", 2, "[B, max_blocks]")
     if table.dtype not in INDEX_DTYPES or table.device.type != "cpu":
         raise DTypeError(f"host.block_table must be int32 (or int64) on the CPU, got {table.dtype} on {table.device}")
-    lengths = view.lengths
-    if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.shape[0] != table.shape[0]:
-        raise ShapeError(f"host.lengths must be a [B={table.shape[0]}] tensor, got {getattr(lengths, 'shape', lengths)}")
+    lengths = check_tensor(view.lengths, "host.lengths", 1, f"[B={table.shape[0]}]")
+    if lengths.shape[0] != table.shape[0]:
+        raise ShapeError(f"host.lengths must be [B={table.shape[0]}] (the block table's rows), got "
+                         f"{tuple(lengths.shape)}")
     if lengths.dtype not in INDEX_DTYPES:
         raise DTypeError(f"host.lengths must be int64 (or int32), got {lengths.dtype}")
     lens = lengths.cpu().numpy().astype(np.int64)
