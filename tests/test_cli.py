@@ -62,6 +62,7 @@ def test_bad_flags_exit_2_with_one_line(args, needle):
     (["profile", "--model", "smollm2", "--batch", "2", "--plot", "x.png"], "--batch, --plot"),
     (["profile", "--model", "smollm2", "--layer", "3"], "--layer"),
     (["profile", "--layer", "3"], "--workload real"),
+    (["profile", "--workload", "real", "--layer", "99"], "layers 0..29"),
     (["profile", "--device", "cuda"] if not torch.cuda.is_available() else ["profile", "--device", "tpu"], "--device"),
     (["profile", "--window-backend", "triton"] if not torch.cuda.is_available() else
      ["profile", "--host-backend", "nosuch"], "backend"),
@@ -94,6 +95,15 @@ def test_profile_names_a_missing_optional_dependency_first(monkeypatch, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not list(tmp_path.iterdir())
+
+
+def test_profile_names_an_unreadable_model_config(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    p = _run("profile", "--model", str(tmp_path))
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot read its config.json" in lines[0], p.stderr
 
 
 def test_profile_names_missing_weights(monkeypatch, capsys):

@@ -13,6 +13,7 @@ from hetero.backends import AttentionInputs, BackendSet
 from hetero.config import KV_DTYPES, HeteroConfig
 from hetero.errors import BackendUnavailableError, ConfigError, HeteroError
 
+SMOLLM2_LAYERS = 30  # the real workload's captured layers (hetero.tools.workloads.real)
 # options of the one-layer profile that --model does not use, with their "not given" values
 SYNTHETIC_ONLY: Dict[str, object] = {"batch": None, "preset": None, "heads": None, "kv_heads": None,
                                      "head_dim": None, "workload": None, "layer": None, "warmup": None,
@@ -83,6 +84,13 @@ def check_model(ns: argparse.Namespace) -> None:
         raise HeteroError(f"--model {ns.model}: no config.json in that folder; it must hold a HuggingFace model")
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise HeteroError(f"--model {ns.model}: no weights (*.safetensors or *.bin) in that folder")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as e:
+        raise HeteroError(f"--model {ns.model}: transformers cannot read its config.json ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:300]})") from None
 
 
 def check_backends(config: HeteroConfig, device: torch.device, heads: int, kv_heads: int, head_dim: int,
@@ -112,6 +120,8 @@ def check_profile(ns: argparse.Namespace, config: HeteroConfig, device: torch.de
         check_output_path("--plot", ns.plot)
         if importlib.util.find_spec("matplotlib") is None:
             raise HeteroError("--plot needs matplotlib: pip install 'hetero[plot]'")
+    if ns.workload == "real" and ns.layer is not None and ns.layer >= SMOLLM2_LAYERS:
+        raise HeteroError(f"--layer {ns.layer}: the real workload is SmolLM2's attention, layers 0..{SMOLLM2_LAYERS - 1}")
     heads, kv_heads, head_dim = geometry
     try:
         check_backends(config, device, heads, kv_heads, head_dim, ns.batch or 1, ns.kv_dtype or "bfloat16")

@@ -13,6 +13,7 @@ from typing import Callable, Dict, List
 import torch
 
 from hetero.config import HeteroConfig
+from hetero.errors import HeteroError
 
 
 def _load(name: str):
@@ -22,7 +23,12 @@ def _load(name: str):
         return smollm2.load()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(name)
+    try:
+        return (AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32).eval(),
+                AutoTokenizer.from_pretrained(name))
+    except (OSError, ValueError, KeyError) as e:  # a folder transformers cannot load: one line, not a traceback
+        raise HeteroError(f"--model {name}: transformers could not load it ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:300]})") from None
 
 
 class _TokenClock:
