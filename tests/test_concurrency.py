@@ -1,0 +1,107 @@
+"""Concurrent callers: runs on the same layer are serialized by its lock, runs on different layers overlap; either
+way each output equals the same call made alone (bit for bit: the kernels' reductions do not depend on timing)."""
+import threading
+
+import pytest
+import torch
+
+from hetero import HeteroAttention, HeteroConfig, LayerCache
+
+CALLS = 1000  # in all, over the two threads
+
+
+def _layers(config, n_layers=2, tokens=700, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    layers = []
+    for i in range(n_layers):
+        layer = LayerCache(config, layer_idx=i)
+        k = torch.randn(2, 2, tokens, 32, generator=gen)
+        layer.append(k.to(torch.bfloat16), torch.randn(2, 2, tokens, 32, generator=gen).to(torch.bfloat16),
+                     [tokens, tokens - 123])
+        layer.wait_indexed()
+        layers.append(layer)
+    return layers
+
+
+def _in_threads(work):
+    """Run each callable of ``work`` in its own thread, started together; re-raise the first failure."""
+    errors, barrier = [], threading.Barrier(len(work))
+
+    def body(fn):
+        try:
+            barrier.wait()
+            fn()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=body, args=(fn,)) for fn in work]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.parametrize("retriever", ["ivf-group", "exact"])
+@pytest.mark.parametrize("same_layer", [True, False], ids=["same-layer", "different-layers"])
+def test_concurrent_runs_equal_sequential(retriever, same_layer):
+    config = HeteroConfig(window=64, sinks=4, budget=48, retriever=retriever,
+                          retriever_options={"min_train": 64} if retriever == "ivf-group" else {})
+    layers = _layers(config)
+    attn = HeteroAttention(config)
+    plan = attn.plan(layers, 8, torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    queries = [torch.randn(2, 8, 32, generator=gen) for _ in range(CALLS // 2)]
+    targets = [layers[0], layers[0] if same_layer else layers[1]]
+    if retriever == "ivf-group":
+        assert all(x.retriever.native_search_ready() for x in targets), "the C++ step should search the index"
+    want = [[attn.run(q, layer, plan) for q in queries] for layer in targets]
+    got = [[None] * len(queries) for _ in targets]
+
+    def worker(t):
+        def go():
+            for i, q in enumerate(queries):
+                got[t][i] = attn.run(q, targets[t], plan)
+        return go
+
+    _in_threads([worker(0), worker(1)])
+    for t in range(2):
+        bad = [i for i in range(len(queries)) if not torch.equal(got[t][i], want[t][i])]
+        assert not bad, f"thread {t}: {len(bad)} of {len(queries)} outputs differ from the sequential ones ({bad[:5]})"
+    attn.close()
+
+
+def test_concurrent_decode_loops_on_different_layers_equal_sequential():
+    """Each thread appends a token to its own layer and runs it, 250 steps; then the same steps again, alone, on
+    fresh copies of the layers: outputs and stored tokens agree."""
+    config = HeteroConfig(window=32, sinks=2, budget=40, retriever="ivf-group", retriever_options={"min_train": 64})
+    steps = 250
+    gen = torch.Generator().manual_seed(2)
+    new_k = [[torch.randn(2, 2, 32, generator=gen) for _ in range(steps)] for _ in range(2)]
+    new_v = [[torch.randn(2, 2, 32, generator=gen) for _ in range(steps)] for _ in range(2)]
+    queries = [[torch.randn(2, 8, 32, generator=gen) for _ in range(steps)] for _ in range(2)]
+
+    def decode(attn, layer, t, outs):
+        for s in range(steps):
+            layer.append(new_k[t][s], new_v[t][s])
+            outs.append(attn.run(queries[t][s], layer))
+
+    alone = _layers(config)
+    attn = HeteroAttention(config)
+    want = [[], []]
+    for t in range(2):
+        decode(attn, alone[t], t, want[t])
+    attn.close()
+    together = _layers(config)
+    attn = HeteroAttention(config)
+    got = [[], []]
+    _in_threads([lambda: decode(attn, together[0], 0, got[0]), lambda: decode(attn, together[1], 1, got[1])])
+    attn.close()
+    for t in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(got[t], want[t])), f"layer {t}: outputs differ"
+        assert together[t].host_lengths() == alone[t].host_lengths()
+        assert together[t].retriever.ntotal == together[t].host_lengths()
+        for seq in range(2):
+            assert all(torch.equal(a, b) for a, b in zip(together[t].tokens(seq), alone[t].tokens(seq)))

@@ -1,0 +1,254 @@
+"""Failures half-way leave nothing half-done: index faults heal, closed workers refuse first, allocation failures
+change nothing, and inputs that would reach native code unchecked on the lean path are refused."""
+import dataclasses
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from hetero import (ConfigError, DTypeError, HeteroAttention, HeteroConfig, InvalidValueError, LayerCache, ShapeError,
+                    sparse_attention, window_attention)
+from hetero.errors import ClosedError, HeteroError, IndexSyncError
+from hetero.worker import Worker
+
+from helpers import oracle, rel_err, same_snapshot, snapshot
+
+B, HKV, G, D = 2, 2, 3, 16
+
+
+def _layer(retriever="exact", indexer=None, tokens=60, **kw):
+    options = {"min_train": 16} if retriever == "ivf-group" else {}
+    cfg = HeteroConfig(window=4, sinks=1, retriever=retriever, budget=8, block_tokens=4, retriever_options=options,
+                       **kw)
+    layer = LayerCache(cfg, indexer=indexer)
+    gen = torch.Generator().manual_seed(0)
+    layer.append(torch.randn(B, HKV, tokens, D, generator=gen), torch.randn(B, HKV, tokens, D, generator=gen),
+                 [tokens, tokens - 17])
+    layer.wait_indexed()
+    return layer
+
+
+class _FailingAdd:
+    """The retriever's ``add`` raising ``error`` on its next call, then working again."""
+
+    def __init__(self, layer, error):
+        self.layer, self.error, self.original = layer, error, layer.retriever.add
+        layer.retriever.add = self
+
+    def __call__(self, seq, keys):
+        self.layer.retriever.add = self.original
+        raise self.error
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
+@pytest.mark.parametrize("error", [RuntimeError("disk full"), KeyboardInterrupt()], ids=["exception", "interrupt"])
+def test_failed_add_heals_from_the_tier_and_is_reported_once(background, error):
+    indexer = Worker("test-indexer") if background else None
+    layer = _layer("all", indexer=indexer)
+    attn = HeteroAttention(layer.config)
+    _FailingAdd(layer, error)
+    k = torch.randn(B, HKV, 9, D)
+    try:
+        layer.append(k, torch.randn_like(k))  # 9 tokens push 9 out of the window: a Python add per sequence
+    except KeyboardInterrupt:
+        assert not background, "an interrupt in the background indexer must not surface in the caller"
+    q = torch.randn(B, HKV * G, D)
+    if isinstance(error, Exception):
+        with pytest.raises(IndexSyncError, match="layer 0.*disk full.*rebuilt"):
+            attn.run(q, layer)
+    out = attn.run(q, layer)  # healed: no second report, and every host token is indexed again
+    assert layer.retriever.ntotal == layer.host_lengths()
+    assert rel_err(out, oracle(q, layer)) < 1e-5
+    attn.close()
+    if indexer is not None:
+        indexer.close()
+
+
+def test_interrupt_in_a_batch_append_keeps_every_token_and_heals():
+    layer = _layer("ivf-group")
+    _FailingAdd(layer, KeyboardInterrupt())
+    before = layer.seq_lengths()
+    k = torch.randn(B, HKV, 40, D)
+    with pytest.raises(KeyboardInterrupt):
+        layer.append(k, torch.randn_like(k))
+    assert layer.seq_lengths() == [n + 40 for n in before]  # the tiers hold the whole chunk
+    layer.wait_indexed()  # an interrupt was already reported: healed quietly
+    assert layer.retriever.ntotal == layer.host_lengths()
+
+
+def test_crop_with_a_failing_truncate_crops_the_tiers_and_heals_the_index():
+    layer = _layer("exact")
+    truncate = layer.retriever.truncate
+
+    def failing(seq, n):
+        raise RuntimeError("truncate failed")
+
+    layer.retriever.truncate = failing
+    layer.crop([30, 20])
+    layer.retriever.truncate = truncate
+    assert layer.seq_lengths() == [30, 20]
+    with pytest.raises(IndexSyncError, match="truncate failed"):
+        layer.wait_indexed()
+    assert layer.retriever.ntotal == layer.host_lengths()
+
+
+@pytest.mark.parametrize("path", ["chunk", "decode"])
+def test_append_after_the_indexer_closed_is_refused_before_anything_changes(path):
+    indexer = Worker("test-indexer-closed")
+    layer = _layer("ivf-group", indexer=indexer)
+    indexer.close()
+    before = snapshot(layer)
+    k = torch.randn(B, HKV, D) if path == "decode" else torch.randn(B, HKV, 5, D)
+    with pytest.raises(ClosedError, match="indexer"):
+        layer.append(k, torch.randn_like(k))
+    assert same_snapshot(before, snapshot(layer))
+
+
+def test_closed_worker_refuses_with_a_typed_error():
+    w = Worker("test-closed")
+    w.close()
+    with pytest.raises(ClosedError):
+        w.submit(print)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 4])
+def test_allocation_failure_in_a_later_append_changes_nothing(monkeypatch, fail_at):
+    """The pool, the block table and the fast tier each grow once per append; any of them failing leaves every
+    sequence's blocks, capacity and tokens as they were."""
+    import hetero.tiers as tiers
+
+    layer = _layer("exact", tokens=20)
+    before = snapshot(layer) + (layer.host.capacity.copy().tolist(), layer.host.table.copy().tolist())
+    calls = []
+    real_empty, real_full = tiers.empty_host, torch.full
+
+    def counted(real):
+        def alloc(*a, **kw):
+            calls.append(1)
+            if len(calls) == fail_at:
+                raise MemoryError("injected")
+            return real(*a, **kw)
+        return alloc
+
+    monkeypatch.setattr(tiers, "empty_host", counted(real_empty))
+    monkeypatch.setattr(tiers.torch, "full", counted(real_full))
+    k = torch.randn(B, HKV, 3000, D)
+    try:
+        layer.append(k, torch.randn_like(k))
+    except MemoryError:
+        pass
+    else:  # fewer allocations than fail_at: nothing to inject
+        assert len(calls) < fail_at
+        return
+    monkeypatch.undo()
+    after = snapshot(layer) + (layer.host.capacity.copy().tolist(), layer.host.table.copy().tolist())
+    assert same_snapshot(before, after)
+    layer.append(k, torch.randn_like(k))  # and the layer works after it
+    assert layer.seq_lengths() == [3020, 3003]
+
+
+def test_float64_queries_are_refused_with_the_allowed_dtypes():
+    layer = _layer()
+    with pytest.raises(DTypeError, match="float32, bfloat16, float16"):
+        HeteroAttention(layer.config).run(torch.randn(B, HKV * G, D, dtype=torch.float64), layer)
+
+
+def test_a_layer_of_another_retriever_is_refused_under_an_existing_plan():
+    mine, other = _layer("exact"), _layer("all")
+    attn = HeteroAttention(mine.config)
+    plan = attn.plan(mine, HKV * G)
+    with pytest.raises(ConfigError, match="retriever: layer 'all', runtime 'exact'"):
+        attn.run(torch.randn(B, HKV * G, D), other, plan)
+
+
+def test_a_layer_of_another_budget_runs_with_the_runtimes_budget():
+    layer = _layer("exact")
+    wide = HeteroAttention(layer.config.with_(budget=1.0))  # the step decides the budget: every host key
+    q = torch.randn(B, HKV * G, D)
+    assert rel_err(wide.run(q, layer), oracle(q, layer)) < 1e-5
+
+
+def test_meta_and_sparse_queries_on_the_plan_path_are_refused_in_a_child_process():
+    """Given a plan, ``run`` checks only the plan's geometry; a meta or sparse q used to reach the C++ step with a
+    null pointer (a segfault). Run in a child process so that a regression is a failure, not a dead session."""
+    code = textwrap.dedent("""
+        import torch
+        from hetero import HeteroAttention, HeteroConfig, LayerCache, HeteroError
+        cfg = HeteroConfig(window=8, sinks=1, retriever="ivf-group", budget=8, retriever_options={"min_train": 16})
+        layer = LayerCache(cfg)
+        layer.append(torch.randn(1, 2, 400, 16), torch.randn(1, 2, 400, 16))
+        layer.wait_indexed()
+        attn = HeteroAttention(cfg)
+        plan = attn.plan(layer, 4)
+        for q in (torch.empty(1, 4, 16, device="meta"), torch.randn(1, 4, 16).to_sparse()):
+            try:
+                attn.run(q, layer, plan)
+            except HeteroError as e:
+                print("refused", type(e).__name__)
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split().count("refused") == 2, p.stdout
+
+
+@pytest.mark.parametrize("scale", [float("nan"), 0.0, -1.0, float("inf"), "0.1", True])
+def test_scale_is_checked_by_both_operations(scale):
+    layer = _layer()
+    q = torch.randn(B, HKV * G, D)
+    with pytest.raises(InvalidValueError, match="scale"):
+        window_attention(q, layer.fast.k, layer.fast.v, layer.fast.lengths, scale=scale)
+    from hetero import Selection
+
+    sel = Selection(torch.zeros(B, HKV, 1, dtype=torch.int32))
+    with pytest.raises(InvalidValueError, match="scale"):
+        sparse_attention(q, layer.host.view(), sel, scale=scale)
+
+
+def test_meta_host_lengths_are_refused():
+    layer = _layer()
+    view = dataclasses.replace(layer.host.view(), lengths=torch.empty(B, dtype=torch.int64, device="meta"))
+    from hetero import Selection
+
+    with pytest.raises(ShapeError, match="host.lengths is a meta tensor"):
+        sparse_attention(torch.randn(B, HKV * G, D), view, Selection(torch.zeros(B, HKV, 1, dtype=torch.int32)))
+
+
+def test_uint64_lengths_beyond_int64_name_the_values_given():
+    import numpy as np
+
+    layer = _layer()
+    with pytest.raises(InvalidValueError, match=str(2 ** 63 + 5)):
+        layer.crop(np.array([2 ** 63 + 5, 3], dtype=np.uint64))
+
+
+def test_every_public_error_is_a_hetero_error():
+    for err in (ConfigError, DTypeError, InvalidValueError, ShapeError, ClosedError, IndexSyncError):
+        assert issubclass(err, HeteroError)
+
+
+@pytest.mark.parametrize("retriever", ["exact", "ivf-group"])
+def test_a_gqa_group_beyond_the_native_kernels_runs_exactly_through_another_backend(retriever):
+    """72 query heads on one KV head: the C++ kernels take groups up to 64; the step must pick a backend that takes
+    it (and say so in the plan), not die in the runner."""
+    options = {"min_train": 16} if retriever == "ivf-group" else {}
+    cfg = HeteroConfig(window=8, sinks=1, retriever=retriever, budget=1.0, retriever_options=options)
+    layer = LayerCache(cfg)
+    gen = torch.Generator().manual_seed(3)
+    layer.append(torch.randn(1, 1, 300, 16, generator=gen), torch.randn(1, 1, 300, 16, generator=gen))
+    layer.wait_indexed()
+    attn = HeteroAttention(cfg)
+    plan = attn.plan(layer, 72)
+    q = torch.randn(1, 72, 16, generator=gen)
+    assert rel_err(attn.run(q, layer, plan), oracle(q, layer)) < 1e-4
+    assert not plan.fused or (plan.window.max_group or 72) >= 72
+
+
+def test_lsh_says_once_that_it_ignores_the_budget(monkeypatch):
+    import hetero.retrieval.lsh as lsh
+
+    monkeypatch.setattr(lsh, "_warned_budget", False)  # once per process: an earlier test may have seen it
+    cfg = HeteroConfig(window=8, sinks=1, retriever="lsh", budget=8)
+    with pytest.warns(UserWarning, match="ignores the budget"):
+        LayerCache(cfg).append(torch.randn(1, 2, 100, 16), torch.randn(1, 2, 100, 16))
