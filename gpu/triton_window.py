@@ -55,7 +55,7 @@ def window_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: to
     if q.stride(2) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     lengths = lengths.to(device=k.device, dtype=torch.int32)
-    max_len = int(lengths.max()) if lengths.numel() else 0
+    max_len = k.shape[2]  # the slots, not lengths.max(): reading a device tensor's value would wait for the device
     block_n, num_warps = launch_config(k.dtype)
     splits = splits or _num_splits(max_len, b * hkv, k.device)
     split_len = max(block_n, triton.cdiv(triton.cdiv(max(max_len, 1), splits), block_n) * block_n)

@@ -30,12 +30,12 @@ from .budgets import AdaptiveHeadBudget
 from .cache import LayerCache
 from .config import HeteroConfig
 from .errors import ClosedError, ConfigError, DTypeError, HeteroError, InvalidValueError, ShapeError
-from .merge import merge
+from .merge import fuse
 from .plan import LayerWorkspace, StepGeometry, StepPlan, workspace_kmax
 from .reference import default_scale
 from .timing import PhaseRecorder, Span
 from .types import PartialAttention, Selection
-from .validation import all_finite, check_query, check_selection
+from .validation import all_finite, check_finite, check_query, check_selection
 from .worker import Worker
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -242,8 +242,8 @@ class HeteroAttention:
             if type(q) is not torch.Tensor and not isinstance(q, torch.Tensor):
                 raise ShapeError(f"q must be a torch.Tensor [B, Hq, D], got {type(q).__name__}")
             plan.check(q, layer)
-            if not plan.fused and not all_finite(q):  # the fused step checks the query itself
-                raise InvalidValueError("q contains NaN or inf")
+            if not plan.fused and plan.on_cpu and not all_finite(q):  # the fused step checks the query itself
+                raise InvalidValueError("q contains NaN or inf")  # (a CUDA query: on its host copy, _host_side)
         if layer.config is not self.config:
             self._check_compatible(layer)  # a dict lookup once checked
         ws = plan.workspaces.get(layer.layer_idx)
@@ -256,6 +256,8 @@ class HeteroAttention:
         if layer.retriever.softmax_scale != plan.scale:  # the estimate uses the step's scale
             layer.retriever.softmax_scale = plan.scale
         with layer.lock:
+            if plan.on_cpu and layer.evictions_pending:
+                layer.prepare_host_side()  # a CPU tier run the CUDA way (staged evictions): land them first
             if not layer.index.idle:
                 layer.index.wait()  # heals and reports a failed add, before any search
             if plan.fused and q.stride(-1) == 1:
@@ -367,7 +369,7 @@ class HeteroAttention:
                    (sel.estimate if sel is not None else None))
             if est is not None:
                 parts.append(est)
-            host = merge(parts) if len(parts) > 1 else parts[0]
+            host = fuse(parts) if len(parts) > 1 else parts[0]
         if mode == 2:
             width = int(ws.union_count.max()) if ws.union_count.size else 0
             idx = torch.from_numpy(ws.union[:, :width].copy()).view(layer.batch, layer.kv_heads, width)
@@ -393,7 +395,7 @@ class HeteroAttention:
         """Window on the GPU (Triton), host part in C++ on the calling thread meanwhile, merge on the GPU."""
         ws = plan.workspaces[layer.layer_idx]
         dst = ws.out if out is None else out
-        mode = self._host_mode(layer)
+        mode = 0 if layer.dense else 1
         rec = PhaseRecorder()
         if self._stream is None:
             self._stream = torch.cuda.Stream(device=q.device)
@@ -403,17 +405,18 @@ class HeteroAttention:
             with rec.span("transfer"):
                 self._stream.wait_stream(current)  # q is produced on the current stream
                 with torch.cuda.stream(self._stream):
-                    ws.q_host.copy_(q.detach(), non_blocking=True)
+                    ws.q_host.copy_(q.detach(), non_blocking=True)  # into pinned memory: asynchronous
+                    q.record_stream(self._stream)  # q's memory is not reused before this copy ran
                     ready = torch.cuda.Event()
                     ready.record(self._stream)
         with rec.span("window"):
             wpart = plan.window(q, layer.fast.k, layer.fast.v, layer.fast.lengths, plan.scale)
         if mode:
-            layer.finish_device_appends()
             with rec.span("transfer"):
-                ready.synchronize()  # the one host wait of the step: the query's copy
-            with rec.span("host"):
-                ws, mode, _ = self._decode_step(plan, layer, ws.q_host, ws.q_host, False, details)
+                layer.prepare_host_side()  # this append's evicted tokens into the host tier and the index
+                ready.synchronize()  # the host waits for the query's copy, never for the window kernel
+            with rec.span("host"):  # host rows and estimate fused into the pinned HOST_OUT / HOST_LSE
+                ws, mode, _ = self._decode_step(plan, layer, ws.q_host, ws.host_out, False, details)
             with rec.span("transfer"):
                 ws.host_out_dev.copy_(ws.host_out, non_blocking=True)  # from pinned memory: asynchronous
                 ws.host_lse_dev.copy_(ws.host_lse, non_blocking=True)
@@ -421,7 +424,7 @@ class HeteroAttention:
         else:
             parts = [wpart]
         with rec.span("merge"):
-            merged = merge(parts)
+            merged = fuse(parts)
             dst.copy_(merged.out)
         if not details:
             return dst if out is not None else dst.clone()
@@ -430,25 +433,29 @@ class HeteroAttention:
                             int(ws.union_count.sum()) if mode == 2 else 0)
 
     # ---- generic path -------------------------------------------------------------------------------
-    def _query_to_host(self, q: torch.Tensor):
-        """The query as float32 on the host, and an event to wait on before reading it (CUDA)."""
+    def _query_to_host(self, q: torch.Tensor, staging: Optional[torch.Tensor]):
+        """The query on the host (float32 on the CPU; on CUDA copied into the pinned ``staging``), and an event to wait
+        on before reading it (CUDA)."""
         if q.device.type != "cuda":
             return q.detach().to(torch.float32), None
-        staging = torch.empty(q.shape, dtype=torch.float32, pin_memory=True)
         if self._stream is None:
             self._stream = torch.cuda.Stream(device=q.device)
         self._stream.wait_stream(torch.cuda.current_stream(q.device))
         with torch.cuda.stream(self._stream):
             staging.copy_(q.detach(), non_blocking=True)
+            q.record_stream(self._stream)  # q's memory is not reused before this copy ran
             ready = torch.cuda.Event()
             ready.record(self._stream)
         return staging, ready
 
     def _host_side(self, q_host, ready, layer: LayerCache, plan: StepPlan, rec: PhaseRecorder):
         t0 = time.perf_counter()
-        if ready is not None:
-            with rec.span("transfer"):
+        with rec.span("transfer"):
+            layer.prepare_host_side()  # staged evictions (a CUDA fast tier) into the host tier and the index
+            if ready is not None:
                 ready.synchronize()
+                check_finite(q_host, "q")  # a CUDA query is checked here, on its copy, not with a device sync
+                q_host = q_host.float()
         with rec.span("retrieve"):
             selection = layer.retriever.search(q_host, plan.budgets_for(layer, self.balancer(layer).budget_scale)
                                                .tolist())
@@ -461,11 +468,11 @@ class HeteroAttention:
     def _run_generic(self, q, layer, plan, out, details):
         rec = PhaseRecorder()
         b, hq, d = q.shape
-        has_host = not layer.dense and bool(layer.host.length.any())
+        has_host = not layer.dense and (bool(layer.host.length.any()) or layer.evictions_pending)
         future = None
         if has_host:
             with rec.span("transfer"):
-                q_host, ready = self._query_to_host(q)
+                q_host, ready = self._query_to_host(q, plan.workspaces[layer.layer_idx].q_host)
             if self.config.overlap_on(layer.device):
                 future = self._host_worker().submit(self._host_side, q_host, ready, layer, plan, rec)
         t0 = time.perf_counter()
@@ -484,10 +491,11 @@ class HeteroAttention:
             except Exception as e:
                 raise HeteroError(f"host side of layer {layer.layer_idx} failed ({type(e).__name__}: {e})") from e
             parts = [hpart] if selection.estimate is None else [hpart, selection.estimate]
-            with rec.span("transfer"):
-                parts = [PartialAttention(p.out.to(q.device, non_blocking=True), p.lse.to(q.device, non_blocking=True))
-                         for p in parts]
-            hpart = parts[0] if len(parts) == 1 else merge(parts)  # the details' host part: rows and estimate
+            if q.device.type == "cuda":  # through pinned memory: a copy from pageable memory would sync
+                with rec.span("transfer"):
+                    parts = [PartialAttention(p.out.pin_memory().to(q.device, non_blocking=True),
+                                              p.lse.pin_memory().to(q.device, non_blocking=True)) for p in parts]
+            hpart = parts[0] if len(parts) == 1 else fuse(parts)  # the details' host part: rows and estimate
             rows = int(np.count_nonzero(selection.indices.numpy() >= 0))
             if layer.head_budget is not None:
                 layer.head_budget.update(wpart, parts[0], layer.retriever)
@@ -502,7 +510,7 @@ class HeteroAttention:
             balancer.record(window_ms, host_ms, can_lower=k_now > floor,
                             can_raise=k_now < min(n, 2 * self.config.budget_for(n)))
         with rec.span("merge"):  # all parts at once, as the fused step does (the same result bit for bit)
-            merged = merge([wpart] + parts)
+            merged = fuse([wpart] + parts)
             result = merged.out.to(q.dtype)
         if out is not None:
             out.copy_(result)

@@ -17,6 +17,7 @@ import torch
 from . import native
 from .config import HeteroConfig
 from .errors import ConfigError, InvalidValueError, ShapeError
+from .evictions import EvictionStage
 from .indexing import IndexQueue
 from .reference import default_scale
 from .registry import RETRIEVERS
@@ -60,6 +61,10 @@ class LayerCache:
         self._flags = None
         self._native_ok = False
         self.geometry = None  # (batch, kv_heads, head_dim, dtype, device) once the first append fixed them
+        # evicted tokens reach the host tier through pinned staging (hetero/evictions.py): set at the first append
+        # for a CUDA fast tier (tests set it before, to run that path on the CPU)
+        self.staged_evictions = False
+        self._stage: Optional[EvictionStage] = None
 
     # ---- shape facts -------------------------------------------------------------------------------
     @property
@@ -94,7 +99,15 @@ class LayerCache:
         """Logical length (all tiers) of each sequence."""
         return self.fast.total.tolist() if self.fast is not None else []
 
+    @property
+    def evictions_pending(self) -> bool:
+        """Tokens that left a CUDA window and have not reached the host tier yet (``prepare_host_side`` lands them)."""
+        return bool(self._stage)
+
     def host_lengths(self) -> List[int]:
+        if self._stage:
+            with self.lock:
+                self._land_locked()
         return self.host.length.tolist() if self.host is not None else []
 
     @property
@@ -127,12 +140,16 @@ class LayerCache:
         self._desc_key = None
         self._decode_shape = torch.Size((fast.batch, fast.k.shape[1], fast.k.shape[3]))
         self.geometry = (fast.batch, fast.k.shape[1], fast.k.shape[3], fast.k.dtype, fast.device)
-        self._native_ok = fast.device.type == "cpu" and not self.dense and native.load() is not None
+        self.staged_evictions = self.staged_evictions or fast.device.type == "cuda"
+        self._stage = EvictionStage(fast.device)
+        self._native_ok = (fast.device.type == "cpu" and not self.dense and native.load() is not None
+                           and not self.staged_evictions)
 
     # ---- appending ---------------------------------------------------------------------------------
-    def check_append(self, keys: torch.Tensor, values: torch.Tensor, lengths=None):
+    def check_append(self, keys: torch.Tensor, values: torch.Tensor, lengths=None, check_values: bool = True):
         """Validate an ``append`` without changing anything; returns normalized (keys, values, lengths), lengths
-        as B ints."""
+        as B ints. ``check_values=False`` leaves the NaN/inf check to the caller (a CUDA append does it on the
+        device, without a host sync)."""
         rank = keys.dim() if isinstance(keys, torch.Tensor) and keys.dim() == 3 else 4
         check_kv(keys, values, "keys", "values", rank, _KV_LAYOUT)
         if keys.dim() == 3:
@@ -153,8 +170,9 @@ class LayerCache:
             if keys.device != self.device:
                 raise ShapeError(f"keys on {keys.device}, but layer {self.layer_idx}'s fast tier is on {self.device}")
         lengths = [t] * b if lengths is None else check_lengths(lengths, b, t).tolist()  # no tensor when None
-        for name, x in (("keys", keys), ("values", values)):
-            check_finite(x if min(lengths) == t else _used(x, lengths), name)
+        if check_values:
+            for name, x in (("keys", keys), ("values", values)):
+                check_finite(x if min(lengths) == t else _used(x, lengths), name)
         return keys, values, lengths
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, lengths=None) -> None:
@@ -167,11 +185,19 @@ class LayerCache:
         if lengths is None and self._native_ok and self._append_decode_fast(keys, values):
             return
         with self.lock:
-            keys, values, lengths = self.check_append(keys, values, lengths)
+            staged = self.staged_evictions or (isinstance(keys, torch.Tensor) and keys.device.type == "cuda")
+            keys, values, lengths = self.check_append(keys, values, lengths, check_values=not staged)
             self.index.check_open()
+            if staged:
+                self._land_locked()  # an earlier append's evictions reach the host tier first (host order)
             parts = self._build(keys) if not self.initialized else (self.fast, self.host, self.retriever)
             fast, host, _ = parts
             dtype = fast.k.dtype
+            finite = None
+            if staged:  # the device's verdict, read back with the evicted tokens (hetero/evictions.py)
+                used_k = keys if min(lengths) == keys.shape[2] else _used(keys, lengths)
+                used_v = values if min(lengths) == keys.shape[2] else _used(values, lengths)
+                finite = torch.isfinite(used_k).all() & torch.isfinite(used_v).all()
             keys, values = keys.to(dtype), values.to(dtype)  # allocations before any write
             # room first, one allocation per tier: nothing is written if one fails
             fast.reserve_all(dict(enumerate(lengths)))
@@ -179,18 +205,49 @@ class LayerCache:
                               for seq, (t, n) in enumerate(zip(fast.total.tolist(), lengths))})
             if not self.initialized:
                 self._attach(*parts)
+            rec = self._stage.open(fast.total.tolist()) if staged else None
             adds = []
             for seq, n in enumerate(lengths):
                 if n == 0:
                     continue
                 evicted_k, evicted_v = fast.append(seq, keys[seq, :, :n], values[seq, :, :n])
-                if evicted_k.shape[1]:
+                if not evicted_k.shape[1]:
+                    continue
+                if staged:
+                    self._stage.stage(rec, seq, evicted_k, evicted_v)
+                else:
                     first = int(host.length[seq])
-                    host.append(seq, evicted_k.cpu(), evicted_v.cpu())
+                    host.append(seq, evicted_k, evicted_v)
                     adds.append((seq, first, evicted_k.shape[1]))
             fast.sync_lengths()
+            if staged:
+                self._stage.seal(rec, finite)
             for seq, first, n in adds:
                 self.index.add(seq, first, n)
+
+    def _land_locked(self) -> None:
+        """Staged evictions into the host tier and the index (waits for their copies); an append whose keys or values
+        the device found not finite is undone here and reported. Caller holds the lock."""
+        if not self._stage:
+            return
+        for rec in self._stage.take():
+            adds = []
+            for seq, k, v in rec.tokens:
+                adds.append((seq, int(self.host.length[seq]), k.shape[1]))
+                self.host.append(seq, k, v)
+            for seq, first, n in adds:
+                self.index.add(seq, first, n)
+            if rec.finite is not None and not bool(rec.finite):
+                self._crop_locked(rec.lengths_before)
+                raise InvalidValueError(f"keys or values appended to layer {self.layer_idx} contained NaN or inf "
+                                        "(checked on the device): that append was undone")
+
+    def prepare_host_side(self) -> None:
+        """Before a step's host side reads the host tier: staged evictions landed, every host token indexed (a failed
+        add healed and reported). Caller holds the lock."""
+        self._land_locked()
+        if not self.index.idle:
+            self.index.wait()
 
     def _append_decode_fast(self, k, v) -> bool:
         """One decode token per sequence (``[B, Hkv, D]`` or ``[B, Hkv, 1, D]`` on the CPU) in one C++ call, which
@@ -266,45 +323,56 @@ class LayerCache:
                 return
             lengths = check_lengths(lengths, self.batch, np.iinfo(np.int64).max, "lengths").tolist()
             self.index.check_open()
-            self.index.settle()  # nothing may still be on its way into the index; a failed add heals (reported later)
-            fast, host = self.fast, self.host
-            interrupt = None
-            for seq, n in enumerate(lengths):
-                n = min(n, int(fast.total[seq]))
-                if n == int(fast.total[seq]):
-                    continue
-                lo, hi = fast.refill_range(seq, n)
-                s = self.config.sinks if not self.dense else 0
-                refill_k = host.keys(seq, lo - s, hi - s).to(fast.device) if hi > lo else fast.k[seq, :, :0]
-                refill_v = host.values(seq, lo - s, hi - s).to(fast.device) if hi > lo else fast.v[seq, :, :0]
-                keep_host = max(0, lo - s) if not self.dense else 0
-                if not self.index.broken:
-                    try:  # reads the removed keys from the tier: before it shrinks
-                        self.retriever.truncate(seq, keep_host)
-                    except BaseException as e:  # the tiers still crop; the index heals from them at the next wait
-                        self.index.record_failure(e)
-                        interrupt = interrupt or (None if isinstance(e, Exception) else e)
-                fast.crop(seq, n, refill_k.clone(), refill_v.clone())
-                host.truncate(seq, keep_host)
-            fast.sync_lengths()
-            if interrupt is not None:
-                raise interrupt
+            self._land_locked()
+            self._crop_locked(lengths)
+
+    def _crop_locked(self, lengths: List[int]) -> None:
+        """``crop`` with the lock held and the lengths checked."""
+        self.index.settle()  # nothing may still be on its way into the index; a failed add heals (reported later)
+        fast, host = self.fast, self.host
+        interrupt = None
+        for seq, n in enumerate(lengths):
+            n = min(n, int(fast.total[seq]))
+            if n == int(fast.total[seq]):
+                continue
+            lo, hi = fast.refill_range(seq, n)
+            s = self.config.sinks if not self.dense else 0
+            refill_k = host.keys(seq, lo - s, hi - s) if hi > lo else fast.k[seq, :, :0]
+            refill_v = host.values(seq, lo - s, hi - s) if hi > lo else fast.v[seq, :, :0]
+            keep_host = max(0, lo - s) if not self.dense else 0
+            if not self.index.broken:
+                try:  # reads the removed keys from the tier: before it shrinks
+                    self.retriever.truncate(seq, keep_host)
+                except BaseException as e:  # the tiers still crop; the index heals from them at the next wait
+                    self.index.record_failure(e)
+                    interrupt = interrupt or (None if isinstance(e, Exception) else e)
+            fast.crop(seq, n, refill_k.to(fast.device, copy=True), refill_v.to(fast.device, copy=True))
+            host.truncate(seq, keep_host)
+        fast.sync_lengths()
+        if interrupt is not None:
+            raise interrupt
 
     # ---- index -------------------------------------------------------------------------------------
     def wait_indexed(self) -> None:
         """Block until every token in the host tier has reached the retriever (see ``hetero/indexing.py``)."""
         if self.initialized:
+            if self._stage:
+                with self.lock:
+                    self._land_locked()
             self.index.wait()
 
     def resync_index(self) -> None:
         """Rebuild the retriever from the host tier (every token the tier holds, in order)."""
         with self.lock:
+            self._land_locked()
             self.index.resync()
 
     def reset(self) -> None:
         """Forget every token (shape facts are kept from the next append)."""
         with self.lock:
             self.index.cancel()
+            if self._stage is not None:
+                self._stage.drop()
             self.fast = self.host = self.retriever = self.head_budget = None
             self._desc_key = None
             self._native_ok = False
@@ -312,6 +380,9 @@ class LayerCache:
     # ---- inspection --------------------------------------------------------------------------------
     def tokens(self, seq: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """All keys and values of ``seq`` in logical order, ``[Hkv, L, D]`` each (sinks, host, window)."""
+        if self._stage:
+            with self.lock:
+                self._land_locked()
         fk, fv = self.fast.tokens(seq)
         ns = min(int(self.fast.total[seq]), self.config.sinks) if not self.dense else fk.shape[1]
         hk, hv = self.host.keys(seq).to(fk.device), self.host.values(seq).to(fk.device)
@@ -321,6 +392,9 @@ class LayerCache:
         """Bytes per tier: stored tokens of the fast and host tiers, and the retriever's own index."""
         if not self.initialized:
             return {"fast_bytes": 0, "host_bytes": 0, "index_bytes": 0}
+        if self._stage:
+            with self.lock:
+                self._land_locked()
         return {"fast_bytes": self.fast.nbytes(), "host_bytes": self.host.nbytes(),
                 "index_bytes": self.retriever.memory_bytes()}
 

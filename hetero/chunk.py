@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .merge import merge
+from .merge import fuse
 from .types import PartialAttention
 
 _HOST_RUN = 32768  # host rows attended at once (bounds the device copy and the score matrix)
@@ -72,6 +72,8 @@ def chunk_attention(runtime, layer, q: torch.Tensor, k: torch.Tensor, v: torch.T
     scale = config.scale or d ** -0.5
     lengths = [c] * b if lengths is None else list(lengths)
     with layer.lock:  # the tiers and the index stay as they are while the chunk reads them
+        if layer.initialized:
+            layer.prepare_host_side()
         return _chunk_attention_locked(runtime, layer, q, k, v, lengths, scale)
 
 
@@ -94,7 +96,7 @@ def _chunk_attention_locked(runtime, layer, q, k, v, lengths: List[int], scale: 
                 parts.append(PartialAttention(host_parts.out[seq, :, c - n:], host_parts.lse[seq, :, c - n:]))
             elif not layer.dense and layer.host.length[seq]:
                 parts.extend(_exact_host_parts(layer, seq, qs, scale))
-        out[seq, :, c - n:] = merge(parts).out.to(q.dtype)
+        out[seq, :, c - n:] = fuse(parts).out.to(q.dtype)
     return out
 
 
@@ -116,15 +118,13 @@ def _sparse_host_parts(runtime, layer, q: torch.Tensor, scale: float) -> Partial
     """The host tier as decode tokens attend it, one query position at a time: ``[B, Hq, C, D]`` / ``[B, Hq, C]``."""
     b, hq, c, d = q.shape
     plan = runtime.plan(layer, hq, torch.float32)
-    if not layer.index.idle:
-        layer.index.wait()  # every host token indexed (a failed add healed and reported) before a search
     per_pos = []
     for i in range(c):
         qi = q[:, :, i].detach().float().cpu().contiguous()
         sel = layer.retriever.search(qi, plan.budgets_for(layer).tolist())
         part = plan.host(qi, layer.host.view(), sel, scale)
         if sel.estimate is not None:
-            part = merge([part, sel.estimate])
+            part = fuse([part, sel.estimate])
         per_pos.append(part)
     stacked = _stack(per_pos)  # [C, B, Hq, D]
     return PartialAttention(stacked.out.permute(1, 2, 0, 3).to(q.device), stacked.lse.permute(1, 2, 0).to(q.device))

@@ -36,6 +36,13 @@ def merge(parts: Sequence[PartialAttention]) -> PartialAttention:
         if p.out.shape != first.out.shape or p.out.device != first.out.device:
             raise ShapeError(f"part {i} has out {tuple(p.out.shape)} on {p.out.device}, part 0 has "
                              f"{tuple(first.out.shape)} on {first.out.device}")
+    return fuse(parts)
+
+
+def fuse(parts: Sequence[PartialAttention]) -> PartialAttention:
+    """``merge`` without the checks, for parts the runtime made itself (checking a CUDA part's lse for NaN would
+    wait for the device)."""
+    first = parts[0]
     dtype = torch.float64 if any(p.out.dtype == torch.float64 for p in parts) else torch.float32
     if len(parts) == 1:
         return PartialAttention(first.out.to(dtype), first.lse.to(dtype))

@@ -29,7 +29,8 @@ class FastTier:
     ``t`` (logical index, ``t >= S``) lives in slot ``S + (t - S) % W``. ``window=None`` makes the tier unbounded (a
     dense layer): token ``t`` lives in slot ``t``.
     total: ``[B]`` int64 numpy, logical tokens seen. lengths: ``[B]`` int32 on the device, valid slots (on the CPU
-    a tensor sharing memory with ``lengths_np``; on CUDA ``lengths_np`` is a pinned host mirror copied to it).
+    a tensor sharing memory with ``lengths_np``; on CUDA ``lengths_np`` is the host mirror, ``sync_lengths`` copies
+    it over asynchronously).
     """
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, sinks: int, window: Optional[int],
@@ -45,7 +46,7 @@ class FastTier:
             self.lengths_np = self.lengths.numpy()
         else:
             self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)
-            self.lengths_np = torch.zeros(batch, dtype=torch.int32, pin_memory=True).numpy()
+            self.lengths_np = np.zeros(batch, dtype=np.int32)
         self.version = 0
 
     def _zeros(self, shape, dtype: torch.dtype) -> torch.Tensor:
@@ -64,9 +65,11 @@ class FastTier:
         return min(total, self.sinks) + min(max(total - self.sinks, 0), self.window)
 
     def sync_lengths(self) -> None:
-        """Publish ``lengths_np`` to the device tensor (a no-op on the CPU, where they share memory)."""
+        """Publish ``lengths_np`` to the device tensor (a no-op on the CPU, where they share memory). On CUDA through
+        a fresh pinned copy: the copy runs when the stream gets there, and ``lengths_np`` may change before; torch's
+        pinned allocator keeps the buffer until then."""
         if self.device.type != "cpu":
-            self.lengths.copy_(torch.from_numpy(self.lengths_np), non_blocking=True)
+            self.lengths.copy_(torch.from_numpy(self.lengths_np).pin_memory(), non_blocking=True)
 
     def _ring_runs(self, start: int, stop: int) -> List[Tuple[int, int]]:
         """Ring slots of window tokens ``[start, stop)`` (at most ``W`` of them) as runs ``(first slot, count)``:
