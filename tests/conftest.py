@@ -1,12 +1,29 @@
 import os
 
-# Triton kernels run under the interpreter on machines without a GPU; must be set before triton loads.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+CUDA = torch.cuda.is_available()
+# Without a GPU the Triton kernels run under the interpreter; it must be chosen before triton is imported. With one,
+# they compile for it, and the interpreter-only tests (CPU tensors through Triton) skip.
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+NO_CUDA = ("needs a CUDA device: torch.cuda.is_available() is False here (torch "
+           f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); run benchmarks/gpu_check.py on a GPU "
+           "machine")
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA:
+        return
+    skip = pytest.mark.skip(reason=NO_CUDA)
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

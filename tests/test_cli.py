@@ -153,3 +153,14 @@ def test_bench_cpu_sparse_row_cost_rows():
     for r in rows:
         assert r["k"] == 100 and r["threads"] == 1
         assert r["ns_per_row_l1"] > 0 and r["ns_per_row_dram"] > 0 and r["ns_per_row_read_only"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the check runs; tested on GPU machines")
+def test_gpu_check_without_cuda_exits_2_with_one_line():
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA device" in lines[0], p.stderr
