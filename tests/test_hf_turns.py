@@ -264,3 +264,17 @@ def test_smollm2_prompt_lookup_exact_matches_plain_hf():
         want = ref.generate(ids, max_new_tokens=48, do_sample=False)
         got = model.generate(ids, max_new_tokens=48, do_sample=False, prompt_lookup_num_tokens=8)
     assert torch.equal(want, got)
+
+
+@needs_model
+@pytest.mark.slow
+def test_chat_benchmark_rows_agree_with_dense_in_exact_mode(capsys):
+    import json
+
+    from hetero.tools.bench import chat
+
+    assert chat.main(["--context", "600", "--chunk", "256", "--new-tokens", "3"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    exact = [r for r in rows if r["cache"] == "hetero-exact"]
+    assert len(rows) == 9 and all(r["logits_max_diff"] <= 1e-4 for r in exact if r["row"] == "prefill")
+    assert all(r["tokens_agree"] == r["tokens_compared"] for r in exact if r["row"] == "turn2")
