@@ -98,8 +98,8 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--calibrate", action="store_true",
                    help="measure the C++ kernels' prefetch policies on this CPU (a few seconds) and keep the best")
     e.add_argument("--json", action="store_true")
-    bench = sub.add_parser("bench", help="benchmarks: sweep, cpu-sparse, retrieval, needle, e2e")
-    bench.add_argument("name", choices=["sweep", "cpu-sparse", "retrieval", "needle", "e2e"])
+    bench = sub.add_parser("bench", help="benchmarks: sweep, cpu-sparse, retrieval, needle, e2e, chat")
+    bench.add_argument("name", choices=["sweep", "cpu-sparse", "retrieval", "needle", "e2e", "chat"])
     bench.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark (see --help after its name)")
     return parser
 
