@@ -14,6 +14,7 @@ The ``budget`` does not bound LSH: the sample size follows from K, L and the dat
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import warnings
 from typing import Any
@@ -48,6 +49,12 @@ class LSHSampler(Retriever):
             raise ConfigError(f"retriever 'lsh' options L={out['L']}, min_collisions={out['min_collisions']}: need "
                               "L >= min_collisions")
         return out
+
+    @classmethod
+    def check_options(cls, options):
+        if importlib.util.find_spec("numba") is None:  # its collision kernels are numba's
+            raise ConfigError("retriever 'lsh' needs numba, which is not installed: pip install 'hetero[numba]'")
+        return super().check_options(options)
 
     def __init__(self, host, group_rule: str = "union", **options: Any):
         super().__init__(host, group_rule, **options)

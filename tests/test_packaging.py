@@ -1,4 +1,5 @@
 import subprocess
+import textwrap
 import sys
 
 
@@ -19,3 +20,37 @@ def test_import_is_light(tmp_path):
             "print(heavy)\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+
+
+def test_without_numba_the_cpp_path_runs_and_numba_users_are_told_the_extra(tmp_path):
+    """numba is the tested fallback, not a requirement: with it absent, a step runs on the C++ host kernel, and
+    what needs numba (the 'lsh' retriever, host_backend='numba') says which extra to install."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["numba"] = None  # import numba raises ImportError, as when it is not installed
+        import importlib.util
+        importlib.util.find_spec = (lambda f: lambda name, *a: None if name == "numba" else f(name, *a))(
+            importlib.util.find_spec)
+        import torch
+        from hetero import BackendUnavailableError, ConfigError, HeteroAttention, HeteroConfig, LayerCache
+        cfg = HeteroConfig(window=8, sinks=2, retriever="exact", host_backend="auto")
+        layer = LayerCache(cfg)
+        layer.append(torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16))
+        out = HeteroAttention(cfg).run(torch.randn(1, 4, 16), layer)
+        assert torch.isfinite(out).all()
+        try:
+            HeteroConfig(retriever="lsh")
+        except ConfigError as e:
+            assert "hetero[numba]" in str(e), e
+        else:
+            raise AssertionError("lsh accepted without numba")
+        try:
+            HeteroAttention(cfg.with_(host_backend="numba")).run(torch.randn(1, 4, 16), layer)
+        except BackendUnavailableError as e:
+            assert "numba" in str(e), e
+        else:
+            raise AssertionError("the numba backend ran without numba")
+        print("ok")
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout + p.stderr
