@@ -164,3 +164,10 @@ def test_gpu_check_without_cuda_exits_2_with_one_line():
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "no CUDA device" in lines[0], p.stderr
+
+
+def test_bare_hetero_lists_the_commands_and_help_names_the_budget_unit():
+    p = _run()
+    assert p.returncode == 0 and all(c in p.stdout for c in ("profile", "env", "bench")), p.stdout + p.stderr
+    text = " ".join(_run("profile", "--help").stdout.split())
+    assert "per KV head" in text and "--host-backend {auto,cpp,numba,torch}" in text

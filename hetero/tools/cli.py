@@ -48,10 +48,12 @@ def _budget(text: str):
 
 def _build_parser() -> argparse.ArgumentParser:
     from hetero.config import KV_DTYPES
+    from hetero.registry import HOST_BACKENDS, WINDOW_BACKENDS
     from hetero.retrieval import available_retrievers
 
     parser = _Parser(prog="hetero", description="Heterogeneous CPU-GPU attention for long-context decoding.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{profile,env,bench}",
+                                help="'hetero profile' is the main job; '<command> --help' lists its options")
     from .profile import PRESETS
 
     p = sub.add_parser("profile", help="dense vs hetero on a decode workload: time per phase, error, memory")
@@ -78,8 +80,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=_nonneg_int, default=1024, help="recent tokens on the fast tier (1024)")
     p.add_argument("--sinks", type=_nonneg_int, default=4, help="attention-sink tokens on the fast tier (4)")
     p.add_argument("--budget", type=_budget, default=0.02,
-                   help="host keys per query head: a fraction of the host tier (0.02) or a count (2621)")
-    p.add_argument("--retriever", choices=available_retrievers(), default="ivf-group")
+                   help="host keys read per KV head and step (the default budget_per='kv_head'; a group's query heads "
+                        "share them): a fraction of the host tier (0.02) or a count (2621)")
+    p.add_argument("--retriever", choices=available_retrievers(), default="ivf-group",
+                   help="how the host keys that matter are found (ivf-group); 'all' reads every host key (exact)")
     p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default=None, help="dtype of the stored K/V (bfloat16)")
     p.add_argument("--steps", type=_positive_int, default=5, help="decode steps measured (5)")
     p.add_argument("--warmup", type=_nonneg_int, default=None,
@@ -89,8 +93,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
                    help="the two sides of a step side by side (on) or one after the other (off); auto: side by side "
                         "when the fast tier is on CUDA")
-    p.add_argument("--window-backend", default="auto")
-    p.add_argument("--host-backend", default="auto")
+    p.add_argument("--window-backend", choices=["auto"] + WINDOW_BACKENDS.names(), default="auto",
+                   help="kernel of the fast tier's window attention (auto: the first that supports the inputs; "
+                        "'hetero env' shows why each can or cannot)")
+    p.add_argument("--host-backend", choices=["auto"] + HOST_BACKENDS.names(), default="auto",
+                   help="kernel of the host tier's sparse attention (auto: cpp, then numba, then torch)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     e = sub.add_parser("env", help="versions, CPU features, threads, and which backends are usable and why not")
     e.add_argument("--kernels", action="store_true",
@@ -171,6 +178,9 @@ def _stderr(line: str) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = _build_parser()
     ns = parser.parse_args(argv)
+    if ns.command is None:  # bare `hetero`: what there is to run, not an error
+        parser.print_help()
+        return 0
     try:
         if ns.command == "profile":
             return _profile(ns)
