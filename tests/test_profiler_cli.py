@@ -102,6 +102,10 @@ def test_profile_model_end_to_end():
     r = json.loads(p.stdout)
     assert r["layers"] == 30 and len(r["per_layer"]) == 30
     assert {"tokens_per_s_dense", "tokens_per_s_hetero", "tokens_agree", "memory", "verdict"} <= set(r)
+    # the fast tier is on the CPU: the sides run one after the other, and a layer's step is their sum
+    assert r["overlap"] is False and "one after the other" in r["verdict"]
+    row = r["per_layer"][0]
+    assert row["step"] == pytest.approx(row["window"] + row["retrieve"] + row["host_attn"] + row["merge"])
 
 
 def test_bench_sweep_writes_json_csv_png(tmp_path):

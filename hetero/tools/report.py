@@ -96,8 +96,9 @@ def print_model_profile(r: Dict, console: Console = None) -> None:
     console.print(f"[bold]hetero profile --model {r['model']}[/bold]  prompt {r['context']:,} tokens, "
                   f"{r['steps']} decode steps, {r['layers']} layers; window {r['window']} + {r['sinks']} sinks, "
                   f"budget {r['budget']}, retriever {r['retriever']}")
+    side = "critical" if r.get("overlap", True) else "larger side"
     t = Table(title="per layer, ms per decode step (mean)")
-    for col in ("layer", "window", "retrieve", "host_attn", "merge", "step", "critical"):
+    for col in ("layer", "window", "retrieve", "host_attn", "merge", "step", side):
         t.add_column(col, justify="right")
     for row in r["per_layer"]:
         t.add_row(str(row["layer"]), *(f"{row[p]:.3f}" for p in ("window", "retrieve", "host_attn", "merge", "step")),
