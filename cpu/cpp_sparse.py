@@ -17,7 +17,6 @@ from hetero.types import HostView, PartialAttention, Selection
 
 from .prefetch import packed
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _warned = False
 
 
@@ -40,7 +39,7 @@ def run_sparse(runner, q: torch.Tensor, host: HostView, selection: Selection, sc
         q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), k_pool.stride(-3), k_pool.stride(-2), batch_stride,
         native.address(tab), 0 if tab is None else tab.shape[1], host.block_tokens, idx.data_ptr(), counts.ctypes.data,
         native.address(lw), out.data_ptr(), lse.data_ptr(), b, hq, hkv, d, idx.shape[2], float(scale),
-        _DTYPE_CODES[k_pool.dtype], prefetch)
+        native.DTYPE_CODES[k_pool.dtype], prefetch)
     return PartialAttention(out, lse)
 
 

@@ -17,7 +17,6 @@ from hetero.types import PartialAttention
 
 from .prefetch import packed
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 class CppWindowBackend(RunnerBacked, WindowBackend):
@@ -46,5 +45,5 @@ class CppWindowBackend(RunnerBacked, WindowBackend):
         self._runner.sparse_attention(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), k.stride(1), k.stride(2), k.stride(0), 0, 0, 1, 0,
             counts.data_ptr(), 0, out.data_ptr(), lse.data_ptr(), b, hq, hkv, d, k.shape[2], float(scale),
-            _DTYPE_CODES[k.dtype], self.prefetch)
+            native.DTYPE_CODES[k.dtype], self.prefetch)
         return PartialAttention(out, lse)

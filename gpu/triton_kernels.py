@@ -7,7 +7,7 @@ leave in natural log (``lse = lse2 * ln 2``).
 import triton
 import triton.language as tl
 
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)  # lse leaves in natural log: ln x = log2 x * ln 2
 
 
 @triton.jit
@@ -85,7 +85,7 @@ def _window_decode_kernel(
 
     nonempty = l_i > 0.0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) * LN2, float("-inf"))
     rows = b * HKV * G + h * G + offs_g
     tl.store(OUT + rows[:, None] * stride_or + split * stride_os + offs_d[None, :], out,
              mask=mask_g[:, None] & mask_d[None, :])

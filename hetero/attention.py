@@ -38,7 +38,6 @@ from .types import PartialAttention, Selection
 from .validation import all_finite, check_finite, check_query, check_selection
 from .worker import Worker
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _NATIVE_PHASES = ("window", "retrieve", "host_attn", "merge")
 
 
@@ -107,7 +106,6 @@ class HeteroAttention:
         self._lock = threading.Lock()  # plan() and workspace growth (runs of different layers may race on them)
         self._checked: Dict[int, HeteroConfig] = {}  # id(layer config) -> that config, once found compatible
         self._stream = None
-        self._step = 0
         self._closed = False
         self.native_trace = False
         self.record_phases = False  # fused steps record their native phases (``phases``) without details
@@ -146,7 +144,7 @@ class HeteroAttention:
             raise ShapeError("the cache is empty: append the prompt's keys first")
         q_heads = q_heads or (self._geometry.q_heads if self._geometry is not None else ref.kv_heads)
         q_dtype = q_dtype or torch.float32
-        if q_dtype not in _DTYPE_CODES:
+        if q_dtype not in native.DTYPE_CODES:
             raise DTypeError(f"decode queries of dtype {q_dtype} are not supported; allowed: float32, bfloat16, "
                              "float16 (the step writes its output in the query's dtype)")
         cached = self._plan
@@ -289,8 +287,8 @@ class HeteroAttention:
         qs, os_ = q.stride(), out.stride()
         key = (q.dtype, qs[0], qs[1], out.dtype, os_[0], os_[1], window_on, mode, timed)
         if ws.last_call != key:  # a decode loop calls with the same formats every step: set them once
-            w.set(SCALE=native.float_bits(plan.scale), Q_DTYPE=_DTYPE_CODES[q.dtype], Q_STRIDE_B=qs[0],
-                  Q_STRIDE_H=qs[1], OUT_DTYPE=_DTYPE_CODES[out.dtype], OUT_STRIDE_B=os_[0], OUT_STRIDE_H=os_[1],
+            w.set(SCALE=native.float_bits(plan.scale), Q_DTYPE=native.DTYPE_CODES[q.dtype], Q_STRIDE_B=qs[0],
+                  Q_STRIDE_H=qs[1], OUT_DTYPE=native.DTYPE_CODES[out.dtype], OUT_STRIDE_B=os_[0], OUT_STRIDE_H=os_[1],
                   WINDOW_ON=int(window_on), HOST_MODE=mode, FAST_PREFETCH=getattr(plan.window, "prefetch", 0),
                   HOST_PREFETCH=plan.host.prefetch, TIMES=native.address(ws.times) if timed else 0)
             ws.last_call = key

@@ -24,8 +24,9 @@ from .registry import RETRIEVERS
 from .tiers import FastTier, HostTier
 from .validation import check_finite, check_float, check_kv, check_lengths, check_tensor
 
+MEMORY_KEYS = ("fast_bytes", "host_bytes", "index_bytes")  # what memory() reports, per layer or summed
+
 _KV_LAYOUT = "[B, Hkv, T, D] (or [B, Hkv, D] for one decode token)"
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _used(x: torch.Tensor, lengths: List[int]) -> torch.Tensor:
@@ -120,7 +121,7 @@ class LayerCache:
         """Tiers and retriever for the geometry of ``keys``, not yet attached (a failure leaves the cache empty)."""
         b, hkv, _, d = keys.shape
         dtype = self.config.torch_kv_dtype or keys.dtype
-        if dtype not in _DTYPE_CODES:
+        if dtype not in native.DTYPE_CODES:
             raise ShapeError(f"keys of dtype {keys.dtype} cannot be stored: set HeteroConfig.kv_dtype to float32, "
                              "bfloat16 or float16")
         window = None if self.dense else self.config.window
@@ -263,7 +264,7 @@ class LayerCache:
         elif len(shape) != 3:
             return False
         if (k.shape != self._decode_shape or v.shape != self._decode_shape or k.dtype != v.dtype
-                or k.dtype not in _DTYPE_CODES or not k.is_cpu or not v.is_cpu or k.stride() != v.stride()
+                or k.dtype not in native.DTYPE_CODES or not k.is_cpu or not v.is_cpu or k.stride() != v.stride()
                 or k.stride(-1) != 1):
             return False
         with self.lock:
@@ -279,7 +280,7 @@ class LayerCache:
             d = self._desc or native.Descriptor("layer")
             f, h, r = self.fast, self.host, self.retriever
             cpu_fast = f.device.type == "cpu"
-            d.set(B=f.batch, HKV=self.kv_heads, D=self.head_dim, KV_DTYPE=_DTYPE_CODES[self.dtype],
+            d.set(B=f.batch, HKV=self.kv_heads, D=self.head_dim, KV_DTYPE=native.DTYPE_CODES[self.dtype],
                   SINKS=f.sinks, WINDOW=-1 if f.window is None else f.window, FAST_SLOTS=f.k.shape[2],
                   FAST_K=f.k.data_ptr() if cpu_fast else 0, FAST_V=f.v.data_ptr() if cpu_fast else 0,
                   FAST_STRIDE_B=f.k.stride(0), FAST_STRIDE_H=f.k.stride(1), FAST_STRIDE_N=f.k.stride(2),
@@ -299,7 +300,7 @@ class LayerCache:
         flags = self._flags
         for _ in range(2):
             code = ext.append_decode(self.native_layer().address, k.data_ptr(), v.data_ptr(), k.stride(0),
-                                     k.stride(1), _DTYPE_CODES[k.dtype], int(self.index.idle), self._flags_addr)
+                                     k.stride(1), native.DTYPE_CODES[k.dtype], int(self.index.idle), self._flags_addr)
             if code == 0:
                 return
             if code == ext.APPEND_NEED_BLOCKS:  # reserve (allocates; nothing written yet), then again
@@ -361,12 +362,6 @@ class LayerCache:
                     self._land_locked()
             self.index.wait()
 
-    def resync_index(self) -> None:
-        """Rebuild the retriever from the host tier (every token the tier holds, in order)."""
-        with self.lock:
-            self._land_locked()
-            self.index.resync()
-
     def reset(self) -> None:
         """Forget every token (shape facts are kept from the next append)."""
         with self.lock:
@@ -391,12 +386,21 @@ class LayerCache:
     def memory(self) -> Dict[str, int]:
         """Bytes per tier: stored tokens of the fast and host tiers, and the retriever's own index."""
         if not self.initialized:
-            return {"fast_bytes": 0, "host_bytes": 0, "index_bytes": 0}
+            return dict.fromkeys(MEMORY_KEYS, 0)
         if self._stage:
             with self.lock:
                 self._land_locked()
         return {"fast_bytes": self.fast.nbytes(), "host_bytes": self.host.nbytes(),
                 "index_bytes": self.retriever.memory_bytes()}
+
+
+def total_memory(layers: Sequence[LayerCache]) -> Dict[str, int]:
+    """``LayerCache.memory()`` summed over ``layers``."""
+    total = dict.fromkeys(MEMORY_KEYS, 0)
+    for layer in layers:
+        for k, v in layer.memory().items():
+            total[k] += v
+    return total
 
 
 class TieredKVCache:
@@ -416,11 +420,8 @@ class TieredKVCache:
         return self.layers[idx]
 
     def memory(self) -> Dict[str, int]:
-        total = {"fast_bytes": 0, "host_bytes": 0, "index_bytes": 0}
-        for layer in self.layers:
-            for k, v in layer.memory().items():
-                total[k] += v
-        return total
+        """Bytes per tier summed over layers (``LayerCache.memory``'s keys)."""
+        return total_memory(self.layers)
 
     def crop(self, lengths: Sequence[int]) -> None:
         for layer in self.layers:

@@ -32,7 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import HeteroAttention
-from .cache import LayerCache
+from .cache import LayerCache, total_memory
 from .chunk import chunk_attention
 from .config import HeteroConfig
 from .errors import ConfigError, HeteroError, UnsupportedError
@@ -229,10 +229,7 @@ class HeteroCache(Cache):
     def memory(self):
         """Bytes per tier summed over layers (``fast_bytes``, ``host_bytes``, ``index_bytes``) and the most the fast
         tier of one layer held at once (``fast_peak_layer_bytes``: stored tokens plus a chunk in flight)."""
-        total = {"fast_bytes": 0, "host_bytes": 0, "index_bytes": 0}
-        for lay in self.layers:
-            for k, v in lay.layer.memory().items():
-                total[k] += v
+        total = total_memory([lay.layer for lay in self.layers])
         total["fast_peak_layer_bytes"] = self._shared.peak_fast_bytes
         return total
 

@@ -15,14 +15,15 @@ import os
 from typing import Optional
 
 import numpy as np
+import torch
 
 from .errors import ConfigError
 
 _ext = None
 _load_error: Optional[str] = None
 
-# Storage dtype codes of the kernels (csrc/sparse_attention.h DType).
-DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
+# Element dtype codes of the kernels (csrc/sparse/sparse_attention.h DType), for K/V, queries and outputs.
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def load():

@@ -20,8 +20,6 @@ from . import native
 from .backends import AttentionInputs, Backend
 from .errors import StalePlanError
 
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
 
 @dataclass(frozen=True)
 class StepGeometry:
@@ -91,9 +89,6 @@ class LayerWorkspace:
                           IVF_UNION=native.address(self.union), IVF_UNION_COUNT=native.address(self.union_count),
                           IVF_SCANNED=native.address(self.scanned), IVF_EST_OUT=native.address(self.est_out),
                           IVF_EST_LSE=native.address(self.est_lse), LSE_OUT=native.address(self.lse))
-
-    def fits(self, kmax: int, max_lists: int) -> bool:
-        return kmax <= self.kmax and max_lists <= self.max_lists
 
 
 class StepPlan:

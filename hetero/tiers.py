@@ -199,9 +199,6 @@ class FastTier:
         per_token = self.k.shape[1] * self.k.shape[3] * self.k.element_size() * 2
         return int(self.lengths_np.sum()) * per_token
 
-    def allocated_bytes(self) -> int:
-        return (self.k.numel() + self.v.numel()) * self.k.element_size()
-
 
 class HostTier:
     """Older tokens of every sequence in host memory, paged.
@@ -358,5 +355,3 @@ class HostTier:
         """Bytes of stored tokens (keys + values)."""
         return int(self.length.sum()) * self.kv_heads * self.head_dim * self.k_pool.element_size() * 2
 
-    def allocated_bytes(self) -> int:
-        return self.kv_pool.numel() * self.kv_pool.element_size()

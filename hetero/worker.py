@@ -65,6 +65,3 @@ class Worker:
     def closed(self) -> bool:
         return self._closed
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
