@@ -4,7 +4,7 @@ the device merges.
 An entry maps a name to ``"module:attribute"``; the module is imported only when the entry is loaded, so that heavy
 libraries (triton, numba, faiss, the C++ extension) load with the part that needs them. This is also the only way
 the runtime (``hetero``) reaches the implementations in ``hetero.cpu``, ``hetero.gpu`` and ``hetero.retrieval``:
-the import contract in ``pyproject.toml`` forbids direct imports.
+the import contract (``.importlinter``, checked in CI) forbids direct imports.
 """
 from __future__ import annotations
 

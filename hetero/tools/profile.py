@@ -27,7 +27,7 @@ from hetero.config import HeteroConfig
 from hetero.merge import merge
 from hetero.reference import default_scale, window_attention
 from hetero.timing import Span
-from .bench.floor import floor_ms, measure_rates, rows_bytes, window_bytes
+from .floor import floor_ms, measure_rates, rows_bytes, window_bytes
 from .envinfo import cpu_model
 from .workloads.synthetic import SyntheticWorkload, make_synthetic
 

@@ -26,7 +26,7 @@ from hetero.config import KV_DTYPES
 from hetero.tiers import HostTier
 from hetero.types import Selection
 
-from .membw import last_level_cache_bytes, streaming_read_gbps
+from hetero.tools.membw import last_level_cache_bytes, streaming_read_gbps
 
 _BACKENDS = BackendSet()
 
