@@ -5,14 +5,14 @@ KV head's group selects the union of its query heads' exact top-k host keys, wit
 
 * ``flat``: the same k for every KV head (the baseline);
 * ``share``: proportional to the host tier's share of attention mass in the previous step (hetero's
-  ``head_budget="adaptive"`` today);
+  ``head_budget="adaptive"``);
 * ``missed``, ``missed_sqrt``: proportional to (the square root of) the previous step's attention mass on host
   keys outside the flat top-k, i.e. what the flat split left out;
 * ``oracle_missed``: ``missed`` measured at the current step (not available online).
 
 Weights are floored at 1/4 of their mean, and every split sums to the flat total. Prints one JSON line per budget
 with the mean relative output error of each rule against full attention (float32). The missed-mass signals need
-the mass of unselected host keys, which an exact scan has and an ANN retriever does not (yet).
+the mass of unselected host keys, which an exact scan has and an ANN retriever does not.
 
 Usage: python benchmarks/head_budget_signals.py [--layers 1,3,...] [--positions 32]
 """

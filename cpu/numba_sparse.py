@@ -6,8 +6,8 @@ query heads of the group: scores (four queries per pass over a row), then ``p = 
 polynomial), then ``sum p v`` (two value rows per pass over the accumulators); chunk partials fused by
 log-sum-exp. bf16 and fp16 rows are stored as uint16 bits; bf16 is widened in registers (an LLVM bitcast
 intrinsic), fp16 in a per-item buffer (Numba has no CPU float16 type). K and V rows are prefetched into L2 far
-ahead (the score pass) and V rows into L1 near (the value pass), through LLVM intrinsics; a near L1 prefetch of
-K rows in the score pass cost 5-10 % on Zen 4 (cpu-sparse bench, 2026-11-30) and was dropped. Compiled with
+ahead (the score pass) and V rows into L1 near (the value pass), through LLVM intrinsics; no near L1 prefetch of
+K rows in the score pass (it cost more than it saved: docs/performance.md, "Tried and not kept"). Compiled with
 ``cache=True``; ``warmup()`` compiles (or loads from cache) every dtype ahead of the first decode step.
 """
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """512-bit vectors for hetero's numba kernels on AVX-512 CPUs.
 
 LLVM tunes the Intel AVX-512 CPUs it knows for 256-bit vectors ("prefer-256-bit"), so numba's vectorized loops
-use ymm registers where zmm would halve the instructions. Measured on the development VM (Emerald Rapids, which
-LLVM reports as rocketlake): the numba sparse kernel's arithmetic 66 -> 54 ns per bf16 row from L1, and the
-cpu-sparse benchmark's numba bf16 row 6.5-6.7 -> 7.2-7.5 GB/s (docs/performance.md).
+use ymm registers where zmm would halve the instructions: on an Intel Xeon (Emerald Rapids, which LLVM reports as
+rocketlake) zmm cut the numba sparse kernel's arithmetic per bf16 row by a fifth (docs/performance.md).
 
 Numba reads its target features once per process, when it is first imported. So before the numba backend imports
 numba, ``prefer_wide_vectors()`` sets ``NUMBA_CPU_FEATURES`` to the host's features without the 256-bit

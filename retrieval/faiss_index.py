@@ -7,9 +7,9 @@ Rules (documented defaults, all overridable through ``retriever_options``):
   the union (``group_rule="union"``; ``"per-head"`` keeps each head on its own top-k through -inf
   log-weights), or one search with the summed query (``"sum"``: ranks by summed logits).
 * Training, lists, retraining and the budget -> nprobe rule of the IVF retrievers: ``retrieval/ivf_rules.py``
-  (shared with ``ivf-group``). Measured on SmolLM2 at 8K (all layers, union rule), IVF's error relative to exact
-  top-k at 2 % / 5 % was 1.28 / 1.16 with about 10 / 25 % scanned and 1.11 / 1.02 with 20 / 50 %: a rule linear
-  in k/N over-probes large budgets. HNSW needs no training (built on the first add) and uses
+  (shared with ``ivf-group``): nprobe grows with sqrt(k/N), not linearly, since a linear rule over-probes large
+  budgets (on SmolLM2 at 8K it scanned 20 / 50 % of the lists at 2 / 5 % budgets for errors 1.11 / 1.02x exact
+  top-k, where 10 / 25 % gave 1.28 / 1.16x). HNSW needs no training (built on the first add) and uses
   ``efSearch = max(k, ef_factor * k)`` (``ef_factor`` 2).
 * ``last_scanned``: keys whose similarity faiss computed in the last search (its ``ndis`` counters).
 

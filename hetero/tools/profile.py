@@ -6,8 +6,8 @@ in the KV dtype runs (``dense_ms``, what a user would otherwise run); and a floa
 same stored KV gives ``rel_error = ||out - out_dense|| / ||out_dense||``.
 
 The first ``warmup`` steps run the same way and are reported apart (``warmup_ms``), not in the medians: right after
-a prefill, steps pay for first touches of the index and pool pages (2-5x a later step), and on a VM that hands
-freed memory back to its host, for that host reclaiming the prefill's temporaries (measured at 512K tokens: the
+a prefill, steps pay for first touches of the index and pool pages (2-5x a later step), and on a virtual machine that
+hands freed memory back to its host, for that host reclaiming the prefill's temporaries (measured at 512K tokens: the
 2-4 steps after a 4 GB index build took 10-100 ms, later ones 5.5-6 ms).
 """
 from __future__ import annotations

@@ -47,8 +47,8 @@ def timed_generate(model, ids, new_tokens: int, **kw):
 
     Returns ``(output, prefill_s, decode_tokens_per_s)``: prefill_s runs from the call to the first new token
     (prompt forward + first sample), decode tokens/s is ``(n - 1) / (t_last - t_first)`` over the n new tokens
-    (0 when fewer than 2 were generated). Timing a separate prefill-only call and subtracting it, as an earlier
-    version did, mixed a cold and a warm prefill and could go negative on a small model.
+    (0 when fewer than 2 were generated). Both come from one call: a separately timed prefill subtracted from a
+    whole call would mix a cold and a warm prefill and can go negative on a small model.
     """
     from transformers import StoppingCriteriaList
 

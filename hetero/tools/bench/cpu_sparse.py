@@ -1,6 +1,6 @@
 """Host sparse-attention kernels against the memory wall.
 
-Workload (issue #3): one sequence, 8 KV heads x 4 query heads, head_dim 128, a host tier of 128K tokens per
+Workload: one sequence, 8 KV heads x 4 query heads, head_dim 128, a host tier of 128K tokens per
 head, k selected rows per KV head (fresh random, sorted indices every iteration: retrievers return sorted
 rows), several layers' tiers rotated so that the footprint is >= 4x the last-level cache and rows come from
 DRAM. ``gbps`` counts the bytes of the selected K and V rows; ``membw_gbps`` is a streaming read measured
@@ -98,7 +98,7 @@ class _Kernel:
 
 def _ceiling_entries(threads: int) -> List[_ReadRuns]:
     """The ceiling loop in each prefetch form (needs the C++ module; none without it): into L1 0 / 8 / 32 runs
-    ahead, into L2 64 / 128 runs ahead (the kernel's own form; 1.3x the L1 form on the development VM)."""
+    ahead, into L2 64 / 128 runs ahead (the kernel's own form, the faster of the two on the CPUs measured: docs/performance.md)."""
     from hetero import native
 
     runner = native.new_runner(min(native.usable_cores(), threads))
@@ -128,12 +128,11 @@ _ROUNDS, _WARMUP = 3, 3
 def _time_interleaved(entries, q, views, index_sets, scale, runs: int, rounds: int = _ROUNDS,
                       warmup: int = _WARMUP) -> List[float]:
     """Median seconds per entry (a kernel or a form of the ceiling loop) over ``runs`` calls on the same inputs.
-    Entries alternate in blocks over ``rounds`` rounds, so a noisy shared machine slows them alike (the ceiling
-    measured alone before the kernels once came out at 0.75x of its interleaved rate); the first ``warmup`` calls
-    of every block are not timed (compilation, page faults, threads of the previous entry, and the state the
-    previous entry left: after the torch reference's calls, numba's next calls ran at 5.8, 6.2, 6.3, 6.5 then
-    ~6.9 GB/s, also with a 50 ms pause in between, so not spinning threads). Only the call is timed, not the
-    preparation of its arguments."""
+    Entries alternate in blocks over ``rounds`` rounds, so a noisy shared machine slows them alike (a ceiling
+    measured apart from the kernels can differ from theirs by a quarter); the first ``warmup`` calls of every
+    block are not timed (compilation, page faults, threads of the previous entry, and the cache and TLB state the
+    previous entry left, which slows the first calls of the next). Only the call is timed, not the preparation of
+    its arguments."""
     times = [[] for _ in entries]
     per_block = max(1, -(-runs // rounds))
     i = 0

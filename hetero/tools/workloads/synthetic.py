@@ -6,12 +6,12 @@ first ``n_sinks`` keys are heavy attention sinks; each
 decode query concentrates on two clusters (one shared by its GQA group, one of its own) plus the sink
 direction. In logit units (``scale * q.k``): a key in a focused cluster scores about ``focus_logit``
 (11) above an unrelated key, a sink about ``focus_logit + 2``, and per-key noise has std ``logit_noise``
-(0.7). Measured (2026-11-22): the best 0.5 % of the host keys (a 2 % per-KV-head budget split over a group of
+(0.7). Then the best 0.5 % of the host keys (a 2 % per-KV-head budget split over a group of
 4) hold 98.5 % of a query's mass at 32K and 95 % at 128K; unrelated clusters are not orthogonal to a query
 (random directions in 128 dimensions: a 1.7-logit spread between clusters), and that tail is what exact
 top-k leaves out (rel_error 0.058 at 128K with exact top-k, the same as the ANN retrievers). So the top few
 percent of keys hold nearly all the attention mass,
-more than in SmolLM2's middle layers (84-93 % in the top 2 %, ENVIRONMENT.md): judge accuracy claims on the
+more than in SmolLM2's middle layers (84-93 % in the top 2 %): judge accuracy claims on the
 real workload (``hetero.workloads.real``, ``hetero bench retrieval``); this one is for speed and sanity.
 
 Default geometry: Llama-3-8B layer (32 query heads, 8 KV heads, head_dim 128).
