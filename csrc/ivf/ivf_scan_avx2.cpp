@@ -7,7 +7,7 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC target("avx2,fma,f16c")
-#include <immintrin.h>
+#include "common/x86_intrinsics.h"  // <immintrin.h>, minus GCC 12's false positives in it
 
 namespace {
 

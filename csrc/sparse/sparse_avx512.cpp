@@ -8,7 +8,7 @@
 
 #if defined(__x86_64__) || defined(_M_X64)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
-#include <immintrin.h>
+#include "common/x86_intrinsics.h"  // <immintrin.h>, minus GCC 12's false positives in it
 #endif
 #include "sparse/sparse_attention.h"
 #include "sparse/sparse_kernel.inc"
