@@ -12,6 +12,15 @@ import pytest  # noqa: E402
 
 torch.set_num_threads(2)
 
+try:  # hetero.cpu/gpu/retrieval are mapped into hetero at install: a bare source folder on sys.path lacks them
+    import hetero.retrieval  # noqa: E402,F401
+except ModuleNotFoundError as e:
+    import hetero  # noqa: E402
+
+    pytest.exit(f"hetero was imported from {os.path.dirname(hetero.__file__)}, a source folder, not the installed "
+                f"package ({e}): run the tests from tests/ (cd tests && python -m pytest), or set PYTHONSAFEPATH=1",
+                returncode=4)
+
 NO_CUDA = ("needs a CUDA device: torch.cuda.is_available() is False here (torch "
            f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); run benchmarks/gpu_check.py on a GPU "
            "machine")
