@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import sys
 from typing import List, Optional
@@ -16,6 +17,7 @@ from typing import List, Optional
 import torch
 
 from hetero.config import KV_DTYPES, HeteroConfig
+from hetero.errors import HeteroError
 from hetero.tools.profile import PRESETS, ProfileArgs, run_profile
 from hetero.tools.workloads.synthetic import make_synthetic
 
@@ -65,6 +67,17 @@ def run(contexts: List[int], retrievers: List[str], budgets: List[float], budget
     return rows
 
 
+def preflight(out_prefix: str) -> None:
+    """What would otherwise fail only after all the measuring, refused first: a ``HeteroError`` (one line, exit 2
+    through the CLI) when matplotlib, which draws ``<out>.png``, is missing or an output file cannot be written."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise HeteroError(f"sweep needs matplotlib to draw {out_prefix}.png: pip install 'hetero[plot]'")
+    from hetero.tools.preflight import check_output_path
+
+    for ext in (".json", ".csv", ".png"):
+        check_output_path("--out", out_prefix + ext)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="hetero bench sweep", description=__doc__.splitlines()[0])
     p.add_argument("--contexts", default="8192,32768,131072", help="comma-separated (up to 1M: 1048576)")
@@ -76,6 +89,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default="sweep", help="output prefix: <out>.json, <out>.csv, <out>.png")
     ns = p.parse_args(argv)
+    preflight(ns.out)
     torch.manual_seed(0)
     run([int(x) for x in ns.contexts.split(",")], ns.retrievers.split(","), [float(x) for x in ns.budgets.split(",")],
         ns.budget_context, ns.preset, ns.window, ns.steps, ns.out)
@@ -83,4 +97,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except HeteroError as e:
+        print(f"hetero bench sweep: error: {e}", file=sys.stderr)
+        sys.exit(2)
