@@ -67,10 +67,40 @@ struct Avx2V {
       return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     }
   }
+  // Four queries x two rows per block: 8 accumulators, 2 key vectors and a query vector fit the 16 ymm
+  // registers, and each query vector is loaded once per two rows (the row-at-a-time form reloads it per row).
+  // Rows r >= nr point at the zero row (attend_rows pads with it), so the second row of a pair always exists.
   template <DType DT>
   static void dots4(const float* q, int64_t G, int64_t D, const typename Elem<DT>::T* const* krows, int nr,
                     float* out, float* tmp) {
-    rowwise_dots4<Avx2V, DT>(q, G, D, krows, nr, out, tmp);
+    if (G % 4 != 0 || nr < 2 || D % W != 0) {
+      rowwise_dots4<Avx2V, DT>(q, G, D, krows, nr, out, tmp);
+      return;
+    }
+    for (int64_t g0 = 0; g0 < G; g0 += 4) {
+      const float* qg = q + g0 * D;
+      for (int r0 = 0; r0 < nr; r0 += 2) {
+        const typename Elem<DT>::T* k0 = krows[r0];
+        const typename Elem<DT>::T* k1 = krows[r0 + 1];
+        R acc[8];
+        for (int i = 0; i < 8; ++i) acc[i] = zero();
+        for (int64_t d = 0; d < D; d += W) {
+          const R a = load_elem<DT>(k0 + d), b = load_elem<DT>(k1 + d);
+          for (int g = 0; g < 4; ++g) {
+            const R qv = _mm256_loadu_ps(qg + g * D + d);
+            acc[2 * g] = _mm256_fmadd_ps(qv, a, acc[2 * g]);
+            acc[2 * g + 1] = _mm256_fmadd_ps(qv, b, acc[2 * g + 1]);
+          }
+        }
+        float s0[4], s1[4];
+        reduce4(acc[0], acc[2], acc[4], acc[6], s0);
+        reduce4(acc[1], acc[3], acc[5], acc[7], s1);
+        for (int g = 0; g < 4; ++g) {
+          out[(g0 + g) * kTileStride + r0] = s0[g];
+          out[(g0 + g) * kTileStride + r0 + 1] = s1[g];
+        }
+      }
+    }
   }
 };
 
