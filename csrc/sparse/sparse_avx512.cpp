@@ -137,12 +137,11 @@ void Avx512V::dots4(const float* q, int64_t G, int64_t D, const typename Elem<DT
 // already bf16 (a bf16 model's q, checked per item) takes dpbf16, in the same 4 x 4 blocks as the widening path
 // (dots4_bf16); any other goes to the widening path (sparse_item_avx512_bf16). Per selected row from L1 (G = 4,
 // D = 128, one thread, Emerald Rapids): blocked dpbf16 27.5-29.9 ns, widening + FMA 26.8-27.0 ns (dpbf16 issues at
-// one per cycle: 16 of them cost what 32 FMAs on two ports do); row-at-a-time dpbf16, the form before 2026-11-22's
-// fifth session, 37-39 ns.
+// one per cycle: 16 of them cost what 32 FMAs on two ports do); row-at-a-time dpbf16 37-39 ns.
 
 // qs: [G, Dp] bf16 bits of q (Dp = D rounded up to 32, zero padded). Returns false, at the first element that is
-// not exactly a bf16 value, when q is not all bf16 values (a float32 query: stops within a few elements; the
-// three-part split this replaced cost 4.7 % of a bf16 item on such queries, perf on Zen 4).
+// not exactly a bf16 value, when q is not all bf16 values (a float32 query: stops within a few elements, so the
+// check costs such queries little; splitting them into three bf16 parts anyway cost 4.7 % of a bf16 item on Zen 4).
 bool bf16_queries(const float* q, int64_t G, int64_t D, int64_t Dp, uint16_t* qs) {
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t d = 0; d < Dp; ++d) {
