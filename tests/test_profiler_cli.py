@@ -70,19 +70,20 @@ def test_profile_table_has_verdict(overlap, words):
 def test_trace_shows_the_native_pool_threads(tmp_path):
     """The fused step (the CPU default) runs its phases on the main thread and the host backend's pool; the trace
     has a track for the pool thread too, each of its busy spans named by the phase it fell in and inside it (the
-    host kernel's few rows here may all go to the calling thread before its pool thread wakes: not required)."""
+    calling thread may do a small phase's work before its pool thread wakes, so no phase is required of the pool)."""
     trace = tmp_path / "t.json"
-    p = _run("profile", "--context", "9000", "--heads", "8", "--kv-heads", "2", "--steps", "2", "--trace", str(trace))
+    p = _run("profile", "--context", "9000", "--heads", "8", "--kv-heads", "2", "--steps", "3", "--trace", str(trace))
     assert p.returncode == 0, p.stderr
     events = json.loads(trace.read_text())["traceEvents"]
     names = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "thread_name"}
     assert "cpp host pool 1" in set(names.values())
     spans = [e for e in events if e.get("ph") == "X"]
     busy = [e for e in spans if names[e["tid"]] == "cpp host pool 1"]
-    for phase in ("window", "retrieve"):
+    assert busy, "the pool thread has a track but no busy span"
+    for phase in {b["name"] for b in busy}:
         main = [e for e in spans if names[e["tid"]] == "MainThread" and e["name"] == phase]
         mine = [b for b in busy if b["name"] == phase]
-        assert mine and main
+        assert main, f"the pool was busy in {phase!r}, which the main thread never entered"
         assert all(any(m["ts"] <= b["ts"] <= m["ts"] + m["dur"] + 1 for m in main) for b in mine)
 
 
