@@ -23,6 +23,13 @@ inline __m256i dot_groups(__m256i acc, __m256i even_u, __m256i odd_u, const int8
                                                 _mm256_madd_epi16(odd_u, _mm256_set1_epi32(pair(q4[1], q4[3])))));
 }
 
+// The 4 int8 query values of one group in every 32-bit lane.
+inline __m256i broadcast4(const int8_t* q4) {
+  int32_t bits;
+  __builtin_memcpy(&bits, q4, 4);
+  return _mm256_set1_epi32(bits);
+}
+
 // A 32-byte half of one 4-byte group across 8 rows: even / odd bytes widened to int16 lanes.
 inline void split_bytes(__m256i x, __m256i* even_u, __m256i* odd_u) {
   *even_u = _mm256_and_si256(x, _mm256_set1_epi16(0x00FF));
@@ -35,19 +42,23 @@ template <int NQ, bool FOUR>
 inline void block_scores(const uint8_t* block, int nr, int64_t Dp, const int8_t* qi, const float* qscale, float* out,
                          int64_t out_stride) {
   const int64_t groups = (FOUR ? Dp / 2 : Dp) / 4;
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   for (int half = 0; half < 2 && 8 * half < nr; ++half) {
     __m256i acc[NQ];
     for (int g = 0; g < NQ; ++g) acc[g] = _mm256_setzero_si256();
     for (int64_t c = 0; c < groups; ++c) {
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + c * 64 + 32 * half));
-      __m256i ev, od;
       if constexpr (FOUR) {
-        split_bytes(_mm256_and_si256(x, nibble), &ev, &od);
-        for (int g = 0; g < NQ; ++g) acc[g] = dot_groups(acc[g], ev, od, qi + g * Dp + 4 * c);
-        split_bytes(_mm256_and_si256(_mm256_srli_epi16(x, 4), nibble), &ev, &od);
-        for (int g = 0; g < NQ; ++g) acc[g] = dot_groups(acc[g], ev, od, qi + g * Dp + 4 * (groups + c));
+        // Nibbles are at most 15, so vpmaddubsw's int16 pair sums (|sum| <= 2 * 15 * 128) never saturate, and
+        // neither does the sum of the two halves: exact, like the VNNI path, at a third of the even/odd form's work.
+        const __m256i lo = _mm256_and_si256(x, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), nibble);
+        for (int g = 0; g < NQ; ++g) {
+          const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast4(qi + g * Dp + 4 * c)),
+                                                 _mm256_maddubs_epi16(hi, broadcast4(qi + g * Dp + 4 * (groups + c))));
+          acc[g] = _mm256_add_epi32(acc[g], _mm256_madd_epi16(pairs, ones));
+        }
       } else {
+        __m256i ev, od;
         split_bytes(x, &ev, &od);
         for (int g = 0; g < NQ; ++g) acc[g] = dot_groups(acc[g], ev, od, qi + g * Dp + 4 * c);
       }
