@@ -46,20 +46,29 @@ inline void block_scores(const uint8_t* block, int nr, int64_t Dp, const int8_t*
   for (int half = 0; half < 2 && 8 * half < nr; ++half) {
     __m256i acc[NQ];
     for (int g = 0; g < NQ; ++g) acc[g] = _mm256_setzero_si256();
-    for (int64_t c = 0; c < groups; ++c) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + c * 64 + 32 * half));
-      if constexpr (FOUR) {
-        // Nibbles are at most 15, so vpmaddubsw's int16 pair sums (|sum| <= 2 * 15 * 128) never saturate, and
-        // neither does the sum of the two halves: exact, like the VNNI path, at a third of the even/odd form's work.
-        const __m256i lo = _mm256_and_si256(x, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), nibble);
-        for (int g = 0; g < NQ; ++g) {
-          const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, broadcast4(qi + g * Dp + 4 * c)),
-                                                 _mm256_maddubs_epi16(hi, broadcast4(qi + g * Dp + 4 * (groups + c))));
-          acc[g] = _mm256_add_epi32(acc[g], _mm256_madd_epi16(pairs, ones));
+    if constexpr (FOUR) {
+      // Nibbles are at most 15, so one vpmaddubsw lane (two products) is at most 2 * 15 * 128 = 3840 in magnitude:
+      // the int16 sums of kRun groups' two nibble halves stay below 32767 (exact, like the VNNI path) and are
+      // widened to int32 once per run.
+      constexpr int64_t kRun = 4;
+      for (int64_t c0 = 0; c0 < groups; c0 += kRun) {
+        const int64_t c1 = c0 + kRun < groups ? c0 + kRun : groups;
+        __m256i part[NQ];
+        for (int g = 0; g < NQ; ++g) part[g] = _mm256_setzero_si256();
+        for (int64_t c = c0; c < c1; ++c) {
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + c * 64 + 32 * half));
+          const __m256i lo = _mm256_and_si256(x, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), nibble);
+          for (int g = 0; g < NQ; ++g)
+            part[g] = _mm256_add_epi16(part[g], _mm256_add_epi16(
+                _mm256_maddubs_epi16(lo, broadcast4(qi + g * Dp + 4 * c)),
+                _mm256_maddubs_epi16(hi, broadcast4(qi + g * Dp + 4 * (groups + c)))));
         }
-      } else {
+        for (int g = 0; g < NQ; ++g) acc[g] = _mm256_add_epi32(acc[g], _mm256_madd_epi16(part[g], ones));
+      }
+    } else {
+      for (int64_t c = 0; c < groups; ++c) {
         __m256i ev, od;
-        split_bytes(x, &ev, &od);
+        split_bytes(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + c * 64 + 32 * half)), &ev, &od);
         for (int g = 0; g < NQ; ++g) acc[g] = dot_groups(acc[g], ev, od, qi + g * Dp + 4 * c);
       }
     }
