@@ -144,6 +144,15 @@ def test_bench_cpu_sparse_small_rows_have_documented_keys():
         assert r["gbps"] > 0 and r["membw_gbps"] > 0
 
 
+def test_bench_cpu_sparse_window_line_against_streaming():
+    p = _run("bench", "cpu-sparse", "--window", "256", "--runs", "3", "--membw-mb", "64")
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+    assert len(rows) == 1 and rows[0]["kernel"] == "window" and rows[0]["rows"] == 256
+    r = rows[0]
+    assert r["gbps"] > 0 and r["ratio_to_membw"] == pytest.approx(r["gbps"] / r["membw_gbps"], rel=0.01, abs=1e-3)
+
+
 def test_bench_cpu_sparse_row_cost_rows():
     p = _run("bench", "cpu-sparse", "--row-cost", "--tokens", "4096", "--k", "100", "--runs", "3", "--layers", "2",
              "--backends", "cpp,numba,torch", "--dtypes", "float32")

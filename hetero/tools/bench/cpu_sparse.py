@@ -257,6 +257,41 @@ def row_costs(backends: List[str], dtypes: List[str], k: int = 2048, tokens: int
     return rows
 
 
+def window_line(threads: int, rows: int = 4096, kv_heads: int = 8, group: int = 4, head_dim: int = 128,
+                dtype_name: str = "bfloat16", runs: int = 21, membw_bytes: int = 1 << 30, seed: int = 0,
+                out=sys.stdout) -> dict:
+    """The fast tier's window kernel on the CPU (``cpp``): attention of one sequence's G x Hkv queries over ``rows``
+    contiguous rows per KV head, against a streaming read measured in the same run (``ratio_to_membw``). Windows
+    are rotated over >= 4x the LLC, so each call reads its rows from DRAM, as a decode step does after the rest of
+    the model has run. ``gbps`` counts the window's K and V bytes."""
+    dtype = KV_DTYPES[dtype_name]
+    gen = torch.Generator().manual_seed(seed)
+    window_bytes = 2 * kv_heads * rows * head_dim * dtype.itemsize
+    count = max(2, math.ceil(4 * last_level_cache_bytes() / window_bytes))
+    kvs = [(torch.randn(1, kv_heads, rows, head_dim, generator=gen).to(dtype),
+            torch.randn(1, kv_heads, rows, head_dim, generator=gen).to(dtype)) for _ in range(count)]
+    q = torch.randn(1, kv_heads * group, head_dim, generator=gen)
+    lengths = torch.tensor([rows], dtype=torch.int32)
+    backend = _BACKENDS.get("window", "cpp")
+    backend.set_threads(threads)
+    membw = streaming_read_gbps(threads, membw_bytes)
+    times = []
+    for i in range(runs + 3):
+        k, v = kvs[i % count]
+        t = time.perf_counter()
+        backend(q, k, v, lengths, 1 / math.sqrt(head_dim))
+        if i >= 3:  # the first calls pay for thread start-up and first touches
+            times.append(time.perf_counter() - t)
+    t = statistics.median(times)
+    gbps = window_bytes / t / 1e9
+    row = {"kernel": "window", "backend": "cpp", "dtype": dtype_name, "rows": rows, "kv_heads": kv_heads,
+           "group": group, "head_dim": head_dim, "threads": threads, "median_us": round(t * 1e6, 1),
+           "gbps": round(gbps, 4), "membw_gbps": round(membw, 2), "ratio_to_membw": round(gbps / membw, 3),
+           "isa": _isa("cpp")}
+    print(json.dumps(row), file=out, flush=True)
+    return row
+
+
 def _isa(backend: str) -> Optional[str]:
     if backend != "cpp":
         return None
@@ -279,6 +314,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--membw-mb", type=int, default=1024, help="buffer of the streaming-read measurement")
     p.add_argument("--row-cost", action="store_true",
                    help="instead: ns per selected row on one thread, rows in L1 vs from DRAM (first k only)")
+    p.add_argument("--window", type=int, default=None, metavar="ROWS",
+                   help="instead: the CPU window kernel over ROWS contiguous rows x 8 KV heads x head_dim 128, bf16, "
+                        "against a streaming read in the same run")
     ns = p.parse_args(argv)
     from hetero.config import HeteroConfig
 
@@ -289,6 +327,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
 
     threads = ns.threads or HeteroConfig().resolved_threads
+    if ns.window is not None:
+        window_line(threads, ns.window, runs=ns.runs, membw_bytes=ns.membw_mb << 20)
+        return 0
     run([b for b in ns.backends.split(",") if b], ns.dtypes.split(","), [int(x) for x in ns.k.split(",")],
         threads, tokens=ns.tokens, runs=ns.runs, layers=ns.layers, membw_bytes=ns.membw_mb << 20)
     return 0
