@@ -106,9 +106,7 @@ class LayerCache:
         return bool(self._stage)
 
     def host_lengths(self) -> List[int]:
-        if self._stage:
-            with self.lock:
-                self._land_locked()
+        self._land()
         return self.host.length.tolist() if self.host is not None else []
 
     @property
@@ -225,6 +223,12 @@ class LayerCache:
                 self._stage.seal(rec, finite)
             for seq, first, n in adds:
                 self.index.add(seq, first, n)
+
+    def _land(self) -> None:
+        """Staged evictions into the host tier before an inspection reads it (takes the lock only when some wait)."""
+        if self._stage:
+            with self.lock:
+                self._land_locked()
 
     def _land_locked(self) -> None:
         """Staged evictions into the host tier and the index (waits for their copies); an append whose keys or values
@@ -357,9 +361,7 @@ class LayerCache:
     def wait_indexed(self) -> None:
         """Block until every token in the host tier has reached the retriever (see ``hetero/indexing.py``)."""
         if self.initialized:
-            if self._stage:
-                with self.lock:
-                    self._land_locked()
+            self._land()
             self.index.wait()
 
     def reset(self) -> None:
@@ -375,9 +377,7 @@ class LayerCache:
     # ---- inspection --------------------------------------------------------------------------------
     def tokens(self, seq: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """All keys and values of ``seq`` in logical order, ``[Hkv, L, D]`` each (sinks, host, window)."""
-        if self._stage:
-            with self.lock:
-                self._land_locked()
+        self._land()
         fk, fv = self.fast.tokens(seq)
         ns = min(int(self.fast.total[seq]), self.config.sinks) if not self.dense else fk.shape[1]
         hk, hv = self.host.keys(seq).to(fk.device), self.host.values(seq).to(fk.device)
@@ -387,9 +387,7 @@ class LayerCache:
         """Bytes per tier: stored tokens of the fast and host tiers, and the retriever's own index."""
         if not self.initialized:
             return dict.fromkeys(MEMORY_KEYS, 0)
-        if self._stage:
-            with self.lock:
-                self._land_locked()
+        self._land()
         return {"fast_bytes": self.fast.nbytes(), "host_bytes": self.host.nbytes(),
                 "index_bytes": self.retriever.memory_bytes()}
 
