@@ -94,21 +94,46 @@ void ivf_search(Runner& r, uintptr_t q, int64_t D, uintptr_t centroids, uintptr_
   r.ivf_search(a);
 }
 
+void check_step_geometry(const int64_t* L, const int64_t* W, const char* who) {
+  if (L[HKV] < 1 || W[HQ] % L[HKV] != 0 || W[HQ] / L[HKV] > kMaxGroup || L[LayerField::D] < 1 ||
+      L[LayerField::D] > kMaxCodeDims)
+    throw std::invalid_argument(std::string(who) + ": invalid geometry (Hq = G * Hkv, G <= 64, 1 <= D <= 512)");
+}
+
+void check_append_geometry(const int64_t* L, int dtype, const char* who) {
+  if (L[WINDOW] < 0 || L[LayerField::D] > kMaxCodeDims || dtype < 0 || dtype > 2)
+    throw std::invalid_argument(std::string(who) +
+                                ": needs a bounded window, D <= 512 and a float32/bf16/fp16 input");
+}
+
 int64_t decode_step(Runner& r, uintptr_t layer, uintptr_t work, uintptr_t q, uintptr_t out) {
   const int64_t* L = ptr<const int64_t>(layer);
   const int64_t* W = ptr<const int64_t>(work);
-  if (L[HKV] < 1 || W[HQ] % L[HKV] != 0 || W[HQ] / L[HKV] > kMaxGroup || L[LayerField::D] < 1 ||
-      L[LayerField::D] > kMaxCodeDims)
-    throw std::invalid_argument("decode_step: invalid geometry (Hq = G * Hkv, G <= 64, 1 <= D <= 512)");
+  check_step_geometry(L, W, "decode_step");
   py::gil_scoped_release release;
   return r.decode_step(L, W, ptr<const void>(q), ptr<void>(out));
+}
+
+py::tuple decode_token(Runner& r, uintptr_t layer, uintptr_t work, uintptr_t k, uintptr_t v, int64_t stride_b,
+                       int64_t stride_h, int dtype, int index_native, uintptr_t flags, uintptr_t q, uintptr_t out) {
+  const int64_t* L = ptr<const int64_t>(layer);
+  const int64_t* W = ptr<const int64_t>(work);
+  check_step_geometry(L, W, "decode_token");
+  check_append_geometry(L, dtype, "decode_token");
+  const DecodeToken t{ptr<const void>(k), ptr<const void>(v), stride_b, stride_h, dtype, index_native,
+                      ptr<int64_t>(flags)};
+  TokenStep done;
+  {
+    py::gil_scoped_release release;
+    done = r.decode_token(L, W, t, ptr<const void>(q), ptr<void>(out));
+  }
+  return py::make_tuple(done.append, done.step);
 }
 
 int append_decode_binding(uintptr_t layer, uintptr_t k, uintptr_t v, int64_t stride_b, int64_t stride_h, int dtype,
                           int index_native, uintptr_t flags) {
   const int64_t* L = ptr<const int64_t>(layer);
-  if (L[WINDOW] < 0 || L[LayerField::D] > kMaxCodeDims || dtype < 0 || dtype > 2)
-    throw std::invalid_argument("append_decode: needs a bounded window, D <= 512 and a float32/bf16/fp16 input");
+  check_append_geometry(L, dtype, "append_decode");
   return append_decode(L, ptr<const void>(k), ptr<const void>(v), stride_b, stride_h, dtype, index_native,
                        ptr<int64_t>(flags));
 }
@@ -126,6 +151,8 @@ PYBIND11_MODULE(_native, m) {
       .def("ivf_search", &ivf_search, "Grouped IVF search over 8-bit or 4-bit codes (retrieval/ivf_group.py)")
       .def("decode_step", &decode_step,
            "One layer's decode step from its LAYER and WORK descriptors (runner/step.h): window, host part, fusion")
+      .def("decode_token", &decode_token,
+           "A decode token appended and the step over it in one call (Runner::decode_token): (append code, step code)")
       .def("random_read",
            [](Runner& r, uintptr_t base, uintptr_t offsets, int64_t n, int64_t run_bytes, int prefetch, bool to_l2) {
              py::gil_scoped_release release;
@@ -147,6 +174,7 @@ PYBIND11_MODULE(_native, m) {
   m.attr("PHASES") = kPhases;
   m.attr("STEP_QUERY_NOT_FINITE") = kStepQueryNotFinite;
   m.attr("STEP_NEED_PROBE") = kStepNeedProbe;
+  m.attr("STEP_NOT_RUN") = kStepNotRun;
   m.attr("APPEND_NOT_FINITE") = kAppendNotFinite;
   m.attr("APPEND_NEED_BLOCKS") = kAppendNeedBlocks;
   m.def("append_decode", &append_decode_binding,

@@ -31,14 +31,13 @@ from .cache import LayerCache
 from .config import HeteroConfig
 from .errors import ClosedError, ConfigError, DTypeError, HeteroError, InvalidValueError, ShapeError
 from .merge import fuse
-from .plan import LayerWorkspace, StepGeometry, StepPlan, workspace_kmax
+from .plan import NATIVE_PHASES, LayerWorkspace, StepGeometry, StepPlan, workspace_kmax
 from .reference import default_scale
 from .timing import PhaseRecorder, Span
 from .types import PartialAttention, Selection
 from .validation import all_finite, check_finite, check_query, check_selection
 from .worker import Worker
 
-_NATIVE_PHASES = ("window", "retrieve", "host_attn", "merge")
 
 
 @dataclass
@@ -132,6 +131,11 @@ class HeteroAttention:
         ``hetero.hf.HeteroCache`` or a list of LayerCaches) for queries ``[B, q_heads, D]`` of ``q_dtype`` (default
         float32): backends, whether the fused C++ step runs, workspaces. It stays valid while the geometry holds
         (lengths may grow); asking again with the same geometry returns it at the cost of a few comparisons."""
+        p = self._plan  # the per-step call of a one-layer decode loop: its plan, after a handful of comparisons
+        if (p is not None and type(cache) is LayerCache and cache.config is self.config and q_heads == p.q_heads
+                and q_dtype is p.geometry.q_dtype and cache.geometry == p.layer_geometry
+                and cache.layer_idx in p.workspaces and not self._closed):
+            return p
         if self._closed:
             raise ClosedError("this HeteroAttention was closed; create a new one")
         with self._lock:
@@ -264,6 +268,63 @@ class HeteroAttention:
                 return self._run_fused_cuda(q, layer, plan, out, return_details)
             return self._run_generic(q, layer, plan, out, return_details)
 
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerCache, plan: StepPlan,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One decode step of ``layer``: append this step's key and value, then attend the query over every token;
+        the same result as ``layer.append(k, v)`` then ``run(q, layer, plan, out)``.
+
+        q: ``[B, Hq, D]``; k, v: ``[B, Hkv, D]`` or ``[B, Hkv, 1, D]``, post-RoPE; plan: this step's ``StepPlan``;
+        out: optional ``[B, Hq, D]`` of q's dtype written in place. Returns ``out`` (or a new ``[B, Hq, D]``).
+        On the CPU with the C++ step and an ``ivf-group`` (or dense) host part this is one native call: the token's
+        append and the step, the GIL released. A query with NaN or inf is refused before the token is appended.
+        """
+        token = (layer.native_token(k, v) if type(plan) is StepPlan and plan.cpu_fused and type(layer) is LayerCache
+                 and layer._native_ok and type(q) is torch.Tensor and not self._closed else None)
+        if token is not None:
+            plan.check(q, layer)
+            ws = plan.workspaces.get(layer.layer_idx)
+            mode = self._host_mode(layer)
+        if (token is None or ws is None or mode == 1 or layer.config is not self.config or not layer.index.idle
+                or q.stride(-1) != 1):
+            return self._append_then_run(q, k, v, layer, plan, out)
+        dst = ws.out if out is None else out
+        if dst is not ws.out:
+            self._check_out(dst, plan)
+        if layer.retriever.softmax_scale != plan.scale:
+            layer.retriever.softmax_scale = plan.scale
+        timed = self.record_phases or self.config.balance == "auto" or layer.head_budget is not None
+        tk, tv, stride_b, stride_h, kv_dtype = token
+        with layer.lock:
+            layer.index.check_open()
+            self._prepare_work(ws, q, dst, layer, plan, mode, True, timed)
+            appended, step = plan.host._runner.decode_token(
+                layer.native_layer().address, ws.work.address, tk.data_ptr(), tv.data_ptr(), stride_b, stride_h,
+                kv_dtype, 1, layer._flags_addr, q.data_ptr(), dst.data_ptr())
+            if appended > 0:  # appended; index adds left to Python, which the step waits for
+                layer.queue_native_leftovers()
+        if step:
+            if step == native.load().STEP_QUERY_NOT_FINITE:
+                raise InvalidValueError("q contains NaN or inf (the step's key and value were not appended)")
+            if appended < 0:  # refused before any change (blocks to reserve, NaN/inf): the general path explains
+                return self._append_then_run(q, k, v, layer, plan, out)
+            return self.run(q, layer, plan, out=out)  # the token is in; the step waits for index adds or grows
+        self._after_step(layer, ws, mode, timed)
+        return dst if out is not None else dst.clone()
+
+    def _append_then_run(self, q, k, v, layer, plan, out):
+        """decode() in two calls, the query checked before the token goes in (a refused step appends nothing)."""
+        if self._closed:
+            raise ClosedError("this HeteroAttention was closed; create a new one")
+        if type(layer) is not LayerCache and not isinstance(layer, LayerCache):
+            raise ShapeError(f"layer must be a LayerCache, got {type(layer).__name__}")
+        if layer.initialized:
+            if isinstance(q, torch.Tensor) and q.device.type == "cpu":  # (a CUDA query is checked on its host copy,
+                check_query(q, layer.kv_heads, layer.head_dim, layer.batch)  # without a sync here)
+            if type(plan) is StepPlan:
+                plan.check(q, layer)
+        layer.append(k, v)
+        return self.run(q, layer, plan, out=out)
+
     @staticmethod
     def _check_out(out, plan: StepPlan) -> None:
         g = plan.geometry
@@ -356,7 +417,7 @@ class HeteroAttention:
     def _fused_details(self, dst, ws, layer, plan, mode, sel, t0) -> DecodeResult:
         t = ws.times
         timings = self.phases(plan, layer)
-        spans = [Span(name, t[2 * i], t[2 * i + 1], "MainThread") for i, name in enumerate(_NATIVE_PHASES)
+        spans = [Span(name, t[2 * i], t[2 * i + 1], "MainThread") for i, name in enumerate(NATIVE_PHASES)
                  if t[2 * i + 1] > t[2 * i]]
         window = PartialAttention(ws.win_out.clone(), ws.win_lse.clone())
         if mode == 0:
@@ -525,7 +586,7 @@ class HeteroAttention:
         """Milliseconds of each native phase (window, retrieve, host_attn, merge) of ``layer``'s last fused step under
         ``plan`` (recorded when ``record_phases`` or details are on; zeros otherwise)."""
         t = plan.workspaces[layer.layer_idx].times
-        return {name: max(0.0, float(t[2 * i + 1] - t[2 * i]) * 1e3) for i, name in enumerate(_NATIVE_PHASES)}
+        return {name: max(0.0, float(t[2 * i + 1] - t[2 * i]) * 1e3) for i, name in enumerate(NATIVE_PHASES)}
 
     @staticmethod
     def step_stats(plan: StepPlan, layer: LayerCache) -> Dict[str, int]:
@@ -543,7 +604,7 @@ class HeteroAttention:
         """Spans of ``layer``'s last fused step: its native phases on the calling thread and, with ``native_trace``,
         each pool thread's busy span, named by the phase it fell in."""
         t = plan.workspaces[layer.layer_idx].times
-        phases = [(name, t[2 * i], t[2 * i + 1]) for i, name in enumerate(_NATIVE_PHASES) if t[2 * i + 1] > t[2 * i]]
+        phases = [(name, t[2 * i], t[2 * i + 1]) for i, name in enumerate(NATIVE_PHASES) if t[2 * i + 1] > t[2 * i]]
         spans = [Span(name, a, b, "MainThread") for name, a, b in phases]
         for s in self._native_spans(plan, layer):
             name = next((p for p, a, b in phases if a <= s.start <= b), s.phase)

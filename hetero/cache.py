@@ -258,23 +258,33 @@ class LayerCache:
         """One decode token per sequence (``[B, Hkv, D]`` or ``[B, Hkv, 1, D]`` on the CPU) in one C++ call, which
         also refuses NaN and inf before changing anything. False (nothing done) for anything else: the general path
         then checks the inputs and explains what is wrong."""
-        if type(k) is not torch.Tensor or type(v) is not torch.Tensor:
-            return False
-        shape = k.shape
-        if len(shape) == 4:
-            if shape[2] != 1:
-                return False
-            k, v = k[:, :, 0], v[:, :, 0]
-        elif len(shape) != 3:
-            return False
-        if (k.shape != self._decode_shape or v.shape != self._decode_shape or k.dtype != v.dtype
-                or k.dtype not in native.DTYPE_CODES or not k.is_cpu or not v.is_cpu or k.stride() != v.stride()
-                or k.stride(-1) != 1):
+        token = self.native_token(k, v)
+        if token is None:
             return False
         with self.lock:
             self.index.check_open()
-            self._append_native(k, v)
+            self._append_native(token[0], token[1])
         return True
+
+    def native_token(self, k, v):
+        """``(k, v, stride_b, stride_h, dtype_code)``, k and v as ``[B, Hkv, D]`` views, when they are one decode
+        token per sequence the C++ append takes as they are (on the CPU, this layer's shape, a supported dtype, rows
+        contiguous); None otherwise."""
+        if type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+            return None
+        shape = k.shape
+        if len(shape) == 4:
+            if shape[2] != 1:
+                return None
+            k, v = k[:, :, 0], v[:, :, 0]
+        elif len(shape) != 3:
+            return None
+        stride, dtype = k.stride(), k.dtype
+        if (k.shape != self._decode_shape or v.shape != self._decode_shape or dtype != v.dtype
+                or dtype not in native.DTYPE_CODES or not k.is_cpu or not v.is_cpu or stride != v.stride()
+                or stride[2] != 1):
+            return None
+        return k, v, stride[0], stride[1], native.DTYPE_CODES[dtype]
 
     def native_layer(self):
         """The LAYER descriptor (csrc/runner/step.h) of this layer's storage, rebuilt when a buffer moved."""
@@ -313,10 +323,16 @@ class LayerCache:
             if code == ext.APPEND_NOT_FINITE:
                 bad = np.flatnonzero(flags).tolist()
                 raise InvalidValueError(f"keys or values contain NaN or inf (sequences {bad})")
-            for seq in np.flatnonzero(flags >= 0).tolist():  # adds the native path leaves to Python
-                self.index.add(seq, int(flags[seq]), 1)
+            self.queue_native_leftovers()
             return
         raise RuntimeError("append_decode: host blocks still full after reserving")  # pragma: no cover
+
+    def queue_native_leftovers(self) -> None:
+        """The index adds a successful native append left to Python (its flags: the host position, or -1). Caller
+        holds the lock."""
+        flags = self._flags
+        for seq in np.flatnonzero(flags >= 0).tolist():
+            self.index.add(seq, int(flags[seq]), 1)
 
     # ---- rolling back ------------------------------------------------------------------------------
     def crop(self, lengths: Sequence[int]) -> None:

@@ -114,6 +114,7 @@ class HeteroCacheLayer(CacheLayerMixin):
         self.processed = 0  # tokens seen, padding included: what position ids count
         self.pad: List[int] = []  # left padding of each sequence's first prompt (never stored)
         self.pending = None  # a chunk's K/V waiting for the attention call
+        self.token = None  # a decode token's K/V waiting for the attention call (HeteroAttention.decode)
         self.attended = True  # hetero's attention consumed the last update (else another implementation did)
 
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -129,9 +130,8 @@ class HeteroCacheLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.attended = False
-        if key_states.shape[2] == 1 and self.processed > 0:  # a decode token: into the tiers now
-            self.layer.append(key_states, value_states)
-            self.processed += 1
+        if key_states.shape[2] == 1 and self.processed > 0:  # a decode token: appended by the attention call,
+            self.token = (key_states, value_states)            # with the step, in one native call
         else:  # a chunk: attended over the tiers first, then appended (hetero_attention)
             self.pending = (key_states, value_states)
             fast = self.layer.fast.nbytes() if self.layer.initialized else 0
@@ -163,7 +163,7 @@ class HeteroCacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.layer.reset()
-        self.processed, self.pad, self.pending, self.attended = 0, [], None, True
+        self.processed, self.pad, self.pending, self.token, self.attended = 0, [], None, None, True
 
     def reorder_cache(self, beam_idx) -> None:
         raise UnsupportedError("beam search is not supported by hetero's cache (use greedy or sampling)")
@@ -293,7 +293,7 @@ def hetero_attention(module, query, key, value, attention_mask, scaling=None, dr
     if layer.layer_idx == 0:  # before the first layer stores anything: a cache with too few layers is refused whole
         model_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
         if isinstance(model_layers, int) and model_layers > len(shared.layers):
-            state.pending = None
+            state.pending = state.token = None
             raise ConfigError(f"this HeteroCache has {len(shared.layers)} layers and the model {model_layers}: build "
                               "it for the model, HeteroCache(hetero_config, config=model.config)")
     runtime = shared.runtime(scaling)
@@ -303,7 +303,10 @@ def hetero_attention(module, query, key, value, attention_mask, scaling=None, dr
         q = query[:, :, 0, :]
         record = getattr(module, "_hetero_record", None)  # profiling: the native phases of this layer's steps
         runtime.record_phases = record is not None
-        out = runtime.run(q, layer, shared.plan, out=runtime.output(shared.plan, layer))
+        k, v = state.token
+        state.token = None
+        out = runtime.decode(q, k, v, layer, shared.plan, out=runtime.output(shared.plan, layer))
+        state.processed += 1  # counted once the token is in (a refused step leaves the cache as it was)
         if record is not None:
             record.append(runtime.phases(shared.plan, layer))
         return out.unsqueeze(1), None

@@ -20,6 +20,10 @@ from . import native
 from .backends import AttentionInputs, Backend
 from .errors import StalePlanError
 
+# The phases a C++ step times into WORK.TIMES, in csrc/runner/step.h's order (kPhases): the step's window, its
+# search, its host attention, the merge, and a decode_token's append.
+NATIVE_PHASES = ("window", "retrieve", "host_attn", "merge", "evict")
+
 
 @dataclass(frozen=True)
 class StepGeometry:
@@ -71,7 +75,7 @@ class LayerWorkspace:
         self.union = np.full((items, g.group * max(kmax, 1)), -1, dtype=np.int32)
         self.union_count = np.zeros(items, dtype=np.int64)
         self.scanned = np.zeros(items, dtype=np.int64)
-        self.times = np.zeros(2 * 4, dtype=np.float64)
+        self.times = np.zeros(2 * len(NATIVE_PHASES), dtype=np.float64)  # start / end of each phase
         self.out = torch.empty(b, hq, d, dtype=g.q_dtype, device=g.device)
         self.lse = torch.empty(b, hq)
         if g.device.type == "cuda":
@@ -106,6 +110,8 @@ class StepPlan:
         self.budget = budget_fields(config, geometry.group)
         g = geometry
         self.on_cpu = g.device.type == "cpu"
+        self.q_heads = g.q_heads
+        self.cpu_fused = fused and self.on_cpu  # HeteroAttention.decode's one-call path applies
         # what check() compares, built once: a layer's geometry tuple (LayerCache.geometry) and the query's
         self.layer_geometry = (g.batch, g.kv_heads, g.head_dim, g.kv_dtype, g.device)
         self._q_shape, self._q_device = torch.Size((g.batch, g.q_heads, g.head_dim)), g.device.index

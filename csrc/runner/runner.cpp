@@ -11,6 +11,7 @@
 #include "common/cpu_features.h"
 #include "common/half.h"
 #include "common/merge.h"
+#include "runner/append.h"
 #include "runner/isa.h"
 #include "runner/step.h"
 #include "sparse/random_read.h"
@@ -149,17 +150,9 @@ int64_t budget_keys(const int64_t* W, int64_t n) {
 
 }  // namespace
 
-int64_t Runner::decode_step(const int64_t* L, const int64_t* W, const void* q, void* out) {
-  std::lock_guard<std::mutex> lock(mu_);
-  const int64_t B = L[LayerField::B], Hkv = L[HKV], D = L[LayerField::D], Hq = W[HQ], G = Hq / Hkv;
-  const int64_t items = B * Hkv, rows = B * Hq;
-  const float scale = static_cast<float>(field_f64(W, SCALE));
-  double* times = field_ptr<double>(W, TIMES);
-  const auto mark = [&](int phase, int end) {
-    if (times) times[2 * phase + end] = now();
-  };
-
-  // The query as float32 [B, Hq, D], the layout every kernel reads; a NaN or inf refuses the step.
+// The query as float32 [B, Hq, D] in WORK.Q32, the layout every kernel reads; false when it holds a NaN or inf.
+static bool stage_query(const int64_t* L, const int64_t* W, const void* q) {
+  const int64_t B = L[LayerField::B], D = L[LayerField::D], Hq = W[HQ];
   float* q32 = field_ptr<float>(W, Q32);
   const int q_dtype = static_cast<int>(W[Q_DTYPE]);
   bool finite = true;
@@ -172,7 +165,37 @@ int64_t Runner::decode_step(const int64_t* L, const int64_t* W, const void* q, v
         finite &= std::isfinite(dst[d]);
       }
     }
-  if (!finite) return kStepQueryNotFinite;
+  return finite;
+}
+
+int64_t Runner::decode_step(const int64_t* L, const int64_t* W, const void* q, void* out) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (double* times = field_ptr<double>(W, TIMES)) times[2 * kPhaseAppend] = times[2 * kPhaseAppend + 1] = 0;
+  if (!stage_query(L, W, q)) return kStepQueryNotFinite;
+  return step_locked(L, W, out);
+}
+
+TokenStep Runner::decode_token(const int64_t* L, const int64_t* W, const DecodeToken& t, const void* q, void* out) {
+  std::lock_guard<std::mutex> lock(mu_);
+  // the query first: a refused step leaves the new token out of the tiers too
+  if (!stage_query(L, W, q)) return {kAppendOk, kStepQueryNotFinite};
+  double* times = field_ptr<double>(W, TIMES);
+  if (times) times[2 * kPhaseAppend] = now();
+  const int appended = append_decode(L, t.k, t.v, t.stride_b, t.stride_h, t.dtype, t.index_native, t.flags);
+  if (times) times[2 * kPhaseAppend + 1] = now();
+  if (appended != kAppendOk) return {appended, kStepNotRun};
+  return {kAppendOk, step_locked(L, W, out)};
+}
+
+int64_t Runner::step_locked(const int64_t* L, const int64_t* W, void* out) {
+  const int64_t B = L[LayerField::B], Hkv = L[HKV], D = L[LayerField::D], Hq = W[HQ], G = Hq / Hkv;
+  const int64_t items = B * Hkv, rows = B * Hq;
+  const float scale = static_cast<float>(field_f64(W, SCALE));
+  float* q32 = field_ptr<float>(W, Q32);
+  double* times = field_ptr<double>(W, TIMES);
+  const auto mark = [&](int phase, int end) {
+    if (times) times[2 * phase + end] = now();
+  };
 
   const int64_t mode = W[HOST_MODE];
   if (mode == 2) {  // the budget of every item, and room for it in the workspace

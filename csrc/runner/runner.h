@@ -13,6 +13,23 @@
 
 namespace hetero {
 
+// One decode token per sequence for Runner::decode_token (runner/append.h append_decode's arguments).
+struct DecodeToken {
+  const void* k;
+  const void* v;
+  int64_t stride_b, stride_h;
+  int dtype;
+  int index_native;
+  int64_t* flags;
+};
+
+// What Runner::decode_token did: the append's code (runner/append.h) and the step's (decode_step's, or
+// kStepNotRun when the append did not finish the token: a refusal, or index adds left to Python).
+struct TokenStep {
+  int append;
+  int64_t step;
+};
+
 using ItemFn = void (*)(const SparseArgs&, int64_t, int64_t, int64_t, int64_t, float*, float*, float*);
 
 // The kernels of the active ISA level (set_isa may lower it; every Runner follows).
@@ -48,6 +65,11 @@ class Runner {
   // Returns 0, or kStepQueryNotFinite / a workspace size (runner/step.h) with nothing computed.
   int64_t decode_step(const int64_t* layer, const int64_t* work, const void* q, void* out);
 
+  // A decode token and the step over it, in one call: the query staged and checked (a NaN or inf refuses both:
+  // {kAppendOk, kStepQueryNotFinite}, nothing changed), the token appended (append_decode), then decode_step.
+  TokenStep decode_token(const int64_t* layer, const int64_t* work, const DecodeToken& token, const void* q,
+                         void* out);
+
   // Ceiling probe: read n random runs (offsets in bytes from base) across the pool; returns a checksum.
   double random_read(const char* base, const int64_t* offsets, int64_t n, int64_t run_bytes, int prefetch,
                      bool to_l2);
@@ -56,6 +78,7 @@ class Runner {
   template <class Fn>
   void traced_run(int64_t items, Fn fn);
   void sparse_locked(const SparseArgs& a, float* out, float* lse);
+  int64_t step_locked(const int64_t* layer, const int64_t* work, void* out);  // decode_step after the query
 
   std::mutex mu_;
   bool trace_on_ = false;

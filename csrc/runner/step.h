@@ -51,14 +51,18 @@ enum LayerField : int { HETERO_LAYER_FIELDS(HETERO_ENUM_FIELD) kLayerFields };
 enum WorkField : int { HETERO_WORK_FIELDS(HETERO_ENUM_FIELD) kWorkFields };
 #undef HETERO_ENUM_FIELD
 
-// Phases a step records when WORK.TIMES is set: window, search, host attention, merge.
-constexpr int kPhases = 4;
+// Phases a step records when WORK.TIMES is set: window, search, host attention, merge, and (decode_token) the
+// token's append; decode_step leaves the append's zero.
+constexpr int kPhases = 5;
+constexpr int kPhaseAppend = 4;
 
 // decode_step's results besides success (0): nothing was computed, nothing changed.
 constexpr int64_t kStepQueryNotFinite = -1;
 // > 0: the workspace is too small; the value is the keys per query the step needs room for (IVF_KMAX), or, when
 // the probe rows are too short, kStepNeedProbe.
 constexpr int64_t kStepNeedProbe = int64_t{1} << 40;
+// Runner::decode_token: the step did not run (the append refused, or left index adds to Python).
+constexpr int64_t kStepNotRun = -2;
 
 template <class T>
 inline T* field_ptr(const int64_t* d, int f) {

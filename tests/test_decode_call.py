@@ -1,0 +1,128 @@
+"""``HeteroAttention.decode``: a decode token's append and the step over it in one call. It must equal
+``layer.append`` then ``run`` bit for bit (every retriever, dtype, ragged batch, through host-block growth and the
+index adds it leaves to Python), refuse a bad query or token before anything changes, and allocate nothing."""
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from hetero import HeteroAttention, HeteroConfig, LayerCache, native
+from hetero.errors import HeteroError
+
+needs_native = pytest.mark.skipif(native.load() is None, reason="C++ extension not built")
+
+
+def _pair(retriever, dtype, batch, tokens=300, block_tokens=64):
+    """Two identical layers (one for decode, one for append + run) and their runtimes."""
+    cfg = HeteroConfig(window=48, sinks=4, budget=40, retriever=retriever, kv_dtype=dtype, block_tokens=block_tokens,
+                       retriever_options={"min_train": 64} if retriever == "ivf-group" else {})
+    gen = torch.Generator().manual_seed(1)
+    k = torch.randn(batch, 2, tokens, 32, generator=gen)
+    v = torch.randn(batch, 2, tokens, 32, generator=gen)
+    lengths = [tokens - 29 * b for b in range(batch)]
+    layers = []
+    for _ in range(2):
+        layer = LayerCache(cfg)
+        layer.append(k, v, lengths)
+        layer.wait_indexed()
+        layers.append(layer)
+    return cfg, layers, (HeteroAttention(cfg), HeteroAttention(cfg)), gen
+
+
+@needs_native
+@pytest.mark.parametrize("retriever", ["ivf-group", "exact", "all", "ivf"])
+@pytest.mark.parametrize("dtype,qdtype", [("bfloat16", torch.bfloat16), ("float32", torch.float32),
+                                          ("float16", torch.float32)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_equals_append_then_run(retriever, dtype, qdtype, batch):
+    """150 steps (several host blocks fill, the ivf-group tail list fills and goes to Python): identical outputs,
+    lengths and host rows."""
+    cfg, (a, b), (attn_a, attn_b), gen = _pair(retriever, dtype, batch)
+    for step in range(150):
+        k = torch.randn(batch, 2, 1, 32, generator=gen).to(qdtype)
+        v = torch.randn(batch, 2, 1, 32, generator=gen).to(qdtype)
+        q = torch.randn(batch, 8, 32, generator=gen).to(qdtype)
+        pa, pb = attn_a.plan(a, 8, qdtype), attn_b.plan(b, 8, qdtype)
+        out_a = attn_a.decode(q, k, v, a, pa)
+        b.append(k, v)
+        out_b = attn_b.run(q, b, pb)
+        assert torch.equal(out_a, out_b), f"step {step}"
+    assert a.seq_lengths() == b.seq_lengths() and a.host_lengths() == b.host_lengths()
+    for seq in range(batch):
+        for x, y in zip(a.tokens(seq), b.tokens(seq)):
+            assert torch.equal(x, y)
+    for attn in (attn_a, attn_b):
+        attn.close()
+
+
+@needs_native
+def test_decode_records_the_append_as_its_own_phase():
+    cfg, (a, _), (attn, _), gen = _pair("ivf-group", "bfloat16", 2)
+    attn.record_phases = True
+    plan = attn.plan(a, 8, torch.bfloat16)
+    attn.decode(torch.randn(2, 8, 32).bfloat16(), torch.randn(2, 2, 32), torch.randn(2, 2, 32), a, plan)
+    phases = attn.phases(plan, a)
+    assert phases["evict"] > 0 and phases["window"] > 0 and phases["retrieve"] > 0
+    a.append(torch.randn(2, 2, 32), torch.randn(2, 2, 32))
+    attn.run(torch.randn(2, 8, 32).bfloat16(), a, plan)
+    assert attn.phases(plan, a)["evict"] == 0  # a step alone appends nothing
+    attn.close()
+
+
+def _snapshot(layer):
+    return (layer.seq_lengths(), layer.host_lengths(), [[t.clone() for t in layer.tokens(s)] for s in range(layer.batch)])
+
+
+def _same(x, y):
+    assert x[0] == y[0] and x[1] == y[1]
+    for ta, tb in zip(x[2], y[2]):
+        assert all(torch.equal(p, q) for p, q in zip(ta, tb))
+
+
+@pytest.mark.parametrize("retriever", ["ivf-group", "exact"])
+@pytest.mark.parametrize("bad", ["q_nan", "q_inf", "k_nan", "v_inf", "q_shape", "q_gqa", "k_shape"])
+def test_bad_input_changes_nothing(retriever, bad):
+    """A refused decode leaves the layer as it was: lengths, host tier, window, every token."""
+    cfg, (a, _), (attn, _), gen = _pair(retriever, "bfloat16", 2)
+    plan = attn.plan(a, 8, torch.bfloat16)
+    for _ in range(3):  # warm: the native path has run
+        attn.decode(torch.randn(2, 8, 32).bfloat16(), torch.randn(2, 2, 32), torch.randn(2, 2, 32), a, plan)
+    q, k, v = torch.randn(2, 8, 32).bfloat16(), torch.randn(2, 2, 32), torch.randn(2, 2, 32)
+    if bad == "q_nan":
+        q[1, 3, 5] = float("nan")
+    elif bad == "q_inf":
+        q[0, 0, 0] = float("inf")
+    elif bad == "k_nan":
+        k[1, 1, 7] = float("nan")
+    elif bad == "v_inf":
+        v[0, 1, 0] = float("-inf")
+    elif bad == "q_shape":
+        q = torch.randn(2, 6, 32).bfloat16()  # valid GQA, not the plan's
+    elif bad == "q_gqa":
+        q = torch.randn(2, 7, 32).bfloat16()
+    else:
+        k = torch.randn(2, 3, 32)
+    before = _snapshot(a)
+    with pytest.raises(HeteroError) as err:
+        attn.decode(q, k, v, a, plan)
+    if bad in ("q_nan", "q_inf", "k_nan", "v_inf"):
+        assert "NaN or inf" in str(err.value)
+    _same(before, _snapshot(a))
+    good = attn.decode(torch.randn(2, 8, 32).bfloat16(), torch.randn(2, 2, 32), torch.randn(2, 2, 32), a, plan)
+    assert torch.isfinite(good).all()  # the layer still works
+    attn.close()
+
+
+@needs_native
+def test_decode_allocates_nothing_after_warm_up():
+    cfg, (a, _), (attn, _), gen = _pair("ivf-group", "bfloat16", 2, tokens=600, block_tokens=4096)
+    plan = attn.plan(a, 8, torch.bfloat16)
+    inputs = [(torch.randn(2, 8, 32).bfloat16(), torch.randn(2, 2, 32).bfloat16(), torch.randn(2, 2, 32).bfloat16())
+              for _ in range(40)]
+    for q, k, v in inputs[:10]:
+        attn.decode(q, k, v, a, plan, out=attn.output(plan, a))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for q, k, v in inputs[10:]:
+            attn.decode(q, k, v, a, plan, out=attn.output(plan, a))
+    allocations = sum(1 for e in prof.events() if getattr(e, "cpu_memory_usage", 0) > 0)
+    assert allocations == 0
+    attn.close()
