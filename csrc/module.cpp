@@ -206,6 +206,16 @@ PYBIND11_MODULE(_native, m) {
       "The active ISA's code scoring alone: out [G, n] float32 from codes [n, Dp * bits / 8] uint8, qi [G, Dp] "
       "int8, qscale [G] float32 (tests compare it with QueryCodes.scores)");
   m.def(
+      "ivf_centroid_scores",
+      [](uintptr_t q, int64_t G, int64_t D, uintptr_t centroids_t, int64_t L, uintptr_t out) {
+        if (G < 0 || D < 0 || L < 0) throw std::invalid_argument("ivf_centroid_scores: need G, D, L >= 0");
+        std::vector<float> row(static_cast<size_t>(L));
+        active_ivf_kernels().centroids(ptr<const float>(q), G, D, ptr<const uint16_t>(centroids_t), L, row.data(),
+                                       ptr<float>(out));
+      },
+      "The active ISA's list probing scores alone: out [G, L] float32 = q [G, D] float32 @ centroids_t [D, L] "
+      "float16 (tests compare it with a float64 product)");
+  m.def(
       "ivf_encode_rows",
       [](uintptr_t keys, int64_t H, int64_t n, int64_t D, uintptr_t vmin, uintptr_t inv_step, int64_t bits, int64_t Dp,
          uintptr_t codes, uintptr_t ids, uintptr_t first_row, int64_t first_id, uintptr_t values, uintptr_t tail_ksum,

@@ -143,6 +143,26 @@ def _check_scores():
                     assert torch.equal(out, qc.scores(0, codes)), (bits, dp, g, n)
 
 
+def _check_centroid_scores():
+    """The active ISA's probing scores (queries against every list's float16 centroid) equal a float64 product within
+    float32 rounding: list counts around the kernels' tiles of 8, 16 and 32 and their prefetch distance, query
+    counts around the blocks of 4, odd head dims."""
+    from hetero.native import load
+
+    ext = load()
+    gen = torch.Generator().manual_seed(6)
+    for d in (1, 40, 128):
+        for g in (1, 3, 4, 5, 8):
+            for lists in (0, 1, 7, 15, 16, 17, 31, 32, 33, 47, 48, 49, 95, 96, 97, 1025):
+                q = torch.randn(g, d, generator=gen)
+                cent = (torch.randn(d, lists, generator=gen) / d ** 0.5).half()
+                out = torch.full((g, lists), float("nan"))
+                ext.ivf_centroid_scores(q.data_ptr(), g, d, cent.view(torch.int16).data_ptr(), lists, out.data_ptr())
+                ref = q.double() @ cent.double()
+                tol = 1e-5 * (q.double().abs() @ cent.double().abs()) + 1e-7
+                assert ((out.double() - ref).abs() <= tol).all(), (d, g, lists)
+
+
 @needs_ext
 def test_cpp_search_at_every_isa_level():
     from hetero.native import info
@@ -152,7 +172,7 @@ def test_cpp_search_at_every_isa_level():
     code = (
         "import sys; sys.path.insert(0, {tests!r}); import torch\n"
         "from test_ivf_group import _layer, _compare\n"
-        "from test_ivf_group import _check_scores; _check_scores()\n"
+        "from test_ivf_group import _check_scores, _check_centroid_scores; _check_scores(); _check_centroid_scores()\n"
         "for bits in (8, 4):\n"
         "    layer, keys, vals, q = _layer(700, d=40, g=5, code_bits=bits)\n"
         "    layer.append(keys, vals)\n"

@@ -1,5 +1,6 @@
 // AVX2 code scoring for the grouped IVF search over the blocked arena (ivf_scan.h). Only called when the CPU
 // reports AVX2.
+#include <cmath>
 #include <cstdint>
 
 #include "ivf/ivf_scan.h"
@@ -97,13 +98,48 @@ void scores_blocked(const uint8_t* codes, int64_t n, int64_t Dp, const int8_t* q
 }  // namespace
 
 namespace hetero {
+namespace {
+// NQ (<= 4) queries against the 16 lists l .. l + 16, all D dimensions accumulated in registers (as the AVX-512
+// tile, ivf_scan_avx512.cpp); the line two tiles ahead is prefetched when `prefetch`.
+template <int NQ>
+inline void centroid_tile16(const float* q, int64_t D, const uint16_t* c, int64_t L, int64_t l, bool prefetch,
+                            float* out) {
+  __m256 acc[NQ][2];
+#pragma GCC unroll 4
+  for (int g = 0; g < NQ; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const uint16_t* p = c + d * L + l;
+    if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(p + 32), _MM_HINT_T0);
+    const __m256 x0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256 x1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+#pragma GCC unroll 4
+    for (int g = 0; g < NQ; ++g) {
+      const __m256 qd = _mm256_set1_ps(q[g * D + d]);
+      acc[g][0] = _mm256_fmadd_ps(qd, x0, acc[g][0]);
+      acc[g][1] = _mm256_fmadd_ps(qd, x1, acc[g][1]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int g = 0; g < NQ; ++g) {
+    _mm256_storeu_ps(out + g * L + l, acc[g][0]);
+    _mm256_storeu_ps(out + g * L + l + 8, acc[g][1]);
+  }
+}
+}  // namespace
+
 HETERO_IVF_CENTROID_FN(ivf_centroid_scores_avx2) {
-  centroid_scores_loops(q, G, D, centroids_t, L, row, out, [](const uint16_t* src, int64_t n, float* dst) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-    for (; i < n; ++i) dst[i] = half_bits_to_float(src[i]);
-  });
+  (void)row;
+  int64_t l = 0;
+  for (; l + 16 <= L; l += 16)
+    for_query_blocks(G, [&](auto nq, int64_t g) {
+      centroid_tile16<decltype(nq)::size>(q + g * D, D, centroids_t, L, l, l + 48 <= L, out + g * L);
+    });
+  for (int64_t g = 0; g < G; ++g)  // the last L % 16 lists
+    for (int64_t m = l; m < L; ++m) {
+      float s = 0.0f;
+      for (int64_t d = 0; d < D; ++d) s = std::fma(q[g * D + d], half_bits_to_float(centroids_t[d * L + m]), s);
+      out[g * L + m] = s;
+    }
 }
 
 HETERO_IVF_SCORE_FN(ivf_scores_avx2) { scores_blocked<false>(codes, n, Dp, qi, qscale, G, out, out_stride); }
