@@ -206,6 +206,15 @@ PYBIND11_MODULE(_native, m) {
       "The active ISA's code scoring alone: out [G, n] float32 from codes [n, Dp * bits / 8] uint8, qi [G, Dp] "
       "int8, qscale [G] float32 (tests compare it with QueryCodes.scores)");
   m.def(
+      "ivf_top_positions",
+      [](uintptr_t scores, int64_t n, int64_t k, uintptr_t out) {
+        if (n < 0 || k < 0 || k > n) throw std::invalid_argument("ivf_top_positions: need 0 <= k <= n");
+        IvfScratch scratch;
+        ivf_top_positions(ptr<const float>(scores), n, k, active_ivf_kernels().select, scratch, ptr<int32_t>(out));
+      },
+      "The search's exact top-k alone: out [k] int32, the ascending positions of the k largest of scores [n] "
+      "float32, ties to the lower positions");
+  m.def(
       "ivf_centroid_scores",
       [](uintptr_t q, int64_t G, int64_t D, uintptr_t centroids_t, int64_t L, uintptr_t out) {
         if (G < 0 || D < 0 || L < 0) throw std::invalid_argument("ivf_centroid_scores: need G, D, L >= 0");

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 
 from hetero import HeteroConfig, LayerCache
@@ -479,3 +480,33 @@ def test_decode_adds_encode_like_the_numpy_path(bits, monkeypatch):
     np.testing.assert_array_equal(a.codes, b.codes)
     np.testing.assert_array_equal(a.ids, b.ids)
     np.testing.assert_array_equal(a.count, b.count)
+
+
+@needs_ext
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_cpp_top_positions_is_exact_with_ties(data):
+    """The native top-k (the search's and the probe's) against a stable sort: the k largest, ties at the k-th score
+    to the lower positions, over tie-heavy, constant, outlier-stretched and signed-zero scores."""
+    from hetero.native import load
+
+    n = data.draw(st.integers(0, 5000), label="n")
+    k = data.draw(st.integers(0, n), label="k")
+    kind = data.draw(st.sampled_from(["normal", "few_values", "constant", "outliers", "zeros"]), label="kind")
+    gen = np.random.default_rng(data.draw(st.integers(0, 2 ** 32 - 1), label="seed"))
+    if kind == "normal":
+        s = gen.standard_normal(n)
+    elif kind == "few_values":
+        s = gen.integers(-3, 4, n).astype(np.float64)
+    elif kind == "constant":
+        s = np.full(n, 1.5)
+    elif kind == "outliers":  # a wide key range with the mass in one narrow band
+        s = 1.0 + 1e-6 * gen.standard_normal(n)
+        s[gen.integers(0, max(n, 1), min(n, 3))] = [1e30, -1e30, 0.0][: min(n, 3)]
+    else:
+        s = np.where(gen.random(n) < 0.5, -0.0, 0.0)
+    s = s.astype(np.float32)
+    out = np.full(k, -1, dtype=np.int32)
+    load().ivf_top_positions(s.ctypes.data, n, k, out.ctypes.data)
+    want = np.sort(np.argsort(-s, kind="stable")[:k])  # stable: equal scores keep ascending positions
+    assert np.array_equal(out, want.astype(np.int32)), (kind, n, k)

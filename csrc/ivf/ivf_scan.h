@@ -182,6 +182,8 @@ struct IvfScratch {
   std::vector<int32_t> ids;    // [n_scan]
   std::vector<int32_t> cand;   // candidate positions of one query
   std::vector<float> cand_scores;
+  std::vector<int32_t> histogram;  // kth_largest's bucket counts
+  std::vector<float> bucket;       // kth_largest's bucket members
   std::vector<float> sample;
   std::vector<uint64_t> bitmap;
   std::vector<int32_t> best;   // one query's top positions
@@ -193,6 +195,10 @@ struct IvfScratch {
   std::vector<int64_t> rows;      // [nlist]
   std::vector<float> log_n;       // log(i), i < size
 };
+
+// Positions (into s[0..n)) of the k largest scores (k <= n, no NaN), ascending in out[0..k); ties at the k-th
+// score go to the lower positions. Exact (the search's top-k and the probe's list choice).
+void ivf_top_positions(const float* s, int64_t n, int64_t k, IvfSelectFn select, IvfScratch& w, int32_t* out);
 
 // Search one item: score every probed list's rows against the G queries, take each query's top k by score
 // (exact top-k over the scanned rows), write the per-query sets and their sorted union.
