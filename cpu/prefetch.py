@@ -1,18 +1,25 @@
 """The software prefetch policy of the C++ kernels, chosen for the CPU at hand.
 
-How far ahead to ask for the selected rows, into which cache level, matters by a factor of up to two and differs
-between CPUs (docs/performance.md, "Prefetch policy"): on an AMD EPYC Zen 4 the host kernel ran best with K|V rows
-32 ahead into L2 and nothing into L1 (a near L1 prefetch cost a quarter of the rate); on an Intel Xeon (family 6
-model 167) rows 128 ahead into L2 and 8 ahead into L1 ran 1.25x faster than that policy (bf16, 2 threads).
+How far ahead to ask for the selected rows, into which cache level, and when, matters by a factor of up to two
+and differs between CPUs (docs/performance.md, "Prefetch policy"). A policy is ``(far, near, lines, spread)``:
+rows ``far`` ahead into L2, ``near`` ahead into L1, ``lines`` cache lines of each row (0: all), and ``spread`` 1 to
+ask for the V rows during the value pass rather than beside their K rows. Measured (bf16, 2 threads):
+
+- AMD EPYC Zen 4 (AVX-512): K|V rows 32 ahead into L2, nothing into L1, not spread (a near L1 prefetch cost a
+  quarter of the rate);
+- AMD EPYC Zen 3 (AVX2): 32 ahead into L2, 16 into L1, spread: with the slower AVX2 arithmetic, all of a tile's
+  requests leaving during its dots overflowed the miss queues while the value pass left memory idle (spread:
+  0.59 -> 0.84 of the random-read loop);
+- Intel Xeon (family 6 model 167): 128 ahead into L2 and 8 into L1 ran 1.25x faster than the Zen 4 policy.
 
 The policy of a kind of rows (``"host"``: random rows of the paged host tier; ``"window"``: the fast tier's
 contiguous rows) comes from, in order:
 
-1. ``HETERO_PREFETCH`` (``"far,near,lines"``, or ``"host=far,near,lines;window=far,near,lines"``);
-2. a calibration of this CPU model (``hetero env --calibrate``, :mod:`hetero.cpu.prefetch_calibrate`: the kernel timed on rows from DRAM over a grid of
-   policies, the best kept under ``$HETERO_CACHE/prefetch/``);
-3. a table by vendor and family, measured on the machines above; other CPUs get the Zen 4 policy (the safer one:
-   no L1 prefetch).
+1. ``HETERO_PREFETCH`` (``"far,near,lines[,spread]"``, or ``"host=...;window=..."``);
+2. a calibration of this CPU model (``hetero env --calibrate``, :mod:`hetero.cpu.prefetch_calibrate`: the kernel
+   timed on rows from DRAM over a grid of policies, the best kept under ``$HETERO_CACHE/prefetch/``);
+3. a table by vendor, family and model range, measured on the machines above; other CPUs get the Zen 4 policy
+   (the safer one: no L1 prefetch).
 
 ``describe()`` says which applied and why (``hetero env``).
 """
@@ -22,19 +29,26 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from hetero import native
 from hetero.errors import ConfigError
 
-Policy = Tuple[int, int, int]  # far rows into L2, near rows into L1, lines per row (0: all)
+Policy = Tuple[int, int, int, int]  # far rows into L2, near rows into L1, lines per row (0: all), spread V (0/1)
 
-# (vendor, family) -> policy per kind of rows; measured with `hetero bench cpu-sparse` and the window line of it
-TABLE: Dict[Tuple[str, str], Dict[str, Policy]] = {
-    ("GenuineIntel", "6"): {"host": (128, 8, 0), "window": (8, 0, 0)},
-    ("AuthenticAMD", "25"): {"host": (32, 0, 0), "window": (8, 0, 0)},
-}
-FALLBACK: Dict[str, Policy] = {"host": (32, 0, 0), "window": (8, 0, 0)}
+# AMD family 25 (19h) holds two generations: models 00-0F, 20-5F are Zen 3 (Milan, Vermeer, Rembrandt, Cezanne),
+# 10-1F, 60-AF Zen 4 (Genoa, Raphael, Phoenix, Bergamo).
+_ZEN4_MODELS = frozenset(range(0x10, 0x20)) | frozenset(range(0x60, 0xB0))
+_ZEN3_MODELS = frozenset(range(0x00, 0x10)) | frozenset(range(0x20, 0x60))
+
+# (vendor, family, models or None for any, label) -> policy per kind of rows, first match wins; measured with
+# `hetero bench cpu-sparse` and its --window line
+TABLE: List[Tuple[str, str, Optional[frozenset], str, Dict[str, Policy]]] = [
+    ("GenuineIntel", "6", None, "Intel family 6", {"host": (128, 8, 0, 0), "window": (8, 0, 0, 0)}),
+    ("AuthenticAMD", "25", _ZEN4_MODELS, "AMD Zen 4", {"host": (32, 0, 0, 0), "window": (8, 0, 0, 0)}),
+    ("AuthenticAMD", "25", _ZEN3_MODELS, "AMD Zen 3", {"host": (32, 16, 0, 1), "window": (8, 0, 0, 0)}),
+]
+FALLBACK: Dict[str, Policy] = {"host": (32, 0, 0, 0), "window": (8, 0, 0, 0)}
 KINDS = ("host", "window")
 _chosen: Dict[str, Tuple[Policy, str]] = {}
 
@@ -64,12 +78,14 @@ def _cache_file() -> Path:
 
 
 def _parse(text: str) -> Dict[str, Policy]:
-    """``"far,near,lines"`` for every kind, or ``"host=...;window=..."``."""
+    """``"far,near,lines[,spread]"`` for every kind, or ``"host=...;window=..."``."""
     def one(part: str) -> Policy:
         nums = [int(x) for x in part.split(",")]
-        if len(nums) != 3 or not all(0 <= x < 1 << 16 for x in nums):
+        if len(nums) == 3:
+            nums.append(0)
+        if len(nums) != 4 or not all(0 <= x < 1 << 16 for x in nums) or nums[3] not in (0, 1):
             raise ValueError(part)
-        return nums[0], nums[1], nums[2]
+        return nums[0], nums[1], nums[2], nums[3]
 
     try:
         if "=" not in text:
@@ -82,8 +98,8 @@ def _parse(text: str) -> Dict[str, Policy]:
             out[kind.strip()] = one(part)
         return out
     except ValueError:
-        raise ConfigError(f"HETERO_PREFETCH={text!r} is not allowed: 'far,near,lines' (three ints >= 0), or "
-                          "'host=far,near,lines;window=far,near,lines'") from None
+        raise ConfigError(f"HETERO_PREFETCH={text!r} is not allowed: 'far,near,lines[,spread]' (ints >= 0, "
+                          "spread 0 or 1), or 'host=far,near,lines[,spread];window=far,near,lines[,spread]'") from None
 
 
 def choose(kind: str) -> Tuple[Policy, str]:
@@ -101,17 +117,32 @@ def choose(kind: str) -> Tuple[Policy, str]:
     try:
         saved = json.loads(path.read_text())
         if kind in saved.get("policies", {}):
-            _chosen[kind] = tuple(saved["policies"][kind]), f"calibrated on this CPU model ({path})"
+            policy = tuple(int(x) for x in saved["policies"][kind])
+            _chosen[kind] = (policy + (0,))[:4], f"calibrated on this CPU model ({path})"
             return _chosen[kind]
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
         pass
-    row = TABLE.get((cpu["vendor"], cpu["family"]))
+    row = table_row(cpu)
     if row is not None:
-        _chosen[kind] = row[kind], f"table for {cpu['vendor']} family {cpu['family']}"
+        _chosen[kind] = row[4][kind], f"table for {row[3]} ({cpu['vendor']} family {cpu['family']} model " \
+                                      f"{cpu['model']})"
     else:
         _chosen[kind] = FALLBACK[kind], f"no table entry for {cpu['vendor'] or 'this CPU'} family " \
                                         f"{cpu['family'] or '?'} (the policy without an L1 prefetch)"
     return _chosen[kind]
+
+
+def table_row(cpu: Dict[str, str]):
+    """The first TABLE row for this CPU's vendor, family and model, or None."""
+    try:
+        model = int(cpu["model"])
+    except ValueError:
+        model = -1
+    for row in TABLE:
+        vendor, family, models = row[:3]
+        if cpu["vendor"] == vendor and cpu["family"] == family and (models is None or model in models):
+            return row
+    return None
 
 
 def packed(kind: str) -> int:
@@ -122,8 +153,9 @@ def describe() -> Dict[str, Dict]:
     """What ``hetero env`` shows: each kind's policy and why."""
     out = {}
     for kind in KINDS:
-        (far, near, lines), why = choose(kind)
-        out[kind] = {"far_rows_l2": far, "near_rows_l1": near, "lines_per_row": lines or "all", "why": why}
+        (far, near, lines, spread), why = choose(kind)
+        out[kind] = {"far_rows_l2": far, "near_rows_l1": near, "lines_per_row": lines or "all",
+                     "spread_v": bool(spread), "why": why}
     return out
 
 

@@ -16,9 +16,10 @@ from .cpp_sparse import CppSparseBackend
 from .cpp_window import CppWindowBackend
 from .prefetch import Policy, save
 
-HOST_GRID: List[Policy] = [(32, 0, 0), (64, 0, 0), (128, 0, 0), (32, 8, 0), (64, 8, 0), (128, 8, 0), (128, 16, 0),
-                           (192, 8, 0)]
-WINDOW_GRID: List[Policy] = [(0, 0, 0), (8, 0, 0), (16, 0, 0), (32, 0, 0), (0, 4, 0), (8, 4, 0)]
+HOST_GRID: List[Policy] = [(32, 0, 0, 0), (64, 0, 0, 0), (128, 0, 0, 0), (32, 8, 0, 0), (64, 8, 0, 0), (128, 8, 0, 0),
+                           (128, 16, 0, 0), (192, 8, 0, 0), (32, 0, 0, 1), (32, 16, 0, 1), (64, 8, 0, 1),
+                           (128, 8, 0, 1)]
+WINDOW_GRID: List[Policy] = [(0, 0, 0, 0), (8, 0, 0, 0), (16, 0, 0, 0), (32, 0, 0, 0), (0, 4, 0, 0), (8, 4, 0, 0)]
 
 
 def calibrate(threads: int = 2, seconds_per_policy: float = 0.3, log=print) -> Dict[str, Policy]:

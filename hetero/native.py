@@ -124,10 +124,13 @@ def used_counts(idx) -> np.ndarray:
     return np.where(valid.any(axis=1), last, 0).astype(np.int64)
 
 
-def pack_prefetch(far: int, near: int = 0, lines: int = 0) -> int:
+def pack_prefetch(far: int, near: int = 0, lines: int = 0, spread: int = 0) -> int:
     """A prefetch policy as the kernels take it (csrc/sparse/sparse_attention.h PrefetchPolicy): ``far`` rows ahead
-    into L2, ``near`` rows ahead into L1, ``lines`` cache lines of each K and V row (0: the whole row)."""
+    into L2, ``near`` rows ahead into L1, ``lines`` cache lines of each K and V row (0: the whole row); ``spread`` 1:
+    the V rows asked for during the value pass rather than beside their K rows (the host kernel; others ignore it)."""
     for name, x in (("far", far), ("near", near), ("lines", lines)):
         if not 0 <= int(x) < 1 << 16:
             raise ValueError(f"prefetch {name}={x} must lie in [0, 65536)")
-    return int(far) | int(near) << 16 | int(lines) << 32
+    if int(spread) not in (0, 1):
+        raise ValueError(f"prefetch spread={spread} must be 0 or 1")
+    return int(far) | int(near) << 16 | int(lines) << 32 | int(spread) << 48

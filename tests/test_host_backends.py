@@ -178,20 +178,21 @@ def test_fp16_subnormal_and_extreme_values_widen_exactly():
 
 
 _ISA_SCRIPT = """
-import json, torch
+import itertools, json, torch
 from hetero import HeteroConfig, LayerCache, Selection, sparse_attention
 from hetero.native import info
 from hetero.reference import sparse_attention as ref
 torch.manual_seed(0)
 errs = {}
-for dtype in (torch.float32, torch.bfloat16, torch.float16):
+# head_dim 72: the ragged tails of every vector width; 80 = 5 x 16: AVX2's bf16 even/odd split path
+for dtype, d in itertools.product((torch.float32, torch.bfloat16, torch.float16), (72, 80)):
     layer = LayerCache(HeteroConfig(window=2, sinks=1, block_tokens=8, retriever="all"))
-    layer.append(torch.randn(2, 2, 300, 72).to(dtype), torch.randn(2, 2, 300, 72).to(dtype), torch.tensor([300, 77]))
+    layer.append(torch.randn(2, 2, 300, d).to(dtype), torch.randn(2, 2, 300, d).to(dtype), torch.tensor([300, 77]))
     idx = torch.stack([torch.stack([torch.randperm(n)[:50].sort().values for _ in range(2)]) for n in (297, 74)]).int()
-    exact = torch.randn(2, 8, 72).bfloat16().float()  # bf16 values: the dpbf16 path where the CPU has it
+    exact = torch.randn(2, 8, d).bfloat16().float()  # bf16 values: the dpbf16 path where the CPU has it
     last_off = exact.clone()
     last_off[1, -1, -1] += 1e-3  # one float32 value in the last item's last query: the widening path
-    for q in (torch.randn(2, 8, 72), exact, last_off):
+    for q in (torch.randn(2, 8, d), exact, last_off):
         sel = Selection(idx, -torch.rand(2, 8, 50))
         got = sparse_attention(q, layer.host.view(), sel, backend="cpp")
         want = ref(q.double(), layer.host.view(), sel, compute_dtype=torch.float64)

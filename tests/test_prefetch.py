@@ -20,18 +20,19 @@ def fresh(monkeypatch, tmp_path):
 
 
 def test_environment_overrides_everything(fresh, monkeypatch):
-    monkeypatch.setenv("HETERO_PREFETCH", "host=40,2,3;window=0,4,0")
-    assert prefetch.choose("host")[0] == (40, 2, 3)
-    assert prefetch.choose("window")[0] == (0, 4, 0)
+    monkeypatch.setenv("HETERO_PREFETCH", "host=40,2,3,1;window=0,4,0")
+    assert prefetch.choose("host")[0] == (40, 2, 3, 1)
+    assert prefetch.choose("window")[0] == (0, 4, 0, 0)
     assert "HETERO_PREFETCH" in prefetch.describe()["host"]["why"]
 
 
 def test_one_policy_for_both_kinds(fresh, monkeypatch):
     monkeypatch.setenv("HETERO_PREFETCH", "16,0,1")
-    assert prefetch.choose("host")[0] == prefetch.choose("window")[0] == (16, 0, 1)
+    assert prefetch.choose("host")[0] == prefetch.choose("window")[0] == (16, 0, 1, 0)
 
 
-@pytest.mark.parametrize("text", ["1,2", "a,b,c", "host=1,2,3;fast=1,2,3", "-1,0,0", "70000,0,0", "host:1,2,3"])
+@pytest.mark.parametrize("text", ["1,2", "a,b,c", "host=1,2,3;fast=1,2,3", "-1,0,0", "70000,0,0", "host:1,2,3", "1,2,3,2",
+                                  "1,2,3,0,0"])
 def test_bad_environment_is_a_config_error_that_names_the_format(fresh, monkeypatch, text):
     monkeypatch.setenv("HETERO_PREFETCH", text)
     with pytest.raises(ConfigError, match="far,near,lines"):
@@ -41,10 +42,13 @@ def test_bad_environment_is_a_config_error_that_names_the_format(fresh, monkeypa
 def test_calibration_file_is_used_and_table_is_the_fallback(fresh, monkeypatch):
     cpu = {"vendor": "GenuineIntel", "family": "6", "model": "167", "name": "Test CPU"}
     monkeypatch.setattr(prefetch, "cpu_identity", lambda: cpu)
-    assert prefetch.choose("host")[0] == prefetch.TABLE[("GenuineIntel", "6")]["host"]
-    path = prefetch.save({"host": (96, 4, 0), "window": (16, 0, 0)}, threads=2)
+    assert prefetch.choose("host")[0] == prefetch.TABLE[0][4]["host"]
+    path = prefetch.save({"host": (96, 4, 0, 1), "window": (16, 0, 0, 0)}, threads=2)
     assert path.is_relative_to(fresh) and json.loads(path.read_text())["cpu"] == cpu
-    assert prefetch.choose("host") == ((96, 4, 0), f"calibrated on this CPU model ({path})")
+    assert prefetch.choose("host") == ((96, 4, 0, 1), f"calibrated on this CPU model ({path})")
+    monkeypatch.setattr(prefetch, "_chosen", {})
+    path.write_text(json.dumps({"cpu": cpu, "threads": 2, "policies": {"host": [96, 4, 0]}}))  # before spread
+    assert prefetch.choose("host")[0] == (96, 4, 0, 0)
     monkeypatch.setattr(prefetch, "_chosen", {})
     cpu = {"vendor": "SomeVendor", "family": "99", "model": "1", "name": "Other"}
     policy, why = prefetch.choose("host")
@@ -54,8 +58,11 @@ def test_calibration_file_is_used_and_table_is_the_fallback(fresh, monkeypatch):
 @needs_native
 def test_pack_prefetch_refuses_values_out_of_range():
     assert native.pack_prefetch(128, 8, 0) != native.pack_prefetch(8, 128, 0)
+    assert native.pack_prefetch(32, 16, 0, 1) != native.pack_prefetch(32, 16, 0, 0)
     with pytest.raises((ValueError, OverflowError, TypeError)):
         native.pack_prefetch(1 << 16, 0, 0)
+    with pytest.raises(ValueError):
+        native.pack_prefetch(32, 0, 0, 2)
 
 
 @needs_native
@@ -76,10 +83,21 @@ def test_policies_change_no_bit_of_the_result(dtype):
     lengths = torch.tensor([77, 40], dtype=torch.int32)
     host, window = CppSparseBackend(), CppWindowBackend()
     results = []
-    for policy in [(0, 0, 0), (128, 8, 0), (1, 1, 1), (32, 0, 2), (300, 200, 0)]:
+    for policy in [(0, 0, 0), (128, 8, 0), (1, 1, 1), (32, 0, 2), (300, 200, 0), (32, 16, 0, 1), (1, 3, 1, 1),
+                   (300, 0, 0, 1)]:
         host.prefetch = window.prefetch = native.pack_prefetch(*policy)
         h = host(q, layer.host.view(), sel, 0.125)
         w = window(q, wk, wv, lengths, 0.125)
         results.append((h.out, h.lse, w.out, w.lse))
     for got in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
+
+
+@pytest.mark.parametrize("model,label", [("1", "Zen 3"), ("33", "Zen 3"), ("17", "Zen 4"), ("97", "Zen 4"),
+                                         ("160", "Zen 4")])
+def test_amd_family_25_table_tells_zen3_from_zen4(fresh, monkeypatch, model, label):
+    cpu = {"vendor": "AuthenticAMD", "family": "25", "model": model, "name": "AMD EPYC"}
+    monkeypatch.setattr(prefetch, "cpu_identity", lambda: cpu)
+    policy, why = prefetch.choose("host")
+    assert label in why
+    assert policy[3] == (1 if label == "Zen 3" else 0)  # the V rows spread over the value pass on Zen 3 only

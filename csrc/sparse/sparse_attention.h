@@ -37,10 +37,14 @@ struct SparseArgs {
 // ahead into L2 (prefetcht2; 0 = none), `near` rows ahead into L1 (prefetcht0; 0 = none), `lines` cache lines of the
 // start of each K and each V row (0 = the whole row; the hardware's adjacent-line and streamer prefetchers may fetch
 // the rest). Packed into one int64 so descriptors and bindings carry it as one field: far | near << 16 | lines << 32.
+// `spread` (bit 48): the V rows are asked for during the value pass instead of beside their K rows during the dots,
+// so that a core whose arithmetic is slow beside its misses (AVX2) keeps requests leaving at an even rate.
 struct PrefetchPolicy {
   int far, near, lines;
+  bool spread;
   static PrefetchPolicy unpack(int64_t x) {
-    return {static_cast<int>(x & 0xffff), static_cast<int>((x >> 16) & 0xffff), static_cast<int>((x >> 32) & 0xffff)};
+    return {static_cast<int>(x & 0xffff), static_cast<int>((x >> 16) & 0xffff), static_cast<int>((x >> 32) & 0xffff),
+            ((x >> 48) & 1) != 0};
   }
 };
 

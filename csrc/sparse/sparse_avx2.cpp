@@ -18,6 +18,7 @@ namespace {
 struct Avx2V {
   using R = __m256;
   static constexpr int W = 8;
+  static constexpr bool kBf16Pairs = true;
   static R zero() { return _mm256_setzero_ps(); }
   static R set1(float x) { return _mm256_set1_ps(x); }
   static R load(const float* p) { return _mm256_loadu_ps(p); }
@@ -67,6 +68,20 @@ struct Avx2V {
       return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     }
   }
+  // 16 bf16 elements from one load as two float vectors, without widening shuffles: the even elements (each 32-bit
+  // word shifted up: element 2i is its low half) and the odd ones (its high half, the low half masked off).
+  static void load_bf16_pair(const uint16_t* p, R& even, R& odd) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+    odd = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+  // dst[0:16] += the 16 values held as (even, odd) elements (load_bf16_pair's order).
+  static void add_pair(float* dst, R even, R odd) {
+    const R lo = _mm256_unpacklo_ps(even, odd);  // elements 0-3 | 8-11
+    const R hi = _mm256_unpackhi_ps(even, odd);  // elements 4-7 | 12-15
+    store(dst, add(load(dst), _mm256_permute2f128_ps(lo, hi, 0x20)));
+    store(dst + W, add(load(dst + W), _mm256_permute2f128_ps(lo, hi, 0x31)));
+  }
   // Four queries x two rows per block: 8 accumulators, 2 key vectors and a query vector fit the 16 ymm
   // registers, and each query vector is loaded once per two rows (the row-at-a-time form reloads it per row).
   // Rows r >= nr point at the zero row (attend_rows pads with it), so the second row of a pair always exists.
@@ -104,11 +119,69 @@ struct Avx2V {
   }
 };
 
+// bf16 rows with the queries in load_bf16_pair's order: each 16-element slice of q_g stored as its 8 even elements,
+// then its 8 odd ones (qp [G, D], D % 16 == 0), so that a key slice is used as loaded. Four queries x two rows per
+// block as Avx2V::dots4 (8 accumulators, 4 key and 2 query vectors: 14 of the 16 registers); rows r >= nr point
+// at the zero row (attend_rows pads with it), so the block never falls back to the row-at-a-time form.
+void dots4_bf16_pairs(const float* qp, int64_t G, int64_t D, const uint16_t* const* krows, int nr, float* out) {
+  for (int64_t g0 = 0; g0 < G; g0 += 4) {
+    const float* qg = qp + g0 * D;
+    for (int r0 = 0; r0 < nr; r0 += 2) {
+      const uint16_t* k0 = krows[r0];
+      const uint16_t* k1 = krows[r0 + 1];
+      __m256 acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; d += 16) {
+        __m256 a0, a1, b0, b1;
+        Avx2V::load_bf16_pair(k0 + d, a0, a1);
+        Avx2V::load_bf16_pair(k1 + d, b0, b1);
+        for (int g = 0; g < 4; ++g) {
+          const __m256 q0 = _mm256_loadu_ps(qg + g * D + d), q1 = _mm256_loadu_ps(qg + g * D + d + 8);
+          acc[2 * g] = _mm256_fmadd_ps(q1, a1, _mm256_fmadd_ps(q0, a0, acc[2 * g]));
+          acc[2 * g + 1] = _mm256_fmadd_ps(q1, b1, _mm256_fmadd_ps(q0, b0, acc[2 * g + 1]));
+        }
+      }
+      float s0[4], s1[4];
+      Avx2V::reduce4(acc[0], acc[2], acc[4], acc[6], s0);
+      Avx2V::reduce4(acc[1], acc[3], acc[5], acc[7], s1);
+      for (int g = 0; g < 4; ++g) {
+        out[(g0 + g) * kTileStride + r0] = s0[g];
+        out[(g0 + g) * kTileStride + r0 + 1] = s1[g];
+      }
+    }
+  }
+}
+
+// A bf16 work item through dots4_bf16_pairs (G % 4 == 0 and D % 16 == 0; any other goes through dispatch_item).
+// The permuted queries live in the item scratch's extra region (G * (D + 32) floats, sparse_attention.h).
+void bf16_pairs_item(const SparseArgs& a, int64_t b, int64_t h, int64_t j0, int64_t j1, float* out_g, float* lse_g,
+                     float* scratch) {
+  const int64_t G = a.Hq / a.Hkv, n = j1 - j0, D = a.D;
+  ItemScratch s(scratch, G, n, D);
+  float* qp = s.extra;
+  const float* q = a.q + (b * a.Hq + h * G) * D;
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; d += 16)
+      for (int64_t i = 0; i < 8; ++i) {
+        qp[g * D + d + i] = q[g * D + d + 2 * i];
+        qp[g * D + d + 8 + i] = q[g * D + d + 2 * i + 1];
+      }
+  resolve_rows(a, item_indices(a, b, h), item_table(a, b), j0, j1, s.rows);
+  attend_rows<Avx2V, DType::BF16>(a, b, h, j0, n, s.rows, s, out_g, lse_g,
+                                  [&](const uint16_t* const* krows, int nr, float* out) {
+                                    dots4_bf16_pairs(qp, G, D, krows, nr, out);
+                                  });
+}
+
 }  // namespace
 
 namespace hetero {
 void sparse_item_avx2(const SparseArgs& a, int64_t b, int64_t h, int64_t j0, int64_t j1, float* out_g,
                       float* lse_g, float* scratch) {
+  if (a.dtype == DType::BF16 && (a.Hq / a.Hkv) % 4 == 0 && a.D % 16 == 0) {
+    bf16_pairs_item(a, b, h, j0, j1, out_g, lse_g, scratch);
+    return;
+  }
   dispatch_item<Avx2V>(a, b, h, j0, j1, out_g, lse_g, scratch);
 }
 void attend_logits_avx2(float* logits, int64_t G, int64_t R, int64_t stride, const uint16_t* vrows,

@@ -19,6 +19,7 @@ namespace {
 struct Avx512V {
   using R = __m512;
   static constexpr int W = 16;
+  static constexpr bool kBf16Pairs = false;  // value_tile_bf16_pairs (sparse_kernel.inc) not used
   static R zero() { return _mm512_setzero_ps(); }
   static R set1(float x) { return _mm512_set1_ps(x); }
   static R load(const float* p) { return _mm512_loadu_ps(p); }

@@ -7,6 +7,7 @@ namespace {
 struct ScalarV {
   using R = float;
   static constexpr int W = 1;
+  static constexpr bool kBf16Pairs = false;  // value_tile_bf16_pairs (sparse_kernel.inc) not used
   static R zero() { return 0.0f; }
   static R set1(float x) { return x; }
   static R load(const float* p) { return *p; }
