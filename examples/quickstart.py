@@ -1,7 +1,7 @@
 """The README's Python API example: one layer, one decode step, checked against dense attention."""
-import torch
+import hetero  # first: it sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP
 
-import hetero
+import torch
 
 B, Hq, Hkv, D = 1, 32, 8, 128                          # Llama-3-8B layer geometry
 config = hetero.HeteroConfig(window=1024, sinks=4, budget=0.02, retriever="exact", kv_dtype="bf16")

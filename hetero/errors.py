@@ -1,4 +1,4 @@
-"""Typed errors. Every error names what was wrong and what is allowed."""
+"""Typed errors (each names what was wrong and what is allowed) and hetero's one warning category."""
 
 
 class HeteroError(Exception):
@@ -39,3 +39,7 @@ class StalePlanError(HeteroError, RuntimeError):
 
 class UnsupportedError(HeteroError, ValueError):
     """A feature hetero does not implement was asked for; the message names it and what to do instead."""
+
+
+class PerformanceWarning(UserWarning):
+    """Something makes hetero run slower than it could, and what to do about it."""

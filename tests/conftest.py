@@ -1,6 +1,8 @@
 import os
 
-import torch
+# as hetero sets it when imported before torch: torch is imported first here
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 # Without a GPU the Triton kernels run under the interpreter; it must be chosen before triton is imported. With one,

@@ -1,3 +1,6 @@
+import os
+
+import pytest
 import subprocess
 import textwrap
 import sys
@@ -54,3 +57,23 @@ def test_without_numba_the_cpp_path_runs_and_numba_users_are_told_the_extra(tmp_
     """)
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout + p.stderr
+
+
+def _import_warnings(code: str, **env) -> str:
+    base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    p = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True,
+                       env={**base, **env}, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return p.stderr
+
+
+def test_import_after_torch_warns_of_spinning_openmp_only_when_it_is_too_late():
+    import torch
+
+    if "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("this torch build has no OpenMP")
+    late = _import_warnings("import torch, hetero")
+    assert "PerformanceWarning" in late and "OMP_WAIT_POLICY" in late
+    assert "PerformanceWarning" not in _import_warnings("import hetero, torch, os; "
+                                                        "assert os.environ['OMP_WAIT_POLICY'] == 'PASSIVE'")
+    assert "PerformanceWarning" not in _import_warnings("import torch, hetero", OMP_WAIT_POLICY="ACTIVE")
