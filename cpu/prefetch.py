@@ -29,7 +29,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 from hetero import native
 from hetero.errors import ConfigError
@@ -41,12 +41,19 @@ Policy = Tuple[int, int, int, int]  # far rows into L2, near rows into L1, lines
 _ZEN4_MODELS = frozenset(range(0x10, 0x20)) | frozenset(range(0x60, 0xB0))
 _ZEN3_MODELS = frozenset(range(0x00, 0x10)) | frozenset(range(0x20, 0x60))
 
-# (vendor, family, models or None for any, label) -> policy per kind of rows, first match wins; measured with
-# `hetero bench cpu-sparse` and its --window line
-TABLE: List[Tuple[str, str, Optional[frozenset], str, Dict[str, Policy]]] = [
-    ("GenuineIntel", "6", None, "Intel family 6", {"host": (128, 8, 0, 0), "window": (8, 0, 0, 0)}),
-    ("AuthenticAMD", "25", _ZEN4_MODELS, "AMD Zen 4", {"host": (32, 0, 0, 0), "window": (8, 0, 0, 0)}),
-    ("AuthenticAMD", "25", _ZEN3_MODELS, "AMD Zen 3", {"host": (32, 16, 0, 1), "window": (8, 0, 0, 0)}),
+class TableRow(NamedTuple):
+    vendor: str
+    family: str
+    models: Optional[frozenset]  # None: any model of the family
+    label: str
+    policies: Dict[str, Policy]  # per kind of rows
+
+
+# first match wins; measured with `hetero bench cpu-sparse` and its --window line
+TABLE: List[TableRow] = [
+    TableRow("GenuineIntel", "6", None, "Intel family 6", {"host": (128, 8, 0, 0), "window": (8, 0, 0, 0)}),
+    TableRow("AuthenticAMD", "25", _ZEN4_MODELS, "AMD Zen 4", {"host": (32, 0, 0, 0), "window": (8, 0, 0, 0)}),
+    TableRow("AuthenticAMD", "25", _ZEN3_MODELS, "AMD Zen 3", {"host": (32, 16, 0, 1), "window": (8, 0, 0, 0)}),
 ]
 FALLBACK: Dict[str, Policy] = {"host": (32, 0, 0, 0), "window": (8, 0, 0, 0)}
 KINDS = ("host", "window")
@@ -124,23 +131,22 @@ def choose(kind: str) -> Tuple[Policy, str]:
         pass
     row = table_row(cpu)
     if row is not None:
-        _chosen[kind] = row[4][kind], f"table for {row[3]} ({cpu['vendor']} family {cpu['family']} model " \
-                                      f"{cpu['model']})"
+        _chosen[kind] = row.policies[kind], f"table for {row.label} ({cpu['vendor']} family {cpu['family']} " \
+                                            f"model {cpu['model']})"
     else:
         _chosen[kind] = FALLBACK[kind], f"no table entry for {cpu['vendor'] or 'this CPU'} family " \
                                         f"{cpu['family'] or '?'} (the policy without an L1 prefetch)"
     return _chosen[kind]
 
 
-def table_row(cpu: Dict[str, str]):
+def table_row(cpu: Dict[str, str]) -> Optional[TableRow]:
     """The first TABLE row for this CPU's vendor, family and model, or None."""
     try:
         model = int(cpu["model"])
     except ValueError:
         model = -1
     for row in TABLE:
-        vendor, family, models = row[:3]
-        if cpu["vendor"] == vendor and cpu["family"] == family and (models is None or model in models):
+        if cpu["vendor"] == row.vendor and cpu["family"] == row.family and (row.models is None or model in row.models):
             return row
     return None
 

@@ -69,7 +69,6 @@ if "transformers" in _sys.modules:  # transformers is loaded already: register "
 
 __all__ = [
     "BackendUnavailableError", "ConfigError", "DTypeError", "DecodeResult", "HeteroAttention", "HeteroConfig",
-    "HeteroError", "HostView", "InvalidValueError", "LayerCache", "PartialAttention", "PerformanceWarning", "Selection",
-    "ShapeError",
-    "TieredKVCache", "causal_attention", "merge", "sparse_attention", "unwrap", "window_attention", "wrap",
+    "HeteroError", "HostView", "InvalidValueError", "LayerCache", "PartialAttention", "PerformanceWarning",
+    "Selection", "ShapeError", "TieredKVCache", "causal_attention", "merge", "sparse_attention", "unwrap", "window_attention", "wrap",
 ]

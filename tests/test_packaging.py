@@ -1,9 +1,9 @@
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
-import subprocess
-import textwrap
-import sys
 
 
 def test_subpackages_install_under_hetero_only(tmp_path):

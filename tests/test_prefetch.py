@@ -42,7 +42,7 @@ def test_bad_environment_is_a_config_error_that_names_the_format(fresh, monkeypa
 def test_calibration_file_is_used_and_table_is_the_fallback(fresh, monkeypatch):
     cpu = {"vendor": "GenuineIntel", "family": "6", "model": "167", "name": "Test CPU"}
     monkeypatch.setattr(prefetch, "cpu_identity", lambda: cpu)
-    assert prefetch.choose("host")[0] == prefetch.TABLE[0][4]["host"]
+    assert prefetch.choose("host")[0] == prefetch.TABLE[0].policies["host"]
     path = prefetch.save({"host": (96, 4, 0, 1), "window": (16, 0, 0, 0)}, threads=2)
     assert path.is_relative_to(fresh) and json.loads(path.read_text())["cpu"] == cpu
     assert prefetch.choose("host") == ((96, 4, 0, 1), f"calibrated on this CPU model ({path})")

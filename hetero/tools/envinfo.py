@@ -144,9 +144,9 @@ def print_env(info: Dict) -> None:
     t.add_row("CPU", info["cpu"]["model"])
     t.add_row("CPU flags", " ".join(info["cpu"]["flags"]) or "-")
     for kind, p in info["prefetch"].items():
+        spread = ", V asked for in the value pass" if p.get("spread_v") else ""
         t.add_row(f"prefetch ({kind} rows)", f"{p['far_rows_l2']} rows ahead into L2, {p['near_rows_l1']} into L1, "
-                  f"lines per row {p['lines_per_row']}{', V asked for in the value pass' if p.get('spread_v') else ''}: "
-                  f"{p['why']}")
+                  f"lines per row {p['lines_per_row']}{spread}: {p['why']}")
     t.add_row("cores usable", str(info["cpu"]["cores_usable"]))
     nb = info["numba"]
     t.add_row("threads", f"torch {info['threads']['torch']}, faiss {info['threads']['faiss']}, numba "
