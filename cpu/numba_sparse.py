@@ -1,9 +1,9 @@
 """Numba sparse host-attention backend.
 
-Same contract as the C++ kernel: work items (sequence, KV head, index chunk) in a ``prange``; per item two
-passes over the selected rows (the C++ kernel makes one, over tiles), each K and V row read once for the G
-query heads of the group: scores (four queries per pass over a row), then ``p = exp(s - max)`` (a vectorized
-polynomial), then ``sum p v`` (two value rows per pass over the accumulators); chunk partials fused by
+Same contract as the C++ kernel: work items (sequence, KV head, index chunk) in a ``prange``; per item the
+selected rows in tiles of ``tile_rows`` with the softmax rescaled online between tiles, each K and V row read once
+for the G query heads of the group. Per tile: scores (four queries per pass over a row), ``p = exp(s - max)`` (a
+vectorized polynomial), ``sum p v`` (two value rows per pass over the accumulators); chunk partials fused by
 log-sum-exp. bf16 and fp16 rows are stored as uint16 bits; bf16 is widened in registers (an LLVM bitcast
 intrinsic), fp16 in a per-item buffer (Numba has no CPU float16 type). K and V rows are prefetched into L2 far
 ahead (the score pass) and V rows into L1 near (the value pass), through LLVM intrinsics; no near L1 prefetch of
@@ -77,23 +77,23 @@ def _bf16(typingctx, bits):
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _widen(src, off, n, mode, bits, out):
-    """Row ``src[off:off+n]`` as float32 into ``out`` (``bits`` is ``out`` viewed as uint32)."""
+def _widen(src, off, n, mode, bits, out, at=0):
+    """Row ``src[off:off+n]`` as float32 into ``out[at:at+n]`` (``bits`` is ``out`` viewed as uint32)."""
     if mode == 0:
         for d in range(n):
-            out[d] = src[off + d]
+            out[at + d] = src[off + d]
     elif mode == 1:  # bf16: the high half of a float32
         for d in range(n):
-            bits[d] = np.uint32(src[off + d]) << np.uint32(16)
+            bits[at + d] = np.uint32(src[off + d]) << np.uint32(16)
     else:  # fp16: move exponent/mantissa into place, rebias by multiplying with 2^112 (handles subnormals)
         for d in range(n):
             h = np.uint32(src[off + d])
             body = (h & np.uint32(0x7FFF)) << np.uint32(13)
-            bits[d] = body
-            out[d] = out[d] * np.float32(5.192296858534828e33)
+            bits[at + d] = body
+            out[at + d] = out[at + d] * np.float32(5.192296858534828e33)
             if (h & np.uint32(0x7C00)) == np.uint32(0x7C00):  # inf / NaN
-                bits[d] = body | np.uint32(0x7F800000)
-            bits[d] = bits[d] | ((h & np.uint32(0x8000)) << np.uint32(16))
+                bits[at + d] = body | np.uint32(0x7F800000)
+            bits[at + d] = bits[at + d] | ((h & np.uint32(0x8000)) << np.uint32(16))
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
@@ -124,26 +124,30 @@ def _exp_shifted(x, shift, ebits, evals):
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _elem(row, e, bf16):
-    """``row[e]`` as float32: bf16 bits widened in registers when ``bf16`` (a constant at every call site)."""
-    return _bf16(row[e]) if bf16 else np.float32(row[e])
+    """``row[e]`` as float32: bf16 bits widened in registers when ``bf16`` (a constant at every call site). The
+    index is taken as unsigned: an offset + lane index that Numba cannot prove >= 0 otherwise gets a negative-index
+    wraparound per element, which stops LLVM from vectorizing the row loops."""
+    i = np.uintp(e)
+    return _bf16(row[i]) if bf16 else np.float32(row[i])
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _accumulate2(acc, p, j0, j1, v0, v1, g_size, d, bf16, rows=2):
-    """``acc[g] += p[g, j0] v0 + p[g, j1] v1`` (one row when ``rows == 1``): each accumulator element is loaded
-    and stored once per two value rows."""
+def _accumulate2(acc, p, j0, j1, vsrc, off0, off1, g_size, d, bf16, rows=2):
+    """``acc[g] += p[g, j0] v0 + p[g, j1] v1`` with ``v0 = vsrc[off0:off0+d]``, ``v1 = vsrc[off1:off1+d]`` (one
+    row when ``rows == 1``): each accumulator element is loaded and stored once per two value rows. Rows are read
+    by offset, not sliced: a slice increments and decrements the pool's shared reference count, an atomic on one
+    cache line that every thread touched per row (2 threads ran at 1.2x of one)."""
     for g in range(g_size):
-        ag = acc[g]
         p0 = p[g, j0]
         p1 = p[g, j1] if rows == 2 else np.float32(0.0)
         for e in range(d):
-            ag[e] += p0 * _elem(v0, e, bf16) + p1 * _elem(v1, e, bf16)
+            acc[g, e] += p0 * _elem(vsrc, off0 + e, bf16) + p1 * _elem(vsrc, off1 + e, bf16)
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _dot_group(qg, row, d, g_size, out, bf16):
-    """``out[g] = qg[g] . row`` for the group's queries, four per pass over the row (each element loaded once
-    for four queries: 86 -> 76 ns per bf16 row from L1, G = 4, D = 128)."""
+def _dot_group(qg, src, off, d, g_size, out, bf16):
+    """``out[g] = qg[g] . src[off:off+d]`` for the group's queries, four per pass over the row (each element
+    loaded once for four queries: 86 -> 76 ns per bf16 row from L1, G = 4, D = 128)."""
     g = 0
     while g + 4 <= g_size:
         s0 = np.float32(0.0)
@@ -151,7 +155,7 @@ def _dot_group(qg, row, d, g_size, out, bf16):
         s2 = np.float32(0.0)
         s3 = np.float32(0.0)
         for e in range(d):
-            x = _elem(row, e, bf16)
+            x = _elem(src, off + e, bf16)
             s0 += qg[g, e] * x
             s1 += qg[g + 1, e] * x
             s2 += qg[g + 2, e] * x
@@ -164,13 +168,13 @@ def _dot_group(qg, row, d, g_size, out, bf16):
     for g in range(g, g_size):
         s = np.float32(0.0)
         for e in range(d):
-            s += qg[g, e] * _elem(row, e, bf16)
+            s += qg[g, e] * _elem(src, off + e, bf16)
         out[g] = s
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _sparse_kernel(q, kflat, vflat, head_stride, row_stride, table, block_tokens, idx, lw, has_lw, scale, mode,
-                   chunks, chunk_len, part_out, part_lse, prefetch_rows, line_elems):
+def _sparse_kernel(q, kflat, vflat, head_stride, row_stride, table, block_tokens, block_shift, idx, lw, has_lw, scale, mode,
+                   chunks, chunk_len, part_out, part_lse, prefetch_rows, line_elems, tile_rows):
     b_size, hq, d = q.shape
     hkv, k = idx.shape[1], idx.shape[2]
     g_size = hq // hkv
@@ -185,99 +189,131 @@ def _sparse_kernel(q, kflat, vflat, head_stride, row_stride, table, block_tokens
         n = j1 - j0
         rows = np.empty(n, np.int64)
         dots = np.empty(g_size, np.float32)  # per item: a shared [items, G] array put two threads on one line
-        ebits = np.empty(n, np.uint32)
+        ebits = np.empty(tile_rows, np.uint32)
         evals = ebits.view(np.float32)
-        scores = np.empty((g_size, n), np.float32)
+        scores = np.empty((g_size, tile_rows), np.float32)
         m = np.full(g_size, neg_inf, np.float32)
+        tile_max = np.empty(g_size, np.float32)
+        total = np.zeros(g_size, np.float32)
         buf = np.empty(d, np.float32)
         bits = buf.view(np.uint32)
-        buf2 = np.empty(d, np.float32)
-        bits2 = buf2.view(np.uint32)
+        vbuf = np.empty(2 * d, np.float32)  # fp16: a pair of value rows widened
+        vbits = vbuf.view(np.uint32)
         acc = np.zeros((g_size, d), np.float32)
         qg = np.empty((g_size, d), np.float32)  # the group's queries, contiguous
         for g in range(g_size):
             for e in range(d):
                 qg[g, e] = q[b, h * g_size + g, e]
-        for j in range(n):
-            pos = idx[b, h, j0 + j]
-            if pos < 0:
-                rows[j] = -1
-            else:
-                rows[j] = h * head_stride + (np.int64(table[b, pos // block_tokens]) * block_tokens
-                                             + pos % block_tokens) * row_stride
-        near = min(prefetch_rows, 8)
-        for j in range(n):
-            if prefetch_rows > 0 and j + prefetch_rows < n and rows[j + prefetch_rows] >= 0:
-                for e in range(0, d, line_elems):
-                    _prefetch_l2(kflat, rows[j + prefetch_rows] + e)
-                    _prefetch_l2(vflat, rows[j + prefetch_rows] + e)
-            r = rows[j]
-            if r < 0:
-                for g in range(g_size):
-                    scores[g, j] = neg_inf
-                continue
-            if mode == 0:
-                _dot_group(qg, kflat[r:r + d], d, g_size, dots, False)
-            elif mode == 1:
-                _dot_group(qg, kflat[r:r + d], d, g_size, dots, True)
-            else:
-                _widen(kflat, r, d, mode, bits, buf)
-                _dot_group(qg, buf, d, g_size, dots, False)
-            for g in range(g_size):
-                s = dots[g] * scale
-                if has_lw:
-                    s += lw[b, h * g_size + g, j0 + j]
-                scores[g, j] = s
-                if s > m[g]:
-                    m[g] = s
-        for g in range(g_size):
-            if m[g] > neg_inf:
-                _exp_shifted(scores[g], m[g], ebits, evals)
-            else:
-                scores[g, :] = 0.0
-        pending = -1  # a valid row waiting for a partner: value rows are accumulated two at a time
-        for j in range(n):
-            if near > 0 and j + near < n and rows[j + near] >= 0:
-                for e in range(0, d, line_elems):
-                    _prefetch(vflat, rows[j + near] + e)
-            r = rows[j]
-            if r < 0:
-                continue
-            if pending < 0:
-                pending = j
-                if mode == 2:
-                    _widen(vflat, r, d, mode, bits, buf)
-                continue
-            r0 = rows[pending]
-            if mode == 0:
-                _accumulate2(acc, scores, pending, j, vflat[r0:r0 + d], vflat[r:r + d], g_size, d, False)
-            elif mode == 1:
-                _accumulate2(acc, scores, pending, j, vflat[r0:r0 + d], vflat[r:r + d], g_size, d, True)
-            else:
-                _widen(vflat, r, d, mode, bits2, buf2)
-                _accumulate2(acc, scores, pending, j, buf, buf2, g_size, d, False)
-            pending = -1
-        if pending >= 0:
-            r0 = rows[pending]
-            if mode == 0:
-                _accumulate2(acc, scores, pending, pending, vflat[r0:r0 + d], vflat[r0:r0 + d], g_size, d, False, 1)
-            elif mode == 1:
-                _accumulate2(acc, scores, pending, pending, vflat[r0:r0 + d], vflat[r0:r0 + d], g_size, d, True, 1)
-            else:
-                _accumulate2(acc, scores, pending, pending, buf, buf, g_size, d, False, 1)
-        for g in range(g_size):
-            total = np.float32(0.0)
+        if block_shift >= 0:  # a power-of-two block: shift and mask, not Python's floor division and modulo
             for j in range(n):
-                total += scores[g, j]
-            if total > 0.0:
-                inv = np.float32(1.0) / total
+                pos = np.int64(idx[b, h, j0 + j])
+                if pos < 0:
+                    rows[j] = -1
+                else:
+                    rows[j] = h * head_stride + ((np.int64(table[b, pos >> block_shift]) << block_shift)
+                                                 + (pos & (block_tokens - 1))) * row_stride
+        else:
+            for j in range(n):
+                pos = idx[b, h, j0 + j]
+                if pos < 0:
+                    rows[j] = -1
+                else:
+                    rows[j] = h * head_stride + (np.int64(table[b, pos // block_tokens]) * block_tokens
+                                                 + pos % block_tokens) * row_stride
+        near = min(prefetch_rows, 8)
+        # tiles of rows, softmax rescaled online between them: a tile's V rows, asked for into L2 during its
+        # score pass, are still there for its value pass (one pass of scores over all n rows, then one of
+        # values, let 2 x n rows through L2 in between and read the V rows from DRAM a second time)
+        for t0 in range(0, n, tile_rows):
+            tn = min(tile_rows, n - t0)
+            for g in range(g_size):
+                tile_max[g] = neg_inf
+            for jj in range(tn):
+                j = t0 + jj
+                if prefetch_rows > 0 and j + prefetch_rows < n and rows[j + prefetch_rows] >= 0:
+                    for e in range(0, d, line_elems):
+                        _prefetch_l2(kflat, rows[j + prefetch_rows] + e)
+                        _prefetch_l2(vflat, rows[j + prefetch_rows] + e)
+                r = rows[j]
+                if r < 0:
+                    for g in range(g_size):
+                        scores[g, jj] = neg_inf
+                    continue
+                if mode == 0:
+                    _dot_group(qg, kflat, r, d, g_size, dots, False)
+                elif mode == 1:
+                    _dot_group(qg, kflat, r, d, g_size, dots, True)
+                else:
+                    _widen(kflat, r, d, mode, bits, buf)
+                    _dot_group(qg, buf, 0, d, g_size, dots, False)
+                for g in range(g_size):
+                    s = dots[g] * scale
+                    if has_lw:
+                        s += lw[b, h * g_size + g, j0 + j]
+                    scores[g, jj] = s
+                    if s > tile_max[g]:
+                        tile_max[g] = s
+            for g in range(g_size):
+                if tile_max[g] > m[g]:
+                    if m[g] > neg_inf:
+                        alpha = np.float32(np.exp(m[g] - tile_max[g]))
+                        total[g] *= alpha
+                        for e in range(d):
+                            acc[g, e] *= alpha
+                    m[g] = tile_max[g]
+                if m[g] > neg_inf:
+                    _exp_shifted(scores[g, :tn], m[g], ebits, evals)
+                else:
+                    scores[g, :tn] = 0.0
+            pending = -1  # a valid row waiting for a partner: value rows are accumulated two at a time
+            for jj in range(tn):
+                j = t0 + jj
+                if near > 0 and j + near < n and rows[j + near] >= 0:
+                    for e in range(0, d, line_elems):
+                        _prefetch(vflat, rows[j + near] + e)
+                r = rows[j]
+                if r < 0:
+                    continue
+                if pending < 0:
+                    pending = jj
+                    if mode == 2:
+                        _widen(vflat, r, d, mode, vbits, vbuf)
+                    continue
+                r0 = rows[t0 + pending]
+                if mode == 0:
+                    _accumulate2(acc, scores, pending, jj, vflat, r0, r, g_size, d, False)
+                elif mode == 1:
+                    _accumulate2(acc, scores, pending, jj, vflat, r0, r, g_size, d, True)
+                else:
+                    _widen(vflat, r, d, mode, vbits, vbuf, d)
+                    _accumulate2(acc, scores, pending, jj, vbuf, 0, d, g_size, d, False)
+                pending = -1
+            if pending >= 0:
+                r0 = rows[t0 + pending]
+                if mode == 0:
+                    _accumulate2(acc, scores, pending, pending, vflat, r0, r0, g_size, d, False, 1)
+                elif mode == 1:
+                    _accumulate2(acc, scores, pending, pending, vflat, r0, r0, g_size, d, True, 1)
+                else:
+                    _accumulate2(acc, scores, pending, pending, vbuf, 0, 0, g_size, d, False, 1)
+            for g in range(g_size):
+                for jj in range(tn):
+                    total[g] += scores[g, jj]
+        for g in range(g_size):
+            if total[g] > 0.0:
+                inv = np.float32(1.0) / total[g]
                 for e in range(d):
                     part_out[item, g, e] = acc[g, e] * inv
-                part_lse[item, g] = m[g] + np.log(total)
+                part_lse[item, g] = m[g] + np.log(total[g])
             else:
                 for e in range(d):
                     part_out[item, g, e] = 0.0
                 part_lse[item, g] = neg_inf
+
+
+def _shift(block_tokens: int) -> int:
+    """log2 of a power-of-two block size, else -1."""
+    return block_tokens.bit_length() - 1 if block_tokens > 0 and block_tokens & (block_tokens - 1) == 0 else -1
 
 
 def _flat(pool: torch.Tensor) -> np.ndarray:
@@ -296,6 +332,7 @@ class NumbaSparseBackend(HostBackend):
     name = "numba"
     devices = ("cpu",)
     prefetch_rows = 64
+    tile_rows = 128  # rows per online-softmax tile: its K and V rows (64 KB in bf16 at D = 128) stay in L2
 
     def __init__(self) -> None:
         import numba
@@ -336,8 +373,9 @@ class NumbaSparseBackend(HostBackend):
         _sparse_kernel(
             q.to(torch.float32).contiguous().numpy(), _flat(k_pool), _flat(v_pool), k_pool.stride(0),
             k_pool.stride(1), host.block_table.to(torch.int32).contiguous().numpy(), host.block_tokens,
+            _shift(host.block_tokens),
             idx.numpy(), lw, has_lw, np.float32(scale), _MODES[k_pool.dtype], chunks, chunk_len, part_out,
-            part_lse, self.prefetch_rows, 64 // elem,
+            part_lse, self.prefetch_rows, 64 // elem, self.tile_rows,
         )
         out = torch.from_numpy(part_out).view(b, hkv, chunks, g, d)
         lse = torch.from_numpy(part_lse).view(b, hkv, chunks, g)

@@ -123,18 +123,19 @@ def test_minus_inf_log_weight_drops_key_and_all_dropped_is_empty(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_running_max_across_row_tiles(backend):
-    """The C++ kernel's online softmax runs over tiles of 32 rows: whole tiles dropped (-inf weights) before
-    the first valid one, a maximum that grows tile after tile, and a row of padding in every tile."""
+    """The kernels' online softmax runs over tiles of rows (C++ 32, numba 128): whole tiles dropped (-inf weights)
+    before the first valid one, a maximum that grows tile after tile, and a row of padding in every tile."""
     if not _usable(backend):
         pytest.skip("unavailable")
-    layer = _host(torch.float32, 1, 48, [200])
+    layer = _host(torch.float32, 1, 48, [700])
     gen = torch.Generator().manual_seed(5)
-    idx = torch.arange(150, dtype=torch.int32).view(1, 1, 150).clone()
+    idx = torch.arange(600, dtype=torch.int32).view(1, 1, 600).clone()
     idx[0, 0, 7::32] = -1
     q = torch.randn(1, 4, 48, generator=gen)
-    lw = torch.linspace(0, 40, 150).view(1, 1, 150).repeat(1, 4, 1)  # later tiles dominate
-    lw[0, 1, :70] = float("-inf")
-    lw[0, 2, 40:] = float("-inf")  # only the first tiles count
+    lw = torch.linspace(0, 40, 600).view(1, 1, 600).repeat(1, 4, 1)  # later tiles dominate
+    lw[0, 1, :300] = float("-inf")  # two numba tiles and more dropped before the first valid row
+    lw[0, 2, 160:] = float("-inf")  # only the first tiles count
+    lw[0, 3] = lw[0, 3].flip(0)  # the maximum comes first; later tiles only add to the sum
     sel = Selection(idx, lw)
     want = ref_sparse(q.double(), layer.host.view(), sel, compute_dtype=torch.float64)
     got = sparse_attention(q, layer.host.view(), sel, backend=backend)
