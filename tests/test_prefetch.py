@@ -101,3 +101,13 @@ def test_amd_family_25_table_tells_zen3_from_zen4(fresh, monkeypatch, model, lab
     policy, why = prefetch.choose("host")
     assert label in why
     assert policy[3] == (1 if label == "Zen 3" else 0)  # the V rows spread over the value pass on Zen 3 only
+
+
+@pytest.mark.parametrize("model,label", [("2", "AMD Zen 5"), ("68", "AMD Zen 5"), ("200", "no table entry")])
+def test_amd_family_26_table_has_zen5_and_falls_back_beyond_it(fresh, monkeypatch, model, label):
+    cpu = {"vendor": "AuthenticAMD", "family": "26", "model": model, "name": "AMD EPYC"}
+    monkeypatch.setattr(prefetch, "cpu_identity", lambda: cpu)
+    (host, why), (window, _) = prefetch.choose("host"), prefetch.choose("window")
+    assert label in why
+    assert host == prefetch.FALLBACK["host"]
+    assert window == ((16, 4, 0, 0) if label == "AMD Zen 5" else prefetch.FALLBACK["window"])
