@@ -173,8 +173,8 @@ def _dot_group(qg, src, off, d, g_size, out, bf16):
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _sparse_kernel(q, kflat, vflat, head_stride, row_stride, table, block_tokens, block_shift, idx, lw, has_lw, scale, mode,
-                   chunks, chunk_len, part_out, part_lse, prefetch_rows, line_elems, tile_rows):
+def _sparse_kernel(q, kflat, vflat, head_stride, row_stride, table, block_tokens, block_shift, idx, lw, has_lw,
+                   scale, mode, chunks, chunk_len, part_out, part_lse, prefetch_rows, line_elems, tile_rows):
     b_size, hq, d = q.shape
     hkv, k = idx.shape[1], idx.shape[2]
     g_size = hq // hkv
