@@ -5,10 +5,11 @@ selected rows in tiles of ``tile_rows`` with the softmax rescaled online between
 for the G query heads of the group. Per tile: scores (four queries per pass over a row), ``p = exp(s - max)`` (a
 vectorized polynomial), ``sum p v`` (two value rows per pass over the accumulators); chunk partials fused by
 log-sum-exp. bf16 and fp16 rows are stored as uint16 bits; bf16 is widened in registers (an LLVM bitcast
-intrinsic), fp16 in a per-item buffer (Numba has no CPU float16 type). K and V rows are prefetched into L2 far
-ahead (the score pass) and V rows into L1 near (the value pass), through LLVM intrinsics; no near L1 prefetch of
-K rows in the score pass (it cost more than it saved: docs/performance.md, "Tried and not kept"). Compiled with
-``cache=True``; ``warmup()`` compiles (or loads from cache) every dtype ahead of the first decode step.
+intrinsic), fp16 in a per-item buffer (Numba has no CPU float16 type). K and V rows are prefetched into L2
+``prefetch_rows`` ahead (the score pass), and K rows (score pass) and V rows (value pass) into L1 ``near_rows``
+ahead, through LLVM intrinsics: with the L2 prefetch alone the dots read their K rows at DRAM speed (AMD Zen 5,
+bf16, k 2048: 2.04 ms per call against 0.92-1.0 ms with the L1 prefetch). Compiled with ``cache=True``;
+``warmup()`` compiles (or loads from cache) every dtype ahead of the first decode step.
 """
 from __future__ import annotations
 
@@ -174,11 +175,12 @@ def _dot_group(qg, src, off, d, g_size, out, bf16):
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def _sparse_kernel(q, kflat, vflat, head_stride, row_stride, table, block_tokens, block_shift, idx, lw, has_lw,
-                   scale, mode, chunks, chunk_len, part_out, part_lse, prefetch_rows, line_elems, tile_rows):
+                   scale, mode, chunks, chunk_len, part_out, part_lse, prefetch_rows, near, line_elems, tile_rows):
     b_size, hq, d = q.shape
     hkv, k = idx.shape[1], idx.shape[2]
     g_size = hq // hkv
     neg_inf = np.float32(-np.inf)
+    lines = (d + line_elems - 1) // line_elems
     for item in prange(b_size * hkv * chunks):
         head = item // chunks
         c = item - head * chunks
@@ -220,7 +222,6 @@ def _sparse_kernel(q, kflat, vflat, head_stride, row_stride, table, block_tokens
                 else:
                     rows[j] = h * head_stride + (np.int64(table[b, pos // block_tokens]) * block_tokens
                                                  + pos % block_tokens) * row_stride
-        near = min(prefetch_rows, 8)
         # tiles of rows, softmax rescaled online between them: a tile's V rows, asked for into L2 during its
         # score pass, are still there for its value pass (one pass of scores over all n rows, then one of
         # values, let 2 x n rows through L2 in between and read the V rows from DRAM a second time)
@@ -231,9 +232,14 @@ def _sparse_kernel(q, kflat, vflat, head_stride, row_stride, table, block_tokens
             for jj in range(tn):
                 j = t0 + jj
                 if prefetch_rows > 0 and j + prefetch_rows < n and rows[j + prefetch_rows] >= 0:
-                    for e in range(0, d, line_elems):
-                        _prefetch_l2(kflat, rows[j + prefetch_rows] + e)
-                        _prefetch_l2(vflat, rows[j + prefetch_rows] + e)
+                    ahead = rows[j + prefetch_rows]
+                    for line in range(lines):
+                        _prefetch_l2(kflat, ahead + line * line_elems)
+                        _prefetch_l2(vflat, ahead + line * line_elems)
+                if near > 0 and j + near < n and rows[j + near] >= 0:
+                    ahead = rows[j + near]
+                    for line in range(lines):
+                        _prefetch(kflat, ahead + line * line_elems)
                 r = rows[j]
                 if r < 0:
                     for g in range(g_size):
@@ -269,8 +275,9 @@ def _sparse_kernel(q, kflat, vflat, head_stride, row_stride, table, block_tokens
             for jj in range(tn):
                 j = t0 + jj
                 if near > 0 and j + near < n and rows[j + near] >= 0:
-                    for e in range(0, d, line_elems):
-                        _prefetch(vflat, rows[j + near] + e)
+                    ahead = rows[j + near]
+                    for line in range(lines):
+                        _prefetch(vflat, ahead + line * line_elems)
                 r = rows[j]
                 if r < 0:
                     continue
@@ -331,7 +338,8 @@ class NumbaSparseBackend(HostBackend):
 
     name = "numba"
     devices = ("cpu",)
-    prefetch_rows = 64
+    prefetch_rows = 64  # K and V rows this far ahead into L2 (score pass)
+    near_rows = 16  # K rows (score pass) and V rows (value pass) this far ahead into L1
     tile_rows = 128  # rows per online-softmax tile: its K and V rows (64 KB in bf16 at D = 128) stay in L2
 
     def __init__(self) -> None:
@@ -375,7 +383,7 @@ class NumbaSparseBackend(HostBackend):
             k_pool.stride(1), host.block_table.to(torch.int32).contiguous().numpy(), host.block_tokens,
             _shift(host.block_tokens),
             idx.numpy(), lw, has_lw, np.float32(scale), _MODES[k_pool.dtype], chunks, chunk_len, part_out,
-            part_lse, self.prefetch_rows, 64 // elem, self.tile_rows,
+            part_lse, self.prefetch_rows, self.near_rows, 64 // elem, self.tile_rows,
         )
         out = torch.from_numpy(part_out).view(b, hkv, chunks, g, d)
         lse = torch.from_numpy(part_lse).view(b, hkv, chunks, g)
