@@ -77,6 +77,17 @@ def _bf16(typingctx, bits):
     return sig, codegen
 
 
+@njit(cache=True, inline="always")
+def _prefetch_row(arr, off, lines, line_elems, to_l1):
+    """Ask for the ``lines`` cache lines of the row at ``arr[off]``: into L1 when ``to_l1`` (a constant at every
+    call site), else into L2."""
+    for line in range(lines):
+        if to_l1:
+            _prefetch(arr, off + line * line_elems)
+        else:
+            _prefetch_l2(arr, off + line * line_elems)
+
+
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _widen(src, off, n, mode, bits, out, at=0):
     """Row ``src[off:off+n]`` as float32 into ``out[at:at+n]`` (``bits`` is ``out`` viewed as uint32)."""
@@ -206,22 +217,16 @@ def _sparse_kernel(q, kflat, vflat, head_stride, row_stride, table, block_tokens
         for g in range(g_size):
             for e in range(d):
                 qg[g, e] = q[b, h * g_size + g, e]
-        if block_shift >= 0:  # a power-of-two block: shift and mask, not Python's floor division and modulo
-            for j in range(n):
-                pos = np.int64(idx[b, h, j0 + j])
-                if pos < 0:
-                    rows[j] = -1
-                else:
-                    rows[j] = h * head_stride + ((np.int64(table[b, pos >> block_shift]) << block_shift)
-                                                 + (pos & (block_tokens - 1))) * row_stride
-        else:
-            for j in range(n):
-                pos = idx[b, h, j0 + j]
-                if pos < 0:
-                    rows[j] = -1
-                else:
-                    rows[j] = h * head_stride + (np.int64(table[b, pos // block_tokens]) * block_tokens
-                                                 + pos % block_tokens) * row_stride
+        for j in range(n):
+            pos = np.int64(idx[b, h, j0 + j])
+            if pos < 0:
+                rows[j] = -1
+                continue
+            if block_shift >= 0:  # a power-of-two block: shift and mask, not Python's floor division and modulo
+                blk, off = pos >> block_shift, pos & (block_tokens - 1)
+            else:
+                blk, off = pos // block_tokens, pos % block_tokens
+            rows[j] = h * head_stride + (np.int64(table[b, blk]) * block_tokens + off) * row_stride
         # tiles of rows, softmax rescaled online between them: a tile's V rows, asked for into L2 during its
         # score pass, are still there for its value pass (one pass of scores over all n rows, then one of
         # values, let 2 x n rows through L2 in between and read the V rows from DRAM a second time)
@@ -232,14 +237,10 @@ def _sparse_kernel(q, kflat, vflat, head_stride, row_stride, table, block_tokens
             for jj in range(tn):
                 j = t0 + jj
                 if prefetch_rows > 0 and j + prefetch_rows < n and rows[j + prefetch_rows] >= 0:
-                    ahead = rows[j + prefetch_rows]
-                    for line in range(lines):
-                        _prefetch_l2(kflat, ahead + line * line_elems)
-                        _prefetch_l2(vflat, ahead + line * line_elems)
+                    _prefetch_row(kflat, rows[j + prefetch_rows], lines, line_elems, False)
+                    _prefetch_row(vflat, rows[j + prefetch_rows], lines, line_elems, False)
                 if near > 0 and j + near < n and rows[j + near] >= 0:
-                    ahead = rows[j + near]
-                    for line in range(lines):
-                        _prefetch(kflat, ahead + line * line_elems)
+                    _prefetch_row(kflat, rows[j + near], lines, line_elems, True)
                 r = rows[j]
                 if r < 0:
                     for g in range(g_size):
@@ -275,9 +276,7 @@ def _sparse_kernel(q, kflat, vflat, head_stride, row_stride, table, block_tokens
             for jj in range(tn):
                 j = t0 + jj
                 if near > 0 and j + near < n and rows[j + near] >= 0:
-                    ahead = rows[j + near]
-                    for line in range(lines):
-                        _prefetch(vflat, ahead + line * line_elems)
+                    _prefetch_row(vflat, rows[j + near], lines, line_elems, True)
                 r = rows[j]
                 if r < 0:
                     continue
