@@ -157,6 +157,22 @@ def _accumulate2(acc, p, j0, j1, vsrc, off0, off1, g_size, d, bf16, rows=2):
 
 
 @njit(cache=True, inline="always", fastmath=_FASTMATH)
+def _accumulate_rows(acc, p, j0, j1, vflat, off0, off1, vbuf, vbits, mode, g_size, d, rows):
+    """``_accumulate2`` over the value rows at ``vflat[off0]`` and ``vflat[off1]`` in the pool's dtype ``mode``:
+    fp32 and bf16 read in place; fp16 from ``vbuf``, where row ``j0`` was widened into ``vbuf[:d]`` before and
+    row ``j1`` is widened into ``vbuf[d:]`` here (``rows == 2``)."""
+    if mode == 0:
+        _accumulate2(acc, p, j0, j1, vflat, off0, off1, g_size, d, False, rows)
+    elif mode == 1:
+        _accumulate2(acc, p, j0, j1, vflat, off0, off1, g_size, d, True, rows)
+    elif rows == 2:
+        _widen(vflat, off1, d, mode, vbits, vbuf, d)
+        _accumulate2(acc, p, j0, j1, vbuf, 0, d, g_size, d, False, 2)
+    else:
+        _accumulate2(acc, p, j0, j1, vbuf, 0, 0, g_size, d, False, 1)
+
+
+@njit(cache=True, inline="always", fastmath=_FASTMATH)
 def _dot_group(qg, src, off, d, g_size, out, bf16):
     """``out[g] = qg[g] . src[off:off+d]`` for the group's queries, four per pass over the row (each element
     loaded once for four queries: 86 -> 76 ns per bf16 row from L1, G = 4, D = 128)."""
@@ -286,22 +302,11 @@ def _sparse_kernel(q, kflat, vflat, head_stride, row_stride, table, block_tokens
                         _widen(vflat, r, d, mode, vbits, vbuf)
                     continue
                 r0 = rows[t0 + pending]
-                if mode == 0:
-                    _accumulate2(acc, scores, pending, jj, vflat, r0, r, g_size, d, False)
-                elif mode == 1:
-                    _accumulate2(acc, scores, pending, jj, vflat, r0, r, g_size, d, True)
-                else:
-                    _widen(vflat, r, d, mode, vbits, vbuf, d)
-                    _accumulate2(acc, scores, pending, jj, vbuf, 0, d, g_size, d, False)
+                _accumulate_rows(acc, scores, pending, jj, vflat, r0, r, vbuf, vbits, mode, g_size, d, 2)
                 pending = -1
             if pending >= 0:
                 r0 = rows[t0 + pending]
-                if mode == 0:
-                    _accumulate2(acc, scores, pending, pending, vflat, r0, r0, g_size, d, False, 1)
-                elif mode == 1:
-                    _accumulate2(acc, scores, pending, pending, vflat, r0, r0, g_size, d, True, 1)
-                else:
-                    _accumulate2(acc, scores, pending, pending, vbuf, 0, 0, g_size, d, False, 1)
+                _accumulate_rows(acc, scores, pending, pending, vflat, r0, r0, vbuf, vbits, mode, g_size, d, 1)
             for g in range(g_size):
                 for jj in range(tn):
                     total[g] += scores[g, jj]

@@ -189,7 +189,8 @@ void estimate_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, Ivf
 // arena, so the hardware prefetchers see each start late), its ids with its codes (the copy of the ids read them
 // from DRAM otherwise), and a share of its lines after each kScanChunk rows of the current list: issued in one burst
 // the prefetches stalled on full miss queues. With cold caches (a 1 GB read between steps) the search of a 128K step
-// took 1.10 instead of 1.40-1.49 ms so (AMD Zen 5); two lists ahead overflowed the misses in flight (AMD Zen 4).
+// took 1.10 instead of 1.40-1.49 ms (AMD Zen 5). Two lists ahead in one burst overflowed the misses in flight (AMD
+// Zen 4); spread, two or three lists ahead were no faster than one (AMD Zen 5).
 constexpr int64_t kScanChunk = 16;  // rows: one code block
 
 struct NextListPrefetch {
