@@ -151,6 +151,8 @@ def test_bench_cpu_sparse_window_line_against_streaming():
     assert len(rows) == 1 and rows[0]["kernel"] == "window" and rows[0]["rows"] == 256
     r = rows[0]
     assert r["gbps"] > 0 and r["ratio_to_membw"] == pytest.approx(r["gbps"] / r["membw_gbps"], rel=0.01, abs=1e-3)
+    assert r["window_read_gbps"] > 0
+    assert r["ratio_to_window_read"] == pytest.approx(r["gbps"] / r["window_read_gbps"], rel=0.01, abs=1e-3)
 
 
 def test_bench_cpu_sparse_row_cost_rows():

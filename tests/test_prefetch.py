@@ -98,9 +98,10 @@ def test_policies_change_no_bit_of_the_result(dtype):
 def test_amd_family_25_table_tells_zen3_from_zen4(fresh, monkeypatch, model, label):
     cpu = {"vendor": "AuthenticAMD", "family": "25", "model": model, "name": "AMD EPYC"}
     monkeypatch.setattr(prefetch, "cpu_identity", lambda: cpu)
-    policy, why = prefetch.choose("host")
+    (policy, why), (window, _) = prefetch.choose("host"), prefetch.choose("window")
     assert label in why
     assert policy[3] == (1 if label == "Zen 3" else 0)  # the V rows spread over the value pass on Zen 3 only
+    assert window == ((16, 4, 0, 0) if label == "Zen 4" else (8, 0, 0, 0))  # contiguous rows: L1 too on Zen 4
 
 
 @pytest.mark.parametrize("model,label", [("2", "AMD Zen 5"), ("68", "AMD Zen 5"), ("200", "no table entry")])
