@@ -12,6 +12,7 @@ inputs. One JSON object per line.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -125,29 +126,34 @@ def _random_read_once(runner, views, index_sets, runs: int, prefetch: int, to_l2
 _ROUNDS, _WARMUP = 3, 3
 
 
-def _time_interleaved(entries, q, views, index_sets, scale, runs: int, rounds: int = _ROUNDS,
-                      warmup: int = _WARMUP) -> List[float]:
-    """Median seconds per entry (a kernel or a form of the ceiling loop) over ``runs`` calls on the same inputs.
-    Entries alternate in blocks over ``rounds`` rounds, so a noisy shared machine slows them alike (a ceiling
-    measured apart from the kernels can differ from theirs by a quarter); the first ``warmup`` calls of every
-    block are not timed (compilation, page faults, threads of the previous entry, and the cache and TLB state the
-    previous entry left, which slows the first calls of the next). Only the call is timed, not the preparation of
-    its arguments."""
-    times = [[] for _ in entries]
+def _time_rounds(prepares, runs: int, rounds: int = _ROUNDS, warmup: int = _WARMUP) -> List[float]:
+    """Median seconds per entry over ``runs`` calls; ``prepares[j](i)`` returns entry j's call number i (i counts
+    every call of every entry, so each call can get fresh inputs). Entries alternate in blocks over ``rounds``
+    rounds, so a noisy shared machine slows them alike (a ceiling measured apart from the kernels can differ from
+    theirs by a quarter); the first ``warmup`` calls of every block are not timed (compilation, page faults, threads
+    of the previous entry, and the cache and TLB state the previous entry left, which slows the first calls of the
+    next). Only the call is timed, not the preparation of its arguments."""
+    times = [[] for _ in prepares]
     per_block = max(1, -(-runs // rounds))
     i = 0
     for _ in range(rounds):
-        for j, entry in enumerate(entries):
+        for j, prepare in enumerate(prepares):
             for call in range(per_block + warmup):
-                view = views[i % len(views)]
-                sel = Selection(index_sets[i % len(index_sets)])
+                fn = prepare(i)
                 i += 1
-                fn = entry.prepare(q, view, sel, scale)
                 t = time.perf_counter()
                 fn()
                 if call >= warmup:
                     times[j].append(time.perf_counter() - t)
     return [statistics.median(t) for t in times]
+
+
+def _time_interleaved(entries, q, views, index_sets, scale, runs: int) -> List[float]:
+    """_time_rounds over kernels or forms of the ceiling loop, call i on tier i and index set i (rotating)."""
+    def prepare(entry):
+        return lambda i: entry.prepare(q, views[i % len(views)], Selection(index_sets[i % len(index_sets)]), scale)
+
+    return _time_rounds([prepare(e) for e in entries], runs)
 
 
 def run(backends: List[str], dtypes: List[str], ks: List[int], threads: int, tokens: int = 131072,
@@ -289,19 +295,9 @@ def window_line(threads: int, rows: int = 4096, kv_heads: int = 8, group: int = 
     scale = 1 / math.sqrt(head_dim)
     # whole 32-bit words where the rows allow it (torch's sum of 16-bit integers does not vectorize)
     words = (lambda t: t.view(torch.float32)) if (head_dim * dtype.itemsize) % 4 == 0 else (lambda t: t)
-    entries = [lambda k, v: backend(q, k, v, lengths, scale), lambda k, v: (words(k).sum(), words(v).sum())]
-    times = [[], []]
-    per_block, i = max(1, -(-runs // _ROUNDS)), 0
-    for _ in range(_ROUNDS):
-        for j, entry in enumerate(entries):
-            for call in range(per_block + _WARMUP):  # the first calls of a block pay for the other entry's state
-                k, v = kvs[i % count]
-                i += 1
-                t = time.perf_counter()
-                entry(k, v)
-                if call >= _WARMUP:
-                    times[j].append(time.perf_counter() - t)
-    t, t_read = statistics.median(times[0]), statistics.median(times[1])
+    kernel = lambda i: functools.partial(backend, q, *kvs[i % count], lengths, scale)
+    read = lambda i: lambda: [words(x).sum() for x in kvs[i % count]]
+    t, t_read = _time_rounds([kernel, read], runs)
     gbps, read_gbps = window_bytes / t / 1e9, window_bytes / t_read / 1e9
     row = {"kernel": "window", "backend": "cpp", "dtype": dtype_name, "rows": rows, "kv_heads": kv_heads,
            "group": group, "head_dim": head_dim, "threads": threads, "median_us": round(t * 1e6, 1),
