@@ -126,6 +126,11 @@ def _random_read_once(runner, views, index_sets, runs: int, prefetch: int, to_l2
 _ROUNDS, _WARMUP = 3, 3
 
 
+def _calls_per_entry(runs: int, rounds: int = _ROUNDS, warmup: int = _WARMUP) -> int:
+    """Calls _time_rounds makes of each entry (timed and warm-up) for ``runs`` timed ones."""
+    return rounds * (max(1, -(-runs // rounds)) + warmup)
+
+
 def _time_rounds(prepares, runs: int, rounds: int = _ROUNDS, warmup: int = _WARMUP) -> List[float]:
     """Median seconds per entry over ``runs`` calls; ``prepares[j](i)`` returns entry j's call number i (i counts
     every call of every entry, so each call can get fresh inputs). Entries alternate in blocks over ``rounds``
@@ -188,7 +193,7 @@ def run(backends: List[str], dtypes: List[str], ks: List[int], threads: int, tok
             reference, fast = usable[0], usable[1:]  # torch; the kernels under test, interleaved with the reads
             entries = [_Kernel(be) for be in fast] + reads
             # a fresh index set for every call of every entry: no rows left in a cache by an earlier call
-            per_entry = _ROUNDS * (-(-runs // _ROUNDS) + _WARMUP)
+            per_entry = _calls_per_entry(runs)
             index_sets = _index_sets(per_entry * (len(entries) + 1) + 1, kv_heads, tokens, k, gen)
             medians = _time_interleaved(entries, q, views, index_sets, scale, runs)
             # the torch reference (10-20 ms a call on all threads, large temporaries) is timed on its own, after
