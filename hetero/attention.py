@@ -294,18 +294,23 @@ class HeteroAttention:
             layer.retriever.softmax_scale = plan.scale
         timed = self.record_phases or self.config.balance == "auto" or layer.head_budget is not None
         tk, tv, stride_b, stride_h, kv_dtype = token
+        ext = native.load()
         with layer.lock:
             layer.index.check_open()
             self._prepare_work(ws, q, dst, layer, plan, mode, True, timed)
-            appended, step = plan.host._runner.decode_token(
-                layer.native_layer().address, ws.work.address, tk.data_ptr(), tv.data_ptr(), stride_b, stride_h,
-                kv_dtype, 1, layer._flags_addr, q.data_ptr(), dst.data_ptr())
+            for _ in range(2):
+                appended, step = plan.host._runner.decode_token(
+                    layer.native_layer().address, ws.work.address, tk.data_ptr(), tv.data_ptr(), stride_b, stride_h,
+                    kv_dtype, 1, layer._flags_addr, q.data_ptr(), dst.data_ptr())
+                if appended != ext.APPEND_NEED_BLOCKS:
+                    break
+                layer.reserve_flagged()  # a sequence's host blocks were full: nothing ran; the same call again
             if appended > 0:  # appended; index adds left to Python, which the step waits for
                 layer.queue_native_leftovers()
         if step:
-            if step == native.load().STEP_QUERY_NOT_FINITE:
+            if step == ext.STEP_QUERY_NOT_FINITE:
                 raise InvalidValueError("q contains NaN or inf (the step's key and value were not appended)")
-            if appended < 0:  # refused before any change (blocks to reserve, NaN/inf): the general path explains
+            if appended < 0:  # refused before any change (NaN or inf in k or v): the general path explains
                 return self._append_then_run(q, k, v, layer, plan, out)
             return self.run(q, layer, plan, out=out)  # the token is in; the step waits for index adds or grows
         self._after_step(layer, ws, mode, timed)

@@ -318,7 +318,7 @@ class LayerCache:
             if code == 0:
                 return
             if code == ext.APPEND_NEED_BLOCKS:  # reserve (allocates; nothing written yet), then again
-                self.host.reserve_all({seq: 1 for seq in np.flatnonzero(flags).tolist()})
+                self.reserve_flagged()
                 continue
             if code == ext.APPEND_NOT_FINITE:
                 bad = np.flatnonzero(flags).tolist()
@@ -326,6 +326,11 @@ class LayerCache:
             self.queue_native_leftovers()
             return
         raise RuntimeError("append_decode: host blocks still full after reserving")  # pragma: no cover
+
+    def reserve_flagged(self) -> None:
+        """A block for each sequence a refused native append flagged as full (``APPEND_NEED_BLOCKS``: nothing was
+        written), so that the same call succeeds when made again. Caller holds the lock."""
+        self.host.reserve_all({seq: 1 for seq in np.flatnonzero(self._flags).tolist()})
 
     def queue_native_leftovers(self) -> None:
         """The index adds a successful native append left to Python (its flags: the host position, or -1). Caller

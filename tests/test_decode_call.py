@@ -126,3 +126,24 @@ def test_decode_allocates_nothing_after_warm_up():
     allocations = sum(1 for e in prof.events() if getattr(e, "cpu_memory_usage", 0) > 0)
     assert allocations == 0
     attn.close()
+
+
+@needs_native
+def test_decode_reserves_full_host_blocks_within_the_native_step(monkeypatch):
+    """A token whose sequence's host blocks are full: decode reserves a block and makes the same native call again,
+    rather than falling back to append-then-run; outputs equal append + run throughout."""
+    cfg, (a, b), (attn_a, attn_b), gen = _pair("ivf-group", "bfloat16", 2, block_tokens=16)
+    fallbacks = []
+    general = attn_a._append_then_run
+    monkeypatch.setattr(attn_a, "_append_then_run", lambda *args: fallbacks.append(1) or general(*args))
+    blocks = [len(x) for x in a.host.blocks]
+    for step in range(40):
+        k, v = torch.randn(2, 2, 1, 32, generator=gen), torch.randn(2, 2, 1, 32, generator=gen)
+        q = torch.randn(2, 8, 32, generator=gen).bfloat16()
+        out_a = attn_a.decode(q, k, v, a, attn_a.plan(a, 8, torch.bfloat16))
+        b.append(k, v)
+        assert torch.equal(out_a, attn_b.run(q, b, attn_b.plan(b, 8, torch.bfloat16))), f"step {step}"
+    assert all(len(x) > n for x, n in zip(a.host.blocks, blocks))  # every sequence filled at least one block
+    assert not fallbacks
+    for attn in (attn_a, attn_b):
+        attn.close()
