@@ -24,6 +24,7 @@ import torch
 
 from hetero.backends import AttentionInputs, BackendSet
 from hetero.config import KV_DTYPES
+from hetero.memory import empty_host
 from hetero.tiers import HostTier
 from hetero.types import Selection
 
@@ -278,8 +279,9 @@ def window_line(threads: int, rows: int = 4096, kv_heads: int = 8, group: int = 
                 dtype_name: str = "bfloat16", runs: int = 21, membw_bytes: int = 1 << 30, seed: int = 0,
                 out=sys.stdout) -> dict:
     """The fast tier's window kernel on the CPU (``cpp``): attention of one sequence's G x Hkv queries over ``rows``
-    contiguous rows per KV head. Windows are rotated over >= 4x the LLC, so each call reads its rows from DRAM, as a
-    decode step does after the rest of the model has run. ``gbps`` counts the window's K and V bytes.
+    contiguous rows per KV head, in buffers allocated as the fast tier allocates its own (``hetero.memory``: advised
+    for huge pages). Windows are rotated over >= 4x the LLC, so each call reads its rows from DRAM, as a decode step
+    does after the rest of the model has run. ``gbps`` counts the window's K and V bytes.
 
     Two references from the same run: ``membw_gbps``, a long streaming read (``membw_bytes``, measured first), and
     ``window_read_gbps``, a streaming read (``torch.sum`` on the same threads) of the same window buffers, timed in
@@ -289,8 +291,11 @@ def window_line(threads: int, rows: int = 4096, kv_heads: int = 8, group: int = 
     gen = torch.Generator().manual_seed(seed)
     window_bytes = 2 * kv_heads * rows * head_dim * dtype.itemsize
     count = max(2, math.ceil(4 * last_level_cache_bytes() / window_bytes))
-    kvs = [(torch.randn(1, kv_heads, rows, head_dim, generator=gen).to(dtype),
-            torch.randn(1, kv_heads, rows, head_dim, generator=gen).to(dtype)) for _ in range(count)]
+    def window_buffer():
+        return empty_host((1, kv_heads, rows, head_dim), dtype).copy_(torch.randn(1, kv_heads, rows, head_dim,
+                                                                                   generator=gen))
+
+    kvs = [(window_buffer(), window_buffer()) for _ in range(count)]
     q = torch.randn(1, kv_heads * group, head_dim, generator=gen)
     lengths = torch.tensor([rows], dtype=torch.int32)
     backend = _BACKENDS.get("window", "cpp")
