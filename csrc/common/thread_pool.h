@@ -49,6 +49,18 @@ class ThreadPool {
     for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { loop(i); });
   }
 
+  // Rouses sleeping workers to poll for the next call (for spin_us), and returns at once: called ahead of a call's
+  // serial start (a step's Python and its append) so that the workers are awake when its first phase opens. Safe
+  // from any thread at any time: a worker that wakes to no open call goes back to polling.
+  void wake() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (sleepers_ == 0) return;
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+  }
+
   void run(int64_t n_items, const std::function<void(int64_t, int)>& fn) {
     if (n_items <= 0) return;
     if (workers_.empty() || n_items == 1) {
