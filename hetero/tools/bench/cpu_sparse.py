@@ -291,6 +291,7 @@ def window_line(threads: int, rows: int = 4096, kv_heads: int = 8, group: int = 
     gen = torch.Generator().manual_seed(seed)
     window_bytes = 2 * kv_heads * rows * head_dim * dtype.itemsize
     count = max(2, math.ceil(4 * last_level_cache_bytes() / window_bytes))
+
     def window_buffer():
         return empty_host((1, kv_heads, rows, head_dim), dtype).copy_(torch.randn(1, kv_heads, rows, head_dim,
                                                                                    generator=gen))
