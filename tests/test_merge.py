@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from hetero import PartialAttention, merge
 from hetero.errors import ShapeError
@@ -18,6 +18,7 @@ def _attention_over(q, k, v, idx, dtype):
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(0, 300), parts=st.integers(1, 64), seed=st.integers(0, 2**31 - 1), g=st.sampled_from([1, 4]))
+@example(n=226, parts=10, seed=41284, g=1)  # 1.16e-6: over the 1e-6 this test once had
 def test_split_invariance(n, parts, seed, g):
     gen = torch.Generator().manual_seed(seed)
     b, hkv, d = 2, 2, 16
@@ -34,7 +35,9 @@ def test_split_invariance(n, parts, seed, g):
         assert torch.all(merged.out == 0) and torch.all(torch.isneginf(merged.lse))
         return
     rel = (merged.out.double() - full.out).norm() / full.out.norm()
-    assert rel <= 1e-6
+    # the float32 pieces' own rounding (up to 7e-7 for the unsplit float32 attention over 300 random cases) plus the
+    # merge's rescaling of up to 64 parts: at most 1.21e-6 over 3000 random cases, so ~21 float32 epsilons
+    assert rel <= 2.5e-6
     assert torch.allclose(merged.lse.double(), full.lse, rtol=1e-6, atol=1e-5)
 
 
