@@ -6,7 +6,9 @@ Queries ``q [B, Hq, C, D]`` at positions ``[p_b, p_b + C)`` of each sequence att
 the fast tier (sinks + window) and the host tier — and to the chunk's own tokens causally. Three parts per
 sequence, fused by the same log-sum-exp rule as a decode step (now ``[B, Hq, C, D]`` / ``[B, Hq, C]``):
 
-* fast tier: every valid slot (all are before the chunk), exact.
+* fast tier: every valid slot (all are before the chunk), exact. For a chunk of at most ``sparse_chunk_tokens`` on
+  the CPU, through the plan's window backend with the chunk's positions folded into its query heads, so that each
+  fast-tier row is read once for all of them (a longer chunk is matrix work, for PyTorch's fused attention).
 * host tier: exact for a chunk longer than ``HeteroConfig.sparse_chunk_tokens`` (a prompt or a long turn: every
   host row, in runs of the paged tier), else as decode tokens attend it: each query through the retriever, its
   selection read by the host backend (with the retriever's estimate of the rest).
@@ -84,14 +86,19 @@ def _chunk_attention_locked(runtime, layer, q, k, v, lengths: List[int], scale: 
     sparse = (layer.initialized and not layer.dense and c <= config.sparse_chunk_tokens
               and bool(layer.host.length.any()))
     host_parts = _sparse_host_parts(runtime, layer, q, scale) if sparse else None
+    small = layer.initialized and q.device.type == "cpu" and c <= config.sparse_chunk_tokens
+    fast_parts = _fast_tier_parts(runtime, layer, q, scale) if small else None
     for seq, n in enumerate(lengths):
         if n == 0:
             continue
         qs, ks, vs = q[seq, :, c - n:], k[seq, :, c - n:], v[seq, :, c - n:]
         parts = [partial_attention(qs, ks, vs, scale, causal=True)]
         if layer.initialized:
-            fk, fv = layer.fast.tokens(seq)
-            parts.append(partial_attention(qs, fk, fv, scale))
+            if fast_parts is not None:
+                parts.append(PartialAttention(fast_parts.out[seq, :, c - n:], fast_parts.lse[seq, :, c - n:]))
+            else:
+                fk, fv = layer.fast.tokens(seq)
+                parts.append(partial_attention(qs, fk, fv, scale))
             if host_parts is not None:
                 parts.append(PartialAttention(host_parts.out[seq, :, c - n:], host_parts.lse[seq, :, c - n:]))
             elif not layer.dense and layer.host.length[seq]:
@@ -112,6 +119,26 @@ def _exact_host_parts(layer, seq: int, q: torch.Tensor, scale: float) -> List[Pa
                 kk, vv = kk.to(q.device, non_blocking=True), vv.to(q.device, non_blocking=True)
             parts.append(partial_attention(q, kk, vv, scale))
     return parts
+
+
+def _fast_tier_parts(runtime, layer, q: torch.Tensor, scale: float) -> PartialAttention:
+    """The fast tier for every query of the chunk ``q [B, Hq, C, D]`` through the plan's window backend, the C
+    positions folded into the query heads (``[B, Hkv * G * C', D]``: a group of G * C' queries per KV head, C' as
+    many positions as the backend's largest group takes), so that each fast-tier row is read once per call rather
+    than once per position. ``[B, Hq, C, D]`` / ``[B, Hq, C]`` float32."""
+    b, hq, c, d = q.shape
+    hkv = layer.kv_heads
+    g = hq // hkv
+    window = runtime.plan(layer, hq, torch.float32).window
+    span = c if window.max_group is None else max(1, window.max_group // g)
+    fast, outs, lses = layer.fast, [], []
+    for c0 in range(0, c, span):
+        n = min(span, c - c0)
+        folded = q[:, :, c0:c0 + n].float().reshape(b, hkv * g * n, d)  # head (h * G + g) * n + i: KV head h
+        part = window(folded, fast.k, fast.v, fast.lengths, scale)
+        outs.append(part.out.view(b, hq, n, d))
+        lses.append(part.lse.view(b, hq, n))
+    return PartialAttention(torch.cat(outs, dim=2), torch.cat(lses, dim=2))
 
 
 def _sparse_host_parts(runtime, layer, q: torch.Tensor, scale: float) -> PartialAttention:

@@ -101,3 +101,28 @@ def test_details_report_parts_and_timings():
     full = dense_attention(q.double(), *(t[None].double() for t in layer.tokens(0)), compute_dtype=torch.float64)
     lse = torch.logaddexp(res.window.lse.double(), res.host.lse.double())
     assert torch.allclose(lse, full.lse, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk,g", [(1, 4), (5, 4), (20, 4), (7, 3)])
+def test_small_chunk_into_a_warm_cache_is_exact(chunk, g):
+    """A chunk of at most ``sparse_chunk_tokens`` queries (a short turn, assisted decoding's drafts) over a ragged
+    warm cache in exact mode: each position equals float64 attention over the stored tokens and the chunk's own up
+    to it. At G * C > 64 the folded fast-tier part takes more than one window call (20 positions x 4 heads)."""
+    from hetero.chunk import chunk_attention
+
+    gen = torch.Generator().manual_seed(5)
+    hkv, d, lengths = 2, 16, [90, 61]
+    cfg = HeteroConfig(window=WINDOW, sinks=SINKS, retriever="all", block_tokens=4, budget=1.0, sparse_chunk_tokens=24)
+    layer = LayerCache(cfg)
+    layer.append(torch.randn(2, hkv, 90, d, generator=gen), torch.randn(2, hkv, 90, d, generator=gen),
+                 torch.tensor(lengths))
+    q = torch.randn(2, hkv * g, chunk, d, generator=gen) * 2
+    k, v = torch.randn(2, hkv, chunk, d, generator=gen), torch.randn(2, hkv, chunk, d, generator=gen)
+    out = chunk_attention(HeteroAttention(cfg), layer, q, k, v)
+    for b in range(2):
+        sk, sv = layer.tokens(b)
+        for i in range(chunk):
+            keys = torch.cat([sk, k[b, :, : i + 1]], dim=1)[None].double()
+            vals = torch.cat([sv, v[b, :, : i + 1]], dim=1)[None].double()
+            want = dense_attention(q[b:b + 1, :, i].double(), keys, vals, compute_dtype=torch.float64).out[0]
+            assert rel_err(out[b, :, i], want) < 1e-5, (b, i)
