@@ -83,11 +83,10 @@ def _chunk_attention_locked(runtime, layer, q, k, v, lengths: List[int], scale: 
     b, hq, c, d = q.shape
     config = runtime.config
     out = torch.zeros_like(q)
-    sparse = (layer.initialized and not layer.dense and c <= config.sparse_chunk_tokens
-              and bool(layer.host.length.any()))
+    small = layer.initialized and c <= config.sparse_chunk_tokens
+    sparse = small and not layer.dense and bool(layer.host.length.any())
     host_parts = _sparse_host_parts(runtime, layer, q, scale) if sparse else None
-    small = layer.initialized and q.device.type == "cpu" and c <= config.sparse_chunk_tokens
-    fast_parts = _fast_tier_parts(runtime, layer, q, scale) if small else None
+    fast_parts = _fast_tier_parts(runtime, layer, q, scale) if small and q.device.type == "cpu" else None
     for seq, n in enumerate(lengths):
         if n == 0:
             continue
