@@ -160,8 +160,6 @@ PYBIND11_MODULE(_native, m) {
            },
            "Ceiling probe: read random runs of memory (benchmarks)")
       .def("set_threads", &Runner::set_threads)
-      .def("wake", &Runner::wake,
-           "Rouse sleeping pool threads ahead of a call (a worker asleep on an idle vCPU joins ~20 us late)")
       .def("set_trace", &Runner::set_trace, "Record each pool thread's busy span per call (take_trace)")
       .def("take_trace",
            [](Runner& r) {

@@ -281,7 +281,6 @@ class HeteroAttention:
         token = (layer.native_token(k, v) if type(plan) is StepPlan and plan.cpu_fused and type(layer) is LayerCache
                  and layer._native_ok and type(q) is torch.Tensor and not self._closed else None)
         if token is not None:
-            plan.host._runner.wake()  # pool threads asleep on idle cores join ~20 us late: rouse them now
             plan.check(q, layer)
             ws = plan.workspaces.get(layer.layer_idx)
             mode = self._host_mode(layer)
@@ -380,7 +379,6 @@ class HeteroAttention:
         return None
 
     def _run_fused_cpu(self, q, layer, plan, out, details):
-        plan.host._runner.wake()  # see decode
         dst = plan.workspaces[layer.layer_idx].out if out is None else out
         timed = details or self.record_phases or self.config.balance == "auto" or layer.head_budget is not None
         t0 = time.perf_counter()

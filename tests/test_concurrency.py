@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from hetero import HeteroAttention, HeteroConfig, LayerCache, native
+from hetero import HeteroAttention, HeteroConfig, LayerCache
 
 CALLS = 1000  # in all, over the two threads
 
@@ -105,41 +105,3 @@ def test_concurrent_decode_loops_on_different_layers_equal_sequential():
         assert together[t].retriever.ntotal == together[t].host_lengths()
         for seq in range(2):
             assert all(torch.equal(a, b) for a, b in zip(together[t].tokens(seq), alone[t].tokens(seq)))
-
-
-@pytest.mark.skipif(native.load() is None, reason="C++ extension not built")
-def test_pool_wakes_from_another_thread_leave_steps_unchanged():
-    """``Runner.wake`` (which decode calls before its step) may come from any thread at any moment, during a call
-    or between calls: a thread waking the pool without pause changes no output and hangs nothing."""
-    config = HeteroConfig(window=32, sinks=2, budget=40, retriever="ivf-group", retriever_options={"min_train": 64})
-    gen = torch.Generator().manual_seed(3)
-    steps = 120
-    tokens = [(torch.randn(2, 2, 32, generator=gen), torch.randn(2, 2, 32, generator=gen),
-               torch.randn(2, 8, 32, generator=gen)) for _ in range(steps)]
-
-    def decode_all(layer, attn, outs):
-        for k, v, q in tokens:
-            outs.append(attn.decode(q, k, v, layer, attn.plan(layer, 8, torch.float32)))
-
-    want, got = [], []
-    attn = HeteroAttention(config)
-    decode_all(_layers(config, n_layers=1)[0], attn, want)
-    attn.close()
-    layer = _layers(config, n_layers=1)[0]
-    attn = HeteroAttention(config)
-    runner = attn.plan(layer, 8, torch.float32).host._runner
-    done = threading.Event()
-
-    def wake_storm():
-        while not done.is_set():
-            runner.wake()
-
-    def decode_then_stop():
-        try:
-            decode_all(layer, attn, got)
-        finally:
-            done.set()
-
-    _in_threads([decode_then_stop, wake_storm])
-    attn.close()
-    assert len(got) == steps and all(torch.equal(a, b) for a, b in zip(got, want))

@@ -7,10 +7,8 @@
 // finishes a call keeps polling for the next one for `spin_us` (default 100 us, HETERO_POOL_SPIN_US), yielding the
 // CPU between polls so that another runnable thread on its core is not starved, and only then sleeps on a
 // condition variable. The phases of one decode step, and the layers of a step that follow each other quickly,
-// find the workers awake; the first phase after a longer pause finds them awake when the step called wake() ahead
-// of its serial start (a worker asleep on an idle vCPU otherwise joined 19-29 us late, and after a pause of tens of
-// milliseconds ~0.8 ms late, wake() or not: the hypervisor's own delay). The caller waits only for workers that
-// joined the call before it ran out of items, by polling: they are inside their last item.
+// find the workers awake. The caller waits only for workers that joined the call before it ran out of items, by
+// polling: they are inside their last item.
 #pragma once
 #include <sched.h>
 
@@ -49,18 +47,6 @@ class ThreadPool {
     stop();
     stopping_.store(false);
     for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { loop(i); });
-  }
-
-  // Rouses sleeping workers to poll for the next call (for spin_us), and returns at once: called ahead of a call's
-  // serial start (a step's Python and its append) so that the workers are awake when its first phase opens. Safe
-  // from any thread at any time: a worker that wakes to no open call goes back to polling.
-  void wake() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (sleepers_ == 0) return;
-      generation_.fetch_add(1, std::memory_order_release);
-    }
-    cv_.notify_all();
   }
 
   void run(int64_t n_items, const std::function<void(int64_t, int)>& fn) {

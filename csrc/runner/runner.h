@@ -42,8 +42,6 @@ class Runner {
 
   void set_threads(int threads);
   int threads() const { return pool_->threads(); }
-  // Rouse the pool's sleeping workers ahead of a call (ThreadPool::wake); no lock, returns at once.
-  void wake() { pool_->wake(); }
 
   // Tracing: while on, each pool run records per thread when it took its first item and finished its last (seconds
   // on the steady clock, Python's time.perf_counter on Linux); take_trace() returns and clears them as (worker,
