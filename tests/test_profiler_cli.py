@@ -70,9 +70,10 @@ def test_profile_table_has_verdict(overlap, words):
 def test_trace_shows_the_native_pool_threads(tmp_path):
     """The fused step (the CPU default) runs its phases on the main thread and the host backend's pool; the trace
     has a track for the pool thread too, each of its busy spans named by the phase it fell in and inside it (the
-    calling thread may do a small phase's work before its pool thread wakes, so no phase is required of the pool)."""
+    calling thread may do a small phase's work before its pool thread wakes, so no phase is required of the pool;
+    with three steps the pool took no item at all in about 1 run of 10 on 2 vCPUs, hence eight)."""
     trace = tmp_path / "t.json"
-    p = _run("profile", "--context", "9000", "--heads", "8", "--kv-heads", "2", "--steps", "3", "--trace", str(trace))
+    p = _run("profile", "--context", "9000", "--heads", "8", "--kv-heads", "2", "--steps", "8", "--trace", str(trace))
     assert p.returncode == 0, p.stderr
     events = json.loads(trace.read_text())["traceEvents"]
     names = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "thread_name"}
