@@ -31,6 +31,7 @@ from .cache import LayerCache
 from .config import HeteroConfig
 from .errors import ClosedError, ConfigError, DTypeError, HeteroError, InvalidValueError, ShapeError
 from .merge import fuse
+from .native_pool import SearchPool
 from .plan import NATIVE_PHASES, LayerWorkspace, StepGeometry, StepPlan, workspace_kmax
 from .reference import default_scale
 from .timing import PhaseRecorder, Span
@@ -105,6 +106,7 @@ class HeteroAttention:
         self._lock = threading.Lock()  # plan() and workspace growth (runs of different layers may race on them)
         self._checked: Dict[int, HeteroConfig] = {}  # id(layer config) -> that config, once found compatible
         self._stream = None
+        self._search_pool: Optional[SearchPool] = None  # the first plan creates it
         self._closed = False
         self.native_trace = False
         self.record_phases = False  # fused steps record their native phases (``phases``) without details
@@ -171,10 +173,14 @@ class HeteroAttention:
         else:
             fused = host.native_step and window.name == "triton"
         host.set_threads(threads)
-        for part in (window, host):
+        if self._search_pool is None:
+            self._search_pool = SearchPool(native.new_runner(threads))
+        self._search_pool.set_threads(threads)
+        for part in (window, host, self._search_pool):
             part.set_native_trace(self.native_trace)
         scale = self.config.scale or default_scale(g.head_dim)
-        plan = StepPlan(g, window, host, fused and native.load() is not None, scale, self.config, {})
+        plan = StepPlan(g, window, host, fused and native.load() is not None, scale, self.config, {},
+                        self._search_pool)
         self._ensure_workspaces(plan, layers)
         self._plan = plan
         return plan
@@ -364,7 +370,7 @@ class HeteroAttention:
             return None
         if mode == 1:
             q32 = ws.q_host.float() if q.device.type == "cuda" else q.detach().float()
-            sel = layer.retriever.search(q32, plan.budgets_for(layer, self.balancer(layer).budget_scale).tolist())
+            sel = plan.search(layer, q32, self.balancer(layer).budget_scale)
             check_selection(sel, layer.batch, q.shape[1], layer.kv_heads, layer.host.length.tolist(), layer.head_dim)
             idx = sel.indices.to(torch.int32).contiguous()
             counts = native.used_counts(idx)
@@ -453,7 +459,7 @@ class HeteroAttention:
     def _native_spans(self, plan, layer) -> List[Span]:
         if not self.native_trace:
             return []
-        return [s for part in (plan.window, plan.host, layer.retriever) for s in part.take_native_spans()]
+        return [s for part in (plan.window, plan.host, plan.search_pool) for s in part.take_native_spans()]
 
     def _run_fused_cuda(self, q, layer, plan, out, details):
         """Window on the GPU (Triton), host part in C++ on the calling thread meanwhile, merge on the GPU."""
@@ -521,8 +527,7 @@ class HeteroAttention:
                 check_finite(q_host, "q")  # a CUDA query is checked here, on its copy, not with a device sync
                 q_host = q_host.float()
         with rec.span("retrieve"):
-            selection = layer.retriever.search(q_host, plan.budgets_for(layer, self.balancer(layer).budget_scale)
-                                               .tolist())
+            selection = plan.search(layer, q_host, self.balancer(layer).budget_scale)
         check_selection(selection, q_host.shape[0], q_host.shape[1], layer.kv_heads, layer.host.length.tolist(),
                         layer.head_dim)
         with rec.span("host_attn"):

@@ -147,7 +147,7 @@ def _sparse_host_parts(runtime, layer, q: torch.Tensor, scale: float) -> Partial
     per_pos = []
     for i in range(c):
         qi = q[:, :, i].detach().float().cpu().contiguous()
-        sel = layer.retriever.search(qi, plan.budgets_for(layer).tolist())
+        sel = plan.search(layer, qi)
         part = plan.host(qi, layer.host.view(), sel, scale)
         if sel.estimate is not None:
             part = fuse([part, sel.estimate])

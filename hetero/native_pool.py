@@ -32,3 +32,19 @@ class RunnerBacked:
             return []
         return [Span(self.phase, start, end, f"{self.pool} pool {worker}")
                 for worker, start, end in self._runner.take_trace() if worker > 0]
+
+
+class SearchPool(RunnerBacked):
+    """The C++ pool that retrievers' searches made in Python run on (a small chunk's positions, the side-by-side
+    step, a per-head budget's missed-mass report): one per ``HeteroAttention``, shared by the retrievers of its
+    layers and given the step's thread count by its plan. The fused C++ step searches on the host backend's pool
+    instead. ``runner``: the extension's Runner, or None without the extension."""
+
+    pool, phase = "cpp search", "retrieve"
+
+    def __init__(self, runner) -> None:
+        self._runner = runner
+
+    @property
+    def runner(self):
+        return self._runner

@@ -19,6 +19,8 @@ import torch
 from . import native
 from .backends import AttentionInputs, Backend
 from .errors import StalePlanError
+from .native_pool import SearchPool
+from .types import Selection
 
 # The phases a C++ step times into WORK.TIMES, in csrc/runner/step.h's order (kPhases): the step's window, its
 # search, its host attention, the merge, and a decode_token's append.
@@ -99,12 +101,14 @@ class StepPlan:
     """One decode step's plan over a cache's layers (``HeteroAttention.plan``).
 
     geometry: ``StepGeometry``. window, host: the resolved backends. fused: the layers' steps run as one C++ call
-    each (``hetero/native.py``). budget: the rule the steps apply to each sequence's host length (``budget_fields``;
-    the C++ step computes the keys itself). A plan stays valid while the geometry holds: lengths may grow."""
+    each (``hetero/native.py``). search_pool: the native pool of the searches made in Python (``search``).
+    budget: the rule the steps apply to each sequence's host length (``budget_fields``; the C++ step computes the
+    keys itself). A plan stays valid while the geometry holds: lengths may grow."""
 
     def __init__(self, geometry: StepGeometry, window: Backend, host: Backend, fused: bool, scale: float, config,
-                 workspaces: Dict[int, LayerWorkspace]):
+                 workspaces: Dict[int, LayerWorkspace], search_pool: Optional[SearchPool] = None):
         self.geometry, self.window, self.host, self.fused, self.scale = geometry, window, host, fused, scale
+        self.search_pool = search_pool
         self.config = config
         self.workspaces = workspaces
         self.budget = budget_fields(config, geometry.group)
@@ -123,6 +127,12 @@ class StepPlan:
             flat = flat_budgets(self.config, layer.host.length, layer.kv_heads, self.geometry.group, scale)
             return layer.head_budget.split(flat[:, 0].tolist()).numpy().astype(np.int64)
         return flat_budgets(self.config, layer.host.length, layer.kv_heads, self.geometry.group, scale)
+
+    def search(self, layer, q: torch.Tensor, scale: float = 1.0) -> Selection:
+        """``layer``'s retriever searched in Python for ``q [B, Hq, D]`` (float32, on the CPU) under this step's
+        budgets (``budgets_for``), on the plan's search pool: the step's threads, not the retriever's own pool."""
+        layer.retriever.use_runner(self.search_pool.runner if self.search_pool is not None else None)
+        return layer.retriever.search(q, self.budgets_for(layer, scale).tolist())
 
     def check(self, q: torch.Tensor, layer) -> None:
         """``StalePlanError`` unless ``q`` and ``layer`` have this plan's geometry (cheap)."""

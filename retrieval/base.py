@@ -172,8 +172,13 @@ class Retriever(ABC):
         """Whether the fused C++ step can search this index itself (ivf-group, every sequence trained)."""
         return False
 
+    def use_runner(self, runner) -> None:
+        """Run this retriever's native searches on ``runner`` (a C++ Runner) from now on: ``HeteroAttention``'s plan
+        hands its search pool to the retrievers of its layers, so that a search made in Python has the step's
+        threads. None: the retriever's own pool again. Retrievers without a native search ignore it."""
+
     def set_threads(self, threads: int) -> None:
-        """Threads a search may use (the host side's share, set by ``HeteroAttention.plan``)."""
+        """Threads of the retriever's own native pool (the one it searches on when no runner is handed to it)."""
 
     def set_native_trace(self, on: bool) -> None:
         """Record the busy spans of the retriever's native pool threads (``take_native_spans``); none by default."""

@@ -9,6 +9,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from hetero import HeteroAttention, HeteroConfig, LayerCache, native
+from hetero.chunk import chunk_attention
 from hetero.errors import StalePlanError
 
 from helpers import oracle, rel_err
@@ -82,6 +83,42 @@ def test_one_plan_serves_every_layer_and_step_until_the_geometry_changes():
     attn.close()
     alone.close()
 
+
+
+class _CountingRunner:
+    """A Runner that counts the searches made on it."""
+
+    def __init__(self, inner):
+        self.inner, self.searches = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def ivf_search(self, *args):
+        self.searches += 1
+        return self.inner.ivf_search(*args)
+
+
+@needs_native
+def test_searches_made_in_python_run_on_the_plans_pool_with_the_steps_threads():
+    """A small chunk's positions and a per-head budget's step search in Python: on the plan's search pool (one per
+    HeteroAttention, the config's threads), not on each retriever's own one-thread pool."""
+    gen = torch.Generator().manual_seed(0)
+    cfg = HeteroConfig(window=64, sinks=4, budget=48, threads=2, head_budget="adaptive",
+                       retriever_options={"min_train": 64})
+    layer = LayerCache(cfg)
+    layer.append(torch.randn(2, 2, 900, 32, generator=gen), torch.randn(2, 2, 900, 32, generator=gen))
+    layer.wait_indexed()
+    attn = HeteroAttention(cfg)
+    plan = attn.plan(layer, 8)
+    assert plan.search_pool.runner.threads == cfg.resolved_threads
+    spy = plan.search_pool._runner = _CountingRunner(plan.search_pool.runner)
+    attn.run(torch.randn(2, 8, 32, generator=gen), layer, plan)  # adaptive budgets: the search is in Python
+    assert spy.searches == 2  # one native search per sequence
+    chunk_attention(attn, layer, torch.randn(2, 8, 3, 32, generator=gen), torch.randn(2, 2, 3, 32, generator=gen),
+                    torch.randn(2, 2, 3, 32, generator=gen))
+    assert spy.searches == 2 + 3 * 2  # and per position of the chunk
+    attn.close()
 
 def test_exact_retriever_through_the_plan_equals_the_oracle():
     cfg, cache, gen = _model("all")

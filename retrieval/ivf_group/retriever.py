@@ -41,6 +41,7 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
         self._seqs: List[Optional[SeqIndex]] = [None] * host.batch
         self._buffers = None  # _search_cpp's outputs kept between calls
         self._runner = native.new_runner(self.opts["threads"])
+        self._search_runner = self._runner  # the pool a search runs on (use_runner)
         if self._runner is None:
             global _warned
             if not _warned:
@@ -154,6 +155,9 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
         self._report_missed = on
         if hasattr(self, "_seqs"):
             self._update_ready()
+
+    def use_runner(self, runner) -> None:
+        self._search_runner = runner if runner is not None else self._runner
 
     def _update_ready(self) -> None:
         self._ready = (self._runner is not None and self.group_rule == "union" and not self.report_missed
@@ -280,7 +284,7 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
             est_args = (qe.data_ptr(), qe.shape[1], a.mean_norm, a.tail_ksum, a.vmean,
                         int(self.group_rule == "per-head" and g > 1), est[0].data_ptr(), est[1].data_ptr())
         lists = np.full(hkv, index.nlist + 1, dtype=np.int64)
-        self._runner.ivf_search(
+        self._search_runner.ivf_search(
             qg.data_ptr(), qg.shape[2], a.centroids, nprobe_p, a.step, hkv, g, dp, index.bits,
             a.codes, a.ids, a.start, a.count, lists.ctypes.data, mask.shape[1], mask.data_ptr(), k_p, n_p,
             top.data_ptr(), kmax, uni.data_ptr(), cnt.data_ptr(), rows.data_ptr(), k_ref_p, float(self.scale),
