@@ -76,6 +76,15 @@ def _layers_of(cache) -> List[LayerCache]:
     return out
 
 
+def _check_out_shape(out, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    """``ShapeError`` unless ``out`` is a ``shape`` tensor of ``dtype`` on ``device`` with contiguous rows."""
+    if (not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or out.dtype != dtype or out.device != device
+            or out.stride(-1) != 1):
+        dims = ", ".join(str(x) for x in shape)
+        raise ShapeError(f"out must be a [{dims}] {dtype} tensor on {device} with contiguous rows, got "
+                         f"{getattr(out, 'shape', type(out).__name__)}")
+
+
 class HeteroAttention:
     """Decode attention over ``LayerCache``s.
 
@@ -328,21 +337,30 @@ class HeteroAttention:
             raise ClosedError("this HeteroAttention was closed; create a new one")
         if type(layer) is not LayerCache and not isinstance(layer, LayerCache):
             raise ShapeError(f"layer must be a LayerCache, got {type(layer).__name__}")
+        # everything run() would refuse is refused here, before the token goes in
+        if not isinstance(q, torch.Tensor):
+            raise ShapeError(f"q must be a torch.Tensor [B, Hq, D], got {type(q).__name__}")
+        if plan is not None and type(plan) is not StepPlan:
+            raise ShapeError(f"plan must be a StepPlan (HeteroAttention.plan), got {type(plan).__name__}")
         if layer.initialized:
-            if isinstance(q, torch.Tensor) and q.device.type == "cpu":  # (a CUDA query is checked on its host copy,
-                check_query(q, layer.kv_heads, layer.head_dim, layer.batch)  # without a sync here)
-            if type(plan) is StepPlan:
-                plan.check(q, layer)
+            if q.device.type == "cpu":  # (a CUDA query is checked on its host copy, without a sync here)
+                check_query(q, layer.kv_heads, layer.head_dim, layer.batch)
+            if plan is None:
+                if q.device != layer.device:
+                    raise ShapeError(f"q is on {q.device}, layer {layer.layer_idx}'s fast tier on {layer.device}")
+                plan = self.plan(layer, q.shape[1], q.dtype)
+            plan.check(q, layer)
+            if out is not None:
+                self._check_out(out, plan)
+        elif out is not None:
+            _check_out_shape(out, tuple(q.shape), q.dtype, q.device)
         layer.append(k, v)
         return self.run(q, layer, plan, out=out)
 
     @staticmethod
     def _check_out(out, plan: StepPlan) -> None:
         g = plan.geometry
-        if (not isinstance(out, torch.Tensor) or tuple(out.shape) != (g.batch, g.q_heads, g.head_dim)
-                or out.dtype != g.q_dtype or out.device != g.device or out.stride(-1) != 1):
-            raise ShapeError(f"out must be a [{g.batch}, {g.q_heads}, {g.head_dim}] {g.q_dtype} tensor on {g.device} "
-                             f"with contiguous rows, got {getattr(out, 'shape', type(out).__name__)}")
+        _check_out_shape(out, (g.batch, g.q_heads, g.head_dim), g.q_dtype, g.device)
 
     @staticmethod
     def _host_mode(layer: LayerCache) -> int:

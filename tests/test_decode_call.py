@@ -79,7 +79,8 @@ def _same(x, y):
 
 
 @pytest.mark.parametrize("retriever", ["ivf-group", "exact"])
-@pytest.mark.parametrize("bad", ["q_nan", "q_inf", "k_nan", "v_inf", "q_shape", "q_gqa", "k_shape"])
+@pytest.mark.parametrize("bad", ["q_nan", "q_inf", "k_nan", "v_inf", "q_shape", "q_gqa", "k_shape", "out_shape",
+                                 "out_dtype", "q_type", "plan_type"])
 def test_bad_input_changes_nothing(retriever, bad):
     """A refused decode leaves the layer as it was: lengths, host tier, window, every token."""
     cfg, (a, _), (attn, _), gen = _pair(retriever, "bfloat16", 2)
@@ -99,11 +100,20 @@ def test_bad_input_changes_nothing(retriever, bad):
         q = torch.randn(2, 6, 32).bfloat16()  # valid GQA, not the plan's
     elif bad == "q_gqa":
         q = torch.randn(2, 7, 32).bfloat16()
-    else:
+    elif bad == "k_shape":
         k = torch.randn(2, 3, 32)
+    out, step_plan = None, plan
+    if bad == "out_shape":
+        out = torch.empty(2, 8, 31, dtype=torch.bfloat16)
+    elif bad == "out_dtype":
+        out = torch.empty(2, 8, 32)
+    elif bad == "q_type":
+        q = q.tolist()
+    elif bad == "plan_type":
+        step_plan = "plan"
     before = _snapshot(a)
     with pytest.raises(HeteroError) as err:
-        attn.decode(q, k, v, a, plan)
+        attn.decode(q, k, v, a, step_plan, out=out)
     if bad in ("q_nan", "q_inf", "k_nan", "v_inf"):
         assert "NaN or inf" in str(err.value)
     _same(before, _snapshot(a))
