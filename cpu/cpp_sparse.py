@@ -51,6 +51,7 @@ class CppSparseBackend(RunnerBacked, HostBackend):
     devices = ("cpu",)
     native_step = True
     max_group = 64
+    max_head_dim = native.MAX_HEAD_DIM
     pool, phase = "cpp host", "host_attn"
 
     def availability_reasons(self) -> List[str]:

@@ -24,6 +24,7 @@ class CppWindowBackend(RunnerBacked, WindowBackend):
     devices = ("cpu",)
     native_step = True
     max_group = 64
+    max_head_dim = native.MAX_HEAD_DIM
     pool, phase = "cpp window", "window"
     def __init__(self) -> None:
         self._runner = native.new_runner(native.usable_cores())

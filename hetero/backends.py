@@ -49,6 +49,7 @@ class Backend(ABC):
     devices: Tuple[str, ...] = ("cpu",)
     dtypes: Tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
     max_group: Optional[int] = None  # largest GQA group (query heads per KV head); None: any
+    max_head_dim: Optional[int] = None  # largest head_dim; None: any
     native_step: bool = False  # the fused C++ decode step computes this side itself (hetero/native.py)
 
     def availability_reasons(self) -> List[str]:
@@ -63,6 +64,8 @@ class Backend(ABC):
             reasons.append(f"KV dtype {inputs.kv_dtype} not in {[str(d).replace('torch.', '') for d in self.dtypes]}")
         if self.max_group is not None and inputs.group > self.max_group:
             reasons.append(f"GQA group of {inputs.group} query heads > {self.max_group}")
+        if self.max_head_dim is not None and inputs.head_dim > self.max_head_dim:
+            reasons.append(f"head_dim {inputs.head_dim} > {self.max_head_dim}")
         return reasons
 
     def auto_reasons(self, inputs: AttentionInputs) -> List[str]:

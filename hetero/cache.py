@@ -142,6 +142,7 @@ class LayerCache:
         self.staged_evictions = self.staged_evictions or fast.device.type == "cuda"
         self._stage = EvictionStage(fast.device)
         self._native_ok = (fast.device.type == "cpu" and not self.dense and native.load() is not None
+                           and fast.k.shape[3] <= native.MAX_HEAD_DIM
                            and not self.staged_evictions)
 
     # ---- appending ---------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ _load_error: Optional[str] = None
 
 # Element dtype codes of the kernels (csrc/sparse/sparse_attention.h DType), for K/V, queries and outputs.
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# The largest head_dim the kernels, the fused step, the native append and the IVF codes take (csrc/module.cpp).
+MAX_HEAD_DIM = 512
 
 
 def load():

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from hetero import HeteroAttention, HeteroConfig, LayerCache
+from hetero.errors import UnsupportedError
 from hetero.reference import dense_attention
 
 from helpers import oracle, rel_err
@@ -54,6 +55,24 @@ def test_exact_mode_no_window_no_sinks():
     for _, out, ref in results:
         assert rel_err(out, ref) <= 1e-5
 
+
+
+@pytest.mark.parametrize("retriever", ["all", "exact"])
+def test_heads_wider_than_the_kernels_take_run_on_the_python_path(retriever):
+    """head_dim 513 is above what the C++ kernels, the fused step and the native append take (512): the plan picks
+    backends that can run it, the decode tokens go through the general append, and the result is still exact."""
+    layer, results = _run([40, 13], hkv=2, g=2, d=513, retriever=retriever, decode_steps=3)
+    for _, out, ref in results:
+        assert rel_err(out, ref) <= 1e-5
+    plan = HeteroAttention(layer.config).plan(layer, 4)
+    assert not plan.fused and plan.window.name != "cpp" and plan.host.name != "cpp"
+
+
+def test_ivf_group_refuses_heads_wider_than_its_codes_before_anything_is_stored():
+    layer = LayerCache(HeteroConfig(window=8, sinks=2, retriever="ivf-group"))
+    with pytest.raises(UnsupportedError, match="head_dim <= 512"):
+        layer.append(torch.randn(1, 2, 40, 520), torch.randn(1, 2, 40, 520))
+    assert not layer.initialized and layer.seq_lengths() == []
 
 def test_exact_mode_odd_block_size_many_decode_steps():
     _, results = _run([57, 30, 9], hkv=2, g=4, block_tokens=7, decode_steps=20)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from hetero import native
-from hetero.errors import InvalidValueError
+from hetero.errors import InvalidValueError, UnsupportedError
 from hetero.native_pool import RunnerBacked
 from hetero.types import PartialAttention, Selection
 from hetero.validation import check_finite
@@ -36,6 +36,9 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
 
     def __init__(self, host, group_rule: str = "union", **options: Any):
         super().__init__(host, group_rule, **options)
+        if host.head_dim > native.MAX_HEAD_DIM:
+            raise UnsupportedError(f"ivf-group takes head_dim <= {native.MAX_HEAD_DIM} (its key codes and C++ search), "
+                                   f"got {host.head_dim}: use retriever=\"ivf\", \"hnsw\" or \"exact\" for wider heads")
         self.init_lifecycle(host.batch)
         self.seed, self.code_bits, self.estimate = self.opts["seed"], self.opts["code_bits"], self.opts["estimate"]
         self._seqs: List[Optional[SeqIndex]] = [None] * host.batch
