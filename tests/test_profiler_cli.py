@@ -49,6 +49,23 @@ def test_profile_warmup_steps_are_reported_apart(warmup):
     assert [s["step"] for s in r["per_step"]] == [0, 1] and all(ms > 0 for ms in r["warmup_ms"])
 
 
+
+def _strict(text: str):
+    """json.loads that refuses NaN and Infinity, as JSON parsers other than Python's do."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_profile_json_is_strict_json_when_a_figure_does_not_exist():
+    """Side by side (not fused) a step has no fixed cost: null in the JSON, as at the top level, not NaN."""
+    p = _run("profile", "--context", "3000", "--heads", "8", "--kv-heads", "2", "--steps", "2", "--overlap", "on",
+             "--json")
+    assert p.returncode == 0, p.stderr
+    r = _strict(p.stdout)
+    assert r["fixed_ms"] is None and all(s["fixed_ms"] is None for s in r["per_step"])
+
 @pytest.mark.parametrize("preset", ["qwen2-7b", "smollm2"])
 def test_profile_presets(preset):
     p = _run("profile", "--preset", preset, "--context", "3000", "--steps", "2", "--json")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import List, Optional
 
@@ -15,6 +16,21 @@ from hetero.errors import HeteroError
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _json(obj) -> str:
+    """``obj`` as one line of strict JSON: a figure that does not exist (NaN, as a step that is not fused has no
+    fixed cost) is null, not the bare ``NaN`` that JSON parsers other than Python's refuse."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return json.dumps(clean(obj), allow_nan=False)
 
 
 def _int_at_least(low: int):
@@ -137,7 +153,7 @@ def _profile(ns: argparse.Namespace) -> int:
         from .profile_model import profile_model
 
         result = profile_model(ns.model, config, ns.context or 4096, ns.steps, log=log)
-        print(json.dumps(result)) if ns.json else print_model_profile(result)
+        print(_json(result)) if ns.json else print_model_profile(result)
         return 0
     warmup = 2 if ns.warmup is None else ns.warmup
     decoded = ns.steps + warmup
@@ -165,7 +181,7 @@ def _profile(ns: argparse.Namespace) -> int:
         plot_profile(result, ns.plot)
         log(f"plot: {ns.plot}")
     if ns.json:
-        print(json.dumps(result))
+        print(_json(result))
     else:
         print_profile(result)
     return 0
