@@ -143,8 +143,8 @@ class HeteroAttention:
         float32): backends, whether the fused C++ step runs, workspaces. It stays valid while the geometry holds
         (lengths may grow); asking again with the same geometry returns it at the cost of a few comparisons."""
         p = self._plan  # the per-step call of a one-layer decode loop: its plan, after a handful of comparisons
-        if (p is not None and type(cache) is LayerCache and cache.config is self.config and q_heads == p.q_heads
-                and q_dtype is p.geometry.q_dtype and cache.geometry == p.layer_geometry
+        if (p is not None and type(cache) is LayerCache and cache.config is self.config and type(q_heads) is int
+                and q_heads == p.q_heads and q_dtype is p.geometry.q_dtype and cache.geometry == p.layer_geometry
                 and cache.layer_idx in p.workspaces and not self._closed):
             return p
         if self._closed:
@@ -157,7 +157,10 @@ class HeteroAttention:
             next((x for x in layers if x.initialized), None)
         if ref is None:
             raise ShapeError("the cache is empty: append the prompt's keys first")
-        q_heads = q_heads or (self._geometry.q_heads if self._geometry is not None else ref.kv_heads)
+        if q_heads is None:
+            q_heads = self._geometry.q_heads if self._geometry is not None else ref.kv_heads
+        elif isinstance(q_heads, bool) or not isinstance(q_heads, int) or q_heads <= 0 or q_heads % ref.kv_heads:
+            raise ShapeError(f"q_heads={q_heads!r} must be a positive multiple of the {ref.kv_heads} KV heads")
         q_dtype = q_dtype or torch.float32
         if q_dtype not in native.DTYPE_CODES:
             raise DTypeError(f"decode queries of dtype {q_dtype} are not supported; allowed: float32, bfloat16, "
@@ -168,8 +171,6 @@ class HeteroAttention:
                 and cached.geometry.kv_dtype == ref.dtype and cached.geometry.device == ref.device):
             self._ensure_workspaces(cached, layers)
             return cached
-        if isinstance(q_heads, bool) or not isinstance(q_heads, int) or q_heads % ref.kv_heads:
-            raise ShapeError(f"q_heads={q_heads!r} must be a positive multiple of the {ref.kv_heads} KV heads")
         g = StepGeometry(ref.batch, q_heads, ref.kv_heads, ref.head_dim, ref.dtype, q_dtype, ref.device)
         self._geometry = g
         window = self.backends.select("window", self.config.window_backend, g.inputs())
@@ -387,8 +388,11 @@ class HeteroAttention:
         if mode == 2:
             return None
         if mode == 1:
+            t_search = time.perf_counter()  # the native step marks no search of its own: its span is this one's
             q32 = ws.q_host.float() if q.device.type == "cuda" else q.detach().float()
             sel = plan.search(layer, q32, self.balancer(layer).budget_scale)
+            if timed:
+                ws.times[2:4] = (t_search, time.perf_counter())  # NATIVE_PHASES[1], "retrieve" (same clock)
             check_selection(sel, layer.batch, q.shape[1], layer.kv_heads, layer.host.length.tolist(), layer.head_dim)
             idx = sel.indices.to(torch.int32).contiguous()
             counts = native.used_counts(idx)
@@ -440,8 +444,9 @@ class HeteroAttention:
                                                                                                ws.host_lse),
                                      layer.retriever)
         if self.config.balance == "auto" and mode:
-            t = ws.times
-            self.balancer(layer).record((t[1] - t[0]) * 1e3, (t[5] - t[2]) * 1e3, can_lower=True, can_raise=True)
+            t = ws.times  # the host side: its search and its rows (a search in Python ran before the window)
+            self.balancer(layer).record((t[1] - t[0]) * 1e3, (t[3] - t[2] + t[5] - t[4]) * 1e3, can_lower=True,
+                                        can_raise=True)
 
     def _fused_details(self, dst, ws, layer, plan, mode, sel, t0) -> DecodeResult:
         t = ws.times

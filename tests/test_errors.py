@@ -85,6 +85,14 @@ def test_bad_query_rejected_and_cache_unchanged(layer, name, make, err, match):
     assert same_snapshot(before, snapshot(layer))
 
 
+
+@pytest.mark.parametrize("q_heads", [0, -2, 2.0, True, "8"])
+def test_plan_refuses_a_q_heads_that_is_not_a_positive_multiple_of_the_kv_heads(layer, q_heads):
+    attn = HeteroAttention(layer.config)
+    attn.plan(layer, 2 * layer.kv_heads)  # a cached plan must not answer for 2.0 either
+    with pytest.raises(ShapeError, match="positive multiple"):
+        attn.plan(layer, q_heads)
+
 def test_run_on_empty_layer_is_clear():
     cfg = HeteroConfig()
     with pytest.raises(ShapeError, match="empty"):

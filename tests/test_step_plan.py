@@ -9,6 +9,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from hetero import HeteroAttention, HeteroConfig, LayerCache, native
+from hetero.balance import Balancer
 from hetero.chunk import chunk_attention
 from hetero.errors import StalePlanError
 
@@ -118,6 +119,30 @@ def test_searches_made_in_python_run_on_the_plans_pool_with_the_steps_threads():
     chunk_attention(attn, layer, torch.randn(2, 8, 3, 32, generator=gen), torch.randn(2, 2, 3, 32, generator=gen),
                     torch.randn(2, 2, 3, 32, generator=gen))
     assert spy.searches == 2 + 3 * 2  # and per position of the chunk
+    attn.close()
+
+
+@needs_native
+def test_a_search_made_in_python_is_the_fused_steps_retrieve_phase(monkeypatch):
+    """The exact retriever searches in Python before the fused C++ step: that search is the step's ``retrieve``
+    phase (a span before the window's, on the same clock), and the balancer's host time is the search and the host
+    rows, not a timestamp."""
+    recorded = []
+    monkeypatch.setattr(Balancer, "record", lambda self, w, h, **kw: recorded.append((w, h)))
+    gen = torch.Generator().manual_seed(0)
+    cfg = HeteroConfig(window=64, sinks=4, budget=48, retriever="exact", balance="auto")
+    layer = LayerCache(cfg)
+    layer.append(torch.randn(2, 2, 900, 32, generator=gen), torch.randn(2, 2, 900, 32, generator=gen))
+    attn = HeteroAttention(cfg)
+    plan = attn.plan(layer, 8)
+    res = attn.run(torch.randn(2, 8, 32, generator=gen), layer, plan, return_details=True)
+    assert plan.fused
+    t = res.timings_ms
+    assert t["retrieve"] > 0
+    spans = {s.phase: s for s in attn.phase_spans(plan, layer)}
+    assert spans["retrieve"].end <= spans["window"].start < spans["retrieve"].end + 1.0
+    window_ms, host_ms = recorded[-1]
+    assert host_ms == pytest.approx(t["retrieve"] + t["host_attn"], abs=1e-6)
     attn.close()
 
 def test_exact_retriever_through_the_plan_equals_the_oracle():
