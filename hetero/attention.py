@@ -26,7 +26,6 @@ import torch
 from . import native
 from .backends import BackendSet
 from .balance import Balancer
-from .budgets import AdaptiveHeadBudget
 from .cache import LayerCache
 from .config import HeteroConfig
 from .errors import ClosedError, ConfigError, DTypeError, HeteroError, InvalidValueError, ShapeError
@@ -200,8 +199,6 @@ class HeteroAttention:
             if x.initialized:
                 self._check_compatible(x)
             if x.layer_idx not in plan.workspaces and x.initialized:
-                if self.config.head_budget == "adaptive" and x.head_budget is None:
-                    x.head_budget = AdaptiveHeadBudget(x.batch, x.kv_heads)
                 self._grow_workspace(plan, x)
 
     _MATCH = ("window", "sinks", "retriever", "retriever_options", "group_rule", "head_budget", "block_tokens",

@@ -21,19 +21,45 @@ import torch
 from .types import PartialAttention
 
 
+def _water_fill(w: torch.Tensor, total: float, cap: float) -> torch.Tensor:
+    """``total`` split over the heads in proportion to ``w [Hkv]`` with no head above ``cap``: heads whose share
+    passes it get ``cap``, the rest is split again over the others (at most Hkv rounds); rounded, capped."""
+    alloc = torch.zeros_like(w)
+    free = torch.ones_like(w, dtype=torch.bool)
+    left = float(total)
+    while bool(free.any()) and left > 0:
+        x = left * w * free / (w * free).sum()
+        over = free & (x > cap)
+        if not bool(over.any()):
+            alloc = torch.where(free, x, alloc)
+            break
+        alloc[over] = cap
+        left -= cap * int(over.sum())
+        free &= ~over
+    return alloc.round().clamp(max=cap).long()
+
+
 class AdaptiveHeadBudget:
     def __init__(self, batch: int, kv_heads: int, floor: float = 0.25, momentum: float = 0.5):
         self.batch, self.kv_heads, self.floor, self.momentum = batch, kv_heads, floor, momentum
         self.share: Optional[torch.Tensor] = None  # [B, Hkv]
 
-    def split(self, flat: List[int]) -> torch.Tensor:
-        """``[B, Hkv]`` keys per query head; each row sums to ``Hkv * flat[b]`` (up to rounding)."""
+    def split(self, flat: List[int], caps: Optional[List[int]] = None) -> torch.Tensor:
+        """``[B, Hkv]`` keys per query head; each row sums to ``Hkv * flat[b]`` (up to rounding). ``caps[b]``: the
+        most a head of sequence ``b`` can use (its host tokens): what a head's weight gives beyond it goes to the
+        other heads of the sequence, by their weights (water-filling), so a budget that covers the whole tier still
+        reads all of it."""
         flat_t = torch.tensor(flat, dtype=torch.float64).unsqueeze(1)
         if self.share is None:
             return flat_t.expand(-1, self.kv_heads).round().long()
         w = self.share.double()
         w = torch.maximum(w, self.floor * w.mean(dim=1, keepdim=True)).clamp_min(1e-12)
-        return (flat_t * self.kv_heads * w / w.sum(dim=1, keepdim=True)).round().long()
+        if caps is None:
+            return (flat_t * self.kv_heads * w / w.sum(dim=1, keepdim=True)).round().long()
+        out = torch.empty(len(flat), self.kv_heads, dtype=torch.long)
+        for b, (f, cap) in enumerate(zip(flat, caps)):
+            out[b] = _water_fill(w[b], min(f, cap) * self.kv_heads, cap)
+        return out
 
     def update(self, window: PartialAttention, host: PartialAttention, retriever=None) -> None:
         """Record this step's signal per KV head: sqrt of the missed share of attention mass when the retriever

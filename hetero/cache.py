@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import native
+from .budgets import AdaptiveHeadBudget
 from .config import HeteroConfig
 from .errors import ConfigError, InvalidValueError, ShapeError
 from .evictions import EvictionStage
@@ -55,7 +56,7 @@ class LayerCache:
         self.host: Optional[HostTier] = None
         self.retriever = None
         self.index = IndexQueue(layer_idx, config.retriever, indexer)
-        self.head_budget = None  # per-head budget state (hetero.budgets), created by HeteroAttention
+        self.head_budget = None  # per-head budget state (hetero.budgets), made with the tiers if the config asks
         self.lock = threading.Lock()
         self._desc = None
         self._desc_key = None
@@ -134,6 +135,8 @@ class LayerCache:
     def _attach(self, fast, host, retriever) -> None:
         self.fast, self.host, self.retriever = fast, host, retriever
         self.index.bind(retriever, host)
+        if self.config.head_budget == "adaptive" and not self.dense:
+            self.head_budget = AdaptiveHeadBudget(fast.batch, fast.k.shape[1])
         self._flags = np.zeros(fast.batch, dtype=np.int64)
         self._flags_addr = native.address(self._flags)
         self._desc_key = None

@@ -125,7 +125,8 @@ class StepPlan:
         """``[B, Hkv]`` keys per query head of ``layer`` now (the Python paths; the fused step computes the same)."""
         if layer.head_budget is not None:
             flat = flat_budgets(self.config, layer.host.length, layer.kv_heads, self.geometry.group, scale)
-            return layer.head_budget.split(flat[:, 0].tolist()).numpy().astype(np.int64)
+            caps = layer.host.length.tolist()
+            return layer.head_budget.split(flat[:, 0].tolist(), caps).numpy().astype(np.int64)
         return flat_budgets(self.config, layer.host.length, layer.kv_heads, self.geometry.group, scale)
 
     def search(self, layer, q: torch.Tensor, scale: float = 1.0) -> Selection:
