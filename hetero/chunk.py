@@ -26,6 +26,7 @@ import torch
 
 from .merge import fuse
 from .types import PartialAttention
+from .validation import check_finite
 
 _HOST_RUN = 32768  # host rows attended at once (bounds the device copy and the score matrix)
 
@@ -68,11 +69,18 @@ def chunk_attention(runtime, layer, q: torch.Tensor, k: torch.Tensor, v: torch.T
     """Attention of the chunk ``q [B, Hq, C, D]`` (post-RoPE) with its own keys and values ``k, v [B, Hkv, C, D]``
     over ``layer``'s tiers, before the chunk is appended. ``lengths``: the chunk's real (trailing) tokens per
     sequence when it is left-padded (the first prompt of a padded batch); padded query rows get 0. Returns
-    ``[B, Hq, C, D]`` in q's dtype."""
+    ``[B, Hq, C, D]`` in q's dtype; a real query row with NaN or inf is refused (``InvalidValueError``)."""
     b, hq, c, d = q.shape
     config = runtime.config
     scale = config.scale or d ** -0.5
     lengths = [c] * b if lengths is None else list(lengths)
+    for seq, n in enumerate(lengths):  # as a decode step does (padding rows may hold anything)
+        if n:
+            check_finite(q[seq, :, c - n:], "q")
+    if min(lengths) < c:  # zeros for the parts that take every row (the per-position search checks its query)
+        q = q.clone()
+        for seq, n in enumerate(lengths):
+            q[seq, :, :c - n] = 0
     with layer.lock:  # the tiers and the index stay as they are while the chunk reads them
         if layer.initialized:
             layer.prepare_host_side()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hetero import HeteroAttention, HeteroConfig, LayerCache
-from hetero.errors import UnsupportedError
+from hetero.errors import InvalidValueError, UnsupportedError
 from hetero.reference import dense_attention
 
 from helpers import oracle, rel_err
@@ -145,3 +145,23 @@ def test_small_chunk_into_a_warm_cache_is_exact(chunk, g):
             vals = torch.cat([sv, v[b, :, : i + 1]], dim=1)[None].double()
             want = dense_attention(q[b:b + 1, :, i].double(), keys, vals, compute_dtype=torch.float64).out[0]
             assert rel_err(out[b, :, i], want) < 1e-5, (b, i)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("chunk", [3, 30])
+def test_a_chunk_with_a_nan_query_is_refused_on_every_path(chunk, dense):
+    """Small (folded, per-position host search) and long chunks, sparse and dense layers: a NaN in a real query row
+    raises as a decode step does; NaN in a left-padded row (not attended) does not."""
+    from hetero.chunk import chunk_attention
+
+    cfg = HeteroConfig(window=WINDOW, sinks=SINKS, retriever="all", budget=1.0, dense_layers=(0,) if dense else ())
+    layer = LayerCache(cfg)
+    layer.append(torch.randn(2, 2, 60, 16), torch.randn(2, 2, 60, 16))
+    q, k, v = torch.randn(2, 4, chunk, 16), torch.randn(2, 2, chunk, 16), torch.randn(2, 2, chunk, 16)
+    q[1, 2, -1, 3] = float("nan")
+    with pytest.raises(InvalidValueError, match="q contains NaN"):
+        chunk_attention(HeteroAttention(cfg), layer, q, k, v)
+    q[1, 2, -1, 3] = 0.0
+    q[1, 1, 0, 0] = float("nan")  # sequence 1 has one real token: its first row is padding
+    out = chunk_attention(HeteroAttention(cfg), layer, q, k, v, [chunk, 1])
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[1, :, -1]).all()
