@@ -246,19 +246,10 @@ class HeteroAttention:
             raise ShapeError(f"layer must be a LayerCache, got {type(layer).__name__}")
         if not layer.initialized:
             raise ShapeError(f"layer {layer.layer_idx}'s cache is empty: append the prompt's keys first")
-        if plan is None:
-            check_query(q, layer.kv_heads, layer.head_dim, layer.batch)
-            if q.device != layer.device:
-                raise ShapeError(f"q is on {q.device}, layer {layer.layer_idx}'s fast tier on {layer.device}")
-            plan = self.plan(layer, q.shape[1], q.dtype)
-        else:
-            if type(plan) is not StepPlan:
-                raise ShapeError(f"plan must be a StepPlan (HeteroAttention.plan), got {type(plan).__name__}")
-            if type(q) is not torch.Tensor and not isinstance(q, torch.Tensor):
-                raise ShapeError(f"q must be a torch.Tensor [B, Hq, D], got {type(q).__name__}")
-            plan.check(q, layer)
-            if not plan.fused and plan.on_cpu and not all_finite(q):  # the fused step checks the query itself
-                raise InvalidValueError("q contains NaN or inf")  # (a CUDA query: on its host copy, _host_side)
+        given = plan is not None
+        plan = self._resolve_plan(q, layer, plan)
+        if given and not plan.fused and plan.on_cpu and not all_finite(q):  # the fused step checks the query itself
+            raise InvalidValueError("q contains NaN or inf")  # (a CUDA query: on its host copy, _host_side)
         if layer.config is not self.config:
             self._check_compatible(layer)  # a dict lookup once checked
         ws = plan.workspaces.get(layer.layer_idx)
@@ -343,17 +334,28 @@ class HeteroAttention:
         if layer.initialized:
             if q.device.type == "cpu":  # (a CUDA query is checked on its host copy, without a sync here)
                 check_query(q, layer.kv_heads, layer.head_dim, layer.batch)
-            if plan is None:
-                if q.device != layer.device:
-                    raise ShapeError(f"q is on {q.device}, layer {layer.layer_idx}'s fast tier on {layer.device}")
-                plan = self.plan(layer, q.shape[1], q.dtype)
-            plan.check(q, layer)
+            plan = self._resolve_plan(q, layer, plan)
             if out is not None:
                 self._check_out(out, plan)
         elif out is not None:
             _check_out_shape(out, tuple(q.shape), q.dtype, q.device)
         layer.append(k, v)
         return self.run(q, layer, plan, out=out)
+
+    def _resolve_plan(self, q, layer: LayerCache, plan: Optional[StepPlan]) -> StepPlan:
+        """``plan`` checked against ``q`` and ``layer`` (``ShapeError`` or ``StalePlanError``), or, when None, ``q``
+        checked (``check_query``) and a plan made for it."""
+        if plan is None:
+            check_query(q, layer.kv_heads, layer.head_dim, layer.batch)
+            if q.device != layer.device:
+                raise ShapeError(f"q is on {q.device}, layer {layer.layer_idx}'s fast tier on {layer.device}")
+            return self.plan(layer, q.shape[1], q.dtype)
+        if type(plan) is not StepPlan:
+            raise ShapeError(f"plan must be a StepPlan (HeteroAttention.plan), got {type(plan).__name__}")
+        if type(q) is not torch.Tensor and not isinstance(q, torch.Tensor):
+            raise ShapeError(f"q must be a torch.Tensor [B, Hq, D], got {type(q).__name__}")
+        plan.check(q, layer)
+        return plan
 
     @staticmethod
     def _check_out(out, plan: StepPlan) -> None:
