@@ -38,7 +38,11 @@ from .config import HeteroConfig
 from .errors import ConfigError, HeteroError, UnsupportedError
 from .worker import Worker
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Decoder architectures whose attention is plain softmax attention over every past token, verified token-identical
+# to their own SDPA decoding in exact mode (tests/test_hf.py); their features around the attention (qk-norm, partial
+# rotary, no-RoPE layers, attention multipliers, MoE) happen before or after it.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gpt_neox", "olmo", "olmo2", "stablelm",
+                         "granite", "cohere", "starcoder2", "smollm3", "mixtral", "qwen2_moe", "qwen3_moe")
 ATTN_NAME = "hetero"
 DEFAULT_PROGRESS_TOKENS = 16384
 
@@ -55,16 +59,21 @@ def unsupported_features(config) -> List[str]:
         reasons.append("encoder-decoder architecture")
     if getattr(config, "add_cross_attention", False):
         reasons.append("cross-attention")
-    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if getattr(config, name, None):
-            reasons.append(f"logit soft-capping ({name}={getattr(config, name)})")
+    if getattr(config, "attn_logit_softcapping", None):  # (a final_logit_softcapping acts on the LM head only)
+        reasons.append(f"attention logit soft-capping (attn_logit_softcapping={config.attn_logit_softcapping})")
     if getattr(config, "kv_lora_rank", None) or getattr(config, "q_lora_rank", None):
         reasons.append("multi-head latent attention (MLA)")
-    layer_types = getattr(config, "layer_types", None) or []
+    layer_types = getattr(config, "layer_types", None)
     sliding = getattr(config, "sliding_window", None)
-    if "sliding_attention" in layer_types:
-        reasons.append("sliding-window attention layers (layer_types)")
-    elif sliding and getattr(config, "use_sliding_window", True):
+    longest = getattr(config, "max_position_embeddings", None)
+    if layer_types:  # the config's own account of every layer
+        other = sorted({t for t in layer_types if t != "full_attention"})
+        if "sliding_attention" in other:
+            reasons.append(f"sliding-window attention layers (layer_types; sliding_window={sliding})")
+            other.remove("sliding_attention")
+        if other:
+            reasons.append(f"attention layers other than full attention (layer_types: {', '.join(other)})")
+    elif sliding and getattr(config, "use_sliding_window", True) and not (longest and sliding >= longest):
         reasons.append(f"sliding-window attention (sliding_window={sliding})")
     if model_type not in SUPPORTED_MODEL_TYPES:
         reasons.append(f"architecture {model_type!r} is not one hetero has verified (supported: "
@@ -268,6 +277,25 @@ def _real_lengths(attention_mask: Optional[torch.Tensor], batch: int, length: in
     return real.sum(dim=1).tolist()
 
 
+def _mask_fits(attention_mask: Optional[torch.Tensor], pad: List[int]) -> bool:
+    """Whether the mask's last query row attends exactly each sequence's keys from its left padding ``pad[b]`` on:
+    all a HeteroCache serves (left padding of the first prompt, never stored). A hole anywhere else (a masked token
+    inside the prompt, right padding, a later token masked out) would be attended here and not by the model. None
+    means every key is attended."""
+    if attention_mask is None:
+        return not any(pad)
+    row = attention_mask[:, 0, -1, :]
+    real = row if row.dtype == torch.bool else torch.isfinite(row) & (row > torch.finfo(row.dtype).min)
+    want = torch.arange(row.shape[-1], device=row.device)[None, :] >= torch.tensor(pad, device=row.device)[:, None]
+    return bool(torch.equal(real.expand_as(want), want))
+
+
+def _refuse_mask(layer_idx: int, pad: List[int]) -> UnsupportedError:
+    return UnsupportedError(f"layer {layer_idx}: the attention mask leaves out tokens other than the first prompt's "
+                            f"left padding ({pad} per sequence): a HeteroCache attends every stored token, so a mask "
+                            "with holes (or right padding) cannot be served; left-pad the first prompt instead")
+
+
 _warned_dense = False
 
 
@@ -299,6 +327,9 @@ def hetero_attention(module, query, key, value, attention_mask, scaling=None, dr
     runtime = shared.runtime(scaling)
     if state.pending is None:  # one decode token
         if layer.layer_idx == 0 or shared.plan is None:
+            if attention_mask is not None and not _mask_fits(attention_mask, state.pad):  # (the layers share it)
+                state.token = None
+                raise _refuse_mask(layer.layer_idx, state.pad)
             shared.plan = runtime.plan(shared.layers, query.shape[1], query.dtype)
         q = query[:, :, 0, :]
         record = getattr(module, "_hetero_record", None)  # profiling: the native phases of this layer's steps
@@ -313,15 +344,16 @@ def hetero_attention(module, query, key, value, attention_mask, scaling=None, dr
     k, v = state.pending
     state.pending = None
     b, _, c, _ = k.shape
+    lengths = _real_lengths(attention_mask, b, c)
+    if state.processed and any(n != c for n in lengths):
+        raise UnsupportedError(f"layer {layer.layer_idx}: a chunk of {c} tokens into a warm HeteroCache holds "
+                               f"padding ({lengths} real tokens per sequence); only the first prompt of a batch "
+                               "may be left-padded")
+    pad = [c - n for n in lengths] if state.processed == 0 else state.pad
+    if not _mask_fits(attention_mask, pad):
+        raise _refuse_mask(layer.layer_idx, pad)
     if state.processed == 0:
-        lengths = _real_lengths(attention_mask, b, c)
-        state.pad = [c - n for n in lengths]
-    else:
-        lengths = _real_lengths(attention_mask, b, c)
-        if any(n != c for n in lengths):
-            raise UnsupportedError(f"layer {layer.layer_idx}: a chunk of {c} tokens into a warm HeteroCache holds "
-                                   f"padding ({lengths} real tokens per sequence); only the first prompt of a batch "
-                                   "may be left-padded")
+        state.pad = pad
     out = chunk_attention(runtime, layer, query, k, v, lengths)  # [B, Hq, C, D]
     if min(lengths) == c:
         layer.append(k, v)

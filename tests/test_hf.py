@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import hetero
+from hetero.errors import UnsupportedError
 from hetero.hf import UnsupportedModelError, unsupported_features
 from hetero.tools.workloads import smollm2
 
@@ -14,15 +15,37 @@ COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_
               num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
 
 
-def _configs():
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+MOE = dict(num_experts_per_tok=2, moe_intermediate_size=64)
+# architecture -> (config class, model class, what the tiny config sets beyond COMMON): the features around the
+# attention that these tests exercise (qk-norm, partial rotary, no-RoPE layers, attention multipliers, MoE)
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=None, partial_rotary_factor=0.5, pad_token_id=0,
+                                                   bos_token_id=1, eos_token_id=2)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=16)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(rotary_pct=0.5)),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", {}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(partial_rotary_factor=0.25)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(attention_multiplier=0.3, embedding_multiplier=2.0,
+                                                             residual_multiplier=0.5, logits_scaling=2.0)),
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(use_qk_norm=True)),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(sliding_window=None)),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(no_rope_layer_interval=2, pad_token_id=0, bos_token_id=1,
+                                                            eos_token_id=2)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
+                                                             sliding_window=None)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(MOE, num_experts=4,
+                                                                 shared_expert_intermediate_size=64)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(MOE, num_experts=4, head_dim=16)),
+}
 
-    return {
-        "llama": (LlamaConfig(**COMMON), "LlamaForCausalLM"),
-        "mistral": (MistralConfig(**COMMON, sliding_window=None), "MistralForCausalLM"),
-        "qwen2": (Qwen2Config(**COMMON), "Qwen2ForCausalLM"),
-        "qwen3": (Qwen3Config(**COMMON, head_dim=16), "Qwen3ForCausalLM"),
-    }
+
+def _configs():
+    return {arch: (getattr(transformers, cfg)(**COMMON, **extra), cls) for arch, (cfg, cls, extra) in ARCHS.items()}
 
 
 def _pair(arch, config=None):
@@ -35,8 +58,12 @@ def _pair(arch, config=None):
     return ref, hetero.wrap(model, config or hetero.HeteroConfig(window=8, sinks=2, retriever="all"))
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_exact_mode_greedy_tokens_and_logits_match_sdpa(arch):
+    """Every architecture hetero accepts: exact mode decodes what the model's own SDPA + DynamicCache decode."""
+    from hetero.hf import SUPPORTED_MODEL_TYPES
+
+    assert set(SUPPORTED_MODEL_TYPES) == set(ARCHS)  # an architecture is accepted once it is tested here
     ref, model = _pair(arch)
     ids = torch.randint(3, 160, (1, 50), generator=torch.Generator().manual_seed(1))
     kw = dict(max_new_tokens=64, do_sample=False, return_dict_in_generate=True, output_logits=True)
@@ -107,12 +134,46 @@ def test_unsupported_models_are_refused_with_the_feature_named():
     ]
     for cfg, needle in cases:
         assert any(needle in r for r in unsupported_features(cfg)), (cfg.model_type, unsupported_features(cfg))
+    nothing_slides = [MistralConfig(**COMMON, sliding_window=512),  # a window as long as the model's positions
+                      Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=32, max_window_layers=2)]
+    for cfg in nothing_slides:
+        assert unsupported_features(cfg) == [], unsupported_features(cfg)
+    lm_head_cap = Gemma2Config(**COMMON, head_dim=16, attn_logit_softcapping=None, final_logit_softcapping=30.0)
+    assert not any("soft-capping" in r for r in unsupported_features(lm_head_cap))  # on the logits, not attention
     t5 = transformers.T5Config(d_model=32, num_layers=1, num_heads=2, d_kv=16, d_ff=64, vocab_size=100)
     assert any("encoder-decoder" in r for r in unsupported_features(t5))
     model = transformers.MistralForCausalLM._from_config(MistralConfig(**COMMON, sliding_window=64))
     with pytest.raises(UnsupportedModelError, match="sliding-window"):
         hetero.wrap(model)
 
+
+
+def test_a_mask_with_holes_is_refused_before_anything_is_stored():
+    """A HeteroCache attends every stored token, so a mask that leaves out more than the first prompt's left padding
+    (a hole in the prompt, right padding, a cached token masked in a later turn) is refused, not ignored."""
+    _, model = _pair("llama")
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 160, (2, 40), generator=gen)
+    hole = torch.ones(2, 40, dtype=torch.long)
+    hole[1, 20] = 0
+    right = torch.ones(2, 40, dtype=torch.long)
+    right[0, 35:] = 0
+    for mask in (hole, right):
+        cache = hetero.hf.HeteroCache(model.hetero_config, config=model.config)
+        with pytest.raises(UnsupportedError, match="attention mask"):
+            model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4, do_sample=False,
+                           pad_token_id=0)
+        assert cache.get_seq_length() == 0
+    cache = hetero.hf.HeteroCache(model.hetero_config, config=model.config)
+    first = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    stored = cache.get_seq_length()
+    turn2 = torch.cat([first, torch.randint(3, 160, (2, 5), generator=gen)], dim=1)
+    mask = torch.ones_like(turn2)
+    mask[0, 10] = 0  # a cached token
+    with pytest.raises(UnsupportedError, match="attention mask"):
+        model.generate(turn2, attention_mask=mask, past_key_values=cache, max_new_tokens=4, do_sample=False,
+                       pad_token_id=0)
+    assert cache.get_seq_length() == stored
 
 def test_plain_forward_with_dynamic_cache_still_exact():
     ref, model = _pair("llama")
