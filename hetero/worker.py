@@ -17,17 +17,27 @@ from typing import Any, Callable
 from .errors import ClosedError
 
 _STOP = object()
+_live: "weakref.WeakSet[Worker]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """At exit, stop every worker still open (one hook for all of them, not one per worker ever made)."""
+    for worker in list(_live):
+        worker.close()
 
 
 class Worker:
     def __init__(self, name: str, max_pending: int = 64):
         self.name = name
         self._queue: "queue.Queue" = queue.Queue(maxsize=max_pending)
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        # the thread holds the queue, not the worker: a worker nobody holds is collected, and its finalizer stops
+        # the thread (an owner that never calls close() leaks neither the thread nor what the last job held)
+        self._thread = threading.Thread(target=_serve, args=(self._queue,), name=name, daemon=True)
         self._thread.start()
         self._closed = False
-        ref = weakref.ref(self)
-        atexit.register(lambda: ref() is not None and ref().close())
+        self._finalizer = weakref.finalize(self, _post_stop, self._queue)
+        _live.add(self)
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
         if self._closed:
@@ -36,24 +46,12 @@ class Worker:
         self._queue.put((fut, fn, args, kwargs))
         return fut
 
-    def _loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            fut, fn, args, kwargs = item
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn(*args, **kwargs))
-            except BaseException as e:  # delivered to the caller through the future
-                fut.set_exception(e)
-
     def close(self, timeout: float = 5.0) -> None:
         """Stop after the calls already queued; wait at most ``timeout`` seconds."""
         if self._closed:
             return
         self._closed = True
+        self._finalizer.detach()
         try:
             self._queue.put(_STOP, timeout=timeout)
         except queue.Full:
@@ -65,3 +63,27 @@ class Worker:
     def closed(self) -> bool:
         return self._closed
 
+
+def _serve(jobs: "queue.Queue") -> None:
+    """A worker's thread: run the queued calls in order until told to stop."""
+    while True:
+        item = jobs.get()
+        if item is _STOP:
+            return
+        fut, fn, args, kwargs = item
+        item = None
+        if fut.set_running_or_notify_cancel():
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # delivered to the caller through the future
+                fut.set_exception(e)
+        fut = fn = args = kwargs = None  # what the last call held (a layer, a plan) is not kept while idle
+
+
+def _post_stop(jobs: "queue.Queue") -> None:
+    """A collected worker's finalizer: its thread stops after the calls already queued (never blocks: called from
+    the garbage collector)."""
+    try:
+        jobs.put_nowait(_STOP)
+    except queue.Full:
+        pass

@@ -105,3 +105,29 @@ def test_concurrent_decode_loops_on_different_layers_equal_sequential():
         assert together[t].retriever.ntotal == together[t].host_lengths()
         for seq in range(2):
             assert all(torch.equal(a, b) for a, b in zip(together[t].tokens(seq), alone[t].tokens(seq)))
+
+
+def test_a_runtime_dropped_without_close_frees_its_layer_and_its_threads():
+    """Side by side, the runtime's host worker runs the host part; dropped without close(), the runtime, the layer
+    its last job held and the worker's thread all go (the idle thread held the last job, so none of them went)."""
+    import gc
+    import weakref
+
+    cfg = HeteroConfig(window=16, sinks=2, retriever="exact", overlap=True)
+    threads_before = threading.active_count()
+    refs = []
+    for _ in range(3):
+        layer = LayerCache(cfg)
+        layer.append(torch.randn(1, 2, 200, 16), torch.randn(1, 2, 200, 16))
+        attn = HeteroAttention(cfg)
+        attn.run(torch.randn(1, 4, 16), layer)
+        assert attn._worker is not None  # the host part ran on the runtime's own worker
+        refs += [weakref.ref(layer), weakref.ref(attn)]
+        del layer, attn
+    gc.collect()
+    assert [r() for r in refs] == [None] * len(refs)
+    for _ in range(100):  # the stopped threads leave within moments
+        if threading.active_count() <= threads_before:
+            break
+        threading.Event().wait(0.02)
+    assert threading.active_count() <= threads_before
