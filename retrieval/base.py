@@ -172,6 +172,11 @@ class Retriever(ABC):
         """Whether the fused C++ step can search this index itself (ivf-group, every sequence trained)."""
         return False
 
+    @classmethod
+    def geometry_reasons(cls, head_dim: int) -> List[str]:
+        """Why this retriever cannot index keys of ``head_dim`` (empty: it can); checked before anything is stored."""
+        return []
+
     def use_runner(self, runner) -> None:
         """Run this retriever's native searches on ``runner`` (a C++ Runner) from now on: ``HeteroAttention``'s plan
         hands its search pool to the retrievers of its layers, so that a search made in Python has the step's

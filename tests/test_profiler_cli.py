@@ -165,6 +165,15 @@ def test_bench_needle_small():
     (["profile", "--workload", "real", "--preset", "llama3-8b"], "smollm2"),
     (["profile", "--steps", "0"], "--steps"),
     (["bench", "nope"], "invalid choice"),
+    (["profile", "--head-dim", "600", "--heads", "2", "--kv-heads", "1"], "head_dim <= 512"),  # before any prefill
+    (["bench", "cpu-sparse", "--dtypes", "int8"], "--dtypes"),
+    (["bench", "cpu-sparse", "--window", "0"], "--window"),
+    (["bench", "sweep", "--contexts", "abc"], "--contexts"),
+    (["bench", "sweep", "--steps", "0"], "--steps"),
+    (["bench", "retrieval", "--retrievers", "nothing-like-it"], "--retrievers"),
+    (["bench", "needle", "--depths", "2.0"], "--depths"),
+    (["bench", "chat", "--chunk", "0"], "--chunk"),
+    (["bench", "e2e", "--smollm2-context", "0"], "--smollm2-context"),
 ])
 def test_bad_values_one_line_exit_2(args, needle):
     p = _run(*args)

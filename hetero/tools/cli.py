@@ -12,10 +12,7 @@ from typing import List, Optional
 
 from hetero.errors import HeteroError
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from .argtypes import OneLineParser as _Parser, budget as _budget, nonneg_int as _nonneg_int, positive_int as _positive_int
 
 
 def _json(obj) -> str:
@@ -31,35 +28,6 @@ def _json(obj) -> str:
         return x
 
     return json.dumps(clean(obj), allow_nan=False)
-
-
-def _int_at_least(low: int):
-    """argparse type: an int >= ``low``."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"{v} must be >= {low}")
-        return v
-
-    return parse
-
-
-_positive_int, _nonneg_int = _int_at_least(1), _int_at_least(0)
-
-
-def _budget(text: str):
-    """'0.02' -> fraction, '2621' -> count."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a count (int) nor a fraction (float)") from None
 
 
 def _build_parser() -> argparse.ArgumentParser:

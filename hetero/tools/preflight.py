@@ -12,6 +12,7 @@ import torch
 from hetero.backends import AttentionInputs, BackendSet
 from hetero.config import KV_DTYPES, HeteroConfig
 from hetero.errors import BackendUnavailableError, ConfigError, HeteroError
+from hetero.registry import RETRIEVERS
 
 SMOLLM2_LAYERS = 30  # the real workload's captured layers (hetero.tools.workloads.real)
 # options of the one-layer profile that --model does not use, with their "not given" values
@@ -123,6 +124,9 @@ def check_profile(ns: argparse.Namespace, config: HeteroConfig, device: torch.de
     if ns.workload == "real" and ns.layer is not None and ns.layer >= SMOLLM2_LAYERS:
         raise HeteroError(f"--layer {ns.layer}: the real workload is SmolLM2's attention, layers 0..{SMOLLM2_LAYERS - 1}")
     heads, kv_heads, head_dim = geometry
+    reasons = RETRIEVERS.load(config.retriever).geometry_reasons(head_dim)
+    if reasons:
+        raise HeteroError(reasons[0])
     try:
         check_backends(config, device, heads, kv_heads, head_dim, ns.batch or 1, ns.kv_dtype or "bfloat16")
     except ConfigError as e:

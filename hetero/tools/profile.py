@@ -51,7 +51,7 @@ class ProfileArgs:
     warmup: int = 2              # decode steps run first, reported apart (when the profile builds its workload)
     seed: int = 0
     kv_dtype: str = "bfloat16"
-    workload: str = "synthetic"  # or "real": captured SmolLM2 attention (hetero.workloads.real)
+    workload: str = "synthetic"  # or "real": captured SmolLM2 attention (hetero.tools.workloads.real)
     layer: int = 15              # real workload: which layer
     native_threads: bool = False  # spans of the native kernels' pool threads too (a trace's thread tracks)
     device: str = "cpu"          # the fast tier's and the dense baseline's device; the host tier is in CPU memory

@@ -1,6 +1,6 @@
 """``hetero profile --model``: a HuggingFace model end to end, dense vs hetero on the same real prompt.
 
-Prefill of ``context`` prompt tokens (the standard library prose of ``hetero.workloads.real``), then
+Prefill of ``context`` prompt tokens (the standard library prose of ``hetero.tools.workloads.real``), then
 ``steps`` greedy decode steps, once with the model's own SDPA + DynamicCache and once wrapped by hetero.
 Reports decode tokens/s of both, greedy agreement, the first decode step's max logit difference, the
 per-layer phase breakdown of hetero's decode steps and bytes per tier.

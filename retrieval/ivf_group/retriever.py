@@ -36,9 +36,9 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
 
     def __init__(self, host, group_rule: str = "union", **options: Any):
         super().__init__(host, group_rule, **options)
-        if host.head_dim > native.MAX_HEAD_DIM:
-            raise UnsupportedError(f"ivf-group takes head_dim <= {native.MAX_HEAD_DIM} (its key codes and C++ search), "
-                                   f"got {host.head_dim}: use retriever=\"ivf\", \"hnsw\" or \"exact\" for wider heads")
+        reasons = self.geometry_reasons(host.head_dim)
+        if reasons:
+            raise UnsupportedError(reasons[0])
         self.init_lifecycle(host.batch)
         self.seed, self.code_bits, self.estimate = self.opts["seed"], self.opts["code_bits"], self.opts["estimate"]
         self._seqs: List[Optional[SeqIndex]] = [None] * host.batch
@@ -158,6 +158,13 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
         self._report_missed = on
         if hasattr(self, "_seqs"):
             self._update_ready()
+
+    @classmethod
+    def geometry_reasons(cls, head_dim: int) -> List[str]:
+        if head_dim > native.MAX_HEAD_DIM:
+            return [f"ivf-group takes head_dim <= {native.MAX_HEAD_DIM} (its key codes and C++ search), got {head_dim}: "
+                    "use retriever=\"ivf\", \"hnsw\" or \"exact\" for wider heads"]
+        return []
 
     def use_runner(self, runner) -> None:
         self._search_runner = runner if runner is not None else self._runner

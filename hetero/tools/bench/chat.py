@@ -13,7 +13,6 @@ and the default retriever), in the same run. One JSON line per row.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Dict, List, Optional
 import torch
 
 from hetero.config import HeteroConfig
+from hetero.tools.argtypes import OneLineParser, positive_int
 
 TURN2 = "<|im_end|>\n<|im_start|>user\nSummarize the passage above in two sentences.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -123,10 +123,10 @@ def turn2_rows(model, ids: torch.Tensor, turn2: torch.Tensor, new_tokens: int) -
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="hetero bench chat", description=__doc__.splitlines()[0])
-    p.add_argument("--context", type=int, default=8192, help="prompt tokens (real prose)")
-    p.add_argument("--chunk", type=int, default=1024, help="prefill_chunk_size of the chunked rows")
-    p.add_argument("--new-tokens", type=int, default=16, help="tokens answered per turn")
+    p = OneLineParser(prog="hetero bench chat", description=__doc__.split("\n\n")[0])
+    p.add_argument("--context", type=positive_int, default=8192, help="prompt tokens (real prose)")
+    p.add_argument("--chunk", type=positive_int, default=1024, help="prefill_chunk_size of the chunked rows")
+    p.add_argument("--new-tokens", type=positive_int, default=16, help="tokens answered per turn")
     p.add_argument("--rows", default="prefill,turn2", help="which rows: prefill, turn2 (comma separated)")
     p.add_argument("--json", action="store_true", help="JSON lines only (the default prints them too)")
     ns = p.parse_args(argv)

@@ -11,7 +11,6 @@ inputs. One JSON object per line.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
@@ -29,6 +28,7 @@ from hetero.tiers import HostTier
 from hetero.types import Selection
 
 from hetero.tools.membw import last_level_cache_bytes, streaming_read_gbps
+from hetero.tools.argtypes import OneLineParser, list_of, names_from, nonneg_int, positive_int
 
 _BACKENDS = BackendSet()
 
@@ -330,26 +330,26 @@ def _isa(backend: str) -> Optional[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     from hetero.registry import HOST_BACKENDS
 
-    p = argparse.ArgumentParser(prog="hetero bench cpu-sparse", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="hetero bench cpu-sparse", description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default=",".join(HOST_BACKENDS.names()))
-    p.add_argument("--dtypes", default="bfloat16,float32")
-    p.add_argument("--k", default="512,2048,8192")
-    p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
-    p.add_argument("--tokens", type=int, default=131072)
-    p.add_argument("--runs", type=int, default=21)
-    p.add_argument("--layers", type=int, default=0, help="host tiers rotated (default: footprint >= 4x LLC)")
-    p.add_argument("--membw-mb", type=int, default=1024, help="buffer of the streaming-read measurement")
+    p.add_argument("--dtypes", type=names_from(list(KV_DTYPES)), default="bfloat16,float32")
+    p.add_argument("--k", type=list_of(positive_int), default="512,2048,8192")
+    p.add_argument("--threads", type=positive_int, default=None, help="threads (default: all cores)")
+    p.add_argument("--tokens", type=positive_int, default=131072)
+    p.add_argument("--runs", type=positive_int, default=21)
+    p.add_argument("--layers", type=nonneg_int, default=0, help="host tiers rotated (0: footprint >= 4x LLC)")
+    p.add_argument("--membw-mb", type=positive_int, default=1024, help="buffer of the streaming-read measurement")
     p.add_argument("--row-cost", action="store_true",
                    help="instead: ns per selected row on one thread, rows in L1 vs from DRAM (first k only)")
-    p.add_argument("--window", type=int, default=None, metavar="ROWS",
+    p.add_argument("--window", type=positive_int, default=None, metavar="ROWS",
                    help="instead: the CPU window kernel over ROWS contiguous rows x 8 KV heads x head_dim 128, bf16, "
                         "against a long streaming read and a streaming read of the same window buffers, same run")
     ns = p.parse_args(argv)
     from hetero.config import HeteroConfig
 
     if ns.row_cost:
-        row_costs([b for b in ns.backends.split(",") if b and b != "torch"], ns.dtypes.split(","),
-                  int(ns.k.split(",")[0]) if ns.k != p.get_default("k") else 2048, ns.tokens, calls=ns.runs,
+        row_costs([b for b in ns.backends.split(",") if b and b != "torch"], ns.dtypes,
+                  ns.k[0] if ns.k != p.get_default("k") else 2048, ns.tokens, calls=ns.runs,
                   layers=ns.layers)
         return 0
 
@@ -357,7 +357,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if ns.window is not None:
         window_line(threads, ns.window, runs=ns.runs, membw_bytes=ns.membw_mb << 20)
         return 0
-    run([b for b in ns.backends.split(",") if b], ns.dtypes.split(","), [int(x) for x in ns.k.split(",")],
+    run([b for b in ns.backends.split(",") if b], ns.dtypes, ns.k,
         threads, tokens=ns.tokens, runs=ns.runs, layers=ns.layers, membw_bytes=ns.membw_mb << 20)
     return 0
 

@@ -20,7 +20,6 @@ Rows:
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import statistics
@@ -31,6 +30,7 @@ from typing import Dict, List, Optional
 import torch
 
 from hetero.config import HeteroConfig
+from hetero.tools.argtypes import OneLineParser, list_of, nonneg_int, positive_int
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                  head_dim=128, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=262144,
@@ -184,13 +184,15 @@ def llama3_rows(contexts=(32768, 131072), batches=(1,), batch4_context: int = 32
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="hetero bench e2e", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="hetero bench e2e", description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", default="smollm2,llama3", help="which rows: smollm2, llama3 (comma separated)")
-    p.add_argument("--contexts", default="32768,131072", help="Llama-3-8B-geometry contexts, batch 1")
-    p.add_argument("--batch4-context", type=int, default=32768, help="the batch-4 row's context (0: none)")
-    p.add_argument("--steps", type=int, default=16, help="measured decode steps per row (SmolLM2: 32)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--smollm2-context", type=int, default=8192)
+    p.add_argument("--contexts", type=list_of(positive_int), default="32768,131072",
+                   help="Llama-3-8B-geometry contexts, batch 1")
+    p.add_argument("--batch4-context", type=nonneg_int, default=32768, help="the batch-4 row's context (0: none)")
+    p.add_argument("--steps", type=positive_int, default=16,
+                   help="measured decode steps per row (the SmolLM2 row takes at least 32: its greedy agreement)")
+    p.add_argument("--warmup", type=nonneg_int, default=3)
+    p.add_argument("--smollm2-context", type=positive_int, default=8192)
     p.add_argument("--json", action="store_true", help="JSON lines only (the default prints them too)")
     ns = p.parse_args(argv)
     rows = [r for r in ns.rows.split(",") if r]
@@ -203,7 +205,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if "smollm2" in rows:
             print(json.dumps(smollm2_row(ns.smollm2_context, max(ns.steps, 32), ns.warmup)), flush=True)
         if "llama3" in rows:
-            contexts = tuple(int(x) for x in ns.contexts.split(",") if x)
+            contexts = tuple(ns.contexts)
             for row in llama3_rows(contexts, batch4_context=ns.batch4_context, steps=ns.steps, warmup=ns.warmup):
                 print(json.dumps(row), flush=True)
 

@@ -1,6 +1,6 @@
 """Passkey retrieval: a number hidden at a depth of real filler text, asked back, SmolLM2 dense vs hetero.
 
-Filler: the standard library prose of ``hetero.workloads.real``. For each context (2K/4K/8K tokens) and
+Filler: the standard library prose of ``hetero.tools.workloads.real``. For each context (2K/4K/8K tokens) and
 depth (0 %-100 % of the filler), the needle "The pass key is NNNNN. Remember it." is inserted, the chat
 template wraps "<text> What is the pass key?", and greedy decoding answers (a hit: the digits appear in the
 answer). Dense: the model's own SDPA + DynamicCache. hetero: window 256, 4 sinks, budget 3 %, per retriever.
@@ -8,7 +8,6 @@ One JSON line per (context, depth, retriever).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import sys
@@ -18,6 +17,7 @@ import torch
 
 from hetero.tools.bench import run_reporting_missing_workload
 from hetero.config import HeteroConfig
+from hetero.tools.argtypes import OneLineParser, float_in, list_of, positive_int
 
 RETRIEVERS = ("exact", "ivf", "ivf-sq8", "ivf-group", "hnsw", "lsh")
 
@@ -82,13 +82,13 @@ def run(contexts=(2048, 4096, 8192), depths=(0.0, 0.25, 0.5, 0.75, 1.0), retriev
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="hetero bench needle", description=__doc__.splitlines()[0])
-    p.add_argument("--contexts", default="2048,4096,8192")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    p = OneLineParser(prog="hetero bench needle", description=__doc__.split("\n\n")[0])
+    p.add_argument("--contexts", type=list_of(positive_int), default="2048,4096,8192")
+    p.add_argument("--depths", type=list_of(float_in(0.0, 1.0)), default="0,0.25,0.5,0.75,1")
     p.add_argument("--retrievers", default=",".join(RETRIEVERS))
-    p.add_argument("--budget", type=float, default=0.03)
+    p.add_argument("--budget", type=float_in(0.0, 1.0, low_open=True), default=0.03)
     ns = p.parse_args(argv)
-    contexts, depths = [int(x) for x in ns.contexts.split(",")], [float(x) for x in ns.depths.split(",")]
+    contexts, depths = ns.contexts, ns.depths
     return run_reporting_missing_workload(
         "hetero bench needle", lambda: run(contexts, depths, ns.retrievers.split(","), ns.budget))
 

@@ -1,4 +1,4 @@
-"""Retrievers judged on real attention (SmolLM2-135M over real text, ``hetero.workloads.real``).
+"""Retrievers judged on real attention (SmolLM2-135M over real text, ``hetero.tools.workloads.real``).
 
 For each layer, the first ``context - positions`` tokens are the prompt (prefill into the tiers: window +
 sinks on the fast side, the rest into the host tier and the retriever's index, timed as ``build_s``); then
@@ -15,7 +15,6 @@ over all tokens up to the position:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -24,10 +23,12 @@ from typing import Dict, List, Optional
 
 import torch
 
+from hetero.errors import ConfigError
 from hetero.attention import HeteroAttention
 from hetero.tools.bench import run_reporting_missing_workload
 from hetero.cache import LayerCache
 from hetero.config import HeteroConfig
+from hetero.tools.argtypes import OneLineParser, list_of, nonneg_int, positive_int
 
 BUDGETS = (0.01, 0.02, 0.05)
 
@@ -119,6 +120,11 @@ def run(context: int = 8192, positions: int = 64, window: int = 256, sinks: int 
 
     cap = capture(context, log=log)
     layer_ids = cap.layers if layers is None else list(layers)
+    missing = [i for i in layer_ids if i not in cap.k]
+    if missing:
+        raise ConfigError(f"layers {missing} are not in the captured workload (layers {min(cap.k)}-{max(cap.k)})")
+    if positions > context:
+        raise ConfigError(f"positions={positions} is more than the context's {context} tokens")
     pos = list(range(context - positions, context))
     scale = 1.0 / math.sqrt(cap.k[layer_ids[0]].shape[-1])
     log(f"oracle over {len(layer_ids)} layers x {positions} positions...")
@@ -155,20 +161,24 @@ def run(context: int = 8192, positions: int = 64, window: int = 256, sinks: int 
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="hetero bench retrieval", description=__doc__.splitlines()[0])
-    p.add_argument("--context", type=int, default=8192)
-    p.add_argument("--positions", type=int, default=64)
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--sinks", type=int, default=4)
-    p.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
+    p = OneLineParser(prog="hetero bench retrieval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--context", type=positive_int, default=8192)
+    p.add_argument("--positions", type=positive_int, default=64)
+    p.add_argument("--window", type=nonneg_int, default=256)
+    p.add_argument("--sinks", type=nonneg_int, default=4)
+    p.add_argument("--layers", type=list_of(nonneg_int), default=None,
+                   help="comma-separated layer indices (default: all)")
     p.add_argument("--retrievers", default=None, help="only rows whose retriever name starts with one of these")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
     ns = p.parse_args(argv)
     rows = default_rows()
     if ns.retrievers:
         keep = tuple(ns.retrievers.split(","))
         rows = [r for r in rows if r["retriever"].startswith(keep)]
-    layers = None if ns.layers is None else [int(x) for x in ns.layers.split(",")]
+        if not rows:
+            p.error(f"--retrievers {ns.retrievers}: no row's retriever starts with it (rows: "
+                    f"{', '.join(sorted({r['retriever'] for r in default_rows()}))})")
+    layers = ns.layers
     return run_reporting_missing_workload(
         "hetero bench retrieval", lambda: run(ns.context, ns.positions, ns.window, ns.sinks, layers, rows, ns.threads))
 

@@ -7,7 +7,6 @@ log-log; error vs budget), and prints one JSON object per row.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib.util
 import json
@@ -20,6 +19,7 @@ from hetero.config import KV_DTYPES, HeteroConfig
 from hetero.errors import HeteroError
 from hetero.tools.profile import PRESETS, ProfileArgs, run_profile
 from hetero.tools.workloads.synthetic import make_synthetic
+from hetero.tools.argtypes import OneLineParser, budget, list_of, nonneg_int, positive_int
 
 _FIELDS = ("kind", "context", "retriever", "budget", "dense_ms", "hetero_ms", "speedup", "rel_error", "window_ms",
            "host_ms", "critical_path", "rows_read_fraction", "prefill_s")
@@ -79,19 +79,21 @@ def preflight(out_prefix: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="hetero bench sweep", description=__doc__.splitlines()[0])
-    p.add_argument("--contexts", default="8192,32768,131072", help="comma-separated (up to 1M: 1048576)")
+    p = OneLineParser(prog="hetero bench sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--contexts", type=list_of(positive_int), default="8192,32768,131072",
+                   help="comma-separated (up to 1M: 1048576)")
     p.add_argument("--retrievers", default="ivf-group")
-    p.add_argument("--budgets", default="0.01,0.02,0.05")
-    p.add_argument("--budget-context", type=int, default=32768)
+    p.add_argument("--budgets", type=list_of(budget), default="0.01,0.02,0.05",
+                   help="comma-separated: fractions of the host tier (0.02) or key counts (2621)")
+    p.add_argument("--budget-context", type=positive_int, default=32768)
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b")
-    p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--window", type=nonneg_int, default=1024)
+    p.add_argument("--steps", type=positive_int, default=3)
     p.add_argument("--out", default="sweep", help="output prefix: <out>.json, <out>.csv, <out>.png")
     ns = p.parse_args(argv)
     preflight(ns.out)
     torch.manual_seed(0)
-    run([int(x) for x in ns.contexts.split(",")], ns.retrievers.split(","), [float(x) for x in ns.budgets.split(",")],
+    run(ns.contexts, ns.retrievers.split(","), ns.budgets,
         ns.budget_context, ns.preset, ns.window, ns.steps, ns.out)
     return 0
 

@@ -4,7 +4,7 @@ Text: the Python standard library's own prose (its LICENSE and the docstrings of
 available offline wherever Python is. ``capture(context)`` runs the model once over ``context`` tokens and
 records, per layer, ``q [Hq, T, D]``, ``k, v [Hkv, T, D]`` (bfloat16) as the attention kernels see them.
 Captures are cached under ``$HETERO_CACHE/captures`` (default ``~/.cache/hetero``); build one ahead with
-``python -m hetero.workloads.real --context 8192``.
+``python -m hetero.tools.workloads.real --context 8192``.
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def capture(context: int = 8192, layers: Optional[Sequence[int]] = None, build: 
         return RealCapture(data["q"], data["k"], data["v"], data["context"], sha)
     if not build:
         raise WorkloadUnavailable(f"no cached capture at {path}; build it with: "
-                                  f"python -m hetero.workloads.real --context {context}")
+                                  f"python -m hetero.tools.workloads.real --context {context}")
     model, tok = smollm2.load(attn_implementation="sdpa")
     ids = tok(text, return_tensors="pt").input_ids[:, :context]
     if ids.shape[1] < context:
@@ -131,7 +131,7 @@ def _register_recorder(rec_q, rec_k, rec_v, wanted) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hetero.workloads.real", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m hetero.tools.workloads.real", description=__doc__.split("\n\n")[0])
     p.add_argument("--context", type=int, default=8192)
     ns = p.parse_args(argv)
     try:

@@ -12,7 +12,7 @@ direction. In logit units (``scale * q.k``): a key in a focused cluster scores a
 top-k leaves out (rel_error 0.058 at 128K with exact top-k, the same as the ANN retrievers). So the top few
 percent of keys hold nearly all the attention mass,
 more than in SmolLM2's middle layers (84-93 % in the top 2 %): judge accuracy claims on the
-real workload (``hetero.workloads.real``, ``hetero bench retrieval``); this one is for speed and sanity.
+real workload (``hetero.tools.workloads.real``, ``hetero bench retrieval``); this one is for speed and sanity.
 
 Default geometry: Llama-3-8B layer (32 query heads, 8 KV heads, head_dim 128).
 """
