@@ -24,8 +24,8 @@ if not _TORCH_FIRST:
 from .attention import DecodeResult, HeteroAttention
 from .cache import LayerCache, TieredKVCache
 from .config import HeteroConfig
-from .errors import (BackendUnavailableError, ConfigError, DTypeError, HeteroError, InvalidValueError,
-                     PerformanceWarning, ShapeError)
+from .errors import (BackendUnavailableError, ClosedError, ConfigError, DTypeError, HeteroError, IndexSyncError,
+                     InvalidValueError, PerformanceWarning, ShapeError, StalePlanError, UnsupportedError)
 from .merge import merge
 from .ops import sparse_attention, window_attention
 from .reference import causal_attention

@@ -84,6 +84,9 @@ def _check_out_shape(out, shape: tuple, dtype: torch.dtype, device: torch.device
                          f"{getattr(out, 'shape', type(out).__name__)}")
 
 
+DECODE_Q_DTYPES = tuple(native.DTYPE_CODES)  # the step writes its output in the query's dtype
+
+
 class HeteroAttention:
     """Decode attention over ``LayerCache``s.
 
@@ -333,7 +336,7 @@ class HeteroAttention:
             raise ShapeError(f"plan must be a StepPlan (HeteroAttention.plan), got {type(plan).__name__}")
         if layer.initialized:
             if q.device.type == "cpu":  # (a CUDA query is checked on its host copy, without a sync here)
-                check_query(q, layer.kv_heads, layer.head_dim, layer.batch)
+                check_query(q, layer.kv_heads, layer.head_dim, layer.batch, allowed=DECODE_Q_DTYPES)
             plan = self._resolve_plan(q, layer, plan)
             if out is not None:
                 self._check_out(out, plan)
@@ -346,7 +349,7 @@ class HeteroAttention:
         """``plan`` checked against ``q`` and ``layer`` (``ShapeError`` or ``StalePlanError``), or, when None, ``q``
         checked (``check_query``) and a plan made for it."""
         if plan is None:
-            check_query(q, layer.kv_heads, layer.head_dim, layer.batch)
+            check_query(q, layer.kv_heads, layer.head_dim, layer.batch, allowed=DECODE_Q_DTYPES)
             if q.device != layer.device:
                 raise ShapeError(f"q is on {q.device}, layer {layer.layer_idx}'s fast tier on {layer.device}")
             return self.plan(layer, q.shape[1], q.dtype)

@@ -17,7 +17,7 @@ import torch
 from . import native
 from .budgets import AdaptiveHeadBudget
 from .config import HeteroConfig
-from .errors import ConfigError, InvalidValueError, ShapeError
+from .errors import ConfigError, DTypeError, InvalidValueError, ShapeError
 from .evictions import EvictionStage
 from .indexing import IndexQueue
 from .reference import default_scale
@@ -163,7 +163,7 @@ class LayerCache:
         if hkv == 0 or d == 0:
             raise ShapeError(f"keys {tuple(keys.shape)} need Hkv >= 1 and D >= 1")
         if keys.dtype == torch.float64 and self.config.kv_dtype is None:
-            raise ShapeError("float64 keys need a storage dtype: set HeteroConfig.kv_dtype (float32, bfloat16, "
+            raise DTypeError("float64 keys need a storage dtype: set HeteroConfig.kv_dtype (float32, bfloat16, "
                              "float16)")
         if self.initialized:
             want = (self.batch, self.kv_heads, self.head_dim)
@@ -409,7 +409,9 @@ class LayerCache:
         return (torch.cat([fk[:, :ns], hk, fk[:, ns:]], dim=1), torch.cat([fv[:, :ns], hv, fv[:, ns:]], dim=1))
 
     def memory(self) -> Dict[str, int]:
-        """Bytes per tier: stored tokens of the fast and host tiers, and the retriever's own index."""
+        """Bytes per tier: the tokens the fast and host tiers hold, and the retriever's index as allocated. What the
+        tiers allocate is more: the fast tier's sinks + window slots from the first append on, the host tier in whole
+        blocks of ``block_tokens`` (and room reserved ahead)."""
         if not self.initialized:
             return dict.fromkeys(MEMORY_KEYS, 0)
         self._land()

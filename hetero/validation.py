@@ -103,10 +103,12 @@ def check_kv(keys, values, name_k: str = "k", name_v: str = "v", rank: int = 4,
         raise ShapeError(f"{name_k} on {keys.device} and {name_v} on {values.device} must share a device")
 
 
-def check_query(q, kv_heads: int, head_dim: int, batch: int, name: str = "q") -> torch.Tensor:
-    """``q [B, Hq, D]``: floating, finite, ``B >= 1`` matching, ``Hq`` a multiple of ``Hkv``."""
+def check_query(q, kv_heads: int, head_dim: int, batch: int, name: str = "q",
+                allowed: Sequence[torch.dtype] = FLOAT_DTYPES) -> torch.Tensor:
+    """``q [B, Hq, D]``: of an ``allowed`` floating dtype, finite, ``B >= 1`` matching, ``Hq`` a multiple of
+    ``Hkv``."""
     check_tensor(q, name, 3, "[B, Hq, D]")
-    check_float(q, name)
+    check_float(q, name, allowed)
     b, hq, d = q.shape
     if b == 0:
         raise ShapeError(f"empty batch: {name} has B = 0")

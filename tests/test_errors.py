@@ -39,6 +39,7 @@ BAD_APPENDS = [
     ("empty batch", lambda: (torch.randn(0, HKV, 1, D), torch.randn(0, HKV, 1, D), None), ShapeError, "empty batch"),
     ("k/v dtype mix", lambda: (torch.randn(B, HKV, 1, D), torch.randn(B, HKV, 1, D).half(), None), DTypeError, "same dtype"),
     ("integer keys", lambda: (torch.ones(B, HKV, 1, D, dtype=torch.int32),) * 2 + (None,), DTypeError, "dtype"),
+    ("float64 keys", lambda: (torch.randn(B, HKV, 1, D, dtype=torch.float64),) * 2 + (None,), DTypeError, "kv_dtype"),
     ("NaN keys", lambda: (torch.full((B, HKV, 1, D), float("nan")), torch.randn(B, HKV, 1, D), None), InvalidValueError, "NaN"),
     ("inf values", lambda: (torch.randn(B, HKV, 1, D), torch.full((B, HKV, 1, D), float("inf")), None), InvalidValueError, "NaN or inf"),
     ("lengths too long", lambda: kv_ok(2) + (torch.tensor([3, 1]),), InvalidValueError, r"\[0, 2\]"),
@@ -72,6 +73,8 @@ BAD_QUERIES = [
     ("q batch", lambda: torch.randn(B + 1, HKV * G, D), ShapeError, "batch"),
     ("q empty batch", lambda: torch.randn(0, HKV * G, D), ShapeError, "empty batch"),
     ("q int", lambda: torch.ones(B, HKV * G, D, dtype=torch.int64), DTypeError, "dtype"),
+    ("q float64", lambda: torch.randn(B, HKV * G, D, dtype=torch.float64), DTypeError,
+     r"allowed: \['float32', 'bfloat16', 'float16'\]$"),
     ("q NaN", lambda: torch.full((B, HKV * G, D), float("nan")), InvalidValueError, "NaN"),
     ("q inf", lambda: torch.full((B, HKV * G, D), float("-inf")), InvalidValueError, "inf"),
 ]
