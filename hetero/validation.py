@@ -32,7 +32,8 @@ def check_tensor(x, name: str, rank: int, layout: str) -> torch.Tensor:
 
 def check_float(x: torch.Tensor, name: str, allowed: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
     if x.dtype not in allowed:
-        raise DTypeError(f"{name} has dtype {x.dtype}; allowed: {[str(d).replace('torch.', '') for d in allowed]}")
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise DTypeError(f"{name} has dtype {x.dtype}; allowed: {names}")
 
 
 _FINITE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}

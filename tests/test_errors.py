@@ -74,7 +74,7 @@ BAD_QUERIES = [
     ("q empty batch", lambda: torch.randn(0, HKV * G, D), ShapeError, "empty batch"),
     ("q int", lambda: torch.ones(B, HKV * G, D, dtype=torch.int64), DTypeError, "dtype"),
     ("q float64", lambda: torch.randn(B, HKV * G, D, dtype=torch.float64), DTypeError,
-     r"allowed: \['float32', 'bfloat16', 'float16'\]$"),
+     "allowed: float32, bfloat16, float16$"),
     ("q NaN", lambda: torch.full((B, HKV * G, D), float("nan")), InvalidValueError, "NaN"),
     ("q inf", lambda: torch.full((B, HKV * G, D), float("-inf")), InvalidValueError, "inf"),
 ]
