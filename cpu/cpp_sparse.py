@@ -43,15 +43,21 @@ def run_sparse(runner, q: torch.Tensor, host: HostView, selection: Selection, sc
     return PartialAttention(out, lse)
 
 
-class CppSparseBackend(RunnerBacked, HostBackend):
-    """Host attention in C++: each selected K/V row read once per GQA group, rows prefetched ahead by ``prefetch``
-    (a packed policy, ``hetero.native.pack_prefetch``), GIL released, the backend's own thread pool."""
+class CppKernel(RunnerBacked):
+    """What the C++ host and window backends declare alike: one kernel (csrc/sparse), the CPU, its own thread pool,
+    a side of the fused C++ step, and the kernel's limits (GQA groups of <= 64 query heads, head_dim <= 512)."""
 
     name = "cpp"
     devices = ("cpu",)
     native_step = True
     max_group = 64
     max_head_dim = native.MAX_HEAD_DIM
+
+
+class CppSparseBackend(CppKernel, HostBackend):
+    """Host attention in C++: each selected K/V row read once per GQA group, rows prefetched ahead by ``prefetch``
+    (a packed policy, ``hetero.native.pack_prefetch``), GIL released, the backend's own thread pool."""
+
     pool, phase = "cpp host", "host_attn"
 
     def availability_reasons(self) -> List[str]:

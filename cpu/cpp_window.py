@@ -12,20 +12,15 @@ import torch
 
 from hetero import native
 from hetero.backends import WindowBackend
-from hetero.native_pool import RunnerBacked
 from hetero.types import PartialAttention
 
+from .cpp_sparse import CppKernel
 from .prefetch import packed
 
 
-
-class CppWindowBackend(RunnerBacked, WindowBackend):
-    name = "cpp"
-    devices = ("cpu",)
-    native_step = True
-    max_group = 64
-    max_head_dim = native.MAX_HEAD_DIM
+class CppWindowBackend(CppKernel, WindowBackend):
     pool, phase = "cpp window", "window"
+
     def __init__(self) -> None:
         self._runner = native.new_runner(native.usable_cores())
         self.prefetch = packed("window")  # this CPU's policy for contiguous rows (cpu/prefetch.py)
