@@ -43,9 +43,13 @@ class Registry:
         return self._loaded[name]
 
     def resolve(self, requested: str) -> str:
-        """``requested``, with ``"auto"`` replaced by the environment override when one is set."""
+        """``requested``, with ``"auto"`` replaced by the environment override when one is set (``ConfigError``
+        naming the variable when it names nothing registered)."""
         if requested == "auto" and self.env:
-            return os.environ.get(self.env, "auto") or "auto"
+            value = os.environ.get(self.env, "auto") or "auto"
+            if value != "auto" and value not in self._entries:
+                raise ConfigError(f"{self.env}={value!r} names no {self.kind}; registered: {self.names()} (or auto)")
+            return value
         return requested
 
 

@@ -31,6 +31,13 @@ def test_env_override_selects_backend(monkeypatch):
     assert BackendSet().select("host", "auto", CPU_INPUTS).name == "numba"
 
 
+@pytest.mark.parametrize("var,side", [("HETERO_CPU_BACKEND", "host"), ("HETERO_WINDOW_BACKEND", "window")])
+def test_env_override_naming_no_backend_is_refused_with_the_variable_named(monkeypatch, var, side):
+    monkeypatch.setenv(var, "cuda-magic")
+    with pytest.raises(ConfigError, match=f"{var}='cuda-magic' names no"):
+        BackendSet().select(side, "auto", CPU_INPUTS)
+
+
 def test_impossible_request_prints_the_inputs_and_every_backend_reason():
     big = AttentionInputs(torch.device("cpu"), torch.bfloat16, 64, 130 * 2, 2, 1)  # a GQA group of 130
     with pytest.raises(BackendUnavailableError) as info:

@@ -13,6 +13,7 @@ from typing import Dict, List
 import torch
 
 from hetero.backends import AttentionInputs, BackendSet
+from hetero.errors import ConfigError
 from hetero.registry import HOST_BACKENDS, WINDOW_BACKENDS
 
 _PACKAGES = ("torch", "triton", "numba", "faiss-cpu", "transformers", "numpy", "pybind11")
@@ -90,6 +91,17 @@ def _faiss_threads():
         return None
 
 
+def _override_errors() -> List[str]:
+    """What a backend override in the environment gets wrong (a name no backend has): every step would refuse it."""
+    errors = []
+    for reg in (WINDOW_BACKENDS, HOST_BACKENDS):
+        try:
+            reg.resolve("auto")
+        except ConfigError as e:
+            errors.append(str(e))
+    return errors
+
+
 def collect(kernels: bool = False) -> Dict:
     from hetero.native import info as cpp_info
 
@@ -109,6 +121,7 @@ def collect(kernels: bool = False) -> Dict:
                                                      "HETERO_HUGEPAGES", "HETERO_NUMBA_WIDE_VECTORS",
                                                      "TRITON_INTERPRET", "OMP_WAIT_POLICY")},
         "backends": {},
+        "override_errors": _override_errors(),
     }
     backends = BackendSet()
     for side, reg, dev in (("window", WINDOW_BACKENDS, device), ("host", HOST_BACKENDS, torch.device("cpu"))):
@@ -154,6 +167,8 @@ def print_env(info: Dict) -> None:
     t.add_row("numba vectors", str(nb.get("vectors", nb.get("error"))))
     set_overrides = {k: v for k, v in info["overrides"].items() if v is not None}
     t.add_row("overrides", ", ".join(f"{k}={v}" for k, v in set_overrides.items()) or "none")
+    for error in info["override_errors"]:
+        t.add_row("[red]override error[/red]", error)
     c.print(t)
     b = Table(title="backends (bf16 KV, head_dim 128)")
     b.add_column("backend")
