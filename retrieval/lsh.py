@@ -44,17 +44,13 @@ class LSHSampler(Retriever):
 
     @classmethod
     def check_options(cls, options):
+        if importlib.util.find_spec("numba") is None:  # its collision kernels are numba's
+            raise ConfigError("retriever 'lsh' needs numba, which is not installed: pip install 'hetero[numba]'")
         out = super().check_options(options)
-        if out["L"] < out["min_collisions"]:
+        if out["L"] < out["min_collisions"]:  # no key could ever collide in enough tables: an empty host part
             raise ConfigError(f"retriever 'lsh' options L={out['L']}, min_collisions={out['min_collisions']}: need "
                               "L >= min_collisions")
         return out
-
-    @classmethod
-    def check_options(cls, options):
-        if importlib.util.find_spec("numba") is None:  # its collision kernels are numba's
-            raise ConfigError("retriever 'lsh' needs numba, which is not installed: pip install 'hetero[numba]'")
-        return super().check_options(options)
 
     def __init__(self, host, group_rule: str = "union", **options: Any):
         super().__init__(host, group_rule, **options)

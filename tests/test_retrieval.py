@@ -201,6 +201,14 @@ def test_retriever_input_handling(retriever):
     assert int((big.indices[0, 0] >= 0).sum()) <= layer.host.length[0]
 
 
+def test_lsh_needs_at_least_min_collisions_tables():
+    """With fewer tables than the collisions it asks for, no key could ever be selected: refused with the config."""
+    pytest.importorskip("numba")
+    for options in ({"L": 1, "min_collisions": 2}, {"min_collisions": 121}):
+        with pytest.raises(ConfigError, match="need L >= min_collisions"):
+            HeteroConfig(retriever="lsh", retriever_options=options)
+
+
 def test_faiss_options_are_validated():
     with pytest.raises(ConfigError, match="probe_factor"):
         LayerCache(HeteroConfig(retriever="ivf", retriever_options={"probe_factor": -1})).append(
