@@ -28,7 +28,8 @@ from .backends import BackendSet
 from .balance import Balancer
 from .cache import LayerCache
 from .config import HeteroConfig
-from .errors import ClosedError, ConfigError, DTypeError, HeteroError, InvalidValueError, ShapeError
+from .errors import (ClosedError, ConfigError, DTypeError, HeteroError, IndexSyncError, InvalidValueError,
+                     ShapeError)
 from .merge import fuse
 from .native_pool import SearchPool
 from .plan import NATIVE_PHASES, LayerWorkspace, StepGeometry, StepPlan, workspace_kmax
@@ -342,8 +343,15 @@ class HeteroAttention:
                 self._check_out(out, plan)
         elif out is not None:
             _check_out_shape(out, tuple(q.shape), q.dtype, q.device)
+        if layer.initialized and not layer.index.idle:
+            with layer.lock:
+                layer.index.wait()  # an index failure is reported (and healed) before the token goes in, not after
         layer.append(k, v)
-        return self.run(q, layer, plan, out=out)
+        try:
+            return self.run(q, layer, plan, out=out)
+        except IndexSyncError as e:  # the token's own index add failed (healed): the token is in, the step not run
+            raise IndexSyncError(f"{e} (this decode's key and value are stored: call run(q, layer, plan) for the "
+                                 "step's output, do not decode them again)") from e
 
     def _resolve_plan(self, q, layer: LayerCache, plan: Optional[StepPlan]) -> StepPlan:
         """``plan`` checked against ``q`` and ``layer`` (``ShapeError`` or ``StalePlanError``), or, when None, ``q``

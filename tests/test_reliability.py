@@ -94,6 +94,47 @@ def test_crop_with_a_failing_truncate_crops_the_tiers_and_heals_the_index():
     assert layer.retriever.ntotal == layer.host_lengths()
 
 
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
+def test_a_decode_reports_an_earlier_index_failure_before_its_token_goes_in(background):
+    """A failure left by an earlier call (a chunk's add, a crop's truncate) is reported by the next decode before it
+    appends anything, so retrying that decode stores its token once."""
+    indexer = Worker("test-indexer-decode") if background else None
+    layer = _layer("all", indexer=indexer)
+    attn = HeteroAttention(layer.config)
+    plan = attn.plan(layer, HKV * G)
+    _FailingAdd(layer, RuntimeError("disk full"))
+    k = torch.randn(B, HKV, 9, D)
+    layer.append(k, torch.randn_like(k))
+    before = layer.seq_lengths()
+    q, kt, vt = torch.randn(B, HKV * G, D), torch.randn(B, HKV, D), torch.randn(B, HKV, D)
+    with pytest.raises(IndexSyncError, match="disk full"):
+        attn.decode(q, kt, vt, layer, plan)
+    assert layer.seq_lengths() == before
+    out = attn.decode(q, kt, vt, layer, plan)  # the retry: healed, the token in once
+    assert layer.seq_lengths() == [n + 1 for n in before]
+    assert rel_err(out, oracle(q, layer)) < 1e-5
+    attn.close()
+    if indexer is not None:
+        indexer.close()
+
+
+def test_a_decode_whose_own_index_add_fails_says_its_token_is_stored():
+    """The decode's own token reaches the index through Python (faiss), and that add fails: the token is in the
+    tiers (the index heals from them), so the error says so and that run() gives the step's output."""
+    layer = _layer("ivf")
+    attn = HeteroAttention(layer.config)
+    plan = attn.plan(layer, HKV * G)
+    before = layer.seq_lengths()
+    _FailingAdd(layer, RuntimeError("disk full"))
+    q = torch.randn(B, HKV * G, D)
+    with pytest.raises(IndexSyncError, match="are stored: call run"):
+        attn.decode(q, torch.randn(B, HKV, D), torch.randn(B, HKV, D), layer, plan)
+    assert layer.seq_lengths() == [n + 1 for n in before]
+    assert torch.isfinite(attn.run(q, layer, plan)).all()
+    assert layer.retriever.ntotal == layer.host_lengths()
+    attn.close()
+
+
 @pytest.mark.parametrize("path", ["chunk", "decode"])
 def test_append_after_the_indexer_closed_is_refused_before_anything_changes(path):
     indexer = Worker("test-indexer-closed")
