@@ -267,14 +267,18 @@ class _PrefillProgress:
             self._bar = None
 
 
+def _attended(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The keys the mask's last query row attends, ``[B, Lk]`` bool (``True`` / a finite additive 0 = attended)."""
+    row = attention_mask[:, 0, -1, :]
+    return row if row.dtype == torch.bool else torch.isfinite(row) & (row > torch.finfo(row.dtype).min)
+
+
 def _real_lengths(attention_mask: Optional[torch.Tensor], batch: int, length: int) -> List[int]:
     """Real (not padding) tokens of each sequence in a chunk of ``length`` query tokens, read off the mask's last
     row (``True`` / a finite additive 0 = attended); None means every token is real."""
     if attention_mask is None:
         return [length] * batch
-    row = attention_mask[:, 0, -1, -length:]
-    real = row if row.dtype == torch.bool else torch.isfinite(row) & (row > torch.finfo(row.dtype).min)
-    return real.sum(dim=1).tolist()
+    return _attended(attention_mask)[:, -length:].sum(dim=1).tolist()
 
 
 def _mask_fits(attention_mask: Optional[torch.Tensor], pad: List[int]) -> bool:
@@ -284,9 +288,8 @@ def _mask_fits(attention_mask: Optional[torch.Tensor], pad: List[int]) -> bool:
     means every key is attended."""
     if attention_mask is None:
         return not any(pad)
-    row = attention_mask[:, 0, -1, :]
-    real = row if row.dtype == torch.bool else torch.isfinite(row) & (row > torch.finfo(row.dtype).min)
-    want = torch.arange(row.shape[-1], device=row.device)[None, :] >= torch.tensor(pad, device=row.device)[:, None]
+    real = _attended(attention_mask)
+    want = torch.arange(real.shape[-1], device=real.device)[None, :] >= torch.tensor(pad, device=real.device)[:, None]
     return bool(torch.equal(real.expand_as(want), want))
 
 
