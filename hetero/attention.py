@@ -331,18 +331,19 @@ class HeteroAttention:
         if type(layer) is not LayerCache and not isinstance(layer, LayerCache):
             raise ShapeError(f"layer must be a LayerCache, got {type(layer).__name__}")
         # everything run() would refuse is refused here, before the token goes in
-        if not isinstance(q, torch.Tensor):
-            raise ShapeError(f"q must be a torch.Tensor [B, Hq, D], got {type(q).__name__}")
-        if plan is not None and type(plan) is not StepPlan:
-            raise ShapeError(f"plan must be a StepPlan (HeteroAttention.plan), got {type(plan).__name__}")
         if layer.initialized:
-            if q.device.type == "cpu":  # (a CUDA query is checked on its host copy, without a sync here)
-                check_query(q, layer.kv_heads, layer.head_dim, layer.batch, allowed=DECODE_Q_DTYPES)
             plan = self._resolve_plan(q, layer, plan)
+            if q.device.type == "cpu":  # its values too (a CUDA query is checked on its host copy, without a sync)
+                check_query(q, layer.kv_heads, layer.head_dim, layer.batch, allowed=DECODE_Q_DTYPES)
             if out is not None:
                 self._check_out(out, plan)
-        elif out is not None:
-            _check_out_shape(out, tuple(q.shape), q.dtype, q.device)
+        else:  # nothing to plan against yet: what can be checked without the layer's geometry
+            if not isinstance(q, torch.Tensor):
+                raise ShapeError(f"q must be a torch.Tensor [B, Hq, D], got {type(q).__name__}")
+            if plan is not None and type(plan) is not StepPlan:
+                raise ShapeError(f"plan must be a StepPlan (HeteroAttention.plan), got {type(plan).__name__}")
+            if out is not None:
+                _check_out_shape(out, tuple(q.shape), q.dtype, q.device)
         if layer.initialized and not layer.index.idle:
             with layer.lock:
                 layer.index.wait()  # an index failure is reported (and healed) before the token goes in, not after
