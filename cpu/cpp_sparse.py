@@ -6,7 +6,7 @@ to numba with a one-line warning. The fused decode step (``HeteroAttention``) ca
 from __future__ import annotations
 
 import warnings
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -70,9 +70,11 @@ class CppSparseBackend(CppKernel, HostBackend):
             return [error]
         return []
 
-    def __init__(self) -> None:
+    def __init__(self, prefetch: Optional[int] = None) -> None:
+        """prefetch: a packed policy (``hetero.native.pack_prefetch``); None: this CPU's policy for random rows
+        (cpu/prefetch.py)."""
         self._runner = native.new_runner(native.usable_cores())
-        self.prefetch = packed("host")  # this CPU's policy for random rows (cpu/prefetch.py)
+        self.prefetch = packed("host") if prefetch is None else prefetch
 
     def __call__(self, q, host, selection, scale) -> PartialAttention:
         return run_sparse(self._runner, q, host, selection, scale, self.prefetch)

@@ -6,7 +6,7 @@ class is also the window backend of the generic path.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -21,9 +21,11 @@ from .prefetch import packed
 class CppWindowBackend(CppKernel, WindowBackend):
     pool, phase = "cpp window", "window"
 
-    def __init__(self) -> None:
+    def __init__(self, prefetch: Optional[int] = None) -> None:
+        """prefetch: a packed policy (``hetero.native.pack_prefetch``); None: this CPU's policy for contiguous rows
+        (cpu/prefetch.py)."""
         self._runner = native.new_runner(native.usable_cores())
-        self.prefetch = packed("window")  # this CPU's policy for contiguous rows (cpu/prefetch.py)
+        self.prefetch = packed("window") if prefetch is None else prefetch
 
     def availability_reasons(self) -> List[str]:
         error = native.load_error()

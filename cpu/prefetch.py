@@ -20,7 +20,8 @@ contiguous rows) comes from, in order:
 
 1. ``HETERO_PREFETCH`` (``"far,near,lines[,spread]"``, or ``"host=...;window=..."``);
 2. a calibration of this CPU model (``hetero env --calibrate``, :mod:`hetero.cpu.prefetch_calibrate`: the kernel
-   timed on rows from DRAM over a grid of policies, the best kept under ``$HETERO_CACHE/prefetch/``);
+   timed on rows from DRAM over a grid of policies, the best kept under ``$HETERO_CACHE/prefetch/``; a file there
+   that cannot be read as one is a ConfigError naming it, not skipped);
 3. a table by vendor, family and model range, measured on the machines above; other CPUs get the Zen 4 policy
    (the safer one: no L1 prefetch).
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
@@ -91,15 +93,21 @@ def _cache_file() -> Path:
     return root / "prefetch" / f"{slug or 'unknown-cpu'}.json"
 
 
+def _policy(nums) -> Policy:
+    """``[far, near, lines]`` or ``[far, near, lines, spread]`` as a Policy; ValueError unless they are ints in
+    [0, 65536) and spread is 0 or 1."""
+    nums = list(nums)
+    if len(nums) == 3:
+        nums.append(0)
+    if len(nums) != 4 or not all(type(x) is int and 0 <= x < 1 << 16 for x in nums) or nums[3] not in (0, 1):
+        raise ValueError(nums)
+    return nums[0], nums[1], nums[2], nums[3]
+
+
 def _parse(text: str) -> Dict[str, Policy]:
     """``"far,near,lines[,spread]"`` for every kind, or ``"host=...;window=..."``."""
     def one(part: str) -> Policy:
-        nums = [int(x) for x in part.split(",")]
-        if len(nums) == 3:
-            nums.append(0)
-        if len(nums) != 4 or not all(0 <= x < 1 << 16 for x in nums) or nums[3] not in (0, 1):
-            raise ValueError(part)
-        return nums[0], nums[1], nums[2], nums[3]
+        return _policy(int(x) for x in part.split(","))
 
     try:
         if "=" not in text:
@@ -116,6 +124,25 @@ def _parse(text: str) -> Dict[str, Policy]:
                           "spread 0 or 1), or 'host=far,near,lines[,spread];window=far,near,lines[,spread]'") from None
 
 
+def _calibrated(path: Path) -> Dict[str, Policy]:
+    """The policies saved by this CPU model's calibration, {} when there is none. A file that is there but cannot
+    be read or is not what ``save`` writes is a ConfigError naming it: ignoring it would run the kernels with
+    another policy than the one the user calibrated, and say nothing."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        raise ConfigError(f"prefetch calibration {path} cannot be read ({e}); fix its permissions or delete it")
+    try:
+        policies = json.loads(text)["policies"]
+        return {kind: _policy(policies[kind]) for kind in KINDS if kind in policies}
+    except (ValueError, TypeError, KeyError):
+        raise ConfigError(f"prefetch calibration {path} is malformed: expected "
+                          '{"policies": {"host": [far, near, lines, spread], "window": [...]}} with ints in [0, 65536) '
+                          "and spread 0 or 1; run `hetero env --calibrate` again, or delete the file") from None
+
+
 def choose(kind: str) -> Tuple[Policy, str]:
     """The policy for ``kind`` (``"host"`` or ``"window"``) and why it was chosen (decided once per process)."""
     if kind in _chosen:
@@ -128,14 +155,10 @@ def choose(kind: str) -> Tuple[Policy, str]:
             _chosen[kind] = policies[kind], f"HETERO_PREFETCH={env}"
             return _chosen[kind]
     path = _cache_file()
-    try:
-        saved = json.loads(path.read_text())
-        if kind in saved.get("policies", {}):
-            policy = tuple(int(x) for x in saved["policies"][kind])
-            _chosen[kind] = (policy + (0,))[:4], f"calibrated on this CPU model ({path})"
-            return _chosen[kind]
-    except (OSError, ValueError, TypeError):
-        pass
+    saved = _calibrated(path)
+    if kind in saved:
+        _chosen[kind] = saved[kind], f"calibrated on this CPU model ({path})"
+        return _chosen[kind]
     row = table_row(cpu)
     if row is not None:
         _chosen[kind] = row.policies[kind], f"table for {row.label} ({cpu['vendor']} family {cpu['family']} " \
@@ -174,8 +197,17 @@ def describe() -> Dict[str, Dict]:
 
 def save(policies: Dict[str, Policy], threads: int) -> Path:
     """Keep ``policies`` as this CPU model's calibration and use them from now on."""
+    policies = {kind: _policy(p) for kind, p in policies.items()}
     path = _cache_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"cpu": cpu_identity(), "threads": threads, "policies": policies}, indent=1))
+    # written whole, then renamed over the old file: a process reading it meanwhile (or a crash) never sees half
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
+        try:
+            f.write(json.dumps({"cpu": cpu_identity(), "threads": threads, "policies": policies}, indent=1))
+            f.close()
+            os.replace(f.name, path)
+        except BaseException:
+            os.unlink(f.name)
+            raise
     _chosen.clear()
     return path

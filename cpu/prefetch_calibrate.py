@@ -36,7 +36,9 @@ def calibrate(threads: int = 2, seconds_per_policy: float = 0.3, log=print) -> D
         tier.append(0, x, x)
     view = tier.view()
     q = torch.randn(1, hkv * g, d, generator=gen)
-    host = CppSparseBackend()
+    # every call sets its policy: the backends need none of their own (a malformed saved calibration, which this
+    # replaces, would refuse to give one)
+    host = CppSparseBackend(prefetch=native.pack_prefetch(*HOST_GRID[0]))
     host.set_threads(threads)
 
     def host_call():
@@ -48,7 +50,7 @@ def calibrate(threads: int = 2, seconds_per_policy: float = 0.3, log=print) -> D
 
     windows = [(torch.randn(1, hkv, 4100, d, generator=gen).to(torch.bfloat16),
                 torch.randn(1, hkv, 4100, d, generator=gen).to(torch.bfloat16)) for _ in range(24)]
-    window = CppWindowBackend()
+    window = CppWindowBackend(prefetch=native.pack_prefetch(*WINDOW_GRID[0]))
     window.set_threads(threads)
     lengths = torch.full((1,), 4100, dtype=torch.int32)
     it = iter(range(10 ** 9))

@@ -55,6 +55,43 @@ def test_calibration_file_is_used_and_table_is_the_fallback(fresh, monkeypatch):
     assert policy == prefetch.FALLBACK["host"] and "no table entry" in why
 
 
+@pytest.mark.parametrize("text", ["[1, 2]", '{"policies": {"host": [1, 2]}}', '{"policies": {"host": [-5, 0, 0, 0]}}',
+                                  '{"policies": {"host": [32, 0', '{"policies": {"host": "abc"}}',
+                                  '{"policies": {"host": [32, 0, 0, 7]}}', '{"policies": {"host": [32.5, 0, 0]}}',
+                                  '{"policies": "host"}', '{"cpu": {}}'])
+def test_malformed_calibration_file_is_a_config_error_naming_it(fresh, text):
+    path = prefetch._cache_file()
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"{path}.*(--calibrate|delete)"):
+        prefetch.choose("host")
+
+
+def test_saved_calibration_is_validated_and_replaces_the_old_file_whole(fresh):
+    with pytest.raises(ValueError):
+        prefetch.save({"host": (32, 0, 0, 2)}, threads=2)
+    assert not prefetch._cache_file().exists()
+    path = prefetch.save({"host": (32, 0, 0, 0)}, threads=2)
+    path = prefetch.save({"host": (64, 8, 0, 1)}, threads=2)
+    assert prefetch.choose("host")[0] == (64, 8, 0, 1)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left beside it
+
+
+@needs_native
+def test_backends_take_an_explicit_policy_despite_a_malformed_calibration(fresh):
+    """`hetero env --calibrate` builds its backends with explicit policies, so it can replace a broken file."""
+    from hetero.cpu.cpp_sparse import CppSparseBackend
+    from hetero.cpu.cpp_window import CppWindowBackend
+
+    path = prefetch._cache_file()
+    path.parent.mkdir(parents=True)
+    path.write_text("{")
+    with pytest.raises(ConfigError):
+        CppWindowBackend()
+    policy = native.pack_prefetch(8, 0, 0)
+    assert CppSparseBackend(prefetch=policy).prefetch == CppWindowBackend(prefetch=policy).prefetch == policy
+
+
 @needs_native
 def test_pack_prefetch_refuses_values_out_of_range():
     assert native.pack_prefetch(128, 8, 0) != native.pack_prefetch(8, 128, 0)
