@@ -49,7 +49,8 @@ class HeteroConfig:
     budget: host keys per KV head (``budget_per="kv_head"``, default: the rows a GQA group shares and the
         host side reads) or per query head (``"query_head"``): an int count (>= 0), or a float fraction in
         ``(0, 1]`` of that sequence's host tier (rounded up). With ``"kv_head"`` each of the G query heads
-        of a group ranks ``ceil(k / G)`` keys, so the group's union stays within k rows (a budget covering the
+        of a group ranks ``ceil(k / G)`` keys, so the group's union holds at most ``G * ceil(k / G)`` rows: k
+        when G divides k, fewer than ``k + G`` otherwise (a budget of 1 key reads up to G rows; a budget covering the
         whole host tier selects all of it).
     retriever: name in the retriever registry (``hetero.registry.RETRIEVERS.names()``): ``"ivf-group"``
         (default: IVF over 4-bit codes, lists read once per GQA group by hetero's C++ kernel, the unselected

@@ -44,8 +44,9 @@ def fuse(parts: Sequence[PartialAttention]) -> PartialAttention:
     wait for the device)."""
     first = parts[0]
     dtype = torch.float64 if any(p.out.dtype == torch.float64 for p in parts) else torch.float32
-    if len(parts) == 1:
-        return PartialAttention(first.out.to(dtype), first.lse.to(dtype))
+    if len(parts) == 1:  # an empty part's out counts for nothing, whatever it holds: 0, as the merges give
+        lse = first.lse.to(dtype)
+        return PartialAttention(torch.where((lse == float("-inf")).unsqueeze(-1), 0.0, first.out.to(dtype)), lse)
     grad = any(p.out.requires_grad or p.lse.requires_grad for p in parts)
     device = first.out.device
     if dtype == torch.float32 and not grad and len(parts) <= 64:

@@ -56,6 +56,15 @@ def test_empty_part_is_neutral_even_with_garbage_out():
     assert torch.allclose(m.out, a.out) and torch.allclose(m.lse, a.lse)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_one_part_alone_follows_the_empty_part_rule(dtype):
+    garbage = PartialAttention(torch.tensor([[[1.0, float("nan"), 3.0], [2.0, 2.0, 2.0]]], dtype=dtype),
+                               torch.tensor([[float("-inf"), 0.25]], dtype=dtype))
+    m = merge([garbage])
+    assert torch.equal(m.out[0, 0], torch.zeros(3, dtype=dtype)) and torch.equal(m.out[0, 1], garbage.out[0, 1])
+    assert torch.equal(m.lse, garbage.lse)
+
+
 def test_pos_inf_takes_all_weight():
     a = PartialAttention(torch.ones(1, 1, 4), torch.tensor([[float("inf")]]))
     b = PartialAttention(torch.full((1, 1, 4), 7.0), torch.tensor([[3.0]]))

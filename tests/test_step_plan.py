@@ -165,3 +165,28 @@ def test_profile_reports_fixed_cost_and_floor_beside_the_step():
     assert 0 <= r["fixed_ms"] < r["hetero_ms"]
     assert 0 < r["floor_ms"] and r["floor_ratio"] == pytest.approx(r["hetero_ms"] / r["floor_ms"], rel=0.01)
     assert r["stream_gbps"] > 0 and r["random_read_gbps"] > 0 and r["cpu"]
+
+
+@needs_native
+@pytest.mark.parametrize("retriever", ["all", "ivf-group"])
+def test_fused_step_without_fast_slots_reports_an_empty_window_part(retriever):
+    """window = sinks = 0: the fused step has no fast-tier part; its details (and the adaptive budget that reads
+    them) get out 0, lse -inf, never what the workspace held before."""
+    gen = torch.Generator().manual_seed(0)
+    cfg = HeteroConfig(window=0, sinks=0, budget=1.0, retriever=retriever, block_tokens=16,
+                       retriever_options={"min_train": 64} if retriever == "ivf-group" else {})
+    layer = LayerCache(cfg)
+    k, v = torch.randn(1, 2, 300, 32, generator=gen), torch.randn(1, 2, 300, 32, generator=gen)
+    layer.append(k, v)
+    layer.wait_indexed()
+    attn = HeteroAttention(cfg)
+    plan = attn.plan(layer, 4)
+    assert plan.fused
+    for w in plan.workspaces.values():
+        w.win_out.fill_(7.0), w.win_lse.fill_(50.0)  # what torch.empty may hold
+    q = torch.randn(1, 4, 32, generator=gen)
+    res = attn.run(q, layer, plan, return_details=True)
+    assert torch.equal(res.window.out, torch.zeros_like(res.window.out))
+    assert torch.isneginf(res.window.lse).all()
+    assert rel_err(res.out, oracle(q, layer)) < 1e-5
+    attn.close()

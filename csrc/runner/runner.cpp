@@ -231,6 +231,9 @@ int64_t Runner::step_locked(const int64_t* L, const int64_t* W, void* out) {
                   longest, scale, static_cast<DType>(L[KV_DTYPE]), W[FAST_PREFETCH]};
     sparse_locked(wa, win_out, win_lse);
     mark(0, 1);
+  } else if (final_out) {  // no fast-tier part: the window details report it empty (out 0, lse -inf), not stale
+    std::fill(win_out, win_out + B * Hq * D, 0.0f);
+    std::fill(win_lse, win_lse + B * Hq, -std::numeric_limits<float>::infinity());
   }
 
   float* host_out = field_ptr<float>(W, HOST_OUT);
