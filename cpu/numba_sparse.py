@@ -330,7 +330,7 @@ def _shift(block_tokens: int) -> int:
 def _flat(pool: torch.Tensor) -> np.ndarray:
     """A 1-D array starting at the pool's first element and covering all of it (bf16/fp16 as uint16)."""
     span = sum((s - 1) * st for s, st in zip(pool.shape, pool.stride())) + 1 if pool.numel() else 0
-    flat = torch.as_strided(pool, (span,), (1,))
+    flat = torch.as_strided(pool.detach(), (span,), (1,))
     if pool.dtype in (torch.bfloat16, torch.float16):
         flat = flat.view(torch.int16)
     arr = flat.numpy()
@@ -378,12 +378,12 @@ class NumbaSparseBackend(HostBackend):
         chunks = max(1, min(math.ceil(2 * self._threads / heads), k // 256))
         chunk_len = math.ceil(k / chunks) if k else 0
         has_lw = selection.log_weight is not None
-        lw = (selection.log_weight.to(torch.float32).contiguous() if has_lw else torch.zeros(1, 1, 1)).numpy()
+        lw = (selection.log_weight.detach().to(torch.float32).contiguous() if has_lw else torch.zeros(1, 1, 1)).numpy()
         part_out = np.empty((heads * chunks, g, d), np.float32)
         part_lse = np.empty((heads * chunks, g), np.float32)
         elem = k_pool.element_size()
         _sparse_kernel(
-            q.to(torch.float32).contiguous().numpy(), _flat(k_pool), _flat(v_pool), k_pool.stride(0),
+            q.detach().to(torch.float32).contiguous().numpy(), _flat(k_pool), _flat(v_pool), k_pool.stride(0),
             k_pool.stride(1), host.block_table.to(torch.int32).contiguous().numpy(), host.block_tokens,
             _shift(host.block_tokens),
             idx.numpy(), lw, has_lw, np.float32(scale), _MODES[k_pool.dtype], chunks, chunk_len, part_out,

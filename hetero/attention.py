@@ -76,13 +76,28 @@ def _layers_of(cache) -> List[LayerCache]:
     return out
 
 
+def _overlapping(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (an expanded view): its dims, by stride, must each step over
+    all of the smaller ones."""
+    reach = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1):
+        if stride < reach:
+            return True
+        reach = stride * size
+    return False
+
+
 def _check_out_shape(out, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
-    """``ShapeError`` unless ``out`` is a ``shape`` tensor of ``dtype`` on ``device`` with contiguous rows."""
+    """``ShapeError`` unless ``out`` is a ``shape`` tensor of ``dtype`` on ``device`` with contiguous rows, no
+    element sharing memory with another, and no autograd history to keep."""
     if (not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or out.dtype != dtype or out.device != device
-            or out.stride(-1) != 1):
+            or out.stride(-1) != 1 or out.requires_grad or _overlapping(out)):
         dims = ", ".join(str(x) for x in shape)
-        raise ShapeError(f"out must be a [{dims}] {dtype} tensor on {device} with contiguous rows, got "
-                         f"{getattr(out, 'shape', type(out).__name__)}")
+        got = (f"{tuple(out.shape)} {out.dtype} on {out.device}, strides {out.stride()}"
+               f"{', requires_grad' if out.requires_grad else ''}" if isinstance(out, torch.Tensor)
+               else type(out).__name__)
+        raise ShapeError(f"out must be a [{dims}] {dtype} tensor on {device} with contiguous rows, no two elements "
+                         f"in the same memory, and requires_grad off; got {got}")
 
 
 DECODE_Q_DTYPES = tuple(native.DTYPE_CODES)  # the step writes its output in the query's dtype
@@ -344,6 +359,10 @@ class HeteroAttention:
                 raise ShapeError(f"plan must be a StepPlan (HeteroAttention.plan), got {type(plan).__name__}")
             if out is not None:
                 _check_out_shape(out, tuple(q.shape), q.dtype, q.device)
+        for name, x in (("k", k), ("v", v)):  # one token (append() takes any count)
+            if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[2] != 1:
+                raise ShapeError(f"decode() appends one token: {name} must be [B, Hkv, D] or [B, Hkv, 1, D], got "
+                                 f"{tuple(x.shape)} (append several with layer.append)")
         if layer.initialized and not layer.index.idle:
             with layer.lock:
                 layer.index.wait()  # an index failure is reported (and healed) before the token goes in, not after

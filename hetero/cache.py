@@ -23,7 +23,7 @@ from .indexing import IndexQueue
 from .reference import default_scale
 from .registry import RETRIEVERS
 from .tiers import FastTier, HostTier
-from .validation import check_finite, check_float, check_kv, check_lengths, check_tensor
+from .validation import check_finite, check_fits, check_float, check_kv, check_lengths, check_tensor
 
 MEMORY_KEYS = ("fast_bytes", "host_bytes", "index_bytes")  # what memory() reports, per layer or summed
 
@@ -174,8 +174,11 @@ class LayerCache:
                 raise ShapeError(f"keys on {keys.device}, but layer {self.layer_idx}'s fast tier is on {self.device}")
         lengths = [t] * b if lengths is None else check_lengths(lengths, b, t).tolist()  # no tensor when None
         if check_values:
+            storage = self.fast.k.dtype if self.initialized else (self.config.torch_kv_dtype or keys.dtype)
             for name, x in (("keys", keys), ("values", values)):
-                check_finite(x if min(lengths) == t else _used(x, lengths), name)
+                used = x if min(lengths) == t else _used(x, lengths)
+                check_finite(used, name)
+                check_fits(used, storage, f"{name} (stored as {str(storage).replace('torch.', '')})")
         return keys, values, lengths
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, lengths=None) -> None:
@@ -326,7 +329,8 @@ class LayerCache:
                 continue
             if code == ext.APPEND_NOT_FINITE:
                 bad = np.flatnonzero(flags).tolist()
-                raise InvalidValueError(f"keys or values contain NaN or inf (sequences {bad})")
+                raise InvalidValueError(f"keys or values contain NaN or inf, or values that are inf once stored as "
+                                        f"the cache's {self.fast.k.dtype} (sequences {bad})")
             self.queue_native_leftovers()
             return
         raise RuntimeError("append_decode: host blocks still full after reserving")  # pragma: no cover

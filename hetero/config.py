@@ -10,10 +10,13 @@ import torch
 
 from .errors import ConfigError
 from .registry import HOST_BACKENDS, RETRIEVERS, WINDOW_BACKENDS
+from .validation import scale_ok
 
 KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 GROUP_RULES = ("union", "per-head", "sum")
+MAX_BUDGET_KEYS = 2 ** 53  # a key count the native step holds exactly in a float64
+MAX_THREADS = 1024  # more than any CPU this runs on has; the native pools take an int
 
 
 def _fail(name: str, value: Any, allowed: str) -> ConfigError:
@@ -115,14 +118,15 @@ class HeteroConfig:
             if not _is_int(v) or v < low:
                 raise _fail(name, v, f"an int >= {low}")
         b = self.budget
+        budget_rule = "an int count in [0, 2**53] or a float fraction in (0, 1]"  # counts stay exact as float64
         if _is_int(b):
-            if b < 0:
-                raise _fail("budget", b, "an int count >= 0 or a float fraction in (0, 1]")
+            if not 0 <= b <= MAX_BUDGET_KEYS:
+                raise _fail("budget", b, budget_rule)
         elif isinstance(b, float):
             if not (math.isfinite(b) and 0.0 < b <= 1.0):
-                raise _fail("budget", b, "an int count >= 0 or a float fraction in (0, 1]")
+                raise _fail("budget", b, budget_rule)
         else:
-            raise _fail("budget", b, "an int count >= 0 or a float fraction in (0, 1]")
+            raise _fail("budget", b, budget_rule)
         if not isinstance(self.retriever, str) or self.retriever not in RETRIEVERS:
             raise _fail("retriever", self.retriever, f"one of {RETRIEVERS.names()}")
         if not isinstance(self.retriever_options, Mapping):
@@ -141,8 +145,8 @@ class HeteroConfig:
             raise _fail("host_backend", self.host_backend, f"'auto' or one of {HOST_BACKENDS.names()}")
         if not _is_int(self.sparse_chunk_tokens) or self.sparse_chunk_tokens < 0:
             raise _fail("sparse_chunk_tokens", self.sparse_chunk_tokens, "an int >= 0")
-        if self.threads is not None and (not _is_int(self.threads) or self.threads < 1):
-            raise _fail("threads", self.threads, "None (all cores) or an int >= 1")
+        if self.threads is not None and (not _is_int(self.threads) or not 1 <= self.threads <= MAX_THREADS):
+            raise _fail("threads", self.threads, f"None (all cores) or an int in [1, {MAX_THREADS}]")
         object.__setattr__(self, "kv_dtype", canonical_dtype_name(self.kv_dtype))
         try:
             layers = tuple(self.dense_layers)
@@ -159,9 +163,8 @@ class HeteroConfig:
         if f is not None and not ((_is_int(f) and _is_int(b) and 0 <= f <= b) or
                                   (isinstance(f, float) and isinstance(b, float) and 0.0 < f <= b)):
             raise _fail("budget_floor", f, "None, or the same kind as budget (count or fraction) and <= budget")
-        if self.scale is not None and not (isinstance(self.scale, (int, float)) and math.isfinite(self.scale)
-                                           and self.scale > 0):
-            raise _fail("scale", self.scale, "None or a finite float > 0")
+        if self.scale is not None and not scale_ok(self.scale):
+            raise _fail("scale", self.scale, "None or a number in [1.18e-38, 3.4e38] (the kernels compute in float32)")
 
     def overlap_on(self, device: torch.device) -> bool:
         """Whether the two sides of a decode step run side by side when the fast tier is on ``device``."""

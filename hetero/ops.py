@@ -12,12 +12,13 @@ from typing import Optional
 import torch
 
 from .backends import AttentionInputs, BackendSet
+from .config import MAX_THREADS
 from .errors import InvalidValueError, ShapeError
 from .merge import merge
 from .reference import default_scale
 from .types import HostView, PartialAttention, Selection
 from .validation import (check_finite, check_host_view, check_kv, check_lengths, check_query, check_scale,
-                         check_selection)
+                         check_selected_rows, check_selection)
 
 _backends = BackendSet()
 _lock = threading.Lock()
@@ -69,11 +70,12 @@ def sparse_attention(q: torch.Tensor, host: HostView, selection: Selection, scal
     if q.device.type != "cpu":
         raise ShapeError(f"q must be in host memory for the host part, got {q.device}")
     check_selection(selection, q.shape[0], q.shape[1], hkv, host.lengths.tolist(), d)
+    check_selected_rows(host, selection)
     inputs = AttentionInputs(torch.device("cpu"), host.k_pool.dtype, d, q.shape[1], hkv, q.shape[0])
     impl = _select("host", backend, inputs)
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise InvalidValueError(f"threads must be None or an int >= 1, got {threads!r}")
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+            raise InvalidValueError(f"threads must be None or an int in [1, {MAX_THREADS}], got {threads!r}")
         impl.set_threads(threads)
     part = impl(q, host, selection, default_scale(d) if scale is None else scale)
     return part if selection.estimate is None else merge([part, selection.estimate])

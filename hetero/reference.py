@@ -23,19 +23,24 @@ def _partial_from_scores(scores: torch.Tensor, values: torch.Tensor, valid: torc
     """scores ``[B, Hkv, G, L]``, values ``[B, Hkv, L, D]``, valid ``[B, Hkv, G or 1, L]`` bool.
 
     Masked entries are excluded exactly (weight 0, and their values never enter a product, so NaN in
-    unused slots cannot leak)."""
+    unused slots cannot leak). The output is divided by the sum of its weights, as the kernels do: weights taken as
+    ``exp(s - lse)`` carry lse's rounding (float32 at logits of 1e4: 5e-3 off) into every output."""
+    b, hkv, g, d = scores.shape[0], scores.shape[1], scores.shape[2], values.shape[-1]
+    if scores.shape[-1] == 0:
+        return PartialAttention(scores.new_zeros(b, hkv * g, d), scores.new_full((b, hkv * g), float("-inf")))
     neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
     scores = torch.where(valid, scores, neg_inf)
-    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G]; -inf where nothing is valid
-    finite = torch.isfinite(lse)
-    shift = torch.where(finite, lse, torch.zeros_like(lse))
+    m = scores.amax(dim=-1)  # [B, Hkv, G]; -inf where nothing is valid
+    finite = torch.isfinite(m)
+    shift = torch.where(finite, m, torch.zeros_like(m))
     p = torch.exp(scores - shift.unsqueeze(-1))
     p = torch.where(valid, p, torch.zeros_like(p))
+    total = p.sum(dim=-1)  # >= 1 where the max is finite (its own weight is 1)
     any_valid = valid.any(dim=-2, keepdim=True).transpose(-1, -2)  # [B, Hkv, L, 1]
     values = torch.where(any_valid, values, torch.zeros_like(values))
-    out = torch.matmul(p, values)  # [B, Hkv, G, D]
+    out = torch.matmul(p, values) / torch.where(finite, total, torch.ones_like(total)).unsqueeze(-1)
     out = torch.where(finite.unsqueeze(-1), out, torch.zeros_like(out))
-    b, hkv, g, d = out.shape
+    lse = torch.where(finite, shift + torch.log(torch.where(finite, total, torch.ones_like(total))), m)
     return PartialAttention(out.reshape(b, hkv * g, d), lse.reshape(b, hkv * g))
 
 

@@ -3,6 +3,7 @@
 before native code reads any memory."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -44,6 +45,26 @@ def check_finite(x: torch.Tensor, name: str) -> None:
         raise InvalidValueError(f"{name} contains NaN or inf")
 
 
+def overflow_bound(dtype: torch.dtype) -> float:
+    """A magnitude below which every value stays finite in ``dtype``: its largest finite value plus half a unit in
+    its last place (where round to nearest even goes to inf), less 2^-22 of it, as a float64 cast may round twice
+    (through float32)."""
+    big = float(torch.finfo(dtype).max)
+    return (big + float(torch.finfo(dtype).eps) * 2.0 ** (math.frexp(big)[1] - 2)) * (1 - 2.0 ** -22)
+
+
+def check_fits(x: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    """``x`` (finite) stays finite once cast to ``dtype``: ``InvalidValueError`` naming the range otherwise. One read
+    of ``x``, no copy; nothing to do when ``dtype`` holds every value of ``x.dtype``."""
+    if x.numel() == 0 or torch.finfo(dtype).max >= torch.finfo(x.dtype).max:
+        return
+    lo, hi = torch.aminmax(x.detach())
+    if max(-float(lo), float(hi)) >= overflow_bound(dtype):
+        raise InvalidValueError(f"{name} holds finite values beyond {str(dtype).replace('torch.', '')}'s range "
+                                f"(|x| <= {float(torch.finfo(dtype).max):.6g}), up to {max(-float(lo), float(hi)):.6g}: "
+                                "they would become inf")
+
+
 def all_finite(x: torch.Tensor) -> bool:
     """No NaN or inf in ``x``. CPU float32 / bfloat16 / float16 tensors of any strides are checked in one C++ call
     (csrc/common/finite.cpp: on a decode step's cold caches, torch's isfinite + all cost 0.1-0.2 ms per tensor);
@@ -56,11 +77,22 @@ def all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 
 
+def scale_ok(scale) -> bool:
+    """A real number the kernels can multiply by in float32: in [float32's smallest normal, its largest]."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        return False
+    try:
+        x = float(scale)
+    except OverflowError:
+        return False
+    return float(torch.finfo(torch.float32).tiny) <= x < overflow_bound(torch.float32)
+
+
 def check_scale(scale, name: str = "scale") -> None:
-    """None (1/sqrt(D)) or a finite real number > 0."""
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or
-                              not np.isfinite(scale) or scale <= 0):
-        raise InvalidValueError(f"{name} must be None (1/sqrt(head_dim)) or a finite number > 0, got {scale!r}")
+    """None (1/sqrt(D)) or a number > 0 within float32's normal range."""
+    if scale is not None and not scale_ok(scale):
+        raise InvalidValueError(f"{name} must be None (1/sqrt(head_dim)) or a number in [1.18e-38, 3.4e38] (the "
+                                f"kernels compute in float32), got {scale!r}")
 
 
 def check_lengths(lengths, batch: int, limit: int, name: str = "lengths") -> torch.Tensor:
@@ -102,6 +134,8 @@ def check_kv(keys, values, name_k: str = "k", name_v: str = "v", rank: int = 4,
         raise DTypeError(f"{name_k} ({keys.dtype}) and {name_v} ({values.dtype}) must have the same dtype")
     if keys.device != values.device:
         raise ShapeError(f"{name_k} on {keys.device} and {name_v} on {values.device} must share a device")
+    if keys.shape[1] == 0 or keys.shape[-1] == 0:
+        raise ShapeError(f"{name_k} {tuple(keys.shape)} has no heads or no head_dim: {layout} needs Hkv >= 1, D >= 1")
 
 
 def check_query(q, kv_heads: int, head_dim: int, batch: int, name: str = "q",
@@ -121,6 +155,7 @@ def check_query(q, kv_heads: int, head_dim: int, batch: int, name: str = "q",
         raise ShapeError(f"{name} has {hq} heads, which is not a positive multiple of the {kv_heads} KV heads "
                          "(GQA needs Hq = G * Hkv)")
     check_finite(q, name)
+    check_fits(q, torch.float32, name)  # the kernels take the query in float32
     return q
 
 
@@ -133,6 +168,8 @@ def check_host_view(view) -> None:
     check_tensor(view.k_pool, "host.k_pool", 3, "[Hkv, R, D]")
     check_tensor(view.v_pool, "host.v_pool", 3, "[Hkv, R, D]")
     k, v = view.k_pool, view.v_pool
+    if k.shape[0] == 0 or k.shape[2] == 0:
+        raise ShapeError(f"host.k_pool {tuple(k.shape)} has no heads or no head_dim: [Hkv, R, D] needs Hkv >= 1, D >= 1")
     if k.shape != v.shape or k.dtype != v.dtype:
         raise ShapeError(f"host.k_pool {tuple(k.shape)} {k.dtype} and host.v_pool {tuple(v.shape)} {v.dtype} must "
                          "match")
@@ -200,6 +237,10 @@ def check_selection(selection, batch: int, q_heads: int, kv_heads: int, host_len
             raise ShapeError(f"selection.log_weight must be in host memory, got {lw.device}")
         if bool(torch.isnan(lw).any()) or bool(torch.isposinf(lw).any()):
             raise InvalidValueError("selection.log_weight must not hold NaN or +inf (-inf drops a key)")
+        top = float(lw.detach().max()) if lw.numel() and lw.dtype == torch.float64 else 0.0
+        if top >= overflow_bound(torch.float32):
+            raise InvalidValueError(f"selection.log_weight holds {top:.6g}, beyond float32's range (the "
+                                    "kernels add it in float32, where it would be +inf)")
     est = selection.estimate
     if est is not None:
         check_part(est, "selection.estimate")
@@ -209,6 +250,24 @@ def check_selection(selection, batch: int, q_heads: int, kv_heads: int, host_len
                              f"[B, Hq], got out {tuple(est.out.shape)}, lse {tuple(est.lse.shape)}")
         if est.out.dtype != torch.float32 or est.lse.dtype != torch.float32:
             raise DTypeError(f"selection.estimate must be float32, got {est.out.dtype} / {est.lse.dtype}")
+
+
+def check_selected_rows(view: HostView, selection: Selection) -> None:
+    """The host rows ``selection`` picks hold no NaN or inf (the standalone op's check; the runtime's tiers refuse
+    such values when they are appended). Reads only the selected rows."""
+    idx = selection.indices.to(torch.int64)
+    valid = idx >= 0
+    if not bool(valid.any()):
+        return
+    b, hkv, k = idx.shape
+    bt = view.block_tokens
+    pos = idx.clamp(min=0)
+    blocks = torch.gather(view.block_table.to(torch.int64), 1, (pos // bt).reshape(b, -1)).reshape(b, hkv, k)
+    rows = (blocks * bt + pos % bt)[valid]
+    heads = torch.arange(hkv).view(1, hkv, 1).expand(b, hkv, k)[valid]
+    for name, pool in (("k_pool", view.k_pool), ("v_pool", view.v_pool)):
+        if not all_finite(pool[heads, rows]):
+            raise InvalidValueError(f"host.{name}: a row selection.indices picks holds NaN or inf")
 
 
 def check_part(part, name: str) -> None:
@@ -228,3 +287,5 @@ def check_part(part, name: str) -> None:
         raise ShapeError(f"{name}: out on {part.out.device} and lse on {part.lse.device} must share a device")
     if part.lse.numel() and bool(torch.isnan(part.lse).any()):
         raise InvalidValueError(f"{name}.lse holds NaN: the part is broken (an empty part is lse = -inf, out = 0)")
+    if part.out.numel() and not bool((torch.isfinite(part.out) | torch.isneginf(part.lse).unsqueeze(-1)).all()):
+        raise InvalidValueError(f"{name}.out holds NaN or inf where its lse is not -inf: the part is broken")

@@ -10,9 +10,14 @@
 namespace hetero {
 namespace {
 
-bool finite_row(const void* p, int64_t off, int64_t D, int dtype) {
-  for (int64_t d = 0; d < D; ++d)
-    if (!std::isfinite(load_as_float(p, off + d, dtype))) return false;
+// Every element finite, and still finite once stored as store_dtype (a float32 1e5 is inf in float16).
+bool finite_row(const void* p, int64_t off, int64_t D, int dtype, int store_dtype) {
+  for (int64_t d = 0; d < D; ++d) {
+    const float x = load_as_float(p, off + d, dtype);
+    if (!std::isfinite(x)) return false;
+    if (store_dtype == 2 && dtype != 2 && !std::isfinite(half_bits_to_float(float_to_half_bits(x)))) return false;
+    if (store_dtype == 1 && dtype == 0 && !std::isfinite(bf16_bits_to_float(float_to_bf16_bits(x)))) return false;
+  }
   return true;
 }
 
@@ -153,7 +158,8 @@ int append_decode(const int64_t* L, const void* k, const void* v, int64_t stride
   for (int64_t b = 0; b < B; ++b) {
     bool ok = true;
     for (int64_t h = 0; h < Hkv && ok; ++h)
-      ok = finite_row(k, b * stride_b + h * stride_h, D, in_dtype) && finite_row(v, b * stride_b + h * stride_h, D, in_dtype);
+      ok = finite_row(k, b * stride_b + h * stride_h, D, in_dtype, dtype) &&
+           finite_row(v, b * stride_b + h * stride_h, D, in_dtype, dtype);
     flags[b] = ok ? 0 : 1;
     if (!ok) code = kAppendNotFinite;
   }

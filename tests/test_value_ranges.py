@@ -1,0 +1,163 @@
+"""Finite inputs that stop being finite where the kernels hold them (a storage dtype, float32 arithmetic), and
+arguments that no kernel can use: each refused with a typed error before anything changes; the reference
+backends normalise like the kernels."""
+import math
+
+import pytest
+import torch
+
+from hetero import (ConfigError, HeteroAttention, HeteroConfig, InvalidValueError, LayerCache, PartialAttention,
+                    Selection, ShapeError, merge, native, sparse_attention, window_attention)
+from hetero.registry import HOST_BACKENDS
+from hetero.validation import overflow_bound
+
+needs_native = pytest.mark.skipif(native.load() is None, reason="C++ extension not built")
+HOST = [b for b in ("cpp", "numba", "torch") if b in HOST_BACKENDS.names()]
+
+
+def _layer(kv_dtype=None, tokens=40, d=16, **kw):
+    cfg = HeteroConfig(window=8, sinks=2, retriever="all", block_tokens=8, kv_dtype=kv_dtype, **kw)
+    layer = LayerCache(cfg)
+    gen = torch.Generator().manual_seed(0)
+    layer.append(torch.randn(1, 2, tokens, d, generator=gen), torch.randn(1, 2, tokens, d, generator=gen))
+    return cfg, layer
+
+
+@pytest.mark.parametrize("dtype,src,big", [(torch.float16, torch.float32, 1e5), (torch.bfloat16, torch.float32, 3.4e38),
+                                           (torch.float32, torch.float64, 1e300)], ids=str)
+def test_overflow_bound_is_where_the_cast_turns_inf(dtype, src, big):
+    bound = overflow_bound(dtype)
+    assert math.isfinite(torch.tensor([bound], dtype=src).to(dtype).item())
+    assert torch.tensor([torch.finfo(dtype).max], dtype=src).to(dtype).item() == torch.finfo(dtype).max
+    assert big >= bound and math.isinf(torch.tensor([big], dtype=src).to(dtype).item())
+
+
+@pytest.mark.parametrize("path", ["prefill", "decode_append", "decode"])
+def test_keys_beyond_the_storage_dtype_are_refused_and_nothing_is_stored(path):
+    cfg, layer = _layer("float16")
+    before = layer.tokens(0)[0].clone()
+    k, v = torch.randn(1, 2, 16), torch.randn(1, 2, 16)
+    k[0, 1, 3] = 1e5  # finite in float32, inf in float16
+    with pytest.raises(InvalidValueError, match="float16"):
+        if path == "prefill":
+            layer.append(k[:, :, None].expand(1, 2, 3, 16), v[:, :, None].expand(1, 2, 3, 16))
+        elif path == "decode_append":
+            layer.append(k, v)
+        else:
+            attn = HeteroAttention(cfg)
+            attn.decode(torch.randn(1, 4, 16), k, v, layer, attn.plan(layer, 4))
+    assert torch.equal(layer.tokens(0)[0], before)
+    k[0, 1, 3] = 65504.0  # float16's largest: stored as it is
+    layer.append(k, v)
+    assert layer.tokens(0)[0][1, -1, 3].item() == 65504.0
+
+
+def test_float64_values_beyond_float32_are_refused():
+    _, layer = _layer()
+    host = layer.host.view()
+    sel = Selection(torch.zeros(1, 2, 3, dtype=torch.int32))
+    q = torch.randn(1, 4, 16, dtype=torch.float64)
+    q[0, 0, 0] = 1e300
+    with pytest.raises(InvalidValueError, match="float32"):
+        sparse_attention(q, host, sel)
+    with pytest.raises(InvalidValueError, match="float32"):
+        window_attention(q, torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16))
+    lw = torch.zeros(1, 4, 3, dtype=torch.float64)
+    lw[0, 1, 2] = 1e300
+    with pytest.raises(InvalidValueError, match="float32"):
+        sparse_attention(torch.randn(1, 4, 16), host, Selection(sel.indices, log_weight=lw))
+    for scale in (1e300, 10 ** 400, 1e-300):
+        with pytest.raises(InvalidValueError, match="float32"):
+            sparse_attention(torch.randn(1, 4, 16), host, sel, scale=scale)
+        with pytest.raises(ConfigError, match="scale"):
+            HeteroConfig(scale=scale)
+
+
+@pytest.mark.parametrize("backend", HOST)
+def test_a_selected_host_row_with_nan_is_refused(backend):
+    _, layer = _layer()
+    host = layer.host.view()
+    kv = layer.host.kv_pool.clone()  # [Hkv, R, 2, D]: K and V rows side by side, as the tier holds them
+    kv[1, 5, 0, 0] = float("nan")
+    bad = type(host)(kv[:, :, 0], kv[:, :, 1], host.block_table, host.lengths, host.block_tokens)
+    picks = torch.tensor([[[0, 3, -1], [4, 5, 6]]], dtype=torch.int32)
+    with pytest.raises(InvalidValueError, match="k_pool"):
+        sparse_attention(torch.randn(1, 4, 16), bad, Selection(picks), backend=backend)
+    other = torch.tensor([[[0, 5, -1], [4, 6, 7]]], dtype=torch.int32)  # row 5 of head 0 only: fine
+    assert torch.isfinite(sparse_attention(torch.randn(1, 4, 16), bad, Selection(other), backend=backend).out).all()
+
+
+def test_budget_and_threads_out_of_range_are_config_errors():
+    HeteroConfig(budget=2 ** 53, threads=1024)
+    for kw in ({"budget": 2 ** 53 + 1}, {"budget": 10 ** 19}, {"budget": 10 ** 400}, {"threads": 1025},
+               {"threads": 2 ** 31}):
+        with pytest.raises(ConfigError, match=next(iter(kw))):
+            HeteroConfig(**kw)
+    _, layer = _layer()
+    with pytest.raises(InvalidValueError, match="threads"):
+        sparse_attention(torch.randn(1, 4, 16), layer.host.view(), Selection(torch.zeros(1, 2, 1, dtype=torch.int32)),
+                         threads=2 ** 31)
+
+
+def test_no_heads_or_no_head_dim_is_a_shape_error():
+    with pytest.raises(ShapeError, match="Hkv >= 1"):
+        window_attention(torch.randn(1, 4, 8), torch.randn(1, 0, 5, 8), torch.randn(1, 0, 5, 8))
+    with pytest.raises(ShapeError, match="D >= 1"):
+        window_attention(torch.randn(1, 4, 0), torch.randn(1, 2, 5, 0), torch.randn(1, 2, 5, 0))
+
+
+@pytest.mark.parametrize("make", [lambda: torch.zeros(1, 4, 16).expand(2, 4, 16),
+                                  lambda: torch.zeros(2, 4, 16, requires_grad=True)], ids=["expanded", "requires_grad"])
+def test_out_that_shares_memory_or_needs_grad_is_refused(make):
+    cfg = HeteroConfig(window=8, sinks=2, retriever="all", block_tokens=8)
+    layer = LayerCache(cfg)
+    layer.append(torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16))
+    attn = HeteroAttention(cfg)
+    before = layer.tokens(0)[0].shape
+    with pytest.raises(ShapeError, match="out must be"):
+        attn.run(torch.randn(2, 4, 16), layer, out=make())
+    with pytest.raises(ShapeError, match="out must be"):
+        attn.decode(torch.randn(2, 4, 16), torch.randn(2, 2, 16), torch.randn(2, 2, 16), layer, attn.plan(layer, 4),
+                    out=make())
+    assert layer.tokens(0)[0].shape == before
+
+
+def test_decode_takes_exactly_one_token():
+    cfg, layer = _layer()
+    attn = HeteroAttention(cfg)
+    n = layer.tokens(0)[0].shape[1]
+    with pytest.raises(ShapeError, match="one token"):
+        attn.decode(torch.randn(1, 4, 16), torch.randn(1, 2, 2, 16), torch.randn(1, 2, 2, 16), layer,
+                    attn.plan(layer, 4))
+    assert layer.tokens(0)[0].shape[1] == n
+
+
+@pytest.mark.parametrize("backend", HOST)
+def test_host_backends_take_tensors_that_require_grad(backend):
+    _, layer = _layer()
+    host = layer.host.view()
+    sel = Selection(torch.tensor([[[0, 3, 9], [4, 5, 6]]], dtype=torch.int32),
+                    log_weight=torch.zeros(1, 4, 3, requires_grad=True))
+    q = torch.randn(1, 4, 16, requires_grad=True)
+    got = sparse_attention(q, host, sel, backend=backend)
+    ref = sparse_attention(q.detach(), host, Selection(sel.indices), backend="torch")
+    assert torch.allclose(got.out.detach(), ref.out, atol=1e-5)
+
+
+def test_reference_backends_divide_by_the_weights_sum():
+    """Large logits: weights taken as exp(s - lse) carry lse's float32 rounding into the output (5e-3 here)."""
+    k = torch.full((1, 1, 6, 4), 255.0, dtype=torch.float16)
+    v = torch.full((1, 1, 6, 4), 1000.0)
+    q = torch.full((1, 2, 4), 255.0)
+    for backend in ("torch", "cpp") if native.load() is not None else ("torch",):
+        part = window_attention(q, k, v.to(torch.float16), backend=backend)
+        assert torch.allclose(part.out, torch.full_like(part.out, 1000.0), rtol=1e-6), backend
+
+
+def test_merge_refuses_a_part_whose_out_is_nan_under_a_finite_lse():
+    good = PartialAttention(torch.randn(1, 2, 4), torch.zeros(1, 2))
+    bad = PartialAttention(torch.tensor([[[1.0, float("nan"), 0, 0], [0, 0, 0, 0]]]), torch.zeros(1, 2))
+    with pytest.raises(InvalidValueError, match="out"):
+        merge([good, bad])
+    empty = PartialAttention(bad.out, torch.tensor([[float("-inf"), 0.0]]))  # NaN under -inf: an empty part's
+    assert torch.isfinite(merge([good, empty]).out).all()
