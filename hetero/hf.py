@@ -16,7 +16,10 @@ Pieces:
 
 Mistakes are refused rather than decoded wrongly: a ``HeteroCache`` under another attention implementation raises at
 its next update; hetero's attention handed another cache (or none) warns once and computes exact dense attention
-over what it was given; ``output_attentions`` and beam search raise.
+over what it was given; ``output_attentions``, beam search (before the prompt goes in), another batch size, a crop
+into the left padding and ``copy.deepcopy`` raise, leaving the cache as it was. A forward that fails part-way rolls
+back the layers before the failing one; layers left holding different positions (a failure outside hetero's
+attention) are refused at the next forward with the ``crop`` that repairs them.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from .attention import HeteroAttention
 from .cache import LayerCache, total_memory
 from .chunk import chunk_attention
 from .config import HeteroConfig
-from .errors import ConfigError, HeteroError, UnsupportedError
+from .errors import ConfigError, HeteroError, ShapeError, UnsupportedError
 from .worker import Worker
 
 # Decoder architectures whose attention is plain softmax attention over every past token, verified token-identical
@@ -91,9 +94,28 @@ class _Shared:
         self.indexer = Worker("hetero-indexer")
         self.progress = _PrefillProgress(num_layers, progress_tokens)
         self.layers: List[LayerCache] = []
+        self.cache_layers: List[weakref.ref] = []  # the HeteroCacheLayers, weakly (no cycle keeps a cache alive)
         self._runtime: Optional[HeteroAttention] = None
         self.plan = None
         self.peak_fast_bytes = 0
+        self.forward_start = 0  # positions every layer held when the current forward began
+
+    def layers_in_step(self, model_layers: Optional[int]) -> None:
+        """At a forward's first layer: every layer the model runs holds the same positions, else a forward failed
+        part-way outside hetero's attention (where nothing rolls it back) and this one would mix them."""
+        held = [ref().processed for ref in self.cache_layers[:model_layers]]
+        if len(set(held)) > 1:
+            fix = f"crop({min(held)})" if min(held) else "reset()"
+            raise UnsupportedError(f"this HeteroCache's layers hold different numbers of positions ({held}): an "
+                                   f"earlier forward failed part-way; call cache.{fix} to return to the last position "
+                                   "all of them hold")
+
+    def roll_back(self, failed_layer: int) -> None:
+        """A forward failed at ``failed_layer``: the layers before it forget what this forward stored."""
+        for ref in self.cache_layers[:failed_layer]:
+            lay = ref()
+            if lay.processed > self.forward_start:
+                lay.reset() if self.forward_start == 0 else lay.crop(self.forward_start)
 
     def runtime(self, scaling: Optional[float]) -> HeteroAttention:
         """The decode runtime of this cache for the model's softmax scale."""
@@ -136,6 +158,9 @@ class HeteroCacheLayer(CacheLayerMixin):
                 f"layer {self.layer.layer_idx}: this HeteroCache is used by a model whose attention implementation is "
                 f"not {ATTN_NAME!r} (its last update never reached hetero's attention, so a step would attend only to "
                 "its new tokens); load the model with attn_implementation='hetero' or call hetero.wrap(model)")
+        if self.layer.initialized and key_states.shape[0] != self.layer.batch:
+            raise ShapeError(f"layer {self.layer.layer_idx}: {key_states.shape[0]} sequences into a HeteroCache that "
+                             f"holds {self.layer.batch}; a cache serves one batch (reset() it, or use a new one)")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.attended = False
@@ -166,7 +191,10 @@ class HeteroCacheLayer(CacheLayerMixin):
         if keep >= self.processed or not self.layer.initialized:
             self.processed = max(0, min(self.processed, keep))
             return
-        keep = max(keep, max(self.pad, default=0))
+        if keep < max(self.pad, default=0):  # every layer refuses alike, so the first leaves the cache whole
+            raise UnsupportedError(f"crop to {keep} positions would cut into the first prompt's left padding "
+                                   f"({self.pad} per sequence), which a HeteroCache never stored; crop to "
+                                   f">= {max(self.pad)} positions, or reset()")
         self.layer.crop([keep - p for p in self.pad])
         self.processed = keep
 
@@ -212,6 +240,7 @@ class HeteroCache(Cache):
         shared = _Shared(hetero_config, num_layers, progress_tokens)
         layers = [HeteroCacheLayer(shared, i) for i in range(num_layers)]
         shared.layers = [x.layer for x in layers]
+        shared.cache_layers = [weakref.ref(x) for x in layers]
         super().__init__(layers=layers)
         self.config = hetero_config
         self._shared = shared
@@ -222,6 +251,11 @@ class HeteroCache(Cache):
             raise ConfigError(f"this HeteroCache has {len(self.layers)} layers and the model updated layer {layer_idx}: "
                               "build it for the model, HeteroCache(hetero_config, config=model.config)")
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        raise UnsupportedError("a HeteroCache cannot be copied (its tiers live in pinned and native memory, its index "
+                               "on a worker thread); to continue one prompt several ways, crop() the cache back to "
+                               "the prompt between continuations, or prefill a new cache per continuation")
 
     def __enter__(self) -> "HeteroCache":
         return self
@@ -306,11 +340,14 @@ def hetero_attention(module, query, key, value, attention_mask, scaling=None, dr
     """``AttentionInterface`` function: query ``[B, Hq, Lq, D]`` (post-RoPE), key/value ``[B, Hkv, Lk, D]`` (what
     the cache's update returned); returns ``(out [B, Lq, Hq, D], None)``."""
     global _warned_dense
+    state = getattr(key, "_hetero_layer", None)
     if kwargs.get("output_attentions"):
+        if state is not None:  # the layer's update is dropped (nothing was stored): the cache stays usable
+            state.pending = state.token = None
+            state.attended = True
         raise UnsupportedError("output_attentions is not available with hetero's attention: the host tier's tokens "
                                "are read sparsely, so there is no full attention matrix; load the model with "
                                "attn_implementation='eager' to inspect attention weights")
-    state = getattr(key, "_hetero_layer", None)
     if state is None:  # not our cache (or none): the key/value are complete, dense attention is exact
         if not _warned_dense:
             warnings.warn("hetero: the 'hetero' attention was given no HeteroCache (use_cache=False, or another cache "
@@ -323,10 +360,27 @@ def hetero_attention(module, query, key, value, attention_mask, scaling=None, dr
     shared, layer = state.shared, state.layer
     if layer.layer_idx == 0:  # before the first layer stores anything: a cache with too few layers is refused whole
         model_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
-        if isinstance(model_layers, int) and model_layers > len(shared.layers):
+        model_layers = model_layers if isinstance(model_layers, int) else None
+        if model_layers is not None and model_layers > len(shared.layers):
             state.pending = state.token = None
             raise ConfigError(f"this HeteroCache has {len(shared.layers)} layers and the model {model_layers}: build "
                               "it for the model, HeteroCache(hetero_config, config=model.config)")
+        try:
+            shared.layers_in_step(model_layers)
+        except UnsupportedError:
+            state.pending = state.token = None
+            raise
+        shared.forward_start = state.processed
+    try:
+        return _attend_layer(state, module, query, attention_mask, scaling)
+    except BaseException:  # nothing half-done: the layers before this one forget this forward's tokens
+        shared.roll_back(layer.layer_idx)
+        raise
+
+
+def _attend_layer(state, module, query, attention_mask, scaling):
+    """hetero_attention's step of one layer, the checks common to every layer done."""
+    shared, layer = state.shared, state.layer
     runtime = shared.runtime(scaling)
     if state.pending is None:  # one decode token
         if layer.layer_idx == 0 or shared.plan is None:
@@ -389,8 +443,14 @@ def _prepare_generation_config(self, generation_config, **kwargs):
 
 def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
     """A model whose attention is "hetero" gets a ``HeteroCache`` when ``generate()`` is given no cache (and uses
-    one: ``use_cache=False`` keeps none); any other model is left to transformers."""
-    if (getattr(self.config, "_attn_implementation", None) == ATTN_NAME and model_kwargs.get("past_key_values") is None
+    one: ``use_cache=False`` keeps none); any other model is left to transformers. Beam search is refused here,
+    before the prompt is prefilled once per beam into a cache that cannot reorder them."""
+    hetero_model = getattr(self.config, "_attn_implementation", None) == ATTN_NAME
+    if ((hetero_model or isinstance(model_kwargs.get("past_key_values"), HeteroCache))
+            and (generation_config.num_beams or 1) > 1 and generation_config.use_cache is not False):
+        raise UnsupportedError(f"beam search (num_beams={generation_config.num_beams}) is not supported by hetero's "
+                               "cache, which cannot reorder its sequences; use greedy decoding or sampling")
+    if (hetero_model and model_kwargs.get("past_key_values") is None
             and generation_config.use_cache is not False and generation_config.cache_implementation is None):
         config = getattr(generation_config, "hetero_config", None) or getattr(self, "hetero_config", None)
         progress = getattr(self, "hetero_progress_tokens", DEFAULT_PROGRESS_TOKENS)

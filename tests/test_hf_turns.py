@@ -278,3 +278,95 @@ def test_chat_benchmark_rows_agree_with_dense_in_exact_mode(capsys):
     exact = [r for r in rows if r["cache"] == "hetero-exact"]
     assert len(rows) == 9 and all(r["logits_max_diff"] <= 1e-4 for r in exact if r["row"] == "prefill")
     assert all(r["tokens_agree"] == r["tokens_compared"] for r in exact if r["row"] == "turn2")
+
+
+def _prompt(n=30, batch=1, seed=1):
+    return torch.randint(3, 160, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _held(cache):
+    return [(lay.processed, lay.layer.tokens(0)[0].shape[1] if lay.layer.initialized else 0) for lay in cache.layers]
+
+
+@pytest.mark.parametrize("when", ["prefill", "decode"])
+def test_a_failure_in_a_later_layer_rolls_the_earlier_layers_back(when):
+    """Layer 1 refuses its keys after layer 0 stored them: layer 0 forgets them, and the cache then serves the same
+    call exactly (it had mixed layers holding different positions)."""
+    ref, model = _pair()
+    x = _prompt()
+    cache = HeteroCache(EXACT, config=model.config)
+    if when == "decode":
+        model.generate(x, past_key_values=cache, max_new_tokens=1, do_sample=False)
+        x = torch.cat([x, ref.generate(x, max_new_tokens=1, do_sample=False)[:, -1:]], dim=1)
+    before = _held(cache)
+    w = model.model.layers[1].self_attn.k_proj.weight
+    saved = w.data.clone()
+    with torch.no_grad():
+        w[0, 0] = float("nan")
+    with pytest.raises(hetero.InvalidValueError):
+        model(x if when == "prefill" else x[:, -1:], past_key_values=cache, use_cache=True)
+    assert _held(cache) == before
+    with torch.no_grad():
+        w.copy_(saved)
+    got = model.generate(x, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, ref.generate(x, max_new_tokens=4, do_sample=False))
+
+
+def test_layers_left_out_of_step_outside_hetero_are_refused_with_the_fix():
+    ref, model = _pair()
+    cache = HeteroCache(EXACT, config=model.config)
+    model.generate(_prompt(), past_key_values=cache, max_new_tokens=2, do_sample=False)
+    cache.layers[1].crop(-1)  # as a failure after layer 0's step, outside hetero's attention, leaves them
+    with pytest.raises(hetero.UnsupportedError, match=r"crop\(30\)"):
+        model(_prompt(1, seed=2), past_key_values=cache, use_cache=True)
+    cache.crop(30)
+    model(_prompt(1, seed=2), past_key_values=cache, use_cache=True)
+
+
+def test_refused_output_attentions_leaves_the_cache_usable():
+    ref, model = _pair()
+    x = _prompt()
+    cache = HeteroCache(EXACT, config=model.config)
+    with pytest.raises(hetero.UnsupportedError, match="output_attentions"):
+        model.generate(x, past_key_values=cache, max_new_tokens=2, do_sample=False, output_attentions=True,
+                       return_dict_in_generate=True)
+    assert cache.get_seq_length() == 0
+    got = model.generate(x, past_key_values=cache, max_new_tokens=3, do_sample=False)
+    assert torch.equal(got, ref.generate(x, max_new_tokens=3, do_sample=False))
+
+
+def test_beam_search_is_refused_before_the_prompt_goes_in():
+    _, model = _pair()
+    cache = HeteroCache(EXACT, config=model.config)
+    for kwargs in ({}, {"past_key_values": cache}):
+        with pytest.raises(hetero.UnsupportedError, match="beam search"):
+            model.generate(_prompt(), num_beams=3, max_new_tokens=2, do_sample=False, **kwargs)
+    assert cache.get_seq_length() == 0 and not cache.layers[0].layer.initialized
+
+
+def test_another_batch_size_into_a_warm_cache_is_a_shape_error():
+    _, model = _pair()
+    cache = HeteroCache(EXACT, config=model.config)
+    model.generate(_prompt(), past_key_values=cache, max_new_tokens=2, do_sample=False)
+    before = _held(cache)
+    with pytest.raises(hetero.ShapeError, match="2 sequences"):
+        model(_prompt(5, batch=2), past_key_values=cache, use_cache=True)
+    assert _held(cache) == before
+
+
+def test_crop_into_the_left_padding_is_refused_and_copying_is_typed():
+    _, model = _pair()
+    ids = torch.cat([torch.zeros(1, 20, dtype=torch.long), _prompt(20, seed=3)], dim=1)
+    ids = torch.cat([_prompt(40, seed=4), ids])
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0
+    cache = HeteroCache(EXACT, config=model.config)
+    model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    before = _held(cache)
+    with pytest.raises(hetero.UnsupportedError, match="left padding"):
+        cache.crop(-30)
+    assert _held(cache) == before
+    cache.crop(-15)
+    assert cache.get_seq_length() == 25
+    with pytest.raises(hetero.UnsupportedError, match="copied"):
+        copy.deepcopy(cache)
