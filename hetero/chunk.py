@@ -54,9 +54,12 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         pos = torch.arange(c, device=q.device)
         mask = (pos[None, :] > pos[:, None]).repeat(g, 1)  # query row (g, i) sees keys j <= i
         s = s.masked_fill(mask[None], float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
-    out = torch.matmul(p, v.float())
+    m = s.amax(dim=-1)  # divided by the weights' sum, as hetero.reference does: exp(s - lse) carries lse's rounding
+    finite = torch.isfinite(m)
+    p = torch.exp(s - torch.where(finite, m, torch.zeros_like(m))[..., None])
+    total = torch.where(finite, p.sum(dim=-1), torch.ones_like(m))
+    out = torch.matmul(p, v.float()) / total[..., None]
+    lse = torch.where(finite, m + torch.log(total), m)
     return PartialAttention(out.reshape(hq, c, d), lse.reshape(hq, c))
 
 

@@ -402,15 +402,18 @@ def _attend_layer(state, module, query, attention_mask, scaling):
     state.pending = None
     b, _, c, _ = k.shape
     lengths = _real_lengths(attention_mask, b, c)
-    if state.processed and any(n != c for n in lengths):
+    # Padding is the first prompt's left padding: in a later chunk only for a sequence that holds nothing real yet
+    # (its padding longer than the chunks of a chunked prefill)
+    empty = [True] * b if state.processed == 0 else [p == state.processed for p in state.pad]
+    if any(n != c and not e for n, e in zip(lengths, empty)):
         raise UnsupportedError(f"layer {layer.layer_idx}: a chunk of {c} tokens into a warm HeteroCache holds "
-                               f"padding ({lengths} real tokens per sequence); only the first prompt of a batch "
-                               "may be left-padded")
-    pad = [c - n for n in lengths] if state.processed == 0 else state.pad
+                               f"padding ({lengths} real tokens per sequence) after real tokens; only the first "
+                               "prompt of a batch may be left-padded")
+    pad = [(p if state.processed else 0) + (c - n if e else 0)
+           for p, n, e in zip(state.pad or [0] * b, lengths, empty)]
     if not _mask_fits(attention_mask, pad):
         raise _refuse_mask(layer.layer_idx, pad)
-    if state.processed == 0:
-        state.pad = pad
+    state.pad = pad
     out = chunk_attention(runtime, layer, query, k, v, lengths)  # [B, Hq, C, D]
     if min(lengths) == c:
         layer.append(k, v)

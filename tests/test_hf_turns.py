@@ -370,3 +370,16 @@ def test_crop_into_the_left_padding_is_refused_and_copying_is_typed():
     assert cache.get_seq_length() == 25
     with pytest.raises(hetero.UnsupportedError, match="copied"):
         copy.deepcopy(cache)
+
+
+@pytest.mark.parametrize("chunk", [7, 16, 39, 41])
+def test_chunked_prefill_of_a_batch_whose_padding_is_longer_than_a_chunk_matches_dense(chunk):
+    ref, model = _pair()
+    gen = torch.Generator().manual_seed(2)
+    x, mask = torch.zeros(2, 60, dtype=torch.long), torch.zeros(2, 60, dtype=torch.long)
+    x[0], mask[0] = torch.randint(3, 160, (60,), generator=gen), 1
+    x[1, 40:], mask[1, 40:] = torch.randint(3, 160, (20,), generator=gen), 1  # 40 tokens of left padding
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+    cache = HeteroCache(EXACT, config=model.config)
+    assert torch.equal(model.generate(x, prefill_chunk_size=chunk, past_key_values=cache, **kw), ref.generate(x, **kw))
+    assert [lay.pad for lay in cache.layers] == [[0, 40]] * 2
