@@ -17,8 +17,8 @@ from .errors import InvalidValueError, ShapeError
 from .merge import merge
 from .reference import default_scale
 from .types import HostView, PartialAttention, Selection
-from .validation import (check_finite, check_host_view, check_kv, check_lengths, check_query, check_scale,
-                         check_selected_rows, check_selection)
+from .validation import (KV_STORAGE_DTYPES, check_finite, check_float, check_host_view, check_kv, check_lengths,
+                         check_query, check_scale, check_selected_rows, check_selection)
 
 _backends = BackendSet()
 _lock = threading.Lock()
@@ -38,6 +38,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     (``out [B, Hq, D]``, ``lse [B, Hq]`` float32, natural log).
     """
     check_kv(k, v)
+    check_float(k, "k", KV_STORAGE_DTYPES)  # what the fast tier stores (its backends take no other)
     check_query(q, k.shape[1], k.shape[3], k.shape[0])
     check_scale(scale)
     if q.device != k.device:

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import hetero
 from hetero import (ConfigError, HeteroAttention, HeteroConfig, InvalidValueError, LayerCache, PartialAttention,
                     Selection, ShapeError, merge, native, sparse_attention, window_attention)
 from hetero.registry import HOST_BACKENDS
@@ -97,6 +98,12 @@ def test_budget_and_threads_out_of_range_are_config_errors():
     with pytest.raises(InvalidValueError, match="threads"):
         sparse_attention(torch.randn(1, 4, 16), layer.host.view(), Selection(torch.zeros(1, 2, 1, dtype=torch.int32)),
                          threads=2 ** 31)
+
+
+def test_window_attention_names_the_storage_dtypes_for_float64_keys():
+    k = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    with pytest.raises(hetero.DTypeError, match="float32, bfloat16, float16"):
+        window_attention(torch.randn(1, 4, 8), k, k)
 
 
 def test_no_heads_or_no_head_dim_is_a_shape_error():
