@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -151,7 +152,8 @@ class HeteroAttention:
     def balancer(self, layer: LayerCache) -> Balancer:
         if layer.layer_idx not in self._balancers:
             self._balancers[layer.layer_idx] = Balancer(self.config.resolved_threads, layer.device.type == "cuda",
-                                                        self.config.balance == "auto")
+                                                        self.config.balance == "auto",
+                                                        scale_range=self.config.budget_scale_range)
         return self._balancers[layer.layer_idx]
 
     # ---- plan ---------------------------------------------------------------------------------------
@@ -163,7 +165,7 @@ class HeteroAttention:
         p = self._plan  # the per-step call of a one-layer decode loop: its plan, after a handful of comparisons
         if (p is not None and type(cache) is LayerCache and cache.config is self.config and type(q_heads) is int
                 and q_heads == p.q_heads and q_dtype is p.geometry.q_dtype and cache.geometry == p.layer_geometry
-                and cache.layer_idx in p.workspaces and not self._closed):
+                and cache in p.workspaces and not self._closed):
             return p
         if self._closed:
             raise ClosedError("this HeteroAttention was closed; create a new one")
@@ -207,8 +209,8 @@ class HeteroAttention:
         for part in (window, host, self._search_pool):
             part.set_native_trace(self.native_trace)
         scale = self.config.scale or default_scale(g.head_dim)
-        plan = StepPlan(g, window, host, fused and native.load() is not None, scale, self.config, {},
-                        self._search_pool)
+        plan = StepPlan(g, window, host, fused and native.load() is not None, scale, self.config,
+                        weakref.WeakKeyDictionary(), self._search_pool)
         self._ensure_workspaces(plan, layers)
         self._plan = plan
         return plan
@@ -217,7 +219,7 @@ class HeteroAttention:
         for x in layers:
             if x.initialized:
                 self._check_compatible(x)
-            if x.layer_idx not in plan.workspaces and x.initialized:
+            if x not in plan.workspaces and x.initialized:
                 self._grow_workspace(plan, x)
 
     _MATCH = ("window", "sinks", "retriever", "retriever_options", "group_rule", "head_budget", "block_tokens",
@@ -239,14 +241,14 @@ class HeteroAttention:
 
     def _grow_workspace(self, plan: StepPlan, layer: LayerCache, need_k: int = 0) -> LayerWorkspace:
         """A workspace for ``layer`` with room for its current budget (or ``need_k`` keys) and lists."""
-        old = plan.workspaces.get(layer.layer_idx)
+        old = plan.workspaces.get(layer)
         budgets = plan.budgets_for(layer) if not layer.dense else np.zeros(1, dtype=np.int64)
         kmax = workspace_kmax(max(need_k, int(budgets.max()) if budgets.size else 0, old.kmax if old else 0))
         lists = layer.retriever.max_lists() if hasattr(layer.retriever, "max_lists") else 1
         ws = LayerWorkspace(plan.geometry, kmax, max(lists + 16, 2 * lists, old.max_lists if old else 0))
         if ws.work is not None:
             ws.work.set(**plan.budget)
-        plan.workspaces[layer.layer_idx] = ws
+        plan.workspaces[layer] = ws
         return ws
 
     # ---- run ----------------------------------------------------------------------------------------
@@ -271,11 +273,11 @@ class HeteroAttention:
             raise InvalidValueError("q contains NaN or inf")  # (a CUDA query: on its host copy, _host_side)
         if layer.config is not self.config:
             self._check_compatible(layer)  # a dict lookup once checked
-        ws = plan.workspaces.get(layer.layer_idx)
+        ws = plan.workspaces.get(layer)
         if ws is None:  # a layer the plan was not made over (planned with another list of layers)
             with self._lock:
                 self._ensure_workspaces(plan, [layer])
-            ws = plan.workspaces[layer.layer_idx]
+            ws = plan.workspaces[layer]
         if out is not None and out is not ws.out:
             self._check_out(out, plan)
         if layer.retriever.softmax_scale != plan.scale:  # the estimate uses the step's scale
@@ -305,7 +307,7 @@ class HeteroAttention:
                  and layer._native_ok and type(q) is torch.Tensor and not self._closed else None)
         if token is not None:
             plan.check(q, layer)
-            ws = plan.workspaces.get(layer.layer_idx)
+            ws = plan.workspaces.get(layer)
             mode = self._host_mode(layer)
         if (token is None or ws is None or mode == 1 or layer.config is not self.config or not layer.index.idle
                 or q.stride(-1) != 1):
@@ -330,14 +332,14 @@ class HeteroAttention:
                 layer.reserve_flagged()  # a sequence's host blocks were full: nothing ran; the same call again
             if appended > 0:  # appended; index adds left to Python, which the step waits for
                 layer.queue_native_leftovers()
-        if step:
-            if step == ext.STEP_QUERY_NOT_FINITE:
-                raise InvalidValueError("q contains NaN or inf (the step's key and value were not appended)")
-            if appended < 0:  # refused before any change (NaN or inf in k or v): the general path explains
-                return self._append_then_run(q, k, v, layer, plan, out)
-            return self.run(q, layer, plan, out=out)  # the token is in; the step waits for index adds or grows
-        self._after_step(layer, ws, mode, timed)
-        return dst if out is not None else dst.clone()
+            if not step:  # the workspace is read under the lock: another thread's step on this layer writes it next
+                self._after_step(layer, ws, mode, timed)
+                return dst if out is not None else dst.clone()
+        if step == ext.STEP_QUERY_NOT_FINITE:
+            raise InvalidValueError("q contains NaN or inf (the step's key and value were not appended)")
+        if appended < 0:  # refused before any change (NaN or inf in k or v): the general path explains
+            return self._append_then_run(q, k, v, layer, plan, out)
+        return self.run(q, layer, plan, out=out)  # the token is in; the step waits for index adds or grows
 
     def _append_then_run(self, q, k, v, layer, plan, out):
         """decode() in two calls, the query checked before the token goes in (a refused step appends nothing)."""
@@ -366,12 +368,19 @@ class HeteroAttention:
         if layer.initialized and not layer.index.idle:
             with layer.lock:
                 layer.index.wait()  # an index failure is reported (and healed) before the token goes in, not after
+        before = layer.fast.total.tolist() if layer.initialized else None
         layer.append(k, v)
         try:
             return self.run(q, layer, plan, out=out)
         except IndexSyncError as e:  # the token's own index add failed (healed): the token is in, the step not run
             raise IndexSyncError(f"{e} (this decode's key and value are stored: call run(q, layer, plan) for the "
                                  "step's output, do not decode them again)") from e
+        except BaseException:  # the step failed after the token went in: take it out, so that a retry is exact
+            if before is not None:
+                layer.crop(before)
+            else:
+                layer.reset()
+            raise
 
     def _resolve_plan(self, q, layer: LayerCache, plan: Optional[StepPlan]) -> StepPlan:
         """``plan`` checked against ``q`` and ``layer`` (``ShapeError`` or ``StalePlanError``), or, when None, ``q``
@@ -437,7 +446,7 @@ class HeteroAttention:
         return None
 
     def _run_fused_cpu(self, q, layer, plan, out, details):
-        dst = plan.workspaces[layer.layer_idx].out if out is None else out
+        dst = plan.workspaces[layer].out if out is None else out
         timed = details or self.record_phases or self.config.balance == "auto" or layer.head_budget is not None
         t0 = time.perf_counter()
         ws, mode, sel = self._decode_step(plan, layer, q, dst, True, timed)
@@ -456,7 +465,7 @@ class HeteroAttention:
         ext = native.load()
         mode = self._host_mode(layer)
         for _ in range(3):
-            ws = plan.workspaces[layer.layer_idx]
+            ws = plan.workspaces[layer]
             sel = self._prepare_work(ws, q, dst, layer, plan, mode, window_on, timed)
             code = plan.host._runner.decode_step(layer.native_layer().address, ws.work.address, q.data_ptr(),
                                                  dst.data_ptr())
@@ -516,7 +525,7 @@ class HeteroAttention:
 
     def _run_fused_cuda(self, q, layer, plan, out, details):
         """Window on the GPU (Triton), host part in C++ on the calling thread meanwhile, merge on the GPU."""
-        ws = plan.workspaces[layer.layer_idx]
+        ws = plan.workspaces[layer]
         dst = ws.out if out is None else out
         mode = 0 if layer.dense else 1
         rec = PhaseRecorder()
@@ -594,9 +603,11 @@ class HeteroAttention:
         future = None
         if has_host:
             with rec.span("transfer"):
-                q_host, ready = self._query_to_host(q, plan.workspaces[layer.layer_idx].q_host)
+                q_host, ready = self._query_to_host(q, plan.workspaces[layer].q_host)
             if self.config.overlap_on(layer.device):
                 future = self._host_worker().submit(self._host_side, q_host, ready, layer, plan, rec)
+        if future is not None and self.config.balance == "auto" and q.device.type == "cpu":
+            plan.window.set_threads(self.balancer(layer).split().window_threads)  # the measured split, per layer
         t0 = time.perf_counter()
         with rec.span("window"):
             wpart = plan.window(q, layer.fast.k, layer.fast.v, layer.fast.lengths, plan.scale)
@@ -648,14 +659,14 @@ class HeteroAttention:
     def phases(plan: StepPlan, layer: LayerCache) -> Dict[str, float]:
         """Milliseconds of each native phase (window, retrieve, host_attn, merge) of ``layer``'s last fused step under
         ``plan`` (recorded when ``record_phases`` or details are on; zeros otherwise)."""
-        t = plan.workspaces[layer.layer_idx].times
+        t = plan.workspaces[layer].times
         return {name: max(0.0, float(t[2 * i + 1] - t[2 * i]) * 1e3) for i, name in enumerate(NATIVE_PHASES)}
 
     @staticmethod
     def step_stats(plan: StepPlan, layer: LayerCache) -> Dict[str, int]:
         """What ``layer``'s last fused step read: ``rows_read`` (selected host rows, padding excluded, over sequences
         and KV heads) and ``index_bytes`` (the index data the search streamed)."""
-        ws = plan.workspaces[layer.layer_idx]
+        ws = plan.workspaces[layer]
         if HeteroAttention._host_mode(layer) == 2:
             return {"rows_read": int(ws.union_count.sum()), "index_bytes": layer.retriever.bytes_read(ws.scanned)}
         sel = ws.selection
@@ -666,7 +677,7 @@ class HeteroAttention:
     def phase_spans(self, plan: StepPlan, layer: LayerCache) -> List[Span]:
         """Spans of ``layer``'s last fused step: its native phases on the calling thread and, with ``native_trace``,
         each pool thread's busy span, named by the phase it fell in."""
-        t = plan.workspaces[layer.layer_idx].times
+        t = plan.workspaces[layer].times
         phases = [(name, t[2 * i], t[2 * i + 1]) for i, name in enumerate(NATIVE_PHASES) if t[2 * i + 1] > t[2 * i]]
         spans = [Span(name, a, b, "MainThread") for name, a, b in phases]
         for s in self._native_spans(plan, layer):
@@ -677,4 +688,4 @@ class HeteroAttention:
     def output(self, plan: StepPlan, layer: LayerCache) -> torch.Tensor:
         """The workspace output ``[B, Hq, D]`` of ``layer`` under ``plan`` (``run(..., out=...)`` without allocating;
         overwritten by the layer's next step)."""
-        return plan.workspaces[layer.layer_idx].out
+        return plan.workspaces[layer].out

@@ -212,11 +212,13 @@ class LayerCache:
             if not self.initialized:
                 self._attach(*parts)
             rec = self._stage.open(fast.total.tolist()) if staged else None
+            # every sequence's evicted copies first: a failed allocation leaves all of them as they were
+            evicted = {seq: fast.evicting(seq, keys[seq, :, :n], values[seq, :, :n])
+                       for seq, n in enumerate(lengths) if n}
             adds = []
-            for seq, n in enumerate(lengths):
-                if n == 0:
-                    continue
-                evicted_k, evicted_v = fast.append(seq, keys[seq, :, :n], values[seq, :, :n])
+            for seq, (evicted_k, evicted_v) in evicted.items():
+                n = lengths[seq]
+                fast.append(seq, keys[seq, :, :n], values[seq, :, :n], (evicted_k, evicted_v))
                 if not evicted_k.shape[1]:
                     continue
                 if staged:

@@ -264,10 +264,13 @@ class HeteroCache(Cache):
         self.close()
 
     def close(self) -> None:
-        """Finish pending index work and stop the indexer thread (also done when the cache is freed, or at exit)."""
-        for lay in self.layers:
-            lay.layer.wait_indexed()
-        self._finalizer()
+        """Finish pending index work and stop the indexer thread (also done when the cache is freed, or at exit). A
+        failed add not yet reported is raised (``IndexSyncError``) after the thread is stopped."""
+        try:
+            for lay in self.layers:
+                lay.layer.wait_indexed()
+        finally:
+            self._finalizer()
 
     def memory(self):
         """Bytes per tier summed over layers (``fast_bytes``, ``host_bytes``, ``index_bytes``) and the most the fast

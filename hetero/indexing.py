@@ -9,7 +9,10 @@ decode append indexes natively only while the queue is idle, so the order is kep
 A failed add (or a crop's failed ``truncate``), inline or in the background, an exception or an interrupt, never
 leaves the index silently behind the tier: the queue records it; ``settle()`` (before a crop) rebuilds the index
 from the host tier, and ``wait()`` (before every search) does the same and raises ``IndexSyncError`` naming the
-layer (an interrupt is not reported again: it already was). The tokens themselves are never lost.
+layer (an interrupt is not reported again: it already was). An index whose token counts differ from the tier's
+with nothing recorded (an interrupt between a tier write and its add) is found the same way: ``idle`` compares
+them. An add queued before a ``reset`` neither adds to nor reports against the cache that follows. The tokens
+themselves are never lost.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from typing import Deque, List, Optional
+
+import numpy as np
 
 from .errors import ClosedError, IndexSyncError
 from .timing import Span
@@ -32,6 +37,7 @@ class IndexQueue:
         self._failure: Optional[BaseException] = None
         self._reported = True  # whether the recorded failure needs no report at the next wait (interrupts)
         self._report: Optional[BaseException] = None  # a healed failure not yet reported
+        self._epoch = 0  # advanced by cancel() (a reset): adds queued before it belong to a cache that is gone
         # "index_add" spans of recent adds (thread and times; the profiler's trace), at most 256 kept
         self.spans: Deque[Span] = deque(maxlen=256)
 
@@ -46,12 +52,27 @@ class IndexQueue:
 
     @property
     def idle(self) -> bool:
-        """Nothing queued, failed or unreported: the index holds every host token, and a native add may go next."""
+        """Nothing queued, failed or unreported, and the index holds every host token: a native add may go next."""
+        return self._quiet() and self._gap() is None
+
+    def _quiet(self) -> bool:
+        """Nothing queued, failed or unreported (finished adds collected)."""
         if self._failure is not None or self._report is not None:
             return False
         if self._pending and all(f.done() for f in self._pending):
             self._collect()
         return not self._pending
+
+    def _gap(self) -> Optional[str]:
+        """The sequences whose index holds another count of tokens than the host tier, or None (~1 us)."""
+        if self.retriever is None or self.host is None:
+            return None
+        have, want = self.retriever.ntotal_array[:self.host.batch], self.host.length
+        if np.array_equal(have, want):
+            return None
+        bad = np.flatnonzero(have != want)
+        return (f"sequences {bad.tolist()} have {have[bad].tolist()} tokens indexed and {want[bad].tolist()} in the "
+                "host tier")
 
     @property
     def broken(self) -> bool:
@@ -61,27 +82,31 @@ class IndexQueue:
         """Index host positions ``[first, first + n)`` of ``seq`` (already stored in the tier)."""
         if n <= 0:
             return
-        if self.indexer is not None and not (self.idle and self.retriever.cheap_add(seq, n)):
-            self._pending.append(self.indexer.submit(self._run, seq, first, n))
+        # (an append adds its sequences one after another: the tier holds the later ones' tokens already)
+        if self.indexer is not None and not (self._quiet() and self.retriever.cheap_add(seq, n)):
+            self._pending.append(self.indexer.submit(self._run, seq, first, n, epoch=self._epoch))
         else:  # no indexer, or an O(1) add with nothing queued ahead of it
-            self._run(seq, first, n, inline=True)
+            self._run(seq, first, n, inline=True, epoch=self._epoch)
 
-    def _run(self, seq: int, first: int, n: int, inline: bool = False) -> None:
+    def _run(self, seq: int, first: int, n: int, inline: bool = False, epoch: int = 0) -> None:
         start = time.perf_counter()
+        retriever, host = self.retriever, self.host
         try:
-            if self._failure is not None:
-                return  # the index is rebuilt from the tier at the next wait(): nothing to add to a broken one
-            have = int(self.retriever.ntotal_array[seq])
+            if self._failure is not None or epoch != self._epoch:
+                return  # a broken index is rebuilt from the tier at the next wait(); a reset cache has no such tokens
+            have = int(retriever.ntotal_array[seq])
             if have != first:
                 raise IndexSyncError(f"layer {self.layer_idx}: sequence {seq} has {have} tokens indexed, the next "
                                      f"add starts at host position {first}")
-            self.retriever.add(seq, self.host.keys(seq, first, first + n))
+            retriever.add(seq, host.keys(seq, first, first + n))
         except Exception as e:
-            self._failure, self._reported = e, False
+            if epoch == self._epoch:
+                self._failure, self._reported = e, False
             if not inline:
                 raise  # the future carries it too
         except BaseException as e:  # an interrupt: the index is healed at the next wait, the interrupt goes on
-            self._failure, self._reported = e, True
+            if epoch == self._epoch:
+                self._failure, self._reported = e, True
             raise
         finally:
             self.spans.append(Span("index_add", start, time.perf_counter(), threading.current_thread().name))
@@ -106,7 +131,12 @@ class IndexQueue:
         its report waits for the next ``wait``. Raises ``IndexSyncError`` only when the rebuild itself fails."""
         self._collect()
         if self._failure is None:
-            return
+            gap = self._gap()
+            if gap is None:
+                return
+            self._failure, self._reported = IndexSyncError(
+                f"layer {self.layer_idx}: the index fell out of step with the host tier ({gap}), as an interrupt "
+                "between a tier write and its add leaves it"), False
         failure, reported = self._failure, self._reported
         self.resync()
         if not reported and self._report is None:
@@ -137,8 +167,10 @@ class IndexQueue:
         self._failure = None
 
     def cancel(self) -> None:
-        """Drop queued adds (``reset``)."""
+        """Drop queued adds (``reset``); one already running finishes on the old tier and reports nothing here."""
+        self._epoch += 1
         for fut in self._pending:
             fut.cancel()
         self._pending = []
         self._failure = self._report = None
+        self.retriever = self.host = None  # until the next bind()

@@ -122,42 +122,54 @@ class FastTier:
         self.k, self.v = k, v
         self.version += 1
 
-    def append(self, seq: int, k_new: torch.Tensor, v_new: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def evicting(self, seq: int, k_new: torch.Tensor, v_new: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The tokens appending ``[Hkv, n, D]`` tokens to ``seq`` would push out of the window, oldest first, copied
+        (``[Hkv, m, D]`` each): every allocation of the append, made before it writes anything."""
+        n = k_new.shape[1]
+        t0, t1 = int(self.total[seq]), int(self.total[seq]) + n
+        s, w = self.sinks, self.window
+        if w is None:
+            return k_new[:, :0], v_new[:, :0]
+        old_start, new_start = max(s, t0 - w), max(s, t1 - w)
+        parts_k, parts_v = [], []
+        if min(t0, new_start) > old_start:  # old window tokens leaving, copied before append() overwrites them
+            k_old, v_old = self._ring_take(seq, old_start, min(t0, new_start))
+            parts_k.append(k_old)
+            parts_v.append(v_old)
+        first_in, skip_until = max(t0, s), max(t0, s, new_start)
+        if skip_until > first_in:  # new tokens that never fit in the window
+            parts_k.append(k_new[:, first_in - t0: skip_until - t0])
+            parts_v.append(v_new[:, first_in - t0: skip_until - t0])
+        if len(parts_k) == 1:
+            return parts_k[0], parts_v[0]
+        if parts_k:
+            return torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)
+        return k_new[:, :0], v_new[:, :0]
+
+    def append(self, seq: int, k_new: torch.Tensor, v_new: torch.Tensor,
+               evicted: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Append ``[Hkv, n, D]`` tokens to sequence ``seq`` (``reserve`` first for a dense tier); return the tokens
-        pushed out of the window, ``[Hkv, m, D]`` each, oldest first (they belong to the host tier now)."""
+        pushed out of the window, ``[Hkv, m, D]`` each, oldest first (they belong to the host tier now).
+        ``evicted``: what ``evicting`` returned for this append, so that it allocates nothing here."""
+        if evicted is None:
+            evicted = self.evicting(seq, k_new, v_new)
         n = k_new.shape[1]
         t0, t1 = int(self.total[seq]), int(self.total[seq]) + n
         s, w = self.sinks, self.window
         if w is None:
             self.k[seq, :, t0:t1] = k_new
             self.v[seq, :, t0:t1] = v_new
-            evicted_k, evicted_v = k_new[:, :0], v_new[:, :0]
         else:
             sink_end = min(s, t1)
             if t0 < sink_end:
                 self.k[seq, :, t0:sink_end] = k_new[:, : sink_end - t0]
                 self.v[seq, :, t0:sink_end] = v_new[:, : sink_end - t0]
-            old_start, new_start = max(s, t0 - w), max(s, t1 - w)
-            parts_k, parts_v = [], []
-            if min(t0, new_start) > old_start:  # old window tokens leaving, copied before overwriting
-                k_old, v_old = self._ring_take(seq, old_start, min(t0, new_start))
-                parts_k.append(k_old)
-                parts_v.append(v_old)
-            first_in, skip_until = max(t0, s), max(t0, s, new_start)
-            if skip_until > first_in:  # new tokens that never fit in the window
-                parts_k.append(k_new[:, first_in - t0: skip_until - t0])
-                parts_v.append(v_new[:, first_in - t0: skip_until - t0])
+            skip_until = max(t0, s, t1 - w)
             if t1 > skip_until:
                 self._ring_put(seq, skip_until, k_new[:, skip_until - t0:], v_new[:, skip_until - t0:])
-            if len(parts_k) == 1:
-                evicted_k, evicted_v = parts_k[0], parts_v[0]
-            elif parts_k:
-                evicted_k, evicted_v = torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)
-            else:
-                evicted_k, evicted_v = k_new[:, :0], v_new[:, :0]
         self.total[seq] = t1
         self.lengths_np[seq] = self.valid(t1)
-        return evicted_k, evicted_v
+        return evicted
 
     def window_positions(self, seq: int) -> Tuple[int, int]:
         """Logical positions ``[start, stop)`` of the window tokens of ``seq`` (empty for a dense tier)."""

@@ -3,11 +3,14 @@
 Used for the host side of a decode step and for index updates. Exceptions travel back through the
 returned ``Future``; the thread is a daemon and ``close()`` (also registered at exit) stops it cleanly, so
 the interpreter never hangs at exit on a stuck queue. ``max_pending`` bounds the queue: ``submit`` blocks
-while that many calls are waiting, which bounds the memory held by queued work.
+while that many calls are waiting, which bounds the memory held by queued work. After ``os.fork()`` the child
+serves each open worker's queue on a thread of its own (a call the parent's thread was running at the fork fails
+with ``ClosedError`` there instead of never finishing).
 """
 from __future__ import annotations
 
 import atexit
+import os
 import queue
 import threading
 import weakref
@@ -30,41 +33,72 @@ def _close_all() -> None:
 class Worker:
     def __init__(self, name: str, max_pending: int = 64):
         self.name = name
-        self._queue: "queue.Queue" = queue.Queue(maxsize=max_pending)
-        # the thread holds the queue, not the worker: a worker nobody holds is collected, and its finalizer stops
-        # the thread (an owner that never calls close() leaks neither the thread nor what the last job held)
-        self._thread = threading.Thread(target=_serve, args=(self._queue,), name=name, daemon=True)
-        self._thread.start()
         self._closed = False
-        self._finalizer = weakref.finalize(self, _post_stop, self._queue)
+        self._lock = threading.Lock()  # submit's check and put against close's: no call queued after the stop
+        self._start(queue.Queue(maxsize=max_pending))
         _live.add(self)
 
+    def _start(self, jobs: "queue.Queue") -> None:
+        self._queue = jobs
+        self._running: list = [None]  # the Future the thread is running (for a forked child to fail it)
+        # the thread holds the queue, not the worker: a worker nobody holds is collected, and its finalizer stops
+        # the thread (an owner that never calls close() leaks neither the thread nor what the last job held)
+        self._thread = threading.Thread(target=_serve, args=(jobs, self._running), name=self.name, daemon=True)
+        self._thread.start()
+        self._finalizer = weakref.finalize(self, _post_stop, jobs)
+
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
-        if self._closed:
-            raise ClosedError(f"worker {self.name!r} is closed")
         fut: Future = Future()
-        self._queue.put((fut, fn, args, kwargs))
+        with self._lock:
+            if self._closed:
+                raise ClosedError(f"worker {self.name!r} is closed")
+            self._queue.put((fut, fn, args, kwargs))
         return fut
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop after the calls already queued; wait at most ``timeout`` seconds."""
-        if self._closed:
-            return
-        self._closed = True
-        self._finalizer.detach()
-        try:
-            self._queue.put(_STOP, timeout=timeout)
-        except queue.Full:
-            return
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._finalizer.detach()
+            try:
+                self._queue.put(_STOP, timeout=timeout)
+            except queue.Full:
+                return
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+
+    def _restart_in_child(self) -> None:
+        """After ``os.fork()``, in the child: the parent's thread does not exist here. A call it was running fails
+        (ClosedError), the calls queued behind it run on a new thread, so nothing waits forever."""
+        self._lock = threading.Lock()  # one held by a parent thread at the fork would never be released here
+        running = self._running[0]
+        if running is not None and not running.done():
+            running.set_exception(ClosedError(f"worker {self.name!r}: the process forked while this call ran in the "
+                                              "parent's thread; it did not run in this process"))
+        if self._closed:
+            return
+        self._finalizer.detach()
+        jobs = queue.Queue(maxsize=self._queue.maxsize)
+        jobs.queue.extend(self._queue.queue)  # no other thread exists in the child to hold the old queue's lock
+        self._start(jobs)
 
     @property
     def closed(self) -> bool:
         return self._closed
 
 
-def _serve(jobs: "queue.Queue") -> None:
+def _after_fork_in_child() -> None:
+    for worker in list(_live):
+        worker._restart_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _serve(jobs: "queue.Queue", running: list) -> None:
     """A worker's thread: run the queued calls in order until told to stop."""
     while True:
         item = jobs.get()
@@ -73,10 +107,12 @@ def _serve(jobs: "queue.Queue") -> None:
         fut, fn, args, kwargs = item
         item = None
         if fut.set_running_or_notify_cancel():
+            running[0] = fut
             try:
                 fut.set_result(fn(*args, **kwargs))
             except BaseException as e:  # delivered to the caller through the future
                 fut.set_exception(e)
+            running[0] = None
         fut = fn = args = kwargs = None  # what the last call held (a layer, a plan) is not kept while idle
 
 

@@ -73,6 +73,40 @@ def test_concurrent_runs_equal_sequential(retriever, same_layer):
     attn.close()
 
 
+@pytest.mark.parametrize("call", ["run", "decode"])
+def test_two_caches_sharing_a_runtime_from_two_threads_equal_sequential(call):
+    """Each cache's layer 0 has its own workspace in the plan (they were once keyed by layer index, so two requests'
+    caches served by one runtime wrote each other's outputs); decode() reads its workspace under the layer's lock."""
+    config = HeteroConfig(window=64, sinks=4, budget=48, retriever="exact")
+    caches = [_layers(config, n_layers=1, seed=s)[0] for s in (0, 1)]
+    attn = HeteroAttention(config)
+    plan = attn.plan(caches[0], 8, torch.float32)
+    attn.plan(caches[1], 8, torch.float32)
+    assert plan.workspaces[caches[0]] is not plan.workspaces[caches[1]]
+    gen = torch.Generator().manual_seed(3)
+    steps = 150
+    tokens = [[(torch.randn(2, 8, 32, generator=gen), torch.randn(2, 2, 32, generator=gen),
+                torch.randn(2, 2, 32, generator=gen)) for _ in range(steps)] for _ in range(2)]
+
+    def loop(t, layer, outs):
+        for q, k, v in tokens[t]:
+            if call == "decode":
+                outs.append(attn.decode(q, k, v, layer, plan))
+            else:
+                outs.append(attn.run(q, layer, plan))
+
+    want = [[], []]
+    alone = [_layers(config, n_layers=1, seed=s)[0] for s in (0, 1)]
+    for t in range(2):
+        loop(t, alone[t], want[t])
+    got = [[], []]
+    _in_threads([lambda: loop(0, caches[0], got[0]), lambda: loop(1, caches[1], got[1])])
+    for t in range(2):
+        bad = [i for i in range(steps) if not torch.equal(got[t][i], want[t][i])]
+        assert not bad, f"cache {t}: {len(bad)} of {steps} outputs differ from the sequential ones ({bad[:5]})"
+    attn.close()
+
+
 def test_concurrent_decode_loops_on_different_layers_equal_sequential():
     """Each thread appends a token to its own layer and runs it, 250 steps; then the same steps again, alone, on
     fresh copies of the layers: outputs and stored tokens agree."""

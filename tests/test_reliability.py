@@ -293,3 +293,167 @@ def test_lsh_says_once_that_it_ignores_the_budget(monkeypatch):
     cfg = HeteroConfig(window=8, sinks=1, retriever="lsh", budget=8)
     with pytest.warns(UserWarning, match="ignores the budget"):
         LayerCache(cfg).append(torch.randn(1, 2, 100, 16), torch.randn(1, 2, 100, 16))
+
+
+def _logical(layer):
+    """What a LayerCache holds as tokens (not the bytes of its unused capacity): each sequence's keys and values in
+    order, the tiers' lengths and the index's counts."""
+    return ([layer.tokens(b) for b in range(layer.batch)], list(layer.fast.total), list(layer.host.length),
+            list(layer.retriever.ntotal))
+
+
+def _same_logical(a, b) -> bool:
+    return (all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a[0], b[0])) and len(a[0]) ==
+            len(b[0]) and a[1:] == b[1:])
+
+
+@pytest.mark.parametrize("fail_seq", [0, 1])
+def test_allocation_failure_while_copying_a_sequences_evicted_tokens_changes_no_sequence(monkeypatch, fail_seq):
+    """The copies of the tokens leaving each sequence's window are all made before any sequence is written: one
+    failing leaves every sequence, the host tier and the index as they were."""
+    import hetero.tiers as tiers
+
+    layer = _layer("exact", tokens=20)
+    before = _logical(layer)
+    real, calls = tiers.FastTier._ring_take, []
+
+    def take(self, seq, *a):
+        calls.append(seq)
+        if seq == fail_seq:
+            raise MemoryError("injected")
+        return real(self, seq, *a)
+
+    monkeypatch.setattr(tiers.FastTier, "_ring_take", take)
+    k, v = torch.randn(B, HKV, 3, D), torch.randn(B, HKV, 3, D)
+    with pytest.raises(MemoryError):
+        layer.append(k, v)
+    monkeypatch.undo()
+    assert fail_seq in calls and _same_logical(before, _logical(layer)) and layer.index.idle
+    layer.append(k, v)
+    fresh = _layer("exact", tokens=20)
+    fresh.append(k, v)
+    assert _same_logical(_logical(fresh), _logical(layer))
+
+
+def test_an_index_left_behind_with_nothing_recorded_is_found_healed_and_reported(monkeypatch):
+    """An interrupt between a host-tier write and its index add records nothing; the counts disagree, so the next
+    step heals the index from the tier (and says so) instead of searching an index that misses tokens."""
+    from hetero.indexing import IndexQueue
+
+    layer = _layer("exact", tokens=20)
+    monkeypatch.setattr(IndexQueue, "add", lambda self, *a: None)  # as if interrupted before each add
+    k = torch.randn(B, HKV, 6, D)
+    layer.append(k, torch.randn_like(k))
+    monkeypatch.undo()
+    assert list(layer.retriever.ntotal) != list(layer.host.length) and not layer.index.idle
+    attn = HeteroAttention(layer.config.with_(budget=1.0))
+    q = torch.randn(B, HKV * G, D)
+    with pytest.raises(IndexSyncError, match="out of step"):
+        attn.run(q, layer)
+    assert rel_err(attn.run(q, layer), oracle(q, layer)) < 1e-5
+
+
+def test_a_decode_whose_step_fails_takes_its_token_back(monkeypatch):
+    layer = _layer("exact", tokens=20)
+    attn = HeteroAttention(layer.config)
+    before = _logical(layer)
+    real = type(layer.retriever).search
+
+    def failing(self, *a, **kw):
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(type(layer.retriever), "search", failing)
+    q, k, v = torch.randn(B, HKV * G, D), torch.randn(B, HKV, D), torch.randn(B, HKV, D)
+    with pytest.raises(MemoryError):
+        attn.decode(q, k, v, layer, attn.plan(layer, HKV * G))
+    assert _same_logical(before, _logical(layer))
+    monkeypatch.setattr(type(layer.retriever), "search", real)
+    got = attn.decode(q, k, v, layer, attn.plan(layer, HKV * G))
+    fresh = _layer("exact", tokens=20)
+    fresh.append(k, v)
+    assert torch.equal(got, HeteroAttention(fresh.config).run(q, fresh))
+
+
+def test_an_add_queued_before_a_reset_reports_nothing_against_the_new_tokens(monkeypatch):
+    import threading
+
+    indexer = Worker("test-reset-inflight")
+    layer = _layer("exact", indexer=indexer, tokens=20)
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_failing(self, seq, keys):
+        entered.set()
+        release.wait(10)
+        raise RuntimeError("the old add failed")
+
+    monkeypatch.setattr(type(layer.retriever), "add", slow_failing)
+    k = torch.randn(B, HKV, 6, D)
+    layer.append(k, torch.randn_like(k))
+    assert entered.wait(10)
+    layer.reset()
+    monkeypatch.undo()
+    layer.append(torch.randn(B, HKV, 30, D), torch.randn(B, HKV, 30, D))
+    release.set()
+    layer.wait_indexed()  # nothing to report: the failed add belonged to the tokens reset() dropped
+    assert list(layer.retriever.ntotal) == list(layer.host.length)
+    indexer.close()
+
+
+def test_a_call_submitted_while_the_worker_closes_fails_or_runs_never_hangs(monkeypatch):
+    """submit()'s check and its put are one step against close(): the call is refused, or it runs."""
+    import threading
+    import time
+
+    import hetero.worker as worker_module
+
+    w = Worker("test-close-race")
+
+    class SlowFuture(worker_module.Future):
+        def __init__(self):
+            time.sleep(0.2)  # widens the window between submit's start and its put
+            super().__init__()
+
+    monkeypatch.setattr(worker_module, "Future", SlowFuture)
+    result = []
+    t = threading.Thread(target=lambda: result.append(_submit_or_closed(w)))
+    t.start()
+    time.sleep(0.05)
+    w.close()
+    t.join(10)
+    fut = result[0]
+    assert fut == "closed" or fut.result(timeout=10) == 42
+
+
+def _submit_or_closed(w):
+    try:
+        return w.submit(lambda: 42)
+    except ClosedError:
+        return "closed"
+
+
+def test_a_forked_child_serves_its_workers_and_the_parent_goes_on():
+    """After os.fork() the child has no worker thread of the parent's: its queued calls run on a new one (a call
+    the parent's thread was running fails there), so neither process waits forever."""
+    code = textwrap.dedent("""
+        import os, threading, time, hetero, torch
+        from hetero.worker import Worker
+        w = Worker("forked")
+        gate = threading.Event()
+        running = w.submit(gate.wait)          # the parent's thread is inside this call at the fork
+        time.sleep(0.2)
+        queued = w.submit(lambda: 7)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                running.result(timeout=10)
+                os._exit(3)
+            except hetero.ClosedError:
+                pass
+            os._exit(0 if queued.result(timeout=10) == 7 and w.submit(lambda: 8).result(timeout=10) == 8 else 4)
+        gate.set()
+        _, status = os.waitpid(pid, 0)
+        assert running.result(timeout=10) is True and queued.result(timeout=10) == 7
+        print("child", os.waitstatus_to_exitcode(status))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "child 0" in out.stdout, out.stderr
