@@ -17,7 +17,7 @@ step waited on.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 
 @dataclass
@@ -27,10 +27,12 @@ class Split:
 
 
 class Balancer:
-    def __init__(self, threads: int, cuda: bool, auto: bool, warmup: int = 3):
+    def __init__(self, threads: int, cuda: bool, auto: bool, warmup: int = 3,
+                 scale_range: Tuple[float, float] = (0.5, 2.0)):
         self.threads, self.cuda, self.auto, self.warmup = threads, cuda, auto, warmup
         self.share = 0.5
         self.budget_scale = 1.0
+        self.scale_range = scale_range  # [budget_floor / budget, 2]: the scale never leaves what the budget may reach
         self.steps = 0
         self.critical: Optional[str] = None
 
@@ -50,7 +52,8 @@ class Balancer:
         work_w, work_h = window_ms * s.window_threads, host_ms * s.host_threads  # thread-milliseconds
         if work_w + work_h > 0:
             self.share = work_w / (work_w + work_h)
+        lo, hi = self.scale_range
         if host_ms > 1.2 * window_ms and can_lower:
-            self.budget_scale *= 0.8
+            self.budget_scale = max(lo, self.budget_scale * 0.8)
         elif window_ms > 1.2 * host_ms and can_raise:
-            self.budget_scale *= 1.2
+            self.budget_scale = min(hi, self.budget_scale * 1.2)

@@ -191,8 +191,21 @@ class HeteroConfig:
 
         k = keys(self.budget) * scale
         if scale != 1.0:
-            k = max(k, keys(self.budget_floor if self.budget_floor is not None else self.budget / 2))
+            k = max(k, keys(self.resolved_budget_floor))
         return max(0, min(int(math.ceil(k - 1e-9)), int(host_tokens)))
+
+    @property
+    def resolved_budget_floor(self) -> Union[int, float]:
+        """``budget_floor``, or half the budget in its units: a fraction for a fraction, a count (rounded up) for a
+        count (``budget / 2`` of a count would read as a fraction of the tier)."""
+        if self.budget_floor is not None:
+            return self.budget_floor
+        return self.budget / 2 if isinstance(self.budget, float) else -(-self.budget // 2)
+
+    @property
+    def budget_scale_range(self) -> Tuple[float, float]:
+        """The range ``balance="auto"`` moves the budget's scale in: ``[budget_floor / budget, 2]``."""
+        return (self.resolved_budget_floor / self.budget if self.budget else 1.0), 2.0
 
     def with_(self, **changes: Any) -> "HeteroConfig":
         """A validated copy with some fields changed."""

@@ -5,13 +5,14 @@ A plan fixes what every layer's step shares: the geometry (batch, heads, head di
 backends, whether the fused C++ step runs, the keys each query head reads per sequence and KV head, and the
 workspaces each layer's step writes (the query in float32 — pinned on CUDA —, the window and host parts, the
 selection buffers, the output). Workspaces belong to the runtime and are reused across steps while the geometry
-holds; a plan made for other lengths or another geometry raises ``StalePlanError`` when it is used.
+holds. A plan stays valid while the lengths grow or shrink (it reads them at each step); used with another geometry
+(batch, heads, dtypes, device) it raises ``StalePlanError``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, MutableMapping, Optional
 
 import numpy as np
 import torch
@@ -101,12 +102,14 @@ class StepPlan:
     """One decode step's plan over a cache's layers (``HeteroAttention.plan``).
 
     geometry: ``StepGeometry``. window, host: the resolved backends. fused: the layers' steps run as one C++ call
-    each (``hetero/native.py``). search_pool: the native pool of the searches made in Python (``search``).
+    each (``hetero/native.py``). workspaces: each LayerCache's buffers, keyed by the layer itself (weakly), so that
+    two caches' layers of the same index never share one. search_pool: the native pool of the searches made in
+    Python (``search``).
     budget: the rule the steps apply to each sequence's host length (``budget_fields``; the C++ step computes the
     keys itself). A plan stays valid while the geometry holds: lengths may grow."""
 
     def __init__(self, geometry: StepGeometry, window: Backend, host: Backend, fused: bool, scale: float, config,
-                 workspaces: Dict[int, LayerWorkspace], search_pool: Optional[SearchPool] = None):
+                 workspaces: MutableMapping, search_pool: Optional[SearchPool] = None):
         self.geometry, self.window, self.host, self.fused, self.scale = geometry, window, host, fused, scale
         self.search_pool = search_pool
         self.config = config
@@ -150,7 +153,7 @@ class StepPlan:
 def budget_fields(config, group: int) -> Dict[str, int]:
     """WORK descriptor fields of the config's budget rule (csrc/runner/runner.cpp budget_keys)."""
     fraction = isinstance(config.budget, float)
-    floor = config.budget_floor if config.budget_floor is not None else config.budget / 2
+    floor = config.resolved_budget_floor
     split = group if config.budget_per == "kv_head" and config.group_rule != "sum" else 1
     return dict(BUDGET_KIND=int(fraction), BUDGET_VALUE=native.float_bits(float(config.budget)),
                 BUDGET_SCALE=native.float_bits(1.0), FLOOR_KIND=int(isinstance(floor, float)),

@@ -1,4 +1,5 @@
 """Overlapped decode: identical results, real overlap, no token lost under delays, failures propagate."""
+import math
 import random
 import time
 
@@ -205,6 +206,58 @@ def test_auto_balance_moves_budget_within_floor():
     k = cfg.budget_for(n, bal.budget_scale)
     assert cfg.budget_for(n, 0.0) <= k <= 2 * cfg.budget_for(n)
     assert crit <= {"host", "window"} and bal.critical in ("host", "window")
+    attn.close()
+
+
+@pytest.mark.parametrize("budget,floor", [(16, 8), (15, 8), (0.02, 0.01)])
+def test_the_default_budget_floor_is_half_the_budget_in_its_units(budget, floor):
+    """Half a count is a count: ``16 / 2`` read as a fraction made the floor the whole host tier."""
+    cfg = HeteroConfig(budget=budget, balance="auto")
+    assert cfg.resolved_budget_floor == floor
+    assert cfg.budget_for(1000, 0.0) == cfg.budget_for(1000, 1.0) // 2 + (cfg.budget_for(1000, 1.0) % 2)
+    assert cfg.budget_for(1000, 0.8) == max(math.ceil(cfg.budget_for(1000) * 0.8), cfg.budget_for(1000, 0.0))
+
+
+def test_the_budget_scale_stays_in_floor_to_twice_the_budget():
+    from hetero.balance import Balancer
+
+    bal = Balancer(2, cuda=False, auto=True, warmup=0, scale_range=HeteroConfig(budget=16).budget_scale_range)
+    for _ in range(200):
+        bal.record(1.0, 5.0, can_lower=True, can_raise=True)  # the host side the critical path
+    assert bal.budget_scale == 0.5
+    for _ in range(200):
+        bal.record(5.0, 1.0, can_lower=True, can_raise=True)
+    assert bal.budget_scale == 2.0
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_auto_balance_never_reads_more_than_twice_the_budget(overlap):
+    """The window side made slow: the budget rises to 2x and no further, on the fused step and side by side."""
+    cfg = HeteroConfig(window=2048, sinks=1, retriever="exact", budget=16, balance="auto", overlap=overlap,
+                       group_rule="sum")
+    gen = torch.Generator().manual_seed(0)
+    layer = LayerCache(cfg)
+    layer.append(torch.randn(1, 2, 2600, 32, generator=gen), torch.randn(1, 2, 2600, 32, generator=gen))
+    attn = HeteroAttention(cfg)
+    rows = []
+    for _ in range(30):
+        res = attn.run(torch.randn(1, 4, 32, generator=gen), layer, return_details=True)
+        rows.append(res.rows_read)
+    assert max(rows) <= 2 * 2 * 16 and attn.balancer(layer).budget_scale <= 2.0
+    attn.close()
+
+
+def test_auto_balance_applies_its_thread_split_to_the_window_side():
+    cfg = HeteroConfig(window=64, sinks=1, retriever="exact", budget=0.1, balance="auto", overlap=True, threads=2,
+                       window_backend="cpp")
+    layer = LayerCache(cfg)
+    layer.append(torch.randn(1, 2, 600, 32), torch.randn(1, 2, 600, 32))
+    attn = HeteroAttention(cfg)
+    plan = attn.plan(layer, 4)
+    for share, want in ((1.0, 2), (0.0, 1)):
+        attn.balancer(layer).share = share
+        attn.run(torch.randn(1, 4, 32), layer, plan)
+        assert plan.window._runner.threads == want
     attn.close()
 
 
