@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import native
+from . import interrupts, native
 from .budgets import AdaptiveHeadBudget
 from .config import HeteroConfig
 from .errors import ConfigError, DTypeError, InvalidValueError, ShapeError
@@ -199,12 +199,13 @@ class LayerCache:
             parts = self._build(keys) if not self.initialized else (self.fast, self.host, self.retriever)
             fast, host, _ = parts
             dtype = fast.k.dtype
+            keys, values = keys.to(dtype), values.to(dtype)  # allocations before any write
             finite = None
-            if staged:  # the device's verdict, read back with the evicted tokens (hetero/evictions.py)
+            if staged:  # the device's verdict on the stored values (a finite value may overflow the storage dtype),
+                # read back with the evicted tokens (hetero/evictions.py)
                 used_k = keys if min(lengths) == keys.shape[2] else _used(keys, lengths)
                 used_v = values if min(lengths) == keys.shape[2] else _used(values, lengths)
                 finite = torch.isfinite(used_k).all() & torch.isfinite(used_v).all()
-            keys, values = keys.to(dtype), values.to(dtype)  # allocations before any write
             # room first, one allocation per tier: nothing is written if one fails
             fast.reserve_all(dict(enumerate(lengths)))
             host.reserve_all({seq: (t + n - fast.valid(t + n)) - (t - fast.valid(t))  # tokens leaving the window
@@ -215,23 +216,31 @@ class LayerCache:
             # every sequence's evicted copies first: a failed allocation leaves all of them as they were
             evicted = {seq: fast.evicting(seq, keys[seq, :, :n], values[seq, :, :n])
                        for seq, n in enumerate(lengths) if n}
-            adds = []
-            for seq, (evicted_k, evicted_v) in evicted.items():
-                n = lengths[seq]
-                fast.append(seq, keys[seq, :, :n], values[seq, :, :n], (evicted_k, evicted_v))
-                if not evicted_k.shape[1]:
-                    continue
-                if staged:
-                    self._stage.stage(rec, seq, evicted_k, evicted_v)
-                else:
-                    first = int(host.length[seq])
-                    host.append(seq, evicted_k, evicted_v)
-                    adds.append((seq, first, evicted_k.shape[1]))
-            fast.sync_lengths()
+            with interrupts.deferred():  # a Ctrl-C between a slot's overwrite and its token's host append loses it
+                self._write_locked(evicted, keys, values, lengths, rec, finite)
+
+    def _write_locked(self, evicted, keys, values, lengths, rec, finite) -> None:
+        """append()'s writes, its copies made: the fast tier, the host tier (or the stage), then the index adds."""
+        fast, host, staged = self.fast, self.host, rec is not None
+        adds = []
+        self.index.begin_write()
+        for seq, (evicted_k, evicted_v) in evicted.items():
+            n = lengths[seq]
+            fast.append(seq, keys[seq, :, :n], values[seq, :, :n], (evicted_k, evicted_v))
+            if not evicted_k.shape[1]:
+                continue
             if staged:
-                self._stage.seal(rec, finite)
-            for seq, first, n in adds:
-                self.index.add(seq, first, n)
+                self._stage.stage(rec, seq, evicted_k, evicted_v)
+            else:
+                first = int(host.length[seq])
+                host.append(seq, evicted_k, evicted_v)
+                adds.append((seq, first, evicted_k.shape[1]))
+        fast.sync_lengths()
+        if staged:
+            self._stage.seal(rec, finite)
+        for seq, first, n in adds:
+            self.index.add(seq, first, n)
+        self.index.end_write()
 
     def _land(self) -> None:
         """Staged evictions into the host tier before an inspection reads it (takes the lock only when some wait)."""
@@ -246,11 +255,13 @@ class LayerCache:
             return
         for rec in self._stage.take():
             adds = []
+            self.index.begin_write()
             for seq, k, v in rec.tokens:
                 adds.append((seq, int(self.host.length[seq]), k.shape[1]))
                 self.host.append(seq, k, v)
             for seq, first, n in adds:
                 self.index.add(seq, first, n)
+            self.index.end_write()
             if rec.finite is not None and not bool(rec.finite):
                 self._crop_locked(rec.lengths_before)
                 raise InvalidValueError(f"keys or values appended to layer {self.layer_idx} contained NaN or inf "
@@ -360,13 +371,15 @@ class LayerCache:
             lengths = check_lengths(lengths, self.batch, np.iinfo(np.int64).max, "lengths").tolist()
             self.index.check_open()
             self._land_locked()
-            self._crop_locked(lengths)
+            with interrupts.deferred():
+                self._crop_locked(lengths)
 
     def _crop_locked(self, lengths: List[int]) -> None:
         """``crop`` with the lock held and the lengths checked."""
         self.index.settle()  # nothing may still be on its way into the index; a failed add heals (reported later)
         fast, host = self.fast, self.host
         interrupt = None
+        self.index.begin_write()  # an interrupt between a truncate and its tier's leaves them apart: settle checks
         for seq, n in enumerate(lengths):
             n = min(n, int(fast.total[seq]))
             if n == int(fast.total[seq]):
@@ -384,6 +397,7 @@ class LayerCache:
                     interrupt = interrupt or (None if isinstance(e, Exception) else e)
             fast.crop(seq, n, refill_k.to(fast.device, copy=True), refill_v.to(fast.device, copy=True))
             host.truncate(seq, keep_host)
+        self.index.end_write()
         fast.sync_lengths()
         if interrupt is not None:
             raise interrupt
@@ -392,8 +406,9 @@ class LayerCache:
     def wait_indexed(self) -> None:
         """Block until every token in the host tier has reached the retriever (see ``hetero/indexing.py``)."""
         if self.initialized:
-            self._land()
-            self.index.wait()
+            with self.lock:  # not while an append is half-way through the tier (settle would see its gap)
+                self._land_locked()
+                self.index.wait()
 
     def reset(self) -> None:
         """Forget every token (shape facts are kept from the next append)."""

@@ -9,10 +9,10 @@ decode append indexes natively only while the queue is idle, so the order is kep
 A failed add (or a crop's failed ``truncate``), inline or in the background, an exception or an interrupt, never
 leaves the index silently behind the tier: the queue records it; ``settle()`` (before a crop) rebuilds the index
 from the host tier, and ``wait()`` (before every search) does the same and raises ``IndexSyncError`` naming the
-layer (an interrupt is not reported again: it already was). An index whose token counts differ from the tier's
-with nothing recorded (an interrupt between a tier write and its add) is found the same way: ``idle`` compares
-them. An add queued before a ``reset`` neither adds to nor reports against the cache that follows. The tokens
-themselves are never lost.
+layer (an interrupt is not reported again: it already was). A write that did not finish (an interrupt between a
+tier write and its add) leaves its ``begin_write`` mark: the next ``settle`` compares the index's token counts
+with the tier's and heals a gap the same way. An add queued before a ``reset`` neither adds to nor reports
+against the cache that follows. The tokens themselves are never lost.
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ class IndexQueue:
         self._reported = True  # whether the recorded failure needs no report at the next wait (interrupts)
         self._report: Optional[BaseException] = None  # a healed failure not yet reported
         self._epoch = 0  # advanced by cancel() (a reset): adds queued before it belong to a cache that is gone
+        self._writing = False  # between begin_write and end_write: the tier may hold tokens not yet handed here
         # "index_add" spans of recent adds (thread and times; the profiler's trace), at most 256 kept
         self.spans: Deque[Span] = deque(maxlen=256)
 
@@ -52,8 +53,17 @@ class IndexQueue:
 
     @property
     def idle(self) -> bool:
-        """Nothing queued, failed or unreported, and the index holds every host token: a native add may go next."""
-        return self._quiet() and self._gap() is None
+        """Nothing queued, failed or unreported, and no write left unfinished: the index holds every host token, and
+        a native add may go next."""
+        return not self._writing and self._quiet()
+
+    def begin_write(self) -> None:
+        """The caller (holding the layer's lock) is about to write the tier and hand this queue the adds."""
+        self._writing = True
+
+    def end_write(self) -> None:
+        """Every add of the write was handed here (a write cut short keeps the mark, for ``settle`` to check)."""
+        self._writing = False
 
     def _quiet(self) -> bool:
         """Nothing queued, failed or unreported (finished adds collected)."""
@@ -131,7 +141,8 @@ class IndexQueue:
         its report waits for the next ``wait``. Raises ``IndexSyncError`` only when the rebuild itself fails."""
         self._collect()
         if self._failure is None:
-            gap = self._gap()
+            gap = self._gap() if self._writing else None
+            self._writing = False
             if gap is None:
                 return
             self._failure, self._reported = IndexSyncError(
@@ -173,4 +184,5 @@ class IndexQueue:
             fut.cancel()
         self._pending = []
         self._failure = self._report = None
+        self._writing = False
         self.retriever = self.host = None  # until the next bind()

@@ -341,9 +341,14 @@ def test_an_index_left_behind_with_nothing_recorded_is_found_healed_and_reported
     from hetero.indexing import IndexQueue
 
     layer = _layer("exact", tokens=20)
-    monkeypatch.setattr(IndexQueue, "add", lambda self, *a: None)  # as if interrupted before each add
+
+    def interrupted(self, *a):
+        raise KeyboardInterrupt  # between the tier's write and the add, where no add records anything
+
+    monkeypatch.setattr(IndexQueue, "add", interrupted)
     k = torch.randn(B, HKV, 6, D)
-    layer.append(k, torch.randn_like(k))
+    with pytest.raises(KeyboardInterrupt):
+        layer.append(k, torch.randn_like(k))
     monkeypatch.undo()
     assert list(layer.retriever.ntotal) != list(layer.host.length) and not layer.index.idle
     attn = HeteroAttention(layer.config.with_(budget=1.0))
@@ -351,6 +356,31 @@ def test_an_index_left_behind_with_nothing_recorded_is_found_healed_and_reported
     with pytest.raises(IndexSyncError, match="out of step"):
         attn.run(q, layer)
     assert rel_err(attn.run(q, layer), oracle(q, layer)) < 1e-5
+
+
+def test_ctrl_c_during_an_append_lands_after_it_and_loses_nothing(monkeypatch):
+    """A SIGINT that arrives between a window slot's overwrite and the host append is raised when the append is
+    done: every token is where it belongs."""
+    import os
+    import signal
+
+    import hetero.tiers as tiers
+
+    layer = _layer("exact", tokens=20)
+    real = tiers.HostTier.append
+
+    def signalled(self, *a):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered at the next bytecode boundary of the main thread
+        return real(self, *a)
+
+    monkeypatch.setattr(tiers.HostTier, "append", signalled)
+    k, v = torch.randn(B, HKV, 6, D), torch.randn(B, HKV, 6, D)
+    with pytest.raises(KeyboardInterrupt):
+        layer.append(k, v)
+    monkeypatch.undo()
+    fresh = _layer("exact", tokens=20)
+    fresh.append(k, v)
+    assert _same_logical(_logical(fresh), _logical(layer)) and layer.index.idle
 
 
 def test_a_decode_whose_step_fails_takes_its_token_back(monkeypatch):
