@@ -164,7 +164,8 @@ class HeteroAttention:
         (lengths may grow); asking again with the same geometry returns it at the cost of a few comparisons."""
         p = self._plan  # the per-step call of a one-layer decode loop: its plan, after a handful of comparisons
         if (p is not None and type(cache) is LayerCache and cache.config is self.config and type(q_heads) is int
-                and q_heads == p.q_heads and q_dtype is p.geometry.q_dtype and cache.geometry == p.layer_geometry
+                and q_heads == p.q_heads and (q_dtype or torch.float32) is p.geometry.q_dtype
+                and cache.geometry == p.layer_geometry
                 and cache in p.workspaces and not self._closed):
             return p
         if self._closed:

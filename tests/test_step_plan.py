@@ -190,3 +190,17 @@ def test_fused_step_without_fast_slots_reports_an_empty_window_part(retriever):
     assert torch.isneginf(res.window.lse).all()
     assert rel_err(res.out, oracle(q, layer)) < 1e-5
     attn.close()
+
+
+def test_asking_again_for_the_same_plan_takes_the_short_path(monkeypatch):
+    """A one-layer decode loop asks for its plan every step, q_dtype left to its default: a few comparisons, not a
+    re-plan under the runtime's lock."""
+    layer = LayerCache(HeteroConfig(window=16, sinks=2, retriever="all"))
+    layer.append(torch.randn(1, 2, 100, 16), torch.randn(1, 2, 100, 16))
+    attn = HeteroAttention(layer.config)
+    plan = attn.plan(layer, 4)
+    calls = []
+    real = HeteroAttention._plan_locked
+    monkeypatch.setattr(HeteroAttention, "_plan_locked", lambda self, *a: calls.append(a) or real(self, *a))
+    assert attn.plan(layer, 4) is plan and attn.plan(layer, 4, torch.float32) is plan and not calls
+    attn.close()
