@@ -1,4 +1,4 @@
-"""The README's Python API example: one layer, one decode step, checked against dense attention."""
+"""The README's Python API example: a Llama-3-8B layer, a 16K prompt, one decode step with its details."""
 import hetero  # first: it sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP
 
 import torch

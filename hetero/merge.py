@@ -52,7 +52,7 @@ def fuse(parts: Sequence[PartialAttention]) -> PartialAttention:
     if dtype == torch.float32 and not grad and len(parts) <= 64:
         if device.type == "cpu" and native.load() is not None:
             return _merge_native(parts)
-        if device.type in DEVICE_MERGES:
+        if device.type in DEVICE_MERGES and first.out.dim() == 3:  # the device merges take [B, Hq, D] parts
             return DEVICE_MERGES.load(device.type)(parts)
     return merge_reference(parts, dtype)
 

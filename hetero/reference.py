@@ -12,7 +12,9 @@ from typing import Optional
 
 import torch
 
+from .errors import ShapeError
 from .types import HostView, PartialAttention, Selection
+from .validation import check_float, check_kv, check_scale, check_tensor
 
 
 def default_scale(head_dim: int) -> float:
@@ -127,9 +129,18 @@ def causal_attention(
 ) -> torch.Tensor:
     """Dense causal attention for a prompt (prefill helper), in the query dtype.
 
-    q: ``[B, Hq, T, D]``; k, v: ``[B, Hkv, T, D]``. Returns ``[B, Hq, T, D]``.
+    q: ``[B, Hq, T, D]``; k, v: ``[B, Hkv, T, D]``, ``Hq = G * Hkv``, one device. Returns ``[B, Hq, T, D]``.
     Equivalent PyTorch: ``sdpa(q, k, v, is_causal=True, enable_gqa=True)``.
     """
+    check_kv(k, v, layout="[B, Hkv, T, D]")
+    check_tensor(q, "q", 4, "[B, Hq, T, D]")
+    check_float(q, "q")
+    check_scale(scale)
+    b, hq, t, d = q.shape
+    if (b, t, d) != (k.shape[0], k.shape[2], k.shape[3]) or hq == 0 or hq % k.shape[1] or q.device != k.device:
+        raise ShapeError(f"q {tuple(q.shape)} on {q.device} and k {tuple(k.shape)} on {k.device}: expected q [B, Hq, T, "
+                         "D] and k, v [B, Hkv, T, D] with the same B, T and D, Hq a positive multiple of Hkv, one "
+                         "device")
     return torch.nn.functional.scaled_dot_product_attention(
         q, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )

@@ -73,7 +73,8 @@ class HostView:
     block_tokens: int
 
     def rows(self, indices: torch.Tensor) -> torch.Tensor:
-        """Physical pool rows ``[B, Hkv, k]`` int64 of host positions ``indices`` (``-1`` maps to row 0)."""
+        """Physical pool rows ``[B, Hkv, k]`` int64 of host positions ``indices`` (``-1`` maps to the first row of the sequence's first
+        block: a row to read in its place, whose weight the caller drops)."""
         idx = indices.long().clamp_min(0)
         blocks = torch.gather(
             self.block_table.long().unsqueeze(1).expand(-1, idx.shape[1], -1), 2, idx // self.block_tokens
