@@ -47,8 +47,10 @@ class DecodeResult:
     """What ``HeteroAttention.run(..., return_details=True)`` returns.
 
     out: ``[B, Hq, D]`` in the query dtype. window, host: the two PartialAttentions (float32; host includes the
-    retriever's estimate of the unselected tokens). selection: the rows the host part read (None when the host part
-    was empty). timings_ms: ms per phase (window, transfer, retrieve, host_attn, merge). spans: the phases with
+    retriever's estimate of the unselected tokens). selection: the rows the host part read (indices ``[B, Hkv, k]``,
+    k = 0 while the host tier is empty; None for a dense layer). timings_ms: ms per phase that ran: the fused step's
+    evict, window, retrieve, host_attn, merge; the general path's window, transfer, retrieve, host_attn, merge (the
+    profiler adds index_wait, index_add). spans: the phases with
     start/end times and thread names. rows_read: selected host rows, padding excluded, summed over sequences and KV
     heads. critical: the side the step waited on ("window" or "host"). native_ms: time inside the C++ kernels.
     """
@@ -189,6 +191,7 @@ class HeteroAttention:
         cached = self._plan
         if (cached is not None and cached.geometry.q_heads == q_heads and cached.geometry.q_dtype == q_dtype
                 and cached.geometry.batch == ref.batch and cached.geometry.kv_heads == ref.kv_heads
+                and cached.geometry.head_dim == ref.head_dim
                 and cached.geometry.kv_dtype == ref.dtype and cached.geometry.device == ref.device):
             self._ensure_workspaces(cached, layers)
             return cached
@@ -259,7 +262,7 @@ class HeteroAttention:
 
         q: ``[B, Hq, D]`` float, post-RoPE, on the fast tier's device; ``Hq = G * Hkv``. plan: this step's
         ``StepPlan`` (made here when None). out: optional ``[B, Hq, D]`` tensor of q's dtype and device written in
-        place (``plan.output(layer)`` is the workspace's). Returns ``out [B, Hq, D]`` in q's dtype, or a
+        place (``HeteroAttention.output(plan, layer)`` is the workspace's). Returns ``out [B, Hq, D]`` in q's dtype, or a
         ``DecodeResult`` with the parts and timings.
         """
         if self._closed:
@@ -370,8 +373,8 @@ class HeteroAttention:
             with layer.lock:
                 layer.index.wait()  # an index failure is reported (and healed) before the token goes in, not after
         before = layer.fast.total.tolist() if layer.initialized else None
-        layer.append(k, v)
         try:
+            layer.append(k, v)  # (a Ctrl-C held back over its write is raised after it: the token goes back out)
             return self.run(q, layer, plan, out=out)
         except IndexSyncError as e:  # the token's own index add failed (healed): the token is in, the step not run
             raise IndexSyncError(f"{e} (this decode's key and value are stored: call run(q, layer, plan) for the "
@@ -438,11 +441,13 @@ class HeteroAttention:
             counts = native.used_counts(idx)
             lw = None if sel.log_weight is None else sel.log_weight.float().contiguous()
             est = sel.estimate
+            if est is not None:  # the step reads these buffers: held below, not temporaries of this line
+                est = PartialAttention(est.out.contiguous(), est.lse.contiguous())
             ws.selection = (idx, lw, est, counts)  # kept alive until the next call
             w.set(SEL_INDICES=idx.data_ptr(), SEL_K=idx.shape[2], SEL_COUNTS=native.address(counts),
                   SEL_LOG_WEIGHT=native.address(lw),
-                  SEL_EST_OUT=0 if est is None else est.out.contiguous().data_ptr(),
-                  SEL_EST_LSE=0 if est is None else est.lse.contiguous().data_ptr())
+                  SEL_EST_OUT=0 if est is None else est.out.data_ptr(),
+                  SEL_EST_LSE=0 if est is None else est.lse.data_ptr())
             return Selection(idx, lw, est)
         return None
 

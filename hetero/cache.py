@@ -23,7 +23,8 @@ from .indexing import IndexQueue
 from .reference import default_scale
 from .registry import RETRIEVERS
 from .tiers import FastTier, HostTier
-from .validation import check_finite, check_fits, check_float, check_kv, check_lengths, check_tensor
+from .validation import (check_finite, check_fits, check_float, check_kv, check_lengths, check_magnitude,
+                         check_tensor)
 
 MEMORY_KEYS = ("fast_bytes", "host_bytes", "index_bytes")  # what memory() reports, per layer or summed
 
@@ -175,17 +176,21 @@ class LayerCache:
         lengths = [t] * b if lengths is None else check_lengths(lengths, b, t).tolist()  # no tensor when None
         if check_values:
             storage = self.fast.k.dtype if self.initialized else (self.config.torch_kv_dtype or keys.dtype)
+            limit = self._value_limit()
             for name, x in (("keys", keys), ("values", values)):
                 used = x if min(lengths) == t else _used(x, lengths)
                 check_finite(used, name)
                 check_fits(used, storage, f"{name} (stored as {str(storage).replace('torch.', '')})")
+                if limit is not None:
+                    check_magnitude(used, limit, name, f"the {self.config.retriever!r} index takes |x| <= {limit:g} "
+                                    "(its float32 distances and sums overflow beyond)")
         return keys, values, lengths
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, lengths=None) -> None:
         """Append new tokens (a prefill chunk or one decode token) to every sequence.
 
-        keys, values: ``[B, Hkv, T, D]`` (or ``[B, Hkv, D]``), post-RoPE, any float dtype (stored as the
-        cache's dtype). lengths: optional ``[B]`` ints; sequence ``b`` takes ``keys[b, :, :lengths[b]]``
+        keys, values: ``[B, Hkv, T, D]`` (or ``[B, Hkv, D]``), post-RoPE, float32 / bfloat16 / float16, or float64
+        when ``kv_dtype`` is set (stored as the cache's dtype; a value the storage dtype cannot hold is refused). lengths: optional ``[B]`` ints; sequence ``b`` takes ``keys[b, :, :lengths[b]]``
         (default all ``T``). Tokens pushed out of the window move to the host tier and its retriever.
         """
         if lengths is None and self._native_ok and self._append_decode_fast(keys, values):
@@ -206,6 +211,9 @@ class LayerCache:
                 used_k = keys if min(lengths) == keys.shape[2] else _used(keys, lengths)
                 used_v = values if min(lengths) == keys.shape[2] else _used(values, lengths)
                 finite = torch.isfinite(used_k).all() & torch.isfinite(used_v).all()
+                limit = self._value_limit()
+                if limit is not None and used_k.numel():
+                    finite &= (used_k.abs().amax() <= limit) & (used_v.abs().amax() <= limit)
             # room first, one allocation per tier: nothing is written if one fails
             fast.reserve_all(dict(enumerate(lengths)))
             host.reserve_all({seq: (t + n - fast.valid(t + n)) - (t - fast.valid(t))  # tokens leaving the window
@@ -254,18 +262,21 @@ class LayerCache:
         if not self._stage:
             return
         for rec in self._stage.take():
+            refused = rec.finite is not None and not bool(rec.finite)
             adds = []
-            self.index.begin_write()
+            if not refused:
+                self.index.begin_write()
             for seq, k, v in rec.tokens:
                 adds.append((seq, int(self.host.length[seq]), k.shape[1]))
                 self.host.append(seq, k, v)
+            if refused:  # the tiers go back (the crop refills the window from the host tier); the index never saw
+                self._crop_locked(rec.lengths_before)  # these tokens, nor rebuilds from them
+                raise InvalidValueError(f"keys or values appended to layer {self.layer_idx} contained NaN or inf, or "
+                                        "values beyond the index's range (checked on the device): that append was "
+                                        "undone")
             for seq, first, n in adds:
                 self.index.add(seq, first, n)
             self.index.end_write()
-            if rec.finite is not None and not bool(rec.finite):
-                self._crop_locked(rec.lengths_before)
-                raise InvalidValueError(f"keys or values appended to layer {self.layer_idx} contained NaN or inf "
-                                        "(checked on the device): that append was undone")
 
     def prepare_host_side(self) -> None:
         """Before a step's host side reads the host tier: staged evictions landed, every host token indexed (a failed
@@ -306,6 +317,10 @@ class LayerCache:
             return None
         return k, v, stride[0], stride[1], native.DTYPE_CODES[dtype]
 
+    def _value_limit(self):
+        """The largest |key| or |value| this layer's index takes (``Retriever.value_limit``), None for any."""
+        return None if self.dense else RETRIEVERS.load(self.config.retriever).value_limit
+
     def native_layer(self):
         """The LAYER descriptor (csrc/runner/step.h) of this layer's storage, rebuilt when a buffer moved."""
         key = (self.fast.version, self.host.version, getattr(self.retriever, "native_version", 0),
@@ -324,6 +339,7 @@ class LayerCache:
                   HOST_MAX_BLOCKS=h.table.shape[1], HOST_BLOCK_TOKENS=h.block_tokens,
                   HOST_LENGTHS=native.address(h.length), HOST_CAPACITY=native.address(h.capacity),
                   INDEX_KIND=r.native_kind, INDEX_NTOTAL=native.address(r.ntotal_array),
+                  VALUE_LIMIT=native.float_bits(self._value_limit() or 0.0),
                   INDEX_LIMIT=native.address(r.limit_array), **r.native_tables())
             self._desc, self._desc_key = d, key
         return self._desc
@@ -340,10 +356,10 @@ class LayerCache:
             if code == ext.APPEND_NEED_BLOCKS:  # reserve (allocates; nothing written yet), then again
                 self.reserve_flagged()
                 continue
-            if code == ext.APPEND_NOT_FINITE:
+            if code == ext.APPEND_NOT_FINITE:  # refused, nothing changed: the Python checks say exactly why
                 bad = np.flatnonzero(flags).tolist()
-                raise InvalidValueError(f"keys or values contain NaN or inf, or values that are inf once stored as "
-                                        f"the cache's {self.fast.k.dtype} (sequences {bad})")
+                self.check_append(k, v, None, check_values=True)
+                raise InvalidValueError(f"keys or values of sequences {bad} were refused by the native append")
             self.queue_native_leftovers()
             return
         raise RuntimeError("append_decode: host blocks still full after reserving")  # pragma: no cover

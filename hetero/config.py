@@ -74,7 +74,7 @@ class HeteroConfig:
         ``HETERO_WINDOW_BACKEND`` / ``HETERO_CPU_BACKEND`` override ``"auto"``.
     threads: CPU threads for host work (None: all cores of this process).
     kv_dtype: storage dtype of both tiers (``"float32" | "bfloat16" | "float16"``); None keeps the
-        dtype of the first keys appended.
+        dtype of the first keys appended (float64 keys need one set).
     block_tokens: host-tier page size in tokens (>= 1).
     dense_layers: layer indices kept fully on the fast device (no host tier, exact attention).
     scale: softmax scale (None: ``1/sqrt(head_dim)``).
@@ -184,8 +184,9 @@ class HeteroConfig:
             return os.cpu_count() or 1
 
     def budget_for(self, host_tokens: int, scale: float = 1.0) -> int:
-        """Keys per query head for a host tier of ``host_tokens`` tokens (never more than it holds);
-        ``scale`` (balance="auto") multiplies the budget, never below ``budget_floor``."""
+        """The budget's key count for a host tier of ``host_tokens`` tokens (never more than it holds): per KV head
+        with ``budget_per="kv_head"`` (its G query heads then rank ``ceil(k / G)`` each, ``plan.flat_budgets``), per
+        query head with ``"query_head"``. ``scale`` (balance="auto") multiplies it, never below ``budget_floor``."""
         def keys(budget):
             return math.ceil(budget * host_tokens - 1e-9) if isinstance(budget, float) else budget
 

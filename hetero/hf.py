@@ -101,21 +101,27 @@ class _Shared:
         self.forward_start = 0  # positions every layer held when the current forward began
 
     def layers_in_step(self, model_layers: Optional[int]) -> None:
-        """At a forward's first layer: every layer the model runs holds the same positions, else a forward failed
-        part-way outside hetero's attention (where nothing rolls it back) and this one would mix them."""
-        held = [ref().processed for ref in self.cache_layers[:model_layers]]
-        if len(set(held)) > 1:
-            fix = f"crop({min(held)})" if min(held) else "reset()"
-            raise UnsupportedError(f"this HeteroCache's layers hold different numbers of positions ({held}): an "
-                                   f"earlier forward failed part-way; call cache.{fix} to return to the last position "
-                                   "all of them hold")
+        """At a forward's first layer: every layer the model runs holds the same positions, and stores what it
+        counts, else a forward failed part-way outside hetero's attention (where nothing rolls it back) and this one
+        would mix them."""
+        layers = [ref() for ref in self.cache_layers[:model_layers]]
+        held = [lay.processed for lay in layers]
+        stored = [lay.stores(n) for lay, n in zip(layers, held)]
+        if len(set(held)) == 1 and all(stored):
+            return
+        fix = f"crop({min(held)})" if min(held) and all(stored) else "reset()"
+        raise UnsupportedError(f"this HeteroCache's layers hold different numbers of positions ({held}"
+                               f"{'' if all(stored) else ', some storing others than they count'}): an earlier "
+                               f"forward failed part-way; call cache.{fix} to return to a position all of them hold")
 
     def roll_back(self, failed_layer: int) -> None:
-        """A forward failed at ``failed_layer``: the layers before it forget what this forward stored."""
-        for ref in self.cache_layers[:failed_layer]:
+        """A forward failed at ``failed_layer``: it and the layers before it forget what this forward stored (the
+        failing layer may have stored its tokens before the failure surfaced: an interrupt held back over a write
+        is raised after it)."""
+        for ref in self.cache_layers[:failed_layer + 1]:
             lay = ref()
-            if lay.processed > self.forward_start:
-                lay.reset() if self.forward_start == 0 else lay.crop(self.forward_start)
+            if lay.processed > self.forward_start or not lay.stores(self.forward_start):
+                lay.rewind(self.forward_start)
 
     def runtime(self, scaling: Optional[float]) -> HeteroAttention:
         """The decode runtime of this cache for the model's softmax scale."""
@@ -201,6 +207,21 @@ class HeteroCacheLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.layer.reset()
         self.processed, self.pad, self.pending, self.token, self.attended = 0, [], None, None, True
+
+    def stores(self, positions: int) -> bool:
+        """Whether the tiers hold exactly ``positions`` positions of each sequence (less its left padding)."""
+        if not self.layer.initialized:
+            return positions == 0 or positions <= max(self.pad, default=0)
+        return self.layer.fast.total.tolist() == [max(0, positions - p) for p in (self.pad or [0] * self.layer.batch)]
+
+    def rewind(self, positions: int) -> None:
+        """Back to ``positions`` positions (a failed forward's tokens forgotten), whatever ``processed`` says."""
+        if positions == 0:
+            self.reset()
+            return
+        if self.layer.initialized:
+            self.layer.crop([max(0, positions - p) for p in (self.pad or [0] * self.layer.batch)])
+        self.processed = positions
 
     def reorder_cache(self, beam_idx) -> None:
         raise UnsupportedError("beam search is not supported by hetero's cache (use greedy or sampling)")

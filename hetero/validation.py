@@ -65,6 +65,16 @@ def check_fits(x: torch.Tensor, dtype: torch.dtype, name: str) -> None:
                                 "they would become inf")
 
 
+def check_magnitude(x: torch.Tensor, limit: float, name: str, why: str) -> None:
+    """``x`` (finite) holds no value beyond ``limit`` in magnitude: ``InvalidValueError`` naming ``why``."""
+    if x.numel() == 0:
+        return
+    lo, hi = torch.aminmax(x.detach())
+    top = max(-float(lo), float(hi))
+    if top > limit:
+        raise InvalidValueError(f"{name} hold values up to {top:.6g} in magnitude: {why}")
+
+
 def all_finite(x: torch.Tensor) -> bool:
     """No NaN or inf in ``x``. CPU float32 / bfloat16 / float16 tensors of any strides are checked in one C++ call
     (csrc/common/finite.cpp: on a decode step's cold caches, torch's isfinite + all cost 0.1-0.2 ms per tensor);

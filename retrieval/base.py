@@ -78,11 +78,16 @@ class Retriever(ABC):
     Native decode path (hetero/native.py): ``native_kind`` says how the C++ append treats this index: 0 every add
     comes through ``add`` from Python, 1 the index only counts tokens (exhaustive retrievers), 2 ivf-group's tail
     append. ``ntotal_array`` / ``limit_array`` (int64 ``[B]``) are what the C++ append reads and advances.
+
+    ``value_limit``: the largest ``|key|`` or ``|value|`` the index's float32 arithmetic takes (k-means and graph
+    distances, code ranges, list sums), or None. The cache refuses larger ones before storing them: beyond it faiss's
+    k-means aborts the process.
     """
 
     name: str = "?"
     options: ClassVar[Dict[str, Option]] = {}
     native_kind: int = 0
+    value_limit: ClassVar[Optional[float]] = None
 
     @classmethod
     def check_options(cls, options: Mapping[str, Any]) -> Dict[str, Any]:

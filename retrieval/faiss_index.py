@@ -40,6 +40,8 @@ class _FaissRetriever(Retriever):
     """Shared machinery: per (sequence, KV head) index, union/sum over the GQA group, validation. Subclasses say
     when a sequence's index is (re)built (``build_due``) and how (``_new_index``)."""
 
+    value_limit = 1e15  # squared distances over head_dim <= 512 stay far inside float32
+
     options = {
         "ef_factor": Option(2.0, low=0.0, low_open=True),
         "M": Option(32, kind="int", low=2),

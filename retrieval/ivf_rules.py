@@ -62,6 +62,7 @@ class IVFLifecycle:
         self.limit_array[seq] = self.min_train - 1 if not n else int(math.floor(self.retrain_factor * n + 1e-9))
 
     def nprobe(self, ks: List[int], nlist: int, n: int) -> List[int]:
-        """Lists each query of head h probes: ``ceil(nlist * min(1, probe_factor * sqrt(k / N)))``, 0 if k = 0."""
-        return [0 if k == 0 or n == 0 else
+        """Lists each query of head h probes: ``ceil(nlist * min(1, probe_factor * sqrt(k / N)))``, 0 if k = 0, all
+        of them if k >= N (a budget covering the host tier selects all of it, whatever ``probe_factor``)."""
+        return [0 if k == 0 or n == 0 else nlist if k >= n else
                 max(1, min(nlist, math.ceil(nlist * min(1.0, self.probe_factor * math.sqrt(k / n))))) for k in ks]

@@ -34,6 +34,7 @@ class LSHSampler(Retriever):
     """SimHash sampling with importance weights (options ``K`` bits per table, ``L`` tables, ``seed``)."""
 
     name = "lsh"
+    value_limit = 1e15  # projections and norms in float32
 
     options = {
         "K": Option(9, kind="int", low=1, high=20),

@@ -88,3 +88,26 @@ def test_inspection_lands_pending_evictions():
         layer.append(k, v)
     assert staged.memory() == direct.memory()
     assert not staged.evictions_pending
+
+
+@pytest.mark.parametrize("where", [0, 1, 2, 3])
+def test_a_refused_staged_append_whose_evicted_tokens_hold_nan_leaves_the_index_whole(where):
+    """The device's verdict lands with the evicted tokens: the append is undone without the index ever taking them
+    (it refuses NaN keys, and rebuilding it from a tier that still held them failed: IndexSyncError on every step)."""
+    cfg = HeteroConfig(window=3, sinks=0, block_tokens=2, retriever="ivf-group", retriever_options={"min_train": 6},
+                       kv_dtype="bfloat16")
+    layer = LayerCache(cfg)
+    layer.staged_evictions = True
+    gen = torch.Generator().manual_seed(where)
+    for _ in range(3):
+        layer.append(torch.randn(1, 1, 9, 8, generator=gen), torch.randn(1, 1, 9, 8, generator=gen))
+    layer.host_lengths()
+    before = [t.clone() for t in layer.tokens(0)]
+    k = torch.randn(1, 1, 4, 8, generator=gen)
+    k[0, 0, where, 1] = float("nan")
+    with pytest.raises(InvalidValueError):
+        layer.append(k, torch.randn_like(k))
+        layer.host_lengths()  # lands the record: the verdict
+    layer.wait_indexed()
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.tokens(0)))
+    assert layer.retriever.ntotal == layer.host_lengths()

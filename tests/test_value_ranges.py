@@ -12,6 +12,8 @@ from hetero import (ConfigError, HeteroAttention, HeteroConfig, InvalidValueErro
 from hetero.registry import HOST_BACKENDS
 from hetero.validation import overflow_bound
 
+from helpers import oracle, rel_err
+
 needs_native = pytest.mark.skipif(native.load() is None, reason="C++ extension not built")
 HOST = [b for b in ("cpp", "numba", "torch") if b in HOST_BACKENDS.names()]
 
@@ -168,3 +170,89 @@ def test_merge_refuses_a_part_whose_out_is_nan_under_a_finite_lse():
         merge([good, bad])
     empty = PartialAttention(bad.out, torch.tensor([[float("-inf"), 0.0]]))  # NaN under -inf: an empty part's
     assert torch.isfinite(merge([good, empty]).out).all()
+
+
+@pytest.mark.parametrize("q,k", [((1, 8, 10, 16), (1, 2, 7, 16)), ((8, 10, 16), (1, 2, 10, 16)),
+                                 ((1, 6, 10, 16), (1, 4, 10, 16)), ((2, 8, 10, 16), (1, 2, 10, 16))],
+                         ids=["T", "rank", "group", "batch"])
+def test_causal_attention_refuses_what_does_not_fit(q, k):
+    with pytest.raises(ShapeError):
+        hetero.causal_attention(torch.randn(q), torch.randn(k), torch.randn(k))
+
+
+def test_causal_attention_refuses_integer_inputs():
+    x = torch.ones(1, 2, 4, 8, dtype=torch.int64)
+    with pytest.raises(hetero.DTypeError):
+        hetero.causal_attention(x, x, x)
+
+
+def test_a_plan_is_made_again_for_layers_of_another_head_dim():
+    """The cached plan's workspaces are sized for its head_dim: reused for a wider layer, the query staging
+    overflowed its buffer in C++."""
+    cfg = HeteroConfig(window=8, sinks=0, budget=4, retriever="all", threads=1)
+    a, b = LayerCache(cfg, 0), LayerCache(cfg, 1)
+    a.append(torch.randn(1, 1, 40, 16), torch.randn(1, 1, 40, 16))
+    b.append(torch.randn(1, 1, 40, 32), torch.randn(1, 1, 40, 32))
+    attn = HeteroAttention(cfg)
+    attn.plan(a, 2)
+    assert attn.plan(b, 2).geometry.head_dim == 32
+    q = torch.randn(1, 2, 32)
+    assert rel_err(attn.run(q, b), oracle(q, b)) < 1e-5
+    attn.close()
+
+
+def test_a_finite_query_near_float32s_limit_does_not_break_the_ivf_search():
+    """q * code step beyond float32 made the search's scores 0 * inf = NaN, and its top-k indexed out of its
+    histogram (a crash). The step runs and stays finite."""
+    gen = torch.Generator().manual_seed(0)
+    cfg = HeteroConfig(window=8, sinks=0, budget=2, retriever="ivf-group", threads=1,
+                       retriever_options=dict(code_bits=4, min_train=64))
+    layer = LayerCache(cfg)
+    k = torch.randn(1, 1, 400, 16, generator=gen)
+    k[..., 0] *= 20.0  # a code step of ~8 in dimension 0
+    layer.append(k, torch.randn(1, 1, 400, 16, generator=gen))
+    attn = HeteroAttention(cfg)
+    assert layer.retriever.native_search_ready()
+    q = torch.randn(1, 1, 16, generator=gen)
+    q[..., 0] = -1e38
+    for _ in range(3):
+        res = attn.run(q, layer, return_details=True)
+        assert torch.isfinite(res.out).all() and 0 < res.rows_read <= 2
+    attn.close()
+
+
+@pytest.mark.parametrize("retriever", ["ivf-group", "ivf", "hnsw"])
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_keys_beyond_what_an_index_takes_are_refused_before_anything_is_stored(retriever, path):
+    """faiss's k-means aborted the process on keys near float32's limit (finite, but their distances are not)."""
+    gen = torch.Generator().manual_seed(0)
+    cfg = HeteroConfig(window=8, sinks=0, budget=2, retriever=retriever, threads=1,
+                       retriever_options=dict(min_train=64) if retriever == "ivf-group" else {})
+    layer = LayerCache(cfg)
+    layer.append(torch.randn(1, 1, 100, 16, generator=gen), torch.randn(1, 1, 100, 16, generator=gen))
+    before = layer.seq_lengths()
+    k = torch.randn(1, 1, 3 if path == "prefill" else 1, 16, generator=gen)
+    k[0, 0, -1, 0] = 2e38
+    with pytest.raises(InvalidValueError, match=retriever):
+        layer.append(k, torch.randn_like(k))
+    assert layer.seq_lengths() == before
+    exact = LayerCache(cfg.with_(retriever="exact", retriever_options={}))  # takes any finite value
+    exact.append(k, torch.randn_like(k))
+
+
+@pytest.mark.parametrize("probe_factor", [1.0, 0.5, 0.2])
+def test_a_budget_covering_the_host_tier_selects_all_of_it_whatever_probe_factor(probe_factor):
+    gen = torch.Generator().manual_seed(0)
+    cfg = HeteroConfig(window=8, sinks=2, budget=1.0, retriever="ivf-group", threads=1,
+                       retriever_options=dict(min_train=64, probe_factor=probe_factor))
+    layer = LayerCache(cfg)
+    layer.append(torch.randn(1, 2, 1990, 16, generator=gen), torch.randn(1, 2, 1990, 16, generator=gen))
+    attn = HeteroAttention(cfg)
+    q = torch.randn(1, 4, 16, generator=gen)
+    res = attn.run(q, layer, return_details=True)
+    assert res.rows_read == 2 * 1980
+    k, v = layer.tokens(0)
+    w = torch.softmax(q[0].double().unsqueeze(1) @ k.double().repeat_interleave(2, 0).transpose(1, 2) / 4.0, -1)
+    ref = (w @ v.double().repeat_interleave(2, 0)).squeeze(1)
+    assert float((res.out[0].double() - ref).norm() / ref.norm()) < 1e-5
+    attn.close()

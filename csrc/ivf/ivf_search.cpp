@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "ivf_scan.h"
@@ -267,14 +268,25 @@ void quantize_queries(const float* q, const float* step, int64_t G, int64_t D, i
                       float* qscale) {
   for (int64_t g = 0; g < G; ++g) {
     const float* qg = q + g * D;
+    int8_t* out = qi + g * Dp;
     float amax = 0.0f;
     for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(qg[d] * step[d]));
-    const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
-    qscale[g] = scale;
-    int8_t* out = qi + g * Dp;
-    for (int64_t d = 0; d < D; ++d) {
-      const float r = std::nearbyint((qg[d] * step[d]) / scale);  // round half to even, as numpy's rint
-      out[d] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
+    if (std::isfinite(amax)) {
+      const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+      qscale[g] = scale;
+      for (int64_t d = 0; d < D; ++d) {
+        const float r = std::nearbyint((qg[d] * step[d]) / scale);  // round half to even, as numpy's rint
+        out[d] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
+      }
+    } else {  // q * step beyond float32 (a query near its range): the same in double, so no score is inf * 0
+      double big = 0.0;
+      for (int64_t d = 0; d < D; ++d) big = std::max(big, std::fabs(static_cast<double>(qg[d]) * step[d]));
+      const double scale = big / 127.0;
+      qscale[g] = static_cast<float>(std::min(scale, static_cast<double>(std::numeric_limits<float>::max())));
+      for (int64_t d = 0; d < D; ++d) {
+        const double r = std::nearbyint(static_cast<double>(qg[d]) * step[d] / scale);
+        out[d] = static_cast<int8_t>(std::min(127.0, std::max(-127.0, r)));
+      }
     }
     std::fill(out + D, out + Dp, int8_t{0});
   }
@@ -342,6 +354,10 @@ void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, I
     pos += count[l];
   }
 
+  // The selection assumes no NaN (its order keys and histogram): a score that is NaN anyway (no finite inputs
+  // make one) ranks last instead of indexing out of the histogram.
+  for (int64_t i = 0; i < G * n; ++i)
+    if (s.scores[i] != s.scores[i]) s.scores[i] = -std::numeric_limits<float>::infinity();
   const int64_t words = (a.n_tokens[item] + 63) / 64;
   if (static_cast<int64_t>(s.bitmap.size()) < words) s.bitmap.assign(words, 0);
   if (static_cast<int64_t>(s.best.size()) < k) s.best.resize(k);

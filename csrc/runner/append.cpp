@@ -10,11 +10,12 @@
 namespace hetero {
 namespace {
 
-// Every element finite, and still finite once stored as store_dtype (a float32 1e5 is inf in float16).
-bool finite_row(const void* p, int64_t off, int64_t D, int dtype, int store_dtype) {
+// Every element finite, at most `limit` in magnitude (the index's range), and still finite once stored as
+// store_dtype (a float32 1e5 is inf in float16).
+bool finite_row(const void* p, int64_t off, int64_t D, int dtype, int store_dtype, double limit) {
   for (int64_t d = 0; d < D; ++d) {
     const float x = load_as_float(p, off + d, dtype);
-    if (!std::isfinite(x)) return false;
+    if (!std::isfinite(x) || std::fabs(x) > limit) return false;
     if (store_dtype == 2 && dtype != 2 && !std::isfinite(half_bits_to_float(float_to_half_bits(x)))) return false;
     if (store_dtype == 1 && dtype == 0 && !std::isfinite(bf16_bits_to_float(float_to_bf16_bits(x)))) return false;
   }
@@ -144,6 +145,7 @@ int append_decode(const int64_t* L, const void* k, const void* v, int64_t stride
                   int index_native, int64_t* flags) {
   const int64_t B = L[LayerField::B], Hkv = L[HKV], D = L[LayerField::D], S = L[SINKS], W = L[WINDOW];
   const int dtype = static_cast<int>(L[KV_DTYPE]);
+  const double limit = field_f64(L, VALUE_LIMIT) > 0 ? field_f64(L, VALUE_LIMIT) : HUGE_VAL;
   int64_t* total = field_ptr<int64_t>(L, FAST_TOTAL);
   int32_t* lengths = field_ptr<int32_t>(L, FAST_LENGTHS);
   int64_t* host_len = field_ptr<int64_t>(L, HOST_LENGTHS);
@@ -158,8 +160,8 @@ int append_decode(const int64_t* L, const void* k, const void* v, int64_t stride
   for (int64_t b = 0; b < B; ++b) {
     bool ok = true;
     for (int64_t h = 0; h < Hkv && ok; ++h)
-      ok = finite_row(k, b * stride_b + h * stride_h, D, in_dtype, dtype) &&
-           finite_row(v, b * stride_b + h * stride_h, D, in_dtype, dtype);
+      ok = finite_row(k, b * stride_b + h * stride_h, D, in_dtype, dtype, limit) &&
+           finite_row(v, b * stride_b + h * stride_h, D, in_dtype, dtype, limit);
     flags[b] = ok ? 0 : 1;
     if (!ok) code = kAppendNotFinite;
   }

@@ -251,11 +251,12 @@ int64_t Runner::step_locked(const int64_t* L, const int64_t* W, void* out) {
     for (int64_t i = 0; i < items; ++i) {
       const int64_t n = host_len[i / Hkv], lists = nlists[i] - 1;
       ntokens_[i] = n;
-      // the faiss IVF retrievers' rule: ceil(nlist * min(1, probe_factor * sqrt(k / N))) lists per query
-      nprobe_[i] = (k[i] <= 0 || n <= 0 || lists <= 0)
-                       ? 0
-                       : std::max<int64_t>(1, std::min<int64_t>(lists, static_cast<int64_t>(std::ceil(
-                             lists * std::min(1.0, pf * std::sqrt(static_cast<double>(k[i]) / n))))));
+      // the faiss IVF retrievers' rule: ceil(nlist * min(1, probe_factor * sqrt(k / N))) lists per query, all of
+      // them when the budget covers the host tier (which then selects all of it, whatever probe_factor)
+      nprobe_[i] = (k[i] <= 0 || n <= 0 || lists <= 0) ? 0
+                   : k[i] >= n ? lists
+                   : std::max<int64_t>(1, std::min<int64_t>(lists, static_cast<int64_t>(std::ceil(
+                         lists * std::min(1.0, pf * std::sqrt(static_cast<double>(k[i]) / n))))));
     }
     const bool est = L[IVF_ESTIMATE] != 0;
     if (est) {

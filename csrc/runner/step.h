@@ -22,6 +22,7 @@
   X(HOST_LENGTHS) /* int64 [B] */ X(HOST_CAPACITY) /* int64 [B] tokens the sequence's blocks hold */                \
   /* index: 0 = added from Python, 1 = counts only (exhaustive retrievers), 2 = ivf-group tail append */            \
   X(INDEX_KIND) X(INDEX_NTOTAL) /* int64 [B] */ X(INDEX_LIMIT) /* int64 [B] largest ntotal a native add reaches */  \
+  X(VALUE_LIMIT) /* float64 bits: the largest |key| or |value| the index takes; 0: any finite */                  \
   /* ivf-group, uint64 [items] pointers each */                                                                     \
   X(IVF_CODES) X(IVF_IDS) X(IVF_START) X(IVF_COUNT) X(IVF_CENTROIDS) X(IVF_MEAN_NORM) X(IVF_VMEAN)                  \
   X(IVF_TAIL_KSUM) X(IVF_TAIL_VSUM) X(IVF_TAIL_VMEAN) X(IVF_VMIN) X(IVF_INV_STEP) X(IVF_STEP) X(IVF_TAIL_KEYS)     \

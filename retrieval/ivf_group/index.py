@@ -67,7 +67,8 @@ class SeqIndex:
             self.quantizers.append(km.index)  # IndexFlatIP over the centroids
             assign[h] = torch.from_numpy(km.index.search(kbuf.numpy(), 1)[1][:, 0])
             self.vmin[h] = kbuf.amin(dim=0)
-            self.step[h] = ((kbuf.amax(dim=0) - self.vmin[h]) / self.levels).clamp_min(1e-12)
+            # the range in float64: keys near float32's limits would overflow max - min
+            self.step[h] = ((kbuf.amax(dim=0).double() - kbuf.amin(dim=0).double()) / self.levels).clamp_min(1e-12)
         self._vmin_np, self._inv_step_np, self._step_np = self.vmin.numpy(), (1.0 / self.step).numpy(), self.step.numpy()
         self._range_addrs = (self._vmin_np.ctypes.data, self._inv_step_np.ctypes.data)  # [Hkv, D] float32 each
         counts = torch.stack([torch.bincount(a, minlength=nlist) for a in assign]).numpy()  # [Hkv, L]

@@ -31,6 +31,7 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
     name = "ivf-group"
     pool, phase = "cpp search", "retrieve"
     native_kind = 2
+    value_limit = 1e15  # k-means distances, code ranges and list sums stay far inside float32
     options = dict(IVF_OPTIONS, threads=Option(1, kind="int", low=1), seed=Option(1234, kind="int"),
                    code_bits=Option(4, kind="choice", choices=(4, 8)), estimate=Option(True, kind="bool"))
 
