@@ -166,6 +166,16 @@ def test_bench_cpu_sparse_row_cost_rows():
         assert r["ns_per_row_l1"] > 0 and r["ns_per_row_dram"] > 0 and r["ns_per_row_read_only"] > 0
 
 
+def test_bench_cpu_sparse_row_cost_defaults_to_2048_rows():
+    """The documented default: the parsed --k list was compared with its unparsed default string, so --row-cost
+    without --k costed 512 rows."""
+    p = _run("bench", "cpu-sparse", "--row-cost", "--tokens", "4096", "--runs", "2", "--layers", "1",
+             "--backends", "cpp", "--dtypes", "float32")
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+    assert rows and all(r["k"] == 2048 for r in rows)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the check runs; tested on GPU machines")
 def test_gpu_check_without_cuda_exits_2_with_one_line():
     from pathlib import Path

@@ -333,7 +333,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = OneLineParser(prog="hetero bench cpu-sparse", description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default=",".join(HOST_BACKENDS.names()))
     p.add_argument("--dtypes", type=names_from(list(KV_DTYPES)), default="bfloat16,float32")
-    p.add_argument("--k", type=list_of(positive_int), default="512,2048,8192")
+    p.add_argument("--k", type=list_of(positive_int), default=None,
+                   help="selected rows per KV head (default 512,2048,8192; --row-cost: 2048)")
     p.add_argument("--threads", type=positive_int, default=None, help="threads (default: all cores)")
     p.add_argument("--tokens", type=positive_int, default=131072)
     p.add_argument("--runs", type=positive_int, default=21)
@@ -349,15 +350,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if ns.row_cost:
         row_costs([b for b in ns.backends.split(",") if b and b != "torch"], ns.dtypes,
-                  ns.k[0] if ns.k != p.get_default("k") else 2048, ns.tokens, calls=ns.runs,
-                  layers=ns.layers)
+                  ns.k[0] if ns.k else 2048, ns.tokens, calls=ns.runs, layers=ns.layers)
         return 0
 
     threads = ns.threads or HeteroConfig().resolved_threads
     if ns.window is not None:
         window_line(threads, ns.window, runs=ns.runs, membw_bytes=ns.membw_mb << 20)
         return 0
-    run([b for b in ns.backends.split(",") if b], ns.dtypes, ns.k,
+    run([b for b in ns.backends.split(",") if b], ns.dtypes, ns.k or [512, 2048, 8192],
         threads, tokens=ns.tokens, runs=ns.runs, layers=ns.layers, membw_bytes=ns.membw_mb << 20)
     return 0
 
