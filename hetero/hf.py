@@ -18,8 +18,8 @@ Mistakes are refused rather than decoded wrongly: a ``HeteroCache`` under anothe
 its next update; hetero's attention handed another cache (or none) warns once and computes exact dense attention
 over what it was given; ``output_attentions``, beam search (before the prompt goes in), another batch size, a crop
 into the left padding and ``copy.deepcopy`` raise, leaving the cache as it was. A forward that fails part-way rolls
-back the layers before the failing one; layers left holding different positions (a failure outside hetero's
-attention) are refused at the next forward with the ``crop`` that repairs them.
+back the failing layer and those before it; layers left holding different positions (a failure outside hetero's
+attention) are refused at the next forward with the ``crop`` (or ``reset``) that repairs them.
 """
 from __future__ import annotations
 
@@ -119,9 +119,7 @@ class _Shared:
         failing layer may have stored its tokens before the failure surfaced: an interrupt held back over a write
         is raised after it)."""
         for ref in self.cache_layers[:failed_layer + 1]:
-            lay = ref()
-            if lay.processed > self.forward_start or not lay.stores(self.forward_start):
-                lay.rewind(self.forward_start)
+            ref().rewind(self.forward_start)
 
     def runtime(self, scaling: Optional[float]) -> HeteroAttention:
         """The decode runtime of this cache for the model's softmax scale."""
@@ -219,6 +217,7 @@ class HeteroCacheLayer(CacheLayerMixin):
         if positions == 0:
             self.reset()
             return
+        self.pad = [min(p, positions) for p in self.pad]  # a chunk of padding only this forward counted goes too
         if self.layer.initialized:
             self.layer.crop([max(0, positions - p) for p in (self.pad or [0] * self.layer.batch)])
         self.processed = positions

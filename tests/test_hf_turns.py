@@ -383,3 +383,29 @@ def test_chunked_prefill_of_a_batch_whose_padding_is_longer_than_a_chunk_matches
     cache = HeteroCache(EXACT, config=model.config)
     assert torch.equal(model.generate(x, prefill_chunk_size=chunk, past_key_values=cache, **kw), ref.generate(x, **kw))
     assert [lay.pad for lay in cache.layers] == [[0, 40]] * 2
+
+
+def test_a_failure_in_the_second_chunk_of_a_long_padded_prefill_rolls_back_and_the_retry_matches_dense():
+    """A chunk that was padding for one sequence grows its pad; rolled back, the pad goes back with the tokens, so
+    the same chunk is taken again."""
+    ref, model = _pair()
+    gen = torch.Generator().manual_seed(2)
+    x, mask = torch.zeros(2, 60, dtype=torch.long), torch.zeros(2, 60, dtype=torch.long)
+    x[0], mask[0] = torch.randint(3, 160, (60,), generator=gen), 1
+    x[1, 40:], mask[1, 40:] = torch.randint(3, 160, (20,), generator=gen), 1
+    cache = HeteroCache(EXACT, config=model.config)
+    model(x[:, :16], attention_mask=mask[:, :16], past_key_values=cache, use_cache=True)
+    before = [(lay.processed, list(lay.pad)) for lay in cache.layers]
+    w = model.model.layers[1].self_attn.k_proj.weight
+    saved = w.data.clone()
+    with torch.no_grad():
+        w[0, 0] = float("nan")
+    with pytest.raises(hetero.InvalidValueError):
+        model(x[:, 16:32], attention_mask=mask[:, :32], past_key_values=cache, use_cache=True)
+    assert [(lay.processed, list(lay.pad)) for lay in cache.layers] == before
+    with torch.no_grad():
+        w.copy_(saved)
+    for c0 in (16, 32, 48):
+        out = model(x[:, c0:c0 + 16], attention_mask=mask[:, :c0 + 16], past_key_values=cache, use_cache=True)
+    want = ref(x, attention_mask=mask).logits[:, -1]
+    assert torch.allclose(out.logits[:, -1], want, atol=1e-4)
