@@ -23,8 +23,7 @@ from .indexing import IndexQueue
 from .reference import default_scale
 from .registry import RETRIEVERS
 from .tiers import FastTier, HostTier
-from .validation import (check_finite, check_fits, check_float, check_kv, check_lengths, check_magnitude,
-                         check_tensor)
+from .validation import check_finite, check_fits, check_float, check_kv, check_lengths, check_tensor
 
 MEMORY_KEYS = ("fast_bytes", "host_bytes", "index_bytes")  # what memory() reports, per layer or summed
 
@@ -177,13 +176,12 @@ class LayerCache:
         if check_values:
             storage = self.fast.k.dtype if self.initialized else (self.config.torch_kv_dtype or keys.dtype)
             limit = self._value_limit()
+            why = "" if limit is None else (f"the {self.config.retriever!r} index takes |x| <= {limit:g} (its float32 "
+                                            "distances and sums overflow beyond)")
             for name, x in (("keys", keys), ("values", values)):
                 used = x if min(lengths) == t else _used(x, lengths)
                 check_finite(used, name)
-                check_fits(used, storage, f"{name} (stored as {str(storage).replace('torch.', '')})")
-                if limit is not None:
-                    check_magnitude(used, limit, name, f"the {self.config.retriever!r} index takes |x| <= {limit:g} "
-                                    "(its float32 distances and sums overflow beyond)")
+                check_fits(used, storage, f"{name} (stored as {str(storage).replace('torch.', '')})", limit, why)
         return keys, values, lengths
 
     def append(self, keys: torch.Tensor, values: torch.Tensor, lengths=None) -> None:

@@ -53,25 +53,20 @@ def overflow_bound(dtype: torch.dtype) -> float:
     return (big + float(torch.finfo(dtype).eps) * 2.0 ** (math.frexp(big)[1] - 2)) * (1 - 2.0 ** -22)
 
 
-def check_fits(x: torch.Tensor, dtype: torch.dtype, name: str) -> None:
-    """``x`` (finite) stays finite once cast to ``dtype``: ``InvalidValueError`` naming the range otherwise. One read
-    of ``x``, no copy; nothing to do when ``dtype`` holds every value of ``x.dtype``."""
-    if x.numel() == 0 or torch.finfo(dtype).max >= torch.finfo(x.dtype).max:
-        return
-    lo, hi = torch.aminmax(x.detach())
-    if max(-float(lo), float(hi)) >= overflow_bound(dtype):
-        raise InvalidValueError(f"{name} holds finite values beyond {str(dtype).replace('torch.', '')}'s range "
-                                f"(|x| <= {float(torch.finfo(dtype).max):.6g}), up to {max(-float(lo), float(hi)):.6g}: "
-                                "they would become inf")
-
-
-def check_magnitude(x: torch.Tensor, limit: float, name: str, why: str) -> None:
-    """``x`` (finite) holds no value beyond ``limit`` in magnitude: ``InvalidValueError`` naming ``why``."""
-    if x.numel() == 0:
+def check_fits(x: torch.Tensor, dtype: torch.dtype, name: str, limit: Optional[float] = None,
+               why: str = "") -> None:
+    """``x`` (finite) stays finite once cast to ``dtype``, and within ``limit`` in magnitude when one is given
+    (``why`` says whose): ``InvalidValueError`` naming the range otherwise. At most one read of ``x``, no copy;
+    nothing to read when ``dtype`` holds every value of ``x.dtype`` and there is no limit."""
+    narrows = torch.finfo(dtype).max < torch.finfo(x.dtype).max
+    if x.numel() == 0 or not (narrows or limit is not None):
         return
     lo, hi = torch.aminmax(x.detach())
     top = max(-float(lo), float(hi))
-    if top > limit:
+    if narrows and top >= overflow_bound(dtype):
+        raise InvalidValueError(f"{name} holds finite values beyond {str(dtype).replace('torch.', '')}'s range "
+                                f"(|x| <= {float(torch.finfo(dtype).max):.6g}), up to {top:.6g}: they would become inf")
+    if limit is not None and top > limit:
         raise InvalidValueError(f"{name} hold values up to {top:.6g} in magnitude: {why}")
 
 
