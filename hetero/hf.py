@@ -199,7 +199,7 @@ class HeteroCacheLayer(CacheLayerMixin):
             raise UnsupportedError(f"crop to {keep} positions would cut into the first prompt's left padding "
                                    f"({self.pad} per sequence), which a HeteroCache never stored; crop to "
                                    f">= {max(self.pad)} positions, or reset()")
-        self.layer.crop([keep - p for p in self.pad])
+        self.layer.crop(self._stored(keep))
         self.processed = keep
 
     def reset(self) -> None:
@@ -210,7 +210,7 @@ class HeteroCacheLayer(CacheLayerMixin):
         """Whether the tiers hold exactly ``positions`` positions of each sequence (less its left padding)."""
         if not self.layer.initialized:
             return positions == 0 or positions <= max(self.pad, default=0)
-        return self.layer.fast.total.tolist() == [max(0, positions - p) for p in (self.pad or [0] * self.layer.batch)]
+        return self.layer.fast.total.tolist() == self._stored(positions)
 
     def rewind(self, positions: int) -> None:
         """Back to ``positions`` positions (a failed forward's tokens forgotten), whatever ``processed`` says."""
@@ -219,8 +219,12 @@ class HeteroCacheLayer(CacheLayerMixin):
             return
         self.pad = [min(p, positions) for p in self.pad]  # a chunk of padding only this forward counted goes too
         if self.layer.initialized:
-            self.layer.crop([max(0, positions - p) for p in (self.pad or [0] * self.layer.batch)])
+            self.layer.crop(self._stored(positions))
         self.processed = positions
+
+    def _stored(self, positions: int) -> List[int]:
+        """Tokens each sequence stores at ``positions`` positions (its left padding is never stored)."""
+        return [max(0, positions - p) for p in (self.pad or [0] * self.layer.batch)]
 
     def reorder_cache(self, beam_idx) -> None:
         raise UnsupportedError("beam search is not supported by hetero's cache (use greedy or sampling)")
