@@ -146,7 +146,7 @@ class _FaissRetriever(Retriever):
                     self._set_effort(index, k, n)
                     faiss.cvar.indexIVF_stats.reset()
                     faiss.cvar.hnsw_stats.reset()
-                    _, found = index.search(qg, self._candidates(k, n))
+                    found = self._query_index(seq, h, index, qg, self._candidates(k, n))
                     scanned += int(faiss.cvar.indexIVF_stats.ndis + faiss.cvar.hnsw_stats.ndis)
                     found, rescored = self._refine(seq, h, qg, found, k)
                     scanned += rescored
@@ -160,6 +160,10 @@ class _FaissRetriever(Retriever):
 
     def _candidates(self, k: int, n: int) -> int:
         return k
+
+    def _query_index(self, seq: int, h: int, index, qg: np.ndarray, k: int) -> np.ndarray:
+        """Ids ``[G, k]`` (-1 padded) of the best keys of ``qg [G, D]`` in head h's index of ``seq``."""
+        return index.search(qg, k)[1]
 
     def _refine(self, seq: int, h: int, qg: np.ndarray, found: np.ndarray, k: int):
         """Re-rank candidates ``[G, k']``; returns (ids ``[G, <=k]``, keys whose exact score was computed)."""
@@ -194,6 +198,52 @@ class IVFRetriever(IVFLifecycle, _FaissRetriever):
     def __init__(self, host, group_rule: str = "union", **options: Any):
         super().__init__(host, group_rule, **options)
         self.init_lifecycle(host.batch)
+        # Per (sequence, KV head): the keys in each list once a crop has emptied some, else None. faiss probes the
+        # nprobe lists nearest the query whatever they hold, so a query whose nearest lists held only cropped keys
+        # (a later topic) found nothing; with these sizes the empty lists are passed over.
+        self._list_sizes: List[List[Any]] = [[None] * host.kv_heads for _ in range(host.batch)]
+
+    def _build(self, seq: int, upto: int) -> None:
+        super()._build(seq, upto)
+        self._list_sizes[seq] = [None] * self.host.kv_heads
+
+    def _reset_seq(self, seq: int) -> None:
+        super()._reset_seq(seq)
+        self._list_sizes[seq] = [None] * self.host.kv_heads
+
+    def _add(self, seq: int, keys: torch.Tensor) -> None:
+        rebuilt = self.build_due(seq, int(self.ntotal_array[seq]) + keys.shape[1])
+        super()._add(seq, keys)
+        if rebuilt:
+            return
+        for h, sizes in enumerate(self._list_sizes[seq]):
+            if sizes is not None:  # the lists faiss's add put the keys in (it assigns them the same way)
+                ivf = _faiss().extract_index_ivf(self._index[seq][h])
+                np.add.at(sizes, ivf.quantizer.assign(_as_float32(keys[h]), 1).ravel(), 1)
+
+    def truncate(self, seq: int, n: int) -> None:
+        super().truncate(seq, n)
+        for h, index in enumerate(self._index[seq]):
+            sizes = None
+            if index is not None:
+                lists = _faiss().extract_index_ivf(index).invlists
+                sizes = np.array([lists.list_size(i) for i in range(lists.nlist)], dtype=np.int64)
+            self._list_sizes[seq][h] = sizes if sizes is not None and not sizes.all() else None
+
+    def _query_index(self, seq: int, h: int, index, qg: np.ndarray, k: int) -> np.ndarray:
+        sizes = self._list_sizes[seq][h]
+        if sizes is None or sizes.all():
+            return super()._query_index(seq, h, index, qg, k)
+        ivf = _faiss().extract_index_ivf(index)
+        empty = int((sizes == 0).sum())
+        want = min(index.nprobe, sizes.size - empty)
+        if want == 0:
+            return np.full((qg.shape[0], k), -1, dtype=np.int64)
+        dist, lists = ivf.quantizer.search(qg, min(sizes.size, index.nprobe + empty))
+        live = (lists >= 0) & (sizes[np.maximum(lists, 0)] > 0)
+        order = np.argsort(~live, axis=1, kind="stable")[:, :want]  # each query's nearest non-empty lists
+        lists, dist = np.take_along_axis(lists, order, 1), np.take_along_axis(dist, order, 1)
+        return index.search_preassigned(qg, k, np.ascontiguousarray(lists), np.ascontiguousarray(dist))[1]
 
     def _new_index(self, n_train: int):
         faiss = _faiss()

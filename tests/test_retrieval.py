@@ -167,6 +167,36 @@ def test_ivf_retrains_when_tier_outgrows_training():
     assert layer.retriever._index[0][0].ntotal == layer.host.length[0] == layer.retriever.ntotal[0]
 
 
+@pytest.mark.parametrize("retriever", ["ivf", "ivf-sq8", "ivf-pq", "ivf-group"])
+def test_ivf_probes_past_lists_a_crop_emptied(retriever):
+    """Keys of a later topic fill lists of their own; a crop back before them empties those lists. A query facing
+    that topic must still probe lists that hold keys: it used to probe only the empty ones, select nothing and drop
+    the host tier's mass."""
+    gen = torch.Generator().manual_seed(5)
+    n, cut, d = 3000, 500, 16
+    layer = LayerCache(HeteroConfig(window=4, sinks=0, budget=8, retriever=retriever,
+                                    retriever_options={"min_train": 256}))
+    keys, vals = torch.randn(1, 2, n, d, generator=gen), torch.randn(1, 2, n, d, generator=gen)
+    keys[..., :cut, 0] += 6.0
+    keys[..., cut:, 0] -= 6.0
+    layer.append(keys, vals)
+    layer.wait_indexed()
+    layer.crop([cut])
+    q = torch.randn(1, 4, d, generator=gen)
+    q[..., 0] = -4.0
+    sel = layer.retriever.search(q, [8])
+    for h in range(2):
+        rows = sel.indices[0, h][sel.indices[0, h] >= 0]
+        assert rows.numel() >= 8 and bool((rows < layer.host.length[0]).all())
+    if sel.estimate is not None:  # ivf-group: the unselected host tokens' estimate is there too
+        assert bool(torch.isfinite(sel.estimate.lse).all())
+    # after the crop, decoding grows lists again: new keys facing the old topic are found by that query
+    layer.append(keys[:, :, cut:cut + 40], vals[:, :, cut:cut + 40])
+    layer.wait_indexed()
+    sel = layer.retriever.search(q, [8])
+    assert bool((sel.indices[0] >= layer.host.length[0] - 40).any())
+
+
 def test_ivf_before_training_scans_exactly():
     layer, keys, vals = _ivf_layer(min_train=10_000)
     layer.append(keys[:, :, :100], vals[:, :, :100])

@@ -118,7 +118,7 @@ struct IvfSearchArgs {
   const uint64_t* list_count;  // [items] -> int64 [nlists[item]]: rows in each list
   const int64_t* nlists;       // [items] lists of each item (padded lists have count 0), the tail list last
   int64_t probe_stride;        // >= every nlists[item]
-  uint8_t* probe;              // [items, probe_stride] out: 1 = scanned (a query's nprobe best lists; the tail if k > 0)
+  uint8_t* probe;              // [items, probe_stride] out: 1 = scanned (a query's nprobe best non-empty lists; the tail if k > 0)
   const int64_t* k;            // [items] keys per query
   const int64_t* n_tokens;     // [items] every id is < n_tokens
   int32_t* top;                // [items, G, kmax] each query's best ids (unordered, -1 padded) or nullptr
@@ -178,6 +178,7 @@ struct IvfScratch {
   std::vector<float> scores;   // [G, n_scan]
   std::vector<float> cscores;  // [G, nlist - 1] centroid scores
   std::vector<float> crow;     // [nlist - 1] one centroid row as float32
+  std::vector<float> ranked;   // [nlist - 1] one query's centroid scores, empty lists at -inf (the probe's choice)
   std::vector<int32_t> lists;
   std::vector<int32_t> ids;    // [n_scan]
   std::vector<int32_t> cand;   // candidate positions of one query

@@ -163,10 +163,14 @@ float missed_lse_estimate(const float* s, int64_t n, int64_t k_ref, float scale,
   return static_cast<float>(scale * top + std::log(sum * static_cast<double>(n) / m));
 }
 
-// probe[0 .. L] for one item: each query's nprobe best lists by q . centroid (ties to the lower list), and the
-// tail list L when the item has a budget. The centroid scores stay in w.cscores (the estimate reuses them).
+// probe[0 .. L] for one item: each query's nprobe best non-empty lists by q . centroid (ties to the lower list), and
+// the tail list L when the item has a budget. Empty lists (emptied by a crop, or left empty by training) are never
+// chosen: a probe spent on one scans nothing, and a query whose best lists were all empty (keys of a later topic,
+// cropped away) scanned no row and lost the host tier's mass. The centroid scores stay in w.cscores (the estimate
+// reuses them).
 void probe_lists(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, IvfScratch& w) {
   const int64_t G = a.G, lists = a.nlists[item], L = lists - 1, p = std::min(a.nprobe[item], L);
+  const int64_t* count = reinterpret_cast<const int64_t*>(a.list_count[item]);
   uint8_t* probe = a.probe + item * a.probe_stride;
   std::fill(probe, probe + lists, uint8_t{0});
   if (a.k[item] <= 0 || p <= 0) {
@@ -180,13 +184,22 @@ void probe_lists(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, IvfSc
     kernels.centroids(a.q + item * G * a.D, G, a.D, reinterpret_cast<const uint16_t*>(a.centroids[item]), L,
                       w.crow.data(), w.cscores.data());
   }
-  if (p == L) {
-    std::fill(probe, probe + L, uint8_t{1});
+  int64_t live = 0;
+  for (int64_t l = 0; l < L; ++l) live += count[l] > 0;
+  if (p >= live) {
+    for (int64_t l = 0; l < L; ++l) probe[l] = count[l] > 0;
     return;
   }
   w.lists.resize(p);
+  const bool any_empty = live < L;
+  if (any_empty && static_cast<int64_t>(w.ranked.size()) < L) w.ranked.resize(L);
   for (int64_t g = 0; g < G; ++g) {
-    ivf_top_positions(w.cscores.data() + g * L, L, p, kernels.select, w, w.lists.data());
+    const float* cs = w.cscores.data() + g * L;
+    if (any_empty) {  // empty lists rank below every score (live > p, so none is among the p best)
+      for (int64_t l = 0; l < L; ++l) w.ranked[l] = count[l] > 0 ? cs[l] : -__builtin_inff();
+      cs = w.ranked.data();
+    }
+    ivf_top_positions(cs, L, p, kernels.select, w, w.lists.data());
     for (int64_t j = 0; j < p; ++j) probe[w.lists[j]] = 1;
   }
 }

@@ -23,8 +23,10 @@ each query head keeps its exact top-k over every row scanned for the group. Per 
   half when needed), so a decode step's add is O(1). ``memory_bytes`` counts the whole arena, the centroids and
   the list statistics: 1.44x ``bytes_per_token`` at 128K tokens per head and head_dim 128 (the arena alone 1.19x),
   3.7x at 8K (1.63x; lists of ~16 keys padded to blocks of 16, and 2 x 512 lists x D floats of statistics).
-* Probing: each query head ranks the lists by ``q . centroid`` and takes ``nprobe = ceil(nlist *
+* Probing: each query head ranks the non-empty lists by ``q . centroid`` and takes ``nprobe = ceil(nlist *
   min(1, probe_factor * sqrt(k / N)))``, the same rule as the faiss IVF retrievers; the group scans the union.
+  Lists a crop emptied are skipped (they keep their centroids), so a query whose best lists held only cropped
+  keys still scans its nprobe best lists that hold any.
 * Training, retraining and probing follow ``retrieval/ivf_rules.py`` (shared with the faiss IVF retrievers):
   built on the first add that brings ``min_train`` keys (exact scan before that), rebuilt from the host tier when
   it holds ``retrain_factor`` times the keys it was built on.

@@ -183,10 +183,12 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
     # ---- search -------------------------------------------------------------------------------------
     def probe_mask(self, index: SeqIndex, qg: torch.Tensor, ks: List[int], n: int) -> torch.Tensor:
         """Reference of the kernel's list choice: ``[Hkv, nlist + 1]`` uint8, the lists probed by any query of each
-        KV head's group (``ks[h]``: keys per query of head h; each query probes its ``nprobe(k)`` best lists by
-        ``q . centroid``), and the tail."""
+        KV head's group (``ks[h]``: keys per query of head h; each query probes its ``nprobe(k)`` best non-empty
+        lists by ``q . centroid``), and the tail."""
         scores = np.matmul(qg.numpy(), index.centroids_t)                  # [Hkv, G, L]
         hkv, g, nlist = scores.shape
+        live = index.count[:, :nlist] > 0                                  # [Hkv, L]: lists a crop left members in
+        scores = np.where(live[:, None, :], scores, -np.inf)
         mask = np.zeros((hkv, nlist + 1), dtype=np.uint8)
         mask[:, nlist] = np.asarray(ks) > 0  # the tail (recent keys, not assigned yet) is always scanned
         nprobe = self.nprobe(ks, nlist, n)
@@ -195,6 +197,7 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
             best = np.argpartition(-scores[heads], p - 1, axis=2)[:, :, :p] if p < nlist else \
                 np.broadcast_to(np.arange(nlist), (len(heads), g, nlist))
             mask[heads[:, None, None], best] = 1
+        mask[:, :nlist] &= live
         return torch.from_numpy(mask)
 
     def prescale(self, index: SeqIndex, qg: torch.Tensor) -> QueryCodes:
