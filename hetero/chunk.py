@@ -25,6 +25,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .merge import fuse
+from .reference import partial_from_scores
 from .types import PartialAttention
 from .validation import check_finite
 
@@ -47,20 +48,23 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q.to(dtype)[None], k.to(dtype)[None], v.to(dtype)[None], 0.0, causal, scale=scale)
         return PartialAttention(out[0].float(), lse[0].float())
-    g = hq // k.shape[0]
-    qf = q.float().reshape(k.shape[0], g * c, d)
-    s = torch.matmul(qf, k.float().transpose(1, 2)) * scale  # [Hkv, G*C, N]
-    if causal:
+    return _partial_attention_matmul(q, k, v, scale, causal)
+
+
+def _partial_attention_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                              causal: bool) -> PartialAttention:
+    """``partial_attention`` off the CPU (no fused kernel returns the lse there): float32 scores of all G query heads
+    of a KV head in one matmul, softmax and lse by ``hetero.reference``'s rule."""
+    hq, c, d = q.shape
+    hkv = k.shape[0]
+    s = torch.matmul(q.float().reshape(hkv, hq // hkv * c, d), k.float().transpose(1, 2)) * scale  # [Hkv, G*C, N]
+    if causal:  # query row (g, i) sees keys j <= i
         pos = torch.arange(c, device=q.device)
-        mask = (pos[None, :] > pos[:, None]).repeat(g, 1)  # query row (g, i) sees keys j <= i
-        s = s.masked_fill(mask[None], float("-inf"))
-    m = s.amax(dim=-1)  # divided by the weights' sum, as hetero.reference does: exp(s - lse) carries lse's rounding
-    finite = torch.isfinite(m)
-    p = torch.exp(s - torch.where(finite, m, torch.zeros_like(m))[..., None])
-    total = torch.where(finite, p.sum(dim=-1), torch.ones_like(m))
-    out = torch.matmul(p, v.float()) / total[..., None]
-    lse = torch.where(finite, m + torch.log(total), m)
-    return PartialAttention(out.reshape(hq, c, d), lse.reshape(hq, c))
+        valid = (pos[None, :] <= pos[:, None]).repeat(hq // hkv, 1)[None, None]  # [1, 1, G*C, N]
+    else:
+        valid = torch.ones(1, 1, 1, k.shape[1], dtype=torch.bool, device=q.device)
+    part = partial_from_scores(s[None], v.float()[None], valid)
+    return PartialAttention(part.out.reshape(hq, c, d), part.lse.reshape(hq, c))
 
 
 def _stack(parts: Sequence[PartialAttention]) -> PartialAttention:

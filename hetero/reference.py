@@ -21,7 +21,7 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
-def _partial_from_scores(scores: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> PartialAttention:
+def partial_from_scores(scores: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> PartialAttention:
     """scores ``[B, Hkv, G, L]``, values ``[B, Hkv, L, D]``, valid ``[B, Hkv, G or 1, L]`` bool.
 
     Masked entries are excluded exactly (weight 0, and their values never enter a product, so NaN in
@@ -70,7 +70,7 @@ def window_attention(
     scores = torch.matmul(qg, k.to(compute_dtype).transpose(-1, -2)) * scale  # [B, Hkv, G, L]
     pos = torch.arange(slots, device=k.device)
     valid = (pos.view(1, 1, 1, slots) < lengths.to(k.device).view(b, 1, 1, 1))
-    return _partial_from_scores(scores, v.to(compute_dtype), valid)
+    return partial_from_scores(scores, v.to(compute_dtype), valid)
 
 
 def sparse_attention(
@@ -104,7 +104,7 @@ def sparse_attention(
     if selection.log_weight is not None:
         scores = scores + selection.log_weight.to(compute_dtype).reshape(b, hkv, g, kk)
     valid = (selection.indices >= 0).unsqueeze(2)  # [B, Hkv, 1, k]
-    return _partial_from_scores(scores, vals, valid)
+    return partial_from_scores(scores, vals, valid)
 
 
 def dense_attention(

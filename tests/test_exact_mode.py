@@ -165,3 +165,26 @@ def test_a_chunk_with_a_nan_query_is_refused_on_every_path(chunk, dense):
     q[1, 1, 0, 0] = float("nan")  # sequence 1 has one real token: its first row is padding
     out = chunk_attention(HeteroAttention(cfg), layer, q, k, v, [chunk, 1])
     assert torch.isfinite(out[0]).all() and torch.isfinite(out[1, :, -1]).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("hkv,g,c", [(1, 1, 1), (2, 3, 5), (3, 4, 17)])
+def test_partial_attention_both_paths_against_float64(hkv, g, c, causal):
+    """The chunk's own part: the fused CPU kernel and the matmul form the other devices take (called here on the CPU),
+    each against float64 softmax attention with its log-sum-exp, logits up to ~1e2 so the sum's rounding shows."""
+    from hetero.chunk import _partial_attention_matmul, partial_attention
+
+    gen = torch.Generator().manual_seed(7)
+    d, n = 16, c if causal else 2 * c + 3
+    q = torch.randn(hkv * g, c, d, generator=gen) * 4
+    k, v = torch.randn(hkv, n, d, generator=gen) * 4, torch.randn(hkv, n, d, generator=gen)
+    kk, vv = k.double().repeat_interleave(g, 0), v.double().repeat_interleave(g, 0)
+    s = q.double() @ kk.transpose(1, 2) * 0.25
+    if causal:
+        s = s.masked_fill(torch.ones(c, n, dtype=torch.bool).triu(1), float("-inf"))
+    want_lse = torch.logsumexp(s, -1)
+    want = torch.softmax(s, -1) @ vv
+    for got in (partial_attention(q, k, v, 0.25, causal), _partial_attention_matmul(q, k, v, 0.25, causal)):
+        assert got.out.dtype == torch.float32 and got.out.shape == (hkv * g, c, d)
+        assert rel_err(got.out, want) < 2e-5
+        assert torch.allclose(got.lse.double(), want_lse, rtol=1e-6, atol=1e-4)
