@@ -1,6 +1,7 @@
 """Overlapped decode: identical results, real overlap, no token lost under delays, failures propagate."""
 import math
 import random
+import threading
 import time
 
 import pytest
@@ -91,19 +92,40 @@ def test_overlap_auto_runs_the_sides_one_after_the_other_when_the_fast_tier_is_o
 
 
 def test_phases_of_the_two_sides_overlap_in_time():
-    cfg, layer = _layers(True, "exact", n=20000)
+    """The host side runs beside the window side, not after it. Each side waits inside its phase until the other
+    has entered its own (so the check needs no luck with timing on loaded cores): run one after the other, the window
+    side waits in vain and the test fails."""
+    cfg, layer = _layers(True, "exact", n=2000)
     attn = HeteroAttention(cfg)
     q = torch.randn(2, 8, 32)
-    found = False
-    for _ in range(10):
-        res = attn.run(q, layer, return_details=True)
-        window = [s for s in res.spans if s.phase == "window"]
-        host = [s for s in res.spans if s.phase in ("retrieve", "host_attn")]
-        assert {s.thread for s in host} == {"hetero-host"} and window[0].thread != "hetero-host"
-        if any(w.start < h.end and h.start < w.end for w in window for h in host):
-            found = True
-            break
-    assert found, "window and host phases never overlapped"
+    plan = attn.plan(layer, 8)
+    window_in, host_in = threading.Event(), threading.Event()
+
+    class WindowThatWaits:
+        def __init__(self, backend):
+            self.backend = backend
+
+        def __getattr__(self, name):
+            return getattr(self.backend, name)
+
+        def __call__(self, *args, **kwargs):
+            window_in.set()
+            assert host_in.wait(30), "the host side never started while the window side ran"
+            return self.backend(*args, **kwargs)
+
+    search = plan.search
+
+    def search_that_waits(*args, **kwargs):
+        host_in.set()
+        assert window_in.wait(30), "the window side never started while the host side ran"
+        return search(*args, **kwargs)
+
+    plan.window, plan.search = WindowThatWaits(plan.window), search_that_waits
+    res = attn.run(q, layer, plan, return_details=True)
+    window = [s for s in res.spans if s.phase == "window"]
+    host = [s for s in res.spans if s.phase in ("retrieve", "host_attn")]
+    assert {s.thread for s in host} == {"hetero-host"} and window[0].thread != "hetero-host"
+    assert any(w.start < h.end and h.start < w.end for w in window for h in host)
 
 
 def test_eviction_under_random_indexing_delays_never_loses_or_duplicates():
