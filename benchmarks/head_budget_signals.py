@@ -4,10 +4,11 @@ For each layer and decode position (8K capture, host tier = everything but 4 sin
 KV head's group selects the union of its query heads' exact top-k host keys, with k per KV head chosen by:
 
 * ``flat``: the same k for every KV head (the baseline);
-* ``share``: proportional to the host tier's share of attention mass in the previous step (hetero's
-  ``head_budget="adaptive"``);
+* ``share``: proportional to the host tier's share of attention mass in the previous step (what hetero's
+  ``head_budget="adaptive"`` falls back to when the retriever cannot report the mass it missed);
 * ``missed``, ``missed_sqrt``: proportional to (the square root of) the previous step's attention mass on host
-  keys outside the flat top-k, i.e. what the flat split left out;
+  keys outside the flat top-k, i.e. what the flat split left out (``missed_sqrt`` is hetero's
+  ``head_budget="adaptive"``);
 * ``oracle_missed``: ``missed`` measured at the current step (not available online).
 
 Weights are floored at 1/4 of their mean, and every split sums to the flat total. Prints one JSON line per budget
@@ -20,6 +21,7 @@ import argparse
 import json
 import math
 
+import hetero  # noqa: F401  (before torch: it sets OMP_WAIT_POLICY so torch's OpenMP threads do not spin)
 import torch
 
 from hetero.tools.workloads.real import capture

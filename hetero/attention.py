@@ -337,7 +337,7 @@ class HeteroAttention:
             if appended > 0:  # appended; index adds left to Python, which the step waits for
                 layer.queue_native_leftovers()
             if not step:  # the workspace is read under the lock: another thread's step on this layer writes it next
-                self._after_step(layer, ws, mode, timed)
+                self._after_step(layer, ws, plan, mode, timed)
                 return dst if out is not None else dst.clone()
         if step == ext.STEP_QUERY_NOT_FINITE:
             raise InvalidValueError("q contains NaN or inf (the step's key and value were not appended)")
@@ -459,7 +459,7 @@ class HeteroAttention:
         if out is None and ws.out is not dst:  # the workspace grew: its new output buffer
             ws.out.copy_(dst)
             dst = ws.out
-        self._after_step(layer, ws, mode, timed)
+        self._after_step(layer, ws, plan, mode, timed)
         if not details:
             return dst if out is not None else dst.clone()
         return self._fused_details(dst, ws, layer, plan, mode, sel, t0)
@@ -483,7 +483,9 @@ class HeteroAttention:
                 self._grow_workspace(plan, layer, 0 if code == ext.STEP_NEED_PROBE else int(code))
         raise RuntimeError(f"layer {layer.layer_idx}: the step's workspace did not fit after growing it")
 
-    def _after_step(self, layer: LayerCache, ws: LayerWorkspace, mode: int, timed: bool) -> None:
+    def _after_step(self, layer: LayerCache, ws: LayerWorkspace, plan: StepPlan, mode: int, timed: bool) -> None:
+        if mode == 2:
+            layer.retriever.searched_natively(ws.scanned, plan.geometry.group)
         if layer.head_budget is not None and mode:
             layer.head_budget.update(PartialAttention(ws.win_out, ws.win_lse), PartialAttention(ws.host_out,
                                                                                                ws.host_lse),
@@ -677,8 +679,7 @@ class HeteroAttention:
             return {"rows_read": int(ws.union_count.sum()), "index_bytes": layer.retriever.bytes_read(ws.scanned)}
         sel = ws.selection
         rows = int((sel[0] >= 0).sum()) if sel is not None else 0
-        elem = torch.tensor([], dtype=layer.dtype).element_size()
-        return {"rows_read": rows, "index_bytes": int(layer.retriever.last_scanned) * layer.head_dim * elem}
+        return {"rows_read": rows, "index_bytes": layer.retriever.bytes_read(np.array([layer.retriever.keys_read()]))}
 
     def phase_spans(self, plan: StepPlan, layer: LayerCache) -> List[Span]:
         """Spans of ``layer``'s last fused step: its native phases on the calling thread and, with ``native_trace``,

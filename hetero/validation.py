@@ -175,9 +175,10 @@ def check_host_view(view) -> None:
     k, v = view.k_pool, view.v_pool
     if k.shape[0] == 0 or k.shape[2] == 0:
         raise ShapeError(f"host.k_pool {tuple(k.shape)} has no heads or no head_dim: [Hkv, R, D] needs Hkv >= 1, D >= 1")
-    if k.shape != v.shape or k.dtype != v.dtype:
-        raise ShapeError(f"host.k_pool {tuple(k.shape)} {k.dtype} and host.v_pool {tuple(v.shape)} {v.dtype} must "
-                         "match")
+    if k.shape != v.shape:
+        raise ShapeError(f"host.k_pool {tuple(k.shape)} and host.v_pool {tuple(v.shape)} must have the same shape")
+    if k.dtype != v.dtype:
+        raise DTypeError(f"host.k_pool ({k.dtype}) and host.v_pool ({v.dtype}) must have the same dtype")
     check_float(k, "host.k_pool", KV_STORAGE_DTYPES)
     if k.device.type != "cpu" or v.device.type != "cpu":
         raise ShapeError(f"host pools must be in host memory (device cpu), got {k.device} / {v.device}")

@@ -115,6 +115,7 @@ class Retriever(ABC):
         # the largest ntotal a native add may reach without Python (training, retraining); no limit by default
         self.limit_array = np.full(host.batch, np.iinfo(np.int64).max, dtype=np.int64)
         self.last_scanned = 0  # keys whose similarity to a query was computed in the last search
+        self.last_group = 1  # query heads per KV head in the last search
         # Softmax scale of the layer (set by LayerCache), and what a retriever can report from its last search
         # when asked (``report_missed``): log of each query head's host mass outside its top ``flat_k`` keys
         # (``last_missed_lse``, exact or estimated) and, if it scored every host key, log of all its host mass
@@ -205,7 +206,14 @@ class Retriever(ABC):
         ``Selection`` with ``indices [B, Hkv, k]`` int32, sorted ascending per row, ``-1`` padding at the end.
         """
         ks = self._check_query(q, budgets)
+        self.last_group = q.shape[1] // self.host.kv_heads
         return self._search(q.float(), ks)
+
+    def keys_read(self) -> int:
+        """Keys (index rows, or host keys for an exhaustive scan) the last search read, each once per KV head
+        however many of its group's queries scored it: ``last_scanned / G`` (a lower bound where the queries scanned
+        apart, as faiss's do). ``bytes_read([keys_read()])`` is what the step's floor counts for the index."""
+        return self.last_scanned // max(1, self.last_group)
 
     @abstractmethod
     def _search(self, q: torch.Tensor, ks: List[List[int]]) -> Selection:

@@ -69,6 +69,14 @@ def test_bad_flags_exit_2_with_one_line(args, needle):
     (["profile", "--trace", "/nonexistent/t.json"], "does not exist"),
     (["profile", "--trace", "{tmp}"], "is a folder"),
     (["profile", "--plot", "/proc/hetero-test.png"], "cannot be written"),
+    (["profile", "--plot", "{tmp}/p.txt"], "matplotlib writes"),
+    (["profile", "--trace", ""], "empty path"),
+    (["profile", "--workload", "real", "--batch", "2"], "--batch applies to the synthetic workload"),
+    (["profile", "--workload", "real", "--seed", "1"], "--seed applies to the synthetic workload"),
+    (["bench", "cpu-sparse", "--k", "8192", "--tokens", "4096"], "more rows than --tokens"),
+    (["bench", "sweep", "--retrievers", "nope", "--out", "{tmp}/s"], "--retrievers nope"),
+    (["bench", "sweep", "--budgets", "0.02,1.5", "--out", "{tmp}/s"], "--budgets 1.5"),
+    (["bench", "needle", "--retrievers", "ivf,nope"], "--retrievers nope"),
 ])
 def test_profile_refuses_before_running_the_workload(args, needle, tmp_path):
     """One line, exit 2, and nothing of the workload started (no prefill line on stderr)."""

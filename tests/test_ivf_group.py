@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 import torch
 
-from hetero import HeteroConfig, LayerCache
+from hetero import HeteroAttention, HeteroConfig, LayerCache
 from hetero.native import load
 
 pytest.importorskip("faiss")
@@ -510,3 +510,26 @@ def test_cpp_top_positions_is_exact_with_ties(data):
     load().ivf_top_positions(s.ctypes.data, n, k, out.ctypes.data)
     want = np.sort(np.argsort(-s, kind="stable")[:k])  # stable: equal scores keep ascending positions
     assert np.array_equal(out, want.astype(np.int32)), (kind, n, k)
+
+
+@needs_ext
+def test_the_fused_step_reports_the_keys_it_scanned_as_the_python_search_does():
+    """``last_scanned`` / ``keys_read`` after a C++ step's own search equal those of the same search made from Python
+    (the profiler's floor and ``hetero bench retrieval`` read them); they were 0 after the fused step."""
+    gen = torch.Generator().manual_seed(3)
+    keys, vals = torch.randn(1, 2, 3000, 16, generator=gen), torch.randn(1, 2, 3000, 16, generator=gen)
+    q = torch.randn(1, 6, 16, generator=gen)
+    got = []
+    for overlap in (False, True):  # the fused step, then the general path (its search from Python)
+        cfg = HeteroConfig(window=64, sinks=2, budget=0.05, retriever="ivf-group", overlap=overlap,
+                           retriever_options={"min_train": 256})
+        layer = LayerCache(cfg)
+        layer.append(keys, vals)
+        layer.wait_indexed()
+        attn = HeteroAttention(layer.config)
+        plan = attn.plan(layer, 6)
+        assert plan.fused is not overlap
+        attn.run(q, layer, plan)
+        r = layer.retriever
+        got.append((r.last_scanned, r.keys_read()))
+    assert got[0] == got[1] and got[0][0] == 3 * got[0][1] > 0

@@ -155,14 +155,20 @@ def test_exact_retriever_through_the_plan_equals_the_oracle():
 
 
 @needs_native
-def test_profile_reports_fixed_cost_and_floor_beside_the_step():
+@pytest.mark.parametrize("context,overlap", [(3000, "off"), (3000, "on"), (200, "off")])
+def test_profile_reports_fixed_cost_and_floor_beside_the_step(context, overlap):
+    """The floor is there whichever path runs (the general one counted no index bytes) and for a prompt the window
+    holds (no host row to time the random reads on: it was null)."""
     p = subprocess.run([sys.executable, "-m", "hetero.tools.cli", "profile", "--preset", "smollm2", "--context",
-                        "3000", "--window", "256", "--steps", "3", "--json"], capture_output=True, text=True,
-                       timeout=300)
+                        str(context), "--window", "256", "--steps", "3", "--overlap", overlap, "--json"],
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     r = json.loads(p.stdout)
-    assert r["fused"] is True
-    assert 0 <= r["fixed_ms"] < r["hetero_ms"]
+    assert r["fused"] is (overlap == "off")
+    if overlap == "on":
+        assert r["fixed_ms"] is None  # measured against the fused step's native spans only
+    else:
+        assert 0 <= r["fixed_ms"] < r["hetero_ms"]
     assert 0 < r["floor_ms"] and r["floor_ratio"] == pytest.approx(r["hetero_ms"] / r["floor_ms"], rel=0.01)
     assert r["stream_gbps"] > 0 and r["random_read_gbps"] > 0 and r["cpu"]
 

@@ -186,6 +186,24 @@ def test_causal_attention_refuses_integer_inputs():
         hetero.causal_attention(x, x, x)
 
 
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_causal_attention_refuses_nan_and_inf(which, bad):
+    """SDPA gives a silent row of zeros for a NaN query and NaN rows for an infinite key."""
+    x = {n: torch.randn(1, 4 if n == "q" else 2, 6, 8) for n in "qkv"}
+    x[which][0, 0, 3, 1] = bad
+    with pytest.raises(InvalidValueError, match=f"^{which} contains NaN or inf"):
+        hetero.causal_attention(x["q"], x["k"], x["v"])
+
+
+def test_host_view_pools_of_two_dtypes_are_a_dtype_error():
+    pool = torch.randn(2, 8, 4)
+    view = hetero.HostView(pool, pool.bfloat16(), torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([8]), 4)
+    sel = hetero.Selection(torch.zeros(1, 2, 1, dtype=torch.int32))
+    with pytest.raises(hetero.DTypeError, match="same dtype"):
+        hetero.sparse_attention(torch.randn(1, 2, 4), view, sel)
+
+
 def test_a_plan_is_made_again_for_layers_of_another_head_dim():
     """The cached plan's workspaces are sized for its head_dim: reused for a wider layer, the query staging
     overflowed its buffer in C++."""

@@ -33,10 +33,12 @@ def measure_rates(host_tier, threads: int, runs: int = 8192, repeats: int = 7, p
     stream = streaming_read_gbps(threads, nbytes=256 << 20, repeats=repeats)
     pool = host_tier.kv_pool
     run_bytes = 2 * pool.shape[-1] * pool.element_size()
-    rows = pool.shape[1]
     runner = native.new_runner(threads)
-    if runner is None or rows == 0:
+    if runner is None:
         return Rates(stream, float("nan"), run_bytes)
+    if pool.shape[1] == 0:  # no host rows yet (the prompt fits the window): runs of the same size in 256 MiB
+        pool = torch.zeros(1, (256 << 20) // run_bytes, run_bytes, dtype=torch.uint8)
+    rows = pool.shape[1]
     gen = np.random.default_rng(0)
     head_bytes = pool.stride(0) * pool.element_size()
     times = []
@@ -52,7 +54,8 @@ def measure_rates(host_tier, threads: int, runs: int = 8192, repeats: int = 7, p
 
 def floor_ms(streamed_bytes: float, random_bytes: float, rates: Rates) -> float:
     """Milliseconds to read ``streamed_bytes`` at the streaming rate and ``random_bytes`` at the random-run rate."""
-    return (streamed_bytes / rates.stream_gbps + random_bytes / rates.random_gbps) / 1e6
+    random = random_bytes / rates.random_gbps if random_bytes else 0.0  # no rows: no term, even without a rate
+    return (streamed_bytes / rates.stream_gbps + random) / 1e6
 
 
 def window_bytes(layer) -> int:

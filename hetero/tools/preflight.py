@@ -38,6 +38,8 @@ def resolve_device(requested: str) -> torch.device:
 def check_output_path(option: str, path: str) -> None:
     """``path`` can be written: it is opened for appending (and removed again if it did not exist), which is the
     one test every file system answers truthfully (permission bits say nothing on /proc, read-only mounts...)."""
+    if not path:
+        raise HeteroError(f"{option}: an empty path; give a file path")
     p = Path(path)
     if p.is_dir():
         raise HeteroError(f"{option} {path}: is a folder; give a file path")
@@ -115,12 +117,24 @@ def check_profile(ns: argparse.Namespace, config: HeteroConfig, device: torch.de
     if ns.model:
         check_model(ns)
         return
-    if ns.trace:
+    if ns.trace is not None:
         check_output_path("--trace", ns.trace)
-    if ns.plot:
+    if ns.plot is not None:
         check_output_path("--plot", ns.plot)
         if importlib.util.find_spec("matplotlib") is None:
             raise HeteroError("--plot needs matplotlib: pip install 'hetero[plot]'")
+        from matplotlib.figure import Figure
+
+        formats = Figure().canvas.get_supported_filetypes()
+        ext = Path(ns.plot).suffix.lower().lstrip(".")
+        if ext not in formats:
+            raise HeteroError(f"--plot {ns.plot}: matplotlib writes {', '.join('.' + f for f in sorted(formats))}; "
+                              f"{'.' + ext if ext else 'no extension'} is none of them")
+    if ns.workload == "real":
+        given = [f for f, unset in (("batch", None), ("seed", None)) if getattr(ns, f) != unset]
+        if given:
+            raise HeteroError(f"--workload real replays one captured SmolLM2 sequence: {', '.join(map(_flag, given))} "
+                              "applies to the synthetic workload only")
     if ns.workload == "real" and ns.layer is not None and ns.layer >= SMOLLM2_LAYERS:
         raise HeteroError(f"--layer {ns.layer}: the real workload is SmolLM2's attention, layers 0..{SMOLLM2_LAYERS - 1}")
     heads, kv_heads, head_dim = geometry

@@ -127,6 +127,22 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
             self._max_lists = most
             self.native_version += 1
 
+    @property
+    def last_scanned(self) -> int:
+        """Keys whose similarity to a query was computed in the last search: rows scanned x G (from the C++ step's
+        counts when it searched last)."""
+        if self._native_scanned is not None:
+            return int(self._native_scanned.sum()) * self.last_group
+        return self._last_scanned
+
+    @last_scanned.setter
+    def last_scanned(self, n: int) -> None:
+        self._native_scanned, self._last_scanned = None, n
+
+    def searched_natively(self, scanned: np.ndarray, group: int) -> None:
+        """The C++ step searched last: ``scanned [items]`` (its workspace's rows scanned per item, read when asked)."""
+        self._native_scanned, self.last_group = scanned, group
+
     def bytes_read(self, scanned: np.ndarray) -> int:
         """Codes and ids of the scanned rows, and per item the list directions (float16), mean norms, starts and
         counts that probing reads, and the mean values the estimate reads."""

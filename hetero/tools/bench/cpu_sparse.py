@@ -348,6 +348,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ns = p.parse_args(argv)
     from hetero.config import HeteroConfig
 
+    over = [k for k in (ns.k or []) if k > ns.tokens]
+    if over:  # each KV head selects k distinct rows of the tier
+        p.error(f"--k {','.join(map(str, over))}: more rows than --tokens {ns.tokens} holds per KV head")
     if ns.row_cost:
         row_costs([b for b in ns.backends.split(",") if b and b != "torch"], ns.dtypes,
                   ns.k[0] if ns.k else 2048, ns.tokens, calls=ns.runs, layers=ns.layers)

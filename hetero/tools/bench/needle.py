@@ -17,6 +17,7 @@ import torch
 
 from hetero.tools.bench import run_reporting_missing_workload
 from hetero.config import HeteroConfig
+from hetero.errors import ConfigError
 from hetero.tools.argtypes import OneLineParser, float_in, list_of, positive_int
 
 RETRIEVERS = ("exact", "ivf", "ivf-sq8", "ivf-group", "hnsw", "lsh")
@@ -89,6 +90,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--budget", type=float_in(0.0, 1.0, low_open=True), default=0.03)
     ns = p.parse_args(argv)
     contexts, depths = ns.contexts, ns.depths
+    for name in ns.retrievers.split(","):  # refused before the model loads
+        try:
+            HeteroConfig(window=256, sinks=4, budget=ns.budget, retriever=name)
+        except ConfigError as e:
+            p.error(f"--retrievers {name}: {e}")
     return run_reporting_missing_workload(
         "hetero bench needle", lambda: run(contexts, depths, ns.retrievers.split(","), ns.budget))
 

@@ -67,9 +67,16 @@ def run(contexts: List[int], retrievers: List[str], budgets: List[float], budget
     return rows
 
 
-def preflight(out_prefix: str) -> None:
-    """What would otherwise fail only after all the measuring, refused first: a ``HeteroError`` (one line, exit 2
-    through the CLI) when matplotlib, which draws ``<out>.png``, is missing or an output file cannot be written."""
+def preflight(out_prefix: str, retrievers: List[str], budgets: List[float], window: int) -> None:
+    """What would otherwise fail only after some or all of the measuring, refused first: a ``HeteroError`` (one
+    line, exit 2 through the CLI) for a retriever or budget the config refuses, when matplotlib, which draws
+    ``<out>.png``, is missing, or when an output file cannot be written."""
+    for retriever in retrievers:
+        for b in budgets:
+            try:
+                HeteroConfig(window=window, sinks=4, budget=b, retriever=retriever)
+            except HeteroError as e:
+                raise HeteroError(f"--retrievers {retriever} --budgets {b}: {e}") from None
     if importlib.util.find_spec("matplotlib") is None:
         raise HeteroError(f"sweep needs matplotlib to draw {out_prefix}.png: pip install 'hetero[plot]'")
     from hetero.tools.preflight import check_output_path
@@ -82,16 +89,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = OneLineParser(prog="hetero bench sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--contexts", type=list_of(positive_int), default="8192,32768,131072",
                    help="comma-separated (up to 1M: 1048576)")
-    p.add_argument("--retrievers", default="ivf-group")
+    p.add_argument("--retrievers", default="ivf-group", help="comma-separated retriever names")
     p.add_argument("--budgets", type=list_of(budget), default="0.01,0.02,0.05",
-                   help="comma-separated: fractions of the host tier (0.02) or key counts (2621)")
+                   help="comma-separated: fractions of the host tier (0.02) or key counts (2621); the rows over "
+                        "--budget-context take each, the rows over --contexts the middle one (of an even count, "
+                        "the upper middle)")
     p.add_argument("--budget-context", type=positive_int, default=32768)
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b")
     p.add_argument("--window", type=nonneg_int, default=1024)
     p.add_argument("--steps", type=positive_int, default=3)
     p.add_argument("--out", default="sweep", help="output prefix: <out>.json, <out>.csv, <out>.png")
     ns = p.parse_args(argv)
-    preflight(ns.out)
+    preflight(ns.out, ns.retrievers.split(","), ns.budgets, ns.window)
     torch.manual_seed(0)
     run(ns.contexts, ns.retrievers.split(","), ns.budgets,
         ns.budget_context, ns.preset, ns.window, ns.steps, ns.out)
