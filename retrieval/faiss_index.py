@@ -249,8 +249,10 @@ class IVFRetriever(IVFLifecycle, _FaissRetriever):
         faiss = _faiss()
         index = faiss.index_factory(self.host.head_dim, f"IVF{self.nlist_for(n_train)},{self.codes}",
                                     faiss.METRIC_INNER_PRODUCT)
-        ivf = faiss.extract_index_ivf(index)
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
         ivf.cp.min_points_per_centroid = 1  # small tiers: no 39-per-list warning
+        if hasattr(ivf, "pq"):  # nor from the product quantizer's own k-means (16 centroids per sub-quantizer)
+            ivf.pq.cp.min_points_per_centroid = 1
         ivf.cp.spherical = True
         ivf.cp.niter = 10
         ivf.cp.max_points_per_centroid = 32

@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from typing import List, Optional
 
 from hetero.errors import HeteroError
@@ -165,6 +166,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if ns.command is None:  # bare `hetero`: what there is to run, not an error
         parser.print_help()
         return 0
+    # a warning is one line on stderr here, not the library source line Python shows beside it
+    warnings.showwarning = lambda message, category, *rest, **kw: print(
+        f"hetero {ns.command}: warning: {str(message).removeprefix('hetero: ')}", file=sys.stderr)
     try:
         if ns.command == "profile":
             return _profile(ns)
