@@ -172,7 +172,7 @@ class HeteroAttention:
             return p
         if self._closed:
             raise ClosedError("this HeteroAttention was closed; create a new one")
-        with self._lock:
+        with self._lock, torch.inference_mode(False):  # workspaces a later call outside inference mode may write
             return self._plan_locked(_layers_of(cache), q_heads, q_dtype)
 
     def _plan_locked(self, layers: List[LayerCache], q_heads, q_dtype) -> StepPlan:

@@ -35,6 +35,12 @@ def _used(x: torch.Tensor, lengths: List[int]) -> torch.Tensor:
     return torch.cat([x[b, :, :n].reshape(-1) for b, n in enumerate(lengths)])
 
 
+def _outside_inference_mode():
+    """The cache's storage is made of normal tensors even when a call comes from ``torch.inference_mode()``: a tensor
+    made there cannot be written outside it, so a cache filled in one turn under it refused the next turn's writes."""
+    return torch.inference_mode(False)
+
+
 class LayerCache:
     """KV cache of one attention layer for a batch of sequences of different lengths.
 
@@ -193,7 +199,7 @@ class LayerCache:
         """
         if lengths is None and self._native_ok and self._append_decode_fast(keys, values):
             return
-        with self.lock:
+        with self.lock, _outside_inference_mode():
             staged = self.staged_evictions or (isinstance(keys, torch.Tensor) and keys.device.type == "cuda")
             keys, values, lengths = self.check_append(keys, values, lengths, check_values=not staged)
             self.index.check_open()
@@ -365,7 +371,8 @@ class LayerCache:
     def reserve_flagged(self) -> None:
         """A block for each sequence a refused native append flagged as full (``APPEND_NEED_BLOCKS``: nothing was
         written), so that the same call succeeds when made again. Caller holds the lock."""
-        self.host.reserve_all({seq: 1 for seq in np.flatnonzero(self._flags).tolist()})
+        with _outside_inference_mode():
+            self.host.reserve_all({seq: 1 for seq in np.flatnonzero(self._flags).tolist()})
 
     def queue_native_leftovers(self) -> None:
         """The index adds a successful native append left to Python (its flags: the host position, or -1). Caller
@@ -379,7 +386,7 @@ class LayerCache:
         """Keep the first ``lengths[b]`` tokens of each sequence (at most what it holds): the window gets back the
         tokens that had left it since, and the host tier and the index forget the rest, as if the dropped tokens
         had never been appended."""
-        with self.lock:
+        with self.lock, _outside_inference_mode():
             if not self.initialized:
                 return
             lengths = check_lengths(lengths, self.batch, np.iinfo(np.int64).max, "lengths").tolist()

@@ -38,7 +38,7 @@ from .attention import HeteroAttention
 from .cache import LayerCache, total_memory
 from .chunk import chunk_attention
 from .config import HeteroConfig
-from .errors import ConfigError, HeteroError, ShapeError, UnsupportedError
+from .errors import ConfigError, HeteroError, InvalidValueError, ShapeError, UnsupportedError
 from .worker import Worker
 
 # Decoder architectures whose attention is plain softmax attention over every past token, verified token-identical
@@ -114,6 +114,14 @@ class _Shared:
                                f"{'' if all(stored) else ', some storing others than they count'}): an earlier "
                                f"forward failed part-way; call cache.{fix} to return to a position all of them hold")
 
+    def drop_unattended(self) -> None:
+        """Every layer forgets an update that reached no hetero attention call (nothing of it was stored)."""
+        for ref in self.cache_layers:
+            lay = ref()
+            if lay is not None:
+                lay.pending = lay.token = None
+                lay.attended = True
+
     def roll_back(self, failed_layer: int) -> None:
         """A forward failed at ``failed_layer``: it and the layers before it forget what this forward stored (the
         failing layer may have stored its tokens before the failure surfaced: an interrupt held back over a write
@@ -157,11 +165,13 @@ class HeteroCacheLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if not self.attended:
+        if not self.attended:  # forget the update no attention consumed, so that the cache serves the next call
+            self.shared.drop_unattended()
             raise UnsupportedError(
-                f"layer {self.layer.layer_idx}: this HeteroCache is used by a model whose attention implementation is "
-                f"not {ATTN_NAME!r} (its last update never reached hetero's attention, so a step would attend only to "
-                "its new tokens); load the model with attn_implementation='hetero' or call hetero.wrap(model)")
+                f"layer {self.layer.layer_idx}: this HeteroCache's last update never reached hetero's attention (a "
+                f"model whose attention implementation is not {ATTN_NAME!r}, where a step would attend only to its new "
+                "tokens; or a forward stopped between the two). Nothing of that call was stored and the cache is as it "
+                "was before it; load the model with attn_implementation='hetero' or call hetero.wrap(model)")
         if self.layer.initialized and key_states.shape[0] != self.layer.batch:
             raise ShapeError(f"layer {self.layer.layer_idx}: {key_states.shape[0]} sequences into a HeteroCache that "
                              f"holds {self.layer.batch}; a cache serves one batch (reset() it, or use a new one)")
@@ -192,6 +202,10 @@ class HeteroCacheLayer(CacheLayerMixin):
         n > 0: keep the first n positions (the older convention). The window gets back the tokens that had left it,
         the host tier and the index forget the rest."""
         keep = self.processed + max_length if max_length <= 0 else min(max_length, self.processed)
+        if keep < 0:
+            raise InvalidValueError(f"crop({max_length}) forgets the last {-max_length} positions, and this cache "
+                                    f"holds {self.processed}; crop(-n) takes n <= {self.processed}, and reset() "
+                                    "empties the cache")
         if keep >= self.processed or not self.layer.initialized:
             self.processed = max(0, min(self.processed, keep))
             return
@@ -330,8 +344,36 @@ class _PrefillProgress:
 
 def _attended(attention_mask: torch.Tensor) -> torch.Tensor:
     """The keys the mask's last query row attends, ``[B, Lk]`` bool (``True`` / a finite additive 0 = attended)."""
-    row = attention_mask[:, 0, -1, :]
-    return row if row.dtype == torch.bool else torch.isfinite(row) & (row > torch.finfo(row.dtype).min)
+    return _as_bool(attention_mask[:, 0, -1, :])
+
+
+def _as_bool(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else torch.isfinite(mask) & (mask > torch.finfo(mask.dtype).min)
+
+
+_MASK_ROWS = 1024  # query rows compared at once (bounds the temporaries of a long prompt's check)
+
+
+def _mask_is_causal(attention_mask: Optional[torch.Tensor], pad: List[int], start: int) -> bool:
+    """Whether every query row of a chunk at positions ``start ..`` attends exactly its sequence's keys from its left
+    padding ``pad[b]`` up to its own position: the causal mask a HeteroCache serves. Rows of padding queries (their
+    outputs are dropped) must attend nothing, or everything (an SDPA workaround for empty rows). A mask of packed
+    documents or a bidirectional prefix is not causal over the stored tokens. None is causal."""
+    if attention_mask is None:
+        return True
+    m = attention_mask
+    lq, lk = m.shape[-2], m.shape[-1]
+    cols = torch.arange(lk, device=m.device)
+    first = torch.tensor(pad, device=m.device)[:, None, None, None]                       # [B, 1, 1, 1]
+    for r0 in range(0, lq, _MASK_ROWS):
+        pos = torch.arange(r0, min(lq, r0 + _MASK_ROWS), device=m.device) + start         # query positions
+        got = _as_bool(m[:, :, r0:r0 + len(pos), :])                                       # [B, H, R, Lk]
+        want = (cols <= pos[:, None]) & (cols >= first)                                   # [B, 1, R, Lk]
+        real = pos[:, None] >= first                                                      # [B, 1, R, 1]
+        padding_ok = ~got.any(-1, keepdim=True) | got.all(-1, keepdim=True)
+        if not bool(torch.where(real, (got == want).all(-1, keepdim=True), padding_ok).all()):
+            return False
+    return True
 
 
 def _real_lengths(attention_mask: Optional[torch.Tensor], batch: int, length: int) -> List[int]:
@@ -440,6 +482,11 @@ def _attend_layer(state, module, query, attention_mask, scaling):
            for p, n, e in zip(state.pad or [0] * b, lengths, empty)]
     if not _mask_fits(attention_mask, pad):
         raise _refuse_mask(layer.layer_idx, pad)
+    if layer.layer_idx == 0 and not _mask_is_causal(attention_mask, pad, state.processed):  # (the layers share it)
+        raise UnsupportedError(f"layer 0: the attention mask of this {c}-token chunk is not causal over the stored "
+                               "tokens (a query sees a later key, or misses an earlier one that is not left padding: "
+                               "packed documents, a bidirectional prefix, a tree of drafts); a HeteroCache serves "
+                               "causal attention with left padding only")
     state.pad = pad
     out = chunk_attention(runtime, layer, query, k, v, lengths)  # [B, Hq, C, D]
     if min(lengths) == c:
@@ -465,6 +512,14 @@ def _prepare_generation_config(self, generation_config, **kwargs):
     """``generate(hetero_config=...)``: taken off the model kwargs (which would refuse it) onto the generation
     config, where ``_prepare_cache_for_generation`` reads it."""
     hetero_config = kwargs.pop("hetero_config", None)
+    if hetero_config is not None:  # (this hook serves every model of the process, wrapped or not)
+        if getattr(self.config, "_attn_implementation", None) != ATTN_NAME:
+            raise ConfigError(f"generate(hetero_config=...) on a {type(self).__name__} whose attention is "
+                              f"{getattr(self.config, '_attn_implementation', None)!r}, not {ATTN_NAME!r}: it would "
+                              "be ignored; hetero.wrap(model) first")
+        if not isinstance(hetero_config, HeteroConfig):
+            raise ConfigError(f"generate(hetero_config=...) takes a hetero.HeteroConfig, got "
+                              f"{type(hetero_config).__name__}")
     generation_config, model_kwargs = _original_prepare_config(self, generation_config, **kwargs)
     if hetero_config is not None:
         generation_config.hetero_config = hetero_config

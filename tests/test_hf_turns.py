@@ -110,6 +110,50 @@ def test_a_hetero_cache_under_another_attention_raises_before_a_wrong_step():
     cache = HeteroCache(EXACT, config=ref.config)  # ref was never wrapped: sdpa attention
     with pytest.raises(HeteroError, match="attention implementation is not 'hetero'"):
         ref.generate(ids, max_new_tokens=4, do_sample=False, past_key_values=cache)
+    # nothing of it was stored, and the cache serves the wrapped model next (it was refused for good)
+    _, model = _pair()
+    want = ref.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False, past_key_values=cache), want)
+
+
+@pytest.mark.parametrize("kind", ["packed", "prefix"])
+def test_a_4d_mask_that_is_not_causal_is_refused_and_leaves_the_cache_empty(kind):
+    """Packed documents (the last row looks like left padding) and a bidirectional prefix were served as causal."""
+    _, model = _pair()
+    n = 12
+    ids = torch.randint(3, 160, (1, n), generator=torch.Generator().manual_seed(8))
+    allowed = torch.ones(n, n, dtype=torch.bool).tril()
+    if kind == "packed":
+        allowed[5:, :5] = False
+    else:
+        allowed[:5, :5] = True
+    mask = torch.zeros(n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+    cache = HeteroCache(EXACT, config=model.config)
+    with pytest.raises(HeteroError, match="not causal"):
+        model(ids, attention_mask=mask, past_key_values=cache)
+    assert cache.get_seq_length() == 0 and not cache.layers[0].layer.initialized
+    causal = torch.zeros(n, n).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), torch.finfo(torch.float32).min)
+    model(ids, attention_mask=causal[None, None], past_key_values=cache)  # the causal 4-D mask is served
+    assert cache.get_seq_length() == n
+
+
+@pytest.mark.parametrize("first_inside", [True, False])
+def test_turns_inside_and_outside_inference_mode_share_a_cache(first_inside):
+    """Storage made under ``torch.inference_mode()`` could not be written outside it: turn 2 failed."""
+    ref, model = _pair()
+    gen = torch.Generator().manual_seed(9)
+    turns = [torch.randint(3, 160, (1, 20), generator=gen), torch.randint(3, 160, (1, 7), generator=gen)]
+    cache = HeteroCache(EXACT, config=model.config)
+    inside = [torch.inference_mode(), torch.no_grad()]
+    ids = None
+    for t, ctx in zip(turns, inside if first_inside else inside[::-1]):
+        ids = t if ids is None else torch.cat([ids, t], dim=1)
+        with ctx:
+            ids = model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=cache)
+    with torch.no_grad():
+        want = ref.generate(torch.cat([ref.generate(turns[0], max_new_tokens=6, do_sample=False), turns[1]], 1),
+                            max_new_tokens=6, do_sample=False)
+    assert torch.equal(ids, want)
 
 
 def test_switching_back_to_sdpa_after_wrap_decodes_dense_and_unwrap_restores():
@@ -139,6 +183,11 @@ def test_hetero_attention_by_name_at_load_decodes_on_a_hetero_cache(monkeypatch)
     model.generate(ids, max_new_tokens=2, do_sample=False, generation_config=GenerationConfig(
         hetero_config=HeteroConfig(window=5, sinks=1, retriever="all"), max_new_tokens=2, do_sample=False))
     assert seen[-1].window == 5
+    ref = transformers.LlamaForCausalLM._from_config(LlamaConfig(**COMMON), attn_implementation="sdpa").eval()
+    with pytest.raises(hetero.ConfigError, match="hetero.wrap"):  # an unwrapped model would ignore it
+        ref.generate(ids, max_new_tokens=2, do_sample=False, hetero_config=HeteroConfig())
+    with pytest.raises(hetero.ConfigError, match="HeteroConfig"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, hetero_config={"window": 4})
 
 
 def _spy_init(seen):
@@ -365,6 +414,9 @@ def test_crop_into_the_left_padding_is_refused_and_copying_is_typed():
     before = _held(cache)
     with pytest.raises(hetero.UnsupportedError, match="left padding"):
         cache.crop(-30)
+    assert _held(cache) == before
+    with pytest.raises(hetero.InvalidValueError, match="holds 40"):  # more than it holds: not a padding matter
+        cache.crop(-45)
     assert _held(cache) == before
     cache.crop(-15)
     assert cache.get_seq_length() == 25
