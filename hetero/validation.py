@@ -100,6 +100,11 @@ def check_scale(scale, name: str = "scale") -> None:
                                 f"kernels compute in float32), got {scale!r}")
 
 
+def holds_bool(x) -> bool:
+    """Whether a (nested) list or tuple holds a bool: numpy and torch read ``[True, 2]`` as the ints ``[1, 2]``."""
+    return isinstance(x, (list, tuple)) and any(isinstance(e, (bool, np.bool_)) or holds_bool(e) for e in x)
+
+
 def check_lengths(lengths, batch: int, limit: int, name: str = "lengths") -> torch.Tensor:
     """``[B]`` integer counts in ``[0, limit]`` (a tensor, a numpy array or a list of ints); None means all
     ``limit``. Returns them as a CPU int64 tensor."""
@@ -110,7 +115,7 @@ def check_lengths(lengths, batch: int, limit: int, name: str = "lengths") -> tor
             arr = np.asarray(lengths)
         except (TypeError, ValueError):
             arr = None
-        if arr is None or arr.dtype == object or arr.dtype.kind not in "iu":
+        if arr is None or arr.dtype == object or arr.dtype.kind not in "iu" or holds_bool(lengths):
             raise DTypeError(f"{name} must be [B={batch}] integers (a tensor or a list of ints), got {lengths!r}")
         if arr.size and arr.dtype.kind == "u" and int(arr.max()) > limit:  # before int64 would wrap it negative
             raise InvalidValueError(f"{name} must lie in [0, {limit}], got {arr.tolist()}")

@@ -17,7 +17,7 @@ from hetero.errors import ConfigError, DTypeError, InvalidValueError, ShapeError
 from hetero.tiers import HostTier
 from hetero.timing import Span
 from hetero.types import Selection
-from hetero.validation import check_finite
+from hetero.validation import check_finite, holds_bool
 
 
 @dataclass(frozen=True)
@@ -238,7 +238,7 @@ class Retriever(ABC):
             return [[min(k, n) for k in row] for row, n in zip(rows, ntotal)]
         try:
             t = torch.as_tensor(budgets)
-            if t.is_floating_point() or t.dtype == torch.bool:
+            if t.is_floating_point() or t.dtype == torch.bool or holds_bool(budgets):
                 raise TypeError
             t = t.long().reshape(b, -1) if t.numel() in (b, b * hkv) else None
         except (TypeError, ValueError, RuntimeError):

@@ -18,7 +18,7 @@ Inputs are validated here, never left to faiss (its checks are asserts that ``py
 from __future__ import annotations
 
 import math
-from typing import Any, List
+from typing import Any, List, Optional
 
 import numpy as np
 import torch
@@ -198,14 +198,14 @@ class IVFRetriever(IVFLifecycle, _FaissRetriever):
     def __init__(self, host, group_rule: str = "union", **options: Any):
         super().__init__(host, group_rule, **options)
         self.init_lifecycle(host.batch)
-        # Per (sequence, KV head): the keys in each list once a crop has emptied some, else None. faiss probes the
-        # nprobe lists nearest the query whatever they hold, so a query whose nearest lists held only cropped keys
-        # (a later topic) found nothing; with these sizes the empty lists are passed over.
+        # Per (sequence, KV head): the keys in each list while some are empty, else None. faiss probes the nprobe
+        # lists nearest the query whatever they hold, so a query whose nearest lists held only cropped keys (a later
+        # topic) found nothing; with these sizes the empty lists are passed over.
         self._list_sizes: List[List[Any]] = [[None] * host.kv_heads for _ in range(host.batch)]
 
     def _build(self, seq: int, upto: int) -> None:
         super()._build(seq, upto)
-        self._list_sizes[seq] = [None] * self.host.kv_heads
+        self._list_sizes[seq] = [self._empty_lists_sizes(index) for index in self._index[seq]]
 
     def _reset_seq(self, seq: int) -> None:
         super()._reset_seq(seq)
@@ -223,12 +223,17 @@ class IVFRetriever(IVFLifecycle, _FaissRetriever):
 
     def truncate(self, seq: int, n: int) -> None:
         super().truncate(seq, n)
-        for h, index in enumerate(self._index[seq]):
-            sizes = None
-            if index is not None:
-                lists = _faiss().extract_index_ivf(index).invlists
-                sizes = np.array([lists.list_size(i) for i in range(lists.nlist)], dtype=np.int64)
-            self._list_sizes[seq][h] = sizes if sizes is not None and not sizes.all() else None
+        self._list_sizes[seq] = [self._empty_lists_sizes(index) for index in self._index[seq]]
+
+    @staticmethod
+    def _empty_lists_sizes(index) -> Optional[np.ndarray]:
+        """The keys in each of ``index``'s lists when some are empty (k-means can leave lists empty on
+        near-identical keys; a crop empties lists), else None."""
+        if index is None:
+            return None
+        lists = _faiss().extract_index_ivf(index).invlists
+        sizes = np.array([lists.list_size(i) for i in range(lists.nlist)], dtype=np.int64)
+        return None if sizes.all() else sizes
 
     def _query_index(self, seq: int, h: int, index, qg: np.ndarray, k: int) -> np.ndarray:
         sizes = self._list_sizes[seq][h]
@@ -242,8 +247,12 @@ class IVFRetriever(IVFLifecycle, _FaissRetriever):
         dist, lists = ivf.quantizer.search(qg, min(sizes.size, index.nprobe + empty))
         live = (lists >= 0) & (sizes[np.maximum(lists, 0)] > 0)
         order = np.argsort(~live, axis=1, kind="stable")[:, :want]  # each query's nearest non-empty lists
-        lists, dist = np.take_along_axis(lists, order, 1), np.take_along_axis(dist, order, 1)
-        return index.search_preassigned(qg, k, np.ascontiguousarray(lists), np.ascontiguousarray(dist))[1]
+        # faiss takes [G, nprobe] lists: the columns past `want` (fewer non-empty lists than nprobe) are -1, skipped
+        chosen = np.full((qg.shape[0], index.nprobe), -1, dtype=np.int64)
+        chosen_dist = np.zeros((qg.shape[0], index.nprobe), dtype=np.float32)
+        chosen[:, :want] = np.take_along_axis(lists, order, 1)
+        chosen_dist[:, :want] = np.take_along_axis(dist, order, 1)
+        return index.search_preassigned(qg, k, chosen, chosen_dist)[1]
 
     def _new_index(self, n_train: int):
         faiss = _faiss()
@@ -283,7 +292,8 @@ class IVFPQRetriever(IVFRetriever):
 
     name = "ivf-pq"
 
-    options = dict(IVFRetriever.options, rerank=Option(2.0, low=1.0))
+    # faiss's 4-bit product quantizer trains 16 centroids per sub-quantizer: fewer training keys fail every build
+    options = dict(IVFRetriever.options, rerank=Option(2.0, low=1.0), min_train=Option(256, kind="int", low=16))
 
     def __init__(self, host, group_rule: str = "union", **options: Any):
         super().__init__(host, group_rule, **options)
@@ -302,9 +312,12 @@ class IVFPQRetriever(IVFRetriever):
         keys = self.host.keys(seq)[h]  # [N, D] (a view for a sequence stored in consecutive blocks)
         cand = keys[ids.flatten()].float().view(ids.shape[0], ids.shape[1], -1)  # [G, k', D]
         scores = torch.einsum("gd,gkd->gk", torch.from_numpy(qg), cand)
-        scores = torch.where(torch.from_numpy(found >= 0), scores, torch.full_like(scores, float("-inf")))
+        valid = torch.from_numpy(found >= 0)
+        scores = torch.where(valid, scores, torch.full_like(scores, float("-inf")))
         best = scores.topk(k, dim=1).indices
-        return torch.gather(ids, 1, best).numpy(), int((found >= 0).sum())
+        # fewer than k candidates: the padding stays -1 (its clamped id 0 would select row 0 unfound)
+        chosen = torch.where(torch.gather(valid, 1, best), torch.gather(ids, 1, best), -1)
+        return chosen.numpy(), int(valid.sum())
 
     def bytes_per_token(self) -> int:
         return self.host.head_dim // 4 + 8

@@ -70,6 +70,7 @@ class LSHSampler(Retriever):
         self.planes = torch.randn(hkv, self.L * self.K, d, generator=gen)  # per KV head
         self._pow2 = 2 ** torch.arange(self.K, dtype=torch.int32)
         self._mu = [None] * host.batch           # [Hkv, D] per sequence
+        self._mu_keys = [0] * host.batch         # keys the centering mean was taken over (the first add's)
         self._heads = [None] * host.batch        # [Hkv] arrays [L, 2^K]
         self._next = [None] * host.batch         # [Hkv] arrays [L, capacity]
         self._counts = [None] * host.batch
@@ -83,6 +84,7 @@ class LSHSampler(Retriever):
         hkv, n = self.host.kv_heads, keys.shape[1]
         if self._mu[seq] is None:
             self._mu[seq] = keys.float().mean(dim=1)
+            self._mu_keys[seq] = n
             self._heads[seq] = [np.full((self.L, 2 ** self.K), -1, np.int32) for _ in range(hkv)]
             self._next[seq] = [np.full((self.L, max(1024, 2 * n)), -1, np.int32) for _ in range(hkv)]
             self._counts[seq] = np.zeros(max(1024, 2 * n), np.int32)
@@ -109,10 +111,11 @@ class LSHSampler(Retriever):
 
     def truncate(self, seq: int, n: int) -> None:
         """Keys are pushed onto the front of their buckets' lists, so every list holds ids in decreasing order: a
-        bucket forgets the ids ``>= n`` by moving its head past them (the centering mean, from the first add, stays:
-        the tables are as they were after n keys)."""
+        bucket forgets the ids ``>= n`` by moving its head past them; the tables are then as they were after n keys.
+        A crop into the first add, whose keys the centering mean was taken over, rebuilds from the n keys instead
+        (the mean of dropped keys would stay)."""
         n = min(n, int(self.ntotal_array[seq]))
-        if self._heads[seq] is None or n == 0:
+        if self._heads[seq] is None or n < self._mu_keys[seq]:
             super().truncate(seq, n)
             return
         for heads, nxt in zip(self._heads[seq], self._next[seq]):

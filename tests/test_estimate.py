@@ -192,15 +192,23 @@ def test_nothing_left_out_gives_an_empty_estimate_and_exact_attention():
     torch.testing.assert_close(got.out, exact.out, rtol=1e-5, atol=1e-6)
 
 
-def test_untrained_sequence_in_a_batch_gets_an_empty_estimate():
+def test_untrained_sequence_in_a_batch_gets_its_unselected_rows_exactly():
+    """A sequence still below ``min_train`` is scanned exactly: the rows its selection leaves out are attended
+    exactly as its estimate, so its host part plus estimate is the whole host tier's attention."""
     gen = torch.Generator().manual_seed(3)
     cfg = HeteroConfig(window=8, sinks=2, retriever="ivf-group", retriever_options={"min_train": 200})
     layer = LayerCache(cfg)
     layer.append(torch.randn(2, 2, 700, 16, generator=gen), torch.randn(2, 2, 700, 16, generator=gen),
                  torch.tensor([700, 120]))
-    sel = layer.retriever.search(torch.randn(2, 6, 16, generator=gen), [9, 9])
-    assert bool(torch.isfinite(sel.estimate.lse[0]).all())                  # indexed: tokens left out, estimated
-    assert bool((sel.estimate.lse[1] == float("-inf")).all())               # exact scan, no lists: nothing estimated
+    q = torch.randn(2, 6, 16, generator=gen)
+    sel = layer.retriever.search(q, [9, 9])
+    assert bool(torch.isfinite(sel.estimate.lse).all())     # indexed: estimated; not indexed: the rest, exactly
+    part = sparse_attention(q, layer.host.view(), sel)      # merges the estimate in
+    n = int(layer.host.length[1])
+    every = Selection(torch.arange(n, dtype=torch.int32).expand(2, 2, n).contiguous())
+    exact = sparse_attention(q, layer.host.view(), every)
+    torch.testing.assert_close(part.out[1], exact.out[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(part.lse[1], exact.lse[1], rtol=1e-5, atol=1e-5)
 
 
 def test_estimate_off_and_option_validation():

@@ -533,3 +533,18 @@ def test_the_fused_step_reports_the_keys_it_scanned_as_the_python_search_does():
         r = layer.retriever
         got.append((r.last_scanned, r.keys_read()))
     assert got[0] == got[1] and got[0][0] == 3 * got[0][1] > 0
+
+
+@pytest.mark.parametrize("rule", ["union", "per-head", "sum"])
+def test_before_training_the_unselected_rows_are_attended_exactly(rule):
+    """Until the index is trained the search scores every host key; the estimate of the rows it leaves out is then
+    exact, so the step equals dense attention (it was empty: their mass was dropped, 4.4 off)."""
+    from helpers import oracle, rel_err
+
+    layer, keys, vals, q = _layer(200, min_train=10_000)
+    layer = LayerCache(HeteroConfig(window=8, sinks=2, budget=5, retriever="ivf-group", group_rule=rule,
+                                    retriever_options={"min_train": 10_000}))
+    layer.append(keys, vals)
+    assert layer.retriever._seqs[0] is None
+    out = HeteroAttention(layer.config).run(q, layer)
+    assert rel_err(out, oracle(q, layer)) < 1e-5

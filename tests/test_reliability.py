@@ -264,6 +264,17 @@ def test_uint64_lengths_beyond_int64_name_the_values_given():
         layer.crop(np.array([2 ** 63 + 5, 3], dtype=np.uint64))
 
 
+def test_bools_are_not_counts():
+    """numpy and torch read [True, 2] as [1, 2]: a crop or a budget of bools was taken as counts."""
+    layer = _layer()
+    before = layer.fast.total.tolist()
+    with pytest.raises(DTypeError, match="integers"):
+        layer.crop([True, 2])
+    assert layer.fast.total.tolist() == before
+    with pytest.raises(InvalidValueError, match="budgets"):
+        layer.retriever.search(torch.randn(layer.batch, layer.kv_heads * 2, layer.head_dim), [True] * layer.batch)
+
+
 def test_every_public_error_is_a_hetero_error():
     for err in (ConfigError, DTypeError, InvalidValueError, ShapeError, ClosedError, IndexSyncError):
         assert issubclass(err, HeteroError)

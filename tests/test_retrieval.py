@@ -190,11 +190,46 @@ def test_ivf_probes_past_lists_a_crop_emptied(retriever):
         assert rows.numel() >= 8 and bool((rows < layer.host.length[0]).all())
     if sel.estimate is not None:  # ivf-group: the unselected host tokens' estimate is there too
         assert bool(torch.isfinite(sel.estimate.lse).all())
+    n_host = int(layer.host.length[0])  # a budget covering the tier probes every list: more than the non-empty ones
+    sel = layer.retriever.search(q, [n_host])
+    assert all(sorted(sel.indices[0, h][sel.indices[0, h] >= 0].tolist()) == list(range(n_host)) for h in range(2))
     # after the crop, decoding grows lists again: new keys facing the old topic are found by that query
     layer.append(keys[:, :, cut:cut + 40], vals[:, :, cut:cut + 40])
     layer.wait_indexed()
     sel = layer.retriever.search(q, [8])
     assert bool((sel.indices[0] >= layer.host.length[0] - 40).any())
+
+
+def test_lsh_crop_into_its_first_add_equals_a_fresh_index():
+    """The centering mean is the first add's: a crop into it kept the dropped keys' mean (off by 8 here)."""
+    gen = torch.Generator().manual_seed(6)
+    keys, vals = torch.randn(1, 2, 1000, 16, generator=gen), torch.randn(1, 2, 1000, 16, generator=gen)
+    keys[:, :, 500:] += 3.0
+    cfg = HeteroConfig(window=4, sinks=0, budget=8, retriever="lsh", retriever_options={"K": 4, "L": 20})
+    cropped, fresh = LayerCache(cfg), LayerCache(cfg)
+    cropped.append(keys, vals)
+    cropped.crop([300])
+    fresh.append(keys[:, :, :300], vals[:, :, :300])
+    for _ in range(5):
+        q = torch.randn(1, 4, 16, generator=gen)
+        a, b = cropped.retriever.search(q, [8]), fresh.retriever.search(q, [8])
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.log_weight, b.log_weight)
+
+
+def test_ivf_pq_rerank_keeps_missing_candidates_missing():
+    """Fewer PQ candidates than k: the re-rank's padding stays -1 (clamped to 0 it selected row 0 unfound)."""
+    layer, keys, vals = _ivf_layer("ivf-pq", min_train=64)
+    layer.append(keys, vals)
+    found = np.array([[5, 9, -1, -1], [7, -1, -1, -1]])
+    qg = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
+    ids, rescored = layer.retriever._refine(0, 0, qg, found, 3)
+    assert rescored == 3
+    assert sorted(ids[0].tolist()) == [-1, 5, 9] and sorted(ids[1].tolist()) == [-1, -1, 7]
+
+
+def test_ivf_pq_needs_16_training_keys():
+    with pytest.raises(ConfigError, match="min_train"):
+        LayerCache(HeteroConfig(retriever="ivf-pq", retriever_options={"min_train": 8}))
 
 
 def test_ivf_before_training_scans_exactly():

@@ -12,6 +12,7 @@ import torch
 from hetero import native
 from hetero.errors import InvalidValueError, UnsupportedError
 from hetero.native_pool import RunnerBacked
+from hetero.reference import partial_from_scores
 from hetero.types import PartialAttention, Selection
 from hetero.validation import check_finite
 
@@ -225,6 +226,24 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
         """The softmax scale the estimate and the missed-mass report use (LayerCache sets the layer's)."""
         return self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(self.host.head_dim)
 
+    def _unselected_exact(self, seq: int, keys: torch.Tensor, scores: torch.Tensor, found, per_head: List[int],
+                          per_query: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The estimate of a sequence whose index is not trained yet, computed exactly (its scan scored every
+        key): out ``[Hq, D]`` and lse ``[Hq]`` of each query's attention over the host rows its selection left out
+        (its KV head's union, or with ``per_query`` its own set); ``scores [Hkv, Ge, N]``: the queries estimated
+        for against ``keys [Hkv, N, D]``. A head without budget has no host part at all."""
+        hkv, ge, n = scores.shape
+        valid = torch.ones(hkv, ge, n, dtype=torch.bool)
+        for h, ((ids, member), k) in enumerate(zip(found, per_head)):
+            if k == 0:
+                valid[h] = False
+            elif per_query and member is not None:
+                valid[h][:, ids.long()] = ~member
+            else:
+                valid[h][:, ids.long()] = False
+        part = partial_from_scores(scores[None] * self.scale, self.host.values(seq).float()[None], valid[None])
+        return part.out[0], part.lse[0]
+
     def _search(self, q: torch.Tensor, ks) -> Selection:
         hkv = self.host.kv_heads
         g = q.shape[1] // hkv
@@ -250,6 +269,10 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
                 found = [topk_group(scores[h], k, "per-head" if self.group_rule == "per-head" else "union")
                          for h, k in enumerate(per_head)]
                 scanned += sum(n * g for k in per_head if k)
+                if est is not None:
+                    est.out[seq], est.lse[seq] = self._unselected_exact(
+                        seq, keys, scores if qe is None else torch.bmm(qe, keys.transpose(1, 2)), found, per_head,
+                        per_query)
             else:
                 est_seq = (est.out[seq], est.lse[seq]) if est is not None else None
                 if self._runner is not None:
