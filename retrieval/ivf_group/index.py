@@ -320,18 +320,19 @@ class SeqIndex:
         cut = starts[-1] if starts else n  # where the tail began in the state after n tokens
         self.tail_starts = starts or [n]
         touched = []
-        for h in range(hkv):  # lists forget every key from `cut` on
-            for lst in range(self.nlist):
-                s, c = int(self.start[h, lst]), int(self.count[h, lst])
-                if c == 0 or self.ids[h, s + c - 1] < cut:
-                    continue
-                kept = int(np.searchsorted(self.ids[h, s:s + c], cut))
-                removed = self.ids[h, s + kept:s + c].astype(np.int64)
-                lo, hi = int(removed.min()), int(removed.max()) + 1
-                self.ksum[h, lst] -= keys_of(lo, hi)[h].numpy()[removed - lo].sum(axis=0)
-                self.vsum[h, lst] -= values_of(lo, hi)[h].numpy()[removed - lo].sum(axis=0)
-                self.count[h, lst] = kept
-                touched.append(h * lists + lst)
+        # lists forget every key from `cut` on: the lists whose newest id (their last) is >= cut, found at once
+        count, start = self.count[:, :self.nlist], self.start[:, :self.nlist]
+        last = np.take_along_axis(self.ids, np.maximum(start + count - 1, 0).astype(np.int64), axis=1)
+        for h, lst in zip(*np.nonzero((count > 0) & (last >= cut))):
+            h, lst = int(h), int(lst)
+            s, c = int(self.start[h, lst]), int(self.count[h, lst])
+            kept = int(np.searchsorted(self.ids[h, s:s + c], cut))
+            removed = self.ids[h, s + kept:s + c].astype(np.int64)
+            lo, hi = int(removed.min()), int(removed.max()) + 1
+            self.ksum[h, lst] -= keys_of(lo, hi)[h].numpy()[removed - lo].sum(axis=0)
+            self.vsum[h, lst] -= values_of(lo, hi)[h].numpy()[removed - lo].sum(axis=0)
+            self.count[h, lst] = kept
+            touched.append(h * lists + lst)
         if touched:
             self._refresh(np.asarray(touched))
         self.count[:, tail] = 0  # the tail, rebuilt from [cut, n) in host order
