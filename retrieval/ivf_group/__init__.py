@@ -28,8 +28,8 @@ each query head keeps its exact top-k over every row scanned for the group. Per 
   Lists a crop emptied are skipped (they keep their centroids), so a query whose best lists held only cropped
   keys still scans its nprobe best lists that hold any.
 * Training, retraining and probing follow ``retrieval/ivf_rules.py`` (shared with the faiss IVF retrievers):
-  built on the first add that brings ``min_train`` keys (exact scan before that), rebuilt from the host tier when
-  it holds ``retrain_factor`` times the keys it was built on.
+  built on the first add that brings ``min_train`` keys (exact scan before that, whose estimate of the rows it
+  leaves out is exact), rebuilt from the host tier when it holds ``retrain_factor`` times the keys it was built on.
 * Group rules: ``union`` (of the per-head top-k sets), ``per-head`` (the same rows, each head attends only
   its own top-k), ``sum`` (one search with the group's summed query).
 * List statistics: each list keeps the sum of its members' keys and values; ``centroids_t`` holds each list's unit
