@@ -31,6 +31,7 @@ from .cache import LayerCache
 from .config import HeteroConfig
 from .errors import (ClosedError, ConfigError, DTypeError, HeteroError, IndexSyncError, InvalidValueError,
                      ShapeError)
+from .memory import in_storage_mode
 from .merge import fuse
 from .native_pool import SearchPool
 from .plan import NATIVE_PHASES, LayerWorkspace, StepGeometry, StepPlan, workspace_kmax
@@ -159,6 +160,7 @@ class HeteroAttention:
         return self._balancers[layer.layer_idx]
 
     # ---- plan ---------------------------------------------------------------------------------------
+    @in_storage_mode
     def plan(self, cache, q_heads: Optional[int] = None, q_dtype: Optional[torch.dtype] = None) -> StepPlan:
         """The plan of the decode steps over ``cache``'s layers (a ``LayerCache``, a ``TieredKVCache``, a
         ``hetero.hf.HeteroCache`` or a list of LayerCaches) for queries ``[B, q_heads, D]`` of ``q_dtype`` (default
@@ -172,7 +174,7 @@ class HeteroAttention:
             return p
         if self._closed:
             raise ClosedError("this HeteroAttention was closed; create a new one")
-        with self._lock, torch.inference_mode(False):  # workspaces a later call outside inference mode may write
+        with self._lock:
             return self._plan_locked(_layers_of(cache), q_heads, q_dtype)
 
     def _plan_locked(self, layers: List[LayerCache], q_heads, q_dtype) -> StepPlan:
@@ -256,6 +258,7 @@ class HeteroAttention:
         return ws
 
     # ---- run ----------------------------------------------------------------------------------------
+    @in_storage_mode
     def run(self, q: torch.Tensor, layer: LayerCache, plan: Optional[StepPlan] = None,
             out: Optional[torch.Tensor] = None, return_details: bool = False):
         """Attention of decode queries over every token of ``layer`` (fast and host tiers).
@@ -297,6 +300,7 @@ class HeteroAttention:
                 return self._run_fused_cuda(q, layer, plan, out, return_details)
             return self._run_generic(q, layer, plan, out, return_details)
 
+    @in_storage_mode
     def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: LayerCache, plan: StepPlan,
                out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One decode step of ``layer``: append this step's key and value, then attend the query over every token;
@@ -679,7 +683,7 @@ class HeteroAttention:
             return {"rows_read": int(ws.union_count.sum()), "index_bytes": layer.retriever.bytes_read(ws.scanned)}
         sel = ws.selection
         rows = int((sel[0] >= 0).sum()) if sel is not None else 0
-        return {"rows_read": rows, "index_bytes": layer.retriever.bytes_read(np.array([layer.retriever.keys_read()]))}
+        return {"rows_read": rows, "index_bytes": layer.retriever.last_bytes_read()}
 
     def phase_spans(self, plan: StepPlan, layer: LayerCache) -> List[Span]:
         """Spans of ``layer``'s last fused step: its native phases on the calling thread and, with ``native_trace``,

@@ -20,6 +20,7 @@ from .config import HeteroConfig
 from .errors import ConfigError, DTypeError, InvalidValueError, ShapeError
 from .evictions import EvictionStage
 from .indexing import IndexQueue
+from .memory import in_storage_mode
 from .reference import default_scale
 from .registry import RETRIEVERS
 from .tiers import FastTier, HostTier
@@ -33,12 +34,6 @@ _KV_LAYOUT = "[B, Hkv, T, D] (or [B, Hkv, D] for one decode token)"
 def _used(x: torch.Tensor, lengths: List[int]) -> torch.Tensor:
     """The appended part of a ragged chunk, flattened (padding beyond ``lengths`` may hold anything)."""
     return torch.cat([x[b, :, :n].reshape(-1) for b, n in enumerate(lengths)])
-
-
-def _outside_inference_mode():
-    """The cache's storage is made of normal tensors even when a call comes from ``torch.inference_mode()``: a tensor
-    made there cannot be written outside it, so a cache filled in one turn under it refused the next turn's writes."""
-    return torch.inference_mode(False)
 
 
 class LayerCache:
@@ -190,6 +185,7 @@ class LayerCache:
                 check_fits(used, storage, f"{name} (stored as {str(storage).replace('torch.', '')})", limit, why)
         return keys, values, lengths
 
+    @in_storage_mode
     def append(self, keys: torch.Tensor, values: torch.Tensor, lengths=None) -> None:
         """Append new tokens (a prefill chunk or one decode token) to every sequence.
 
@@ -199,7 +195,7 @@ class LayerCache:
         """
         if lengths is None and self._native_ok and self._append_decode_fast(keys, values):
             return
-        with self.lock, _outside_inference_mode():
+        with self.lock:
             staged = self.staged_evictions or (isinstance(keys, torch.Tensor) and keys.device.type == "cuda")
             keys, values, lengths = self.check_append(keys, values, lengths, check_values=not staged)
             self.index.check_open()
@@ -371,8 +367,7 @@ class LayerCache:
     def reserve_flagged(self) -> None:
         """A block for each sequence a refused native append flagged as full (``APPEND_NEED_BLOCKS``: nothing was
         written), so that the same call succeeds when made again. Caller holds the lock."""
-        with _outside_inference_mode():
-            self.host.reserve_all({seq: 1 for seq in np.flatnonzero(self._flags).tolist()})
+        self.host.reserve_all({seq: 1 for seq in np.flatnonzero(self._flags).tolist()})
 
     def queue_native_leftovers(self) -> None:
         """The index adds a successful native append left to Python (its flags: the host position, or -1). Caller
@@ -382,11 +377,12 @@ class LayerCache:
             self.index.add(seq, int(flags[seq]), 1)
 
     # ---- rolling back ------------------------------------------------------------------------------
+    @in_storage_mode
     def crop(self, lengths: Sequence[int]) -> None:
         """Keep the first ``lengths[b]`` tokens of each sequence (at most what it holds): the window gets back the
         tokens that had left it since, and the host tier and the index forget the rest, as if the dropped tokens
         had never been appended."""
-        with self.lock, _outside_inference_mode():
+        with self.lock:
             if not self.initialized:
                 return
             lengths = check_lengths(lengths, self.batch, np.iinfo(np.int64).max, "lengths").tolist()
@@ -424,6 +420,7 @@ class LayerCache:
             raise interrupt
 
     # ---- index -------------------------------------------------------------------------------------
+    @in_storage_mode
     def wait_indexed(self) -> None:
         """Block until every token in the host tier has reached the retriever (see ``hetero/indexing.py``)."""
         if self.initialized:

@@ -170,8 +170,9 @@ class HeteroCacheLayer(CacheLayerMixin):
             raise UnsupportedError(
                 f"layer {self.layer.layer_idx}: this HeteroCache's last update never reached hetero's attention (a "
                 f"model whose attention implementation is not {ATTN_NAME!r}, where a step would attend only to its new "
-                "tokens; or a forward stopped between the two). Nothing of that call was stored and the cache is as it "
-                "was before it; load the model with attn_implementation='hetero' or call hetero.wrap(model)")
+                "tokens; or a forward stopped between the two). That update is dropped, so the next call is served; "
+                "use the cache with a model whose attention is hetero's (attn_implementation='hetero' or "
+                "hetero.wrap(model))")
         if self.layer.initialized and key_states.shape[0] != self.layer.batch:
             raise ShapeError(f"layer {self.layer.layer_idx}: {key_states.shape[0]} sequences into a HeteroCache that "
                              f"holds {self.layer.batch}; a cache serves one batch (reset() it, or use a new one)")
@@ -202,6 +203,8 @@ class HeteroCacheLayer(CacheLayerMixin):
         n > 0: keep the first n positions (the older convention). The window gets back the tokens that had left it,
         the host tier and the index forget the rest."""
         keep = self.processed + max_length if max_length <= 0 else min(max_length, self.processed)
+        self.pending = self.token = None  # an update of a forward that never reached the attention is moot now
+        self.attended = True
         if keep < 0:
             raise InvalidValueError(f"crop({max_length}) forgets the last {-max_length} positions, and this cache "
                                     f"holds {self.processed}; crop(-n) takes n <= {self.processed}, and reset() "
@@ -228,6 +231,8 @@ class HeteroCacheLayer(CacheLayerMixin):
 
     def rewind(self, positions: int) -> None:
         """Back to ``positions`` positions (a failed forward's tokens forgotten), whatever ``processed`` says."""
+        self.pending = self.token = None
+        self.attended = True
         if positions == 0:
             self.reset()
             return

@@ -9,6 +9,7 @@ are advised for transparent huge pages (``madvise(MADV_HUGEPAGE)``, effective wh
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 
@@ -45,3 +46,18 @@ def empty_host(shape, dtype: torch.dtype, pin_memory: bool = False) -> torch.Ten
     if not pin_memory and t.numel() * t.element_size() >= 4 * _HUGE:
         _madvise_hugepages(t)
     return t
+
+
+def in_storage_mode(method):
+    """Run ``method`` outside ``torch.inference_mode()``: a tensor made under it cannot be written outside it, so a
+    cache (its tiers, index or step workspaces) filled in one turn under it refused the next turn's writes. One
+    check when the caller is not in it."""
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return method(*args, **kwargs)
+        return method(*args, **kwargs)
+
+    return call
+

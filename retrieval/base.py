@@ -215,6 +215,10 @@ class Retriever(ABC):
         apart, as faiss's do). ``bytes_read([keys_read()])`` is what the step's floor counts for the index."""
         return self.last_scanned // max(1, self.last_group)
 
+    def last_bytes_read(self) -> int:
+        """Index bytes the last search streamed (``bytes_read`` of ``keys_read``): what a step's floor counts."""
+        return self.bytes_read(np.array([self.keys_read()]))
+
     @abstractmethod
     def _search(self, q: torch.Tensor, ks: List[List[int]]) -> Selection:
         """ks[b][h]: keys per query head of KV head h's group in sequence b (already clamped)."""

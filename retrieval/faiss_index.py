@@ -156,6 +156,8 @@ class _FaissRetriever(Retriever):
                     member = torch.from_numpy(np.stack([np.isin(union, row[row >= 0]) for row in found]))
                 ids[-1].append(torch.from_numpy(union.astype(np.int32))), members[-1].append(member)
         self.last_scanned = scanned
+        if self.group_rule == "sum":  # faiss scored one summed query per KV head
+            self.last_group = 1
         return selection_from_groups(ids, members, hkv, g)
 
     def _candidates(self, k: int, n: int) -> int:
@@ -220,6 +222,8 @@ class IVFRetriever(IVFLifecycle, _FaissRetriever):
             if sizes is not None:  # the lists faiss's add put the keys in (it assigns them the same way)
                 ivf = _faiss().extract_index_ivf(self._index[seq][h])
                 np.add.at(sizes, ivf.quantizer.assign(_as_float32(keys[h]), 1).ravel(), 1)
+                if sizes.all():  # refilled: faiss's own probe is right again
+                    self._list_sizes[seq][h] = None
 
     def truncate(self, seq: int, n: int) -> None:
         super().truncate(seq, n)

@@ -372,6 +372,34 @@ def test_layers_left_out_of_step_outside_hetero_are_refused_with_the_fix():
     model(_prompt(1, seed=2), past_key_values=cache, use_cache=True)
 
 
+def test_a_forward_stopped_between_update_and_attention_is_repaired_by_the_crop_it_names(monkeypatch):
+    """Layer 1's attention never ran after its update (an error in between): the crop the refusal names must be
+    enough; the stale update made the next call fail once more."""
+    ref, model = _pair()
+    stop = {"at": None}
+
+    def attention(module, *args, **kwargs):
+        if stop["at"] == module.layer_idx:
+            stop["at"] = None
+            raise RuntimeError("stopped between the cache update and the attention")
+        return hetero.hf.hetero_attention(module, *args, **kwargs)
+
+    monkeypatch.setitem(transformers.AttentionInterface._global_mapping, "hetero", attention)
+    x = _prompt()
+    cache = HeteroCache(EXACT, config=model.config)
+    model(x, past_key_values=cache, use_cache=True)
+    nxt = _prompt(3, seed=2)
+    stop["at"] = 1
+    with pytest.raises(RuntimeError, match="stopped"):
+        model(nxt, past_key_values=cache, use_cache=True)
+    with pytest.raises(hetero.UnsupportedError, match=r"crop\(30\)"):
+        model(nxt, past_key_values=cache, use_cache=True)
+    cache.crop(30)
+    x = torch.cat([x, nxt], dim=1)
+    got = model.generate(x, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, ref.generate(x, max_new_tokens=4, do_sample=False))
+
+
 def test_refused_output_attentions_leaves_the_cache_usable():
     ref, model = _pair()
     x = _prompt()

@@ -498,3 +498,30 @@ def test_a_forked_child_serves_its_workers_and_the_parent_goes_on():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "child 0" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_storage_made_under_inference_mode_is_written_outside_it(overlap):
+    """Decode steps under ``torch.inference_mode()`` train the index and grow the step's workspaces; tensors made
+    there could not be written outside it: the next chunk's index add and the next steps failed."""
+    from helpers import oracle, rel_err
+
+    gen = torch.Generator().manual_seed(2)
+    cfg = HeteroConfig(window=16, sinks=2, budget=1.0, retriever="ivf-group", overlap=overlap,
+                       retriever_options={"min_train": 64, "retrain_factor": 1.5})
+    layer = LayerCache(cfg)
+    layer.append(torch.randn(1, 2, 40, 16, generator=gen), torch.randn(1, 2, 40, 16, generator=gen))  # untrained
+    attn = HeteroAttention(cfg)
+    with torch.inference_mode():
+        plan = attn.plan(layer, 4)
+        for _ in range(150):  # trains at 64 host keys, retrains at 96, grows the workspaces
+            attn.decode(torch.randn(1, 4, 16, generator=gen), torch.randn(1, 2, 16, generator=gen),
+                        torch.randn(1, 2, 16, generator=gen), layer, plan)
+        layer.wait_indexed()
+    assert layer.retriever._seqs[0] is not None
+    layer.append(torch.randn(1, 2, 5, 16, generator=gen), torch.randn(1, 2, 5, 16, generator=gen))
+    layer.wait_indexed()
+    for _ in range(3):
+        q = torch.randn(1, 4, 16, generator=gen)
+        out = attn.decode(q, torch.randn(1, 2, 16, generator=gen), torch.randn(1, 2, 16, generator=gen), layer, plan)
+        assert rel_err(out, oracle(q, layer)) < 1e-5

@@ -166,9 +166,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if ns.command is None:  # bare `hetero`: what there is to run, not an error
         parser.print_help()
         return 0
-    # a warning is one line on stderr here, not the library source line Python shows beside it
-    warnings.showwarning = lambda message, category, *rest, **kw: print(
-        f"hetero {ns.command}: warning: {str(message).removeprefix('hetero: ')}", file=sys.stderr)
+    with warnings.catch_warnings():  # (restores the handler after the command)
+        # a warning is one line on stderr here, not the library source line Python shows beside it
+        warnings.showwarning = lambda message, category, *rest, **kw: print(
+            f"hetero {ns.command}: warning: {str(message).removeprefix('hetero: ')}", file=sys.stderr)
+        return _run_command(parser, ns)
+
+
+def _run_command(parser, ns: argparse.Namespace) -> int:
     try:
         if ns.command == "profile":
             return _profile(ns)

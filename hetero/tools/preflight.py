@@ -131,7 +131,7 @@ def check_profile(ns: argparse.Namespace, config: HeteroConfig, device: torch.de
             raise HeteroError(f"--plot {ns.plot}: matplotlib writes {', '.join('.' + f for f in sorted(formats))}; "
                               f"{'.' + ext if ext else 'no extension'} is none of them")
     if ns.workload == "real":
-        given = [f for f, unset in (("batch", None), ("seed", None)) if getattr(ns, f) != unset]
+        given = [f for f in ("batch", "seed") if getattr(ns, f) is not None]
         if given:
             raise HeteroError(f"--workload real replays one captured SmolLM2 sequence: {', '.join(map(_flag, given))} "
                               "applies to the synthetic workload only")

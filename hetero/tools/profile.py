@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 
 from hetero.attention import HeteroAttention
@@ -215,9 +214,8 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
             spans.extend(attn.phase_spans(plan, layer))
         else:
             out, step_phases, native_ms = res.out, dict(res.timings_ms), 0.0
-            r = layer.retriever
             stats = {"rows_read": res.rows_read,
-                     "index_bytes": r.bytes_read(np.array([r.keys_read()])) if res.selection is not None else 0}
+                     "index_bytes": layer.retriever.last_bytes_read() if res.selection is not None else 0}
             spans.extend(res.spans)
         hetero_ms.append((t_end - t) * 1e3)
         spans.extend(layer.add_spans)  # this step's Python index add, if any

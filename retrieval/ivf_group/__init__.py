@@ -26,7 +26,8 @@ each query head keeps its exact top-k over every row scanned for the group. Per 
 * Probing: each query head ranks the non-empty lists by ``q . centroid`` and takes ``nprobe = ceil(nlist *
   min(1, probe_factor * sqrt(k / N)))``, the same rule as the faiss IVF retrievers; the group scans the union.
   Lists a crop emptied are skipped (they keep their centroids), so a query whose best lists held only cropped
-  keys still scans its nprobe best lists that hold any.
+  keys still scans its nprobe best lists that hold any (``nlist`` in the rule still counts the empty ones: after a
+  deep crop a query scans a larger share of the lists that hold keys).
 * Training, retraining and probing follow ``retrieval/ivf_rules.py`` (shared with the faiss IVF retrievers):
   built on the first add that brings ``min_train`` keys (exact scan before that, whose estimate of the rows it
   leaves out is exact), rebuilt from the host tier when it holds ``retrain_factor`` times the keys it was built on.

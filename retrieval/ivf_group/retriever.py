@@ -89,6 +89,7 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
 
     def reset(self) -> None:
         super().reset()
+        self.last_scanned = 0  # not the last C++ step's counts any more
         for seq in range(self.host.batch):
             self._reset_seq(seq)
 
