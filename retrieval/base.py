@@ -212,7 +212,7 @@ class Retriever(ABC):
     def keys_read(self) -> int:
         """Keys (index rows, or host keys for an exhaustive scan) the last search read, each once per KV head
         however many of its group's queries scored it: ``last_scanned / G`` (a lower bound where the queries scanned
-        apart, as faiss's do). ``bytes_read([keys_read()])`` is what the step's floor counts for the index."""
+        apart, as faiss's do)."""
         return self.last_scanned // max(1, self.last_group)
 
     def last_bytes_read(self) -> int:

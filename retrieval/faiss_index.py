@@ -241,7 +241,7 @@ class IVFRetriever(IVFLifecycle, _FaissRetriever):
 
     def _query_index(self, seq: int, h: int, index, qg: np.ndarray, k: int) -> np.ndarray:
         sizes = self._list_sizes[seq][h]
-        if sizes is None or sizes.all():
+        if sizes is None:  # no list is empty
             return super()._query_index(seq, h, index, qg, k)
         ivf = _faiss().extract_index_ivf(index)
         empty = int((sizes == 0).sum())
