@@ -227,12 +227,12 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
         """The softmax scale the estimate and the missed-mass report use (LayerCache sets the layer's)."""
         return self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(self.host.head_dim)
 
-    def _unselected_exact(self, seq: int, keys: torch.Tensor, scores: torch.Tensor, found, per_head: List[int],
+    def _unselected_exact(self, seq: int, scores: torch.Tensor, found, per_head: List[int],
                           per_query: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         """The estimate of a sequence whose index is not trained yet, computed exactly (its scan scored every
         key): out ``[Hq, D]`` and lse ``[Hq]`` of each query's attention over the host rows its selection left out
         (its KV head's union, or with ``per_query`` its own set); ``scores [Hkv, Ge, N]``: the queries estimated
-        for against ``keys [Hkv, N, D]``. A head without budget has no host part at all."""
+        for against the sequence's host keys. A head without budget has no host part at all."""
         hkv, ge, n = scores.shape
         valid = torch.ones(hkv, ge, n, dtype=torch.bool)
         for h, ((ids, member), k) in enumerate(zip(found, per_head)):
@@ -272,8 +272,7 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
                 scanned += sum(n * g for k in per_head if k)
                 if est is not None:
                     est.out[seq], est.lse[seq] = self._unselected_exact(
-                        seq, keys, scores if qe is None else torch.bmm(qe, keys.transpose(1, 2)), found, per_head,
-                        per_query)
+                        seq, scores if qe is None else torch.bmm(qe, keys.transpose(1, 2)), found, per_head, per_query)
             else:
                 est_seq = (est.out[seq], est.lse[seq]) if est is not None else None
                 if self._runner is not None:
