@@ -119,8 +119,7 @@ class _Shared:
         for ref in self.cache_layers:
             lay = ref()
             if lay is not None:
-                lay.pending = lay.token = None
-                lay.attended = True
+                lay.drop_update()
 
     def roll_back(self, failed_layer: int) -> None:
         """A forward failed at ``failed_layer``: it and the layers before it forget what this forward stored (the
@@ -203,8 +202,7 @@ class HeteroCacheLayer(CacheLayerMixin):
         n > 0: keep the first n positions (the older convention). The window gets back the tokens that had left it,
         the host tier and the index forget the rest."""
         keep = self.processed + max_length if max_length <= 0 else min(max_length, self.processed)
-        self.pending = self.token = None  # an update of a forward that never reached the attention is moot now
-        self.attended = True
+        self.drop_update()  # an update of a forward that never reached the attention is moot now
         if keep < 0:
             raise InvalidValueError(f"crop({max_length}) forgets the last {-max_length} positions, and this cache "
                                     f"holds {self.processed}; crop(-n) takes n <= {self.processed}, and reset() "
@@ -221,7 +219,13 @@ class HeteroCacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.layer.reset()
-        self.processed, self.pad, self.pending, self.token, self.attended = 0, [], None, None, True
+        self.processed, self.pad = 0, []
+        self.drop_update()
+
+    def drop_update(self) -> None:
+        """Forget the last update's K/V if no attention call has taken them (nothing of them is stored)."""
+        self.pending = self.token = None
+        self.attended = True
 
     def stores(self, positions: int) -> bool:
         """Whether the tiers hold exactly ``positions`` positions of each sequence (less its left padding)."""
@@ -231,8 +235,7 @@ class HeteroCacheLayer(CacheLayerMixin):
 
     def rewind(self, positions: int) -> None:
         """Back to ``positions`` positions (a failed forward's tokens forgotten), whatever ``processed`` says."""
-        self.pending = self.token = None
-        self.attended = True
+        self.drop_update()
         if positions == 0:
             self.reset()
             return
@@ -417,8 +420,7 @@ def hetero_attention(module, query, key, value, attention_mask, scaling=None, dr
     state = getattr(key, "_hetero_layer", None)
     if kwargs.get("output_attentions"):
         if state is not None:  # the layer's update is dropped (nothing was stored): the cache stays usable
-            state.pending = state.token = None
-            state.attended = True
+            state.drop_update()
         raise UnsupportedError("output_attentions is not available with hetero's attention: the host tier's tokens "
                                "are read sparsely, so there is no full attention matrix; load the model with "
                                "attn_implementation='eager' to inspect attention weights")
@@ -436,13 +438,13 @@ def hetero_attention(module, query, key, value, attention_mask, scaling=None, dr
         model_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
         model_layers = model_layers if isinstance(model_layers, int) else None
         if model_layers is not None and model_layers > len(shared.layers):
-            state.pending = state.token = None
+            state.drop_update()
             raise ConfigError(f"this HeteroCache has {len(shared.layers)} layers and the model {model_layers}: build "
                               "it for the model, HeteroCache(hetero_config, config=model.config)")
         try:
             shared.layers_in_step(model_layers)
         except UnsupportedError:
-            state.pending = state.token = None
+            state.drop_update()
             raise
         shared.forward_start = state.processed
     try:
