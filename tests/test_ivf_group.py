@@ -281,6 +281,25 @@ def test_cpp_query_quantization_equals_the_reference():
     assert qi[2, :4].tolist() == [127, 0, 2, -2]
 
 
+@needs_ext
+def test_cpp_query_scale_is_finite_and_positive_for_any_query():
+    """The search ranks its scores with order keys that assume no NaN, and no pass looks for one: a score is an
+    integer sum times qscale, so qscale must be finite and positive for every query the kernel may be handed,
+    NaN, inf and values whose products with the code steps overflow float32 included."""
+    ext = load()
+    d, dp = 8, 16
+    step = torch.full((d,), 2.0)
+    rows = [torch.zeros(d), torch.full((d,), float("nan")), torch.full((d,), float("inf")),
+            torch.full((d,), -float("inf")), torch.full((d,), 3e38), torch.tensor([float("nan"), 1.0] * 4),
+            torch.tensor([float("inf"), float("nan")] + [1e-30] * 6)]
+    q = torch.stack(rows).contiguous()
+    qi = torch.empty((len(rows), dp), dtype=torch.int8)
+    qscale = torch.full((len(rows),), float("nan"))
+    ext.ivf_quantize_queries(q.data_ptr(), step.data_ptr(), len(rows), d, dp, qi.data_ptr(), qscale.data_ptr())
+    assert bool(torch.isfinite(qscale).all()) and bool((qscale > 0).all()), qscale
+    assert int(qi.abs().max()) <= 127 and bool((qi[:, d:] == 0).all())
+
+
 @pytest.mark.parametrize("bits,row_bytes", [(8, 32), (4, 16)])
 def test_memory_and_bytes_per_token(bits, row_bytes):
     layer, keys, vals, q = _layer(3000, d=24, code_bits=bits)

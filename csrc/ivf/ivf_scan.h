@@ -169,7 +169,8 @@ void ivf_encode_key(const float* key, int64_t D, const float* vmin, const float*
 
 // The G queries of one item in code space (QueryCodes.quantize in retrieval/ivf_group.py, the same float32
 // operations, so the same bits): x = q * step, qscale = max |x| / 127 (1 for a zero query), qi = rint(x / qscale)
-// clamped to [-127, 127], zero from D to Dp.
+// clamped to [-127, 127], zero from D to Dp. For every query, NaN and inf included, qscale is finite and > 0 (a
+// NaN element is left out of max |x|; an infinite one gives qscale FLT_MAX), so no score the search ranks is NaN.
 void quantize_queries(const float* q, const float* step, int64_t G, int64_t D, int64_t Dp, int8_t* qi, float* qscale);
 
 struct IvfScratch {

@@ -367,10 +367,9 @@ void ivf_search_item(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, I
     pos += count[l];
   }
 
-  // The selection assumes no NaN (its order keys and histogram): a score that is NaN anyway (no finite inputs
-  // make one) ranks last instead of indexing out of the histogram.
-  for (int64_t i = 0; i < G * n; ++i)
-    if (s.scores[i] != s.scores[i]) s.scores[i] = -std::numeric_limits<float>::infinity();
+  // The selection assumes no NaN (its order keys and histogram). No score is one: each is an exact integer sum
+  // times qscale, which quantize_queries keeps finite and positive for every query (a pass that replaced NaN
+  // scores cost 0.2-0.28 of a 1.3 ms 128K search: the scores had left L2 by then).
   const int64_t words = (a.n_tokens[item] + 63) / 64;
   if (static_cast<int64_t>(s.bitmap.size()) < words) s.bitmap.assign(words, 0);
   if (static_cast<int64_t>(s.best.size()) < k) s.best.resize(k);
