@@ -157,3 +157,36 @@ def test_decode_reserves_full_host_blocks_within_the_native_step(monkeypatch):
     assert not fallbacks
     for attn in (attn_a, attn_b):
         attn.close()
+
+
+@needs_native
+@pytest.mark.parametrize("retriever", ["ivf-group", "exact"])
+def test_fused_step_is_the_same_on_every_pool_size(retriever):
+    """A step's searches, window chunks and host-row chunks run as one pool run, each host item waiting for its own
+    search: on 1, 2 and 3 threads (more threads than some phases have items), over a ragged batch whose items have
+    different search costs, every step's output is the same bit for bit."""
+    batch, tokens = 3, 3000
+    gen = torch.Generator().manual_seed(7)
+    k = torch.randn(batch, 2, tokens, 32, generator=gen)
+    v = torch.randn(batch, 2, tokens, 32, generator=gen)
+    lengths = [tokens - 900 * b for b in range(batch)]
+    steps = [(torch.randn(batch, 8, 32, generator=gen), torch.randn(batch, 2, 32, generator=gen),
+              torch.randn(batch, 2, 32, generator=gen)) for _ in range(40)]
+    outs = []
+    for threads in (1, 2, 3):
+        cfg = HeteroConfig(window=16, sinks=4, budget=0.3, retriever=retriever, threads=threads,
+                           retriever_options={"min_train": 64} if retriever == "ivf-group" else {})
+        layer = LayerCache(cfg)
+        layer.append(k, v, lengths)
+        layer.wait_indexed()
+        attn = HeteroAttention(cfg)
+        got = []
+        for q, kn, vn in steps:
+            plan = attn.plan(layer, 8, torch.float32)
+            assert plan.fused
+            got.append(attn.decode(q, kn, vn, layer, plan))
+        attn.close()
+        outs.append(got)
+    for threads, got in zip((2, 3), outs[1:]):
+        for step, (x, y) in enumerate(zip(outs[0], got)):
+            assert torch.equal(x, y), (threads, step)

@@ -74,41 +74,58 @@ void Runner::sparse_attention(const SparseArgs& a, float* out, float* lse) {
   sparse_locked(a, out, lse);
 }
 
-void Runner::sparse_locked(const SparseArgs& a, float* out_p, float* lse_p) {
-  const ItemFn fn = active_item_fn();
+SparseSplit Runner::split_sparse(const SparseArgs& a, std::vector<float>& parts) {
+  SparseSplit s;
+  const int64_t K = a.K, G = a.Hq / a.Hkv;
+  s.heads = a.B * a.Hkv;
+  s.chunks = std::min(kMaxChunks, std::max<int64_t>(1, (K + kChunkRows - 1) / kChunkRows));
+  s.chunk_len = K > 0 ? std::max(kChunkRows, (K + s.chunks - 1) / s.chunks) : 0;
+  s.items = s.heads * s.chunks;
   const int threads = pool_->threads();
-  const int64_t heads = a.B * a.Hkv, K = a.K, G = a.Hq / a.Hkv, D = a.D;
-  const int64_t chunks = std::min(kMaxChunks, std::max<int64_t>(1, (K + kChunkRows - 1) / kChunkRows));
-  const int64_t chunk_len = K > 0 ? std::max(kChunkRows, (K + chunks - 1) / chunks) : 0;
-  const int64_t items = heads * chunks;
   if (static_cast<int>(scratch_.size()) < threads) scratch_.resize(threads);
-  const int64_t need = item_scratch_floats(a, std::max<int64_t>(chunk_len, 1));
+  const int64_t need = item_scratch_floats(a, std::max<int64_t>(s.chunk_len, 1));
   for (auto& buf : scratch_)
     if (static_cast<int64_t>(buf.size()) < need) buf.resize(need);
-  if (chunks > 1) {
-    part_out_.resize(items * G * D);
-    part_lse_.resize(items * G);
+  if (s.chunks > 1) {
+    if (static_cast<int64_t>(parts.size()) < s.items * G * (a.D + 1)) parts.resize(s.items * G * (a.D + 1));
+    s.part_out = parts.data();
+    s.part_lse = parts.data() + s.items * G * a.D;
   }
-  traced_run(items, [&](int64_t item, int worker) {
-    const int64_t head = item / chunks, c = item % chunks;
-    const int64_t b = head / a.Hkv, h = head % a.Hkv;
-    const int64_t used = a.counts ? std::min(K, a.counts[head]) : K;
-    const int64_t j0 = std::min(used, c * chunk_len), j1 = std::min(used, j0 + chunk_len);
-    float* o = chunks > 1 ? part_out_.data() + item * G * D : out_p + (b * a.Hq + h * G) * D;
-    float* l = chunks > 1 ? part_lse_.data() + item * G : lse_p + b * a.Hq + h * G;
-    fn(a, b, h, j0, j1, o, l, scratch_[worker].data());
-  });
-  if (chunks == 1) return;
+  return s;
+}
+
+void Runner::sparse_item(const SparseArgs& a, const SparseSplit& s, ItemFn fn, int64_t item, int worker, float* out,
+                         float* lse) {
+  const int64_t G = a.Hq / a.Hkv, D = a.D;
+  const int64_t head = item / s.chunks, c = item % s.chunks;
+  const int64_t b = head / a.Hkv, h = head % a.Hkv;
+  const int64_t used = a.counts ? std::min(a.K, a.counts[head]) : a.K;
+  const int64_t j0 = std::min(used, c * s.chunk_len), j1 = std::min(used, j0 + s.chunk_len);
+  float* o = s.chunks > 1 ? s.part_out + item * G * D : out + (b * a.Hq + h * G) * D;
+  float* l = s.chunks > 1 ? s.part_lse + item * G : lse + b * a.Hq + h * G;
+  fn(a, b, h, j0, j1, o, l, scratch_[worker].data());
+}
+
+void Runner::merge_chunks(const SparseArgs& a, const SparseSplit& s, float* out, float* lse) {
+  if (s.chunks == 1) return;
+  const int64_t G = a.Hq / a.Hkv, D = a.D;
   const float* outs[kMaxChunks];
   const float* lses[kMaxChunks];
-  for (int64_t head = 0; head < heads; ++head) {
+  for (int64_t head = 0; head < s.heads; ++head) {
     const int64_t b = head / a.Hkv, h = head % a.Hkv;
-    for (int64_t c = 0; c < chunks; ++c) {
-      outs[c] = part_out_.data() + (head * chunks + c) * G * D;
-      lses[c] = part_lse_.data() + (head * chunks + c) * G;
+    for (int64_t c = 0; c < s.chunks; ++c) {
+      outs[c] = s.part_out + (head * s.chunks + c) * G * D;
+      lses[c] = s.part_lse + (head * s.chunks + c) * G;
     }
-    merge_rows(static_cast<int>(chunks), outs, lses, G, D, out_p + (b * a.Hq + h * G) * D, lse_p + b * a.Hq + h * G);
+    merge_rows(static_cast<int>(s.chunks), outs, lses, G, D, out + (b * a.Hq + h * G) * D, lse + b * a.Hq + h * G);
   }
+}
+
+void Runner::sparse_locked(const SparseArgs& a, float* out, float* lse) {
+  const ItemFn fn = active_item_fn();
+  const SparseSplit s = split_sparse(a, parts_);
+  traced_run(s.items, [&](int64_t item, int worker) { sparse_item(a, s, fn, item, worker, out, lse); });
+  merge_chunks(a, s, out, lse);
 }
 
 void Runner::ivf_search(const IvfSearchArgs& a) {
@@ -217,8 +234,14 @@ int64_t Runner::step_locked(const int64_t* L, const int64_t* W, void* out) {
   const bool window = final_out && L[FAST_K] && L[FAST_SLOTS] > 0;
   float* win_out = field_ptr<float>(W, WIN_OUT);
   float* win_lse = field_ptr<float>(W, WIN_LSE);
+  if (final_out && !window) {  // no fast-tier part: the window details report it empty (out 0, lse -inf), not stale
+    std::fill(win_out, win_out + B * Hq * D, 0.0f);
+    std::fill(win_lse, win_lse + B * Hq, -std::numeric_limits<float>::infinity());
+  }
+  const ItemFn item_fn = active_item_fn();
+  SparseArgs wa{};
+  SparseSplit wsplit;
   if (window) {
-    mark(0, 0);
     const int32_t* lengths = field_ptr<int32_t>(L, FAST_LENGTHS);
     counts_.resize(items);
     int64_t longest = 0;
@@ -226,22 +249,21 @@ int64_t Runner::step_locked(const int64_t* L, const int64_t* W, void* out) {
       counts_[i] = lengths[i / Hkv];
       longest = std::max(longest, counts_[i]);
     }
-    SparseArgs wa{q32, field_ptr<const void>(L, FAST_K), field_ptr<const void>(L, FAST_V), L[FAST_STRIDE_H],
-                  L[FAST_STRIDE_N], L[FAST_STRIDE_B], nullptr, 0, 1, nullptr, counts_.data(), nullptr, B, Hq, Hkv, D,
-                  longest, scale, static_cast<DType>(L[KV_DTYPE]), W[FAST_PREFETCH]};
-    sparse_locked(wa, win_out, win_lse);
-    mark(0, 1);
-  } else if (final_out) {  // no fast-tier part: the window details report it empty (out 0, lse -inf), not stale
-    std::fill(win_out, win_out + B * Hq * D, 0.0f);
-    std::fill(win_lse, win_lse + B * Hq, -std::numeric_limits<float>::infinity());
+    wa = SparseArgs{q32, field_ptr<const void>(L, FAST_K), field_ptr<const void>(L, FAST_V), L[FAST_STRIDE_H],
+                    L[FAST_STRIDE_N], L[FAST_STRIDE_B], nullptr, 0, 1, nullptr, counts_.data(), nullptr, B, Hq, Hkv, D,
+                    longest, scale, static_cast<DType>(L[KV_DTYPE]), W[FAST_PREFETCH]};
+    wsplit = split_sparse(wa, win_parts_);
   }
 
   float* host_out = field_ptr<float>(W, HOST_OUT);
   float* host_lse = field_ptr<float>(W, HOST_LSE);
   const float* est_out = nullptr;
   const float* est_lse = nullptr;
+  IvfSearchArgs sa{};
+  IvfKernels ivf_fn{};
+  SparseArgs ha{};
+  SparseSplit hsplit;
   if (mode == 2) {  // ivf-group: search, then the rows of each group's union
-    mark(1, 0);
     const int64_t* k = field_ptr<const int64_t>(W, IVF_K);
     const int64_t* nlists = field_ptr<const int64_t>(L, IVF_NLISTS);
     const int64_t* host_len = field_ptr<const int64_t>(L, HOST_LENGTHS);
@@ -264,45 +286,94 @@ int64_t Runner::step_locked(const int64_t* L, const int64_t* W, void* out) {
       est_lse = field_ptr<const float>(W, IVF_EST_LSE);
     }
     const int64_t kmax = W[IVF_KMAX];
-    IvfSearchArgs a{q32, D, field_ptr<const uint64_t>(L, IVF_CENTROIDS), nprobe_.data(),
-                    field_ptr<const uint64_t>(L, IVF_STEP), items, G, L[IVF_DP], L[IVF_BITS],
-                    field_ptr<const uint64_t>(L, IVF_CODES), field_ptr<const uint64_t>(L, IVF_IDS),
-                    field_ptr<const uint64_t>(L, IVF_START), field_ptr<const uint64_t>(L, IVF_COUNT), nlists,
-                    W[IVF_PROBE_STRIDE], field_ptr<uint8_t>(W, IVF_PROBE), k, ntokens_.data(),
-                    field_ptr<int32_t>(W, IVF_TOP), kmax, field_ptr<int32_t>(W, IVF_UNION),
-                    field_ptr<int64_t>(W, IVF_UNION_COUNT), field_ptr<int64_t>(W, IVF_SCANNED), nullptr, scale,
-                    nullptr, q32, G, field_ptr<const uint64_t>(L, IVF_MEAN_NORM),
-                    field_ptr<const uint64_t>(L, IVF_TAIL_KSUM), field_ptr<const uint64_t>(L, IVF_VMEAN), 0,
-                    est ? field_ptr<float>(W, IVF_EST_OUT) : nullptr, est ? field_ptr<float>(W, IVF_EST_LSE) : nullptr};
-    const IvfKernels fn = active_ivf_kernels();
+    sa = IvfSearchArgs{q32, D, field_ptr<const uint64_t>(L, IVF_CENTROIDS), nprobe_.data(),
+                       field_ptr<const uint64_t>(L, IVF_STEP), items, G, L[IVF_DP], L[IVF_BITS],
+                       field_ptr<const uint64_t>(L, IVF_CODES), field_ptr<const uint64_t>(L, IVF_IDS),
+                       field_ptr<const uint64_t>(L, IVF_START), field_ptr<const uint64_t>(L, IVF_COUNT), nlists,
+                       W[IVF_PROBE_STRIDE], field_ptr<uint8_t>(W, IVF_PROBE), k, ntokens_.data(),
+                       field_ptr<int32_t>(W, IVF_TOP), kmax, field_ptr<int32_t>(W, IVF_UNION),
+                       field_ptr<int64_t>(W, IVF_UNION_COUNT), field_ptr<int64_t>(W, IVF_SCANNED), nullptr, scale,
+                       nullptr, q32, G, field_ptr<const uint64_t>(L, IVF_MEAN_NORM),
+                       field_ptr<const uint64_t>(L, IVF_TAIL_KSUM), field_ptr<const uint64_t>(L, IVF_VMEAN), 0,
+                       est ? field_ptr<float>(W, IVF_EST_OUT) : nullptr,
+                       est ? field_ptr<float>(W, IVF_EST_LSE) : nullptr};
+    ivf_fn = active_ivf_kernels();
     if (static_cast<int>(ivf_scratch_.size()) < pool_->threads()) ivf_scratch_.resize(pool_->threads());
-    traced_run(items, [&](int64_t item, int worker) { ivf_search_item(a, item, fn, ivf_scratch_[worker]); });
-    mark(1, 1);
-    // ivf_search_item wrote each item's union ascending and its size; the attention reads exactly those rows
-    mark(2, 0);
-    SparseArgs ha{q32, field_ptr<const void>(L, HOST_K), field_ptr<const void>(L, HOST_V), L[HOST_STRIDE_H],
-                  L[HOST_STRIDE_N], 0, field_ptr<const int32_t>(L, HOST_TABLE), L[HOST_MAX_BLOCKS],
-                  L[HOST_BLOCK_TOKENS], field_ptr<const int32_t>(W, IVF_UNION),
-                  field_ptr<const int64_t>(W, IVF_UNION_COUNT), nullptr, B, Hq, Hkv, D, G * kmax, scale,
-                  static_cast<DType>(L[KV_DTYPE]), W[HOST_PREFETCH]};
-    sparse_locked(ha, host_out, host_lse);
-    mark(2, 1);
+    // the attention reads exactly the rows of each item's union (written ascending by its search, with its size)
+    ha = SparseArgs{q32, field_ptr<const void>(L, HOST_K), field_ptr<const void>(L, HOST_V), L[HOST_STRIDE_H],
+                    L[HOST_STRIDE_N], 0, field_ptr<const int32_t>(L, HOST_TABLE), L[HOST_MAX_BLOCKS],
+                    L[HOST_BLOCK_TOKENS], field_ptr<const int32_t>(W, IVF_UNION),
+                    field_ptr<const int64_t>(W, IVF_UNION_COUNT), nullptr, B, Hq, Hkv, D, G * kmax, scale,
+                    static_cast<DType>(L[KV_DTYPE]), W[HOST_PREFETCH]};
   } else if (mode == 1) {  // a selection made in Python
-    mark(2, 0);
-    SparseArgs ha{q32, field_ptr<const void>(L, HOST_K), field_ptr<const void>(L, HOST_V), L[HOST_STRIDE_H],
-                  L[HOST_STRIDE_N], 0, field_ptr<const int32_t>(L, HOST_TABLE), L[HOST_MAX_BLOCKS],
-                  L[HOST_BLOCK_TOKENS], field_ptr<const int32_t>(W, SEL_INDICES),
-                  field_ptr<const int64_t>(W, SEL_COUNTS), field_ptr<const float>(W, SEL_LOG_WEIGHT), B, Hq, Hkv, D,
-                  W[SEL_K], scale, static_cast<DType>(L[KV_DTYPE]), W[HOST_PREFETCH]};
-    sparse_locked(ha, host_out, host_lse);
+    ha = SparseArgs{q32, field_ptr<const void>(L, HOST_K), field_ptr<const void>(L, HOST_V), L[HOST_STRIDE_H],
+                    L[HOST_STRIDE_N], 0, field_ptr<const int32_t>(L, HOST_TABLE), L[HOST_MAX_BLOCKS],
+                    L[HOST_BLOCK_TOKENS], field_ptr<const int32_t>(W, SEL_INDICES),
+                    field_ptr<const int64_t>(W, SEL_COUNTS), field_ptr<const float>(W, SEL_LOG_WEIGHT), B, Hq, Hkv,
+                    D, W[SEL_K], scale, static_cast<DType>(L[KV_DTYPE]), W[HOST_PREFETCH]};
     est_out = field_ptr<const float>(W, SEL_EST_OUT);
     est_lse = field_ptr<const float>(W, SEL_EST_LSE);
-    mark(2, 1);
   }
+  if (mode) hsplit = split_sparse(ha, parts_);
+
+  // Every item of the step in one pool run, searches first, then the window's chunks, then the host rows' chunks
+  // (a host item waits for its own search; items are taken in order, so the search it waits for is running or
+  // done). With a barrier after each phase, the thread that drew the shorter searches waited 0.2-0.3 ms of a 128K
+  // step for the other (AMD Zen 4, 2 threads); here the window's chunks fill that time.
+  const int64_t n_search = mode == 2 ? items : 0, n_window = window ? wsplit.items : 0;
+  const int64_t n_host = mode ? hsplit.items : 0;
+  const int64_t generation = ++step_generation_;
+  if (n_search > searched_cap_) {
+    searched_.reset(new std::atomic<int64_t>[n_search]);
+    for (int64_t i = 0; i < n_search; ++i) searched_[i].store(0, std::memory_order_relaxed);
+    searched_cap_ = n_search;
+  }
+  const int threads = pool_->threads();
+  if (times) busy_.assign(3 * static_cast<size_t>(threads), 0.0);
+  const double region_start = times ? now() : 0.0;
+  traced_run(n_search + n_window + n_host, [&](int64_t t, int worker) {
+    int phase;
+    double t0;
+    if (t < n_search) {
+      t0 = times ? now() : 0.0;
+      ivf_search_item(sa, t, ivf_fn, ivf_scratch_[worker]);
+      searched_[t].store(generation, std::memory_order_release);
+      phase = 1;
+    } else if (t < n_search + n_window) {
+      t0 = times ? now() : 0.0;
+      sparse_item(wa, wsplit, item_fn, t - n_search, worker, win_out, win_lse);
+      phase = 0;
+    } else {
+      const int64_t i = t - n_search - n_window;
+      if (n_search)
+        while (searched_[i / hsplit.chunks].load(std::memory_order_acquire) != generation) cpu_relax();
+      t0 = times ? now() : 0.0;
+      sparse_item(ha, hsplit, item_fn, i, worker, host_out, host_lse);
+      phase = 2;
+    }
+    if (times) busy_[3 * worker + phase] += now() - t0;
+  });
+  const double region_end = times ? now() : 0.0;
+  if (times) {  // the run's wall time, apportioned to window, search and host rows by their busy time
+    double per_phase[3] = {0.0, 0.0, 0.0}, total = 0.0;
+    for (int w = 0; w < threads; ++w)
+      for (int p = 0; p < 3; ++p) per_phase[p] += busy_[3 * w + p];
+    for (double x : per_phase) total += x;
+    double at = region_start;
+    for (int p = 0; p < 3; ++p) {
+      if (p == 1 && !n_search) continue;  // a search made in Python keeps the span its caller wrote
+      const double share = total > 0.0 ? (region_end - region_start) * per_phase[p] / total : 0.0;
+      times[2 * p] = at;
+      times[2 * p + 1] = at += share;
+    }
+    times[5] = region_end;  // the host rows end with the run (no rounding gap before the merge)
+    times[6] = region_end;  // the merge: the split items' chunks, then the parts of each query row
+  }
+  if (window) merge_chunks(wa, wsplit, win_out, win_lse);
+  if (mode) merge_chunks(ha, hsplit, host_out, host_lse);
 
   // Fusion by log-sum-exp: window, host rows, estimate of the rest. Without the window here (the fast tier on a
   // GPU) the host rows and the estimate are fused into HOST_OUT / HOST_LSE for the device to merge.
-  mark(3, 0);
   float* lse_out = field_ptr<float>(W, LSE_OUT);
   const int out_dtype = static_cast<int>(W[OUT_DTYPE]);
   row_.resize(D);

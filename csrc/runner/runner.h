@@ -2,6 +2,7 @@
 // concurrent callers). Separate Runners run concurrently. Pointers come from Python, which owns every check; the
 // Runner only computes.
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -31,6 +32,16 @@ struct TokenStep {
 };
 
 using ItemFn = void (*)(const SparseArgs&, int64_t, int64_t, int64_t, int64_t, float*, float*, float*);
+
+// A sparse attention call cut into pool items: the rows of each (sequence, KV head) in `chunks` chunks of at most
+// `chunk_len` rows (one item each), fused by log-sum-exp in chunk order when there are several. The cut depends on
+// the call's row capacity alone (a.K), never on the thread count or the rows in use, so a result is the same bit for
+// bit whatever the pool's size and whichever path computes it.
+struct SparseSplit {
+  int64_t heads = 0, chunks = 1, chunk_len = 0, items = 0;
+  float* part_out = nullptr;  // [items, G, D] chunk partials (chunks > 1)
+  float* part_lse = nullptr;  // [items, G]
+};
 
 // The kernels of the active ISA level (set_isa may lower it; every Runner follows).
 ItemFn active_item_fn();
@@ -78,6 +89,12 @@ class Runner {
   template <class Fn>
   void traced_run(int64_t items, Fn fn);
   void sparse_locked(const SparseArgs& a, float* out, float* lse);
+  // sparse_locked in parts: the split (part buffers grown in `parts`, per-worker scratch grown for it), one item, and
+  // the merge of the chunk partials.
+  SparseSplit split_sparse(const SparseArgs& a, std::vector<float>& parts);
+  void sparse_item(const SparseArgs& a, const SparseSplit& s, ItemFn fn, int64_t item, int worker, float* out,
+                   float* lse);
+  static void merge_chunks(const SparseArgs& a, const SparseSplit& s, float* out, float* lse);
   int64_t step_locked(const int64_t* layer, const int64_t* work, void* out);  // decode_step after the query
 
   std::mutex mu_;
@@ -85,7 +102,12 @@ class Runner {
   std::vector<TraceRecord> trace_;
   std::unique_ptr<ThreadPool> pool_;
   std::vector<std::vector<float>> scratch_;  // per worker: sparse work items
-  std::vector<float> part_out_, part_lse_;   // chunk partials of split items
+  std::vector<float> parts_, win_parts_;     // chunk partials of split items (out, then lse): host rows, window
+  // A decode step's items in one pool run (step_locked): the generation of the step whose search of item i is done
+  // (the host rows of item i wait for it), and each worker's busy seconds per phase (window, search, host rows).
+  std::unique_ptr<std::atomic<int64_t>[]> searched_;
+  int64_t searched_cap_ = 0, step_generation_ = 0;
+  std::vector<double> busy_;
   std::vector<IvfScratch> ivf_scratch_;      // per worker
   std::vector<int64_t> counts_, nprobe_, ntokens_;  // per item, of a decode step
   std::vector<float> row_;

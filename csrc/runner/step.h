@@ -53,7 +53,9 @@ enum WorkField : int { HETERO_WORK_FIELDS(HETERO_ENUM_FIELD) kWorkFields };
 #undef HETERO_ENUM_FIELD
 
 // Phases a step records when WORK.TIMES is set: window, search, host attention, merge, and (decode_token) the
-// token's append; decode_step leaves the append's zero.
+// token's append; decode_step leaves the append's zero. The first three run as one pool run (their items
+// interleave on the threads): the run's wall time is laid out as consecutive spans, each phase's share of the
+// threads' busy time (a search made in Python keeps the span its caller wrote there).
 constexpr int kPhases = 5;
 constexpr int kPhaseAppend = 4;
 
