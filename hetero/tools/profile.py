@@ -3,7 +3,10 @@
 For each decode step: the step's new key/value is appended to hetero's cache (eviction to the host tier
 and the retriever included in ``hetero_ms``) and to the dense KV; hetero runs; torch SDPA over all tokens
 in the KV dtype runs (``dense_ms``, what a user would otherwise run); and a float32 reference over the
-same stored KV gives ``rel_error = ||out - out_dense|| / ||out_dense||``.
+same stored KV gives ``rel_error = ||out - out_dense|| / ||out_dense||``. The reference runs after the timed steps, on
+each step's saved output: it writes float32 chunk copies (~270 MB a step at 128K tokens), and a hetero step timed
+after them paid for writing those lines back (2.81-2.82 against 2.55-2.56 ms at 128K tokens, AMD Zen 4). Between two
+hetero steps only the dense baseline runs, as the rest of a model would.
 
 The first ``warmup`` steps run the same way and are reported apart (``warmup_ms``), not in the medians: right after
 a prefill, steps pay for first touches of the index and pool pages (2-5x a later step), and on a virtual machine that
@@ -174,12 +177,12 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
         f"{rates.random_gbps:.1f} GB/s")
 
     dense_ms, hetero_ms, errors, rows, steps_out, spans, warm_ms = [], [], [], [], [], [], []
-    fixed, floors = [], []
+    fixed, floors, checks = [], [], []
     scratch = reference_scratch(keys, n0 + workload.steps)
     phases: Dict[str, List[float]] = {p: [] for p in PHASES}
     for step in range(workload.steps):
         if step == warmup:  # the measured steps start here
-            dense_ms, hetero_ms, errors, rows, steps_out, spans, fixed, floors = [], [], [], [], [], [], [], []
+            dense_ms, hetero_ms, rows, steps_out, spans, fixed, floors, checks = [], [], [], [], [], [], [], []
             phases = {p: [] for p in PHASES}
         n = n0 + step + 1
         layer.add_spans.clear()
@@ -230,8 +233,7 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
         t_dense = time.perf_counter()
         dense_ms.append((t_dense - t) * 1e3)
         spans.append(Span("dense_sdpa", t, t_dense, "MainThread"))
-        ref = reference_output(q, keys, values, n, scale, scratch)
-        errors.append(float((out.float() - ref).norm() / ref.norm()))
+        checks.append((q, n, out.float().clone()))  # checked after the timed steps
         step_phases = {p: step_phases.get(p, 0.0) for p in PHASES}
         step_phases.update(evict=evict_ms, index_add=add_ms, plan=plan_ms)
         for p in PHASES:
@@ -241,7 +243,7 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
         window_side = step_phases["window"]
         host_side = step_phases["retrieve"] + step_phases["host_attn"] + step_phases.get("index_wait", 0.0)
         steps_out.append({"step": step - warmup, "hetero_ms": round(hetero_ms[-1], 4),
-                          "dense_ms": round(dense_ms[-1], 4), "rel_error": errors[-1],
+                          "dense_ms": round(dense_ms[-1], 4), "rel_error": None,
                           "fixed_ms": round(fixed[-1], 4), "floor_ms": round(floors[-1], 4),
                           "window_ms": round(window_side, 4), "host_ms": round(host_side, 4),
                           "critical": "host" if host_side > window_side else "window",
@@ -250,10 +252,16 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
             warm_ms.append(round(hetero_ms[-1], 4))
         what = (f"warm-up {step + 1}/{warmup}" if step < warmup else
                 f"step {step - warmup + 1}/{workload.steps - warmup}")
-        log(f"{what}: hetero {hetero_ms[-1]:.2f} ms, dense {dense_ms[-1]:.2f} ms, rel_error {errors[-1]:.2e}")
+        log(f"{what}: hetero {hetero_ms[-1]:.2f} ms, dense {dense_ms[-1]:.2f} ms")
     attn.close()
     layer.wait_indexed()
     indexer.close()
+    for row, (q, n, out) in zip(steps_out, checks):
+        ref = reference_output(q, keys, values, n, scale, scratch)
+        row["rel_error"] = float((out - ref).norm() / ref.norm())
+        errors.append(row["rel_error"])
+    log(f"rel_error against the float32 reference: max {max(errors):.2e} over {len(errors)} steps" if errors else
+        "no measured steps")
 
     d_ms, h_ms = _median(dense_ms), _median(hetero_ms)
     window_med, host_med = _median([s["window_ms"] for s in steps_out]), _median([s["host_ms"] for s in steps_out])
