@@ -164,10 +164,10 @@ PYBIND11_MODULE(_native, m) {
       .def("take_trace",
            [](Runner& r) {
              py::list out;
-             for (const Runner::TraceRecord& t : r.take_trace()) out.append(py::make_tuple(t.worker, t.start, t.end));
+             for (const Runner::TraceRecord& t : r.take_trace()) out.append(py::make_tuple(t.worker, t.start, t.end, t.phase));
              return out;
            },
-           "The recorded spans as (worker, start, end), cleared")
+           "The recorded spans as (worker, start, end, phase), cleared (phase: step.h's, -1 outside a decode step)")
       .def_property_readonly("threads", &Runner::threads);
   m.attr("LAYER_FIELDS") = field_names(true);
   m.attr("WORK_FIELDS") = field_names(false);

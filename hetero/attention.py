@@ -34,9 +34,9 @@ from .errors import (ClosedError, ConfigError, DTypeError, HeteroError, IndexSyn
 from .memory import in_storage_mode
 from .merge import fuse
 from .native_pool import SearchPool
-from .plan import NATIVE_PHASES, LayerWorkspace, StepGeometry, StepPlan, workspace_kmax
+from .plan import LayerWorkspace, StepGeometry, StepPlan, workspace_kmax
 from .reference import default_scale
-from .timing import PhaseRecorder, Span
+from .timing import NATIVE_PHASES, PhaseRecorder, Span
 from .types import PartialAttention, Selection
 from .validation import all_finite, check_finite, check_query, check_selection
 from .worker import Worker
@@ -686,15 +686,12 @@ class HeteroAttention:
         return {"rows_read": rows, "index_bytes": layer.retriever.last_bytes_read()}
 
     def phase_spans(self, plan: StepPlan, layer: LayerCache) -> List[Span]:
-        """Spans of ``layer``'s last fused step: its native phases on the calling thread and, with ``native_trace``,
-        each pool thread's busy span, named by the phase it fell in."""
+        """Spans of ``layer``'s last fused step: its native phases on the calling thread (window, search and host
+        rows run as one pool run, whose wall time they share by busy time, laid end to end) and, with
+        ``native_trace``, each pool thread's busy span per phase (its first item of the phase to its last)."""
         t = plan.workspaces[layer].times
         phases = [(name, t[2 * i], t[2 * i + 1]) for i, name in enumerate(NATIVE_PHASES) if t[2 * i + 1] > t[2 * i]]
-        spans = [Span(name, a, b, "MainThread") for name, a, b in phases]
-        for s in self._native_spans(plan, layer):
-            name = next((p for p, a, b in phases if a <= s.start <= b), s.phase)
-            spans.append(Span(name, s.start, s.end, s.thread))
-        return spans
+        return [Span(name, a, b, "MainThread") for name, a, b in phases] + self._native_spans(plan, layer)
 
     def output(self, plan: StepPlan, layer: LayerCache) -> torch.Tensor:
         """The workspace output ``[B, Hq, D]`` of ``layer`` under ``plan`` (``run(..., out=...)`` without allocating;

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import List
 
-from .timing import Span
+from .timing import NATIVE_PHASES, Span
 
 
 class RunnerBacked:
@@ -28,10 +28,11 @@ class RunnerBacked:
             self._trace_on = on
 
     def take_native_spans(self) -> List[Span]:
+        """The pool threads' spans since the last call; a decode step's per phase (its items interleave)."""
         if self._runner is None:
             return []
-        return [Span(self.phase, start, end, f"{self.pool} pool {worker}")
-                for worker, start, end in self._runner.take_trace() if worker > 0]
+        return [Span(NATIVE_PHASES[phase] if phase >= 0 else self.phase, start, end, f"{self.pool} pool {worker}")
+                for worker, start, end, phase in self._runner.take_trace() if worker > 0]
 
 
 class SearchPool(RunnerBacked):

@@ -21,11 +21,9 @@ from . import native
 from .backends import AttentionInputs, Backend
 from .errors import StalePlanError
 from .native_pool import SearchPool
+from .timing import NATIVE_PHASES
 from .types import Selection
 
-# The phases a C++ step times into WORK.TIMES, in csrc/runner/step.h's order (kPhases): the step's window, its
-# search, its host attention, the merge, and a decode_token's append.
-NATIVE_PHASES = ("window", "retrieve", "host_attn", "merge", "evict")
 
 
 @dataclass(frozen=True)

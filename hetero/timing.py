@@ -8,6 +8,11 @@ from typing import Dict, List, Optional
 
 import torch
 
+# The phases a C++ step times into WORK.TIMES, in csrc/runner/step.h's order (kPhases): the step's window, its
+# search, its host attention, the merge, and a decode_token's append. Its pool threads' trace spans carry the index
+# of one of the first three.
+NATIVE_PHASES = ("window", "retrieve", "host_attn", "merge", "evict")
+
 # Which part of the runtime each recorded phase belongs to (the profiler's table, trace categories).
 PHASE_SIDES = {"window": "fast tier", "merge": "fast tier", "dense_sdpa": "dense baseline", "evict": "cache",
                "index_add": "cache", "index_wait": "host", "retrieve": "host", "host_attn": "host",

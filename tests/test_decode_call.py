@@ -161,10 +161,11 @@ def test_decode_reserves_full_host_blocks_within_the_native_step(monkeypatch):
 
 @needs_native
 @pytest.mark.parametrize("retriever", ["ivf-group", "exact"])
-def test_fused_step_is_the_same_on_every_pool_size(retriever):
+@pytest.mark.parametrize("window", [16, 1100])
+def test_fused_step_is_the_same_on_every_pool_size(retriever, window):
     """A step's searches, window chunks and host-row chunks run as one pool run, each host item waiting for its own
     search: on 1, 2 and 3 threads (more threads than some phases have items), over a ragged batch whose items have
-    different search costs, every step's output is the same bit for bit."""
+    different search costs, with a window of one chunk and of three, every step's output is the same bit for bit."""
     batch, tokens = 3, 3000
     gen = torch.Generator().manual_seed(7)
     k = torch.randn(batch, 2, tokens, 32, generator=gen)
@@ -174,7 +175,7 @@ def test_fused_step_is_the_same_on_every_pool_size(retriever):
               torch.randn(batch, 2, 32, generator=gen)) for _ in range(40)]
     outs = []
     for threads in (1, 2, 3):
-        cfg = HeteroConfig(window=16, sinks=4, budget=0.3, retriever=retriever, threads=threads,
+        cfg = HeteroConfig(window=window, sinks=4, budget=0.3, retriever=retriever, threads=threads,
                            retriever_options={"min_train": 64} if retriever == "ivf-group" else {})
         layer = LayerCache(cfg)
         layer.append(k, v, lengths)

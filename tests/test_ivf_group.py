@@ -291,13 +291,44 @@ def test_cpp_query_scale_is_finite_and_positive_for_any_query():
     step = torch.full((d,), 2.0)
     rows = [torch.zeros(d), torch.full((d,), float("nan")), torch.full((d,), float("inf")),
             torch.full((d,), -float("inf")), torch.full((d,), 3e38), torch.tensor([float("nan"), 1.0] * 4),
-            torch.tensor([float("inf"), float("nan")] + [1e-30] * 6)]
+            torch.tensor([float("inf"), float("nan")] + [1e-30] * 6), torch.full((d,), 2e-44)]  # |x| / 127 -> 0
     q = torch.stack(rows).contiguous()
     qi = torch.empty((len(rows), dp), dtype=torch.int8)
     qscale = torch.full((len(rows),), float("nan"))
     ext.ivf_quantize_queries(q.data_ptr(), step.data_ptr(), len(rows), d, dp, qi.data_ptr(), qscale.data_ptr())
     assert bool(torch.isfinite(qscale).all()) and bool((qscale > 0).all()), qscale
     assert int(qi.abs().max()) <= 127 and bool((qi[:, d:] == 0).all())
+    assert float(qscale[-1]) == 1.0 and bool((qi[-1] == 0).all())  # as a zero query (QueryCodes.quantize too)
+    from hetero.retrieval.ivf_group import QueryCodes
+
+    assert torch.equal(QueryCodes.quantize((q[-1:] * step)[None], dp).qi[0, 0], qi[-1])
+
+
+def test_sum_rule_over_huge_queries_searches_without_crashing():
+    """The sum rule searches with the sum of the group's queries, which overflows float32 for finite queries near
+    its limit: centroid scores of inf - inf = NaN then reached the probe's selection, whose histogram index they
+    overflowed (a segfault). NaN now ranks lowest; each KV head still gets its k rows. In a subprocess: a crash
+    must fail this test, not end the run."""
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from hetero import HeteroConfig, LayerCache
+gen = torch.Generator().manual_seed(0)
+cfg = HeteroConfig(window=16, sinks=0, budget=50, retriever="ivf-group", group_rule="sum",
+                   retriever_options={"min_train": 64})
+layer = LayerCache(cfg)
+layer.append(torch.randn(1, 2, 3000, 32, generator=gen), torch.randn(1, 2, 3000, 32, generator=gen))
+layer.wait_indexed()
+q = torch.randn(1, 8, 32, generator=gen)
+q[0, :4, :5], q[0, :4, 5:10] = 3e38, -3e38
+idx = layer.retriever.search(q, [50]).indices[0]
+print([int(((row >= 0) & (row < 3000)).sum()) for row in idx])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[-2] == "[50, 50]", done.stdout
 
 
 @pytest.mark.parametrize("bits,row_bytes", [(8, 32), (4, 16)])

@@ -6,7 +6,7 @@
 // hypervisor: a 2-thread call of ~30 us of work took longer than the same call on one thread). So a worker that
 // finishes a call keeps polling for the next one for `spin_us` (default 100 us, HETERO_POOL_SPIN_US), yielding the
 // CPU between polls so that another runnable thread on its core is not starved, and only then sleeps on a
-// condition variable. The phases of one decode step, and the layers of a step that follow each other quickly,
+// condition variable. The layers of a decode step (each one pool run), following each other quickly,
 // find the workers awake. The caller waits only for workers that joined the call before it ran out of items, by
 // polling: they are inside their last item.
 #pragma once

@@ -179,7 +179,7 @@ struct IvfScratch {
   std::vector<float> scores;   // [G, n_scan]
   std::vector<float> cscores;  // [G, nlist - 1] centroid scores
   std::vector<float> crow;     // [nlist - 1] one centroid row as float32
-  std::vector<float> ranked;   // [nlist - 1] one query's centroid scores, empty lists at -inf (the probe's choice)
+  std::vector<float> ranked;   // [nlist - 1] one query's centroid scores as ranked (empty lists -inf, NaN lowest)
   std::vector<int32_t> lists;
   std::vector<int32_t> ids;    // [n_scan]
   std::vector<int32_t> cand;   // candidate positions of one query

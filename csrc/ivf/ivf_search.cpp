@@ -191,15 +191,16 @@ void probe_lists(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, IvfSc
     return;
   }
   w.lists.resize(p);
-  const bool any_empty = live < L;
-  if (any_empty && static_cast<int64_t>(w.ranked.size()) < L) w.ranked.resize(L);
+  if (static_cast<int64_t>(w.ranked.size()) < L) w.ranked.resize(L);
   for (int64_t g = 0; g < G; ++g) {
+    // Empty lists rank below every list that holds keys (live > p, so none is among the p best). A query beyond
+    // float32 (the sum rule's sum of huge queries) scores inf - inf = NaN against some centroids: the selection's
+    // order keys assume no NaN (a NaN key indexed past kth_largest's histogram), so NaN ranks with the lowest.
     const float* cs = w.cscores.data() + g * L;
-    if (any_empty) {  // empty lists rank below every score (live > p, so none is among the p best)
-      for (int64_t l = 0; l < L; ++l) w.ranked[l] = count[l] > 0 ? cs[l] : -__builtin_inff();
-      cs = w.ranked.data();
-    }
-    ivf_top_positions(cs, L, p, kernels.select, w, w.lists.data());
+    const float lowest = -std::numeric_limits<float>::max();
+    for (int64_t l = 0; l < L; ++l)
+      w.ranked[l] = count[l] <= 0 ? -__builtin_inff() : cs[l] == cs[l] ? std::max(cs[l], lowest) : lowest;
+    ivf_top_positions(w.ranked.data(), L, p, kernels.select, w, w.lists.data());
     for (int64_t j = 0; j < p; ++j) probe[w.lists[j]] = 1;
   }
 }
@@ -285,7 +286,8 @@ void quantize_queries(const float* q, const float* step, int64_t G, int64_t D, i
     float amax = 0.0f;
     for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(qg[d] * step[d]));
     if (std::isfinite(amax)) {
-      const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+      const float step127 = amax / 127.0f;  // 0 for a zero query, and for one whose largest |x| is below 127 x the
+      const float scale = step127 > 0.0f ? step127 : 1.0f;  // smallest subnormal: both quantize to zeros
       qscale[g] = scale;
       for (int64_t d = 0; d < D; ++d) {
         const float r = std::nearbyint((qg[d] * step[d]) / scale);  // round half to even, as numpy's rint

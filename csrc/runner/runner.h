@@ -55,12 +55,13 @@ class Runner {
   int threads() const { return pool_->threads(); }
 
   // Tracing: while on, each pool run records per thread when it took its first item and finished its last (seconds
-  // on the steady clock, Python's time.perf_counter on Linux); take_trace() returns and clears them as (worker,
-  // start, end), worker 0 being the calling thread.
+  // on the steady clock, Python's time.perf_counter on Linux), a decode step per thread and phase; take_trace()
+  // returns and clears them as (worker, start, end, phase), worker 0 being the calling thread.
   void set_trace(bool on);
   struct TraceRecord {
     int worker;
     double start, end;
+    int phase;  // a decode step's phase (step.h: 0 window, 1 search, 2 host rows), or -1 for any other call
   };
   std::vector<TraceRecord> take_trace();
 
@@ -107,7 +108,10 @@ class Runner {
   // (the host rows of item i wait for it), and each worker's busy seconds per phase (window, search, host rows).
   std::unique_ptr<std::atomic<int64_t>[]> searched_;
   int64_t searched_cap_ = 0, step_generation_ = 0;
-  std::vector<double> busy_;
+  struct alignas(64) StepWorker {  // a line of its own per worker
+    double busy[3], first[3], last[3];  // per phase: busy seconds, first item's start, last item's end
+  };
+  std::vector<StepWorker> step_workers_;
   std::vector<IvfScratch> ivf_scratch_;      // per worker
   std::vector<int64_t> counts_, nprobe_, ntokens_;  // per item, of a decode step
   std::vector<float> row_;

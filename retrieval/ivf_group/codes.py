@@ -61,7 +61,8 @@ class QueryCodes:
     def quantize(cls, qs: torch.Tensor, dp: int) -> QueryCodes:
         x = qs.numpy()  # numpy: a decode step's few thousand values cost ~1 us per op here, torch's round ~300 us
         amax = np.abs(x).max(axis=-1)
-        qscale = np.where(amax > 0, amax / np.float32(127.0), np.float32(1.0)).astype(np.float32)
+        step = (amax / np.float32(127.0)).astype(np.float32)  # 0 also below 127 x the smallest subnormal
+        qscale = np.where(step > 0, step, np.float32(1.0)).astype(np.float32)
         qi = np.zeros((*x.shape[:-1], dp), dtype=np.int8)
         qi[..., : x.shape[-1]] = np.clip(np.rint(x / qscale[..., None]), -127, 127)
         return cls(torch.from_numpy(qi), torch.from_numpy(qscale))
