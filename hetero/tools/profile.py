@@ -233,7 +233,7 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
         t_dense = time.perf_counter()
         dense_ms.append((t_dense - t) * 1e3)
         spans.append(Span("dense_sdpa", t, t_dense, "MainThread"))
-        checks.append((q, n, out.float().clone()))  # checked after the timed steps
+        checks.append((q, n, out.to(torch.float32, copy=True)))  # checked after the timed steps
         step_phases = {p: step_phases.get(p, 0.0) for p in PHASES}
         step_phases.update(evict=evict_ms, index_add=add_ms, plan=plan_ms)
         for p in PHASES:
