@@ -79,8 +79,8 @@ class HeteroConfig:
     dense_layers: layer indices kept fully on the fast device (no host tier, exact attention).
     scale: softmax scale (None: ``1/sqrt(head_dim)``).
     overlap: ``"auto"`` (default), True or False. True runs the host side on a background worker while the window
-        side runs; False runs them one after the other on the caller's thread, each with every thread (the same
-        results bit for bit). ``"auto"``: True when the fast tier is on CUDA (the window leaves the CPU to the host
+        side runs; False runs them on the caller's thread and the same pool threads (the fused C++ step takes their
+        items in one pool run; the same results bit for bit). ``"auto"``: True when the fast tier is on CUDA (the window leaves the CPU to the host
         side), False when it is on the CPU, where both sides share the same cores and memory bus (measured on 2
         vCPUs, 128K tokens: 5.2 ms per step one after the other, 6.0-7.3 ms side by side; docs/performance.md).
     balance: ``"fixed"`` thread split and budget, or ``"auto"`` (``hetero/balance.py``): re-split threads

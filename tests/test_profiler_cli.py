@@ -75,13 +75,13 @@ def test_profile_presets(preset):
 
 
 @pytest.mark.parametrize("overlap,words", [("on", "critical path"), ("off", "larger part of the step"),
-                                           ("auto", "larger part of the step")])  # auto on a CPU: one after the other
+                                           ("auto", "larger part of the step")])  # auto on a CPU: the same threads
 def test_profile_table_has_verdict(overlap, words):
     p = _run("profile", "--context", "4000", "--heads", "8", "--kv-heads", "2", "--steps", "2", "--overlap", overlap)
     assert p.returncode == 0, p.stderr
     text = " ".join(p.stdout.split())  # rich wraps long lines
     assert words in text and "share of step" in text
-    assert ("side by side" if overlap == "on" else "one after the other") in text
+    assert ("side by side" if overlap == "on" else "the same threads") in text
 
 
 def test_trace_shows_the_native_pool_threads(tmp_path):
@@ -128,8 +128,8 @@ def test_profile_model_end_to_end():
     r = json.loads(p.stdout)
     assert r["layers"] == 30 and len(r["per_layer"]) == 30
     assert {"tokens_per_s_dense", "tokens_per_s_hetero", "tokens_agree", "memory", "verdict"} <= set(r)
-    # the fast tier is on the CPU: the sides run one after the other, and a layer's step is their sum
-    assert r["overlap"] is False and "one after the other" in r["verdict"]
+    # the fast tier is on the CPU: the sides share the same threads, and a layer's step is their sum
+    assert r["overlap"] is False and "the same threads" in r["verdict"]
     row = r["per_layer"][0]
     assert row["step"] == pytest.approx(row["window"] + row["retrieve"] + row["host_attn"] + row["merge"])
 

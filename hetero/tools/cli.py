@@ -76,8 +76,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of the synthetic workload (0)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (all cores)")
     p.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
-                   help="the two sides of a step side by side (on) or one after the other (off); auto: side by side "
-                        "when the fast tier is on CUDA")
+                   help="the two sides of a step side by side on threads of their own (on) or on the same threads "
+                        "(off); auto: side by side when the fast tier is on CUDA")
     p.add_argument("--window-backend", choices=["auto"] + WINDOW_BACKENDS.names(), default="auto",
                    help="kernel of the fast tier's window attention (auto: the first that supports the inputs; "
                         "'hetero env' shows why each can or cannot)")

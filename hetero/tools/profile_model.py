@@ -88,7 +88,7 @@ def profile_model(name: str, config: HeteroConfig, context: int, steps: int,
     with torch.no_grad():
         model.generate(ids, max_new_tokens=2, do_sample=False, past_key_values=cache)
     cache.close()
-    # Side by side, a layer's step waits for the slower side; one after the other (the CPU schedule), for both.
+    # Side by side, a layer's step waits for the slower side; on the same threads (the CPU schedule), for both.
     overlapped = config.overlap_on(next(model.parameters()).device)
     per_layer = []
     for m in sorted(attn_modules, key=lambda m: m.layer_idx):
@@ -113,6 +113,6 @@ def profile_model(name: str, config: HeteroConfig, context: int, steps: int,
         "per_layer": per_layer, "memory": cache.memory(),
         "overlap": overlapped,
         "verdict": (f"the host side is the critical path in {host_bound} of {len(per_layer)} layers" if overlapped else
-                    f"the sides ran one after the other, so every layer's step is their sum; the host side is the "
+                    f"the sides shared the same threads, so every layer's step is their sum; the host side is the "
                     f"larger in {host_bound} of {len(per_layer)} layers"),
     }

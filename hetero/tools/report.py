@@ -20,7 +20,7 @@ def progress(description: str):
 
 
 def verdict(r: Dict) -> str:
-    """One line naming the side the decode step waited on (overlapped), or the larger side (one after the other)."""
+    """One line naming the side the decode step waited on (overlapped), or the larger side (on the same threads)."""
     side = "host side (retrieval + host attention)" if r["critical_path"] == "host" else "fast-tier window side"
     share = r.get("critical_share")
     if r.get("overlap", True):
@@ -54,7 +54,7 @@ def print_profile(r: Dict, console: Console = None) -> None:
             f"{r['threads']} threads")
     cfg = (f"window {r['window']} + {r['sinks']} sinks, budget {r['budget']}, retriever {r['retriever']}, "
            f"backends window={r['backends']['window']} host={r['backends']['host']}, sides "
-           f"{'side by side' if r.get('overlap', True) else 'one after the other'}")
+           f"{'side by side' if r.get('overlap', True) else 'on the same threads'}")
     console.print(f"[bold]hetero profile[/bold]  {head}\n  {cfg}")
     if r.get("warmup"):
         console.print(f"  median of {r['steps']} decode steps, after {r['warmup']} warm-up steps "
@@ -86,7 +86,8 @@ def print_profile(r: Dict, console: Console = None) -> None:
     ]))
     if "critical_path" in r:
         tail = ("phases of the two sides overlap, so their sum exceeds the step" if r.get("overlap", True) else
-                "the sides ran one after the other (--overlap on runs them side by side)")
+                "the sides shared the same threads, each phase's time its share of their busy time (--overlap on "
+                "runs them side by side on threads of their own)")
         console.print(f"[bold]verdict:[/bold] {verdict(r)}; {tail}")
 
 
