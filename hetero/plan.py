@@ -25,7 +25,6 @@ from .timing import NATIVE_PHASES
 from .types import Selection
 
 
-
 @dataclass(frozen=True)
 class StepGeometry:
     """What a plan is valid for: ``[B, Hq, D]`` queries of ``q_dtype`` over ``Hkv`` KV heads of ``kv_dtype``, the

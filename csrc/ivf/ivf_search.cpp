@@ -192,12 +192,12 @@ void probe_lists(const IvfSearchArgs& a, int64_t item, IvfKernels kernels, IvfSc
   }
   w.lists.resize(p);
   if (static_cast<int64_t>(w.ranked.size()) < L) w.ranked.resize(L);
+  // Empty lists rank below every list that holds keys (live > p, so none is among the p best). A query beyond
+  // float32 (the sum rule's sum of huge queries) scores inf - inf = NaN against some centroids: the selection's order
+  // keys assume no NaN (a NaN key indexed past kth_largest's histogram), so NaN ranks with the lowest.
+  const float lowest = -std::numeric_limits<float>::max();
   for (int64_t g = 0; g < G; ++g) {
-    // Empty lists rank below every list that holds keys (live > p, so none is among the p best). A query beyond
-    // float32 (the sum rule's sum of huge queries) scores inf - inf = NaN against some centroids: the selection's
-    // order keys assume no NaN (a NaN key indexed past kth_largest's histogram), so NaN ranks with the lowest.
     const float* cs = w.cscores.data() + g * L;
-    const float lowest = -std::numeric_limits<float>::max();
     for (int64_t l = 0; l < L; ++l)
       w.ranked[l] = count[l] <= 0 ? -__builtin_inff() : cs[l] == cs[l] ? std::max(cs[l], lowest) : lowest;
     ivf_top_positions(w.ranked.data(), L, p, kernels.select, w, w.lists.data());
