@@ -331,6 +331,47 @@ print([int(((row >= 0) & (row < 3000)).sum()) for row in idx])
     assert done.stdout.split("\n")[-2] == "[50, 50]", done.stdout
 
 
+def test_a_search_item_that_throws_on_a_pool_thread_raises_and_leaves_the_runner_usable():
+    """Every item of this search asks for a bitmap over 2^61 host positions, which cannot be allocated: on a pool
+    worker that ended the process (std::terminate), on the calling thread it unwound the run while the workers were
+    still in it. Now the call raises MemoryError once no thread is in it, and the next search on the same runner
+    gives what it gave before. In a subprocess: a crash must fail this test, not end the run."""
+    script = """
+import numpy as np, torch
+from hetero import HeteroConfig, LayerCache, native
+gen = torch.Generator().manual_seed(0)
+layer = LayerCache(HeteroConfig(window=16, sinks=0, budget=50, retriever="ivf-group",
+                                retriever_options={"min_train": 64}))
+layer.append(torch.randn(1, 4, 3000, 32, generator=gen), torch.randn(1, 4, 3000, 32, generator=gen))
+layer.wait_indexed()
+q = torch.randn(1, 8, 32, generator=gen)
+runner = native.new_runner(2)
+
+class HugeTokenCounts:  # the same call with n_tokens = 2^61 for every item (argument 17)
+    def __init__(self, inner):
+        self.inner, self.n = inner, np.full(4, 1 << 61, dtype=np.int64)
+    def ivf_search(self, *args):
+        args = list(args)
+        args[17] = self.n.ctypes.data
+        self.inner.ivf_search(*args)
+
+layer.retriever.use_runner(runner)
+want = layer.retriever.search(q, [50]).indices.clone()
+layer.retriever.use_runner(HugeTokenCounts(runner))
+raised = 0
+for _ in range(20):  # items go to either thread: twenty calls reach both
+    try:
+        layer.retriever.search(q, [50])
+    except MemoryError:
+        raised += 1
+layer.retriever.use_runner(runner)
+print(raised, torch.equal(layer.retriever.search(q, [50]).indices, want))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[-2] == "20 True", done.stdout
+
+
 @pytest.mark.parametrize("bits,row_bytes", [(8, 32), (4, 16)])
 def test_memory_and_bytes_per_token(bits, row_bytes):
     layer, keys, vals, q = _layer(3000, d=24, code_bits=bits)

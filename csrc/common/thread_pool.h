@@ -9,6 +9,11 @@
 // condition variable. The layers of a decode step (each one pool run), following each other quickly,
 // find the workers awake. The caller waits only for workers that joined the call before it ran out of items, by
 // polling: they are inside their last item.
+//
+// An item that throws (on any thread) ends the call early: no further item is handed out, the items already running
+// finish, and run() rethrows the first exception on the caller once no thread is inside the call. Without this an
+// exception on a worker ends the process (std::terminate), and one on the caller unwinds run() while workers still
+// call its fn.
 #pragma once
 #include <sched.h>
 
@@ -17,9 +22,11 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace hetero {
@@ -60,6 +67,7 @@ class ThreadPool {
       std::lock_guard<std::mutex> lock(mu_);
       fn_ = &fn;
       n_items_ = n_items;
+      failure_ = nullptr;
       next_.store(0);
       open_ = true;
       generation_.fetch_add(1, std::memory_order_release);
@@ -75,6 +83,7 @@ class ThreadPool {
     // to wake as a sleeping worker).
     while (joined_.load(std::memory_order_acquire) != 0) cpu_relax();
     fn_ = nullptr;
+    if (failure_) std::rethrow_exception(std::exchange(failure_, nullptr));
   }
 
  private:
@@ -84,7 +93,15 @@ class ThreadPool {
   }
 
   void drain(int worker) {
-    for (int64_t i = next_.fetch_add(1); i < n_items_; i = next_.fetch_add(1)) (*fn_)(i, worker);
+    for (int64_t i = next_.fetch_add(1); i < n_items_; i = next_.fetch_add(1)) {
+      try {
+        (*fn_)(i, worker);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(failure_mu_);
+        if (!failure_) failure_ = std::current_exception();
+        next_.store(n_items_);  // hand out no further item
+      }
+    }
   }
 
   // Poll for a new generation for spin_us_, then sleep until one comes (or stop).
@@ -133,6 +150,8 @@ class ThreadPool {
   std::condition_variable cv_;
   const std::function<void(int64_t, int)>* fn_ = nullptr;
   std::atomic<int64_t> next_{0};
+  std::mutex failure_mu_;
+  std::exception_ptr failure_;  // the current call's first exception
   int64_t n_items_ = 0;
   std::atomic<int> joined_{0};  // workers inside the current call's drain
   int sleepers_ = 0;   // workers blocked on cv_

@@ -335,9 +335,10 @@ int64_t Runner::step_locked(const int64_t* L, const int64_t* W, void* out) {
   const int threads = pool_->threads();
   const bool clock = times || trace_on_;
   if (clock) step_workers_.assign(threads, StepWorker{{0, 0, 0}, {0, 0, 0}, {0, 0, 0}});
-  // An item that throws (a scratch vector that cannot grow) must not leave a host item waiting for its search, nor
-  // the pool running items after the call returns: every item still publishes its search and returns, the rest of
-  // the run does nothing, and the first exception is rethrown once the run is over.
+  // An item that throws (a scratch vector that cannot grow) must not leave a host item waiting for its search: the
+  // pool's own handling (thread_pool.h) stops handing out items, and a host item already waiting for a search not
+  // handed out would wait forever. So the items catch here: every item still publishes its search and returns, the
+  // rest of the run does nothing, and the first exception is rethrown once the run is over.
   std::atomic<bool> failing{false};
   std::exception_ptr failure;
   std::mutex failure_mu;
