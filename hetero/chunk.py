@@ -98,6 +98,9 @@ def _chunk_attention_locked(runtime, layer, q, k, v, lengths: List[int], scale: 
     b, hq, c, d = q.shape
     config = runtime.config
     out = torch.zeros_like(q)
+    # the chunk's own tokens as the cache will store them (rounded to kv_dtype), as a decode step reads its own
+    stored = layer.dtype or config.torch_kv_dtype or k.dtype
+    k, v = k.to(stored), v.to(stored)
     small = layer.initialized and c <= config.sparse_chunk_tokens
     sparse = small and not layer.dense and bool(layer.host.length.any())
     host_parts = _sparse_host_parts(runtime, layer, q, scale) if sparse else None

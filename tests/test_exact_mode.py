@@ -147,6 +147,33 @@ def test_small_chunk_into_a_warm_cache_is_exact(chunk, g):
             assert rel_err(out[b, :, i], want) < 1e-5, (b, i)
 
 
+@pytest.mark.parametrize("warm", [False, True])
+@pytest.mark.parametrize("chunk", [1, 6])
+def test_a_chunk_attends_its_own_tokens_as_stored_in_kv_dtype(chunk, warm):
+    """float32 keys and values into a bfloat16 cache: a chunk's positions attend its own earlier tokens as the
+    cache stores them (rounded to bfloat16), as they attend the stored ones and as decoding the same tokens one by
+    one would, into a warm cache and as the first chunk of an empty one."""
+    from hetero.chunk import chunk_attention
+
+    gen = torch.Generator().manual_seed(6)
+    hkv, g, d = 2, 2, 16
+    cfg = HeteroConfig(window=WINDOW, sinks=SINKS, retriever="all", budget=1.0, kv_dtype="bfloat16",
+                       sparse_chunk_tokens=24)
+    layer = LayerCache(cfg)
+    if warm:
+        layer.append(torch.randn(1, hkv, 40, d, generator=gen), torch.randn(1, hkv, 40, d, generator=gen))
+    q = torch.randn(1, hkv * g, chunk, d, generator=gen) * 2
+    k, v = torch.randn(1, hkv, chunk, d, generator=gen), torch.randn(1, hkv, chunk, d, generator=gen)
+    out = chunk_attention(HeteroAttention(cfg), layer, q, k, v)
+    sk, sv = layer.tokens(0) if warm else (k[0, :, :0], v[0, :, :0])
+    own_k, own_v = k[0].to(torch.bfloat16), v[0].to(torch.bfloat16)
+    for i in range(chunk):
+        keys = torch.cat([sk.double(), own_k[:, : i + 1].double()], dim=1)[None]
+        vals = torch.cat([sv.double(), own_v[:, : i + 1].double()], dim=1)[None]
+        want = dense_attention(q[:, :, i].double(), keys, vals, compute_dtype=torch.float64).out[0]
+        assert rel_err(out[0, :, i], want) < 1e-5, i
+
+
 @pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("chunk", [3, 30])
 def test_a_chunk_with_a_nan_query_is_refused_on_every_path(chunk, dense):
