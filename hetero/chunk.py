@@ -12,7 +12,7 @@ sequence, fused by the same log-sum-exp rule as a decode step (now ``[B, Hq, C, 
 * host tier: exact for a chunk longer than ``HeteroConfig.sparse_chunk_tokens`` (a prompt or a long turn: every
   host row, in runs of the paged tier), else as decode tokens attend it: each query through the retriever, its
   selection read by the host backend (with the retriever's estimate of the rest).
-* the chunk: causal over its own keys.
+* the chunk: causal over its own keys and values, rounded to the cache's ``kv_dtype`` as they will be stored.
 
 Exact parts run in PyTorch (``torch``'s fused CPU attention with its log-sum-exp where it exists, else matmuls); on
 CUDA the host tier's runs are copied to the device for its part. The caller appends the chunk's K/V to the tiers
