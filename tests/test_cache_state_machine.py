@@ -215,9 +215,9 @@ class CacheMachine(RuleBasedStateMachine):
             mk, mv = self._model_kv(b)
             for i in range(n):  # real token i sits at column c - n + i
                 col = c - n + i
-                # the chunk's own keys as given (they are rounded to the storage dtype only when appended)
-                kk = torch.cat([mk.double(), k[b, :, c - n:col + 1].double()], 1)
-                vv = torch.cat([mv.double(), v[b, :, c - n:col + 1].double()], 1)
+                # the chunk's own keys as the cache stores them (decode is C = 1: a step reads its own token stored)
+                kk = torch.cat([mk.double(), k[b, :, c - n:col + 1].to(self.dtype).double()], 1)
+                vv = torch.cat([mv.double(), v[b, :, c - n:col + 1].to(self.dtype).double()], 1)
                 got = out[b, :, col]
                 assert torch.isfinite(got).all(), f"chunk: sequence {b} row {i} not finite"
                 if self.exact:
