@@ -1,5 +1,6 @@
 """The profiling CLI: every subcommand runs, traces/plots are valid, user errors are one line with exit 2."""
 import json
+import os
 import subprocess
 import sys
 
@@ -11,8 +12,9 @@ CLI = [sys.executable, "-m", "hetero.tools.cli"]
 needs_model = pytest.mark.skipif(not smollm2.available(), reason=f"SmolLM2 not installed ({smollm2.INSTALL_HINT})")
 
 
-def _run(*args, cwd=None, timeout=600):
-    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout, cwd=cwd)
+def _run(*args, cwd=None, timeout=600, env=None):
+    env = None if env is None else {**os.environ, **env}
+    return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
 
 
 def _overlapping_threads(events):
@@ -88,10 +90,13 @@ def test_trace_shows_the_native_pool_threads(tmp_path):
     """The fused step (the CPU default) runs its window, search and host rows as one pool run on the main thread and
     the host backend's pool; the main thread's track shows the run's wall time shared out by busy time, and the pool
     thread has a track of its own, one busy span per phase it took items of, named by that phase and inside the run
-    (the calling thread may finish a small step before its pool thread wakes, so no phase is required of the pool;
-    with three steps the pool took no item at all in about 1 run of 10 on 2 vCPUs, hence eight)."""
+    (the calling thread may finish a small step before its pool thread wakes, so no phase is required of the pool).
+    Asleep through the dense baseline between steps, the pool thread can wake too late for every step of a small
+    profile (eight steps without a pool item happened once in a full test run on 2 vCPUs): here it polls for 50 ms
+    after each run (HETERO_POOL_SPIN_US), so it is awake when the next step starts."""
     trace = tmp_path / "t.json"
-    p = _run("profile", "--context", "9000", "--heads", "8", "--kv-heads", "2", "--steps", "8", "--trace", str(trace))
+    p = _run("profile", "--context", "9000", "--heads", "8", "--kv-heads", "2", "--steps", "8", "--trace", str(trace),
+             env={"HETERO_POOL_SPIN_US": "50000"})
     assert p.returncode == 0, p.stderr
     events = json.loads(trace.read_text())["traceEvents"]
     names = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "thread_name"}
