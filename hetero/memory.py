@@ -4,8 +4,8 @@ Random-row attention over a host tier of GBs misses the TLB on nearly every row 
 hardware prefetchers stop at every 4 KiB page boundary of a streamed window or list; on Linux large buffers
 are advised for transparent huge pages (``madvise(MADV_HUGEPAGE)``, effective when THP is in
 ``madvise`` or ``always`` mode), which measured 1.3-1.6x faster on the cpu-sparse benchmark. Such a buffer starts
-on a 2 MiB boundary and its advice covers it to the end: the allocator's 64-byte alignment left the head and tail of
-each buffer, a quarter of an 8 MiB window, in 4 KiB pages. Pinned (CUDA) allocations are left alone.
+on a 2 MiB boundary and its advice covers it to the end (at the allocator's own alignment the head and tail of each
+buffer, a quarter of an 8 MiB window, would stay in 4 KiB pages). Pinned (CUDA) allocations are left alone.
 ``HETERO_HUGEPAGES=0`` turns the advice off.
 """
 from __future__ import annotations
