@@ -317,8 +317,9 @@ class HeteroAttention:
             plan.check(q, layer)
             ws = plan.workspaces.get(layer)
             mode = self._host_mode(layer)
-        if (token is None or ws is None or mode == 1 or layer.config is not self.config or not layer.index.idle
-                or q.stride(-1) != 1):
+            if layer.config is not self.config:  # an equal config (the HF cache's runtime has the model's scale)
+                self._check_compatible(layer)  # a dict lookup once checked; refused before anything changes
+        if (token is None or ws is None or mode == 1 or not layer.index.idle or q.stride(-1) != 1):
             return self._append_then_run(q, k, v, layer, plan, out)
         dst = ws.out if out is None else out
         if dst is not ws.out:

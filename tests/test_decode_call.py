@@ -191,3 +191,40 @@ def test_fused_step_is_the_same_on_every_pool_size(retriever, window):
     for threads, got in zip((2, 3), outs[1:]):
         for step, (x, y) in enumerate(zip(outs[0], got)):
             assert torch.equal(x, y), (threads, step)
+
+
+@needs_native
+def test_decode_under_an_equal_config_takes_the_native_call(monkeypatch):
+    """A runtime whose config equals the layer's in everything a layer is built with, but is another object (the HF
+    cache's runtime carries the model's softmax scale: ``config.with_(scale=...)``), still appends and attends in
+    one native call, and equals append + run under the same runtime."""
+    cfg, (a, b), _, gen = _pair("ivf-group", "bfloat16", 2)
+    scaled = cfg.with_(scale=0.125)
+    attn_a, attn_b = HeteroAttention(scaled), HeteroAttention(scaled)
+    fallbacks = []
+    general = attn_a._append_then_run
+    monkeypatch.setattr(attn_a, "_append_then_run", lambda *args: fallbacks.append(1) or general(*args))
+    for step in range(20):
+        k, v = torch.randn(2, 2, 1, 32, generator=gen), torch.randn(2, 2, 1, 32, generator=gen)
+        q = torch.randn(2, 8, 32, generator=gen).bfloat16()
+        out_a = attn_a.decode(q, k, v, a, attn_a.plan(a, 8, torch.bfloat16))
+        b.append(k, v)
+        assert torch.equal(out_a, attn_b.run(q, b, attn_b.plan(b, 8, torch.bfloat16))), f"step {step}"
+    assert not fallbacks
+    for attn in (attn_a, attn_b):
+        attn.close()
+
+
+@needs_native
+def test_decode_under_an_incompatible_config_is_refused_before_the_token_goes_in():
+    """A step plan made by a runtime the layer fits, handed to one whose config builds layers differently (another
+    window): refused, the layer as it was."""
+    cfg, (a, _), (good, _), gen = _pair("ivf-group", "bfloat16", 2)
+    attn = HeteroAttention(cfg.with_(window=64))
+    plan = good.plan(a, 8, torch.bfloat16)
+    before = _snapshot(a)
+    with pytest.raises(HeteroError, match="window"):
+        attn.decode(torch.randn(2, 8, 32).bfloat16(), torch.randn(2, 2, 32), torch.randn(2, 2, 32), a, plan)
+    _same(before, _snapshot(a))
+    for x in (attn, good):
+        x.close()

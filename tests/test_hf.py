@@ -206,3 +206,23 @@ def test_generate_does_not_leak_indexer_threads():
     for _ in range(5):
         model.generate(ids, max_new_tokens=2, do_sample=False)
     assert threading.active_count() <= before
+
+
+@pytest.mark.skipif(hetero.native.load() is None, reason="C++ extension not built")
+def test_decode_steps_take_the_one_native_call(monkeypatch):
+    """The cache's runtime carries the model's softmax scale (a config equal to the layers' but another object): each
+    decode token's append and step is still one native call, never the two-call general path."""
+    from hetero.attention import HeteroAttention
+
+    config = hetero.HeteroConfig(window=8, sinks=2, budget=8, retriever="ivf-group",
+                                 retriever_options={"min_train": 16})
+    _, model = _pair("llama", config)
+    fallbacks, general = [], HeteroAttention._append_then_run
+    monkeypatch.setattr(HeteroAttention, "_append_then_run",
+                        lambda self, *args: fallbacks.append(1) or general(self, *args))
+    ids = torch.randint(3, 160, (1, 60), generator=torch.Generator().manual_seed(1))
+    out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert out.shape == (1, 68)
+    # 7 decode steps x 2 layers; only the first step's layers may take the general path, which waits for the
+    # prompt's index still being built in the background
+    assert len(fallbacks) <= 2, len(fallbacks)
