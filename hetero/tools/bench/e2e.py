@@ -6,7 +6,8 @@ run. One JSON line per row:
 and what each row was measured under. ``tokens_per_s`` counts every sequence's tokens (batch x steps / time of the
 measured steps, after warm-up steps). ``ratio`` = hetero / the faster dense baseline. ``weights_bound`` = the best
 ratio possible when every step still reads the weights once: the faster baseline's step time over the step time of
-the same model with a nearly empty cache (``floor_step_ms``, also measured here).
+the same model with a nearly empty cache (``floor_step_ms``, also measured here). The four decodes run interleaved,
+one step of each per round: each figure sits beside its references in time, not minutes apart.
 
 Rows:
 
@@ -25,6 +26,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
@@ -37,18 +39,35 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=
                  tie_word_embeddings=False)
 
 
-def _decode(model, cache, first: torch.Tensor, steps: int, warmup: int) -> Dict:
-    """Greedy decoding of ``steps`` tokens from ``first [B, 1]`` with ``cache``: the tokens and the per-step times
-    (the first ``warmup`` steps are left out of the timing)."""
-    tokens, times, nxt = [], [], first
+@dataclass
+class Decoding:
+    """One greedy decode of an interleaved measurement: its cache, its next input ``[B, 1]``, and the attention
+    implementation the model runs it with (None: leave the model's as it is)."""
+    cache: object
+    next_ids: torch.Tensor
+    attn: Optional[str]
+    tokens: List[torch.Tensor] = field(default_factory=list)
+    times: List[float] = field(default_factory=list)
+
+
+def _decode_interleaved(model, runs: Dict[str, Decoding], steps: int, warmup: int) -> Dict[str, Dict]:
+    """``warmup + steps`` rounds of one greedy step of every run, the runs' order rotated each round: the machine's
+    drift (a shared VM's memory bandwidth moves by 2x within minutes) and the cold caches a step leaves to the
+    next fall on every run alike. Per run: the tokens ``[B, warmup + steps]`` and the measured steps' times (ms)."""
+    names = list(runs)
     with torch.no_grad():
         for i in range(warmup + steps):
-            t = time.perf_counter()
-            logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1]
-            nxt = logits.argmax(-1, keepdim=True)
-            times.append(time.perf_counter() - t)
-            tokens.append(nxt)
-    return {"tokens": torch.cat(tokens, dim=1), "step_ms": [1e3 * x for x in times[warmup:]]}
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                run = runs[name]
+                if run.attn is not None and model.config._attn_implementation != run.attn:
+                    model.set_attn_implementation(run.attn)
+                t = time.perf_counter()
+                logits = model(input_ids=run.next_ids, past_key_values=run.cache, use_cache=True).logits[:, -1]
+                run.next_ids = logits.argmax(-1, keepdim=True)
+                run.times.append(time.perf_counter() - t)
+                run.tokens.append(run.next_ids)
+    return {name: {"tokens": torch.cat(run.tokens, dim=1), "step_ms": [1e3 * x for x in run.times[warmup:]]}
+            for name, run in runs.items()}
 
 
 def _tps(run: Dict, batch: int) -> float:
@@ -84,45 +103,45 @@ def _dynamic_cache(model, kv):
     return DynamicCache(ddp_cache_data=list(kv), config=model.config)  # its updates concatenate: kv stays intact
 
 
-def _floor_ms(model, batch: int, steps: int, warmup: int, dtype) -> float:
-    """Median step time with a 16-token cache: everything but attention (weights, norms, Python)."""
+def _floor_cache(model, batch: int, dtype):
+    """A 16-token ``DynamicCache``: a step over it is everything but attention (weights, norms, Python)."""
     from transformers import DynamicCache
 
     cfg = model.config
     kv = [(torch.randn(batch, cfg.num_key_value_heads, 16, cfg.head_dim, dtype=dtype),
            torch.randn(batch, cfg.num_key_value_heads, 16, cfg.head_dim, dtype=dtype))
           for _ in range(cfg.num_hidden_layers)]
-    run = _decode(model, DynamicCache(ddp_cache_data=kv, config=cfg), torch.zeros(batch, 1, dtype=torch.long),
-                  steps, warmup)
-    return statistics.median(run["step_ms"])
+    return DynamicCache(ddp_cache_data=kv, config=cfg)
 
 
 def _row(name: str, model, kv, first: torch.Tensor, config: HeteroConfig, steps: int, warmup: int, dtype,
          note: str, agree: bool = False) -> Dict:
+    """One JSON row: the dense, static, floor and hetero decodes interleaved step by step (all four caches are
+    alive at once: about three copies of ``kv`` and hetero's tiers)."""
     import hetero
+    from hetero.hf import ATTN_NAME
+    from hetero.tools.envinfo import cpu_model
 
     b, n = first.shape[0], kv[0][0].shape[2]
-    model.set_attn_implementation("sdpa")
-    dense = _decode(model, _dynamic_cache(model, kv), first, steps, warmup)
-    gc.collect()
-    static_cache = _static_cache(model, kv, n + steps + warmup + 1)
-    static = _decode(model, static_cache, first, steps, warmup)
-    del static_cache
-    gc.collect()
-    floor = _floor_ms(model, b, steps, warmup, dtype)
-    hetero.wrap(model, config)
+    hetero.wrap(model, config)  # registers hetero's attention; each decode below sets the implementation it runs
     cache = _hetero_cache(model, kv, config)
-    het = _decode(model, cache, first, steps, warmup)
-    memory = cache.memory()
-    cache.close()
-    del cache
-    hetero.unwrap(model)
+    try:
+        runs = {"dense": Decoding(_dynamic_cache(model, kv), first, "sdpa"),
+                "static": Decoding(_static_cache(model, kv, n + steps + warmup + 1), first, "sdpa"),
+                "floor": Decoding(_floor_cache(model, b, dtype), torch.zeros(b, 1, dtype=torch.long), "sdpa"),
+                "hetero": Decoding(cache, first, ATTN_NAME)}
+        out = _decode_interleaved(model, runs, steps, warmup)
+        memory = cache.memory()
+    finally:
+        cache.close()
+        hetero.unwrap(model)
+    del runs, cache
     gc.collect()
+    dense, static, het = out["dense"], out["static"], out["hetero"]
+    floor = statistics.median(out["floor"]["step_ms"])
     tps_d, tps_s, tps_h = _tps(dense, b), _tps(static, b), _tps(het, b)
     best = max(tps_d, tps_s)
     best_ms = 1e3 * b / best
-    from hetero.tools.envinfo import cpu_model
-
     row = {"model": name, "context": n, "batch": b, "steps": steps, "warmup": warmup,
            "tokens_per_s_dense": round(tps_d, 3), "tokens_per_s_static": round(tps_s, 3),
            "tokens_per_s_hetero": round(tps_h, 3), "ratio": round(tps_h / best, 3),
@@ -131,7 +150,7 @@ def _row(name: str, model, kv, first: torch.Tensor, config: HeteroConfig, steps:
            "step_ms_static": round(statistics.median(static["step_ms"]), 3),
            "step_ms_hetero": round(statistics.median(het["step_ms"]), 3),
            "hetero": {"window": config.window, "sinks": config.sinks, "budget": config.budget,
-                      "retriever": config.retriever}, "memory": memory, "kv": note,
+                      "retriever": config.retriever}, "memory": memory, "kv": note, "interleaved": True,
            "threads": torch.get_num_threads(), "cpu": cpu_model()}
     if agree:
         row["tokens_agree"] = int((dense["tokens"] == het["tokens"]).sum())
