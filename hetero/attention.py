@@ -357,6 +357,8 @@ class HeteroAttention:
         if type(layer) is not LayerCache and not isinstance(layer, LayerCache):
             raise ShapeError(f"layer must be a LayerCache, got {type(layer).__name__}")
         # everything run() would refuse is refused here, before the token goes in
+        if layer.config is not self.config:
+            self._check_compatible(layer)
         if layer.initialized:
             plan = self._resolve_plan(q, layer, plan)
             if q.device.type == "cpu":  # its values too (a CUDA query is checked on its host copy, without a sync)

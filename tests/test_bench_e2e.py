@@ -60,3 +60,28 @@ def test_interleaved_decodes_give_each_run_the_tokens_it_gives_alone(monkeypatch
     # exact mode: hetero decodes what dense SDPA decodes
     assert torch.equal(together["hetero"]["tokens"], together["dense"]["tokens"])
     hetero.unwrap(model)
+
+
+def test_a_row_reports_its_figures_and_leaves_the_model_as_it_came():
+    model, kv, first = _model_and_prompt()
+    row = e2e._row("tiny", model, kv, first, EXACT, STEPS, WARMUP, torch.float32, "test", agree=True)
+    assert row["tokens_agree"] == row["tokens_compared"] == STEPS + WARMUP  # exact mode decodes what dense does
+    assert row["context"] == PROMPT and row["batch"] == 1 and row["interleaved"]
+    for key in ("tokens_per_s_dense", "tokens_per_s_static", "tokens_per_s_hetero", "floor_step_ms"):
+        assert row[key] > 0, key
+    best = max(row["tokens_per_s_dense"], row["tokens_per_s_static"])
+    assert row["ratio"] == pytest.approx(row["tokens_per_s_hetero"] / best, rel=1e-2)
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(hasattr(model, name) for name in ("hetero_config", "_hetero_previous_attn"))
+
+
+def test_a_row_that_fails_leaves_the_model_unwrapped(monkeypatch):
+    model, kv, first = _model_and_prompt()
+
+    def no_room(*args):
+        raise MemoryError("no room for the static cache")
+
+    monkeypatch.setattr(e2e, "_static_cache", no_room)
+    with pytest.raises(MemoryError):
+        e2e._row("tiny", model, kv, first, EXACT, STEPS, WARMUP, torch.float32, "test")
+    assert model.config._attn_implementation == "sdpa" and not hasattr(model, "hetero_config")

@@ -216,15 +216,22 @@ def test_decode_under_an_equal_config_takes_the_native_call(monkeypatch):
 
 
 @needs_native
-def test_decode_under_an_incompatible_config_is_refused_before_the_token_goes_in():
+@pytest.mark.parametrize("path", ["native", "general"])
+def test_decode_under_an_incompatible_config_is_refused_before_the_token_goes_in(monkeypatch, path):
     """A step plan made by a runtime the layer fits, handed to one whose config builds layers differently (another
-    window): refused, the layer as it was."""
+    window): refused before any append (none is attempted), on the one-call path and on the general one."""
     cfg, (a, _), (good, _), gen = _pair("ivf-group", "bfloat16", 2)
     attn = HeteroAttention(cfg.with_(window=64))
     plan = good.plan(a, 8, torch.bfloat16)
+    if path == "general":  # what a token the native append cannot take goes through
+        monkeypatch.setattr(a, "native_token", lambda k, v: None)
+    appends = []
+    monkeypatch.setattr(a, "append", lambda *args, **kw: appends.append(1))
+    monkeypatch.setattr(a, "_append_native", lambda *args, **kw: appends.append(1))
     before = _snapshot(a)
     with pytest.raises(HeteroError, match="window"):
         attn.decode(torch.randn(2, 8, 32).bfloat16(), torch.randn(2, 2, 32), torch.randn(2, 2, 32), a, plan)
+    assert not appends
     _same(before, _snapshot(a))
     for x in (attn, good):
         x.close()

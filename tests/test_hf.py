@@ -221,8 +221,15 @@ def test_decode_steps_take_the_one_native_call(monkeypatch):
     monkeypatch.setattr(HeteroAttention, "_append_then_run",
                         lambda self, *args: fallbacks.append(1) or general(self, *args))
     ids = torch.randint(3, 160, (1, 60), generator=torch.Generator().manual_seed(1))
-    out = model.generate(ids, max_new_tokens=8, do_sample=False)
-    assert out.shape == (1, 68)
+    kw = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    one = model.generate(ids, **kw)
+    assert one.sequences.shape == (1, 68)
     # 7 decode steps x 2 layers; only the first step's layers may take the general path, which waits for the
     # prompt's index still being built in the background
     assert len(fallbacks) <= 2, len(fallbacks)
+    # and it decodes what the general path (append, then the step) decodes, bit for bit
+    monkeypatch.setattr(HeteroAttention, "decode", lambda self, q, k, v, layer, plan, out=None:
+                        self._append_then_run(q, k, v, layer, plan, out))
+    two = model.generate(ids, **kw)
+    assert torch.equal(one.sequences, two.sequences)
+    assert all(torch.equal(x, y) for x, y in zip(one.logits, two.logits))

@@ -123,20 +123,22 @@ def _row(name: str, model, kv, first: torch.Tensor, config: HeteroConfig, steps:
     from hetero.tools.envinfo import cpu_model
 
     b, n = first.shape[0], kv[0][0].shape[2]
-    hetero.wrap(model, config)  # registers hetero's attention; each decode below sets the implementation it runs
-    cache = _hetero_cache(model, kv, config)
+    cache = None
     try:
+        hetero.wrap(model, config)  # registers hetero's attention; each decode below sets the implementation it runs
+        cache = _hetero_cache(model, kv, config)
         runs = {"dense": Decoding(_dynamic_cache(model, kv), first, "sdpa"),
                 "static": Decoding(_static_cache(model, kv, n + steps + warmup + 1), first, "sdpa"),
                 "floor": Decoding(_floor_cache(model, b, dtype), torch.zeros(b, 1, dtype=torch.long), "sdpa"),
                 "hetero": Decoding(cache, first, ATTN_NAME)}
         out = _decode_interleaved(model, runs, steps, warmup)
         memory = cache.memory()
-    finally:
-        cache.close()
+    finally:  # the model as it came, whatever failed (a cache that did not fit, an interrupt)
+        if cache is not None:
+            cache.close()
         hetero.unwrap(model)
-    del runs, cache
-    gc.collect()
+        runs = cache = None
+        gc.collect()
     dense, static, het = out["dense"], out["static"], out["hetero"]
     floor = statistics.median(out["floor"]["step_ms"])
     tps_d, tps_s, tps_h = _tps(dense, b), _tps(static, b), _tps(het, b)
