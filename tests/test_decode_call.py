@@ -138,23 +138,29 @@ def test_decode_allocates_nothing_after_warm_up():
     attn.close()
 
 
-@needs_native
-def test_decode_reserves_full_host_blocks_within_the_native_step(monkeypatch):
-    """A token whose sequence's host blocks are full: decode reserves a block and makes the same native call again,
-    rather than falling back to append-then-run; outputs equal append + run throughout."""
-    cfg, (a, b), (attn_a, attn_b), gen = _pair("ivf-group", "bfloat16", 2, block_tokens=16)
+def _decode_beside_append_then_run(monkeypatch, attn_a, attn_b, a, b, gen, steps):
+    """``steps`` decode steps of ``a`` through ``attn_a.decode`` against ``b.append`` + ``attn_b.run``, outputs equal
+    bit for bit at every step; returns how many times decode fell back to its general path."""
     fallbacks = []
     general = attn_a._append_then_run
     monkeypatch.setattr(attn_a, "_append_then_run", lambda *args: fallbacks.append(1) or general(*args))
-    blocks = [len(x) for x in a.host.blocks]
-    for step in range(40):
+    for step in range(steps):
         k, v = torch.randn(2, 2, 1, 32, generator=gen), torch.randn(2, 2, 1, 32, generator=gen)
         q = torch.randn(2, 8, 32, generator=gen).bfloat16()
         out_a = attn_a.decode(q, k, v, a, attn_a.plan(a, 8, torch.bfloat16))
         b.append(k, v)
         assert torch.equal(out_a, attn_b.run(q, b, attn_b.plan(b, 8, torch.bfloat16))), f"step {step}"
+    return len(fallbacks)
+
+
+@needs_native
+def test_decode_reserves_full_host_blocks_within_the_native_step(monkeypatch):
+    """A token whose sequence's host blocks are full: decode reserves a block and makes the same native call again,
+    rather than falling back to append-then-run; outputs equal append + run throughout."""
+    cfg, (a, b), (attn_a, attn_b), gen = _pair("ivf-group", "bfloat16", 2, block_tokens=16)
+    blocks = [len(x) for x in a.host.blocks]
+    assert _decode_beside_append_then_run(monkeypatch, attn_a, attn_b, a, b, gen, 40) == 0
     assert all(len(x) > n for x, n in zip(a.host.blocks, blocks))  # every sequence filled at least one block
-    assert not fallbacks
     for attn in (attn_a, attn_b):
         attn.close()
 
@@ -201,16 +207,7 @@ def test_decode_under_an_equal_config_takes_the_native_call(monkeypatch):
     cfg, (a, b), _, gen = _pair("ivf-group", "bfloat16", 2)
     scaled = cfg.with_(scale=0.125)
     attn_a, attn_b = HeteroAttention(scaled), HeteroAttention(scaled)
-    fallbacks = []
-    general = attn_a._append_then_run
-    monkeypatch.setattr(attn_a, "_append_then_run", lambda *args: fallbacks.append(1) or general(*args))
-    for step in range(20):
-        k, v = torch.randn(2, 2, 1, 32, generator=gen), torch.randn(2, 2, 1, 32, generator=gen)
-        q = torch.randn(2, 8, 32, generator=gen).bfloat16()
-        out_a = attn_a.decode(q, k, v, a, attn_a.plan(a, 8, torch.bfloat16))
-        b.append(k, v)
-        assert torch.equal(out_a, attn_b.run(q, b, attn_b.plan(b, 8, torch.bfloat16))), f"step {step}"
-    assert not fallbacks
+    assert _decode_beside_append_then_run(monkeypatch, attn_a, attn_b, a, b, gen, 20) == 0
     for attn in (attn_a, attn_b):
         attn.close()
 
