@@ -311,14 +311,15 @@ class HeteroAttention:
         On the CPU with the C++ step and an ``ivf-group`` (or dense) host part this is one native call: the token's
         append and the step, the GIL released. A query with NaN or inf is refused before the token is appended.
         """
+        if not self._closed and isinstance(layer, LayerCache) and layer.config is not self.config:
+            self._check_compatible(layer)  # an equal config (the HF cache's runtime has the model's scale) runs on;
+            # another is refused before the token goes in, on either path below (a dict lookup once checked)
         token = (layer.native_token(k, v) if type(plan) is StepPlan and plan.cpu_fused and type(layer) is LayerCache
                  and layer._native_ok and type(q) is torch.Tensor and not self._closed else None)
         if token is not None:
             plan.check(q, layer)
             ws = plan.workspaces.get(layer)
             mode = self._host_mode(layer)
-            if layer.config is not self.config:  # an equal config (the HF cache's runtime has the model's scale)
-                self._check_compatible(layer)  # a dict lookup once checked; refused before anything changes
         if (token is None or ws is None or mode == 1 or not layer.index.idle or q.stride(-1) != 1):
             return self._append_then_run(q, k, v, layer, plan, out)
         dst = ws.out if out is None else out
@@ -357,8 +358,6 @@ class HeteroAttention:
         if type(layer) is not LayerCache and not isinstance(layer, LayerCache):
             raise ShapeError(f"layer must be a LayerCache, got {type(layer).__name__}")
         # everything run() would refuse is refused here, before the token goes in
-        if layer.config is not self.config:
-            self._check_compatible(layer)
         if layer.initialized:
             plan = self._resolve_plan(q, layer, plan)
             if q.device.type == "cpu":  # its values too (a CUDA query is checked on its host copy, without a sync)
