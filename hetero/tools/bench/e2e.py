@@ -42,10 +42,10 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=
 @dataclass
 class Decoding:
     """One greedy decode of an interleaved measurement: its cache, its next input ``[B, 1]``, and the attention
-    implementation the model runs it with (None: leave the model's as it is)."""
+    implementation the model runs it with."""
     cache: object
     next_ids: torch.Tensor
-    attn: Optional[str]
+    attn: str
     tokens: List[torch.Tensor] = field(default_factory=list)
     times: List[float] = field(default_factory=list)
 
@@ -59,7 +59,7 @@ def _decode_interleaved(model, runs: Dict[str, Decoding], steps: int, warmup: in
         for i in range(warmup + steps):
             for name in names[i % len(names):] + names[:i % len(names)]:
                 run = runs[name]
-                if run.attn is not None and model.config._attn_implementation != run.attn:
+                if model.config._attn_implementation != run.attn:
                     model.set_attn_implementation(run.attn)
                 t = time.perf_counter()
                 logits = model(input_ids=run.next_ids, past_key_values=run.cache, use_cache=True).logits[:, -1]
