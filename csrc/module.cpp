@@ -94,6 +94,31 @@ void ivf_search(Runner& r, uintptr_t q, int64_t D, uintptr_t centroids, uintptr_
   r.ivf_search(a);
 }
 
+void ivf_assign(Runner& r, uintptr_t keys, int64_t H, int64_t n, int64_t key_stride, int64_t D,
+                uintptr_t centroids_t, int64_t L, uintptr_t out) {
+  if (H < 0 || n < 0 || D < 1 || L < 1 || key_stride < n * D)
+    throw std::invalid_argument("ivf_assign: need H, n >= 0, D, L >= 1, key_stride >= n * D");
+  py::gil_scoped_release release;
+  r.ivf_assign(ptr<const float>(keys), H, n, key_stride, D, ptr<const uint16_t>(centroids_t), L, ptr<int64_t>(out));
+}
+
+// One sequence's ivf-group index for the tail flush (ivf/ivf_lists.h), from SeqIndex's array addresses.
+void ivf_tail_flush(Runner& r, int64_t H, int64_t D, int64_t L, int64_t t, int64_t tail_cap, int64_t bits, int64_t Dp,
+                    uintptr_t codes, int64_t codes_head, uintptr_t ids, int64_t ids_head, uintptr_t start,
+                    uintptr_t count, uintptr_t cap, uintptr_t centroids_t, uintptr_t mean_norm, uintptr_t ksum,
+                    uintptr_t vsum, uintptr_t vmean, uintptr_t tail_keys, uintptr_t tail_values, uintptr_t assign) {
+  if (H < 0 || D < 1 || D > Dp || Dp > kMaxCodeDims || L < 1 || t < 0 || t > tail_cap || (bits != 4 && bits != 8) ||
+      Dp % (bits == 4 ? 32 : 16) != 0)
+    throw std::invalid_argument("ivf_tail_flush: invalid sizes (need L >= 1, 0 <= t <= tail_cap, bits 4 or 8, "
+                                "1 <= D <= Dp <= 512, Dp a multiple of 16 (32 for 4 bits))");
+  const IvfTailArgs a{H, D, L, t, tail_cap, bits, Dp, ptr<uint8_t>(codes), codes_head, ptr<int32_t>(ids), ids_head,
+                      ptr<int64_t>(start), ptr<int64_t>(count), ptr<const int64_t>(cap), ptr<uint16_t>(centroids_t),
+                      ptr<float>(mean_norm), ptr<float>(ksum), ptr<float>(vsum), ptr<uint16_t>(vmean),
+                      ptr<const float>(tail_keys), ptr<const float>(tail_values), ptr<const int64_t>(assign)};
+  py::gil_scoped_release release;
+  r.ivf_tail_flush(a);
+}
+
 void check_step_geometry(const int64_t* L, const int64_t* W, const char* who) {
   if (L[HKV] < 1 || W[HQ] % L[HKV] != 0 || W[HQ] / L[HKV] > kMaxGroup || L[LayerField::D] < 1 ||
       L[LayerField::D] > kMaxCodeDims)
@@ -149,6 +174,10 @@ PYBIND11_MODULE(_native, m) {
       .def("sparse_attention", &sparse_attention,
            "Attention over selected rows (a paged host tier, or a contiguous [B, Hkv, L, D] tier without a table)")
       .def("ivf_search", &ivf_search, "Grouped IVF search over 8-bit or 4-bit codes (retrieval/ivf_group.py)")
+      .def("ivf_assign", &ivf_assign,
+           "Nearest lists: out [H, n] int64 of keys [H, n, D] float32 by centroids_t [H, D, L] float16; ivf/ivf_lists.h")
+      .def("ivf_tail_flush", &ivf_tail_flush,
+           "The ivf-group tail moved into the lists `assign` names, with the lists' statistics; ivf/ivf_lists.h")
       .def("decode_step", &decode_step,
            "One layer's decode step from its LAYER and WORK descriptors (runner/step.h): window, host part, fusion")
       .def("decode_token", &decode_token,

@@ -161,8 +161,9 @@ class Retriever(ABC):
         return 0
 
     def cheap_add(self, seq: int, n: int) -> bool:
-        """True when adding ``n`` keys to ``seq`` is a constant-time write (no training, no assignment): the
-        cache then adds them inline instead of handing a few microseconds of work to the background worker."""
+        """True when adding ``n`` keys to ``seq`` is a short, bounded write (no training; at most an assignment of a
+        few dozen keys): the cache then adds them inline instead of handing the work to the background worker,
+        since the step that adds them waits for the index anyway."""
         return False
 
     def bytes_read(self, scanned: np.ndarray) -> int:

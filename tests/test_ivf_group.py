@@ -218,6 +218,112 @@ def test_incremental_adds_equal_one_batch_add_and_keep_every_token_once():
     assert sa.indices.shape[0] == 1
 
 
+def _index_pair(bits, hkv=3, n=600, d=40, nlist=16):
+    """Two SeqIndex of the same keys: one keeping its lists natively (a Runner), one in numpy."""
+    from hetero.native import new_runner
+    from hetero.retrieval.ivf_group import SeqIndex
+
+    gen = torch.Generator().manual_seed(5)
+    keys, vals = torch.randn(hkv, n, d, generator=gen), torch.randn(hkv, n, d, generator=gen)
+    return SeqIndex(keys, vals, nlist, 0, bits, runner=new_runner(2)), SeqIndex(keys, vals, nlist, 0, bits)
+
+
+_INDEX_ARRAYS = ("codes", "ids", "start", "count", "cap", "ksum", "vsum", "vmean", "mean_norm", "centroids_t",
+                 "assign_t")
+
+
+@needs_ext
+@pytest.mark.parametrize("bits", [8, 4])
+def test_native_tail_flush_equals_the_numpy_flush(bits):
+    """The tail's assignment to lists and its move there in native calls: the same lists, rows, ids, sums, means
+    and directions, bit for bit, as the numpy path, over flushes in which a list overflows and moves to the arena's
+    end, a flush forced early and decode-sized adds."""
+    from hetero.retrieval.ivf_group import TAIL_TOKENS
+
+    fast, slow = _index_pair(bits)
+    hkv, d = fast.count.shape[0], fast.centroids_t.shape[1]
+    starts = fast.start.copy()
+    gen = torch.Generator().manual_seed(6)
+    pos = 600
+    for step in range(3 * TAIL_TOKENS + 9):
+        # most keys near list 0's trained direction (it overflows), the rest at random
+        n = 1 if step % 7 else 3
+        keys = torch.randn(hkv, n, d, generator=gen)
+        keys[:, :, :] += 4.0 * torch.from_numpy(fast.assign_t[:, :, 0].astype(np.float32))[:, None] * (step % 3 > 0)
+        vals = torch.randn(hkv, n, d, generator=gen)
+        for index in (fast, slow):
+            index.add(keys.clone(), vals.clone(), pos)
+        pos += n
+        if step == 100:
+            fast.flush()
+            slow.flush()
+    assert (fast.start[:, 0] != starts[:, 0]).all()              # list 0 moved in every head
+    for name in _INDEX_ARRAYS:
+        np.testing.assert_array_equal(getattr(fast, name), getattr(slow, name), err_msg=name)
+    assert fast.tail_starts == slow.tail_starts and fast.tail == slow.tail
+    for h in range(hkv):                                          # every position in exactly one list or the tail
+        tail = fast.ids[h, int(fast.start[h, fast.nlist]):int(fast.start[h, fast.nlist]) + fast.tail].tolist()
+        assert sorted(sum(_list_contents(fast, h).values(), []) + tail) == list(range(pos))
+
+
+@needs_ext
+def test_native_tail_flush_refuses_a_list_without_room_and_changes_nothing():
+    fast, _ = _index_pair(8)
+    for j in range(40):
+        fast.add(torch.randn(3, 1, 40), torch.randn(3, 1, 40), 600 + j)
+    t = fast.tail
+    room = int((fast.cap[:, 0] - fast.count[:, 0]).min())
+    assert t > room
+    fast._tail_assign[...] = 0                                    # every tail key into list 0, which lacks room
+    before = {name: getattr(fast, name).copy() for name in _INDEX_ARRAYS}
+    with pytest.raises(ValueError, match="lacks room"):
+        fast.runner.ivf_tail_flush(*fast._tail_args(t))
+    for name, arr in before.items():
+        np.testing.assert_array_equal(getattr(fast, name), arr, err_msg=name)
+
+
+@needs_ext
+def test_assignment_is_the_same_whatever_the_keys_beside_it():
+    """A key's list is the largest inner product with the trained centroids (float64 check, ties excepted), and
+    the same whether it is assigned alone, in a decode-sized batch or in a prefill-sized one (pool chunks)."""
+    fast, slow = _index_pair(8, nlist=64)
+    keys = torch.randn(3, 300, 40, generator=torch.Generator().manual_seed(7))
+    whole = fast.assign(keys)
+    parts = torch.cat([fast.assign(keys[:, s:s + 7].contiguous()) for s in range(0, 300, 7)], dim=1)
+    assert torch.equal(whole, parts)
+    assert torch.equal(fast.assign(keys[1:2].contiguous(), head0=1), whole[1:2])
+    scores = torch.einsum("hnd,hdl->hnl", keys.double(), torch.from_numpy(fast.assign_t.astype(np.float64)))
+    best = scores.max(dim=2).values
+    chosen = scores.gather(2, whole[:, :, None])[:, :, 0]
+    assert bool(((best - chosen) <= 1e-5 * best.abs()).all())
+    assert (whole == slow.assign(keys)).float().mean() > 0.99   # numpy: the same up to float32 ties
+
+
+def test_the_add_that_fills_the_tail_runs_inline():
+    """With the native flush, the decode add that fills the tail (and assigns it) runs in the step's own thread:
+    handing it to the background worker cost ~0.7 ms of GIL hand-off on top of a flush the step waits for."""
+    from hetero.retrieval.ivf_group import TAIL_TOKENS
+    from hetero.worker import Worker
+
+    indexer = Worker("test-flush-inline")
+    layer, keys, vals, q = _layer(400, d=16, g=1)
+    layer = LayerCache(layer.config, indexer=indexer)
+    layer.append(keys[:, :, :200], vals[:, :, :200])
+    layer.wait_indexed()
+    index = layer.retriever._seqs[0]
+    t = 200
+    while index.tail < TAIL_TOKENS - 1:
+        layer.append(keys[:, :, t], vals[:, :, t])
+        t += 1
+    layer.wait_indexed()
+    layer.append(keys[:, :, t], vals[:, :, t])
+    native = index.runner is not None
+    assert (not layer.index._pending) == native and (index.tail == 0) == native
+    layer.wait_indexed()
+    assert index.tail == 0
+    indexer.close()
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_codes_reproduce_scores_up_to_quantization(bits):
     layer, keys, vals, q = _layer(800, d=32, g=1, code_bits=bits)

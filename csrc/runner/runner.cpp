@@ -137,6 +137,31 @@ void Runner::ivf_search(const IvfSearchArgs& a) {
   traced_run(a.items, [&](int64_t item, int worker) { ivf_search_item(a, item, fn, ivf_scratch_[worker]); });
 }
 
+void Runner::ivf_assign(const float* keys, int64_t H, int64_t n, int64_t key_stride, int64_t D,
+                        const uint16_t* centroids_t, int64_t L, int64_t* out) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const IvfCentroidFn fn = active_ivf_kernels().centroids;
+  if (static_cast<int>(ivf_scratch_.size()) < pool_->threads()) ivf_scratch_.resize(pool_->threads());
+  const int64_t chunks = (n + kAssignChunk - 1) / kAssignChunk;
+  traced_run(H * chunks, [&](int64_t item, int worker) {
+    const int64_t h = item / chunks, j = item % chunks * kAssignChunk, m = std::min(kAssignChunk, n - j);
+    IvfScratch& s = ivf_scratch_[worker];
+    s.cscores.resize(static_cast<size_t>(kAssignChunk * L));
+    s.crow.resize(static_cast<size_t>(L));
+    ivf_nearest_lists(keys + h * key_stride + j * D, m, D, centroids_t + h * D * L, L, fn, s.cscores.data(),
+                      s.crow.data(), out + h * n + j);
+  });
+}
+
+void Runner::ivf_tail_flush(const IvfTailArgs& a) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!ivf_tail_fits(a))
+    throw std::invalid_argument("ivf_tail_flush: a list lacks room for the tail keys assigned to it (relocate it "
+                                "first), or an assignment is out of range");
+  if (static_cast<int>(touched_.size()) < pool_->threads()) touched_.resize(pool_->threads());
+  traced_run(a.H, [&](int64_t h, int worker) { ivf_tail_flush_head(a, h, touched_[worker]); });
+}
+
 double Runner::random_read(const char* base, const int64_t* offsets, int64_t n, int64_t run_bytes, int prefetch,
                            bool to_l2) {
   std::lock_guard<std::mutex> lock(mu_);

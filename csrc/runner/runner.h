@@ -10,6 +10,7 @@
 
 #include "common/thread_pool.h"
 #include "ivf/ivf_scan.h"
+#include "ivf/ivf_lists.h"
 #include "sparse/sparse_attention.h"
 
 namespace hetero {
@@ -72,6 +73,14 @@ class Runner {
   // Grouped IVF search, one item per (sequence, KV head).
   void ivf_search(const IvfSearchArgs& a);
 
+  // An ivf-group index's list keeping (ivf/ivf_lists.h). ivf_assign: out [H, n] int64, the nearest list of each of
+  // keys [H, n, D] float32 (heads key_stride floats apart) by centroids_t [H, D, L] float16, in pool items of
+  // kAssignChunk keys. ivf_tail_flush: one item per head; it refuses (ValueError, nothing changed) when a list lacks
+  // room for the keys assigned to it.
+  void ivf_assign(const float* keys, int64_t H, int64_t n, int64_t key_stride, int64_t D, const uint16_t* centroids_t,
+                  int64_t L, int64_t* out);
+  void ivf_tail_flush(const IvfTailArgs& a);
+
   // One decode step of one layer (runner/step.h): the window part, the host part (a given selection, or the
   // ivf-group search and its estimate), and their log-sum-exp fusion written to out in the query's format.
   // Returns 0, or kStepQueryNotFinite / a workspace size (runner/step.h) with nothing computed.
@@ -113,6 +122,7 @@ class Runner {
   };
   std::vector<StepWorker> step_workers_;
   std::vector<IvfScratch> ivf_scratch_;      // per worker
+  std::vector<std::vector<uint8_t>> touched_;  // per worker: the lists a tail flush added to
   std::vector<int64_t> counts_, nprobe_, ntokens_;  // per item, of a decode step
   std::vector<float> row_;
 };

@@ -5,7 +5,9 @@ list probed by any of them is read once and scored against all G (hetero's C++ k
 each query head keeps its exact top-k over every row scanned for the group. Per (sequence, KV head):
 
 * Coarse quantizer: spherical k-means (faiss ``Kmeans``, 10 iterations, <= 32 training points per list),
-  ``nlist`` = the power of two nearest ``6 sqrt(N)`` within [16, 1024], keys assigned by inner product.
+  ``nlist`` = the power of two nearest ``6 sqrt(N)`` within [16, 1024], keys assigned by inner product with the
+  trained centroids (kept as float16; fixed until a rebuild, so a key's list does not depend on how the tokens
+  were cut into adds), in one native call over the runner's threads (``Runner.ivf_assign``).
 * Codes: per-dimension min/max of the keys it was built on, ``code_bits`` (8 or 4) per dimension, uniform
   levels (``Dp`` = ``D`` rounded up to 16, or 32 for 4 bits; a key is ``Dp * code_bits / 8`` bytes plus a 4-byte
   host position; 4-bit codes pack dimension ``j`` and ``j + Dp / 2`` into byte ``j``). A query is pre-scaled and
@@ -17,7 +19,9 @@ each query head keeps its exact top-k over every row scanned for the group. Per 
   16 rows against a broadcast query group with no horizontal sums.
 * Recent keys: a decode step's evicted keys go to a tail list that every search scans, and are assigned to
   their lists (one batched centroid search) every ``TAIL_TOKENS`` (64) tokens; assigning each token on its
-  own read all centroids (4 MB at 1024 lists x 8 heads x D 128) every step.
+  own read all centroids (2 MB at 1024 lists x 8 heads x D 128) every step. The flush is two native calls (the
+  assignment, then the rows and list statistics, ``Runner.ivf_tail_flush``): 1-1.5 ms at 1024 lists x 8 heads
+  on two threads, inline in the decode step that fills the tail.
 * Lists live in segments of one code arena with spare room (1/16 + 1 rows per list rounded up to a block of
   16, 1/16 at the end); a list that fills up moves to the arena's end with twice the room (the arena grows by
   half when needed), so a decode step's add is O(1). ``memory_bytes`` counts the whole arena, the centroids and
@@ -34,7 +38,7 @@ each query head keeps its exact top-k over every row scanned for the group. Per 
 * Group rules: ``union`` (of the per-head top-k sets), ``per-head`` (the same rows, each head attends only
   its own top-k), ``sum`` (one search with the group's summed query).
 * List statistics: each list keeps the sum of its members' keys and values; ``centroids_t`` holds each list's unit
-  mean direction (float16; what probing ranks by; faiss's k-means centroids only assign new keys), and the mean
+  mean direction (float16; what probing ranks by; the trained centroids only assign new keys), and the mean
   key's norm and the mean value (bfloat16) sit beside it.
 * Estimate of the rest (``estimate=True``, the default): the host tokens a search does not select still carry
   attention mass, and dropping them renormalizes the softmax over the selected ones. The search returns, with its

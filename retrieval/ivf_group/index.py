@@ -41,18 +41,25 @@ class SeqIndex:
     one head at a time into two buffers reused across heads: at 512K tokens x 8 heads x D 128 the build holds 0.5 GB
     of float32 instead of 4 GB (plus as much again in encoding temporaries), and frees little when it is done (on a
     machine that hands freed memory back to its hypervisor, reclaiming an old build's ~6 GB slowed the next decode
-    steps 5-8x for tens of seconds). ``check``: called on each head's float32 keys (the caller's finiteness check)."""
+    steps 5-8x for tens of seconds). ``check``: called on each head's float32 keys (the caller's finiteness check).
+    ``runner``: a C++ Runner (``hetero.native.new_runner``) for the tail flush, which then takes one native call per
+    phase instead of ~30 numpy operations (4-9 ms per flush at 1024 lists x 8 heads, in the decode step that fills
+    the tail)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, nlist: int, seed: int, bits: int = 8,
-                 check=lambda x: None):
+                 check=lambda x: None, runner=None):
         import faiss
+
+        self.runner = runner  # the extension's Runner the tail flush runs on (None: numpy)
 
         hkv, n, d = keys.shape
         self.bits, self.levels = bits, (1 << bits) - 1
         self.dp, self.row_bytes = code_layout(d, bits)               # row_bytes: one key's codes in the arena
         # transposed (q @ centroids_t scores lists), float16: unit directions, half the bytes a search reads
         self.centroids_t = np.empty((hkv, d, nlist), dtype=np.float16)
-        self.quantizers = []
+        # what new keys are assigned by: the trained centroids, fixed, so that where a key goes does not depend on
+        # how the tokens were cut into adds (centroids_t follows the lists' means); float16 [Hkv, D, L], transposed
+        self.assign_t = np.empty((hkv, d, nlist), dtype=np.float16)
         self.vmin = torch.empty(hkv, d)                              # [Hkv, D] code range per dimension
         self.step = torch.empty(hkv, d)
         kbuf, vbuf = torch.empty(n, d), torch.empty(n, d)            # one head's keys / values as float32
@@ -63,9 +70,8 @@ class SeqIndex:
             km = faiss.Kmeans(d, nlist, niter=10, spherical=True, max_points_per_centroid=32,
                               min_points_per_centroid=1, seed=seed + h)
             km.train(kbuf.numpy())
-            self.centroids_t[h] = km.centroids.T
-            self.quantizers.append(km.index)  # IndexFlatIP over the centroids
-            assign[h] = torch.from_numpy(km.index.search(kbuf.numpy(), 1)[1][:, 0])
+            self.centroids_t[h] = self.assign_t[h] = km.centroids.T
+            assign[h] = self.assign(kbuf[None], head0=h)[0]
             self.vmin[h] = kbuf.amin(dim=0)
             # the range in float64: keys near float32's limits would overflow max - min
             self.step[h] = ((kbuf.amax(dim=0).double() - kbuf.amin(dim=0).double()) / self.levels).clamp_min(1e-12)
@@ -85,6 +91,7 @@ class SeqIndex:
         self.tail_keys = torch.empty(hkv, TAIL_TOKENS, d)           # float keys of the tail, for assignment
         self.tail_values = torch.empty(hkv, TAIL_TOKENS, d)
         self._tail_keys_np, self._tail_values_np = self.tail_keys.numpy(), self.tail_values.numpy()
+        self._tail_assign = np.empty((hkv, TAIL_TOKENS), dtype=np.int64)  # the native flush's list of each tail key
         # Per (head, list), the tail list last: sums of the members' keys and values (float32 [Hkv, L + 1, D]), the
         # mean key's norm (float32 [Hkv, L]; its direction is centroids_t's column) and the mean value (bfloat16 bits
         # [Hkv, L + 1, D]: what the estimate reads, half the bytes of float32, ample for an estimate).
@@ -109,14 +116,19 @@ class SeqIndex:
     def tail(self) -> int:
         return int(self.count[0, self.nlist])
 
-    def assign(self, keys: torch.Tensor) -> torch.Tensor:
-        """Nearest list by inner product: ``keys [Hkv, n, D]`` -> ``[Hkv, n]`` int64 (faiss's blocked GEMM +
-        argmax: 4x faster than torch.bmm + argmax over a prefill, and no ``[n, nlist]`` score matrix)."""
-        if keys.shape[1] <= 16:  # a decode step's add: one small batched matmul (torch.bmm: 6.6 ms here, numpy 0.1)
-            return torch.from_numpy(np.matmul(keys.numpy(), self.centroids_t).argmax(axis=2))
-        out = torch.empty(keys.shape[:2], dtype=torch.long)
-        for h, quantizer in enumerate(self.quantizers):
-            out[h] = torch.from_numpy(quantizer.search(np.ascontiguousarray(keys[h].numpy()), 1)[1][:, 0])
+    def assign(self, keys: torch.Tensor, head0: int = 0) -> torch.Tensor:
+        """Nearest list by inner product with the trained centroids: ``keys [H, n, D]`` float32 of heads ``head0 ..``
+        -> ``[H, n]`` int64 (one native call over the runner's threads, else numpy in chunks)."""
+        hk, n, d = keys.shape
+        out = torch.empty(hk, n, dtype=torch.long)
+        centroids = self.assign_t[head0:head0 + hk]
+        if self.runner is not None:
+            x = keys.contiguous()
+            self.runner.ivf_assign(x.data_ptr(), hk, n, n * d, d, centroids.ctypes.data, centroids.shape[2],
+                                   out.data_ptr())
+            return out
+        for s in range(0, n, 8192):  # [8192, L] float32 scores at a time
+            out[:, s:s + 8192] = torch.from_numpy(np.matmul(keys[:, s:s + 8192].numpy(), centroids).argmax(axis=2))
         return out
 
     def encode(self, keys: torch.Tensor, head0: int = 0) -> np.ndarray:
@@ -202,17 +214,44 @@ class SeqIndex:
             self.flush()
 
     def flush(self) -> None:
-        """Assign the tail's keys to their lists."""
+        """Assign the tail's keys to their lists (by the lists' current directions) and move them there."""
         t = self.tail
         if t == 0:
             return
         first = int(self.start[0, self.nlist])
-        ids = self.ids[0, first:first + t].copy()  # the same positions in every head's tail
-        self.count[:, self.nlist] = 0
-        for stat in (self.ksum, self.vsum, self.vmean):
-            stat[:, self.nlist] = 0
-        self._insert(self.tail_keys[:, :t], self.tail_values[:, :t], ids)
-        self.tail_starts.append(int(ids[-1]) + 1)
+        next_start = int(self.ids[0, first + t - 1]) + 1  # the same positions in every head's tail
+        if self.runner is not None:
+            self._flush_native(t)
+        else:
+            ids = self.ids[0, first:first + t].copy()
+            self.count[:, self.nlist] = 0
+            for stat in (self.ksum, self.vsum, self.vmean):
+                stat[:, self.nlist] = 0
+            self._insert(self.tail_keys[:, :t], self.tail_values[:, :t], ids)
+        self.tail_starts.append(next_start)
+
+    def _flush_native(self, t: int) -> None:
+        """``flush`` in two native calls (csrc/ivf/ivf_lists.h): the assignment, then, once every list that lacks room
+        has moved (``_relocate``, rare), the rows and statistics: the same float32 operations as the numpy path."""
+        hkv, lists = self.count.shape
+        assign = self._tail_assign.reshape(-1)[:hkv * t].reshape(hkv, t)  # [Hkv, t] as the kernel writes it
+        d, nlist = self.assign_t.shape[1:]
+        self.runner.ivf_assign(self._tail_keys_np.ctypes.data, hkv, t, TAIL_TOKENS * d, d, self.assign_t.ctypes.data,
+                               nlist, assign.ctypes.data)
+        pair, sizes = np.unique(assign + (np.arange(hkv) * lists)[:, None], return_counts=True)
+        need = self.count.reshape(-1)[pair] + sizes
+        for p, rows in zip(pair[need > self.cap.reshape(-1)[pair]], need[need > self.cap.reshape(-1)[pair]]):
+            self._relocate(int(p) // lists, int(p) % lists, int(rows))
+        self.runner.ivf_tail_flush(*self._tail_args(t))
+
+    def _tail_args(self, t: int) -> tuple:
+        """``Runner.ivf_tail_flush``'s arguments over the current arenas."""
+        hkv, d, nlist = self.centroids_t.shape
+        return (hkv, d, nlist, t, TAIL_TOKENS, self.bits, self.dp,
+                self.codes.ctypes.data, self.codes.strides[0], self.ids.ctypes.data, self.ids.shape[1],
+                self.start.ctypes.data, self.count.ctypes.data, self.cap.ctypes.data, self.centroids_t.ctypes.data,
+                self.mean_norm.ctypes.data, self.ksum.ctypes.data, self.vsum.ctypes.data, self.vmean.ctypes.data,
+                self._tail_keys_np.ctypes.data, self._tail_values_np.ctypes.data, self._tail_assign.ctypes.data)
 
     def _insert(self, keys: torch.Tensor, values: torch.Tensor, ids: np.ndarray,
                 assign: Optional[torch.Tensor] = None, head0: int = 0) -> None:
@@ -251,7 +290,8 @@ class SeqIndex:
         inv = np.divide(np.float32(1.0), cnt, out=np.zeros_like(cnt), where=cnt > 0)
         self.vmean[h, lst] = bf16_bits(self.vsum[h, lst] * inv[:, None])
         ks = self.ksum[h, lst]
-        norm = np.linalg.norm(ks, axis=1).astype(np.float32)
+        ks64 = ks.astype(np.float64)  # squares summed in float64, as the native flush: the same float32 norm
+        norm = np.sqrt(np.einsum("ij,ij->i", ks64, ks64)).astype(np.float32)
         own = lst < self.nlist  # the tail list has no direction (every search scans it)
         self.mean_norm[h[own], lst[own]] = norm[own] * inv[own]
         live = own & (norm > 0)
@@ -342,6 +382,6 @@ class SeqIndex:
             self.add(keys_of(cut, n).contiguous(), values_of(cut, n).contiguous(), cut)
 
     def nbytes(self) -> int:
-        return (self.codes.nbytes + self.ids.nbytes + 3 * self.centroids_t.nbytes + 3 * self.count.nbytes
-                + 2 * self.tail_keys.numel() * 4  # centroids: ours (float16) and the faiss quantizers' (float32)
+        return (self.codes.nbytes + self.ids.nbytes + 2 * self.centroids_t.nbytes + 3 * self.count.nbytes
+                + 2 * self.tail_keys.numel() * 4 + self._tail_assign.nbytes  # centroids: the lists' and the trained
                 + self.ksum.nbytes + self.vsum.nbytes + self.vmean.nbytes + self.mean_norm.nbytes)
