@@ -130,6 +130,7 @@ class LayerCache:
         cls = RETRIEVERS.load(self.config.retriever)
         retriever = cls(host, group_rule=self.config.group_rule, **self.config.retriever_options)
         retriever.softmax_scale = self.config.scale or default_scale(d)
+        retriever.layer_idx = self.layer_idx
         retriever.report_missed = self.config.head_budget == "adaptive"
         return fast, host, retriever
 

@@ -111,6 +111,7 @@ class Retriever(ABC):
         self.opts = self.check_options(options)
         self.host = host
         self.group_rule = group_rule
+        self.layer_idx = 0  # the layer served (set by LayerCache before the first add; ivf-group staggers by it)
         self.ntotal_array = np.zeros(host.batch, dtype=np.int64)
         # the largest ntotal a native add may reach without Python (training, retraining); no limit by default
         self.limit_array = np.full(host.batch, np.iinfo(np.int64).max, dtype=np.int64)

@@ -205,7 +205,7 @@ def test_incremental_adds_equal_one_batch_add_and_keep_every_token_once():
     b.append(keys[:, :, 300:1100], vals[:, :, 300:1100])
     ia, ib = a.retriever._seqs[0], b.retriever._seqs[0]
     sa = a.retriever.search(q, [12])  # before flushing: a's newest keys sit in the always-scanned tail
-    assert ia.tail == (800 % 64) and ib.tail == 0
+    assert ia.tail == (a.host.length[0] - ia.flush_phase) % 64 > 0 and ib.tail == 0  # flushed at layer 0's phase
     ia.flush()
     assert a.retriever.trained_on[0] == b.retriever.trained_on[0]      # no retrain in between
     assert ia.arena_rows > 1.2 * a.retriever.trained_on[0]              # the arena grew
@@ -269,7 +269,7 @@ def test_native_tail_flush_equals_the_numpy_flush(bits):
 @needs_ext
 def test_native_tail_flush_refuses_a_list_without_room_and_changes_nothing():
     fast, _ = _index_pair(8)
-    for j in range(40):
+    for j in range(30):                                           # 600 + 30: not at a flush point
         fast.add(torch.randn(3, 1, 40), torch.randn(3, 1, 40), 600 + j)
     t = fast.tail
     room = int((fast.cap[:, 0] - fast.count[:, 0]).min())
@@ -297,6 +297,25 @@ def test_assignment_is_the_same_whatever_the_keys_beside_it():
     chosen = scores.gather(2, whole[:, :, None])[:, :, 0]
     assert bool(((best - chosen) <= 1e-5 * best.abs()).all())
     assert (whole == slow.assign(keys)).float().mean() > 0.99   # numpy: the same up to float32 ties
+
+
+def test_layers_flush_their_tails_on_different_tokens():
+    """A model's layers reach their tail flushes on different decode tokens (the flush is the longest part of the
+    step that has one): each layer every 64 tokens at its own phase, no two of 6 layers on the same token."""
+    from hetero.retrieval.ivf_group import TAIL_TOKENS
+
+    layer, keys, vals, _ = _layer(600, d=16)
+    layers = [LayerCache(layer.config, layer_idx=i) for i in range(6)]
+    for cache in layers:
+        cache.append(keys[:, :, :300], vals[:, :, :300])
+        for t in range(300, 600):                                    # decode steps: the native append where it can
+            cache.append(keys[:, :, t], vals[:, :, t])
+    flushes = [cache.retriever._seqs[0].tail_starts[1:] for cache in layers]   # host positions after each flush
+    for i, points in enumerate(flushes):
+        assert len(points) >= 4
+        assert all(np.diff(points) == TAIL_TOKENS)
+        assert len({p % TAIL_TOKENS for p in points}) == 1
+    assert len({points[0] % TAIL_TOKENS for points in flushes}) == len(layers)
 
 
 def test_the_add_that_fills_the_tail_runs_inline():

@@ -78,12 +78,13 @@ bool native_add(const int64_t* L, int64_t b, int64_t pos) {
   const int64_t* limit = field_ptr<const int64_t>(L, INDEX_LIMIT);
   if (ntotal[b] != pos || ntotal[b] + 1 > limit[b]) return false;  // out of step, training or retraining due
   if (kind == 1) return true;
-  const int64_t Hkv = L[HKV];
+  const int64_t Hkv = L[HKV], cap = L[IVF_TAIL_CAP];
+  const bool phase = (pos + 1 + cap - L[IVF_FLUSH_PHASE]) % cap == 0;  // the layer's flush point (SeqIndex.flush_due)
   for (int64_t h = 0; h < Hkv; ++h) {
     const int64_t item = b * Hkv + h, lists = field_ptr<const int64_t>(L, IVF_NLISTS)[item];
     if (lists == 0) return true;  // not trained yet: counted only (searches scan the host tier)
     const int64_t* count = reinterpret_cast<const int64_t*>(field_ptr<const uint64_t>(L, IVF_COUNT)[item]);
-    if (count[lists - 1] + 1 >= L[IVF_TAIL_CAP]) return false;  // the tail fills: Python assigns it to lists
+    if (phase || count[lists - 1] + 1 >= cap) return false;  // the tail fills or is due: Python assigns it to lists
   }
   return true;
 }

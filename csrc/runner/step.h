@@ -28,6 +28,7 @@
   X(IVF_TAIL_KSUM) X(IVF_TAIL_VSUM) X(IVF_TAIL_VMEAN) X(IVF_VMIN) X(IVF_INV_STEP) X(IVF_STEP) X(IVF_TAIL_KEYS)     \
   X(IVF_TAIL_VALUES)                                                                                                \
   X(IVF_NLISTS) /* int64 [items] lists with the tail, 0: not trained */ X(IVF_MAX_LISTS) X(IVF_TAIL_CAP)            \
+  X(IVF_FLUSH_PHASE) /* the tail also flushes when an add ends at p with (p - phase) % TAIL_CAP == 0 */             \
   X(IVF_BITS) X(IVF_DP) X(IVF_PROBE_FACTOR) /* float64 bits */ X(IVF_ESTIMATE)
 
 #define HETERO_WORK_FIELDS(X)                                                                                       \

@@ -20,8 +20,9 @@ each query head keeps its exact top-k over every row scanned for the group. Per 
 * Recent keys: a decode step's evicted keys go to a tail list that every search scans, and are assigned to
   their lists (one batched centroid search) every ``TAIL_TOKENS`` (64) tokens; assigning each token on its
   own read all centroids (2 MB at 1024 lists x 8 heads x D 128) every step. The flush is two native calls (the
-  assignment, then the rows and list statistics, ``Runner.ivf_tail_flush``): 1-1.5 ms at 1024 lists x 8 heads
-  on two threads, inline in the decode step that fills the tail.
+  assignment, then the rows and list statistics, ``Runner.ivf_tail_flush``): ~2 ms at 1024 lists x 8 heads on
+  two threads with warm caches, inline in the decode step that has it. Each layer flushes at its own phase
+  (``codes.flush_phase``), so a model's layers do not all flush on the same token.
 * Lists live in segments of one code arena with spare room (1/16 + 1 rows per list rounded up to a block of
   16, 1/16 at the end); a list that fills up moves to the arena's end with twice the room (the arena grows by
   half when needed), so a decode step's add is O(1). ``memory_bytes`` counts the whole arena, the centroids and

@@ -9,6 +9,13 @@ import torch
 TAIL_TOKENS = 64  # recent keys kept unassigned in the always-scanned tail list
 
 
+def flush_phase(layer_idx: int) -> int:
+    """Where layer ``layer_idx``'s tails are flushed: when an add ends at a host position ``p`` with ``(p - phase) %
+    TAIL_TOKENS == 0`` (or the tail is full). Layers differ (13 is prime to 64), so a model's layers flush on
+    different decode tokens, up to 64 layers one per token, instead of all on the same one."""
+    return (13 * layer_idx) % TAIL_TOKENS
+
+
 BLOCK = 16  # arena rows per block of the transposed code layout (csrc/ivf_scan.h)
 
 

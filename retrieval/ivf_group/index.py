@@ -47,10 +47,11 @@ class SeqIndex:
     the tail)."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, nlist: int, seed: int, bits: int = 8,
-                 check=lambda x: None, runner=None):
+                 check=lambda x: None, runner=None, flush_phase: int = 0):
         import faiss
 
         self.runner = runner  # the extension's Runner the tail flush runs on (None: numpy)
+        self.flush_phase = flush_phase  # codes.flush_phase: where the tail is flushed before it is full
 
         hkv, n, d = keys.shape
         self.bits, self.levels = bits, (1 << bits) - 1
@@ -178,8 +179,8 @@ class SeqIndex:
     def add(self, keys: torch.Tensor, values: torch.Tensor, first_id: int) -> None:
         """Append ``keys, values [Hkv, n, D]`` float32 with host positions ``first_id ..`` (all heads at once). A
         decode step's few keys go to the tail list (no centroid read: that is 4 MB per step at 1024 lists x 8
-        heads); the tail is assigned to lists in one batch when it holds ``TAIL_TOKENS`` keys, or before a large
-        add."""
+        heads); the tail is assigned to lists in one batch when it holds ``TAIL_TOKENS`` keys, when the add ends at
+        the layer's flush phase (``flush_due``), or before a large add."""
         hkv, n, _ = keys.shape
         t = self.tail
         if n > TAIL_TOKENS - t:
@@ -210,8 +211,13 @@ class SeqIndex:
         self.tail_keys[:, t:t + n] = keys
         self.tail_values[:, t:t + n] = values
         self.count[:, tail] += n
-        if self.tail == TAIL_TOKENS:
+        if self.tail == TAIL_TOKENS or self.flush_due(first_id + n):
             self.flush()
+
+    def flush_due(self, end: int) -> bool:
+        """Whether an add ending before host position ``end`` flushes the tail (at the layer's phase), full or not:
+        the C++ decode append hands such a token to Python (runner/append.cpp native_add)."""
+        return (end - self.flush_phase) % TAIL_TOKENS == 0
 
     def flush(self) -> None:
         """Assign the tail's keys to their lists (by the lists' current directions) and move them there."""

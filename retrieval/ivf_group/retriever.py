@@ -18,7 +18,7 @@ from hetero.validation import check_finite
 
 from ..base import Option, Retriever, flat_k, pad_rows, selection_from_groups, topk_group
 from ..ivf_rules import IVF_OPTIONS, IVFLifecycle
-from .codes import TAIL_TOKENS, QueryCodes, code_layout
+from .codes import TAIL_TOKENS, QueryCodes, code_layout, flush_phase
 from .index import SeqIndex, _Addrs
 from .reference import estimate_torch, search_torch
 
@@ -45,6 +45,8 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
         self.seed, self.code_bits, self.estimate = self.opts["seed"], self.opts["code_bits"], self.opts["estimate"]
         self._seqs: List[Optional[SeqIndex]] = [None] * host.batch
         self._buffers = None  # _search_cpp's outputs kept between calls
+        # float32 copies of a decode step's keys and values on their way into the index (_staged)
+        self._stage = torch.empty(2, host.kv_heads * (TAIL_TOKENS // 4) * host.head_dim)
         self._runner = native.new_runner(self.opts["threads"])
         self._search_runner = self._runner  # the pool a search runs on (use_runner)
         if self._runner is None:
@@ -73,23 +75,35 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
             built = SeqIndex(self.host.keys(seq, 0, new_total), self.host.values(seq, 0, new_total),
                              self.nlist_for(new_total), self.seed, self.code_bits,
                              check=lambda x: check_finite(x, "the keys added to the ivf-group index"),
-                             runner=self._search_runner)
+                             runner=self._search_runner, flush_phase=flush_phase(self.layer_idx))
             self._seqs[seq] = built
             self.set_trained(seq, new_total)
         elif index is not None:
-            x = keys.float().contiguous()
+            first, n = int(self.ntotal_array[seq]), keys.shape[1]
+            values = self.host.values(seq, first, first + n)
+            if n <= TAIL_TOKENS // 4:  # a decode step's add (maybe a tail flush): float32 in reused buffers
+                x, v = self._staged(keys, 0), self._staged(values, 1)
+            else:
+                x, v = keys.float().contiguous(), values.float().contiguous()
             check_finite(x, "the keys added to the ivf-group index")
-            first = int(self.ntotal_array[seq])
-            index.add(x, self.host.values(seq, first, first + x.shape[1]).float().contiguous(), first)
+            index.add(x, v, first)
         self._publish(seq)
+
+    def _staged(self, x: torch.Tensor, which: int) -> torch.Tensor:
+        """``x [Hkv, n, D]`` (n <= TAIL_TOKENS / 4) as float32 in buffer ``which`` (0 keys, 1 values), contiguous: a
+        decode step's add allocates nothing."""
+        return self._stage[which, :x.numel()].view(x.shape).copy_(x)
 
     def cheap_add(self, seq: int, n: int) -> bool:
         # into the tail list, or (natively) the full tail assigned to lists and the keys into the emptied tail: ~1-2
         # ms at 1024 lists x 8 heads, which the step that adds them waits for anyway (the worker's hand-off costs
         # ~0.7 ms more)
         index = self._seqs[seq]
-        return (index is not None and int(self.ntotal_array[seq]) + n <= self.limit_array[seq]
-                and (index.tail + n < TAIL_TOKENS or (index.runner is not None and n <= TAIL_TOKENS // 4)))
+        end = int(self.ntotal_array[seq]) + n
+        if index is None or end > self.limit_array[seq]:
+            return False
+        return ((index.tail + n < TAIL_TOKENS and not index.flush_due(end))
+                or (index.runner is not None and n <= TAIL_TOKENS // 4))
 
     def reset(self) -> None:
         super().reset()
@@ -165,6 +179,7 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
     def native_tables(self) -> Dict[str, int]:
         t = {f"IVF_{name.upper()}": int(self._tables[i].ctypes.data) for i, name in enumerate(_Addrs._fields)}
         t.update(IVF_NLISTS=self._nlists.ctypes.data, IVF_MAX_LISTS=self._max_lists, IVF_TAIL_CAP=TAIL_TOKENS,
+                 IVF_FLUSH_PHASE=flush_phase(self.layer_idx),
                  IVF_BITS=self.code_bits, IVF_DP=code_layout(self.host.head_dim, self.code_bits)[0],
                  IVF_PROBE_FACTOR=native.float_bits(self.probe_factor), IVF_ESTIMATE=int(self.estimate))
         return t
