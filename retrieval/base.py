@@ -161,6 +161,11 @@ class Retriever(ABC):
         """Bytes this retriever holds beyond the host tier itself."""
         return 0
 
+    def buffers(self) -> List[Any]:
+        """The arrays (tensors or numpy arrays) this retriever keeps beyond the host tier, where it owns them (for
+        tools that read its memory; a faiss index's own memory is not listed)."""
+        return []
+
     def cheap_add(self, seq: int, n: int) -> bool:
         """True when adding ``n`` keys to ``seq`` is a short, bounded write (no training; at most an assignment of a
         few dozen keys): the cache then adds them inline instead of handing the work to the background worker,

@@ -62,9 +62,20 @@ def test_interleaved_decodes_give_each_run_the_tokens_it_gives_alone(monkeypatch
     hetero.unwrap(model)
 
 
-def test_a_row_reports_its_figures_and_leaves_the_model_as_it_came():
+def test_a_row_reports_its_figures_and_leaves_the_model_as_it_came(monkeypatch):
     model, kv, first = _model_and_prompt()
+    seen, forward = [], model.forward
+
+    def spy(*args, **kwargs):  # the dense run: a DynamicCache holding the prompt (the floor's holds 16 tokens)
+        cache = kwargs["past_key_values"]
+        seen.append(type(cache).__name__ == "DynamicCache" and cache.get_seq_length() >= PROMPT)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
     row = e2e._row("tiny", model, kv, first, EXACT, STEPS, WARMUP, torch.float32, "test", agree=True)
+    rounds = STEPS + WARMUP  # static, floor and hetero interleaved, then the dense decode alone
+    assert seen == [False] * 3 * rounds + [True] * rounds
+    assert row["dense_alone"]
     assert row["tokens_agree"] == row["tokens_compared"] == STEPS + WARMUP  # exact mode decodes what dense does
     assert row["context"] == PROMPT and row["batch"] == 1 and row["interleaved"]
     for key in ("tokens_per_s_dense", "tokens_per_s_static", "tokens_per_s_hetero", "floor_step_ms"):

@@ -506,6 +506,9 @@ def test_memory_and_bytes_per_token(bits, row_bytes):
     assert r.bytes_per_token() == row_bytes + 4 and index.codes[0].nbytes == index.arena_rows * row_bytes
     n = r.ntotal[0] * 2
     assert n * r.bytes_per_token() <= r.memory_bytes() < 3 * n * r.bytes_per_token() + 200_000
+    held = r.buffers()  # what a tool reading the index's memory gets: the arenas and statistics, within its bytes
+    assert any(a is index.codes for a in held) and any(a is index.ids for a in held)
+    assert sum(a.nbytes for a in held) <= r.memory_bytes()
 
 
 def test_retrains_when_tier_outgrows_training_and_scans_exactly_before():

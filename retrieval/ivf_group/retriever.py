@@ -219,6 +219,10 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
     def memory_bytes(self) -> int:
         return sum(s.nbytes() for s in self._seqs if s is not None)
 
+    def buffers(self) -> List[Any]:
+        return [a for s in self._seqs if s is not None for a in (s.codes, s.ids, s.centroids_t, s.assign_t, s.ksum,
+                                                                    s.vsum, s.vmean, s.mean_norm)]
+
     def bytes_per_token(self) -> int:
         return code_layout(self.host.head_dim, self.code_bits)[1] + 4  # codes + the int32 host position
 

@@ -6,8 +6,11 @@ run. One JSON line per row:
 and what each row was measured under. ``tokens_per_s`` counts every sequence's tokens (batch x steps / time of the
 measured steps, after warm-up steps). ``ratio`` = hetero / the faster dense baseline. ``weights_bound`` = the best
 ratio possible when every step still reads the weights once: the faster baseline's step time over the step time of
-the same model with a nearly empty cache (``floor_step_ms``, also measured here). The four decodes run interleaved,
-one step of each per round: each figure sits beside its references in time, not minutes apart.
+the same model with a nearly empty cache (``floor_step_ms``, also measured here). The static, floor and hetero
+decodes run interleaved, one step of each per round: each figure sits beside its references in time, not minutes
+apart. The dense (``DynamicCache``) decode runs alone after them (``dense_alone``): each of its steps rebuilds and
+frees its whole cache, which slowed the step after it of whichever run came next. Before any step every cache is
+read once (``_read_once``), so that no run pays the first read of memory that sat idle inside its measured steps.
 
 Rows:
 
@@ -97,6 +100,31 @@ def _static_cache(model, kv, max_len: int):
     return cache
 
 
+def _read_once(cache) -> None:
+    """Read every byte a cache holds once (a hetero cache: its tiers and index arrays) and drop the result.
+
+    On the shared VMs measured here, memory that sat untouched while other large buffers were written and freed
+    (the other caches, an index build's temporaries) is slow to read the first time: a 512 MB host tier read in
+    33-257 ms against 16-18 ms once read (the guest's page counters unchanged: the hypervisor's doing). A dense
+    step reads all of its cache and pays that once, in its warm-up steps; hetero reads a few rows per step and
+    paid it over tens of steps, its layer built first at up to 8x its host-row time. Reading every cache once
+    before the warm-up puts the cost outside the measured steps for all of them alike."""
+    from hetero.hf import HeteroCache
+
+    if isinstance(cache, HeteroCache):
+        arrays = []
+        for layer in cache.layers:
+            lc = layer.layer
+            if lc.initialized:
+                arrays += [lc.fast.k, lc.fast.v, lc.host.kv_pool] + lc.retriever.buffers()
+    else:
+        arrays = [t for layer in cache.layers for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor)]
+    for a in arrays:
+        t = a if isinstance(a, torch.Tensor) else torch.from_numpy(a)
+        if t.numel():
+            t.reshape(-1).view(torch.uint8).max()
+
+
 def _dynamic_cache(model, kv):
     from transformers import DynamicCache
 
@@ -116,8 +144,11 @@ def _floor_cache(model, batch: int, dtype):
 
 def _row(name: str, model, kv, first: torch.Tensor, config: HeteroConfig, steps: int, warmup: int, dtype,
          note: str, agree: bool = False) -> Dict:
-    """One JSON row: the dense, static, floor and hetero decodes interleaved step by step (all four caches are
-    alive at once: about three copies of ``kv`` and hetero's tiers)."""
+    """One JSON row: the static, floor and hetero decodes interleaved step by step, then the dense one alone (all
+    four caches are alive at once: about three copies of ``kv`` and hetero's tiers). A ``DynamicCache`` step
+    concatenates its whole cache anew and frees the old copy (GBs at 128K); interleaved, the next step of another
+    run found its memory slow to read (``_read_once``): hetero's step over the floor's took 28.5 ms instead of
+    12.3-13.0 (Llama-3-8B geometry, 128K, 4 layers; with the static run interleaved instead, 12.3)."""
     import hetero
     from hetero.hf import ATTN_NAME
     from hetero.tools.envinfo import cpu_model
@@ -131,7 +162,11 @@ def _row(name: str, model, kv, first: torch.Tensor, config: HeteroConfig, steps:
                 "static": Decoding(_static_cache(model, kv, n + steps + warmup + 1), first, "sdpa"),
                 "floor": Decoding(_floor_cache(model, b, dtype), torch.zeros(b, 1, dtype=torch.long), "sdpa"),
                 "hetero": Decoding(cache, first, ATTN_NAME)}
+        for run in runs.values():
+            _read_once(run.cache)
+        dense = runs.pop("dense")
         out = _decode_interleaved(model, runs, steps, warmup)
+        out.update(_decode_interleaved(model, {"dense": dense}, steps, warmup))
         memory = cache.memory()
     finally:  # the model as it came, whatever failed (a cache that did not fit, an interrupt)
         if cache is not None:
@@ -152,7 +187,7 @@ def _row(name: str, model, kv, first: torch.Tensor, config: HeteroConfig, steps:
            "step_ms_static": round(statistics.median(static["step_ms"]), 3),
            "step_ms_hetero": round(statistics.median(het["step_ms"]), 3),
            "hetero": {"window": config.window, "sinks": config.sinks, "budget": config.budget,
-                      "retriever": config.retriever}, "memory": memory, "kv": note, "interleaved": True,
+                      "retriever": config.retriever}, "memory": memory, "kv": note, "interleaved": True, "dense_alone": True,
            "threads": torch.get_num_threads(), "cpu": cpu_model()}
     if agree:
         row["tokens_agree"] = int((dense["tokens"] == het["tokens"]).sum())
