@@ -175,7 +175,8 @@ PYBIND11_MODULE(_native, m) {
            "Attention over selected rows (a paged host tier, or a contiguous [B, Hkv, L, D] tier without a table)")
       .def("ivf_search", &ivf_search, "Grouped IVF search over 8-bit or 4-bit codes (retrieval/ivf_group.py)")
       .def("ivf_assign", &ivf_assign,
-           "Nearest lists: out [H, n] int64 of keys [H, n, D] float32 by centroids_t [H, D, L] float16; ivf/ivf_lists.h")
+           "Nearest lists: out [H, n] int64 of keys [H, n, D] float32 by centroids_t [H, D, L] float16 "
+           "(ivf/ivf_lists.h)")
       .def("ivf_tail_flush", &ivf_tail_flush,
            "The ivf-group tail moved into the lists `assign` names, with the lists' statistics; ivf/ivf_lists.h")
       .def("decode_step", &decode_step,

@@ -1,10 +1,10 @@
 """Keeping one layer's retriever in step with its host tier.
 
 Tokens pushed out of the window are stored in the host tier at once and handed to the retriever (``add``) in host
-order, inline or on a background worker (``indexer``, a ``hetero.worker.Worker``). An add the retriever calls
-short and bounded (``cheap_add``: a decode step's keys into ivf-group's tail list, or its native flush) runs inline
-when nothing is queued ahead of it: on two cores the hand-off to the worker cost ~0.7 ms of GIL waiting for ~0.05 ms
-of work, and the step that adds the keys waits for the index anyway. The C++
+order, inline or on a background worker (``indexer``, a ``hetero.worker.Worker``). An add the retriever calls short
+(``cheap_add``: a decode step's keys into ivf-group's tail list, or its native flush) runs inline when nothing is
+queued ahead of it: on two cores the hand-off to the worker cost ~0.7 ms of GIL waiting for ~0.05 ms of work, and
+the step that adds the keys waits for the index anyway. The C++
 decode append indexes natively only while the queue is idle, so the order is kept either way.
 
 A failed add (or a crop's failed ``truncate``), inline or in the background, an exception or an interrupt, never

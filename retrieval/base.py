@@ -162,14 +162,14 @@ class Retriever(ABC):
         return 0
 
     def buffers(self) -> List[Any]:
-        """The arrays (tensors or numpy arrays) this retriever keeps beyond the host tier, where it owns them (for
-        tools that read its memory; a faiss index's own memory is not listed)."""
+        """The large arrays (tensors or numpy arrays) this retriever keeps beyond the host tier, where it owns them
+        (for tools that read its memory; a faiss index's own memory is not listed)."""
         return []
 
     def cheap_add(self, seq: int, n: int) -> bool:
-        """True when adding ``n`` keys to ``seq`` is a short, bounded write (no training; at most an assignment of a
-        few dozen keys): the cache then adds them inline instead of handing the work to the background worker,
-        since the step that adds them waits for the index anyway."""
+        """True when adding ``n`` keys to ``seq`` is short (no training; at most an assignment of a few dozen keys,
+        rarely with a list moved): the cache then adds them inline instead of handing the work to the background
+        worker, since the step that adds them waits for the index anyway."""
         return False
 
     def bytes_read(self, scanned: np.ndarray) -> int:

@@ -75,7 +75,6 @@ def test_a_row_reports_its_figures_and_leaves_the_model_as_it_came(monkeypatch):
     row = e2e._row("tiny", model, kv, first, EXACT, STEPS, WARMUP, torch.float32, "test", agree=True)
     rounds = STEPS + WARMUP  # static, floor and hetero interleaved, then the dense decode alone
     assert seen == [False] * 3 * rounds + [True] * rounds
-    assert row["dense_alone"]
     assert row["tokens_agree"] == row["tokens_compared"] == STEPS + WARMUP  # exact mode decodes what dense does
     assert row["context"] == PROMPT and row["batch"] == 1 and row["interleaved"]
     for key in ("tokens_per_s_dense", "tokens_per_s_static", "tokens_per_s_hetero", "floor_step_ms"):

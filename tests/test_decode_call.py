@@ -130,12 +130,13 @@ def test_decode_allocates_nothing_after_warm_up():
               for _ in range(110)]  # 100 measured: the ivf-group tail flushes on the way
     for q, k, v in inputs[:10]:
         attn.decode(q, k, v, a, plan, out=attn.output(plan, a))
+    flushes = len(a.retriever._seqs[0].tail_starts)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         for q, k, v in inputs[10:]:
             attn.decode(q, k, v, a, plan, out=attn.output(plan, a))
     allocations = sum(1 for e in prof.events() if getattr(e, "cpu_memory_usage", 0) > 0)
     assert allocations == 0
-    assert len(a.retriever._seqs[0].tail_starts) > 1              # a flush was among the measured steps
+    assert len(a.retriever._seqs[0].tail_starts) > flushes        # a flush was among the measured steps
     attn.close()
 
 

@@ -218,14 +218,21 @@ def test_incremental_adds_equal_one_batch_add_and_keep_every_token_once():
     assert sa.indices.shape[0] == 1
 
 
-def _index_pair(bits, hkv=3, n=600, d=40, nlist=16):
-    """Two SeqIndex of the same keys: one keeping its lists natively (a Runner), one in numpy."""
+def _index_pair(bits, hkv=3, n=600, d=40, nlist=16, same_assignment=True):
+    """Two SeqIndex of the same keys: one keeping its lists natively (a Runner), one in numpy. same_assignment: the
+    numpy one assigns keys with the native kernel too (numpy's BLAS sums in another order: a near-tie may go to
+    another list), so that what differs between them is the flush's move and list statistics alone."""
     from hetero.native import new_runner
     from hetero.retrieval.ivf_group import SeqIndex
 
     gen = torch.Generator().manual_seed(5)
     keys, vals = torch.randn(hkv, n, d, generator=gen), torch.randn(hkv, n, d, generator=gen)
-    return SeqIndex(keys, vals, nlist, 0, bits, runner=new_runner(2)), SeqIndex(keys, vals, nlist, 0, bits)
+    fast = SeqIndex(keys, vals, nlist, 0, bits, runner=new_runner(2))
+    if not same_assignment:
+        return fast, SeqIndex(keys, vals, nlist, 0, bits)
+    slow = SeqIndex(keys, vals, nlist, 0, bits, runner=new_runner(2))
+    slow.runner, slow.assign = None, fast.assign  # numpy from here on, but for the assignment (same centroids)
+    return fast, slow
 
 
 _INDEX_ARRAYS = ("codes", "ids", "start", "count", "cap", "ksum", "vsum", "vmean", "mean_norm", "centroids_t",
@@ -235,9 +242,9 @@ _INDEX_ARRAYS = ("codes", "ids", "start", "count", "cap", "ksum", "vsum", "vmean
 @needs_ext
 @pytest.mark.parametrize("bits", [8, 4])
 def test_native_tail_flush_equals_the_numpy_flush(bits):
-    """The tail's assignment to lists and its move there in native calls: the same lists, rows, ids, sums, means
-    and directions, bit for bit, as the numpy path, over flushes in which a list overflows and moves to the arena's
-    end, a flush forced early and decode-sized adds."""
+    """The tail's move into its lists in a native call: the same lists, rows, ids, sums, means and directions, bit
+    for bit, as the numpy path given the same assignment, over flushes in which a list overflows and moves to the
+    arena's end, a flush forced early and decode-sized adds."""
     from hetero.retrieval.ivf_group import TAIL_TOKENS
 
     fast, slow = _index_pair(bits)
@@ -274,19 +281,21 @@ def test_native_tail_flush_refuses_a_list_without_room_and_changes_nothing():
     t = fast.tail
     room = int((fast.cap[:, 0] - fast.count[:, 0]).min())
     assert t > room
-    fast._tail_assign[...] = 0                                    # every tail key into list 0, which lacks room
     before = {name: getattr(fast, name).copy() for name in _INDEX_ARRAYS}
-    with pytest.raises(ValueError, match="lacks room"):
-        fast.runner.ivf_tail_flush(*fast._tail_args(t))
-    for name, arr in before.items():
-        np.testing.assert_array_equal(getattr(fast, name), arr, err_msg=name)
+    args = fast._tail_args(t)
+    for bad_list, keys in ((0, t), (fast.nlist, t), (-1, t), (1, t - 1)):  # no room; out of range (twice); wrong t
+        fast._tail_assign[...] = bad_list
+        with pytest.raises(ValueError, match="lacks room"):
+            fast.runner.ivf_tail_flush(*args[:3], keys, *args[4:])
+        for name, arr in before.items():
+            np.testing.assert_array_equal(getattr(fast, name), arr, err_msg=name)
 
 
 @needs_ext
 def test_assignment_is_the_same_whatever_the_keys_beside_it():
     """A key's list is the largest inner product with the trained centroids (float64 check, ties excepted), and
     the same whether it is assigned alone, in a decode-sized batch or in a prefill-sized one (pool chunks)."""
-    fast, slow = _index_pair(8, nlist=64)
+    fast, slow = _index_pair(8, nlist=64, same_assignment=False)
     keys = torch.randn(3, 300, 40, generator=torch.Generator().manual_seed(7))
     whole = fast.assign(keys)
     parts = torch.cat([fast.assign(keys[:, s:s + 7].contiguous()) for s in range(0, 300, 7)], dim=1)
@@ -316,6 +325,19 @@ def test_layers_flush_their_tails_on_different_tokens():
         assert all(np.diff(points) == TAIL_TOKENS)
         assert len({p % TAIL_TOKENS for p in points}) == 1
     assert len({points[0] % TAIL_TOKENS for points in flushes}) == len(layers)
+
+
+@needs_ext
+def test_an_add_of_several_keys_that_passes_the_flush_point_flushes():
+    """A multi-key add (chunked prefill, speculative decoding) that passes the layer's flush point flushes there,
+    so the layer keeps its own phase."""
+    fast, _ = _index_pair(8)
+    assert fast.flush_phase == 0 and 600 % 64 == 24
+    pos = 600
+    while pos < 640:                                              # adds of 3: [600, 603) ... [639, 642) passes 640
+        fast.add(torch.randn(3, 3, 40), torch.randn(3, 3, 40), pos)
+        pos += 3
+    assert fast.tail_starts[-1] == 642 and fast.tail == 0
 
 
 def test_the_add_that_fills_the_tail_runs_inline():

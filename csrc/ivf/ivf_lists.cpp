@@ -23,11 +23,15 @@ bool ivf_tail_fits(const IvfTailArgs& a) {
   const int64_t lists = a.L + 1;
   std::vector<int64_t> add(static_cast<size_t>(lists));
   for (int64_t h = 0; h < a.H; ++h) {
+    const int64_t* start = a.start + h * lists;
+    const int64_t* count = a.count + h * lists;
+    const int64_t* cap = a.cap + h * lists;
+    if (count[a.L] != a.t || start[a.L] < 0 || start[a.L] + a.t > a.ids_head) return false;
     std::fill(add.begin(), add.end(), 0);
     for (int64_t j = 0; j < a.t; ++j) {
       const int64_t l = a.assign[h * a.t + j];
       if (l < 0 || l >= a.L) return false;
-      if (a.count[h * lists + l] + ++add[l] > a.cap[h * lists + l]) return false;
+      if (count[l] + ++add[l] > cap[l] || start[l] < 0 || start[l] + cap[l] > a.ids_head) return false;
     }
   }
   return true;

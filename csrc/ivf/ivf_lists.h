@@ -40,7 +40,8 @@ constexpr int64_t kAssignChunk = 64;
 void ivf_nearest_lists(const float* keys, int64_t n, int64_t D, const uint16_t* centroids_t, int64_t L,
                        IvfCentroidFn centroids, float* scores, float* row, int64_t* out);
 
-// Whether every list has room for the tail keys assign sends it (count + new <= cap), for every head.
+// Whether the flush may run: for every head, the tail holds t keys inside the arena (ids_head rows), every
+// assignment names a list < L, and every list has room in the arena for the keys assigned to it (count + new <= cap).
 bool ivf_tail_fits(const IvfTailArgs& a);
 
 // Head h's tail rows (codes and ids, already encoded when they entered the tail) appended to their assigned lists

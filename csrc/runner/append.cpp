@@ -79,6 +79,7 @@ bool native_add(const int64_t* L, int64_t b, int64_t pos) {
   if (ntotal[b] != pos || ntotal[b] + 1 > limit[b]) return false;  // out of step, training or retraining due
   if (kind == 1) return true;
   const int64_t Hkv = L[HKV], cap = L[IVF_TAIL_CAP];
+  if (cap < 1) return false;
   const bool phase = (pos + 1 + cap - L[IVF_FLUSH_PHASE]) % cap == 0;  // the layer's flush point (SeqIndex.flush_due)
   for (int64_t h = 0; h < Hkv; ++h) {
     const int64_t item = b * Hkv + h, lists = field_ptr<const int64_t>(L, IVF_NLISTS)[item];

@@ -157,7 +157,7 @@ void Runner::ivf_tail_flush(const IvfTailArgs& a) {
   std::lock_guard<std::mutex> lock(mu_);
   if (!ivf_tail_fits(a))
     throw std::invalid_argument("ivf_tail_flush: a list lacks room for the tail keys assigned to it (relocate it "
-                                "first), or an assignment is out of range");
+                                "first), an assignment is out of range, or the tail does not hold t keys");
   if (static_cast<int>(touched_.size()) < pool_->threads()) touched_.resize(pool_->threads());
   traced_run(a.H, [&](int64_t h, int worker) { ivf_tail_flush_head(a, h, touched_[worker]); });
 }

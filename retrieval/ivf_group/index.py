@@ -42,9 +42,9 @@ class SeqIndex:
     of float32 instead of 4 GB (plus as much again in encoding temporaries), and frees little when it is done (on a
     machine that hands freed memory back to its hypervisor, reclaiming an old build's ~6 GB slowed the next decode
     steps 5-8x for tens of seconds). ``check``: called on each head's float32 keys (the caller's finiteness check).
-    ``runner``: a C++ Runner (``hetero.native.new_runner``) for the tail flush, which then takes one native call per
-    phase instead of ~30 numpy operations (4-9 ms per flush at 1024 lists x 8 heads, in the decode step that fills
-    the tail)."""
+    ``runner``: a C++ Runner (``hetero.native.new_runner``) that every assignment to lists runs on (the build's, a
+    large add's, the tail flush's), and the flush's move: two native calls instead of ~30 numpy operations (4-9 ms
+    per flush at 1024 lists x 8 heads); None: numpy. ``flush_phase``: ``codes.flush_phase`` of the layer."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, nlist: int, seed: int, bits: int = 8,
                  check=lambda x: None, runner=None, flush_phase: int = 0):
@@ -124,7 +124,7 @@ class SeqIndex:
         out = torch.empty(hk, n, dtype=torch.long)
         centroids = self.assign_t[head0:head0 + hk]
         if self.runner is not None:
-            x = keys.contiguous()
+            x = keys.float().contiguous()  # (the kernel reads float32 [H, n, D])
             self.runner.ivf_assign(x.data_ptr(), hk, n, n * d, d, centroids.ctypes.data, centroids.shape[2],
                                    out.data_ptr())
             return out
@@ -178,8 +178,8 @@ class SeqIndex:
 
     def add(self, keys: torch.Tensor, values: torch.Tensor, first_id: int) -> None:
         """Append ``keys, values [Hkv, n, D]`` float32 with host positions ``first_id ..`` (all heads at once). A
-        decode step's few keys go to the tail list (no centroid read: that is 4 MB per step at 1024 lists x 8
-        heads); the tail is assigned to lists in one batch when it holds ``TAIL_TOKENS`` keys, when the add ends at
+        decode step's few keys go to the tail list (no centroid read: that is 2 MB per step at 1024 lists x 8
+        heads); the tail is assigned to lists in one batch when it holds ``TAIL_TOKENS`` keys, when the add reaches
         the layer's flush phase (``flush_due``), or before a large add."""
         hkv, n, _ = keys.shape
         t = self.tail
@@ -211,16 +211,17 @@ class SeqIndex:
         self.tail_keys[:, t:t + n] = keys
         self.tail_values[:, t:t + n] = values
         self.count[:, tail] += n
-        if self.tail == TAIL_TOKENS or self.flush_due(first_id + n):
+        if self.tail == TAIL_TOKENS or self.flush_due(first_id + n, n):
             self.flush()
 
-    def flush_due(self, end: int) -> bool:
-        """Whether an add ending before host position ``end`` flushes the tail (at the layer's phase), full or not:
-        the C++ decode append hands such a token to Python (runner/append.cpp native_add)."""
-        return (end - self.flush_phase) % TAIL_TOKENS == 0
+    def flush_due(self, end: int, n: int = 1) -> bool:
+        """Whether an add of ``n`` keys ending before host position ``end`` reaches the layer's flush point (a
+        position ``p`` with ``(p - phase) % TAIL_TOKENS == 0`` in ``(end - n, end]``) and so flushes the tail, full or
+        not. The C++ decode append (one key) hands such a key to Python (runner/append.cpp native_add)."""
+        return (end - self.flush_phase) % TAIL_TOKENS < n
 
     def flush(self) -> None:
-        """Assign the tail's keys to their lists (by the lists' current directions) and move them there."""
+        """Assign the tail's keys to their lists (by the trained centroids, ``assign``) and move them there."""
         t = self.tail
         if t == 0:
             return
@@ -296,8 +297,8 @@ class SeqIndex:
         inv = np.divide(np.float32(1.0), cnt, out=np.zeros_like(cnt), where=cnt > 0)
         self.vmean[h, lst] = bf16_bits(self.vsum[h, lst] * inv[:, None])
         ks = self.ksum[h, lst]
-        ks64 = ks.astype(np.float64)  # squares summed in float64, as the native flush: the same float32 norm
-        norm = np.sqrt(np.einsum("ij,ij->i", ks64, ks64)).astype(np.float32)
+        ks64 = ks.astype(np.float64)  # squares summed in float64 in dimension order, as the native flush
+        norm = np.sqrt(np.cumsum(ks64 * ks64, axis=1)[:, -1]).astype(np.float32)
         own = lst < self.nlist  # the tail list has no direction (every search scans it)
         self.mean_norm[h[own], lst[own]] = norm[own] * inv[own]
         live = own & (norm > 0)

@@ -75,7 +75,7 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
             built = SeqIndex(self.host.keys(seq, 0, new_total), self.host.values(seq, 0, new_total),
                              self.nlist_for(new_total), self.seed, self.code_bits,
                              check=lambda x: check_finite(x, "the keys added to the ivf-group index"),
-                             runner=self._search_runner, flush_phase=flush_phase(self.layer_idx))
+                             runner=self._runner, flush_phase=flush_phase(self.layer_idx))
             self._seqs[seq] = built
             self.set_trained(seq, new_total)
         elif index is not None:
@@ -95,14 +95,15 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
         return self._stage[which, :x.numel()].view(x.shape).copy_(x)
 
     def cheap_add(self, seq: int, n: int) -> bool:
-        # into the tail list, or (natively) the full tail assigned to lists and the keys into the emptied tail: ~1-2
-        # ms at 1024 lists x 8 heads, which the step that adds them waits for anyway (the worker's hand-off costs
-        # ~0.7 ms more)
+        # into the tail list, or (natively) the tail assigned to lists and the keys into the emptied tail: ~2 ms at
+        # 1024 lists x 8 heads (more in the rare flush that moves a full list and grows the arena), which the step
+        # that adds them waits for anyway (the worker's hand-off costs ~0.7 ms more). The retriever's own pool
+        # runs it: a Python search on the plan's shared pool is never held up behind another layer's build.
         index = self._seqs[seq]
         end = int(self.ntotal_array[seq]) + n
         if index is None or end > self.limit_array[seq]:
             return False
-        return ((index.tail + n < TAIL_TOKENS and not index.flush_due(end))
+        return ((index.tail + n < TAIL_TOKENS and not index.flush_due(end, n))
                 or (index.runner is not None and n <= TAIL_TOKENS // 4))
 
     def reset(self) -> None:
@@ -205,12 +206,7 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
         return []
 
     def use_runner(self, runner) -> None:
-        # the index's list keeping (assignments, tail flushes) runs there too: its threads are awake during decode
-        # steps, where the retriever's own pool sleeps (a tail flush on it ran ~2x longer, the caller mostly alone)
         self._search_runner = runner if runner is not None else self._runner
-        for index in self._seqs:
-            if index is not None:
-                index.runner = self._search_runner
 
     def _update_ready(self) -> None:
         self._ready = (self._runner is not None and self.group_rule == "union" and not self.report_missed

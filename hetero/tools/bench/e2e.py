@@ -187,7 +187,8 @@ def _row(name: str, model, kv, first: torch.Tensor, config: HeteroConfig, steps:
            "step_ms_static": round(statistics.median(static["step_ms"]), 3),
            "step_ms_hetero": round(statistics.median(het["step_ms"]), 3),
            "hetero": {"window": config.window, "sinks": config.sinks, "budget": config.budget,
-                      "retriever": config.retriever}, "memory": memory, "kv": note, "interleaved": True, "dense_alone": True,
+                      "retriever": config.retriever}, "memory": memory, "kv": note, "interleaved": True,
+           "dense_alone": True,
            "threads": torch.get_num_threads(), "cpu": cpu_model()}
     if agree:
         row["tokens_agree"] = int((dense["tokens"] == het["tokens"]).sum())
