@@ -274,6 +274,43 @@ def test_native_tail_flush_equals_the_numpy_flush(bits):
 
 
 @needs_ext
+def test_a_crop_across_native_flushes_equals_the_numpy_path():
+    """A crop (``truncate``) back past several flushes, then more adds: the natively kept index equals the numpy one
+    bit for bit, and holds every remaining position once."""
+    fast, slow = _index_pair(8)
+    hkv, d = fast.count.shape[0], fast.centroids_t.shape[1]
+    gen = torch.Generator().manual_seed(11)
+    added = {}                                                    # host position -> (key, value) [Hkv, D]
+
+    def grow(pos, steps):
+        for step in range(steps):
+            n = 1 + (step % 5 == 0)
+            keys, vals = torch.randn(hkv, n, d, generator=gen), torch.randn(hkv, n, d, generator=gen)
+            for j in range(n):
+                added[pos + j] = (keys[:, j], vals[:, j])
+            for index in (fast, slow):
+                index.add(keys.clone(), vals.clone(), pos)
+            pos += n
+        return pos
+
+    def rows(which, a, b):
+        return torch.stack([added[p][which] for p in range(a, b)], dim=1)
+
+    pos = grow(600, 150)
+    cut = pos - 100                                               # back past at least one flush
+    assert sum(x > cut for x in fast.tail_starts) >= 1
+    for index in (fast, slow):
+        index.truncate(cut, lambda a, b: rows(0, a, b), lambda a, b: rows(1, a, b))
+    pos = grow(cut, 90)
+    for name in _INDEX_ARRAYS:
+        np.testing.assert_array_equal(getattr(fast, name), getattr(slow, name), err_msg=name)
+    assert fast.tail_starts == slow.tail_starts
+    for h in range(hkv):
+        tail = fast.ids[h, int(fast.start[h, fast.nlist]):int(fast.start[h, fast.nlist]) + fast.tail].tolist()
+        assert sorted(sum(_list_contents(fast, h).values(), []) + tail) == list(range(pos))
+
+
+@needs_ext
 def test_native_tail_flush_refuses_a_list_without_room_and_changes_nothing():
     fast, _ = _index_pair(8)
     for j in range(30):                                           # 600 + 30: not at a flush point
