@@ -26,8 +26,8 @@ each query head keeps its exact top-k over every row scanned for the group. Per 
 * Lists live in segments of one code arena with spare room (1/16 + 1 rows per list rounded up to a block of
   16, 1/16 at the end); a list that fills up moves to the arena's end with twice the room (the arena grows by
   half when needed), so a decode step's add is O(1). ``memory_bytes`` counts the whole arena, the centroids and
-  the list statistics: 1.44x ``bytes_per_token`` at 128K tokens per head and head_dim 128 (the arena alone 1.19x),
-  3.7x at 8K (1.63x; lists of ~16 keys padded to blocks of 16, and 2 x 512 lists x D floats of statistics).
+  the list statistics: 1.40x ``bytes_per_token`` at 128K tokens per head and head_dim 128, 4-bit (the arena alone
+  1.19x), 3.41x at 8K (1.62x; lists of ~16 keys padded to blocks of 16, and 2 x 512 lists x D floats of statistics).
 * Probing: each query head ranks the non-empty lists by ``q . centroid`` and takes ``nprobe = ceil(nlist *
   min(1, probe_factor * sqrt(k / N)))``, the same rule as the faiss IVF retrievers; the group scans the union.
   Lists a crop emptied are skipped (they keep their centroids), so a query whose best lists held only cropped
