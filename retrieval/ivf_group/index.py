@@ -50,7 +50,7 @@ class SeqIndex:
                  check=lambda x: None, runner=None, flush_phase: int = 0):
         import faiss
 
-        self.runner = runner  # the extension's Runner the tail flush runs on (None: numpy)
+        self.runner = runner  # the extension's Runner the assignments and the tail flush run on (None: numpy)
         self.flush_phase = flush_phase  # codes.flush_phase: where the tail is flushed before it is full
 
         hkv, n, d = keys.shape
@@ -245,10 +245,7 @@ class SeqIndex:
         d, nlist = self.assign_t.shape[1:]
         self.runner.ivf_assign(self._tail_keys_np.ctypes.data, hkv, t, TAIL_TOKENS * d, d, self.assign_t.ctypes.data,
                                nlist, assign.ctypes.data)
-        pair, sizes = np.unique(assign + (np.arange(hkv) * lists)[:, None], return_counts=True)
-        need = self.count.reshape(-1)[pair] + sizes
-        for p, rows in zip(pair[need > self.cap.reshape(-1)[pair]], need[need > self.cap.reshape(-1)[pair]]):
-            self._relocate(int(p) // lists, int(p) % lists, int(rows))
+        self._make_room(*np.unique(assign + (np.arange(hkv) * lists)[:, None], return_counts=True))
         self.runner.ivf_tail_flush(*self._tail_args(t))
 
     def _tail_args(self, t: int) -> tuple:
@@ -273,9 +270,8 @@ class SeqIndex:
         pair = (assign + (head0 + torch.arange(hkv))[:, None] * lists).flatten().numpy()
         order = np.argsort(pair, kind="stable")
         pairs, first, sizes = np.unique(pair[order], return_index=True, return_counts=True)
-        start, count, cap = self.start.reshape(-1), self.count.reshape(-1), self.cap.reshape(-1)  # views
-        for p in pairs[count[pairs] + sizes > cap[pairs]]:  # overflowing lists move first (rare)
-            self._relocate(int(p) // lists, int(p) % lists, int(count[p] + sizes[pairs == p][0]))
+        self._make_room(pairs, sizes)
+        start, count = self.start.reshape(-1), self.count.reshape(-1)  # views
         rank = np.arange(len(order)) - np.repeat(first, sizes)
         dest = np.repeat(start[pairs] + count[pairs], sizes) + rank
         head = head0 + order // n
@@ -287,6 +283,15 @@ class SeqIndex:
         torch.from_numpy(self.ksum).view(-1, d).index_add_(0, flat, keys.reshape(-1, d))
         torch.from_numpy(self.vsum).view(-1, d).index_add_(0, flat, values.reshape(-1, d))
         self._refresh(pairs)
+
+    def _make_room(self, pairs: np.ndarray, sizes: np.ndarray) -> None:
+        """Room for ``sizes[i]`` more keys in each (head, list) pair ``pairs[i]`` (flat ``head * (L + 1) + list``,
+        distinct): the lists that lack it move to the arena's end first (rare)."""
+        lists = self.count.shape[1]
+        need = self.count.reshape(-1)[pairs] + sizes
+        short = need > self.cap.reshape(-1)[pairs]
+        for p, rows in zip(pairs[short], need[short]):
+            self._relocate(int(p) // lists, int(p) % lists, int(rows))
 
     def _refresh(self, pairs: np.ndarray) -> None:
         """Recompute the mean value, the mean key's norm and unit direction of the (head, list) pairs ``pairs`` (flat
