@@ -156,11 +156,14 @@ def test_bench_cpu_sparse_window_line_against_streaming():
     p = _run("bench", "cpu-sparse", "--window", "256", "--runs", "3", "--membw-mb", "64")
     assert p.returncode == 0, p.stderr
     rows = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
-    assert len(rows) == 1 and rows[0]["kernel"] == "window" and rows[0]["rows"] == 256
-    r = rows[0]
-    assert r["gbps"] > 0 and r["ratio_to_membw"] == pytest.approx(r["gbps"] / r["membw_gbps"], rel=0.01, abs=1e-3)
-    assert r["window_read_gbps"] > 0
-    assert r["ratio_to_window_read"] == pytest.approx(r["gbps"] / r["window_read_gbps"], rel=0.01, abs=1e-3)
+    # one row per query kind (bf16 values, as a bf16 model's; any float32), against the same two reads
+    assert [r["query"] for r in rows] == ["bfloat16", "float32"]
+    assert len({r["window_read_gbps"] for r in rows}) == 1 and len({r["membw_gbps"] for r in rows}) == 1
+    for r in rows:
+        assert r["kernel"] == "window" and r["rows"] == 256 and r["dtype"] == "bfloat16"
+        assert r["gbps"] > 0 and r["ratio_to_membw"] == pytest.approx(r["gbps"] / r["membw_gbps"], rel=0.01, abs=1e-3)
+        assert r["window_read_gbps"] > 0
+        assert r["ratio_to_window_read"] == pytest.approx(r["gbps"] / r["window_read_gbps"], rel=0.01, abs=1e-3)
 
 
 def test_bench_cpu_sparse_row_cost_rows():

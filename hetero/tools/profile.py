@@ -104,7 +104,8 @@ def reference_scratch(keys: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.T
 
 def real_workload(context: int, steps: int, layer: int, dtype: torch.dtype) -> SyntheticWorkload:  # steps: all
     """One layer of captured SmolLM2 attention as a workload: the first ``context`` tokens are the prompt,
-    the next ``steps`` are decoded with their real queries (context + steps <= 8192)."""
+    the next ``steps`` are decoded with their real queries (context + steps <= 8192). The capture ran in float32;
+    keys, values and queries are rounded to ``dtype``, as the same model run in ``dtype`` would compute them."""
     from .workloads.real import capture
 
     total = context + steps
@@ -116,7 +117,7 @@ def real_workload(context: int, steps: int, layer: int, dtype: torch.dtype) -> S
     if layer not in cap.k:
         raise ValueError(f"--layer {layer} not in the capture (layers 0..{cap.num_layers - 1})")
     k, v, q = cap.k[layer][None, :, :total], cap.v[layer][None, :, :total], cap.q[layer][:, context:total]
-    return SyntheticWorkload(k.to(dtype), v.to(dtype), q.permute(1, 0, 2)[:, None].float(), context)
+    return SyntheticWorkload(k.to(dtype), v.to(dtype), q.permute(1, 0, 2)[:, None].to(dtype).float(), context)
 
 
 def _median(xs: List[float]) -> float:

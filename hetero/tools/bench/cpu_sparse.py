@@ -277,7 +277,7 @@ def row_costs(backends: List[str], dtypes: List[str], k: int = 2048, tokens: int
 
 def window_line(threads: int, rows: int = 4096, kv_heads: int = 8, group: int = 4, head_dim: int = 128,
                 dtype_name: str = "bfloat16", runs: int = 21, membw_bytes: int = 1 << 30, seed: int = 0,
-                out=sys.stdout) -> dict:
+                out=sys.stdout) -> List[dict]:
     """The fast tier's window kernel on the CPU (``cpp``): attention of one sequence's G x Hkv queries over ``rows``
     contiguous rows per KV head, in buffers allocated as the fast tier allocates its own (``hetero.memory``: advised
     for huge pages). Windows are rotated over >= 4x the LLC, so each call reads its rows from DRAM, as a decode step
@@ -286,7 +286,11 @@ def window_line(threads: int, rows: int = 4096, kv_heads: int = 8, group: int = 
     Two references from the same run: ``membw_gbps``, a long streaming read (``membw_bytes``, measured first), and
     ``window_read_gbps``, a streaming read (``torch.sum`` on the same threads) of the same window buffers, timed in
     rounds alternating with the kernel, so that a noisy machine slows both alike. The second is what the kernel's
-    bytes can cost at best: 2 x Hkv separate runs of ``rows`` rows per call, each a new stream."""
+    bytes can cost at best: 2 x Hkv separate runs of ``rows`` rows per call, each a new stream.
+
+    One row per query kind, timed in the same rounds: ``query`` ``"bfloat16"`` holds values of the KV dtype, as a
+    model in that dtype computes them (the kernel's bf16 dot products take them as they are), ``"float32"`` any
+    float32 values (the kernel widens the keys instead)."""
     dtype = KV_DTYPES[dtype_name]
     gen = torch.Generator().manual_seed(seed)
     window_bytes = 2 * kv_heads * rows * head_dim * dtype.itemsize
@@ -297,7 +301,8 @@ def window_line(threads: int, rows: int = 4096, kv_heads: int = 8, group: int = 
                                                                                    generator=gen))
 
     kvs = [(window_buffer(), window_buffer()) for _ in range(count)]
-    q = torch.randn(1, kv_heads * group, head_dim, generator=gen)
+    q32 = torch.randn(1, kv_heads * group, head_dim, generator=gen)
+    queries = {dtype_name: q32.to(dtype).float(), "float32": q32}
     lengths = torch.tensor([rows], dtype=torch.int32)
     backend = _BACKENDS.get("window", "cpp")
     backend.set_threads(threads)
@@ -306,17 +311,21 @@ def window_line(threads: int, rows: int = 4096, kv_heads: int = 8, group: int = 
     scale = 1 / math.sqrt(head_dim)
     # whole 32-bit words where the rows allow it (torch's sum of 16-bit integers does not vectorize)
     words = (lambda t: t.view(torch.float32)) if (head_dim * dtype.itemsize) % 4 == 0 else (lambda t: t)
-    kernel = lambda i: functools.partial(backend, q, *kvs[i % count], lengths, scale)
-    read = lambda i: lambda: [words(x).sum() for x in kvs[i % count]]
-    t, t_read = _time_rounds([kernel, read], runs)
-    gbps, read_gbps = window_bytes / t / 1e9, window_bytes / t_read / 1e9
-    row = {"kernel": "window", "backend": "cpp", "dtype": dtype_name, "rows": rows, "kv_heads": kv_heads,
-           "group": group, "head_dim": head_dim, "threads": threads, "median_us": round(t * 1e6, 1),
-           "gbps": round(gbps, 4), "membw_gbps": round(membw, 2), "ratio_to_membw": round(gbps / membw, 3),
-           "window_read_gbps": round(read_gbps, 2), "ratio_to_window_read": round(gbps / read_gbps, 3),
-           "isa": _isa("cpp")}
-    print(json.dumps(row), file=out, flush=True)
-    return row
+    kernel = lambda q: lambda i: functools.partial(backend, q, *kvs[i % count], lengths, scale)  # noqa: E731
+    read = lambda i: lambda: [words(x).sum() for x in kvs[i % count]]  # noqa: E731
+    *times, t_read = _time_rounds([kernel(q) for q in queries.values()] + [read], runs)
+    read_gbps = window_bytes / t_read / 1e9
+    rows_out = []
+    for query, t in zip(queries, times):
+        gbps = window_bytes / t / 1e9
+        row = {"kernel": "window", "backend": "cpp", "dtype": dtype_name, "query": query, "rows": rows,
+               "kv_heads": kv_heads, "group": group, "head_dim": head_dim, "threads": threads,
+               "median_us": round(t * 1e6, 1), "gbps": round(gbps, 4), "membw_gbps": round(membw, 2),
+               "ratio_to_membw": round(gbps / membw, 3), "window_read_gbps": round(read_gbps, 2),
+               "ratio_to_window_read": round(gbps / read_gbps, 3), "isa": _isa("cpp")}
+        print(json.dumps(row), file=out, flush=True)
+        rows_out.append(row)
+    return rows_out
 
 
 def _isa(backend: str) -> Optional[str]:

@@ -27,7 +27,9 @@ import torch
 @dataclass
 class SyntheticWorkload:
     """keys, values: ``[B, Hkv, context + steps, D]`` in ``dtype`` (the last ``steps`` tokens arrive one
-    per decode step); queries: ``[steps, B, Hq, D]`` float32."""
+    per decode step); queries: ``[steps, B, Hq, D]`` float32 holding values of ``dtype``: a model in ``dtype``
+    computes its queries in it (and hetero's kernels take a bf16-valued query's dot products in bf16, a float32
+    one's by widening the keys)."""
 
     keys: torch.Tensor
     values: torch.Tensor
@@ -70,4 +72,4 @@ def make_synthetic(context: int, batch: int = 1, q_heads: int = 32, kv_heads: in
                                  a.unsqueeze(-1).expand(-1, -1, -1, -1, d))
     q = lam * (idx(shared) + idx(own) + sink_dir[None, :, :, None, :])
     q += 0.1 * lam * torch.randn(q.shape, generator=g) / math.sqrt(d)
-    return SyntheticWorkload(keys, values, q.reshape(steps, batch, q_heads, d).float(), context)
+    return SyntheticWorkload(keys, values, q.reshape(steps, batch, q_heads, d).to(dtype).float(), context)
