@@ -342,6 +342,7 @@ class HeteroAttention:
                 layer.reserve_flagged()  # a sequence's host blocks were full: nothing ran; the same call again
             if appended > 0:  # appended; index adds left to Python, which the step waits for
                 layer.queue_native_leftovers()
+            layer.populate_host_ahead()
             if not step:  # the workspace is read under the lock: another thread's step on this layer writes it next
                 self._after_step(layer, ws, plan, mode, timed)
                 return dst if out is not None else dst.clone()

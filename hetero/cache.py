@@ -227,6 +227,7 @@ class LayerCache:
                        for seq, n in enumerate(lengths) if n}
             with interrupts.deferred():  # a Ctrl-C between a slot's overwrite and its token's host append loses it
                 self._write_locked(evicted, keys, values, lengths, rec, finite)
+            self.populate_host_ahead()
 
     def _write_locked(self, evicted, keys, values, lengths, rec, finite) -> None:
         """append()'s writes, its copies made: the fast tier, the host tier (or the stage), then the index adds."""
@@ -296,7 +297,14 @@ class LayerCache:
         with self.lock:
             self.index.check_open()
             self._append_native(token[0], token[1])
+            self.populate_host_ahead()
         return True
+
+    def populate_host_ahead(self) -> None:
+        """The host tier's next rows backed by memory on the indexer thread, ahead of the appends that write them
+        (``HostTier.populate_ahead``): once per append. Caller holds the lock."""
+        if self.host is not None:
+            self.host.populate_ahead(self.host.populate_lead(self.layer_idx), self.index.indexer)
 
     def native_token(self, k, v):
         """``(k, v, stride_b, stride_h, dtype_code)``, k and v as ``[B, Hkv, D]`` views, when they are one decode

@@ -11,6 +11,7 @@ buffer, a quarter of an 8 MiB window, would stay in 4 KiB pages). Pinned (CUDA) 
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import math
 import os
@@ -19,21 +20,45 @@ import sys
 import torch
 
 _HUGE = 2 << 20
+HUGE_PAGE_BYTES = _HUGE
+_PAGE = 4096
 _MADV_HUGEPAGE = 14
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _libc = None
+_populate_refused = False
 
 
 def _hugepages_wanted() -> bool:
     return sys.platform.startswith("linux") and os.environ.get("HETERO_HUGEPAGES", "1") != "0"
 
 
-def _madvise_hugepages(address: int, length: int) -> bool:
-    """Advise ``[address, address + length)`` (2 MiB aligned) for transparent huge pages."""
+def _madvise(address: int, length: int, advice: int) -> bool:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return _libc.madvise(address, length, _MADV_HUGEPAGE) == 0
+    return _libc.madvise(address, length, advice) == 0
+
+
+def _madvise_hugepages(address: int, length: int) -> bool:
+    """Advise ``[address, address + length)`` (2 MiB aligned) for transparent huge pages."""
+    return _madvise(address, length, _MADV_HUGEPAGE)
+
+
+def populate(address: int, length: int) -> bool:
+    """Back ``[address, address + length)`` of a pageable buffer with memory now, its contents kept
+    (``madvise(MADV_POPULATE_WRITE)``): the first-touch faults of the range are taken by the caller, not by the first
+    write there. Safe beside concurrent readers and writers of the range. False (and nothing done) where the
+    system has no such advice (not Linux, a kernel before 5.14: asked once)."""
+    global _populate_refused
+    if _populate_refused or not sys.platform.startswith("linux"):
+        return False
+    start = address - address % _PAGE
+    end = -(-(address + length) // _PAGE) * _PAGE
+    if _madvise(start, end - start, _MADV_POPULATE_WRITE):
+        return True
+    _populate_refused = ctypes.get_errno() == errno.EINVAL  # an unknown advice; other errors are this range's
+    return False
 
 
 def zeros_host(shape, dtype: torch.dtype) -> torch.Tensor:

@@ -28,7 +28,9 @@ def snapshot(layer):
     if not layer.initialized:
         return None
     f, h = layer.fast, layer.host
-    return (f.k.clone(), f.v.clone(), list(f.total), f.lengths.clone(), h.k_pool.clone(), h.v_pool.clone(),
+    rows = h.rows_reserved  # the pool's room after the blocks handed out belongs to no sequence
+    return (f.k.clone(), f.v.clone(), list(f.total), f.lengths.clone(), h.k_pool[:, :rows].clone(),
+            h.v_pool[:, :rows].clone(),
             [list(b) for b in h.blocks], list(h.length), list(layer.retriever.ntotal))
 
 

@@ -36,9 +36,10 @@ def measure_rates(host_tier, threads: int, runs: int = 8192, repeats: int = 7, p
     runner = native.new_runner(threads)
     if runner is None:
         return Rates(stream, float("nan"), run_bytes)
-    if pool.shape[1] == 0:  # no host rows yet (the prompt fits the window): runs of the same size in 256 MiB
+    rows = host_tier.rows_reserved  # the pool's room after them is not backed by memory yet
+    if rows == 0:  # no host rows yet (the prompt fits the window): runs of the same size in 256 MiB
         pool = torch.zeros(1, (256 << 20) // run_bytes, run_bytes, dtype=torch.uint8)
-    rows = pool.shape[1]
+        rows = pool.shape[1]
     gen = np.random.default_rng(0)
     head_bytes = pool.stride(0) * pool.element_size()
     times = []
