@@ -235,8 +235,49 @@ def _index_pair(bits, hkv=3, n=600, d=40, nlist=16, same_assignment=True):
     return fast, slow
 
 
-_INDEX_ARRAYS = ("codes", "ids", "start", "count", "cap", "ksum", "vsum", "vmean", "mean_norm", "centroids_t",
+_INDEX_ARRAYS = ("codes", "ids", "start", "count", "cap", "used", "ksum", "vsum", "vmean", "mean_norm", "centroids_t",
                  "assign_t")
+
+
+def _array(index, name):
+    """An index's array; of the arenas, each head's rows handed out to its lists, one after another (the room after
+    them is never written or read)."""
+    from hetero.retrieval.ivf_group import BLOCK
+
+    heads = range(index.count.shape[0])
+    if name == "codes":
+        return np.concatenate([index.codes[h, :int(index.used[h]) // BLOCK] for h in heads])
+    if name == "ids":
+        return np.concatenate([index.ids[h, :int(index.used[h])] for h in heads])
+    return getattr(index, name)
+
+
+@needs_ext
+def test_arena_rows_are_cleared_as_they_are_handed_out(monkeypatch):
+    """The arenas are allocated with room (4x the rows asked for: address space) and not zeroed: the rows handed to a
+    list, at the build and when a full list moves to the end, are cleared then. An index whose arenas start as
+    garbage holds the same lists, rows and ids as one whose start as zeros, through flushes and moves."""
+    import hetero.retrieval.ivf_group.index as ix
+    from hetero.retrieval.ivf_group import TAIL_TOKENS
+
+    real = ix.empty_host
+    indexes = []
+    for poison in (0, 0x5A):
+        with monkeypatch.context() as m:
+            m.setattr(ix, "empty_host", lambda shape, dtype: real(shape, dtype).fill_(poison))
+            index, _ = _index_pair(4)
+            hkv, d = index.count.shape[0], index.centroids_t.shape[1]
+            gen = torch.Generator().manual_seed(7)
+            for step in range(2 * TAIL_TOKENS + 5):  # list 0 fills and moves in every head
+                keys = torch.randn(hkv, 1, d, generator=gen)
+                keys += 4.0 * torch.from_numpy(index.assign_t[:, :, 0].astype(np.float32))[:, None] * (step % 3 > 0)
+                index.add(keys, torch.randn(hkv, 1, d, generator=gen), 600 + step)
+            indexes.append(index)
+    clean, dirty = indexes
+    moved = (clean.start[:, 0] >= clean.used - clean.cap[:, 0]).all()  # list 0 sits last in every head: it moved
+    assert moved and clean.arena_rows >= ix.RESERVE_FACTOR * clean.used_rows // 2  # and room lies ahead
+    for name in _INDEX_ARRAYS:
+        np.testing.assert_array_equal(_array(dirty, name), _array(clean, name), err_msg=name)
 
 
 @needs_ext
@@ -266,7 +307,7 @@ def test_native_tail_flush_equals_the_numpy_flush(bits):
             slow.flush()
     assert (fast.start[:, 0] != starts[:, 0]).all()              # list 0 moved in every head
     for name in _INDEX_ARRAYS:
-        np.testing.assert_array_equal(getattr(fast, name), getattr(slow, name), err_msg=name)
+        np.testing.assert_array_equal(_array(fast, name), _array(slow, name), err_msg=name)
     assert fast.tail_starts == slow.tail_starts and fast.tail == slow.tail
     for h in range(hkv):                                          # every position in exactly one list or the tail
         tail = fast.ids[h, int(fast.start[h, fast.nlist]):int(fast.start[h, fast.nlist]) + fast.tail].tolist()
@@ -303,7 +344,7 @@ def test_a_crop_across_native_flushes_equals_the_numpy_path():
         index.truncate(cut, lambda a, b: rows(0, a, b), lambda a, b: rows(1, a, b))
     pos = grow(cut, 90)
     for name in _INDEX_ARRAYS:
-        np.testing.assert_array_equal(getattr(fast, name), getattr(slow, name), err_msg=name)
+        np.testing.assert_array_equal(_array(fast, name), _array(slow, name), err_msg=name)
     assert fast.tail_starts == slow.tail_starts
     for h in range(hkv):
         tail = fast.ids[h, int(fast.start[h, fast.nlist]):int(fast.start[h, fast.nlist]) + fast.tail].tolist()
@@ -318,14 +359,14 @@ def test_native_tail_flush_refuses_a_list_without_room_and_changes_nothing():
     t = fast.tail
     room = int((fast.cap[:, 0] - fast.count[:, 0]).min())
     assert t > room
-    before = {name: getattr(fast, name).copy() for name in _INDEX_ARRAYS}
+    before = {name: _array(fast, name).copy() for name in _INDEX_ARRAYS}
     args = fast._tail_args(t)
     for bad_list, keys in ((0, t), (fast.nlist, t), (-1, t), (1, t - 1)):  # no room; out of range (twice); wrong t
         fast._tail_assign[...] = bad_list
         with pytest.raises(ValueError, match="lacks room"):
             fast.runner.ivf_tail_flush(*args[:3], keys, *args[4:])
         for name, arr in before.items():
-            np.testing.assert_array_equal(getattr(fast, name), arr, err_msg=name)
+            np.testing.assert_array_equal(_array(fast, name), arr, err_msg=name)
 
 
 @needs_ext
@@ -565,9 +606,10 @@ def test_memory_and_bytes_per_token(bits, row_bytes):
     assert r.bytes_per_token() == row_bytes + 4 and index.codes[0].nbytes == index.arena_rows * row_bytes
     n = r.ntotal[0] * 2
     assert n * r.bytes_per_token() <= r.memory_bytes() < 3 * n * r.bytes_per_token() + 200_000
-    held = r.buffers()  # what a tool reading the index's memory gets: the arenas and statistics, within its bytes
-    assert any(a is index.codes for a in held) and any(a is index.ids for a in held)
-    assert sum(a.nbytes for a in held) <= r.memory_bytes()
+    held = r.buffers()  # what a tool reading the index's memory gets: the arenas' rows in use and the statistics
+    for arena, rows in ((index.codes, index.used_rows // 16), (index.ids, index.used_rows)):
+        assert any(np.shares_memory(a, arena) and a.shape[1] == rows for a in held)
+    assert sum(a.nbytes for a in held) <= r.memory_bytes() + index.ids.shape[0] * index.used_rows * (row_bytes + 4)
 
 
 def test_retrains_when_tier_outgrows_training_and_scans_exactly_before():
@@ -755,8 +797,8 @@ def test_decode_adds_encode_like_the_numpy_path(bits, monkeypatch):
         layer.wait_indexed()
     a, b = (layer.retriever._seqs[0] for layer, *_ in layers)
     assert a.codes.shape == b.codes.shape and a.tail == b.tail
-    np.testing.assert_array_equal(a.codes, b.codes)
-    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(_array(a, "codes"), _array(b, "codes"))
+    np.testing.assert_array_equal(_array(a, "ids"), _array(b, "ids"))
     np.testing.assert_array_equal(a.count, b.count)
 
 

@@ -24,10 +24,12 @@ each query head keeps its exact top-k over every row scanned for the group. Per 
   two threads with warm caches, inline in the decode step that has it. Each layer flushes at its own phase
   (``codes.flush_phase``), so a model's layers do not all flush on the same token.
 * Lists live in segments of one code arena with spare room (1/16 + 1 rows per list rounded up to a block of
-  16, 1/16 at the end); a list that fills up moves to the arena's end with twice the room (the arena grows by
-  half when needed), so a decode step's add is O(1). ``memory_bytes`` counts the whole arena, the centroids and
-  the list statistics: 1.40x ``bytes_per_token`` at 128K tokens per head and head_dim 128, 4-bit (the arena alone
-  1.19x), 3.41x at 8K (1.62x; lists of ~16 keys padded to blocks of 16, and 2 x 512 lists x D floats of statistics).
+  16); a list that fills up moves to the end of the rows in use with twice the room, so a decode step's add is
+  O(1). The arena reserves address space for 4x the rows it holds, backed by memory where rows are handed out
+  (as the host tier's pool), so it is rarely copied. ``memory_bytes`` counts the rows handed out, the centroids
+  and the list statistics: 1.34x ``bytes_per_token`` at 128K tokens per head and head_dim 128, 4-bit (the rows
+  alone 1.13x), 3.32x at 8K (1.52x; lists of ~16 keys padded to blocks of 16, and 2 x 512 lists x D floats of
+  statistics).
 * Probing: each query head ranks the non-empty lists by ``q . centroid`` and takes ``nprobe = ceil(nlist *
   min(1, probe_factor * sqrt(k / N)))``, the same rule as the faiss IVF retrievers; the group scans the union.
   Lists a crop emptied are skipped (they keep their centroids), so a query whose best lists held only cropped

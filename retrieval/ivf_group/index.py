@@ -8,9 +8,11 @@ import numpy as np
 import torch
 
 from hetero import native
-from hetero.memory import zeros_host
+from hetero.memory import empty_host
 
 from .codes import BLOCK, TAIL_TOKENS, bf16_bits, code_layout, whole_blocks
+
+RESERVE_FACTOR = 4  # an arena's room: this many times the rows asked for (SeqIndex._alloc)
 
 
 class _Addrs(NamedTuple):
@@ -89,6 +91,7 @@ class SeqIndex:
         self.count = np.zeros_like(counts)
         self.used = self.cap.sum(axis=1)                             # arena rows handed out, per head
         self._alloc(whole_blocks(int(self.used.max()) + n // 16 + 64))
+        self._clear(0, self.used_rows)
         self.tail_keys = torch.empty(hkv, TAIL_TOKENS, d)           # float keys of the tail, for assignment
         self.tail_values = torch.empty(hkv, TAIL_TOKENS, d)
         self._tail_keys_np, self._tail_values_np = self.tail_keys.numpy(), self.tail_values.numpy()
@@ -153,17 +156,34 @@ class SeqIndex:
         return codes
 
     def _alloc(self, rows: int) -> None:
-        """Zeroed code and id arenas of ``rows`` rows (a multiple of BLOCK) per head, huge-page advised (lists are
-        streamed): codes ``[Hkv, rows / 16, row_bytes / 4, 16, 4]`` (block_rows' layout), ids ``[Hkv, rows]``."""
+        """Code and id arenas with room for ``RESERVE_FACTOR x rows`` rows per head (address space: backed by memory
+        where rows are written, as the host tier's pool; a growth copies the arena, 45 ms for a layer at 32K tokens
+        on a VM that backs memory at its first touch), huge-page advised (lists are streamed): codes
+        ``[Hkv, R / 16, row_bytes / 4, 16, 4]`` (block_rows' layout), ids ``[Hkv, R]``. Not zeroed: rows are
+        cleared as they are handed out (``_clear``)."""
         hkv = self.count.shape[0]
-        self.codes = zeros_host((hkv, rows // BLOCK, self.row_bytes // 4, BLOCK, 4), torch.uint8).numpy()
-        self.ids = zeros_host((hkv, rows), torch.int32).numpy()
+        rows = whole_blocks(RESERVE_FACTOR * rows)
+        self.codes = empty_host((hkv, rows // BLOCK, self.row_bytes // 4, BLOCK, 4), torch.uint8).numpy()
+        self.ids = empty_host((hkv, rows), torch.int32).numpy()
         self._pointers = None
         self.version = getattr(self, "version", 0) + 1  # the retriever republishes its pointer tables
+
+    def _clear(self, first: int, stop: int, head: Optional[int] = None) -> None:
+        """Zero arena rows ``[first, stop)`` (whole blocks) of ``head`` (None: every head), as they are handed out:
+        the room after the rows in use is not written until then."""
+        heads = slice(None) if head is None else head
+        self.codes[heads, first // BLOCK:stop // BLOCK] = 0
+        self.ids[heads, first:stop] = 0
 
     @property
     def arena_rows(self) -> int:
         return self.codes.shape[1] * BLOCK
+
+    @property
+    def used_rows(self) -> int:
+        """Arena rows handed out to lists in the head that has handed out most (whole blocks; another head's rows
+        beyond its own ``used`` are room, not cleared)."""
+        return int(self.used.max())
 
     def put_rows(self, heads: np.ndarray, rows: np.ndarray, codes: np.ndarray) -> None:
         """Write code rows ``codes [..., row_bytes]`` at arena rows ``rows`` of heads ``heads`` (broadcast together)."""
@@ -315,6 +335,7 @@ class SeqIndex:
         if int(self.used[h]) + cap > self.arena_rows:
             self._grow(int(self.used[h]) + cap)
         old, new, cnt = int(self.start[h, lst]), int(self.used[h]), int(self.count[h, lst])
+        self._clear(new, new + cap, h)
         blocks = whole_blocks(cnt) // BLOCK  # lists start on block boundaries: move whole blocks
         self.codes[h, new // BLOCK:new // BLOCK + blocks] = self.codes[h, old // BLOCK:old // BLOCK + blocks]
         self.ids[h, new:new + cnt] = self.ids[h, old:old + cnt]
@@ -354,10 +375,10 @@ class SeqIndex:
         return out
 
     def _grow(self, rows: int) -> None:
-        codes, ids = self.codes, self.ids
-        self._alloc(whole_blocks(max(rows, self.arena_rows * 3 // 2)))
-        self.codes[:, : codes.shape[1]] = codes
-        self.ids[:, : ids.shape[1]] = ids
+        codes, ids, used = self.codes, self.ids, self.used_rows
+        self._alloc(rows)
+        self.codes[:, : used // BLOCK] = codes[:, : used // BLOCK]  # the rows in use (the room was never written)
+        self.ids[:, : used] = ids[:, : used]
 
     def truncate(self, n: int, keys_of, values_of) -> None:
         """The index as it was after ``n`` host tokens: the keys of host positions ``>= n`` removed (the newest: every
@@ -394,6 +415,8 @@ class SeqIndex:
             self.add(keys_of(cut, n).contiguous(), values_of(cut, n).contiguous(), cut)
 
     def nbytes(self) -> int:
-        return (self.codes.nbytes + self.ids.nbytes + 2 * self.centroids_t.nbytes + 3 * self.count.nbytes
+        """Bytes held: the arena rows handed out to lists (not the room after them), the list statistics and tables."""
+        arena = int(self.used.sum()) * (self.row_bytes + 4)
+        return (arena + 2 * self.centroids_t.nbytes + 3 * self.count.nbytes
                 + 2 * self.tail_keys.numel() * 4 + self._tail_assign.nbytes  # centroids: the lists' and the trained
                 + self.ksum.nbytes + self.vsum.nbytes + self.vmean.nbytes + self.mean_norm.nbytes)

@@ -23,7 +23,7 @@ def estimate_torch(index: SeqIndex, qe: torch.Tensor, top: torch.Tensor, uni: to
     lists = index.nlist + 1
     out = torch.zeros(hkv, ge, d, dtype=torch.float64)
     lse = torch.full((hkv, ge), float("-inf"), dtype=torch.float64)
-    n_tokens = int(index.ids.max()) + 1 if index.ids.size else 0
+    n_tokens = max((int(index.ids[h, :int(index.used[h])].max()) + 1 for h in range(hkv) if index.used[h]), default=0)
     for h in range(hkv):
         where = torch.from_numpy(index.list_of(h, n_tokens))
         count = torch.from_numpy(index.count[h]).double()
