@@ -18,7 +18,6 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .errors import ClosedError
 from .memory import HUGE_PAGE_BYTES, empty_host, populate, zeros_host
 from .types import HostView
 
@@ -264,8 +263,9 @@ class HostTier:
         A pageable pool's pages are backed at their first write. The append that starts a new 2 MiB of every KV
         head's region otherwise takes all their faults in one decode step, and every layer of a model on the same
         token: 8 KV heads cost 36 ms in one step on a VM whose host backs guest memory at its first touch (~5 ms a
-        2 MiB page, AMD Zen 4), 0.1-0.2 ms a page on bare metal. The advice keeps the rows' contents, so it may
-        run beside the appends that write them. Pinned pools are backed when allocated."""
+        2 MiB page, AMD Zen 4). The advice keeps the rows' contents, so it may run beside the appends that write
+        them. A worker whose queue is full (or closed) is not waited for: the appends take their own faults then.
+        Pinned pools are backed when allocated."""
         if self.pin_memory or worker is None:
             return False
         reserved, cap = self.rows_reserved, self.kv_pool.shape[1]
@@ -276,13 +276,11 @@ class HostTier:
             return False
         pool, stop = self.kv_pool, min(cap, self._backed + self._page_rows)
         head_bytes = pool.stride(0) * pool.element_size()
-        first = pool[0, self._backed].data_ptr()
-        try:
-            self._populating = worker.submit(_populate_rows, pool, [first + h * head_bytes for h in range(self.kv_heads)],
-                                             (stop - self._backed) * pool.stride(1) * pool.element_size())
-        except ClosedError:  # the cache is closing: its appends take their own faults
+        runs = [pool[0, self._backed].data_ptr() + h * head_bytes for h in range(self.kv_heads)]
+        job = worker.try_submit(_populate_rows, pool, runs, (stop - self._backed) * pool.stride(1) * pool.element_size())
+        if job is None:
             return False
-        self._backed = stop
+        self._populating, self._backed = job, stop
         return True
 
     def populate_lead(self, layer_idx: int) -> int:

@@ -15,7 +15,7 @@ import queue
 import threading
 import weakref
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from .errors import ClosedError
 
@@ -53,6 +53,19 @@ class Worker:
             if self._closed:
                 raise ClosedError(f"worker {self.name!r} is closed")
             self._queue.put((fut, fn, args, kwargs))
+        return fut
+
+    def try_submit(self, fn: Callable[..., Any], *args: Any) -> Optional[Future]:
+        """``submit`` for work that may be skipped: None, without waiting, when the queue is full or the worker
+        closed."""
+        fut: Future = Future()
+        with self._lock:
+            if self._closed:
+                return None
+            try:
+                self._queue.put_nowait((fut, fn, args, {}))
+            except queue.Full:
+                return None
         return fut
 
     def close(self, timeout: float = 5.0) -> None:

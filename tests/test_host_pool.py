@@ -44,7 +44,7 @@ class InlineWorker:
     def __init__(self):
         self.calls = []
 
-    def submit(self, fn, *args):
+    def try_submit(self, fn, *args):
         self.calls.append(args)
         fut = Future()
         fut.set_result(fn(*args))
@@ -138,11 +138,16 @@ def test_populate_ahead_waits_for_the_one_in_flight_and_skips_pinned_or_workerle
     class Slow:
         calls = 0
 
-        def submit(self, fn, *args):
+        def try_submit(self, fn, *args):
             Slow.calls += 1
             return pending
 
+    class Full:
+        def try_submit(self, fn, *args):
+            return None
+
     lead = 10 * tier._page_rows
+    assert not tier.populate_ahead(lead, Full())  # a full queue: not waited for, and asked again next time
     assert tier.populate_ahead(lead, Slow()) and not tier.populate_ahead(lead, Slow()) and Slow.calls == 1
     pending.set_result(None)
     assert tier.populate_ahead(lead, Slow()) and Slow.calls == 2

@@ -4,6 +4,8 @@ import dataclasses
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 import torch
@@ -152,6 +154,21 @@ def test_closed_worker_refuses_with_a_typed_error():
     w.close()
     with pytest.raises(ClosedError):
         w.submit(print)
+    assert w.try_submit(print) is None
+
+
+def test_try_submit_does_not_wait_for_a_full_queue():
+    w = Worker("test-full", max_pending=2)
+    gate = threading.Event()
+    first = w.submit(gate.wait)  # the thread takes it and waits: two more fill the queue
+    while not w._running[0]:
+        time.sleep(0.001)
+    queued = [w.try_submit(int, 1), w.try_submit(int, 2)]
+    t = time.perf_counter()
+    assert w.try_submit(int, 3) is None and time.perf_counter() - t < 0.5
+    gate.set()
+    assert first.result(5) and [f.result(5) for f in queued] == [1, 2]
+    w.close()
 
 
 @pytest.mark.parametrize("fail_at", [1, 2, 3, 4])
