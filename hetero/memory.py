@@ -14,6 +14,7 @@ import ctypes
 import errno
 import functools
 import math
+import mmap
 import os
 import sys
 
@@ -21,7 +22,7 @@ import torch
 
 _HUGE = 2 << 20
 HUGE_PAGE_BYTES = _HUGE
-_PAGE = 4096
+_PAGE = mmap.PAGESIZE
 _MADV_HUGEPAGE = 14
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
 _libc = None
@@ -43,6 +44,20 @@ def _madvise(address: int, length: int, advice: int) -> bool:
 def _madvise_hugepages(address: int, length: int) -> bool:
     """Advise ``[address, address + length)`` (2 MiB aligned) for transparent huge pages."""
     return _madvise(address, length, _MADV_HUGEPAGE)
+
+
+@functools.lru_cache(maxsize=None)
+def room_is_free() -> bool:
+    """Whether address space reserved and never written costs no memory here: Linux, unless the kernel commits
+    every allocation in full (``vm.overcommit_memory`` 2, where a large reservation would use up the commit limit
+    that other allocations need). Elsewhere (Windows commits at allocation) room is not reserved ahead."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            return f.read().strip() != "2"
+    except OSError:
+        return False
 
 
 def populate(address: int, length: int) -> bool:

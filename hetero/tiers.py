@@ -13,12 +13,13 @@ the native descriptors point at is reallocated. Both hold post-RoPE keys. Neithe
 """
 from __future__ import annotations
 
+import weakref
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .memory import HUGE_PAGE_BYTES, empty_host, populate, zeros_host
+from .memory import HUGE_PAGE_BYTES, empty_host, populate, room_is_free, zeros_host
 from .types import HostView
 
 
@@ -212,8 +213,12 @@ class FastTier:
         return int(self.lengths_np.sum()) * per_token
 
 
-def _populate_rows(pool: torch.Tensor, addresses: List[int], length: int) -> None:
-    """``populate`` each run (``pool``: held until done, so the runs stay mapped)."""
+def _populate_rows(pool_ref: "weakref.ref", addresses: List[int], length: int) -> None:
+    """``populate`` each run of the pool ``pool_ref`` refers to, if it is still alive (a pool replaced while the job
+    waited is not kept alive for it), held until done so that the runs stay mapped."""
+    pool = pool_ref()
+    if pool is None:
+        return
     for address in addresses:
         if not populate(address, length):
             return
@@ -264,8 +269,8 @@ class HostTier:
         head's region otherwise takes all their faults in one decode step, and every layer of a model on the same
         token: 8 KV heads cost 36 ms in one step on a VM whose host backs guest memory at its first touch (~5 ms a
         2 MiB page, AMD Zen 4). The advice keeps the rows' contents, so it may run beside the appends that write
-        them. A worker whose queue is full (or closed) is not waited for: the appends take their own faults then.
-        Pinned pools are backed when allocated."""
+        them. It waits for no one: a worker with work queued or running (an index build, another layer's adds) is
+        not given it, and the appends take their own faults then. Pinned pools are backed when allocated."""
         if self.pin_memory or worker is None:
             return False
         reserved, cap = self.rows_reserved, self.kv_pool.shape[1]
@@ -277,7 +282,8 @@ class HostTier:
         pool, stop = self.kv_pool, min(cap, self._backed + self._page_rows)
         head_bytes = pool.stride(0) * pool.element_size()
         runs = [pool[0, self._backed].data_ptr() + h * head_bytes for h in range(self.kv_heads)]
-        job = worker.try_submit(_populate_rows, pool, runs, (stop - self._backed) * pool.stride(1) * pool.element_size())
+        length = (stop - self._backed) * pool.stride(1) * pool.element_size()
+        job = worker.try_submit(_populate_rows, weakref.ref(pool), runs, length, idle_only=True)
         if job is None:
             return False
         self._populating, self._backed = job, stop
@@ -350,13 +356,14 @@ class HostTier:
         # backed by memory at their first write, so it reserves address space for RESERVE_FACTOR x the blocks it
         # needs and at least RESERVE_TOKENS tokens: the room costs no memory until tokens fill it, and a model
         # decodes to a million tokens without a copy. A pinned pool (CUDA) is backed when allocated, and so is one
-        # on a system that refuses the address space (strict overcommit, a ulimit): it grows by 1.5x, with headroom
-        # so that a prefill's exact reservation is not followed by a copy a few decode steps later.
+        # where room is not free (strict overcommit, not Linux: memory.room_is_free) or refused (a ulimit): it grows
+        # by 1.5x, with headroom so that a prefill's exact reservation is not followed by a copy a few decode steps
+        # later.
         new_cap = max(blocks + blocks // 8 + 1, cap + cap // 2)
         rows = self.rows_reserved  # the rest was never handed out: copying it would back the new room with memory
         room = max(RESERVE_FACTOR * blocks, -(-RESERVE_TOKENS // self.block_tokens))
         new = None
-        if not self.pin_memory and room > new_cap:
+        if not self.pin_memory and room > new_cap and room_is_free():
             try:
                 new = self._alloc(room)
             except (MemoryError, RuntimeError):  # the address space refused: the smaller pool below

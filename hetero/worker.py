@@ -55,12 +55,13 @@ class Worker:
             self._queue.put((fut, fn, args, kwargs))
         return fut
 
-    def try_submit(self, fn: Callable[..., Any], *args: Any) -> Optional[Future]:
+    def try_submit(self, fn: Callable[..., Any], *args: Any, idle_only: bool = False) -> Optional[Future]:
         """``submit`` for work that may be skipped: None, without waiting, when the queue is full or the worker
-        closed."""
+        closed; with ``idle_only``, also when the worker has a call queued or running (work that must not delay
+        anyone's)."""
         fut: Future = Future()
         with self._lock:
-            if self._closed:
+            if self._closed or (idle_only and (self._running[0] is not None or not self._queue.empty())):
                 return None
             try:
                 self._queue.put_nowait((fut, fn, args, {}))

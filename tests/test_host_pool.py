@@ -44,7 +44,7 @@ class InlineWorker:
     def __init__(self):
         self.calls = []
 
-    def try_submit(self, fn, *args):
+    def try_submit(self, fn, *args, idle_only=False):
         self.calls.append(args)
         fut = Future()
         fut.set_result(fn(*args))
@@ -119,8 +119,8 @@ def test_populate_ahead_asks_once_the_appends_come_near_one_page_at_a_time():
     worker, lead = InlineWorker(), tier.populate_lead(0)
     assert lead == page // 2
     assert tier.populate_ahead(lead, worker)  # 1024 rows handed out + 4096 >= 1024: the next page, asked at once
-    (pool, addresses, length), = worker.calls
-    assert pool is tier.kv_pool and length == page * 256
+    (pool_ref, addresses, length), = worker.calls
+    assert pool_ref() is tier.kv_pool and length == page * 256
     head_bytes = tier.kv_pool.stride(0) * 2
     assert addresses == [tier.kv_pool[0, 1024].data_ptr() + h * head_bytes for h in range(3)]
     assert not tier.populate_ahead(lead, worker)  # backed up to 1024 + 8192: not near yet
@@ -138,12 +138,12 @@ def test_populate_ahead_waits_for_the_one_in_flight_and_skips_pinned_or_workerle
     class Slow:
         calls = 0
 
-        def try_submit(self, fn, *args):
+        def try_submit(self, fn, *args, idle_only=False):
             Slow.calls += 1
             return pending
 
     class Full:
-        def try_submit(self, fn, *args):
+        def try_submit(self, fn, *args, idle_only=False):
             return None
 
     lead = 10 * tier._page_rows
@@ -184,3 +184,40 @@ def test_decoding_with_a_background_populate_keeps_every_token(monkeypatch):
     assert any(asked)
     host = layer.host.length[0]
     assert torch.equal(layer.host.keys(0), keys[0, :, 1:1 + host]) and torch.equal(layer.host.values(0), values[0, :, 1:1 + host])
+
+
+def test_no_room_where_address_space_is_not_free(monkeypatch):
+    """Strict overcommit (or not Linux): untouched room would count against the commit limit, so the pool takes the
+    1.5x growth with headroom instead."""
+    monkeypatch.setattr(tiers, "room_is_free", lambda: False)
+    tier = _tier()
+    _fill(tier, 0, 40, torch.Generator().manual_seed(6))  # 3 blocks: 3 + 3 // 8 + 1 = 4
+    assert tier.kv_pool.shape[1] == 4 * 16
+
+
+def test_the_index_arena_falls_back_when_its_room_is_refused(monkeypatch):
+    """An arena whose 4x room is refused takes 1.5x, both arenas or neither, and the index works as usual."""
+    import hetero.retrieval.ivf_group.index as ix
+    from hetero.native import new_runner
+    from hetero.retrieval.ivf_group import SeqIndex
+
+    gen = torch.Generator().manual_seed(7)
+    keys, vals = torch.randn(2, 600, 32, generator=gen), torch.randn(2, 600, 32, generator=gen)
+    plain = SeqIndex(keys, vals, 16, 0, 4, runner=new_runner(2))
+    real, refused = ix.empty_host, []
+
+    def small_only(shape, dtype):
+        if dtype == torch.int32 and shape[1] >= ix.RESERVE_FACTOR * plain.used_rows:  # the ids of the 4x room
+            refused.append(shape)
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return real(shape, dtype)
+
+    monkeypatch.setattr(ix, "empty_host", small_only)
+    index = SeqIndex(keys, vals, 16, 0, 4, runner=new_runner(2))
+    assert refused and index.ids.shape[1] < ix.RESERVE_FACTOR * index.used_rows
+    assert index.codes.shape[1] * 16 == index.ids.shape[1]  # the codes of the refused room were not kept
+    for name in ("count", "start", "ksum"):
+        np.testing.assert_array_equal(getattr(index, name), getattr(plain, name))
+    for h in range(2):
+        used = int(index.used[h])
+        np.testing.assert_array_equal(index.ids[h, :used], plain.ids[h, :used])

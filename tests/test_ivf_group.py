@@ -606,10 +606,11 @@ def test_memory_and_bytes_per_token(bits, row_bytes):
     assert r.bytes_per_token() == row_bytes + 4 and index.codes[0].nbytes == index.arena_rows * row_bytes
     n = r.ntotal[0] * 2
     assert n * r.bytes_per_token() <= r.memory_bytes() < 3 * n * r.bytes_per_token() + 200_000
-    held = r.buffers()  # what a tool reading the index's memory gets: the arenas' rows in use and the statistics
-    for arena, rows in ((index.codes, index.used_rows // 16), (index.ids, index.used_rows)):
-        assert any(np.shares_memory(a, arena) and a.shape[1] == rows for a in held)
-    assert sum(a.nbytes for a in held) <= r.memory_bytes() + index.ids.shape[0] * index.used_rows * (row_bytes + 4)
+    held = r.buffers()  # what a tool reading the index's memory gets: each head's arena rows in use, the statistics
+    for h, used in enumerate(index.used.tolist()):
+        assert any(np.shares_memory(a, index.codes[h]) and len(a) == used // 16 and a.flags.c_contiguous for a in held)
+        assert any(np.shares_memory(a, index.ids[h]) and len(a) == used and a.flags.c_contiguous for a in held)
+    assert sum(a.nbytes for a in held) <= r.memory_bytes()
 
 
 def test_retrains_when_tier_outgrows_training_and_scans_exactly_before():

@@ -163,11 +163,15 @@ def test_try_submit_does_not_wait_for_a_full_queue():
     first = w.submit(gate.wait)  # the thread takes it and waits: two more fill the queue
     while not w._running[0]:
         time.sleep(0.001)
+    assert w.try_submit(int, 0, idle_only=True) is None  # a call is running: work that must not delay it waits
     queued = [w.try_submit(int, 1), w.try_submit(int, 2)]
     t = time.perf_counter()
     assert w.try_submit(int, 3) is None and time.perf_counter() - t < 0.5
     gate.set()
     assert first.result(5) and [f.result(5) for f in queued] == [1, 2]
+    while w._running[0] is not None:
+        time.sleep(0.001)
+    assert w.try_submit(int, 4, idle_only=True).result(5) == 4  # idle again
     w.close()
 
 

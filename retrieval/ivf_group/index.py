@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from hetero import native
-from hetero.memory import empty_host
+from hetero.memory import empty_host, room_is_free
 
 from .codes import BLOCK, TAIL_TOKENS, bf16_bits, code_layout, whole_blocks
 
@@ -156,15 +156,23 @@ class SeqIndex:
         return codes
 
     def _alloc(self, rows: int) -> None:
-        """Code and id arenas with room for ``RESERVE_FACTOR x rows`` rows per head (address space: backed by memory
-        where rows are written, as the host tier's pool; a growth copies the arena, 45 ms for a layer at 32K tokens
-        on a VM that backs memory at its first touch), huge-page advised (lists are streamed): codes
-        ``[Hkv, R / 16, row_bytes / 4, 16, 4]`` (block_rows' layout), ids ``[Hkv, R]``. Not zeroed: rows are
-        cleared as they are handed out (``_clear``)."""
+        """Code and id arenas of at least ``rows`` rows per head, huge-page advised (lists are streamed): codes
+        ``[Hkv, R / 16, row_bytes / 4, 16, 4]`` (block_rows' layout), ids ``[Hkv, R]``. Not zeroed: rows are cleared
+        as they are handed out (``_clear``). Where untouched address space is free (``room_is_free``), room for
+        ``RESERVE_FACTOR x rows``, backed by memory only where rows are written, as the host tier's pool (a growth
+        copies the arena: 45 ms for a Llama-3-8B layer at 32K tokens on a VM that backs memory at its first touch);
+        else, or if that is refused, 1.5x. Both arenas are replaced together or not at all."""
         hkv = self.count.shape[0]
-        rows = whole_blocks(RESERVE_FACTOR * rows)
-        self.codes = empty_host((hkv, rows // BLOCK, self.row_bytes // 4, BLOCK, 4), torch.uint8).numpy()
-        self.ids = empty_host((hkv, rows), torch.int32).numpy()
+        tries = [whole_blocks(RESERVE_FACTOR * rows)] if room_is_free() else []
+        for i, r in enumerate(tries + [whole_blocks(rows * 3 // 2)]):
+            try:
+                codes = empty_host((hkv, r // BLOCK, self.row_bytes // 4, BLOCK, 4), torch.uint8).numpy()
+                ids = empty_host((hkv, r), torch.int32).numpy()
+                break
+            except (MemoryError, RuntimeError):
+                if i == len(tries):  # the smallest arena refused too
+                    raise
+        self.codes, self.ids = codes, ids
         self._pointers = None
         self.version = getattr(self, "version", 0) + 1  # the retriever republishes its pointer tables
 
@@ -375,10 +383,17 @@ class SeqIndex:
         return out
 
     def _grow(self, rows: int) -> None:
-        codes, ids, used = self.codes, self.ids, self.used_rows
+        codes, ids = self.codes, self.ids
         self._alloc(rows)
-        self.codes[:, : used // BLOCK] = codes[:, : used // BLOCK]  # the rows in use (the room was never written)
-        self.ids[:, : used] = ids[:, : used]
+        for h, used in enumerate(self.used.tolist()):  # each head's rows in use (its room was never written)
+            self.codes[h, : used // BLOCK] = codes[h, : used // BLOCK]
+            self.ids[h, : used] = ids[h, : used]
+
+    def arenas_in_use(self) -> list:
+        """Each head's code and id arena rows handed out to lists (contiguous views; the room after them is not
+        memory yet)."""
+        return [a for h, used in enumerate(self.used.tolist())
+                for a in (self.codes[h, : used // BLOCK], self.ids[h, : used])]
 
     def truncate(self, n: int, keys_of, values_of) -> None:
         """The index as it was after ``n`` host tokens: the keys of host positions ``>= n`` removed (the newest: every

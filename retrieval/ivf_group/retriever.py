@@ -18,7 +18,7 @@ from hetero.validation import check_finite
 
 from ..base import Option, Retriever, flat_k, pad_rows, selection_from_groups, topk_group
 from ..ivf_rules import IVF_OPTIONS, IVFLifecycle
-from .codes import BLOCK, TAIL_TOKENS, QueryCodes, code_layout, flush_phase
+from .codes import TAIL_TOKENS, QueryCodes, code_layout, flush_phase
 from .index import SeqIndex, _Addrs
 from .reference import estimate_torch, search_torch
 
@@ -216,9 +216,8 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
         return sum(s.nbytes() for s in self._seqs if s is not None)
 
     def buffers(self) -> List[Any]:
-        return [a for s in self._seqs if s is not None  # the arenas' rows in use: their room is not memory yet
-                for a in (s.codes[:, :s.used_rows // BLOCK], s.ids[:, :s.used_rows], s.centroids_t, s.assign_t, s.ksum,
-                          s.vsum, s.vmean, s.mean_norm)]
+        return [a for s in self._seqs if s is not None
+                for a in s.arenas_in_use() + [s.centroids_t, s.assign_t, s.ksum, s.vsum, s.vmean, s.mean_norm]]
 
     def bytes_per_token(self) -> int:
         return code_layout(self.host.head_dim, self.code_bits)[1] + 4  # codes + the int32 host position
