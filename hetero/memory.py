@@ -17,8 +17,11 @@ import math
 import mmap
 import os
 import sys
+from typing import Callable, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 _HUGE = 2 << 20
 HUGE_PAGE_BYTES = _HUGE
@@ -58,6 +61,18 @@ def room_is_free() -> bool:
             return f.read().strip() != "2"
     except OSError:
         return False
+
+
+def allocate_with_room(allocate: Callable[[int], T], room: int, least: int) -> T:
+    """``allocate(room)`` where untouched address space is free (``room_is_free``) and the system grants it, else
+    ``allocate(least)``: room reserved ahead of need costs no memory until written, and spares the copies that
+    growing step by step costs."""
+    if room > least and room_is_free():
+        try:
+            return allocate(room)
+        except (MemoryError, RuntimeError):  # refused (a ulimit on address space): the smaller size
+            pass
+    return allocate(least)
 
 
 def populate(address: int, length: int) -> bool:

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .memory import HUGE_PAGE_BYTES, empty_host, populate, room_is_free, zeros_host
+from .memory import HUGE_PAGE_BYTES, allocate_with_room, empty_host, populate, zeros_host
 from .types import HostView
 
 
@@ -270,7 +270,8 @@ class HostTier:
         token: 8 KV heads cost 36 ms in one step on a VM whose host backs guest memory at its first touch (~5 ms a
         2 MiB page, AMD Zen 4). The advice keeps the rows' contents, so it may run beside the appends that write
         them. It waits for no one: a worker with work queued or running (an index build, another layer's adds) is
-        not given it, and the appends take their own faults then. Pinned pools are backed when allocated."""
+        not given it, and the appends take their own faults then (mostly so with a retriever whose decode adds run
+        on that worker, ``native_kind`` 0: faiss, lsh). Pinned pools are backed when allocated."""
         if self.pin_memory or worker is None:
             return False
         reserved, cap = self.rows_reserved, self.kv_pool.shape[1]
@@ -361,15 +362,8 @@ class HostTier:
         # later.
         new_cap = max(blocks + blocks // 8 + 1, cap + cap // 2)
         rows = self.rows_reserved  # the rest was never handed out: copying it would back the new room with memory
-        room = max(RESERVE_FACTOR * blocks, -(-RESERVE_TOKENS // self.block_tokens))
-        new = None
-        if not self.pin_memory and room > new_cap and room_is_free():
-            try:
-                new = self._alloc(room)
-            except (MemoryError, RuntimeError):  # the address space refused: the smaller pool below
-                new = None
-        if new is None:
-            new = self._alloc(new_cap)
+        room = new_cap if self.pin_memory else max(RESERVE_FACTOR * blocks, -(-RESERVE_TOKENS // self.block_tokens))
+        new = allocate_with_room(self._alloc, room, new_cap)
         new[:, :rows] = self.kv_pool[:, :rows]
         self._set_pool(new)
         self._backed = rows  # the copy backed these; the new room is not

@@ -164,8 +164,8 @@ def test_layers_ask_on_different_tokens():
 
 
 def test_decoding_with_a_background_populate_keeps_every_token(monkeypatch):
-    """The populate runs on the cache's indexer thread beside the appends that write the rows it backs: every token
-    reads back as appended."""
+    """The populate runs on the cache's indexer thread beside the appends that write the rows it backs (ivf-group's
+    decode adds are native: the indexer is idle once the index is built): every token reads back as appended."""
     from hetero import HeteroConfig, LayerCache
     from hetero.worker import Worker
 
@@ -173,23 +173,27 @@ def test_decoding_with_a_background_populate_keeps_every_token(monkeypatch):
     real = HostTier.populate_ahead
     monkeypatch.setattr(HostTier, "populate_ahead", lambda self, lead, w: asked.append(real(self, lead, w)) or asked[-1])
     worker = Worker("test-populate")
-    layer = LayerCache(HeteroConfig(window=8, sinks=1, block_tokens=16, retriever="exact"), indexer=worker)
+    layer = LayerCache(HeteroConfig(window=8, sinks=1, block_tokens=16), indexer=worker)
     gen = torch.Generator().manual_seed(5)
-    keys, values = torch.randn(1, 2, 300, 16, generator=gen), torch.randn(1, 2, 300, 16, generator=gen)
-    layer.append(keys[:, :, :100], values[:, :, :100])
-    for t in range(100, 300):
+    n = 1200
+    keys, values = torch.randn(1, 2, n, 16, generator=gen), torch.randn(1, 2, n, 16, generator=gen)
+    layer.append(keys[:, :, :800], values[:, :, :800])
+    layer.wait_indexed()  # the build ran on the indexer
+    asked.clear()
+    for t in range(800, n):
         layer.append(keys[:, :, t], values[:, :, t])
     layer.wait_indexed()
     worker.close()
-    assert any(asked)
-    host = layer.host.length[0]
-    assert torch.equal(layer.host.keys(0), keys[0, :, 1:1 + host]) and torch.equal(layer.host.values(0), values[0, :, 1:1 + host])
+    assert sum(asked) >= 1
+    host = int(layer.host.length[0])
+    assert torch.equal(layer.host.keys(0), keys[0, :, 1:1 + host])
+    assert torch.equal(layer.host.values(0), values[0, :, 1:1 + host])
 
 
 def test_no_room_where_address_space_is_not_free(monkeypatch):
     """Strict overcommit (or not Linux): untouched room would count against the commit limit, so the pool takes the
     1.5x growth with headroom instead."""
-    monkeypatch.setattr(tiers, "room_is_free", lambda: False)
+    monkeypatch.setattr(memory, "room_is_free", lambda: False)
     tier = _tier()
     _fill(tier, 0, 40, torch.Generator().manual_seed(6))  # 3 blocks: 3 + 3 // 8 + 1 = 4
     assert tier.kv_pool.shape[1] == 4 * 16

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from hetero import native
-from hetero.memory import empty_host, room_is_free
+from hetero.memory import allocate_with_room, empty_host
 
 from .codes import BLOCK, TAIL_TOKENS, bf16_bits, code_layout, whole_blocks
 
@@ -163,16 +163,13 @@ class SeqIndex:
         copies the arena: 45 ms for a Llama-3-8B layer at 32K tokens on a VM that backs memory at its first touch);
         else, or if that is refused, 1.5x. Both arenas are replaced together or not at all."""
         hkv = self.count.shape[0]
-        tries = [whole_blocks(RESERVE_FACTOR * rows)] if room_is_free() else []
-        for i, r in enumerate(tries + [whole_blocks(rows * 3 // 2)]):
-            try:
-                codes = empty_host((hkv, r // BLOCK, self.row_bytes // 4, BLOCK, 4), torch.uint8).numpy()
-                ids = empty_host((hkv, r), torch.int32).numpy()
-                break
-            except (MemoryError, RuntimeError):
-                if i == len(tries):  # the smallest arena refused too
-                    raise
-        self.codes, self.ids = codes, ids
+
+        def arenas(r: int):
+            return (empty_host((hkv, r // BLOCK, self.row_bytes // 4, BLOCK, 4), torch.uint8).numpy(),
+                    empty_host((hkv, r), torch.int32).numpy())
+
+        room, least = whole_blocks(RESERVE_FACTOR * rows), whole_blocks(rows * 3 // 2)
+        self.codes, self.ids = allocate_with_room(arenas, room, least)
         self._pointers = None
         self.version = getattr(self, "version", 0) + 1  # the retriever republishes its pointer tables
 
