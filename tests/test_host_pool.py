@@ -55,6 +55,7 @@ class InlineWorker:
 def test_populate_backs_a_range_and_keeps_its_contents():
     mapping = mmap.mmap(-1, 64 << 20)  # fresh pages from the system (an allocator may hand out used ones)
     buf = torch.frombuffer(mapping, dtype=torch.uint8)
+    memory._madvise(buf.data_ptr(), buf.numel(), 15)  # MADV_NOHUGEPAGE: 4 KiB pages even where THP is "always"
     window = buf[16 << 20: 20 << 20]
     buf[(16 << 20) + 5] = 7  # backs the window's first page only
     assert resident_bytes(window.data_ptr(), window.numel()) == PAGE
