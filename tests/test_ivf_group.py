@@ -242,13 +242,8 @@ _INDEX_ARRAYS = ("codes", "ids", "start", "count", "cap", "used", "ksum", "vsum"
 def _array(index, name):
     """An index's array; of the arenas, each head's rows handed out to its lists, one after another (the room after
     them is never written or read)."""
-    from hetero.retrieval.ivf_group import BLOCK
-
-    heads = range(index.count.shape[0])
-    if name == "codes":
-        return np.concatenate([index.codes[h, :int(index.used[h]) // BLOCK] for h in heads])
-    if name == "ids":
-        return np.concatenate([index.ids[h, :int(index.used[h])] for h in heads])
+    if name in ("codes", "ids"):  # arenas_in_use: each head's codes, then its ids
+        return np.concatenate(index.arenas_in_use()[name == "ids"::2])
     return getattr(index, name)
 
 
