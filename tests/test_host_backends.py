@@ -55,7 +55,8 @@ def _selection(layer, k, gen, with_lw, g, shuffle=False):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("hkv,g", [(2, 1), (1, 3), (2, 4), (1, 8), (3, 8)], ids=lambda x: str(x))
+# group sizes: the kernels take queries in blocks of four and one block of the remaining 1-3
+@pytest.mark.parametrize("hkv,g", [(2, 1), (1, 3), (2, 4), (2, 6), (1, 7), (1, 8), (3, 8)], ids=lambda x: str(x))
 def test_backend_matches_float64_oracle(backend, dtype, hkv, g):
     if not _usable(backend):
         pytest.skip(f"{backend} unavailable: {get_backend('host', backend).availability_reasons()}")
@@ -64,6 +65,8 @@ def test_backend_matches_float64_oracle(backend, dtype, hkv, g):
     for k, with_lw in itertools.product([0, 1, 15, 16, 17, 113, 1023], [False, True]):
         sel = _selection(layer, k, gen, with_lw, g)
         q = 2 * torch.randn(3, hkv * g, 64, generator=gen)
+        if dtype == torch.bfloat16 and k % 2:  # bf16-valued queries (a bf16 model's): the C++ dpbf16 path
+            q = q.bfloat16().float()
         want = ref_sparse(q.double(), layer.host.view(), sel, compute_dtype=torch.float64)
         got = sparse_attention(q, layer.host.view(), sel, backend=backend)
         assert got.out.dtype == torch.float32 and got.lse.dtype == torch.float32
@@ -186,16 +189,17 @@ from hetero.native import info
 from hetero.reference import sparse_attention as ref
 torch.manual_seed(0)
 errs = {}
-# head_dim 72: the ragged tails of every vector width; 80 = 5 x 16: AVX2's bf16 even/odd split path
-for dtype, d in itertools.product((torch.float32, torch.bfloat16, torch.float16), (72, 80)):
+# head_dim 72: the ragged tails of every vector width; 80 = 5 x 16: AVX2's bf16 even/odd split path; groups of 4,
+# 6 and 7 queries: the kernels' blocks of four and of the remaining 1-3
+for dtype, d, g in itertools.product((torch.float32, torch.bfloat16, torch.float16), (72, 80), (4, 6, 7)):
     layer = LayerCache(HeteroConfig(window=2, sinks=1, block_tokens=8, retriever="all"))
     layer.append(torch.randn(2, 2, 300, d).to(dtype), torch.randn(2, 2, 300, d).to(dtype), torch.tensor([300, 77]))
     idx = torch.stack([torch.stack([torch.randperm(n)[:50].sort().values for _ in range(2)]) for n in (297, 74)]).int()
-    exact = torch.randn(2, 8, d).bfloat16().float()  # bf16 values: the dpbf16 path where the CPU has it
+    exact = torch.randn(2, 2 * g, d).bfloat16().float()  # bf16 values: the dpbf16 path where the CPU has it
     last_off = exact.clone()
     last_off[1, -1, -1] += 1e-3  # one float32 value in the last item's last query: the widening path
-    for q in (torch.randn(2, 8, d), exact, last_off):
-        sel = Selection(idx, -torch.rand(2, 8, 50))
+    for q in (torch.randn(2, 2 * g, d), exact, last_off):
+        sel = Selection(idx, -torch.rand(2, 2 * g, 50))
         got = sparse_attention(q, layer.host.view(), sel, backend="cpp")
         want = ref(q.double(), layer.host.view(), sel, compute_dtype=torch.float64)
         e = float((got.out.double() - want.out).norm() / want.out.norm())

@@ -82,77 +82,85 @@ struct Avx2V {
     store(dst, add(load(dst), _mm256_permute2f128_ps(lo, hi, 0x20)));
     store(dst + W, add(load(dst + W), _mm256_permute2f128_ps(lo, hi, 0x31)));
   }
-  // Four queries x two rows per block: 8 accumulators, 2 key vectors and a query vector fit the 16 ymm
-  // registers, and each query vector is loaded once per two rows (the row-at-a-time form reloads it per row).
-  // Rows r >= nr point at the zero row (attend_rows pads with it), so the second row of a pair always exists.
+  // NQ (<= 4) queries x two rows per block: 2 NQ accumulators, 2 key vectors and a query vector fit the 16 ymm
+  // registers, and each query vector is loaded once per two rows (the row-at-a-time form reloads it per row). Rows
+  // r >= nr point at the zero row (attend_rows pads with it), so the second row of a pair always exists.
+  template <DType DT, int NQ>
+  static void dots_block(const float* qg, int64_t D, const typename Elem<DT>::T* const* krows, int nr, float* out) {
+    for (int r0 = 0; r0 < nr; r0 += 2) {
+      const typename Elem<DT>::T* k0 = krows[r0];
+      const typename Elem<DT>::T* k1 = krows[r0 + 1];
+      R acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = zero();
+      for (int64_t d = 0; d < D; d += W) {
+        const R a = load_elem<DT>(k0 + d), b = load_elem<DT>(k1 + d);
+        for (int g = 0; g < NQ; ++g) {
+          const R qv = _mm256_loadu_ps(qg + g * D + d);
+          acc[2 * g] = _mm256_fmadd_ps(qv, a, acc[2 * g]);
+          acc[2 * g + 1] = _mm256_fmadd_ps(qv, b, acc[2 * g + 1]);
+        }
+      }
+      store_pair_sums<NQ>(acc, r0, out);
+    }
+  }
+  // The dots of a block's two rows: s0 / s1 from acc[2g] / acc[2g + 1] of each query g < NQ, into the score tile.
+  template <int NQ>
+  static void store_pair_sums(const R* acc, int r0, float* out) {
+    float s0[4], s1[4];
+    reduce4(acc[0], NQ > 1 ? acc[2] : zero(), NQ > 2 ? acc[4] : zero(), NQ > 3 ? acc[6] : zero(), s0);
+    reduce4(acc[1], NQ > 1 ? acc[3] : zero(), NQ > 2 ? acc[5] : zero(), NQ > 3 ? acc[7] : zero(), s1);
+    for (int g = 0; g < NQ; ++g) {
+      out[g * kTileStride + r0] = s0[g];
+      out[g * kTileStride + r0 + 1] = s1[g];
+    }
+  }
+  // Any G in blocks of four queries, the last block holding the remaining 1-3 (for_query_blocks).
   template <DType DT>
   static void dots4(const float* q, int64_t G, int64_t D, const typename Elem<DT>::T* const* krows, int nr,
                     float* out, float* tmp) {
-    if (G % 4 != 0 || nr < 2 || D % W != 0) {
+    if (nr < 2 || D % W != 0) {
       rowwise_dots4<Avx2V, DT>(q, G, D, krows, nr, out, tmp);
       return;
     }
-    for (int64_t g0 = 0; g0 < G; g0 += 4) {
-      const float* qg = q + g0 * D;
-      for (int r0 = 0; r0 < nr; r0 += 2) {
-        const typename Elem<DT>::T* k0 = krows[r0];
-        const typename Elem<DT>::T* k1 = krows[r0 + 1];
-        R acc[8];
-        for (int i = 0; i < 8; ++i) acc[i] = zero();
-        for (int64_t d = 0; d < D; d += W) {
-          const R a = load_elem<DT>(k0 + d), b = load_elem<DT>(k1 + d);
-          for (int g = 0; g < 4; ++g) {
-            const R qv = _mm256_loadu_ps(qg + g * D + d);
-            acc[2 * g] = _mm256_fmadd_ps(qv, a, acc[2 * g]);
-            acc[2 * g + 1] = _mm256_fmadd_ps(qv, b, acc[2 * g + 1]);
-          }
-        }
-        float s0[4], s1[4];
-        reduce4(acc[0], acc[2], acc[4], acc[6], s0);
-        reduce4(acc[1], acc[3], acc[5], acc[7], s1);
-        for (int g = 0; g < 4; ++g) {
-          out[(g0 + g) * kTileStride + r0] = s0[g];
-          out[(g0 + g) * kTileStride + r0 + 1] = s1[g];
-        }
-      }
-    }
+    for_query_blocks(G, [&](auto nq, int64_t g0) {
+      dots_block<DT, decltype(nq)::size>(q + g0 * D, D, krows, nr, out + g0 * kTileStride);
+    });
   }
 };
 
 // bf16 rows with the queries in load_bf16_pair's order: each 16-element slice of q_g stored as its 8 even elements,
-// then its 8 odd ones (qp [G, D], D % 16 == 0), so that a key slice is used as loaded. Four queries x two rows per
-// block as Avx2V::dots4 (8 accumulators, 4 key and 2 query vectors: 14 of the 16 registers); rows r >= nr point
-// at the zero row (attend_rows pads with it), so the block never falls back to the row-at-a-time form.
-void dots4_bf16_pairs(const float* qp, int64_t G, int64_t D, const uint16_t* const* krows, int nr, float* out) {
-  for (int64_t g0 = 0; g0 < G; g0 += 4) {
-    const float* qg = qp + g0 * D;
-    for (int r0 = 0; r0 < nr; r0 += 2) {
-      const uint16_t* k0 = krows[r0];
-      const uint16_t* k1 = krows[r0 + 1];
-      __m256 acc[8];
-      for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-      for (int64_t d = 0; d < D; d += 16) {
-        __m256 a0, a1, b0, b1;
-        Avx2V::load_bf16_pair(k0 + d, a0, a1);
-        Avx2V::load_bf16_pair(k1 + d, b0, b1);
-        for (int g = 0; g < 4; ++g) {
-          const __m256 q0 = _mm256_loadu_ps(qg + g * D + d), q1 = _mm256_loadu_ps(qg + g * D + d + 8);
-          acc[2 * g] = _mm256_fmadd_ps(q1, a1, _mm256_fmadd_ps(q0, a0, acc[2 * g]));
-          acc[2 * g + 1] = _mm256_fmadd_ps(q1, b1, _mm256_fmadd_ps(q0, b0, acc[2 * g + 1]));
-        }
-      }
-      float s0[4], s1[4];
-      Avx2V::reduce4(acc[0], acc[2], acc[4], acc[6], s0);
-      Avx2V::reduce4(acc[1], acc[3], acc[5], acc[7], s1);
-      for (int g = 0; g < 4; ++g) {
-        out[(g0 + g) * kTileStride + r0] = s0[g];
-        out[(g0 + g) * kTileStride + r0 + 1] = s1[g];
+// then its 8 odd ones (qp [G, D], D % 16 == 0), so that a key slice is used as loaded. NQ (<= 4) queries x two rows
+// per block as Avx2V::dots_block (2 NQ accumulators, 4 key and 2 query vectors: at most 14 of the 16 registers);
+// rows r >= nr point at the zero row (attend_rows pads with it), so the block never falls back to the row-at-a-time
+// form.
+template <int NQ>
+void dots_block_bf16_pairs(const float* qg, int64_t D, const uint16_t* const* krows, int nr, float* out) {
+  for (int r0 = 0; r0 < nr; r0 += 2) {
+    const uint16_t* k0 = krows[r0];
+    const uint16_t* k1 = krows[r0 + 1];
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+      __m256 a0, a1, b0, b1;
+      Avx2V::load_bf16_pair(k0 + d, a0, a1);
+      Avx2V::load_bf16_pair(k1 + d, b0, b1);
+      for (int g = 0; g < NQ; ++g) {
+        const __m256 q0 = _mm256_loadu_ps(qg + g * D + d), q1 = _mm256_loadu_ps(qg + g * D + d + 8);
+        acc[2 * g] = _mm256_fmadd_ps(q1, a1, _mm256_fmadd_ps(q0, a0, acc[2 * g]));
+        acc[2 * g + 1] = _mm256_fmadd_ps(q1, b1, _mm256_fmadd_ps(q0, b0, acc[2 * g + 1]));
       }
     }
+    Avx2V::store_pair_sums<NQ>(acc, r0, out);
   }
 }
 
-// A bf16 work item through dots4_bf16_pairs (G % 4 == 0 and D % 16 == 0; any other goes through dispatch_item).
+void dots4_bf16_pairs(const float* qp, int64_t G, int64_t D, const uint16_t* const* krows, int nr, float* out) {
+  for_query_blocks(G, [&](auto nq, int64_t g0) {
+    dots_block_bf16_pairs<decltype(nq)::size>(qp + g0 * D, D, krows, nr, out + g0 * kTileStride);
+  });
+}
+
+// A bf16 work item through dots4_bf16_pairs (D % 16 == 0; any other goes through dispatch_item).
 // The permuted queries live in the item scratch's extra region (G * (D + 32) floats, sparse_attention.h).
 void bf16_pairs_item(const SparseArgs& a, int64_t b, int64_t h, int64_t j0, int64_t j1, float* out_g, float* lse_g,
                      float* scratch) {
@@ -178,7 +186,7 @@ void bf16_pairs_item(const SparseArgs& a, int64_t b, int64_t h, int64_t j0, int6
 namespace hetero {
 void sparse_item_avx2(const SparseArgs& a, int64_t b, int64_t h, int64_t j0, int64_t j1, float* out_g,
                       float* lse_g, float* scratch) {
-  if (a.dtype == DType::BF16 && (a.Hq / a.Hkv) % 4 == 0 && a.D % 16 == 0) {
+  if (a.dtype == DType::BF16 && a.D % 16 == 0) {
     bf16_pairs_item(a, b, h, j0, j1, out_g, lse_g, scratch);
     return;
   }

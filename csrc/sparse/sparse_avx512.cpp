@@ -97,46 +97,54 @@ inline __m512 sum16(const __m512* x) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(v01, v23, 0x88), _mm512_shuffle_f32x4(v01, v23, 0xDD));
 }
 
-// Four queries x four rows per block: the 16 dot products accumulate in 16 registers, each query vector is loaded
-// once per four rows (the row-at-a-time form reloads it per row), and one sum16 tree reduces them. Measured per
-// selected row from L1 (G = 4, D = 128, one thread): see docs/performance.md.
+// NQ (<= 4) queries x four rows per block: the 4 NQ dot products accumulate in registers, each query vector is
+// loaded once per four rows (the row-at-a-time form reloads it per row), and one sum16 tree reduces them (zeros in
+// the places of absent queries). Measured per selected row from L1 (G = 4, D = 128, one thread): see
+// docs/performance.md.
+template <DType DT, int NQ>
+inline void dots_block(const float* qg, int64_t D, const typename Elem<DT>::T* const* krows, float* out) {
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    __m512 k[4];
+    for (int r = 0; r < 4; ++r) k[r] = Avx512V::load_elem<DT>(krows[r] + d);
+    for (int g = 0; g < NQ; ++g) {
+      const __m512 qv = _mm512_loadu_ps(qg + g * D + d);
+      for (int r = 0; r < 4; ++r) acc[4 * g + r] = _mm512_fmadd_ps(qv, k[r], acc[4 * g + r]);
+    }
+  }
+  if (d < D) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (D - d)) - 1);
+    __m512 k[4];
+    for (int r = 0; r < 4; ++r) k[r] = Avx512V::load_elem_partial<DT>(krows[r] + d, D - d);
+    for (int g = 0; g < NQ; ++g) {
+      const __m512 qv = _mm512_maskz_loadu_ps(mask, qg + g * D + d);
+      for (int r = 0; r < 4; ++r) acc[4 * g + r] = _mm512_fmadd_ps(qv, k[r], acc[4 * g + r]);
+    }
+  }
+  const __m512 sums = sum16(acc);
+  for (int g = 0; g < NQ; ++g) _mm_storeu_ps(out + g * kTileStride, _mm512_extractf32x4_ps(sums, g));
+}
+
+// Any G in blocks of four queries, the last block holding the remaining 1-3 (for_query_blocks).
 template <DType DT>
 void Avx512V::dots4(const float* q, int64_t G, int64_t D, const typename Elem<DT>::T* const* krows, int nr,
                     float* out, float* tmp) {
-  if (G % 4 != 0 || nr < 2) {
+  if (nr < 2) {
     rowwise_dots4<Avx512V, DT>(q, G, D, krows, nr, out, tmp);
     return;
   }
-  for (int64_t g0 = 0; g0 < G; g0 += 4) {
-    const float* qg = q + g0 * D;
-    __m512 acc[16];
-    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-    int64_t d = 0;
-    for (; d + 16 <= D; d += 16) {
-      __m512 k[4], qv[4];
-      for (int r = 0; r < 4; ++r) k[r] = load_elem<DT>(krows[r] + d);
-      for (int g = 0; g < 4; ++g) qv[g] = _mm512_loadu_ps(qg + g * D + d);
-      for (int g = 0; g < 4; ++g)
-        for (int r = 0; r < 4; ++r) acc[4 * g + r] = _mm512_fmadd_ps(qv[g], k[r], acc[4 * g + r]);
-    }
-    if (d < D) {
-      const __mmask16 mask = static_cast<__mmask16>((1u << (D - d)) - 1);
-      __m512 k[4], qv[4];
-      for (int r = 0; r < 4; ++r) k[r] = load_elem_partial<DT>(krows[r] + d, D - d);
-      for (int g = 0; g < 4; ++g) qv[g] = _mm512_maskz_loadu_ps(mask, qg + g * D + d);
-      for (int g = 0; g < 4; ++g)
-        for (int r = 0; r < 4; ++r) acc[4 * g + r] = _mm512_fmadd_ps(qv[g], k[r], acc[4 * g + r]);
-    }
-    const __m512 sums = sum16(acc);
-    for (int g = 0; g < 4; ++g) _mm_storeu_ps(out + (g0 + g) * kTileStride, _mm512_extractf32x4_ps(sums, g));
-  }
+  for_query_blocks(G, [&](auto nq, int64_t g0) {
+    dots_block<DT, decltype(nq)::size>(q + g0 * D, D, krows, out + g0 * kTileStride);
+  });
 }
 
 // bf16 keys with AVX512_BF16: dpbf16 consumes 32 key elements per instruction unwidened, but multiplies bf16 by
 // bf16. A float32 query would need three bf16 parts (q = q0 + q1 + q2) to keep float32 accuracy (two keep only
 // ~16 bits: 5e-6 relative, measured), costing more than widening the keys. So only a query whose values are
-// already bf16 (a bf16 model's q, checked per item) takes dpbf16, in the same 4 x 4 blocks as the widening path
-// (dots4_bf16); any other goes to the widening path (sparse_item_avx512_bf16). Per selected row from L1 (G = 4,
+// already bf16 (a bf16 model's q, checked per item) takes dpbf16, in the same blocks of up to 4 queries x 4 rows as
+// the widening path (dots_block_bf16); any other goes to the widening path (sparse_item_avx512_bf16). Per selected row from L1 (G = 4,
 // D = 128, one thread, Emerald Rapids): blocked dpbf16 27.5-29.9 ns, widening + FMA 26.8-27.0 ns (dpbf16 issues at
 // one per cycle: 16 of them cost what 32 FMAs on two ports do); row-at-a-time dpbf16 37-39 ns.
 
@@ -171,26 +179,24 @@ inline void dot_bf16_rows(const uint16_t* q, int64_t Dp, const uint16_t* row, in
   for (int g = 0; g < NQ; ++g) out[g] = s[g];
 }
 
-// Four queries x four rows per block (G % 4 == 0, as Avx512V::dots4): each 32-element slice of a row is loaded once
-// and fed to one dpbf16 per query, the 16 accumulators reduced by one sum16 tree. Rows r >= nr point at the zero
-// row (attend_rows pads with it).
-inline void dots4_bf16(const uint16_t* qs, int64_t G, int64_t Dp, int64_t D, const uint16_t* const* krows,
-                       float* out) {
-  for (int64_t g0 = 0; g0 < G; g0 += 4) {
-    const uint16_t* qg = qs + g0 * Dp;
-    __m512 acc[16];
-    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 32) {
-      const __mmask32 mask = D - d >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1ull << (D - d)) - 1);
-      __m512bh k[4], qv[4];
-      for (int r = 0; r < 4; ++r) k[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, krows[r] + d);
-      for (int g = 0; g < 4; ++g) qv[g] = (__m512bh)_mm512_loadu_si512(qg + g * Dp + d);
-      for (int g = 0; g < 4; ++g)
-        for (int r = 0; r < 4; ++r) acc[4 * g + r] = _mm512_dpbf16_ps(acc[4 * g + r], qv[g], k[r]);
+// NQ (<= 4) queries x four rows per block, as dots_block: each 32-element slice of a row is loaded once and fed
+// to one dpbf16 per query, the 4 NQ accumulators reduced by one sum16 tree. Rows r >= nr point at the zero row
+// (attend_rows pads with it).
+template <int NQ>
+inline void dots_block_bf16(const uint16_t* qg, int64_t Dp, int64_t D, const uint16_t* const* krows, float* out) {
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32) {
+    const __mmask32 mask = D - d >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1ull << (D - d)) - 1);
+    __m512bh k[4];
+    for (int r = 0; r < 4; ++r) k[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, krows[r] + d);
+    for (int g = 0; g < NQ; ++g) {
+      const __m512bh qv = (__m512bh)_mm512_loadu_si512(qg + g * Dp + d);
+      for (int r = 0; r < 4; ++r) acc[4 * g + r] = _mm512_dpbf16_ps(acc[4 * g + r], qv, k[r]);
     }
-    const __m512 sums = sum16(acc);
-    for (int g = 0; g < 4; ++g) _mm_storeu_ps(out + (g0 + g) * kTileStride, _mm512_extractf32x4_ps(sums, g));
   }
+  const __m512 sums = sum16(acc);
+  for (int g = 0; g < NQ; ++g) _mm_storeu_ps(out + g * kTileStride, _mm512_extractf32x4_ps(sums, g));
 }
 
 // Returns false (and does nothing) when q is not all bf16 values.
@@ -208,10 +214,14 @@ bool bf16_item(const SparseArgs& a, int64_t b, int64_t h, int64_t j0, int64_t j1
   };
   attend_rows<Avx512V, DType::BF16>(a, b, h, j0, n, s.rows, s, out_g, lse_g,
                                     [&](const uint16_t* const* krows, int nr, float* out) {
-                                      if (G % 4 != 0 || nr < 2)
+                                      if (nr < 2) {
                                         rows_to_tile(krows, nr, G, out, s.tmp, dot_row);
-                                      else
-                                        dots4_bf16(qs, G, Dp, D, krows, out);
+                                        return;
+                                      }
+                                      for_query_blocks(G, [&](auto nq, int64_t g0) {
+                                        dots_block_bf16<decltype(nq)::size>(qs + g0 * Dp, Dp, D, krows,
+                                                                            out + g0 * kTileStride);
+                                      });
                                     });
   return true;
 }
