@@ -151,14 +151,27 @@ def test_running_max_across_row_tiles(backend):
 @settings(max_examples=40, deadline=None)
 @given(hkv=st.integers(1, 3), g=st.integers(1, 9), d=st.sampled_from([1, 7, 16, 31, 32, 33, 64, 72, 96, 130]),
        dtype=st.sampled_from(DTYPES), lengths=st.lists(st.integers(0, 90), min_size=1, max_size=3),
-       k=st.integers(0, 100), with_lw=st.booleans(), bf16_query=st.booleans(), seed=st.integers(0, 2 ** 16))
+       k=st.integers(0, 100), with_lw=st.booleans(), bf16_query=st.booleans(), seed=st.integers(0, 2 ** 16),
+       level=st.integers(0, 3))
 def test_cpp_kernel_matches_float64_oracle_on_any_group_and_head_dim(hkv, g, d, dtype, lengths, k, with_lw,
-                                                                      bf16_query, seed):
-    """The C++ kernel's blocked dots (four queries a block, then the remaining 1-3; four rows a block, then single
-    rows) and its dpbf16 path (bf16-valued queries over bf16 rows) against float64, on any group size, head_dim,
-    selection size and padding."""
+                                                                      bf16_query, seed, level):
+    """The C++ kernel's blocked dots (four queries a block, then the remaining 1-3; AVX-512 four rows a block, AVX2
+    two, then single rows) and its dpbf16 path (bf16-valued queries over bf16 rows) against float64, on any group
+    size, head_dim, selection size and padding, at every ISA level up to the CPU's (``level`` beyond it: the CPU's)."""
     if not _usable("cpp"):
         pytest.skip("C++ extension not built")
+    from hetero.native import info, load
+
+    levels = ["scalar", "avx2", "avx512", "avx512_bf16"]
+    before = info()["isa"]
+    load().set_isa(levels[min(level, levels.index(info()["isa_detected"]))])
+    try:
+        _check_cpp_against_oracle(hkv, g, d, dtype, lengths, k, with_lw, bf16_query, seed)
+    finally:
+        load().set_isa(before)
+
+
+def _check_cpp_against_oracle(hkv, g, d, dtype, lengths, k, with_lw, bf16_query, seed):
     gen = torch.Generator().manual_seed(seed)
     layer = _host(dtype, hkv, d, lengths, block_tokens=16, seed=seed)
     sel = _selection(layer, k, gen, with_lw, g, shuffle=True)
@@ -226,12 +239,13 @@ errs = {}
 for dtype, d, g in itertools.product((torch.float32, torch.bfloat16, torch.float16), (72, 80), (4, 6, 7)):
     layer = LayerCache(HeteroConfig(window=2, sinks=1, block_tokens=8, retriever="all"))
     layer.append(torch.randn(2, 2, 300, d).to(dtype), torch.randn(2, 2, 300, d).to(dtype), torch.tensor([300, 77]))
-    idx = torch.stack([torch.stack([torch.randperm(n)[:50].sort().values for _ in range(2)]) for n in (297, 74)]).int()
+    # 51 rows: the last block of four (AVX-512) or two (AVX2) rows holds a single row
+    idx = torch.stack([torch.stack([torch.randperm(n)[:51].sort().values for _ in range(2)]) for n in (297, 74)]).int()
     exact = torch.randn(2, 2 * g, d).bfloat16().float()  # bf16 values: the dpbf16 path where the CPU has it
     last_off = exact.clone()
     last_off[1, -1, -1] += 1e-3  # one float32 value in the last item's last query: the widening path
     for q in (torch.randn(2, 2 * g, d), exact, last_off):
-        sel = Selection(idx, -torch.rand(2, 2 * g, 50))
+        sel = Selection(idx, -torch.rand(2, 2 * g, 51))
         got = sparse_attention(q, layer.host.view(), sel, backend="cpp")
         want = ref(q.double(), layer.host.view(), sel, compute_dtype=torch.float64)
         e = float((got.out.double() - want.out).norm() / want.out.norm())
