@@ -143,10 +143,11 @@ void Avx512V::dots4(const float* q, int64_t G, int64_t D, const typename Elem<DT
 // bf16 keys with AVX512_BF16: dpbf16 consumes 32 key elements per instruction unwidened, but multiplies bf16 by
 // bf16. A float32 query would need three bf16 parts (q = q0 + q1 + q2) to keep float32 accuracy (two keep only
 // ~16 bits: 5e-6 relative, measured), costing more than widening the keys. So only a query whose values are
-// already bf16 (a bf16 model's q, checked per item) takes dpbf16, in the same blocks of up to 4 queries x 4 rows as
-// the widening path (dots_block_bf16); any other goes to the widening path (sparse_item_avx512_bf16). Per selected row from L1 (G = 4,
-// D = 128, one thread, Emerald Rapids): blocked dpbf16 27.5-29.9 ns, widening + FMA 26.8-27.0 ns (dpbf16 issues at
-// one per cycle: 16 of them cost what 32 FMAs on two ports do); row-at-a-time dpbf16 37-39 ns.
+// already bf16 (a bf16 model's q, checked per item) takes dpbf16, in the same blocks of up to 4 queries x 4 rows
+// as the widening path (dots_block_bf16); any other goes to the widening path (sparse_item_avx512_bf16). Per
+// selected row from L1 (G = 4, D = 128, one thread, Emerald Rapids): blocked dpbf16 27.5-29.9 ns, widening + FMA
+// 26.8-27.0 ns (dpbf16 issues at one per cycle: 16 of them cost what 32 FMAs on two ports do); row-at-a-time
+// dpbf16 37-39 ns.
 
 // qs: [G, Dp] bf16 bits of q (Dp = D rounded up to 32, zero padded). Returns false, at the first element that is
 // not exactly a bf16 value, when q is not all bf16 values (a float32 query: stops within a few elements, so the

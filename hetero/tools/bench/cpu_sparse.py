@@ -341,7 +341,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     p = OneLineParser(prog="hetero bench cpu-sparse", description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default=",".join(HOST_BACKENDS.names()))
-    p.add_argument("--dtypes", type=names_from(list(KV_DTYPES)), default="bfloat16,float32")
+    p.add_argument("--dtypes", type=names_from(list(KV_DTYPES)), default=None,
+                   help="KV dtypes (default bfloat16,float32; --window: bfloat16)")
     p.add_argument("--k", type=list_of(positive_int), default=None,
                    help="selected rows per KV head (default 512,2048,8192; --row-cost: 2048)")
     p.add_argument("--threads", type=positive_int, default=None, help="threads (default: all cores)")
@@ -352,8 +353,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--row-cost", action="store_true",
                    help="instead: ns per selected row on one thread, rows in L1 vs from DRAM (first k only)")
     p.add_argument("--window", type=positive_int, default=None, metavar="ROWS",
-                   help="instead: the CPU window kernel over ROWS contiguous rows x 8 KV heads x head_dim 128, bf16, "
-                        "against a long streaming read and a streaming read of the same window buffers, same run")
+                   help="instead: the CPU window kernel over ROWS contiguous rows x --kv-heads x --head-dim, "
+                        "--group queries per KV head, against a long streaming read and a streaming read of the same "
+                        "window buffers, same run")
+    p.add_argument("--kv-heads", type=positive_int, default=8, help="--window: KV heads (8)")
+    p.add_argument("--group", type=positive_int, default=4, help="--window: query heads per KV head (4)")
+    p.add_argument("--head-dim", type=positive_int, default=128, help="--window: head_dim (128)")
     ns = p.parse_args(argv)
     from hetero.config import HeteroConfig
 
@@ -361,15 +366,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if over:  # each KV head selects k distinct rows of the tier
         p.error(f"--k {','.join(map(str, over))}: more rows than --tokens {ns.tokens} holds per KV head")
     if ns.row_cost:
-        row_costs([b for b in ns.backends.split(",") if b and b != "torch"], ns.dtypes,
+        row_costs([b for b in ns.backends.split(",") if b and b != "torch"], ns.dtypes or ["bfloat16", "float32"],
                   ns.k[0] if ns.k else 2048, ns.tokens, calls=ns.runs, layers=ns.layers)
         return 0
 
     threads = ns.threads or HeteroConfig().resolved_threads
     if ns.window is not None:
-        window_line(threads, ns.window, runs=ns.runs, membw_bytes=ns.membw_mb << 20)
+        for dtype_name in ns.dtypes or ["bfloat16"]:
+            window_line(threads, ns.window, ns.kv_heads, ns.group, ns.head_dim, dtype_name, runs=ns.runs,
+                        membw_bytes=ns.membw_mb << 20)
         return 0
-    run([b for b in ns.backends.split(",") if b], ns.dtypes, ns.k or [512, 2048, 8192],
+    run([b for b in ns.backends.split(",") if b], ns.dtypes or ["bfloat16", "float32"], ns.k or [512, 2048, 8192],
         threads, tokens=ns.tokens, runs=ns.runs, layers=ns.layers, membw_bytes=ns.membw_mb << 20)
     return 0
 
