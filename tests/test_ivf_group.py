@@ -803,8 +803,9 @@ def test_decode_adds_encode_like_the_numpy_path(bits, monkeypatch):
 @given(data=st.data())
 def test_cpp_top_positions_is_exact_with_ties(data):
     """The native top-k (the search's and the probe's) against a stable sort: the k largest, ties at the k-th score
-    to the lower positions, over tie-heavy, constant, outlier-stretched and signed-zero scores."""
-    from hetero.native import load
+    to the lower positions, over tie-heavy, constant, outlier-stretched and signed-zero scores, at every ISA level up
+    to the CPU's (the selection's threshold pass has a scalar and an AVX-512 form)."""
+    from hetero.native import info, load
 
     n = data.draw(st.integers(0, 5000), label="n")
     k = data.draw(st.integers(0, n), label="k")
@@ -823,7 +824,14 @@ def test_cpp_top_positions_is_exact_with_ties(data):
         s = np.where(gen.random(n) < 0.5, -0.0, 0.0)
     s = s.astype(np.float32)
     out = np.full(k, -1, dtype=np.int32)
-    load().ivf_top_positions(s.ctypes.data, n, k, out.ctypes.data)
+    levels = ["scalar", "avx2", "avx512", "avx512_bf16"]
+    level = data.draw(st.integers(0, levels.index(info()["isa_detected"])), label="level")
+    before = info()["isa"]
+    load().set_isa(levels[level])
+    try:
+        load().ivf_top_positions(s.ctypes.data, n, k, out.ctypes.data)
+    finally:
+        load().set_isa(before)
     want = np.sort(np.argsort(-s, kind="stable")[:k])  # stable: equal scores keep ascending positions
     assert np.array_equal(out, want.astype(np.int32)), (kind, n, k)
 
