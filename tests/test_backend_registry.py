@@ -89,6 +89,31 @@ def test_every_backend_explains_itself_for_one_inputs_bundle():
     assert backends.get("host", "torch").not_supported_reasons(CPU_INPUTS) == []
 
 
+_NO_TRITON = r"""
+import sys
+import torch
+from hetero import HeteroAttention, HeteroConfig, LayerCache
+layer = LayerCache(HeteroConfig(window=16, sinks=2, budget=0.1))
+layer.append(torch.randn(1, 2, 300, 64), torch.randn(1, 2, 300, 64))
+attn = HeteroAttention(layer.config)
+plan = attn.plan(layer, 8, torch.float32)
+attn.decode(torch.randn(1, 8, 64), torch.randn(1, 2, 64), torch.randn(1, 2, 64), layer, plan)
+print("triton" in sys.modules)
+"""
+
+
+def test_a_cpu_step_on_auto_backends_does_not_import_triton():
+    """On CPU tensors "auto" takes the C++ window backend before Triton is ever loaded: importing triton costs
+    ~0.2 s on the first plan, for a backend "auto" declines on the CPU."""
+    from hetero.native import load_error
+
+    if load_error() is not None:
+        pytest.skip(f"without the C++ extension auto loads triton to ask it: {load_error()}")
+    p = subprocess.run([sys.executable, "-c", _NO_TRITON], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1] == "False"
+
+
 _FALLBACK = r"""
 import importlib.abc, sys, warnings
 class Block(importlib.abc.MetaPathFinder):
