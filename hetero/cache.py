@@ -41,10 +41,13 @@ class LayerCache:
 
     Created empty; the first ``append`` fixes batch size, KV heads, head dim, device (the fast tier's, from the
     keys) and storage dtype (``config.kv_dtype`` or the keys' dtype). ``indexer``: an optional
-    ``hetero.worker.Worker`` that indexes evicted tokens in the background (``hetero/indexing.py``).
+    ``hetero.worker.Worker`` that indexes evicted tokens in the background (``hetero/indexing.py``). ``populator``:
+    an optional ``Worker`` that backs the host tier's next pages with memory ahead of the appends
+    (``HostTier.populate_ahead``); without one the indexer does it when it is idle, which a retriever whose decode
+    adds run on it (faiss, lsh) seldom leaves it.
     """
 
-    def __init__(self, config: HeteroConfig, layer_idx: int = 0, indexer=None):
+    def __init__(self, config: HeteroConfig, layer_idx: int = 0, indexer=None, populator=None):
         if not isinstance(config, HeteroConfig):
             raise ConfigError(f"config must be a hetero.HeteroConfig, got {type(config).__name__} (build one with "
                               "HeteroConfig(**fields))")
@@ -57,6 +60,7 @@ class LayerCache:
         self.host: Optional[HostTier] = None
         self.retriever = None
         self.index = IndexQueue(layer_idx, config.retriever, indexer)
+        self.populator = populator
         self.head_budget = None  # per-head budget state (hetero.budgets), made with the tiers if the config asks
         self.lock = threading.Lock()
         self._desc = None
@@ -301,10 +305,11 @@ class LayerCache:
         return True
 
     def populate_host_ahead(self) -> None:
-        """The host tier's next rows backed by memory on the indexer thread, ahead of the appends that write them
-        (``HostTier.populate_ahead``): once per append. Caller holds the lock."""
+        """The host tier's next rows backed by memory on the populator thread (else the indexer's), ahead of the
+        appends that write them (``HostTier.populate_ahead``): once per append. Caller holds the lock."""
         if self.host is not None:
-            self.host.populate_ahead(self.host.populate_lead(self.layer_idx), self.index.indexer)
+            worker = self.populator if self.populator is not None else self.index.indexer
+            self.host.populate_ahead(self.host.populate_lead(self.layer_idx), worker)
 
     def native_token(self, k, v):
         """``(k, v, stride_b, stride_h, dtype_code)``, k and v as ``[B, Hkv, D]`` views, when they are one decode
@@ -477,14 +482,14 @@ def total_memory(layers: Sequence[LayerCache]) -> Dict[str, int]:
 
 
 class TieredKVCache:
-    """KV cache of a whole model: ``layers[i]`` is layer ``i``'s ``LayerCache``; ``indexer`` (optional
-    ``hetero.worker.Worker``) indexes evicted tokens in the background for every layer."""
+    """KV cache of a whole model: ``layers[i]`` is layer ``i``'s ``LayerCache``; ``indexer`` and ``populator``
+    (optional ``hetero.worker.Worker``s, ``LayerCache``'s) serve every layer."""
 
-    def __init__(self, config: HeteroConfig, num_layers: int, indexer=None):
+    def __init__(self, config: HeteroConfig, num_layers: int, indexer=None, populator=None):
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ConfigError(f"num_layers must be an int >= 1, got {num_layers!r}")
         self.config = config
-        self.layers = [LayerCache(config, i, indexer) for i in range(num_layers)]
+        self.layers = [LayerCache(config, i, indexer, populator) for i in range(num_layers)]
 
     def __len__(self) -> int:
         return len(self.layers)

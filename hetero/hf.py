@@ -92,6 +92,9 @@ class _Shared:
     def __init__(self, config: HeteroConfig, num_layers: int, progress_tokens: int):
         self.config = config
         self.indexer = Worker("hetero-indexer")
+        # the host tiers' page backing ahead of the appends, on a thread of its own: the indexer runs every layer's
+        # adds and flushes, and with faiss or lsh a decode add of some layer is nearly always queued there
+        self.populator = Worker("hetero-populate", max_pending=4)
         self.progress = _PrefillProgress(num_layers, progress_tokens)
         self.layers: List[LayerCache] = []
         self.cache_layers: List[weakref.ref] = []  # the HeteroCacheLayers, weakly (no cycle keeps a cache alive)
@@ -138,6 +141,7 @@ class _Shared:
 
     def close(self) -> None:
         self.indexer.close()
+        self.populator.close()
         if self._runtime is not None:
             self._runtime.close()
 
@@ -152,7 +156,7 @@ class HeteroCacheLayer(CacheLayerMixin):
     def __init__(self, shared: _Shared, layer_idx: int):
         super().__init__()
         self.shared = shared
-        self.layer = LayerCache(shared.config, layer_idx, shared.indexer)
+        self.layer = LayerCache(shared.config, layer_idx, shared.indexer, shared.populator)
         self.processed = 0  # tokens seen, padding included: what position ids count
         self.pad: List[int] = []  # left padding of each sequence's first prompt (never stored)
         self.pending = None  # a chunk's K/V waiting for the attention call

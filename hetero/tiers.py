@@ -269,9 +269,11 @@ class HostTier:
         head's region otherwise takes all their faults in one decode step, and every layer of a model on the same
         token: 8 KV heads cost 36 ms in one step on a VM whose host backs guest memory at its first touch (~5 ms a
         2 MiB page, AMD Zen 4). The advice keeps the rows' contents, so it may run beside the appends that write
-        them. It waits for no one: a worker with work queued or running (an index build, another layer's adds) is
-        not given it, and the appends take their own faults then (mostly so with a retriever whose decode adds run
-        on that worker, ``native_kind`` 0: faiss, lsh). Pinned pools are backed when allocated."""
+        them. It waits for no one: a worker with work queued or running (an index build, another layer's adds or
+        populate) is not given it, and the appends take their own faults then; so a layer whose indexer does it
+        seldom gets it with a retriever whose decode adds run there (``native_kind`` 0: faiss, lsh), and the HF
+        cache gives its layers a populator thread of their own (``LayerCache(populator=...)``). Pinned pools are
+        backed when allocated."""
         if self.pin_memory or worker is None:
             return False
         reserved, cap = self.rows_reserved, self.kv_pool.shape[1]

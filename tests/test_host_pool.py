@@ -191,6 +191,46 @@ def test_decoding_with_a_background_populate_keeps_every_token(monkeypatch):
     assert torch.equal(layer.host.values(0), values[0, :, 1:1 + host])
 
 
+def test_a_populator_backs_pages_while_the_indexer_is_busy(monkeypatch):
+    """With its indexer never idle (as with faiss or lsh, whose decode adds run there) a layer's populate would be
+    skipped on every append; a populator thread of its own (the HF cache gives its layers one) takes it."""
+    import threading
+
+    from hetero import HeteroConfig, LayerCache
+    from hetero.worker import Worker
+
+    asked = []
+    real = HostTier.populate_ahead
+    monkeypatch.setattr(HostTier, "populate_ahead", lambda self, lead, w: asked.append(real(self, lead, w)) or asked[-1])
+    release = threading.Event()
+    indexer, populator = Worker("test-busy-indexer"), Worker("test-populator")
+    indexer.submit(release.wait)  # busy until released: every add below queues behind it
+    gen = torch.Generator().manual_seed(7)
+    n = 400
+    keys, values = torch.randn(1, 2, n, 16, generator=gen), torch.randn(1, 2, n, 16, generator=gen)
+    layers = [LayerCache(HeteroConfig(window=8, sinks=1, block_tokens=16, retriever="exact"), indexer=indexer,
+                         populator=p) for p in (None, populator)]
+    try:
+        counts = []
+        for layer in layers:
+            asked.clear()
+            for t in range(n):
+                layer.append(keys[:, :, t], values[:, :, t])
+            counts.append(sum(asked))
+        assert counts[0] == 0 and counts[1] >= 1  # the indexer's turn never came; the populator's did
+        assert layers[1].host._backed > layers[1].host.rows_reserved
+    finally:
+        release.set()
+        for layer in layers:
+            layer.wait_indexed()
+        indexer.close()
+        populator.close()
+    for layer in layers:  # every token reads back as appended, the populate beside the appends included
+        host = int(layer.host.length[0])
+        assert torch.equal(layer.host.keys(0), keys[0, :, 1:1 + host])
+        assert torch.equal(layer.host.values(0), values[0, :, 1:1 + host])
+
+
 def test_no_room_where_address_space_is_not_free(monkeypatch):
     """Strict overcommit (or not Linux): untouched room would count against the commit limit, so the pool takes the
     1.5x growth with headroom instead."""
