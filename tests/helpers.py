@@ -1,9 +1,31 @@
 """Shared test helpers: float64 oracles over a cache's logical tokens."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from hetero import native
 from hetero.reference import dense_attention
+
+ISA_LEVELS = ["scalar", "avx2", "avx512", "avx512_bf16"]  # the C++ extension's levels, lowest first
+
+
+def usable_isa_levels() -> list:
+    """The ISA levels this CPU can run (up to the one the extension detected)."""
+    return ISA_LEVELS[: ISA_LEVELS.index(native.info()["isa_detected"]) + 1]
+
+
+@contextlib.contextmanager
+def isa_level(level: int):
+    """The C++ kernels at ``ISA_LEVELS[level]``, capped at the CPU's (``set_isa``, every Runner), restored after."""
+    usable = usable_isa_levels()
+    before = native.info()["isa"]
+    native.load().set_isa(usable[min(level, len(usable) - 1)])
+    try:
+        yield
+    finally:
+        native.load().set_isa(before)
 
 
 def oracle(q: torch.Tensor, layer, scale=None) -> torch.Tensor:

@@ -20,7 +20,7 @@ def get_backend(side, name):
     return _BACKENDS.get(side, name)
 from hetero.reference import sparse_attention as ref_sparse
 
-from helpers import rel_err
+from helpers import ISA_LEVELS, isa_level, rel_err, usable_isa_levels
 
 BACKENDS = ["cpp", "numba", "torch"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -160,15 +160,8 @@ def test_cpp_kernel_matches_float64_oracle_on_any_group_and_head_dim(hkv, g, d, 
     size, head_dim, selection size and padding, at every ISA level up to the CPU's (``level`` beyond it: the CPU's)."""
     if not _usable("cpp"):
         pytest.skip("C++ extension not built")
-    from hetero.native import info, load
-
-    levels = ["scalar", "avx2", "avx512", "avx512_bf16"]
-    before = info()["isa"]
-    load().set_isa(levels[min(level, levels.index(info()["isa_detected"]))])
-    try:
+    with isa_level(level):
         _check_cpp_against_oracle(hkv, g, d, dtype, lengths, k, with_lw, bf16_query, seed)
-    finally:
-        load().set_isa(before)
 
 
 def _check_cpp_against_oracle(hkv, g, d, dtype, lengths, k, with_lw, bf16_query, seed):
@@ -253,21 +246,12 @@ for dtype, d, g in itertools.product((torch.float32, torch.bfloat16, torch.float
 print(json.dumps({"info": info(), "errs": errs}))
 """
 
-_LEVELS = ["scalar", "avx2", "avx512", "avx512_bf16"]
-
-
-def _detected():
-    from hetero.native import info
-
-    return info().get("isa_detected")
-
-
-@pytest.mark.parametrize("isa", _LEVELS)
+@pytest.mark.parametrize("isa", ISA_LEVELS)
 def test_cpp_every_isa_level_via_env_override(isa):
     if not _usable("cpp"):
         pytest.skip("C++ extension not built")
-    if _LEVELS.index(isa) > _LEVELS.index(_detected()):
-        pytest.skip(f"this CPU tops out at {_detected()}")
+    if isa not in usable_isa_levels():
+        pytest.skip(f"this CPU tops out at {usable_isa_levels()[-1]}")
     env = dict(os.environ, HETERO_CPU_ISA=isa)
     p = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr

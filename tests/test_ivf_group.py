@@ -12,6 +12,8 @@ import torch
 from hetero import HeteroAttention, HeteroConfig, LayerCache
 from hetero.native import load
 
+from helpers import isa_level, usable_isa_levels
+
 pytest.importorskip("faiss")
 from hetero.retrieval.ivf_group import estimate_torch, search_torch  # noqa: E402
 
@@ -166,10 +168,7 @@ def _check_centroid_scores():
 
 @needs_ext
 def test_cpp_search_at_every_isa_level():
-    from hetero.native import info
-
-    levels = ["scalar", "avx2", "avx512", "avx512_bf16"]
-    usable = levels[: levels.index(info()["isa_detected"]) + 1]
+    usable = usable_isa_levels()
     code = (
         "import sys; sys.path.insert(0, {tests!r}); import torch\n"
         "from test_ivf_group import _layer, _compare\n"
@@ -805,8 +804,6 @@ def test_cpp_top_positions_is_exact_with_ties(data):
     """The native top-k (the search's and the probe's) against a stable sort: the k largest, ties at the k-th score
     to the lower positions, over tie-heavy, constant, outlier-stretched and signed-zero scores, at every ISA level up
     to the CPU's (the selection's threshold pass has a scalar and an AVX-512 form)."""
-    from hetero.native import info, load
-
     n = data.draw(st.integers(0, 5000), label="n")
     k = data.draw(st.integers(0, n), label="k")
     kind = data.draw(st.sampled_from(["normal", "few_values", "constant", "outliers", "zeros"]), label="kind")
@@ -824,14 +821,8 @@ def test_cpp_top_positions_is_exact_with_ties(data):
         s = np.where(gen.random(n) < 0.5, -0.0, 0.0)
     s = s.astype(np.float32)
     out = np.full(k, -1, dtype=np.int32)
-    levels = ["scalar", "avx2", "avx512", "avx512_bf16"]
-    level = data.draw(st.integers(0, levels.index(info()["isa_detected"])), label="level")
-    before = info()["isa"]
-    load().set_isa(levels[level])
-    try:
+    with isa_level(data.draw(st.integers(0, len(usable_isa_levels()) - 1), label="level")):
         load().ivf_top_positions(s.ctypes.data, n, k, out.ctypes.data)
-    finally:
-        load().set_isa(before)
     want = np.sort(np.argsort(-s, kind="stable")[:k])  # stable: equal scores keep ascending positions
     assert np.array_equal(out, want.astype(np.int32)), (kind, n, k)
 
