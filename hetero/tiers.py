@@ -350,6 +350,12 @@ class HostTier:
         the pool is pageable not yet backed by memory)."""
         return self._next_block * self.block_tokens
 
+    @property
+    def kv_in_use(self) -> torch.Tensor:
+        """``kv_pool [Hkv, rows_reserved, 2, D]``: the rows of the blocks handed out (each KV head's contiguous), without
+        the room after them."""
+        return self.kv_pool[:, :self.rows_reserved]
+
     def _ensure_capacity(self, blocks: int) -> None:
         cap = self.capacity_blocks
         if blocks <= cap:
@@ -436,8 +442,8 @@ class HostTier:
     def view(self) -> HostView:
         """The tier as the kernels take it; its pools end at the rows handed out (the room after them is not part of
         any sequence, and a caller that copies a pool copies only what it holds)."""
-        rows = self.rows_reserved
-        return HostView(self.k_pool[:, :rows], self.v_pool[:, :rows], self._table_t, self.lengths, self.block_tokens)
+        kv = self.kv_in_use
+        return HostView(kv[:, :, 0], kv[:, :, 1], self._table_t, self.lengths, self.block_tokens)
 
     def nbytes(self) -> int:
         """Bytes of stored tokens (keys + values)."""

@@ -50,9 +50,8 @@ def snapshot(layer):
     if not layer.initialized:
         return None
     f, h = layer.fast, layer.host
-    rows = h.rows_reserved  # the pool's room after the blocks handed out belongs to no sequence
-    return (f.k.clone(), f.v.clone(), list(f.total), f.lengths.clone(), h.k_pool[:, :rows].clone(),
-            h.v_pool[:, :rows].clone(),
+    kv = h.kv_in_use  # the pool's room after the blocks handed out belongs to no sequence
+    return (f.k.clone(), f.v.clone(), list(f.total), f.lengths.clone(), kv[:, :, 0].clone(), kv[:, :, 1].clone(),
             [list(b) for b in h.blocks], list(h.length), list(layer.retriever.ntotal))
 
 

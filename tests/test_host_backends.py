@@ -97,7 +97,7 @@ def test_nan_in_unselected_rows_never_reaches_output(backend):
     gen = torch.Generator().manual_seed(3)
     layer = _host(torch.float32, 2, 32, [200])
     sel = _selection(layer, 20, gen, False, 2)
-    pool = layer.host.kv_pool[:, :layer.host.rows_reserved]  # the rows a view holds (the room after them is not)
+    pool = layer.host.kv_in_use  # the rows a view holds (the room after them is not)
     keep = torch.zeros(pool.shape[:2], dtype=torch.bool)
     rows = layer.host.view().rows(sel.indices)[0]
     for h in range(2):

@@ -80,7 +80,7 @@ def test_float64_values_beyond_float32_are_refused():
 def test_a_selected_host_row_with_nan_is_refused(backend):
     _, layer = _layer()
     host = layer.host.view()
-    kv = layer.host.kv_pool[:, :layer.host.rows_reserved].clone()  # [Hkv, R, 2, D]: K and V rows side by side
+    kv = layer.host.kv_in_use.clone()  # [Hkv, R, 2, D]: K and V rows side by side
     kv[1, 5, 0, 0] = float("nan")
     bad = type(host)(kv[:, :, 0], kv[:, :, 1], host.block_table, host.lengths, host.block_tokens)
     picks = torch.tensor([[[0, 3, -1], [4, 5, 6]]], dtype=torch.int32)

@@ -116,8 +116,8 @@ def _read_once(cache) -> None:
         for layer in cache.layers:
             lc = layer.layer
             if lc.initialized:
-                host = lc.host  # each KV head's rows in use (contiguous; the pool's room after them is not read)
-                arrays += [lc.fast.k, lc.fast.v] + [host.kv_pool[h, :host.rows_reserved] for h in range(host.kv_heads)]
+                # each KV head's rows in use, one contiguous run each (the pool's room after them is not read)
+                arrays += [lc.fast.k, lc.fast.v] + list(lc.host.kv_in_use)
                 arrays += lc.retriever.buffers()
     else:
         arrays = [t for layer in cache.layers for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor)]
