@@ -336,13 +336,16 @@ def _isa(backend: str) -> Optional[str]:
     return info().get("isa")
 
 
+HOST_DTYPES = ["bfloat16", "float32"]  # --dtypes' default, but for --window (bfloat16)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from hetero.registry import HOST_BACKENDS
 
     p = OneLineParser(prog="hetero bench cpu-sparse", description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default=",".join(HOST_BACKENDS.names()))
     p.add_argument("--dtypes", type=names_from(list(KV_DTYPES)), default=None,
-                   help="KV dtypes (default bfloat16,float32; --window: bfloat16)")
+                   help=f"KV dtypes (default {','.join(HOST_DTYPES)}; --window: bfloat16)")
     p.add_argument("--k", type=list_of(positive_int), default=None,
                    help="selected rows per KV head (default 512,2048,8192; --row-cost: 2048)")
     p.add_argument("--threads", type=positive_int, default=None, help="threads (default: all cores)")
@@ -366,7 +369,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if over:  # each KV head selects k distinct rows of the tier
         p.error(f"--k {','.join(map(str, over))}: more rows than --tokens {ns.tokens} holds per KV head")
     if ns.row_cost:
-        row_costs([b for b in ns.backends.split(",") if b and b != "torch"], ns.dtypes or ["bfloat16", "float32"],
+        row_costs([b for b in ns.backends.split(",") if b and b != "torch"], ns.dtypes or HOST_DTYPES,
                   ns.k[0] if ns.k else 2048, ns.tokens, calls=ns.runs, layers=ns.layers)
         return 0
 
@@ -376,7 +379,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             window_line(threads, ns.window, ns.kv_heads, ns.group, ns.head_dim, dtype_name, runs=ns.runs,
                         membw_bytes=ns.membw_mb << 20)
         return 0
-    run([b for b in ns.backends.split(",") if b], ns.dtypes or ["bfloat16", "float32"], ns.k or [512, 2048, 8192],
+    run([b for b in ns.backends.split(",") if b], ns.dtypes or HOST_DTYPES, ns.k or [512, 2048, 8192],
         threads, tokens=ns.tokens, runs=ns.runs, layers=ns.layers, membw_bytes=ns.membw_mb << 20)
     return 0
 
