@@ -190,6 +190,8 @@ PYBIND11_MODULE(_native, m) {
            },
            "Ceiling probe: read random runs of memory (benchmarks)")
       .def("set_threads", &Runner::set_threads)
+      .def("wake", &Runner::wake, py::arg("poll_us"),
+           "Have the pool's workers poll for poll_us from now, waking those that sleep: ahead of a step")
       .def("set_trace", &Runner::set_trace, "Record each pool thread's busy span per call (take_trace)")
       .def("take_trace",
            [](Runner& r) {

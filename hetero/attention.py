@@ -105,6 +105,11 @@ def _check_out_shape(out, shape: tuple, dtype: torch.dtype, device: torch.device
 
 
 DECODE_Q_DTYPES = tuple(native.DTYPE_CODES)  # the step writes its output in the query's dtype
+# decode() wakes the C++ pool's workers as it starts and has them poll this long for its step: between a model's
+# layers they sleep, and a worker woken by the step itself joined it 56-82 us late (SmolLM2-135M, 8K, one layer
+# step ~250 us on 2 threads, AMD Zen 4 VM); woken ahead, 1 us late, and the layer step 17-58 us shorter. The
+# Python before the step takes ~60-170 us; polling past it spins into the next layer's matrix products.
+WAKE_POLL_US = 300
 
 
 class HeteroAttention:
@@ -311,6 +316,8 @@ class HeteroAttention:
         On the CPU with the C++ step and an ``ivf-group`` (or dense) host part this is one native call: the token's
         append and the step, the GIL released. A query with NaN or inf is refused before the token is appended.
         """
+        if type(plan) is StepPlan and plan.cpu_fused:
+            plan.host.wake_workers(WAKE_POLL_US)  # they come up while the checks below run
         if not self._closed and isinstance(layer, LayerCache) and layer.config is not self.config:
             self._check_compatible(layer)  # an equal config (the HF cache's runtime has the model's scale) runs on;
             # another is refused before the token goes in, on either path below (a dict lookup once checked)

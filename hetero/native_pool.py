@@ -27,6 +27,12 @@ class RunnerBacked:
             self._runner.set_trace(on)
             self._trace_on = on
 
+    def wake_workers(self, poll_us: int) -> None:
+        """Have the pool's workers poll for a run for ``poll_us`` from now, waking those that sleep: a step about to
+        start finds them awake (a sleeping one joins it tens of microseconds late on a VM)."""
+        if self._runner is not None:
+            self._runner.wake(poll_us)
+
     def take_native_spans(self) -> List[Span]:
         """The pool threads' spans since the last call; a decode step's per phase (its items interleave)."""
         if self._runner is None:

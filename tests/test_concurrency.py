@@ -1,6 +1,7 @@
 """Concurrent callers: runs on the same layer are serialized by its lock, runs on different layers overlap; either
 way each output equals the same call made alone (bit for bit: the kernels' reductions do not depend on timing)."""
 import threading
+import time
 
 import pytest
 import torch
@@ -139,6 +140,49 @@ def test_concurrent_decode_loops_on_different_layers_equal_sequential():
         assert together[t].retriever.ntotal == together[t].host_lengths()
         for seq in range(2):
             assert all(torch.equal(a, b) for a, b in zip(together[t].tokens(seq), alone[t].tokens(seq)))
+
+
+def test_decode_steps_while_another_thread_wakes_the_pool_equal_steps_alone():
+    """``decode`` wakes its pool's workers ahead of its step (``wake_workers``); wakes from another thread at any
+    moment, sleeping workers or not, change no output, and every step completes."""
+    config = HeteroConfig(window=32, sinks=2, budget=40, retriever="ivf-group", retriever_options={"min_train": 64})
+    steps = 300
+    gen = torch.Generator().manual_seed(4)
+    new_k = [torch.randn(2, 2, 32, generator=gen) for _ in range(steps)]
+    new_v = [torch.randn(2, 2, 32, generator=gen) for _ in range(steps)]
+    queries = [torch.randn(2, 8, 32, generator=gen) for _ in range(steps)]
+
+    def decode(attn, layer, outs):
+        plan = attn.plan(layer, 8)
+        assert plan.cpu_fused
+        for s in range(steps):
+            outs.append(attn.decode(queries[s], new_k[s], new_v[s], layer, plan).clone())
+            if s % 7 == 0:
+                time.sleep(0.002)  # long enough for the workers to go to sleep
+
+    attn = HeteroAttention(config)
+    want = []
+    decode(attn, _layers(config, n_layers=1)[0], want)
+    attn.close()
+    attn = HeteroAttention(config)
+    layer = _layers(config, n_layers=1)[0]
+    got, done = [], threading.Event()
+
+    def waker():
+        host = attn.plan(layer, 8).host
+        while not done.is_set():
+            host.wake_workers(50)
+            time.sleep(0.0003)
+
+    def decoder():
+        try:
+            decode(attn, layer, got)
+        finally:
+            done.set()
+
+    _in_threads([decoder, waker])
+    attn.close()
+    assert len(got) == steps and all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_a_runtime_dropped_without_close_frees_its_layer_and_its_threads():

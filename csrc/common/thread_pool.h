@@ -10,6 +10,10 @@
 // find the workers awake. The caller waits only for workers that joined the call before it ran out of items, by
 // polling: they are inside their last item.
 //
+// A caller that knows a run() is coming (a decode step, after the Python that prepares it) calls wake(poll_us)
+// first: sleeping workers start polling, and keep at it until then, while the caller is still busy, so the run finds
+// them awake.
+//
 // An item that throws (on any thread) ends the call early: no further item is handed out, the items already running
 // finish, and run() rethrows the first exception on the caller once no thread is inside the call. Without this an
 // exception on a worker ends the process (std::terminate), and one on the caller unwinds run() while workers still
@@ -17,6 +21,7 @@
 #pragma once
 #include <sched.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -54,6 +59,21 @@ class ThreadPool {
     stop();
     stopping_.store(false);
     for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { loop(i); });
+  }
+
+  // Have the workers poll for the next run() for poll_us from now (at least spin_us), waking those that sleep:
+  // what run() would wait for, taken ahead of it. Cheap when no worker sleeps.
+  void wake(int poll_us) {
+    const int64_t until = now_ns() + int64_t{1000} * std::max(poll_us, spin_us_);
+    int64_t was = poll_until_ns_.load(std::memory_order_relaxed);
+    while (was < until && !poll_until_ns_.compare_exchange_weak(was, until, std::memory_order_relaxed)) {
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (sleepers_ == 0) return;
+      ++wakes_;
+    }
+    cv_.notify_all();
   }
 
   void run(int64_t n_items, const std::function<void(int64_t, int)>& fn) {
@@ -104,14 +124,21 @@ class ThreadPool {
     }
   }
 
-  // Poll for a new generation for spin_us_, then sleep until one comes (or stop).
+  static int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
+
+  // Poll for a new generation for spin_us_ (or until a wake()'s deadline), then sleep until one comes (or a wake(),
+  // or stop). After a wake() the same generation is seen again: the caller polls anew.
   void await_generation(uint64_t seen) {
-    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
+    const int64_t until = std::max(now_ns() + int64_t{1000} * spin_us_, poll_until_ns_.load(std::memory_order_relaxed));
     while (generation_.load(std::memory_order_acquire) == seen && !stopping_.load(std::memory_order_relaxed)) {
-      if (std::chrono::steady_clock::now() >= until) {
+      if (now_ns() >= std::max(until, poll_until_ns_.load(std::memory_order_relaxed))) {
         std::unique_lock<std::mutex> lock(mu_);
+        const uint64_t wakes = wakes_;
         ++sleepers_;
-        cv_.wait(lock, [&] { return stopping_.load() || generation_.load() != seen; });
+        cv_.wait(lock, [&] { return stopping_.load() || generation_.load() != seen || wakes_ != wakes; });
         --sleepers_;
         return;
       }
@@ -155,6 +182,8 @@ class ThreadPool {
   int64_t n_items_ = 0;
   std::atomic<int> joined_{0};  // workers inside the current call's drain
   int sleepers_ = 0;   // workers blocked on cv_
+  uint64_t wakes_ = 0;  // wake() calls that found a sleeper (under mu_)
+  std::atomic<int64_t> poll_until_ns_{0};  // the latest wake()'s polling deadline (steady clock)
   bool open_ = false;  // the current call still has items a worker may take
   std::atomic<uint64_t> generation_{0};
   std::atomic<bool> stopping_{false};

@@ -54,6 +54,9 @@ class Runner {
 
   void set_threads(int threads);
   int threads() const { return pool_->threads(); }
+  // The pool's workers poll for poll_us from now, the sleeping ones woken: ahead of a step this thread is about to
+  // make (thread_pool.h).
+  void wake(int poll_us) { pool_->wake(poll_us); }
 
   // Tracing: while on, each pool run records per thread when it took its first item and finished its last (seconds
   // on the steady clock, Python's time.perf_counter on Linux), a decode step per thread and phase; take_trace()
