@@ -145,6 +145,8 @@ class LayerCache:
             self.head_budget = AdaptiveHeadBudget(fast.batch, fast.k.shape[1])
         self._flags = np.zeros(fast.batch, dtype=np.int64)
         self._flags_addr = native.address(self._flags)
+        self._populate_lead = host.populate_lead(self.layer_idx)
+        self._populate_worker = self.populator if self.populator is not None else self.index.indexer
         self._desc_key = None
         self._decode_shape = torch.Size((fast.batch, fast.k.shape[1], fast.k.shape[3]))
         self.geometry = (fast.batch, fast.k.shape[1], fast.k.shape[3], fast.k.dtype, fast.device)
@@ -308,8 +310,7 @@ class LayerCache:
         """The host tier's next rows backed by memory on the populator thread (else the indexer's), ahead of the
         appends that write them (``HostTier.populate_ahead``): once per append. Caller holds the lock."""
         if self.host is not None:
-            worker = self.populator if self.populator is not None else self.index.indexer
-            self.host.populate_ahead(self.host.populate_lead(self.layer_idx), worker)
+            self.host.populate_ahead(self._populate_lead, self._populate_worker)
 
     def native_token(self, k, v):
         """``(k, v, stride_b, stride_h, dtype_code)``, k and v as ``[B, Hkv, D]`` views, when they are one decode

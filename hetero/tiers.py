@@ -274,9 +274,10 @@ class HostTier:
         seldom gets it with a retriever whose decode adds run there (``native_kind`` 0: faiss, lsh), and the HF
         cache gives its layers a populator thread of their own (``LayerCache(populator=...)``). Pinned pools are
         backed when allocated."""
-        if self.pin_memory or worker is None:
-            return False
-        reserved, cap = self.rows_reserved, self.kv_pool.shape[1]
+        reserved = self._next_block * self.block_tokens  # rows_reserved, without the property's call
+        if reserved + lead_rows < self._backed or self.pin_memory or worker is None:
+            return False  # nearly every append: a step's first Python after its kernels, with cold caches
+        cap = self.kv_pool.shape[1]
         self._backed = max(self._backed, reserved)  # written, or about to be, by the appends themselves
         if self._backed >= cap or reserved + lead_rows < self._backed:
             return False
