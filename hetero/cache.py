@@ -313,22 +313,21 @@ class LayerCache:
             self.host.populate_ahead(self._populate_lead, self._populate_worker)
 
     def native_token(self, k, v):
-        """``(k, v, stride_b, stride_h, dtype_code)``, k and v as ``[B, Hkv, D]`` views, when they are one decode
-        token per sequence the C++ append takes as they are (on the CPU, this layer's shape, a supported dtype, rows
-        contiguous); None otherwise."""
+        """``(k, v, stride_b, stride_h, dtype_code)`` when k and v are one decode token per sequence the C++ append
+        takes as they are: ``[B, Hkv, D]`` or ``[B, Hkv, 1, D]`` on the CPU, this layer's shape, a supported dtype,
+        rows contiguous (the C++ side reads ``data_ptr`` with the two strides); None otherwise. No view is made: two
+        slices cost more than the rest of the checks, with a decode step's caches cold."""
         if type(k) is not torch.Tensor or type(v) is not torch.Tensor:
             return None
-        shape = k.shape
+        shape, stride, dtype = k.shape, k.stride(), k.dtype
         if len(shape) == 4:
-            if shape[2] != 1:
+            if shape[2] != 1 or (shape[0], shape[1], shape[3]) != self._decode_shape:
                 return None
-            k, v = k[:, :, 0], v[:, :, 0]
-        elif len(shape) != 3:
+        elif len(shape) != 3 or shape != self._decode_shape:
             return None
-        stride, dtype = k.stride(), k.dtype
-        if (k.shape != self._decode_shape or v.shape != self._decode_shape or dtype != v.dtype
-                or dtype not in native.DTYPE_CODES or not k.is_cpu or not v.is_cpu or stride != v.stride()
-                or stride[2] != 1):
+        v_stride = v.stride()  # (a size-1 token dimension's stride is whatever its producer left: not compared)
+        if (v.shape != shape or dtype != v.dtype or dtype not in native.DTYPE_CODES or not k.is_cpu or not v.is_cpu
+                or stride[:2] != v_stride[:2] or stride[-1] != 1 or v_stride[-1] != 1):
             return None
         return k, v, stride[0], stride[1], native.DTYPE_CODES[dtype]
 

@@ -234,3 +234,31 @@ def test_decode_under_an_incompatible_config_is_refused_before_the_token_goes_in
     _same(before, _snapshot(a))
     for x in (attn, good):
         x.close()
+
+
+@needs_native
+def test_a_token_as_a_models_projection_leaves_it_takes_the_native_call(monkeypatch):
+    """k and v ``[B, Hkv, 1, D]`` as a model's projection leaves them (a transposed view, whose size-1 token dimension
+    has a stride of its own, different for k and v) take the one-call path with no copy, and decode what
+    contiguous ``[B, Hkv, D]`` tokens decode; rows that are not contiguous, or another shape, take the general path."""
+    cfg, (a, b), (attn_a, attn_b), gen = _pair("ivf-group", "bfloat16", 2)
+    fallbacks = []
+    general = attn_a._append_then_run
+    monkeypatch.setattr(attn_a, "_append_then_run", lambda *args: fallbacks.append(1) or general(*args))
+    for step in range(30):
+        k = torch.randn(2, 1, 2 * 32, generator=gen).view(2, 1, 2, 32).transpose(1, 2)  # [B, Hkv, 1, D]
+        v = torch.randn(2, 1, 2 * 32, generator=gen).view(2, 1, 2, 32).transpose(1, 2)
+        v = torch.as_strided(v, v.shape, (v.stride(0), v.stride(1), 7, 1))  # the token stride: any
+        assert k.stride(2) != v.stride(2) and a.native_token(k, v)[0] is k
+        q = torch.randn(2, 8, 32, generator=gen).bfloat16()
+        out_a = attn_a.decode(q, k, v, a, attn_a.plan(a, 8, torch.bfloat16))
+        out_b = attn_b.decode(q, k[:, :, 0].contiguous(), v[:, :, 0].contiguous(), b,
+                              attn_b.plan(b, 8, torch.bfloat16))
+        assert torch.equal(out_a, out_b), f"step {step}"
+    assert not fallbacks
+    k = torch.randn(2, 2, 1, 64, generator=gen)
+    assert a.native_token(k[..., ::2], k[..., ::2]) is None                       # rows not contiguous
+    assert a.native_token(k[..., :32], k[..., 32:].transpose(0, 1)) is None       # another shape
+    assert a.native_token(torch.randn(2, 2, 2, 32), torch.randn(2, 2, 2, 32)) is None  # two tokens
+    for attn in (attn_a, attn_b):
+        attn.close()
