@@ -25,6 +25,7 @@ from .reference import default_scale
 from .registry import RETRIEVERS
 from .tiers import FastTier, HostTier
 from .validation import check_finite, check_fits, check_float, check_kv, check_lengths, check_tensor
+from .worker import Worker
 
 MEMORY_KEYS = ("fast_bytes", "host_bytes", "index_bytes")  # what memory() reports, per layer or summed
 
@@ -483,12 +484,18 @@ def total_memory(layers: Sequence[LayerCache]) -> Dict[str, int]:
 
 class TieredKVCache:
     """KV cache of a whole model: ``layers[i]`` is layer ``i``'s ``LayerCache``; ``indexer`` and ``populator``
-    (optional ``hetero.worker.Worker``s, ``LayerCache``'s) serve every layer."""
+    (optional ``hetero.worker.Worker``s, ``LayerCache``'s) serve every layer. Without a populator the cache makes
+    one thread for all its layers (as the HF cache does): without it, a layer with no indexer, or whose indexer is
+    busy with its adds, backs no host page ahead, and every layer takes the first-touch faults of a new 2 MiB of
+    each KV head on the same token (~5 ms a page on a VM whose host backs guest memory at first touch)."""
 
     def __init__(self, config: HeteroConfig, num_layers: int, indexer=None, populator=None):
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ConfigError(f"num_layers must be an int >= 1, got {num_layers!r}")
         self.config = config
+        if populator is None:
+            populator = Worker("hetero-populate", max_pending=4)  # a daemon, stopped when the cache is collected
+        self.populator = populator
         self.layers = [LayerCache(config, i, indexer, populator) for i in range(num_layers)]
 
     def __len__(self) -> int:

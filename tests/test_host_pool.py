@@ -266,3 +266,31 @@ def test_the_index_arena_falls_back_when_its_room_is_refused(monkeypatch):
     for h in range(2):
         used = int(index.used[h])
         np.testing.assert_array_equal(index.ids[h, :used], plain.ids[h, :used])
+
+
+def test_a_model_cache_backs_its_layers_pages_on_one_thread_of_its_own():
+    """``TieredKVCache`` without a populator (and without an indexer, whose idle turn would be the only other way)
+    makes one populate thread for all its layers; each layer's pages are backed ahead of its appends, and the
+    thread stops once the cache is dropped."""
+    import gc
+    import threading
+
+    from hetero import HeteroConfig, TieredKVCache
+
+    cache = TieredKVCache(HeteroConfig(window=8, sinks=1, block_tokens=16, retriever="exact"), num_layers=3)
+    assert all(layer.populator is cache.populator for layer in cache.layers)
+    gen = torch.Generator().manual_seed(8)
+    n = 300
+    keys, values = torch.randn(1, 2, n, 16, generator=gen), torch.randn(1, 2, n, 16, generator=gen)
+    for t in range(n):
+        for layer in cache.layers:
+            layer.append(keys[:, :, t], values[:, :, t])
+    for layer in cache.layers:
+        assert layer.host._backed > layer.host.rows_reserved  # asked ahead of the rows handed out
+        assert torch.equal(layer.host.keys(0), keys[0, :, 1:1 + int(layer.host.length[0])])
+    thread = cache.populator._thread
+    assert thread.is_alive()
+    del cache, layer
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and thread not in threading.enumerate()

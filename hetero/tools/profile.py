@@ -162,9 +162,10 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
     from hetero.worker import Worker
 
     # Evicted tokens a Python add must index (training, a full tail list) reach the index in the background; the
-    # native decode append indexes the rest itself.
-    indexer = Worker("hetero-indexer")
-    layer = LayerCache(config.with_(kv_dtype=args.kv_dtype), indexer=indexer)
+    # native decode append indexes the rest itself. The host tier's next pages are backed on a thread of their own,
+    # as in a model's cache (the indexer of a faiss or lsh layer is seldom idle for it).
+    indexer, populator = Worker("hetero-indexer"), Worker("hetero-populate", max_pending=4)
+    layer = LayerCache(config.with_(kv_dtype=args.kv_dtype), indexer=indexer, populator=populator)
     attn = HeteroAttention(layer.config)
     attn.native_trace = args.native_threads
     attn.record_phases = True
@@ -263,6 +264,7 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
     attn.close()
     layer.wait_indexed()
     indexer.close()
+    populator.close()
     for row, (q, n, out) in zip(steps_out, checks):
         ref = reference_output(q, keys, values, n, scale, scratch)
         row["rel_error"] = float((out - ref).norm() / ref.norm())
