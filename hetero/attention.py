@@ -107,7 +107,7 @@ def _check_out_shape(out, shape: tuple, dtype: torch.dtype, device: torch.device
 DECODE_Q_DTYPES = tuple(native.DTYPE_CODES)  # the step writes its output in the query's dtype
 # decode() wakes the C++ pool's workers as it starts and has them poll this long for its step: between a model's
 # layers they sleep, and a worker woken by the step itself joined it 51-82 us late (SmolLM2-135M, 8K, one layer
-# step ~250 us on 2 threads, AMD Zen 4 VM); woken ahead, ~1 us late, and the layer's decode call 240 against 246 us,
+# step ~250 us on 2 threads, AMD Zen 4); woken ahead, ~1 us late, and the layer's decode call 240 against 246 us,
 # the wake included. The Python before the step takes ~60-170 us; polling past it spins into the next layer's
 # matrix products.
 WAKE_POLL_US = 300

@@ -134,7 +134,7 @@ class ThreadPool {
   // or stop). After a wake() the same generation is seen again: the caller polls anew. A worker on the vCPU of the
   // last wake()'s caller sleeps at once: polling there, it only takes turns with the caller, who then drains the
   // run alone, and the scheduler, seeing it runnable, leaves it there (with polling on, the pool thread sat out 7-8
-  // of a profile's 8 steps in 2 of 12 profiles; 2 vCPUs, AMD Zen 4 VM). Woken by run() instead, it is placed anew.
+  // of a profile's 8 steps in 2 of 12 profiles; 2 vCPUs, AMD Zen 4). Woken by run() instead, it is placed anew.
   void await_generation(uint64_t seen) {
     const int64_t until = std::max(now_ns() + int64_t{1000} * spin_us_, poll_until_ns_.load(std::memory_order_relaxed));
     while (generation_.load(std::memory_order_acquire) == seen && !stopping_.load(std::memory_order_relaxed)) {
