@@ -482,6 +482,12 @@ def total_memory(layers: Sequence[LayerCache]) -> Dict[str, int]:
     return total
 
 
+def new_populator() -> Worker:
+    """The populate thread a model's cache gives its layers (``LayerCache(populator=...)``): a few asks queued at
+    most, since a populate that cannot start at once is skipped and asked again at the next append."""
+    return Worker("hetero-populate", max_pending=4)
+
+
 class TieredKVCache:
     """KV cache of a whole model: ``layers[i]`` is layer ``i``'s ``LayerCache``; ``indexer`` and ``populator``
     (optional ``hetero.worker.Worker``s, ``LayerCache``'s) serve every layer. Without a populator the cache makes
@@ -494,7 +500,7 @@ class TieredKVCache:
             raise ConfigError(f"num_layers must be an int >= 1, got {num_layers!r}")
         self.config = config
         if populator is None:
-            populator = Worker("hetero-populate", max_pending=4)  # a daemon, stopped when the cache is collected
+            populator = new_populator()  # a daemon, stopped when the cache is collected
         self.populator = populator
         self.layers = [LayerCache(config, i, indexer, populator) for i in range(num_layers)]
 

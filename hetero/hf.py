@@ -35,7 +35,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import HeteroAttention
-from .cache import LayerCache, total_memory
+from .cache import LayerCache, new_populator, total_memory
 from .chunk import chunk_attention
 from .config import HeteroConfig
 from .errors import ConfigError, HeteroError, InvalidValueError, ShapeError, UnsupportedError
@@ -94,7 +94,7 @@ class _Shared:
         self.indexer = Worker("hetero-indexer")
         # the host tiers' page backing ahead of the appends, on a thread of its own: the indexer runs every layer's
         # adds and flushes, and with faiss or lsh a decode add of some layer is nearly always queued there
-        self.populator = Worker("hetero-populate", max_pending=4)
+        self.populator = new_populator()
         self.progress = _PrefillProgress(num_layers, progress_tokens)
         self.layers: List[LayerCache] = []
         self.cache_layers: List[weakref.ref] = []  # the HeteroCacheLayers, weakly (no cycle keeps a cache alive)

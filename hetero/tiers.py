@@ -279,7 +279,7 @@ class HostTier:
             return False  # nearly every append: a step's first Python after its kernels, with cold caches
         cap = self.kv_pool.shape[1]
         self._backed = max(self._backed, reserved)  # written, or about to be, by the appends themselves
-        if self._backed >= cap or reserved + lead_rows < self._backed:
+        if self._backed >= cap:
             return False
         if self._populating is not None and not self._populating.done():
             return False

@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from hetero.attention import HeteroAttention
-from hetero.cache import LayerCache
+from hetero.cache import LayerCache, new_populator
 from hetero.config import HeteroConfig
 from hetero.merge import merge
 from hetero.reference import default_scale, window_attention
@@ -164,7 +164,7 @@ def run_profile(config: HeteroConfig, args: ProfileArgs, workload: Optional[Synt
     # Evicted tokens a Python add must index (training, a full tail list) reach the index in the background; the
     # native decode append indexes the rest itself. The host tier's next pages are backed on a thread of their own,
     # as in a model's cache (the indexer of a faiss or lsh layer is seldom idle for it).
-    indexer, populator = Worker("hetero-indexer"), Worker("hetero-populate", max_pending=4)
+    indexer, populator = Worker("hetero-indexer"), new_populator()
     layer = LayerCache(config.with_(kv_dtype=args.kv_dtype), indexer=indexer, populator=populator)
     attn = HeteroAttention(layer.config)
     attn.native_trace = args.native_threads
