@@ -109,21 +109,6 @@ def _ceiling_entries(threads: int) -> List[_ReadRuns]:
     return [_ReadRuns(runner, pf, l2) for pf, l2 in _READ_FORMS]
 
 
-def _random_read_once(runner, views, index_sets, runs: int, prefetch: int, to_l2: bool = False) -> float:
-    """Median GB/s of the ceiling loop alone over ``runs`` calls (rotating tiers and index sets)."""
-    entry = _ReadRuns(runner, prefetch, to_l2)
-    times, nbytes = [], 0
-    for i in range(runs + 2):
-        view, sel = views[i % len(views)], Selection(index_sets[i % len(index_sets)])
-        nbytes = sel.indices.numel() * 2 * view.k_pool.shape[2] * view.k_pool.element_size()
-        call = entry.prepare(None, view, sel, None)
-        t = time.perf_counter()
-        call()
-        if i >= 2:
-            times.append(time.perf_counter() - t)
-    return nbytes / statistics.median(times) / 1e9
-
-
 _ROUNDS, _WARMUP = 3, 3
 
 
@@ -233,8 +218,10 @@ def row_costs(backends: List[str], dtypes: List[str], k: int = 2048, tokens: int
               out=sys.stdout) -> List[dict]:
     """Nanoseconds per selected row on one thread, two cases per (backend, dtype): ``l1`` reads the same 64 rows
     over and over (the kernel's arithmetic alone), ``dram`` fresh random rows of tiers rotated beyond the LLC
-    (arithmetic plus misses); and ``read_only``, the ceiling loop over those rows. ``dram`` near ``read_only``
-    means the arithmetic hides behind the misses, near ``l1 + read_only`` that it does not (docs/performance.md)."""
+    (arithmetic plus misses); and ``read_only``, the ceiling loop over fresh rows of the same tiers (the best of its
+    prefetch forms). All of them are timed in the same interleaved rounds (``_time_rounds``): measured apart, the
+    read-only loop moved by up to 2x between runs while the kernels did not. ``dram`` near ``read_only`` means the
+    arithmetic hides behind the misses, near ``l1 + read_only`` that it does not (docs/performance.md)."""
     from hetero.native import load
 
     torch.set_num_threads(1)
@@ -248,27 +235,31 @@ def row_costs(backends: List[str], dtypes: List[str], k: int = 2048, tokens: int
         views = _make_layers(layers or max(2, math.ceil(4 * llc / layer_bytes)), kv_heads, tokens, head_dim, dtype,
                              256)
         q = torch.randn(1, kv_heads * group, head_dim, generator=gen)
-        fresh = _index_sets(calls + 1, kv_heads, tokens, k, gen)
-        same = [s[..., :64].repeat(1, 1, -(-k // 64))[..., :k].contiguous() for s in fresh[:1]]
-        read_ns = None  # the ceiling loop (reads only, prefetcht2 64 runs ahead) on one thread, same rows
-        if ext is not None:
-            gbps = _random_read_once(ext.Runner(1), views, fresh, calls, 64, True)
-            read_ns = round(2 * head_dim * dtype.itemsize / gbps, 1)
+        scale = 1 / math.sqrt(head_dim)
+        kernels = []
         for name in backends:
             be = _BACKENDS.get("host", name)
-            if be.not_supported_reasons(_inputs(q, views[0])):
-                continue
-            be.set_threads(1)
-            row = {"backend": name, "dtype": dtype_name, "k": k, "threads": 1, "ns_per_row_read_only": read_ns}
-            for case, sets, tiers in (("l1", same, views[:1]), ("dram", fresh, views)):
-                times = []
-                for i in range(calls + 2):
-                    sel = Selection(sets[i % len(sets)])
-                    t = time.perf_counter()
-                    be(q, tiers[i % len(tiers)], sel, 1 / math.sqrt(head_dim))
-                    if i >= 2:
-                        times.append(time.perf_counter() - t)
-                row[f"ns_per_row_{case}"] = round(statistics.median(times) / (kv_heads * k) * 1e9, 1)
+            if not be.not_supported_reasons(_inputs(q, views[0])):
+                be.set_threads(1)
+                kernels.append(be)
+        reads = [_ReadRuns(ext.Runner(1), pf, l2) for pf, l2 in _READ_FORMS] if ext is not None else []
+        n_entries = 2 * len(kernels) + len(reads)
+        fresh = _index_sets(_calls_per_entry(calls) * n_entries + 1, kv_heads, tokens, k, gen)
+        same = Selection(fresh[0][..., :64].repeat(1, 1, -(-k // 64))[..., :k].contiguous())
+
+        def in_l1(entry):
+            return lambda i: entry.prepare(q, views[0], same, scale)
+
+        def from_dram(entry):
+            return lambda i: entry.prepare(q, views[i % len(views)], Selection(fresh[i % len(fresh)]), scale)
+
+        prepares = [f(_Kernel(be)) for be in kernels for f in (in_l1, from_dram)] + [from_dram(r) for r in reads]
+        times = _time_rounds(prepares, calls) if prepares else []
+        per_row = [round(t / (kv_heads * k) * 1e9, 1) for t in times]
+        read_ns = min(per_row[2 * len(kernels):]) if reads else None
+        for j, be in enumerate(kernels):
+            row = {"backend": be.name, "dtype": dtype_name, "k": k, "threads": 1, "ns_per_row_read_only": read_ns,
+                   "ns_per_row_l1": per_row[2 * j], "ns_per_row_dram": per_row[2 * j + 1]}
             rows.append(row)
             print(json.dumps(row), file=out, flush=True)
         del views
