@@ -158,7 +158,9 @@ class LSHSampler(Retriever):
                 union = torch.unique(torch.cat(sampled)) if sum(map(len, sampled)) else torch.empty(0, dtype=torch.int32)
                 scanned += sum(map(len, sampled))
                 centered = keys[h, union.long()].float() - self._mu[seq][h]  # [m, D]
-                cos = (qg @ centered.T) / (qg.norm(dim=1, keepdim=True) * centered.norm(dim=1).clamp_min(1e-30))
+                # a zero query (a zero embedding row, e.g. a pad token's) has no angle: cos 0, not 0 / 0
+                norms = (qg.norm(dim=1, keepdim=True) * centered.norm(dim=1)).clamp_min(torch.finfo(torch.float32).tiny)
+                cos = (qg @ centered.T) / norms
                 lw = -torch.log(self.collision_probability(cos).clamp_min(1e-30))  # [G, m]
                 member = torch.zeros(g, len(union), dtype=torch.bool)
                 for i in range(g):  # keys another head of the group sampled are not in this head's estimate
