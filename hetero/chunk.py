@@ -10,8 +10,9 @@ sequence, fused by the same log-sum-exp rule as a decode step (now ``[B, Hq, C, 
   the CPU, through the plan's window backend with the chunk's positions folded into its query heads, so that each
   fast-tier row is read once for all of them (a longer chunk is matrix work, for PyTorch's fused attention).
 * host tier: exact for a chunk longer than ``HeteroConfig.sparse_chunk_tokens`` (a prompt or a long turn: every
-  host row, in runs of the paged tier), else as decode tokens attend it: each query through the retriever, its
-  selection read by the host backend (with the retriever's estimate of the rest).
+  host row, in runs of the paged tier), or one of a chunked prefill that has passed that many tokens
+  (``turn_tokens``), else as decode tokens attend it: each query through the retriever, its selection read by the
+  host backend (with the retriever's estimate of the rest).
 * the chunk: causal over its own keys and values, rounded to the cache's ``kv_dtype`` as they will be stored.
 
 Exact parts run in PyTorch (``torch``'s fused CPU attention with its log-sum-exp where it exists, else matmuls); on
@@ -72,10 +73,12 @@ def _stack(parts: Sequence[PartialAttention]) -> PartialAttention:
 
 
 def chunk_attention(runtime, layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    lengths: Optional[List[int]] = None) -> torch.Tensor:
+                    lengths: Optional[List[int]] = None, turn_tokens: Optional[int] = None) -> torch.Tensor:
     """Attention of the chunk ``q [B, Hq, C, D]`` (post-RoPE) with its own keys and values ``k, v [B, Hkv, C, D]``
     over ``layer``'s tiers, before the chunk is appended. ``lengths``: the chunk's real (trailing) tokens per
-    sequence when it is left-padded (the first prompt of a padded batch); padded query rows get 0. Returns
+    sequence when it is left-padded (the first prompt of a padded batch); padded query rows get 0. ``turn_tokens``:
+    the tokens of the prompt or turn the chunk belongs to so far, itself included (a chunked prefill; None: the
+    chunk's own C); the host tier is read sparsely only when they are at most ``sparse_chunk_tokens``. Returns
     ``[B, Hq, C, D]`` in q's dtype; a real query row with NaN or inf is refused (``InvalidValueError``)."""
     b, hq, c, d = q.shape
     config = runtime.config
@@ -91,17 +94,17 @@ def chunk_attention(runtime, layer, q: torch.Tensor, k: torch.Tensor, v: torch.T
     with layer.lock:  # the tiers and the index stay as they are while the chunk reads them
         if layer.initialized:
             layer.prepare_host_side()
-        return _chunk_attention_locked(runtime, layer, q, k, v, lengths, scale)
+        return _chunk_attention_locked(runtime, layer, q, k, v, lengths, scale, max(c, turn_tokens or 0))
 
 
-def _chunk_attention_locked(runtime, layer, q, k, v, lengths: List[int], scale: float) -> torch.Tensor:
+def _chunk_attention_locked(runtime, layer, q, k, v, lengths: List[int], scale: float, turn: int) -> torch.Tensor:
     b, hq, c, d = q.shape
     config = runtime.config
     out = torch.zeros_like(q)
     # the chunk's own tokens as the cache will store them (rounded to kv_dtype), as a decode step reads its own
     stored = layer.dtype or config.torch_kv_dtype or k.dtype
     k, v = k.to(stored), v.to(stored)
-    small = layer.initialized and c <= config.sparse_chunk_tokens
+    small = layer.initialized and turn <= config.sparse_chunk_tokens
     sparse = small and not layer.dense and bool(layer.host.length.any())
     host_parts = _sparse_host_parts(runtime, layer, q, scale) if sparse else None
     fast_parts = _fast_tier_parts(runtime, layer, q, scale) if small and q.device.type == "cpu" else None

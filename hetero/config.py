@@ -88,7 +88,8 @@ class HeteroConfig:
     budget_floor: the accuracy floor of ``balance="auto"`` (same units as ``budget``; None: ``budget / 2``).
     sparse_chunk_tokens: a chunk of at most this many query tokens (assisted decoding's drafts, a short turn)
         attends the host tier as decode tokens do, each query through the retriever; longer chunks (a prompt, a
-        long turn) attend it exactly (``hetero/chunk.py``).
+        long turn) attend it exactly (``hetero/chunk.py``). The chunks of ``generate()``'s chunked prefill count
+        the prefill so far: a short last chunk of a long prompt is attended exactly, as the one-shot prefill is.
     """
 
     window: int = 1024

@@ -102,6 +102,8 @@ class _Shared:
         self.plan = None
         self.peak_fast_bytes = 0
         self.forward_start = 0  # positions every layer held when the current forward began
+        self.checked_config = None  # the model config unsupported_features() last passed
+        self.prefill_start: Optional[int] = None  # inside generate()'s chunked prefill: the positions held before it
 
     def layers_in_step(self, model_layers: Optional[int]) -> None:
         """At a forward's first layer: every layer the model runs holds the same positions, and stores what it
@@ -182,8 +184,10 @@ class HeteroCacheLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.attended = False
-        if key_states.shape[2] == 1 and self.processed > 0:  # a decode token: appended by the attention call,
-            self.token = (key_states, value_states)            # with the step, in one native call
+        start = self.shared.prefill_start  # a last chunk of one token is still the prompt's (hetero_attention)
+        if (key_states.shape[2] == 1 and self.processed > 0
+                and (start is None or self.processed + 1 - start <= self.shared.config.sparse_chunk_tokens)):
+            self.token = (key_states, value_states)  # a decode token: appended with the step, in one native call
         else:  # a chunk: attended over the tiers first, then appended (hetero_attention)
             self.pending = (key_states, value_states)
             fast = self.layer.fast.nbytes() if self.layer.initialized else 0
@@ -409,9 +413,10 @@ def _mask_fits(attention_mask: Optional[torch.Tensor], pad: List[int]) -> bool:
 
 
 def _refuse_mask(layer_idx: int, pad: List[int]) -> UnsupportedError:
-    return UnsupportedError(f"layer {layer_idx}: the attention mask leaves out tokens other than the first prompt's "
-                            f"left padding ({pad} per sequence): a HeteroCache attends every stored token, so a mask "
-                            "with holes (or right padding) cannot be served; left-pad the first prompt instead")
+    return UnsupportedError(f"layer {layer_idx}: the attention mask leaves out tokens ({pad} per sequence) that are "
+                            "not the first prompt's left padding: a HeteroCache attends every stored token, so a mask "
+                            "with holes, right padding or a sliding window cannot be served; left-pad the first "
+                            "prompt instead")
 
 
 _warned_dense = False
@@ -438,10 +443,21 @@ def hetero_attention(module, query, key, value, attention_mask, scaling=None, dr
                                       **kwargs)
     state.attended = True
     shared, layer = state.shared, state.layer
-    if layer.layer_idx == 0:  # before the first layer stores anything: a cache with too few layers is refused whole
-        model_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+    if kwargs.get("softcap") is not None:  # a model chosen by name, its config not checked (its own refusal below)
+        state.drop_update()
+        raise UnsupportedModelError(f"layer {layer.layer_idx}: attention logit soft-capping (softcap="
+                                    f"{kwargs['softcap']}) is not implemented by hetero's attention")
+    if layer.layer_idx == 0:  # before the first layer stores anything: a cache of other layers is refused whole
+        model_config = getattr(module, "config", None)
+        if model_config is not None and model_config is not shared.checked_config:
+            reasons = unsupported_features(model_config)  # what wrap() refuses, for attn_implementation="hetero"
+            if reasons:
+                state.drop_update()
+                raise UnsupportedModelError(f"hetero's attention cannot serve this model: {'; '.join(reasons)}")
+            shared.checked_config = model_config
+        model_layers = getattr(model_config, "num_hidden_layers", None)
         model_layers = model_layers if isinstance(model_layers, int) else None
-        if model_layers is not None and model_layers > len(shared.layers):
+        if model_layers is not None and model_layers != len(shared.layers):
             state.drop_update()
             raise ConfigError(f"this HeteroCache has {len(shared.layers)} layers and the model {model_layers}: build "
                               "it for the model, HeteroCache(hetero_config, config=model.config)")
@@ -499,7 +515,9 @@ def _attend_layer(state, module, query, attention_mask, scaling):
                                "packed documents, a bidirectional prefix, a tree of drafts); a HeteroCache serves "
                                "causal attention with left padding only")
     state.pad = pad
-    out = chunk_attention(runtime, layer, query, k, v, lengths)  # [B, Hq, C, D]
+    # a chunk of generate()'s chunked prefill reads the host tier as the prefill so far would in one chunk
+    turn = None if shared.prefill_start is None else state.processed + c - shared.prefill_start
+    out = chunk_attention(runtime, layer, query, k, v, lengths, turn_tokens=turn)  # [B, Hq, C, D]
     if min(lengths) == c:
         layer.append(k, v)
     else:  # the first prompt of a padded batch: each sequence's real tokens, moved to the front
@@ -517,6 +535,7 @@ def _attend_layer(state, module, query, attention_mask, scaling):
 _registered = threading.Lock()
 _original_prepare_cache = GenerationMixin._prepare_cache_for_generation
 _original_prepare_config = GenerationMixin._prepare_generation_config
+_original_prefill = GenerationMixin._prefill
 
 
 def _prepare_generation_config(self, generation_config, **kwargs):
@@ -558,6 +577,22 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, 
     return _original_prepare_cache(self, generation_config, model_kwargs, *args, **kwargs)
 
 
+def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+    """``generate()``'s prefill. Chunked (``prefill_chunk_size``) into a ``HeteroCache``, its chunks read the host
+    tier as the prefill so far would (``chunk_attention``'s ``turn_tokens``): a last chunk of at most
+    ``sparse_chunk_tokens`` is still part of a prompt, attended exactly as the one-shot prefill attends it, not as a
+    short turn."""
+    cache = model_kwargs.get("past_key_values")
+    if not isinstance(cache, HeteroCache) or getattr(generation_config, "prefill_chunk_size", None) is None:
+        return _original_prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
+    shared = cache._shared
+    shared.prefill_start = cache.get_seq_length()
+    try:
+        return _original_prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
+    finally:
+        shared.prefill_start = None
+
+
 def register() -> None:
     """Register the "hetero" attention and mask with transformers and the cache hook of ``generate()`` (idempotent;
     done when this module is imported)."""
@@ -566,6 +601,7 @@ def register() -> None:
         AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
         GenerationMixin._prepare_cache_for_generation = _prepare_cache_for_generation
         GenerationMixin._prepare_generation_config = _prepare_generation_config
+        GenerationMixin._prefill = _prefill
 
 
 def wrap(model, config: Optional[HeteroConfig] = None, progress_tokens: int = DEFAULT_PROGRESS_TOKENS):

@@ -190,6 +190,62 @@ def test_hetero_attention_by_name_at_load_decodes_on_a_hetero_cache(monkeypatch)
         model.generate(ids, max_new_tokens=2, do_sample=False, hetero_config={"window": 4})
 
 
+def test_a_model_chosen_by_name_is_checked_as_wrap_checks_it():
+    """attn_implementation="hetero" skips wrap(): the model's config is checked at its first forward instead (a
+    soft-capped model decoded without its cap, and a sliding window ignored until the mask showed it, before)."""
+    from transformers import Gemma2Config, MistralConfig
+
+    ids = torch.randint(3, 160, (1, 40), generator=torch.Generator().manual_seed(7))
+    for cfg, cls, needle in ((Gemma2Config(**COMMON, head_dim=16), "Gemma2ForCausalLM", "soft-capping"),
+                             (MistralConfig(**COMMON, sliding_window=16), "MistralForCausalLM", "sliding-window")):
+        model = getattr(transformers, cls)._from_config(cfg, attn_implementation="hetero").eval()
+        cache = HeteroCache(EXACT, config=model.config)
+        with pytest.raises(hetero.hf.UnsupportedModelError, match=needle):
+            model(ids, past_key_values=cache)
+        assert cache.get_seq_length() == 0 and not cache.layers[0].layer.initialized  # nothing went in
+        cache.close()
+
+
+def test_a_cache_built_for_another_layer_count_is_refused_whole():
+    _, model = _pair()
+    ids = torch.randint(3, 160, (1, 20), generator=torch.Generator().manual_seed(8))
+    for layers in (1, 3):  # fewer layers than the model, and more
+        cache = HeteroCache(EXACT, num_layers=layers)
+        with pytest.raises(hetero.ConfigError, match=f"{layers} layers and the model 2"):
+            model(ids, past_key_values=cache)
+        assert cache.get_seq_length() == 0
+        cache.close()
+
+
+@pytest.mark.parametrize("prompt", [641, 650, 656, 657])
+def test_a_chunked_prefill_whose_last_chunk_is_short_reads_the_host_tier_as_one_shot(prompt):
+    """A last chunk of at most sparse_chunk_tokens is still the prompt's: attended exactly as the one-shot prefill
+    attends it, not sparsely as a short turn (the first token's logits moved by 1.6-3.2 against one-shot)."""
+    config = HeteroConfig(window=16, sinks=2, retriever="exact", budget=0.05)
+    _, model = _pair(config)
+    ids = torch.randint(3, 160, (1, prompt), generator=torch.Generator().manual_seed(9))
+    kw = dict(max_new_tokens=1, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    one = model.generate(ids, **kw).logits[0]
+    chunked = model.generate(ids, prefill_chunk_size=64, **kw).logits[0]
+    assert float((one - chunked).abs().max()) <= 1e-4
+    # a short turn into a warm cache is still read through the retriever
+    cache = HeteroCache(config, config=model.config)
+    model.generate(ids, max_new_tokens=1, do_sample=False, past_key_values=cache)
+    seen = []
+    search = type(cache.layers[0].layer.retriever).search
+
+    def spy(self, *a, **k):
+        seen.append(1)
+        return search(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(cache.layers[0].layer.retriever), "search", spy)
+        turn = torch.cat([ids, torch.randint(3, 160, (1, 9), generator=torch.Generator().manual_seed(10))], dim=1)
+        model.generate(turn, max_new_tokens=1, do_sample=False, past_key_values=cache, prefill_chunk_size=64)
+    assert seen, "a 9-token turn should attend the host tier through the retriever"
+    cache.close()
+
+
 def _spy_init(seen):
     init = HeteroCache.__init__
 
