@@ -107,7 +107,7 @@ class _FaissRetriever(Retriever):
 
     def truncate(self, seq: int, n: int) -> None:
         """IVF indexes drop the ids ``>= n`` in place (faiss numbers added vectors by position; the coarse quantizer
-        stays as it was trained); HNSW cannot remove, and is rebuilt from the first n host keys."""
+        stays as it was trained); HNSW marks them dead (``HNSWRetriever``)."""
         n = min(n, int(self.ntotal_array[seq]))
         if self.trains and n > 0 and self._index[seq][0] is not None:
             faiss = _faiss()
@@ -328,16 +328,76 @@ class IVFPQRetriever(IVFRetriever):
 
 
 class HNSWRetriever(_FaissRetriever):
-    """HNSW graph over float32 keys (``IndexHNSWFlat``, inner product); needs no training."""
+    """HNSW graph over float32 keys (``IndexHNSWFlat``, inner product); needs no training.
+
+    A graph cannot drop nodes, so ``truncate`` (a crop: rejected drafts, prompt lookup) marks the cropped keys dead
+    instead of rebuilding the graph (a rebuild per crop took 43 of 55 s of a prompt-lookup generate, and its batch
+    insertion gave another graph than the one grown token by token): searches skip them (a faiss ``IDSelector``)
+    and keys added later get new graph ids, mapped back to their host positions. The graph is rebuilt from the live
+    keys once the dead ones are as many as the live.
+    """
 
     name = "hnsw"
     trains = False
+
+    def __init__(self, host, group_rule: str = "union", **options: Any):
+        super().__init__(host, group_rule, **options)
+        # per sequence: the host position of each graph id (-1: cropped), None while they are the same
+        self._positions: List[Optional[np.ndarray]] = [None] * host.batch
+        self._live_bits: List[Optional[np.ndarray]] = [None] * host.batch  # packed: graph ids searches may return
 
     def _new_index(self, n_train: int):
         faiss = _faiss()
         index = faiss.IndexHNSWFlat(self.host.head_dim, self.M, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = 128
         return index
+
+    def _build(self, seq: int, upto: int) -> None:
+        super()._build(seq, upto)
+        self._positions[seq] = self._live_bits[seq] = None
+
+    def _reset_seq(self, seq: int) -> None:
+        super()._reset_seq(seq)
+        self._positions[seq] = self._live_bits[seq] = None
+
+    def _add(self, seq: int, keys: torch.Tensor) -> None:
+        first, built = int(self.ntotal_array[seq]), self._index[seq][0] is not None
+        super()._add(seq, keys)
+        pos = self._positions[seq]
+        if built and pos is not None:  # the new graph ids hold the next host positions
+            self._set_positions(seq, np.concatenate([pos, np.arange(first, first + keys.shape[1])]))
+
+    def _set_positions(self, seq: int, pos: np.ndarray) -> None:
+        self._positions[seq] = pos
+        self._live_bits[seq] = np.packbits(pos >= 0, bitorder="little")
+
+    def truncate(self, seq: int, n: int) -> None:
+        total = int(self.ntotal_array[seq])
+        n = min(n, total)
+        index = self._index[seq][0]
+        if n == 0 or index is None:
+            super().truncate(seq, n)
+            return
+        pos = self._positions[seq]
+        pos = np.arange(index.ntotal) if pos is None else pos
+        pos = np.where(pos < n, pos, -1)
+        if 2 * int((pos < 0).sum()) > index.ntotal:  # more dead than live: a graph of the live keys alone
+            super().truncate(seq, n)
+            return
+        self._set_positions(seq, pos)
+        self.ntotal_array[seq] = n
+
+    def _query_index(self, seq: int, h: int, index, qg: np.ndarray, k: int) -> np.ndarray:
+        pos = self._positions[seq]
+        if pos is None:
+            return index.search(qg, k)[1]
+        faiss = _faiss()
+        bits = self._live_bits[seq]
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = index.hnsw.efSearch
+        params.sel = faiss.IDSelectorBitmap(len(pos), faiss.swig_ptr(bits))
+        found = index.search(qg, k, params=params)[1]
+        return np.where(found >= 0, pos[np.maximum(found, 0)], -1)
 
     def _set_effort(self, index, k: int, n: int) -> None:
         index.hnsw.efSearch = max(k, int(math.ceil(self.ef_factor * k)))

@@ -266,6 +266,39 @@ def test_retriever_input_handling(retriever):
     assert int((big.indices[0, 0] >= 0).sum()) <= layer.host.length[0]
 
 
+def test_hnsw_crop_keeps_its_graph_and_never_returns_a_cropped_key():
+    """A crop marks the graph's newest keys dead instead of rebuilding it; later keys get new graph ids, searched at
+    their own host positions; once the dead outnumber the live, the graph is rebuilt from the live keys."""
+    layer, keys, vals = _ivf_layer("hnsw", n=700)
+    layer.append(keys[:, :, :500], vals[:, :, :500])
+    for t in range(500, 560):
+        layer.append(keys[:, :, t], vals[:, :, t])
+    r = layer.retriever
+    graph = r._index[0][0]
+    grown = graph.ntotal
+    kept = int(layer.host.length[0]) - 30
+    layer.crop([kept + 10])  # (the fast tier's 10 slots: the host tier keeps `kept` keys)
+    assert int(layer.host.length[0]) == kept and r._index[0][0] is graph
+
+    def own_positions(first, stop):  # each key searched with itself as the query: its own position comes first
+        q = layer.host.keys(0)[:, first:stop].float().transpose(0, 1).reshape(stop - first, 2, 16)
+        return [r.search(q[i:i + 1].repeat_interleave(2, dim=1), [5]).indices[0] for i in range(stop - first)]
+
+    cropped = keys[:, :, kept:kept + 30].float()[0].transpose(0, 1)  # [30, Hkv, D]
+    for i in range(30):
+        found = r.search(cropped[i:i + 1].repeat_interleave(2, dim=1), [5]).indices
+        assert int(found.max()) < kept  # a cropped key is never selected, even searched with itself
+    for t in range(600, 640):  # new keys at the cropped positions, new graph ids
+        layer.append(keys[:, :, t], vals[:, :, t])
+    n = int(layer.host.length[0])
+    assert r._index[0][0] is graph and graph.ntotal == grown + 40  # nothing rebuilt
+    hits = sum(int(p) in set(sel[h].tolist()) for sel, p in zip(own_positions(n - 40, n), range(n - 40, n))
+               for h in range(2))
+    assert hits >= 76  # of 80: each new key found at its own position (an approximate graph may miss a few)
+    layer.crop([300])  # more dead than live: the graph is rebuilt from the live keys
+    assert r._index[0][0] is not graph and r._index[0][0].ntotal == int(layer.host.length[0])
+
+
 @pytest.mark.parametrize("retriever", ["all", "exact", "ivf", "ivf-group", "hnsw", "lsh"])
 def test_a_zero_query_decodes_like_uniform_attention(retriever):
     """A zero query (a zero embedding row, e.g. a pad token's, in the first layer) attends every token alike; lsh's
