@@ -375,6 +375,8 @@ class HNSWRetriever(_FaissRetriever):
         total = int(self.ntotal_array[seq])
         n = min(n, total)
         index = self._index[seq][0]
+        if n == total:
+            return
         if n == 0 or index is None:
             super().truncate(seq, n)
             return
