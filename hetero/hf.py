@@ -105,6 +105,11 @@ class _Shared:
         self.checked_config = None  # the model config unsupported_features() last passed
         self.prefill_start: Optional[int] = None  # inside generate()'s chunked prefill: the positions held before it
 
+    def prefill_tokens(self, processed: int, chunk: int) -> Optional[int]:
+        """Inside generate()'s chunked prefill, its tokens up to the end of a chunk of ``chunk`` tokens into a layer
+        holding ``processed`` positions (``chunk_attention``'s ``turn_tokens``); None outside one."""
+        return None if self.prefill_start is None else processed + chunk - self.prefill_start
+
     def layers_in_step(self, model_layers: Optional[int]) -> None:
         """At a forward's first layer: every layer the model runs holds the same positions, and stores what it
         counts, else a forward failed part-way outside hetero's attention (where nothing rolls it back) and this one
@@ -184,9 +189,9 @@ class HeteroCacheLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.attended = False
-        start = self.shared.prefill_start  # a last chunk of one token is still the prompt's (hetero_attention)
+        turn = self.shared.prefill_tokens(self.processed, 1)  # a chunked prefill's last token is still the prompt's
         if (key_states.shape[2] == 1 and self.processed > 0
-                and (start is None or self.processed + 1 - start <= self.shared.config.sparse_chunk_tokens)):
+                and (turn is None or turn <= self.shared.config.sparse_chunk_tokens)):
             self.token = (key_states, value_states)  # a decode token: appended with the step, in one native call
         else:  # a chunk: attended over the tiers first, then appended (hetero_attention)
             self.pending = (key_states, value_states)
@@ -516,7 +521,7 @@ def _attend_layer(state, module, query, attention_mask, scaling):
                                "causal attention with left padding only")
     state.pad = pad
     # a chunk of generate()'s chunked prefill reads the host tier as the prefill so far would in one chunk
-    turn = None if shared.prefill_start is None else state.processed + c - shared.prefill_start
+    turn = shared.prefill_tokens(state.processed, c)
     out = chunk_attention(runtime, layer, query, k, v, lengths, turn_tokens=turn)  # [B, Hq, C, D]
     if min(lengths) == c:
         layer.append(k, v)

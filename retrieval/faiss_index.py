@@ -334,7 +334,7 @@ class HNSWRetriever(_FaissRetriever):
     instead of rebuilding the graph (a rebuild per crop took 43 of 55 s of a prompt-lookup generate, and its batch
     insertion gave another graph than the one grown token by token): searches skip them (a faiss ``IDSelector``)
     and keys added later get new graph ids, mapped back to their host positions. The graph is rebuilt from the live
-    keys once the dead ones are as many as the live.
+    keys once the dead ones outnumber them.
     """
 
     name = "hnsw"
