@@ -448,10 +448,6 @@ def hetero_attention(module, query, key, value, attention_mask, scaling=None, dr
                                       **kwargs)
     state.attended = True
     shared, layer = state.shared, state.layer
-    if kwargs.get("softcap") is not None:  # a model chosen by name, its config not checked (its own refusal below)
-        state.drop_update()
-        raise UnsupportedModelError(f"layer {layer.layer_idx}: attention logit soft-capping (softcap="
-                                    f"{kwargs['softcap']}) is not implemented by hetero's attention")
     if layer.layer_idx == 0:  # before the first layer stores anything: a cache of other layers is refused whole
         model_config = getattr(module, "config", None)
         if model_config is not None and model_config is not shared.checked_config:
@@ -472,6 +468,10 @@ def hetero_attention(module, query, key, value, attention_mask, scaling=None, dr
             state.drop_update()
             raise
         shared.forward_start = state.processed
+    if kwargs.get("softcap") is not None:  # a cap the config check above did not see (a config without the field)
+        state.drop_update()
+        raise UnsupportedModelError(f"layer {layer.layer_idx}: attention logit soft-capping (softcap="
+                                    f"{kwargs['softcap']}) is not implemented by hetero's attention")
     try:
         return _attend_layer(state, module, query, attention_mask, scaling)
     except BaseException:  # nothing half-done: the layers before this one forget this forward's tokens

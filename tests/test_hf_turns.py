@@ -204,6 +204,17 @@ def test_a_model_chosen_by_name_is_checked_as_wrap_checks_it():
             model(ids, past_key_values=cache)
         assert cache.get_seq_length() == 0 and not cache.layers[0].layer.initialized  # nothing went in
         cache.close()
+    _, model = _pair()  # a softcap argument the config check could not see is refused too, the step dropped
+    cache = HeteroCache(EXACT, config=model.config)
+    model(ids, past_key_values=cache)
+    held = [lay.layer.seq_lengths() for lay in cache.layers]
+    keys, values = cache.update(torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16), 1)
+    with pytest.raises(hetero.hf.UnsupportedModelError, match="softcap"):
+        hetero.hf.hetero_attention(model.model.layers[1].self_attn, torch.randn(1, 4, 1, 16), keys, values, None,
+                                   softcap=30.0)
+    assert [lay.layer.seq_lengths() for lay in cache.layers] == held
+    assert model(ids[:, :1], past_key_values=cache).logits.isfinite().all()  # the cache serves the next call
+    cache.close()
 
 
 def test_a_cache_built_for_another_layer_count_is_refused_whole():
