@@ -189,9 +189,10 @@ class HeteroCacheLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.attended = False
-        turn = self.shared.prefill_tokens(self.processed, 1)  # a chunked prefill's last token is still the prompt's
-        if (key_states.shape[2] == 1 and self.processed > 0
-                and (turn is None or turn <= self.shared.config.sparse_chunk_tokens)):
+        shared = self.shared  # (a chunked prefill's last token is still the prompt's: hetero_attention reads it so)
+        if (key_states.shape[2] == 1 and self.processed > 0 and (
+                shared.prefill_start is None
+                or shared.prefill_tokens(self.processed, 1) <= shared.config.sparse_chunk_tokens)):
             self.token = (key_states, value_states)  # a decode token: appended with the step, in one native call
         else:  # a chunk: attended over the tiers first, then appended (hetero_attention)
             self.pending = (key_states, value_states)
