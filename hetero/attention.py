@@ -222,7 +222,7 @@ class HeteroAttention:
             part.set_native_trace(self.native_trace)
         scale = self.config.scale or default_scale(g.head_dim)
         plan = StepPlan(g, window, host, fused and native.load() is not None, scale, self.config,
-                        weakref.WeakKeyDictionary(), self._search_pool)
+                        weakref.WeakKeyDictionary(), self._search_pool, self)
         self._ensure_workspaces(plan, layers)
         self._plan = plan
         return plan
@@ -282,7 +282,8 @@ class HeteroAttention:
             raise ShapeError(f"layer {layer.layer_idx}'s cache is empty: append the prompt's keys first")
         given = plan is not None
         plan = self._resolve_plan(q, layer, plan)
-        if given and not plan.fused and plan.on_cpu and not all_finite(q):  # the fused step checks the query itself
+        fused = plan.fused and q.stride(-1) == 1
+        if given and not fused and plan.on_cpu and not all_finite(q):  # the fused step checks the query itself
             raise InvalidValueError("q contains NaN or inf")  # (a CUDA query: on its host copy, _host_side)
         if layer.config is not self.config:
             self._check_compatible(layer)  # a dict lookup once checked
@@ -293,14 +294,18 @@ class HeteroAttention:
             ws = plan.workspaces[layer]
         if out is not None and out is not ws.out:
             self._check_out(out, plan)
-        if layer.retriever.softmax_scale != plan.scale:  # the estimate uses the step's scale
-            layer.retriever.softmax_scale = plan.scale
         with layer.lock:
+            if layer.fast is None or layer.geometry != plan.layer_geometry:  # another thread reset it meanwhile
+                if layer.fast is None:
+                    raise ShapeError(f"layer {layer.layer_idx}'s cache is empty: append the prompt's keys first")
+                plan.check(q, layer, self)
+            if layer.retriever.softmax_scale != plan.scale:  # the estimate uses the step's scale
+                layer.retriever.softmax_scale = plan.scale
             if plan.on_cpu and layer.evictions_pending:
                 layer.prepare_host_side()  # a CPU tier run the CUDA way (staged evictions): land them first
             if not layer.index.idle:
                 layer.index.wait()  # heals and reports a failed add, before any search
-            if plan.fused and q.stride(-1) == 1:
+            if fused:
                 if plan.on_cpu:
                     return self._run_fused_cpu(q, layer, plan, out, return_details)
                 return self._run_fused_cuda(q, layer, plan, out, return_details)
@@ -325,35 +330,41 @@ class HeteroAttention:
         token = (layer.native_token(k, v) if type(plan) is StepPlan and plan.cpu_fused and type(layer) is LayerCache
                  and layer._native_ok and type(q) is torch.Tensor and not self._closed else None)
         if token is not None:
-            plan.check(q, layer)
+            plan.check(q, layer, self)
             ws = plan.workspaces.get(layer)
-            mode = self._host_mode(layer)
-        if (token is None or ws is None or mode == 1 or not layer.index.idle or q.stride(-1) != 1):
+        if token is None or ws is None or q.stride(-1) != 1:
             return self._append_then_run(q, k, v, layer, plan, out)
         dst = ws.out if out is None else out
         if dst is not ws.out:
             self._check_out(dst, plan)
-        if layer.retriever.softmax_scale != plan.scale:
-            layer.retriever.softmax_scale = plan.scale
         timed = self.record_phases or self.config.balance == "auto" or layer.head_budget is not None
         tk, tv, stride_b, stride_h, kv_dtype = token
         ext = native.load()
         with layer.lock:
             layer.index.check_open()
-            self._prepare_work(ws, q, dst, layer, plan, mode, True, timed)
-            for _ in range(2):
-                appended, step = plan.host._runner.decode_token(
-                    layer.native_layer().address, ws.work.address, tk.data_ptr(), tv.data_ptr(), stride_b, stride_h,
-                    kv_dtype, 1, layer._flags_addr, q.data_ptr(), dst.data_ptr())
-                if appended != ext.APPEND_NEED_BLOCKS:
-                    break
-                layer.reserve_flagged()  # a sequence's host blocks were full: nothing ran; the same call again
-            if appended > 0:  # appended; index adds left to Python, which the step waits for
-                layer.queue_native_leftovers()
-            layer.populate_host_ahead()
-            if not step:  # the workspace is read under the lock: another thread's step on this layer writes it next
-                self._after_step(layer, ws, plan, mode, timed)
-                return dst if out is not None else dst.clone()
+            # what another thread's reset, crop or append may have changed since the checks above, read under the
+            # lock: the C++ call below trusts the tiers' shape and an index its tables describe
+            mode = (self._host_mode(layer) if layer.fast is not None and layer.geometry == plan.layer_geometry
+                    and layer.index.idle else 1)
+            if mode != 1:
+                if layer.retriever.softmax_scale != plan.scale:
+                    layer.retriever.softmax_scale = plan.scale
+                self._prepare_work(ws, q, dst, layer, plan, mode, True, timed)
+                for _ in range(2):
+                    appended, step = plan.host._runner.decode_token(
+                        layer.native_layer().address, ws.work.address, tk.data_ptr(), tv.data_ptr(), stride_b,
+                        stride_h, kv_dtype, 1, layer._flags_addr, q.data_ptr(), dst.data_ptr())
+                    if appended != ext.APPEND_NEED_BLOCKS:
+                        break
+                    layer.reserve_flagged()  # a sequence's host blocks were full: nothing ran; the same call again
+                if appended > 0:  # appended; index adds left to Python, which the step waits for
+                    layer.queue_native_leftovers()
+                layer.populate_host_ahead()
+                if not step:  # the workspace is read under the lock: another thread's step on it writes it next
+                    self._after_step(layer, ws, plan, mode, timed)
+                    return dst if out is not None else dst.clone()
+        if mode == 1:  # searched in Python, waiting for index adds, or changed by another thread: the general path
+            return self._append_then_run(q, k, v, layer, plan, out)
         if step == ext.STEP_QUERY_NOT_FINITE:
             raise InvalidValueError("q contains NaN or inf (the step's key and value were not appended)")
         if appended < 0:  # refused before any change (NaN or inf in k or v): the general path explains
@@ -413,7 +424,7 @@ class HeteroAttention:
             raise ShapeError(f"plan must be a StepPlan (HeteroAttention.plan), got {type(plan).__name__}")
         if type(q) is not torch.Tensor and not isinstance(q, torch.Tensor):
             raise ShapeError(f"q must be a torch.Tensor [B, Hq, D], got {type(q).__name__}")
-        plan.check(q, layer)
+        plan.check(q, layer, self)
         return plan
 
     @staticmethod

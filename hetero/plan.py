@@ -101,12 +101,14 @@ class StepPlan:
     geometry: ``StepGeometry``. window, host: the resolved backends. fused: the layers' steps run as one C++ call
     each (``hetero/native.py``). workspaces: each LayerCache's buffers, keyed by the layer itself (weakly), so that
     two caches' layers of the same index never share one. search_pool: the native pool of the searches made in
-    Python (``search``).
+    Python (``search``). owner: the ``HeteroAttention`` that made it (its config, backends and pools are the plan's;
+    another runtime refuses it).
     budget: the rule the steps apply to each sequence's host length (``budget_fields``; the C++ step computes the
     keys itself). A plan stays valid while the geometry holds: lengths may grow."""
 
     def __init__(self, geometry: StepGeometry, window: Backend, host: Backend, fused: bool, scale: float, config,
-                 workspaces: MutableMapping, search_pool: Optional[SearchPool] = None):
+                 workspaces: MutableMapping, search_pool: Optional[SearchPool] = None, owner=None):
+        self.owner = owner
         self.geometry, self.window, self.host, self.fused, self.scale = geometry, window, host, fused, scale
         self.search_pool = search_pool
         self.config = config
@@ -135,9 +137,12 @@ class StepPlan:
         layer.retriever.use_runner(self.search_pool.runner if self.search_pool is not None else None)
         return layer.retriever.search(q, self.budgets_for(layer, scale).tolist())
 
-    def check(self, q: torch.Tensor, layer) -> None:
-        """``StalePlanError`` unless ``q`` and ``layer`` have this plan's geometry (cheap)."""
+    def check(self, q: torch.Tensor, layer, runtime) -> None:
+        """``StalePlanError`` unless ``runtime`` made this plan and ``q`` and ``layer`` have its geometry (cheap)."""
         g = self.geometry
+        if runtime is not self.owner:
+            raise StalePlanError("the step plan was made by another HeteroAttention (its config, budget and backends "
+                                 "are that runtime's): make one with this runtime's plan()")
         if (layer.geometry != self.layer_geometry or q.shape != self._q_shape or q.dtype != g.q_dtype
                 or q.get_device() != self._q_device or q.is_meta or q.layout != torch.strided):
             raise StalePlanError(

@@ -209,3 +209,81 @@ def test_a_runtime_dropped_without_close_frees_its_layer_and_its_threads():
             break
         threading.Event().wait(0.02)
     assert threading.active_count() <= threads_before
+
+
+class _LockThenHook:
+    """A layer's lock whose next acquisition first runs ``hook`` (which may take the lock itself): another thread's
+    call landing exactly between a step's checks and its taking the lock, made deterministic."""
+
+    def __init__(self, lock, hook):
+        self.lock, self.hook = lock, hook
+
+    def __enter__(self):
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            hook()
+        return self.lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self.lock.__exit__(*exc)
+
+
+def _ivf_layer_and_twin(config, tokens=100):
+    gen = torch.Generator().manual_seed(3)
+    k, v = torch.randn(2, 2, tokens, 32, generator=gen), torch.randn(2, 2, tokens, 32, generator=gen)
+    layers = [LayerCache(config) for _ in range(2)]
+    for layer in layers:
+        layer.append(k, v)
+        layer.wait_indexed()
+    return layers, gen
+
+
+@pytest.mark.parametrize("change", ["crop_to_sinks", "reset", "reset_and_refill"])
+def test_decode_after_another_threads_change_that_lands_before_its_lock_equals_the_change_then_decode(change):
+    """A crop that empties the host tier (dropping a sequence's index) or a reset, landing after ``decode``'s checks
+    and before its lock: the step sees the layer as it is then (it read the index's tables and the tiers' shape
+    before under the lock: a crash), the same output as the change made first."""
+    config = HeteroConfig(window=8, sinks=2, budget=0.2, retriever="ivf-group", retriever_options={"min_train": 16})
+    (layer, twin), gen = _ivf_layer_and_twin(config)
+    refill = torch.randn(2, 2, 40, 32, generator=gen), torch.randn(2, 2, 40, 32, generator=gen)
+
+    def apply(target):
+        if change == "crop_to_sinks":
+            target.crop([2, 2])
+        else:
+            target.reset()
+            if change == "reset_and_refill":
+                target.append(*refill)
+
+    attn = HeteroAttention(config)
+    plan = attn.plan([layer, twin], 4)
+    q, k, v = torch.randn(2, 4, 32, generator=gen), torch.randn(2, 2, 32, generator=gen), torch.randn(2, 2, 32,
+                                                                                                      generator=gen)
+    apply(twin)
+    expected = attn.decode(q, k, v, twin, attn.plan(twin, 4))
+    layer.lock = _LockThenHook(layer.lock, lambda: apply(layer))
+    got = attn.decode(q, k, v, layer, plan)
+    assert torch.equal(got, expected)
+    assert layer.seq_lengths() == twin.seq_lengths()
+
+
+def test_run_after_another_threads_reset_that_lands_before_its_lock_is_refused_as_on_an_empty_cache():
+    from hetero import ShapeError
+
+    config = HeteroConfig(window=8, sinks=2, budget=0.2, retriever="ivf-group", retriever_options={"min_train": 16})
+    (layer, _), gen = _ivf_layer_and_twin(config)
+    attn = HeteroAttention(config)
+    plan = attn.plan(layer, 4)
+    layer.lock = _LockThenHook(layer.lock, layer.reset)
+    with pytest.raises(ShapeError, match="empty"):
+        attn.run(torch.randn(2, 4, 32, generator=gen), layer, plan)
+
+
+def test_an_append_after_another_threads_reset_that_lands_before_its_lock_starts_the_cache_anew():
+    config = HeteroConfig(window=8, sinks=2, retriever="exact")
+    (layer, _), gen = _ivf_layer_and_twin(config)
+    k, v = torch.randn(2, 2, 32, generator=gen), torch.randn(2, 2, 32, generator=gen)
+    layer.lock = _LockThenHook(layer.lock, layer.reset)
+    layer.append(k, v)
+    assert layer.seq_lengths() == [1, 1]
+    assert torch.equal(layer.tokens(1)[0][:, 0], k[1])

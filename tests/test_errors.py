@@ -89,6 +89,38 @@ def test_bad_query_rejected_and_cache_unchanged(layer, name, make, err, match):
 
 
 
+@pytest.mark.parametrize("host_tokens", [0, 12], ids=["host_empty", "host_filled"])
+@pytest.mark.parametrize("view", ["contiguous", "strided_last_dim"])
+def test_a_query_with_nan_is_refused_with_a_plan_whatever_its_strides(view, host_tokens):
+    """With a plan given, the fused step checks the query itself; a query it cannot take (its last dimension
+    strided) runs the general path, which must check it too, also when no retriever search would see it."""
+    cfg = HeteroConfig(window=64, sinks=4)
+    lay = LayerCache(cfg)
+    lay.append(torch.randn(B, HKV, 68 + host_tokens, D), torch.randn(B, HKV, 68 + host_tokens, D))
+    attn = HeteroAttention(cfg)
+    plan = attn.plan(lay, HKV * G)
+    q = q_ok() if view == "contiguous" else torch.randn(B, HKV * G, D, 2)[..., 0]
+    q[0, 1, 5] = float("nan")
+    before = snapshot(lay)
+    with pytest.raises(InvalidValueError, match="NaN or inf"):
+        attn.run(q, lay, plan)
+    assert same_snapshot(before, snapshot(lay))
+
+
+def test_a_plan_made_by_another_runtime_is_refused(layer):
+    """A plan carries its runtime's budget, scale and backends: run by another runtime it would silently apply them."""
+    from hetero.errors import StalePlanError
+
+    mine, other = HeteroAttention(layer.config), HeteroAttention(layer.config.with_(budget=1.0))
+    plan = other.plan(layer, HKV * G)
+    other.close()
+    for call in (lambda: mine.run(q_ok(), layer, plan), lambda: mine.decode(q_ok(), *kv_ok(), layer, plan)):
+        before = snapshot(layer)
+        with pytest.raises(StalePlanError, match="another HeteroAttention"):
+            call()
+        assert same_snapshot(before, snapshot(layer))
+
+
 @pytest.mark.parametrize("q_heads", [0, -2, 2.0, True, "8"])
 def test_plan_refuses_a_q_heads_that_is_not_a_positive_multiple_of_the_kv_heads(layer, q_heads):
     attn = HeteroAttention(layer.config)
