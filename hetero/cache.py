@@ -298,10 +298,13 @@ class LayerCache:
         """One decode token per sequence (``[B, Hkv, D]`` or ``[B, Hkv, 1, D]`` on the CPU) in one C++ call, which
         also refuses NaN and inf before changing anything. False (nothing done) for anything else: the general path
         then checks the inputs and explains what is wrong."""
+        geometry = self.geometry
         token = self.native_token(k, v)
         if token is None:
             return False
         with self.lock:
+            if not self._native_ok or self.geometry is not geometry:  # another thread reset the layer meanwhile
+                return False
             self.index.check_open()
             self._append_native(token[0], token[1])
             self.populate_host_ahead()
