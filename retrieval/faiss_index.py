@@ -226,7 +226,8 @@ class IVFRetriever(IVFLifecycle, _FaissRetriever):
                     self._list_sizes[seq][h] = None
 
     def truncate(self, seq: int, n: int) -> None:
-        super().truncate(seq, n)
+        if not self.rebuild_before(seq, min(n, int(self.ntotal_array[seq]))):
+            super().truncate(seq, n)
         self._list_sizes[seq] = [self._empty_lists_sizes(index) for index in self._index[seq]]
 
     @staticmethod

@@ -6,6 +6,8 @@
   overrides it).
 * Retraining: when a sequence holds more than ``retrain_factor`` (4) times the keys its index was built on, the
   index is rebuilt from the host tier at that add.
+* Cropping below the last build (its keys were partly the dropped ones: rejected draft tokens): the index is
+  rebuilt as it stood after the kept keys, on the build before that, or none (``rebuild_before``).
 * Budget -> search effort: each query probes ``nprobe = ceil(nlist * min(1, probe_factor * sqrt(k / N)))`` lists
   (``probe_factor`` 1: a 1 / 2 / 5 % budget scans about 10 / 14 / 22 % of the keys); the C++ decode step applies
   the same rule (csrc/runner/runner.cpp).
@@ -32,8 +34,9 @@ def nearest_pow2(x: float, lo: int, hi: int) -> int:
 
 
 class IVFLifecycle:
-    """Mixin over ``self.opts`` (the ``IVF_OPTIONS``) and ``self.ntotal_array``: when to build, how many lists,
-    how many to probe. ``trained_on[seq]`` is the size a sequence's index was built on (0: not built)."""
+    """Mixin over a ``Retriever``'s ``self.opts`` (the ``IVF_OPTIONS``), ``ntotal_array``, ``add``, ``_reset_seq``
+    and ``host``: when to build, how many lists, how many to probe. ``trained_on[seq]`` is the size a sequence's
+    index was built on (0: not built); ``builds[seq]`` every build's size since the index was last dropped."""
 
     opts: Dict
     ntotal_array: np.ndarray
@@ -44,6 +47,7 @@ class IVFLifecycle:
         self.min_train, self.retrain_factor = self.opts["min_train"], self.opts["retrain_factor"]
         self.nlist_option: Optional[int] = self.opts["nlist"]
         self.trained_on = [0] * batch
+        self.builds: List[List[int]] = [[] for _ in range(batch)]
         for seq in range(batch):
             self.set_trained(seq, 0)
 
@@ -59,7 +63,36 @@ class IVFLifecycle:
         """Record a (re)build on ``n`` keys (0: not built) and the largest count the next adds may reach before
         one is due again (what the native append may do without Python)."""
         self.trained_on[seq] = n
+        if n:
+            self.builds[seq].append(n)
+        else:
+            self.builds[seq] = []
         self.limit_array[seq] = self.min_train - 1 if not n else int(math.floor(self.retrain_factor * n + 1e-9))
+
+    def rebuild_before(self, seq: int, n: int) -> bool:
+        """``truncate`` to ``n`` keys when that drops keys the last build was made on: the index rebuilt as it stood
+        after ``n`` keys, on the same keys as then (the latest earlier build of at most ``n``, or none: below it the
+        keys are searched exactly), then the rest of the ``n`` added. False, nothing done, when the last build's keys
+        are all kept (the newest keys are then removed in place)."""
+        if not self.trained_on[seq] or n >= self.trained_on[seq]:
+            return False
+        earlier = [size for size in self.builds[seq] if size <= n]
+        start = earlier[-1] if earlier else 0
+        self._reset_seq(seq)
+        self.ntotal_array[seq] = 0
+        if start:
+            self.add(seq, self.host.keys(seq, 0, start))  # builds on exactly these keys (a build had >= min_train)
+            self.add_since_build(seq, start, n)
+        elif n:
+            self.add(seq, self.host.keys(seq, 0, n))
+        self.builds[seq] = earlier[:-1] + self.builds[seq]
+        return True
+
+    def add_since_build(self, seq: int, first: int, stop: int) -> None:
+        """``rebuild_before``'s adds of host positions ``[first, stop)`` after the build on ``first`` keys: one add
+        (an index whose state does not depend on how its keys came)."""
+        if stop > first:
+            self.add(seq, self.host.keys(seq, first, stop))
 
     def nprobe(self, ks: List[int], nlist: int, n: int) -> List[int]:
         """Lists each query of head h probes: ``ceil(nlist * min(1, probe_factor * sqrt(k / N)))``, 0 if k = 0, all

@@ -327,6 +327,40 @@ def test_crop_returns_tiers_and_index_to_the_state_after_n_tokens(retriever, ext
         torch.testing.assert_close(ra.out, rb.out, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("retriever", ["ivf", "ivf-sq8", "ivf-group"])
+@pytest.mark.parametrize("case", ["first_build", "retrain"])
+def test_a_crop_below_the_last_index_build_returns_the_index_built_before(retriever, case):
+    """Draft tokens that brought the host tier to a build (the first one, or a retrain at 4x the last) and were then
+    rejected: the crop must not keep an index trained on them. ``first_build``: 56 host keys (min_train 64), a draft
+    chunk brings 66 and builds, the crop goes back to 56: searched exactly again. ``retrain``: built on 100, 296
+    decode tokens one by one, 12 drafts pass the 400 limit and retrain, the crop goes back to 396: the index built
+    on 100 with the 296 added as decode steps add them. Every later step (through the retrain at 401) is bit for
+    bit that of a cache that never saw the drafts."""
+    cfg = HeteroConfig(window=4, sinks=0, budget=0.1, retriever=retriever, retriever_options={"min_train": 64})
+    gen = torch.Generator().manual_seed(4)
+    prompt, singles = (60, 0) if case == "first_build" else (104, 296)
+    k, v = torch.randn(1, 2, prompt + singles + 12, 32, generator=gen), torch.randn(1, 2, prompt + singles + 12, 32,
+                                                                                   generator=gen)
+    a, b = LayerCache(cfg), LayerCache(cfg)
+    for layer in (a, b):
+        layer.append(k[:, :, :prompt], v[:, :, :prompt])
+        for t in range(prompt, prompt + singles):
+            layer.append(k[:, :, t], v[:, :, t])
+    end = prompt + singles
+    a.append(k[:, :, end:end + 12], v[:, :, end:end + 12])
+    a.wait_indexed()
+    assert a.retriever.trained_on[0] > b.retriever.trained_on[0]  # the drafts built (or rebuilt) a's index
+    a.crop([end])
+    assert a.retriever.builds == b.retriever.builds and a.retriever.ntotal == b.retriever.ntotal
+    attn = hetero.HeteroAttention(cfg)
+    plan = attn.plan([a, b], 8)
+    for _ in range(8):
+        q, kt, vt = torch.randn(1, 8, 32, generator=gen), torch.randn(1, 2, 32, generator=gen), torch.randn(
+            1, 2, 32, generator=gen)
+        assert torch.equal(attn.decode(q, kt, vt, a, plan), attn.decode(q, kt, vt, b, plan))
+    assert a.retriever.builds == b.retriever.builds
+
+
 @needs_model
 def test_smollm2_three_turn_chat_exact_and_turn_two_prefills_only_the_new_tokens(monkeypatch):
     from transformers import DynamicCache

@@ -119,6 +119,8 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
 
     def truncate(self, seq: int, n: int) -> None:
         n = min(n, int(self.ntotal_array[seq]))
+        if self.rebuild_before(seq, n):
+            return
         index = self._seqs[seq]
         if n == 0:
             self._reset_seq(seq)
@@ -127,6 +129,17 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
                            lambda a, b: self.host.values(seq, a, b).float())
             self._publish(seq)
         self.ntotal_array[seq] = n
+
+    def add_since_build(self, seq: int, first: int, stop: int) -> None:
+        """As decode steps adding one key at a time left the index: the tail list flushed into the lists at each of
+        the layer's flush points (``SeqIndex.flush_due``), the keys since the last one in the tail."""
+        phase = self._seqs[seq].flush_phase
+        cut = first
+        while cut < stop:
+            point = cut + 1 + (phase - cut - 1) % TAIL_TOKENS  # the next position p > cut with (p - phase) % 64 == 0
+            end = min(point, stop)
+            self.add(seq, self.host.keys(seq, cut, end))
+            cut = end
 
     # ---- the C++ decode step's view of the index ----------------------------------------------------
     def _publish(self, seq: int) -> None:
