@@ -193,9 +193,10 @@ class HeteroAttention:
         elif isinstance(q_heads, bool) or not isinstance(q_heads, int) or q_heads <= 0 or q_heads % ref.kv_heads:
             raise ShapeError(f"q_heads={q_heads!r} must be a positive multiple of the {ref.kv_heads} KV heads")
         q_dtype = q_dtype or torch.float32
-        if q_dtype not in native.DTYPE_CODES:
-            raise DTypeError(f"decode queries of dtype {q_dtype} are not supported; allowed: float32, bfloat16, "
-                             "float16 (the step writes its output in the query's dtype)")
+        if not isinstance(q_dtype, torch.dtype) or q_dtype not in native.DTYPE_CODES:
+            got = q_dtype if isinstance(q_dtype, torch.dtype) else f"{q_dtype!r} (a {type(q_dtype).__name__})"
+            raise DTypeError(f"q_dtype must be a torch.dtype: torch.float32, torch.bfloat16 or torch.float16 (the step "
+                             f"writes its output in the query's dtype), got {got}")
         cached = self._plan
         if (cached is not None and cached.geometry.q_heads == q_heads and cached.geometry.q_dtype == q_dtype
                 and cached.geometry.batch == ref.batch and cached.geometry.kv_heads == ref.kv_heads

@@ -400,6 +400,8 @@ class LayerCache:
         """Keep the first ``lengths[b]`` tokens of each sequence (at most what it holds): the window gets back the
         tokens that had left it since, and the host tier and the index forget the rest, as if the dropped tokens
         had never been appended."""
+        if lengths is None:  # (check_lengths reads None as "all", which for a crop would silently keep everything)
+            raise ShapeError("crop(lengths): lengths must be [B] ints, the tokens each sequence keeps; got None")
         with self.lock:
             if not self.initialized:
                 return
@@ -459,6 +461,10 @@ class LayerCache:
     # ---- inspection --------------------------------------------------------------------------------
     def tokens(self, seq: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """All keys and values of ``seq`` in logical order, ``[Hkv, L, D]`` each (sinks, host, window)."""
+        if not self.initialized:
+            raise ShapeError(f"layer {self.layer_idx}'s cache is empty: it holds no tokens of any sequence")
+        if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or not 0 <= seq < self.batch:
+            raise ShapeError(f"seq must be an int in [0, {self.batch}) (the cache's batch), got {seq!r}")
         self._land()
         fk, fv = self.fast.tokens(seq)
         ns = min(int(self.fast.total[seq]), self.config.sinks) if not self.dense else fk.shape[1]

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Mapping, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from .errors import ConfigError
@@ -17,6 +18,8 @@ _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "hal
 GROUP_RULES = ("union", "per-head", "sum")
 MAX_BUDGET_KEYS = 2 ** 53  # a key count the native step holds exactly in a float64
 MAX_THREADS = 1024  # more than any CPU this runs on has; the native pools take an int
+MAX_TOKENS = 2 ** 31 - 1  # token positions are int32 (selections, index ids)
+SEED_RANGE = (-2 ** 31, 2 ** 31 - 1)  # faiss's k-means takes an int seed
 
 
 def _fail(name: str, value: Any, allowed: str) -> ConfigError:
@@ -47,7 +50,7 @@ def canonical_dtype_name(value: Union[str, torch.dtype, None], name: str = "kv_d
 class HeteroConfig:
     """Configuration of hetero's tiers, retrieval and backends.
 
-    window: recent tokens kept on the fast device (>= 0).
+    window: recent tokens kept on the fast device (>= 0, < 2**31 like every token count).
     sinks: first tokens of each sequence kept on the fast device (>= 0).
     budget: host keys per KV head (``budget_per="kv_head"``, default: the rows a GQA group shares and the
         host side reads) or per query head (``"query_head"``): an int count (>= 0), or a float fraction in
@@ -113,11 +116,16 @@ class HeteroConfig:
     sparse_chunk_tokens: int = 16
 
     def __post_init__(self) -> None:
+        for name in ("window", "sinks", "block_tokens", "budget", "budget_floor", "sparse_chunk_tokens", "threads",
+                     "scale"):  # numpy scalars (a budget read from an array) as the Python numbers they hold
+            v = getattr(self, name)
+            if isinstance(v, (np.integer, np.floating)):
+                object.__setattr__(self, name, v.item())
         for name in ("window", "sinks", "block_tokens"):
             v = getattr(self, name)
             low = 1 if name == "block_tokens" else 0
-            if not _is_int(v) or v < low:
-                raise _fail(name, v, f"an int >= {low}")
+            if not _is_int(v) or not low <= v <= MAX_TOKENS:
+                raise _fail(name, v, f"an int in [{low}, 2**31 - 1] (token positions are int32)")
         b = self.budget
         budget_rule = "an int count in [0, 2**53] or a float fraction in (0, 1]"  # counts stay exact as float64
         if _is_int(b):
@@ -166,6 +174,10 @@ class HeteroConfig:
             raise _fail("budget_floor", f, "None, or the same kind as budget (count or fraction) and <= budget")
         if self.scale is not None and not scale_ok(self.scale):
             raise _fail("scale", self.scale, "None or a number in [1.18e-38, 3.4e38] (the kernels compute in float32)")
+
+    def __hash__(self) -> int:  # the generated one fails on the retriever_options dict
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v
+                          for v in (getattr(self, f.name) for f in fields(self))))
 
     def overlap_on(self, device: torch.device) -> bool:
         """Whether the two sides of a decode step run side by side when the fast tier is on ``device``."""

@@ -49,7 +49,8 @@ class IndexQueue:
     def check_open(self) -> None:
         """Refuse, before the caller changes anything, when the background indexer was closed."""
         if self.indexer is not None and self.indexer.closed:
-            raise ClosedError(f"layer {self.layer_idx}: the cache's indexer thread was closed (cache.close()); "
+            raise ClosedError(f"layer {self.layer_idx}: the indexer thread it was given was closed "
+                              "(HeteroCache.close(), or its Worker's close()); "
                               "build a new cache to continue")
 
     @property

@@ -42,11 +42,12 @@ class Option:
             text = " or ".join(map(repr, self.choices))
         else:
             what = "an int" if self.kind == "int" else "a number"
+            show = (lambda x: str(int(x))) if self.kind == "int" else (lambda x: f"{x:g}")
             bounds = []
             if self.low is not None:
-                bounds.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+                bounds.append(f"{'>' if self.low_open else '>='} {show(self.low)}")
             if self.high is not None:
-                bounds.append(f"<= {self.high:g}")
+                bounds.append(f"<= {show(self.high)}")
             text = what + (" " + " and ".join(bounds) if bounds else "")
         return ("None or " if self.none_ok else "") + text
 
@@ -240,8 +241,8 @@ class Retriever(ABC):
                 f"{self.host.kv_heads} KV heads, head_dim {self.host.head_dim}): need [B, G*Hkv, D]"
             )
         if not q.is_floating_point():
-            raise DTypeError(f"query must be floating point, got {q.dtype}")
-        check_finite(q, "query")
+            raise DTypeError(f"q must be floating point, got {q.dtype}")
+        check_finite(q, "q")
         hkv = self.host.kv_heads
         ntotal = self.ntotal
         rows = _int_rows(budgets, b, hkv)

@@ -23,6 +23,7 @@ from typing import Any, List, Optional
 import numpy as np
 import torch
 
+from hetero.config import MAX_THREADS
 from hetero.errors import ConfigError, InvalidValueError
 from hetero.types import Selection
 
@@ -45,7 +46,7 @@ class _FaissRetriever(Retriever):
     options = {
         "ef_factor": Option(2.0, low=0.0, low_open=True),
         "M": Option(32, kind="int", low=2),
-        "threads": Option(None, kind="int", low=1, none_ok=True),
+        "threads": Option(None, kind="int", low=1, high=MAX_THREADS, none_ok=True),
     }
     trains = True
 

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hetero.config import SEED_RANGE
 from hetero.errors import ConfigError
 from hetero.types import Selection
 
@@ -39,7 +40,7 @@ class LSHSampler(Retriever):
     options = {
         "K": Option(9, kind="int", low=1, high=20),
         "L": Option(120, kind="int", low=1),
-        "seed": Option(0, kind="int"),
+        "seed": Option(0, kind="int", low=SEED_RANGE[0], high=SEED_RANGE[1]),
         "min_collisions": Option(2, kind="int", low=1),
     }
 

@@ -107,6 +107,27 @@ def test_a_query_with_nan_is_refused_with_a_plan_whatever_its_strides(view, host
     assert same_snapshot(before, snapshot(lay))
 
 
+def test_tokens_of_a_sequence_the_cache_does_not_hold_is_a_shape_error(layer):
+    with pytest.raises(ShapeError, match="empty"):
+        LayerCache(layer.config).tokens(0)
+    for seq in (B, -1, 1.0, True):
+        with pytest.raises(ShapeError, match=r"seq must be an int in \[0, 2\)"):
+            layer.tokens(seq)
+
+
+def test_crop_to_none_is_refused_rather_than_read_as_keep_all(layer):
+    before = snapshot(layer)
+    with pytest.raises(ShapeError, match="got None"):
+        layer.crop(None)
+    assert same_snapshot(before, snapshot(layer))
+
+
+@pytest.mark.parametrize("q_dtype", ["float32", torch.float64, torch.int8])
+def test_plan_names_the_query_dtypes_it_takes(layer, q_dtype):
+    with pytest.raises(DTypeError, match="q_dtype must be a torch.dtype: torch.float32, torch.bfloat16 or torch.float16"):
+        HeteroAttention(layer.config).plan(layer, HKV * G, q_dtype)
+
+
 def test_a_plan_made_by_another_runtime_is_refused(layer):
     """A plan carries its runtime's budget, scale and backends: run by another runtime it would silently apply them."""
     from hetero.errors import StalePlanError
@@ -142,7 +163,26 @@ BAD_CONFIGS = [
     ({"group_rule": "max"}, "group_rule"), ({"host_backend": "cuda"}, "host_backend"),
     ({"dense_layers": (1, 1)}, "dense_layers"), ({"dense_layers": (-1,)}, "dense_layers"),
     ({"scale": 0}, "scale"), ({"window": True}, "window"), ({"overlap": "yes"}, "overlap"), ({"overlap": 1}, "overlap"),
+    ({"window": 2 ** 31}, "window"), ({"sinks": 2 ** 40}, "sinks"), ({"block_tokens": 2 ** 62}, "block_tokens"),
 ]
+
+
+@pytest.mark.parametrize("retriever,options", [("ivf-group", {"threads": 5000}), ("ivf", {"threads": 2 ** 31}),
+                                               ("ivf-group", {"seed": 2 ** 40}), ("lsh", {"seed": -2 ** 63})])
+def test_a_retriever_option_no_native_call_can_take_is_refused_at_construction(retriever, options):
+    """Else it fails at the first append, as an untyped error from pybind11 or faiss (or starts 5000 threads)."""
+    with pytest.raises(ConfigError, match=f"option {next(iter(options))}=.*<= (1024|2147483647)"):
+        HeteroConfig(retriever=retriever, retriever_options=options)
+
+
+def test_numpy_numbers_are_taken_as_the_python_numbers_they_hold_and_equal_configs_hash_alike():
+    import numpy as np
+
+    cfg = HeteroConfig(budget=np.int64(5), window=np.int32(64), scale=np.float32(0.125), retriever_options={"K": 8},
+                       retriever="lsh")
+    assert type(cfg.budget) is int and type(cfg.window) is int and type(cfg.scale) is float
+    assert cfg == HeteroConfig(budget=5, window=64, scale=0.125, retriever_options={"K": 8}, retriever="lsh")
+    assert len({cfg, cfg.with_(), HeteroConfig(budget=5)}) == 2
 
 
 @pytest.mark.parametrize("kwargs,field", BAD_CONFIGS, ids=[str(c[0]) for c in BAD_CONFIGS])

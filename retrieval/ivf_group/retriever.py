@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from hetero import native
+from hetero.config import MAX_THREADS, SEED_RANGE
 from hetero.errors import InvalidValueError, UnsupportedError
 from hetero.native_pool import RunnerBacked
 from hetero.reference import partial_from_scores
@@ -33,7 +34,8 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
     pool, phase = "cpp search", "retrieve"
     native_kind = 2
     value_limit = 1e15  # k-means distances, code ranges and list sums stay far inside float32
-    options = dict(IVF_OPTIONS, threads=Option(1, kind="int", low=1), seed=Option(1234, kind="int"),
+    options = dict(IVF_OPTIONS, threads=Option(1, kind="int", low=1, high=MAX_THREADS),
+                   seed=Option(1234, kind="int", low=SEED_RANGE[0], high=SEED_RANGE[1]),
                    code_bits=Option(4, kind="choice", choices=(4, 8)), estimate=Option(True, kind="bool"))
 
     def __init__(self, host, group_rule: str = "union", **options: Any):
