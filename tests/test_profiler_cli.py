@@ -74,8 +74,8 @@ def test_profile_presets(preset):
     assert (r["heads"], r["kv_heads"]) == {"qwen2-7b": (28, 4), "smollm2": (9, 3)}[preset]
 
 
-@pytest.mark.parametrize("overlap,words", [("on", "critical path"), ("off", "larger part of the step"),
-                                           ("auto", "larger part of the step")])  # auto on a CPU: the same threads
+@pytest.mark.parametrize("overlap,words", [("on", "critical path"), ("off", "larger of the two sides"),
+                                           ("auto", "larger of the two sides")])  # auto on a CPU: the same threads
 def test_profile_table_has_verdict(overlap, words):
     p = _run("profile", "--context", "4000", "--heads", "8", "--kv-heads", "2", "--steps", "2", "--overlap", overlap)
     assert p.returncode == 0, p.stderr
@@ -133,6 +133,7 @@ def test_profile_model_end_to_end():
     assert {"tokens_per_s_dense", "tokens_per_s_hetero", "tokens_agree", "memory", "verdict"} <= set(r)
     # the fast tier is on the CPU: the sides share the same threads, and a layer's step is their sum
     assert r["overlap"] is False and "the same threads" in r["verdict"]
+    assert r["first_logits_max_diff"] > 0  # the first decode step read the host tier sparsely (the prefill: dense)
     row = r["per_layer"][0]
     assert row["step"] == pytest.approx(row["window"] + row["retrieve"] + row["host_attn"] + row["merge"])
 

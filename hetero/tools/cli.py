@@ -43,7 +43,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="dense vs hetero on a decode workload: time per phase, error, memory")
     p.add_argument("--context", type=_positive_int, default=None,
-                   help="tokens already in the cache (32768; real workload: 8192 - steps)")
+                   help="tokens already in the cache (default 32768; --model: 4096; --workload real: "
+                        "8192 - steps - warmup)")
     p.add_argument("--batch", type=_positive_int, default=None, help="sequences decoded together (1)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="layer geometry of a known model (default llama3-8b: 32 q / 8 kv heads, head_dim 128)")
@@ -66,7 +67,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sinks", type=_nonneg_int, default=4, help="attention-sink tokens on the fast tier (4)")
     p.add_argument("--budget", type=_budget, default=0.02,
                    help="host keys read per KV head and step (the default budget_per='kv_head'; a group's query heads "
-                        "share them): a fraction of the host tier (0.02) or a count (2621)")
+                        "share them): a fraction of the host tier (default 0.02) or a count of keys (e.g. 500)")
     p.add_argument("--retriever", choices=available_retrievers(), default="ivf-group",
                    help="how the host keys that matter are found (ivf-group); 'all' reads every host key (exact)")
     p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default=None, help="dtype of the stored K/V (bfloat16)")

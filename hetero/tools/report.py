@@ -26,7 +26,7 @@ def verdict(r: Dict) -> str:
     if r.get("overlap", True):
         return (f"{side} is the critical path: {100 * share:.0f} % of the step" if share else
                 f"{side} is the critical path")
-    return f"{side} takes the larger part of the step" + (f": {100 * share:.0f} %" if share else "")
+    return f"{side} is the larger of the two sides" + (f": {100 * share:.0f} % of the step" if share else "")
 
 
 def _bytes(n: int) -> str:
@@ -57,7 +57,7 @@ def print_profile(r: Dict, console: Console = None) -> None:
            f"{'side by side' if r.get('overlap', True) else 'on the same threads'}")
     console.print(f"[bold]hetero profile[/bold]  {head}\n  {cfg}")
     if r.get("warmup"):
-        console.print(f"  median of {r['steps']} decode steps, after {r['warmup']} warm-up steps "
+        console.print(f"  median of {r['steps']} decode steps, after {r['warmup']} warm-up step{'s' if r['warmup'] != 1 else ''} "
                       f"({', '.join(f'{x:.1f}' for x in r['warmup_ms'])} ms, not counted)")
     phases = Table(title="hetero decode step, one layer (median of steps)")
     phases.add_column("phase")
@@ -109,7 +109,8 @@ def print_model_profile(r: Dict, console: Console = None) -> None:
         ("prefill (dense / hetero)", f"{r['prefill_s_dense']:.2f} s / {r['prefill_s_hetero']:.2f} s"),
         ("decode tokens/s (dense / hetero)", f"{r['tokens_per_s_dense']:.2f} / {r['tokens_per_s_hetero']:.2f}"),
         ("greedy tokens identical to dense", f"{r['tokens_agree']} / {r['steps']}"),
-        ("first-step logits max |diff|", f"{r['first_logits_max_diff']:.3e}"),
+        ("first decode step's logits max |diff|", "no decode step" if r['first_logits_max_diff'] is None
+         else f"{r['first_logits_max_diff']:.3e}"),
         ("fast tier / host tier / index",
          " / ".join(_bytes(r["memory"][k]) for k in ("fast_bytes", "host_bytes", "index_bytes"))),
     ]))

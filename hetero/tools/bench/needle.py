@@ -40,7 +40,8 @@ def build_prompt(tok, filler_ids: List[int], context: int, depth: float, key: st
         if ids.shape[1] <= context:
             return ids
         room -= ids.shape[1] - context
-    raise ValueError(f"context {context} is too small for the needle and the question")
+    raise ConfigError(f"--contexts {context} is too small for the needle and the question: give at least a few "
+                      "hundred tokens")
 
 
 def _answer(model, tok, ids, new_tokens: int):

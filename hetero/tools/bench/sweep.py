@@ -91,7 +91,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="comma-separated (up to 1M: 1048576)")
     p.add_argument("--retrievers", default="ivf-group", help="comma-separated retriever names")
     p.add_argument("--budgets", type=list_of(budget), default="0.01,0.02,0.05",
-                   help="comma-separated: fractions of the host tier (0.02) or key counts (2621); the rows over "
+                   help="comma-separated: fractions of the host tier (e.g. 0.02) or key counts (e.g. 500); the rows over "
                         "--budget-context take each, the rows over --contexts the middle one (of an even count, "
                         "the upper middle)")
     p.add_argument("--budget-context", type=positive_int, default=32768)
