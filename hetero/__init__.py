@@ -49,12 +49,13 @@ def _warn_spinning_openmp() -> None:
 _warn_spinning_openmp()
 
 
-def wrap(model, config=None, **options):
+def wrap(model, config=None, progress_tokens=None):
     """``hetero.hf.wrap``: make a transformers causal LM decode with hetero (imports ``hetero.hf``, which registers
-    the "hetero" attention with transformers)."""
+    the "hetero" attention with transformers). config: a ``HeteroConfig`` (None: the defaults); progress_tokens:
+    prompts at least this long show a prefill progress bar (None: ``hetero.hf.DEFAULT_PROGRESS_TOKENS``)."""
     from .hf import wrap as _wrap
 
-    return _wrap(model, config, **options)
+    return _wrap(model, config) if progress_tokens is None else _wrap(model, config, progress_tokens)
 
 
 def unwrap(model):
@@ -68,7 +69,8 @@ if "transformers" in _sys.modules:  # transformers is loaded already: register "
     from . import hf as _hf  # noqa: F401
 
 __all__ = [
-    "BackendUnavailableError", "ConfigError", "DTypeError", "DecodeResult", "HeteroAttention", "HeteroConfig",
-    "HeteroError", "HostView", "InvalidValueError", "LayerCache", "PartialAttention", "PerformanceWarning",
-    "Selection", "ShapeError", "TieredKVCache", "causal_attention", "merge", "sparse_attention", "unwrap", "window_attention", "wrap",
+    "BackendUnavailableError", "ClosedError", "ConfigError", "DTypeError", "DecodeResult", "HeteroAttention",
+    "HeteroConfig", "HeteroError", "HostView", "IndexSyncError", "InvalidValueError", "LayerCache", "PartialAttention",
+    "PerformanceWarning", "Selection", "ShapeError", "StalePlanError", "TieredKVCache", "UnsupportedError",
+    "causal_attention", "merge", "sparse_attention", "unwrap", "window_attention", "wrap",
 ]

@@ -65,9 +65,10 @@ class HeteroConfig:
         token: exact attention).
     retriever_options: keyword options of the retriever (validated here: an unknown option or a value out of range
         raises ``ConfigError`` naming it).
-    group_rule: how a GQA group's queries choose shared rows: ``"union"`` of per-head top-k sets (up
-        to ``G * k`` rows, the most accurate), ``"per-head"`` (the same rows, but each head attends only to
-        its own top-k), or ``"sum"`` of the group's scores (exactly ``k`` rows).
+    group_rule: how a GQA group's queries choose shared rows: ``"union"`` of per-head top sets (each head's
+        ``ceil(k / G)`` with the default ``budget_per="kv_head"``, so at most ``G * ceil(k / G)`` rows; its k each
+        with ``"query_head"``, up to ``G * k`` rows; the most accurate), ``"per-head"`` (the same rows, but each
+        head attends only to its own), or ``"sum"`` of the group's scores (exactly ``k`` rows).
     head_budget: ``"flat"`` (every KV head gets the budget) or ``"adaptive"`` (HGCA-style: a layer's total
         is redistributed over KV heads every step by the square root of the attention mass the flat split
         left out in the previous step, when the retriever reports it (``exact``; ``ivf-group`` estimates it over
