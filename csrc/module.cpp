@@ -283,12 +283,16 @@ PYBIND11_MODULE(_native, m) {
       "float32 (tests compare it with QueryCodes.quantize)");
   m.def(
       "all_finite",
-      [](uintptr_t data, int dtype, std::vector<int64_t> shape, std::vector<int64_t> strides) {
+      [](uintptr_t data, int dtype, std::vector<int64_t> shape, std::vector<int64_t> strides, uint32_t max_abs_bits) {
         if (dtype < 0 || dtype > 2 || shape.size() != strides.size() || shape.size() > 8)
           throw std::invalid_argument("all_finite: dtype 0 (float32), 1 (bfloat16) or 2 (float16), <= 8 dims");
-        return all_finite(ptr<const void>(data), dtype, static_cast<int>(shape.size()), shape.data(), strides.data());
+        return all_within(ptr<const void>(data), dtype, static_cast<int>(shape.size()), shape.data(), strides.data(),
+                          max_abs_bits);
       },
-      "True when a float32 / bfloat16 / float16 tensor (pointer, shape, element strides) holds no NaN or inf");
+      py::arg("data"), py::arg("dtype"), py::arg("shape"), py::arg("strides"), py::arg("max_abs_bits") = 0xffffffffu,
+      "True when a float32 / bfloat16 / float16 tensor (pointer, shape, element strides) holds no NaN or inf and no "
+      "magnitude whose bits (in its dtype, sign cleared) exceed max_abs_bits (default: any finite value)");
+  m.attr("VALUE_LIMIT") = kValueLimit;
   m.def("set_isa", &set_isa, "Force an ISA level at or below the detected one (all Runners)");
   m.def("info", &info, "Detected and active ISA");
 }

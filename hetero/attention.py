@@ -38,7 +38,7 @@ from .plan import LayerWorkspace, StepGeometry, StepPlan, workspace_kmax
 from .reference import default_scale
 from .timing import NATIVE_PHASES, PhaseRecorder, Span
 from .types import PartialAttention, Selection
-from .validation import all_finite, check_finite, check_query, check_selection
+from .validation import VALUE_LIMIT, check_in_range, check_query, check_selection
 from .worker import Worker
 
 
@@ -284,8 +284,8 @@ class HeteroAttention:
         given = plan is not None
         plan = self._resolve_plan(q, layer, plan)
         fused = plan.fused and q.stride(-1) == 1
-        if given and not fused and plan.on_cpu and not all_finite(q):  # the fused step checks the query itself
-            raise InvalidValueError("q contains NaN or inf")  # (a CUDA query: on its host copy, _host_side)
+        if given and not fused and plan.on_cpu:  # the fused step checks the query itself
+            check_in_range(q, "q")  # (a CUDA query: on its host copy, _host_side)
         if layer.config is not self.config:
             self._check_compatible(layer)  # a dict lookup once checked
         ws = plan.workspaces.get(layer)
@@ -367,7 +367,8 @@ class HeteroAttention:
         if mode == 1:  # searched in Python, waiting for index adds, or changed by another thread: the general path
             return self._append_then_run(q, k, v, layer, plan, out)
         if step == ext.STEP_QUERY_NOT_FINITE:
-            raise InvalidValueError("q contains NaN or inf (the step's key and value were not appended)")
+            raise InvalidValueError(f"q contains NaN or inf, or values beyond {VALUE_LIMIT:g} in magnitude (the "
+                                    "step's key and value were not appended)")
         if appended < 0:  # refused before any change (NaN or inf in k or v): the general path explains
             return self._append_then_run(q, k, v, layer, plan, out)
         return self.run(q, layer, plan, out=out)  # the token is in; the step waits for index adds or grows
@@ -505,7 +506,7 @@ class HeteroAttention:
             if code == 0:
                 return ws, mode, sel
             if code == ext.STEP_QUERY_NOT_FINITE:
-                raise InvalidValueError("q contains NaN or inf")
+                raise InvalidValueError(f"q contains NaN or inf, or values beyond {VALUE_LIMIT:g} in magnitude")
             with self._lock:
                 self._grow_workspace(plan, layer, 0 if code == ext.STEP_NEED_PROBE else int(code))
         raise RuntimeError(f"layer {layer.layer_idx}: the step's workspace did not fit after growing it")
@@ -621,7 +622,7 @@ class HeteroAttention:
             layer.prepare_host_side()  # staged evictions (a CUDA fast tier) into the host tier and the index
             if ready is not None:
                 ready.synchronize()
-                check_finite(q_host, "q")  # a CUDA query is checked here, on its copy, not with a device sync
+                check_in_range(q_host, "q")  # a CUDA query is checked here, on its copy, not with a device sync
                 q_host = q_host.float()
         with rec.span("retrieve"):
             selection = plan.search(layer, q_host, self.balancer(layer).budget_scale)

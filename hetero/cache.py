@@ -24,7 +24,8 @@ from .memory import in_storage_mode
 from .reference import default_scale
 from .registry import RETRIEVERS
 from .tiers import FastTier, HostTier
-from .validation import check_finite, check_fits, check_float, check_kv, check_lengths, check_tensor
+from .validation import (VALUE_LIMIT, check_finite, check_fits, check_float, check_kv, check_lengths,
+                         check_tensor)
 from .worker import Worker
 
 MEMORY_KEYS = ("fast_bytes", "host_bytes", "index_bytes")  # what memory() reports, per layer or summed
@@ -185,8 +186,9 @@ class LayerCache:
         if check_values:
             storage = self.fast.k.dtype if self.initialized else (self.config.torch_kv_dtype or keys.dtype)
             limit = self._value_limit()
-            why = "" if limit is None else (f"the {self.config.retriever!r} index takes |x| <= {limit:g} (its float32 "
-                                            "distances and sums overflow beyond)")
+            why = (f"the {self.config.retriever!r} index takes |x| <= {limit:g} (its float32 distances and sums "
+                   "overflow beyond)" if self._index_limit() == limit else
+                   f"attention takes |x| <= {limit:g} (beyond, float32 scores overflow)")
             for name, x in (("keys", keys), ("values", values)):
                 used = x if min(lengths) == t else _used(x, lengths)
                 check_finite(used, name)
@@ -220,7 +222,7 @@ class LayerCache:
                 used_v = values if min(lengths) == keys.shape[2] else _used(values, lengths)
                 finite = torch.isfinite(used_k).all() & torch.isfinite(used_v).all()
                 limit = self._value_limit()
-                if limit is not None and used_k.numel():
+                if used_k.numel():
                     finite &= (used_k.abs().amax() <= limit) & (used_v.abs().amax() <= limit)
             # room first, one allocation per tier: nothing is written if one fails
             fast.reserve_all(dict(enumerate(lengths)))
@@ -335,9 +337,14 @@ class LayerCache:
             return None
         return k, v, stride[0], stride[1], native.DTYPE_CODES[dtype]
 
-    def _value_limit(self):
+    def _index_limit(self) -> Optional[float]:
         """The largest |key| or |value| this layer's index takes (``Retriever.value_limit``), None for any."""
         return None if self.dense else RETRIEVERS.load(self.config.retriever).value_limit
+
+    def _value_limit(self) -> float:
+        """The largest |key| or |value| this layer stores: attention's ``VALUE_LIMIT``, or its index's if lower."""
+        index = self._index_limit()
+        return VALUE_LIMIT if index is None else min(index, VALUE_LIMIT)
 
     def native_layer(self):
         """The LAYER descriptor (csrc/runner/step.h) of this layer's storage, rebuilt when a buffer moved."""
@@ -357,7 +364,7 @@ class LayerCache:
                   HOST_MAX_BLOCKS=h.table.shape[1], HOST_BLOCK_TOKENS=h.block_tokens,
                   HOST_LENGTHS=native.address(h.length), HOST_CAPACITY=native.address(h.capacity),
                   INDEX_KIND=r.native_kind, INDEX_NTOTAL=native.address(r.ntotal_array),
-                  VALUE_LIMIT=native.float_bits(self._value_limit() or 0.0),
+                  VALUE_LIMIT=native.float_bits(self._value_limit()),
                   INDEX_LIMIT=native.address(r.limit_array), **r.native_tables())
             self._desc, self._desc_key = d, key
         return self._desc

@@ -28,7 +28,7 @@ import torch
 from .merge import fuse
 from .reference import partial_from_scores
 from .types import PartialAttention
-from .validation import check_finite
+from .validation import check_in_range
 
 _HOST_RUN = 32768  # host rows attended at once (bounds the device copy and the score matrix)
 
@@ -86,7 +86,7 @@ def chunk_attention(runtime, layer, q: torch.Tensor, k: torch.Tensor, v: torch.T
     lengths = [c] * b if lengths is None else list(lengths)
     for seq, n in enumerate(lengths):  # as a decode step does (padding rows may hold anything)
         if n:
-            check_finite(q[seq, :, c - n:], "q")
+            check_in_range(q[seq, :, c - n:], "q")
     if min(lengths) < c:  # zeros for the parts that take every row (the per-position search checks its query)
         q = q.clone()
         for seq, n in enumerate(lengths):

@@ -17,7 +17,7 @@ from .errors import InvalidValueError, ShapeError
 from .merge import merge
 from .reference import default_scale
 from .types import HostView, PartialAttention, Selection
-from .validation import (KV_STORAGE_DTYPES, check_finite, check_float, check_host_view, check_kv, check_lengths,
+from .validation import (KV_STORAGE_DTYPES, check_float, check_in_range, check_host_view, check_kv, check_lengths,
                          check_query, check_scale, check_selected_rows, check_selection)
 
 _backends = BackendSet()
@@ -46,10 +46,10 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     lengths = check_lengths(lengths, k.shape[0], k.shape[2])
     for name, x in (("k", k), ("v", v)):
         if int(lengths.min()) == k.shape[2]:
-            check_finite(x, name)
+            check_in_range(x, name)
         else:
             for b, n in enumerate(lengths.tolist()):
-                check_finite(x[b, :, :n], f"{name}[{b}] (its {n} valid slots)")
+                check_in_range(x[b, :, :n], f"{name}[{b}] (its {n} valid slots)")
     inputs = AttentionInputs(k.device, k.dtype, k.shape[3], q.shape[1], k.shape[1], k.shape[0])
     impl = _select("window", backend, inputs)
     return impl(q, k, v, lengths.to(k.device), default_scale(q.shape[-1]) if scale is None else scale)

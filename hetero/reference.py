@@ -14,7 +14,7 @@ import torch
 
 from .errors import ShapeError
 from .types import HostView, PartialAttention, Selection
-from .validation import check_finite, check_float, check_kv, check_scale, check_tensor
+from .validation import check_float, check_in_range, check_kv, check_scale, check_tensor
 
 
 def default_scale(head_dim: int) -> float:
@@ -142,7 +142,7 @@ def causal_attention(
                          "D] and k, v [B, Hkv, T, D] with the same B, T and D, Hq a positive multiple of Hkv, one "
                          "device")
     for x, name in ((q, "q"), (k, "k"), (v, "v")):  # SDPA would give a silent row of zeros, or NaN
-        check_finite(x, name)
+        check_in_range(x, name)
     return torch.nn.functional.scaled_dot_product_attention(
         q, k.to(q.dtype), v.to(q.dtype), is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )

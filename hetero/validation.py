@@ -3,6 +3,7 @@
 before native code reads any memory."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -39,10 +40,25 @@ def check_float(x: torch.Tensor, name: str, allowed: Sequence[torch.dtype] = FLO
 
 _FINITE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
+# The largest |q|, |k| or |v| attention takes (csrc/runner/step.h kValueLimit): scores q.k over head_dim <= 512
+# stay below 512 x 1e30, far inside float32, and so do the value sums. A finite input beyond it could make a score
+# inf and its part silently wrong (a key of 1e37 dropped its whole window part), so it is refused instead. Real
+# models' activations are many orders of magnitude below.
+VALUE_LIMIT = 1e15
+
 
 def check_finite(x: torch.Tensor, name: str) -> None:
     if x.numel() and not all_finite(x):
         raise InvalidValueError(f"{name} contains NaN or inf")
+
+
+def check_in_range(x: torch.Tensor, name: str) -> None:
+    """``x`` (a query, key or value) finite and within ``VALUE_LIMIT``: ``InvalidValueError`` naming which."""
+    if x.numel() and not all_finite(x, VALUE_LIMIT):
+        if not all_finite(x):
+            raise InvalidValueError(f"{name} contains NaN or inf")
+        raise InvalidValueError(f"{name} holds values up to {float(x.detach().abs().max()):.6g} in magnitude; "
+                                f"attention takes |x| <= {VALUE_LIMIT:g} (beyond, float32 scores overflow)")
 
 
 def overflow_bound(dtype: torch.dtype) -> float:
@@ -70,16 +86,44 @@ def check_fits(x: torch.Tensor, dtype: torch.dtype, name: str, limit: Optional[f
         raise InvalidValueError(f"{name} hold values up to {top:.6g} in magnitude: {why}")
 
 
-def all_finite(x: torch.Tensor) -> bool:
-    """No NaN or inf in ``x``. CPU float32 / bfloat16 / float16 tensors of any strides are checked in one C++ call
-    (csrc/common/finite.cpp: on a decode step's cold caches, torch's isfinite + all cost 0.1-0.2 ms per tensor);
-    other tensors, or a build without the extension, by torch (the same answer)."""
+def all_finite(x: torch.Tensor, limit: Optional[float] = None) -> bool:
+    """No NaN or inf in ``x`` (and no magnitude above ``limit`` when given). CPU float32 / bfloat16 / float16
+    tensors of any strides are checked in one C++ call (csrc/common/finite.cpp: on a decode step's cold caches,
+    torch's isfinite + all cost 0.1-0.2 ms per tensor); other tensors, or a build without the extension, by torch
+    (the same answer)."""
     code = _FINITE_CODES.get(x.dtype)
     if code is not None and x.device.type == "cpu" and x.layout == torch.strided and x.dim() <= 8:
         ext = native.load()
         if ext is not None:
-            return ext.all_finite(x.data_ptr(), code, x.shape, x.stride())
-    return bool(torch.isfinite(x).all())
+            bits = 0xFFFFFFFF if limit is None else _max_abs_bits(x.dtype, limit)
+            return ext.all_finite(x.data_ptr(), code, x.shape, x.stride(), bits)
+    if limit is None:
+        return bool(torch.isfinite(x).all())
+    return bool((x.abs() <= _largest_at_most(x.dtype, limit)).all())  # NaN compares False
+
+
+@functools.lru_cache(maxsize=None)
+def _largest_at_most(dtype: torch.dtype, limit: float) -> float:
+    """The largest value of ``dtype`` that is at most ``limit`` (float64 and anything else: ``limit``)."""
+    if dtype not in _FINITE_CODES:
+        return limit
+    x = torch.tensor(limit, dtype=torch.float64).to(torch.float32)
+    if float(x) > limit:
+        x = torch.nextafter(x, torch.tensor(0.0))
+    if dtype == torch.bfloat16:  # float32 bits with the low half cleared: rounded toward zero
+        x = (x.view(torch.int32) & ~0xFFFF).view(torch.float32)
+    elif dtype == torch.float16:
+        x = x.clamp(max=float(torch.finfo(torch.float16).max)).to(torch.float16)
+        if float(x) > limit:
+            x = torch.nextafter(x, torch.tensor(0.0, dtype=torch.float16))
+    return float(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _max_abs_bits(dtype: torch.dtype, limit: float) -> int:
+    """The bits of ``_largest_at_most`` in ``dtype`` (what csrc/common/finite.cpp compares magnitudes with)."""
+    x = torch.tensor(_largest_at_most(dtype, limit), dtype=dtype)
+    return int(x.view(torch.int32 if dtype == torch.float32 else torch.int16)) & 0xFFFFFFFF
 
 
 def scale_ok(scale) -> bool:
@@ -164,7 +208,7 @@ def check_query(q, kv_heads: int, head_dim: int, batch: int, name: str = "q",
     if hq == 0 or hq % kv_heads:
         raise ShapeError(f"{name} has {hq} heads, which is not a positive multiple of the {kv_heads} KV heads "
                          "(GQA needs Hq = G * Hkv)")
-    check_finite(q, name)
+    check_in_range(q, name)
     check_fits(q, torch.float32, name)  # the kernels take the query in float32
     return q
 
@@ -264,8 +308,8 @@ def check_selection(selection, batch: int, q_heads: int, kv_heads: int, host_len
 
 
 def check_selected_rows(view: HostView, selection: Selection) -> None:
-    """The host rows ``selection`` picks hold no NaN or inf (the standalone op's check; the runtime's tiers refuse
-    such values when they are appended). Reads only the selected rows."""
+    """The host rows ``selection`` picks hold no NaN or inf and nothing beyond ``VALUE_LIMIT`` (the standalone op's
+    check; the runtime's tiers refuse such values when they are appended). Reads only the selected rows."""
     idx = selection.indices.to(torch.int64)
     valid = idx >= 0
     if not bool(valid.any()):
@@ -277,8 +321,9 @@ def check_selected_rows(view: HostView, selection: Selection) -> None:
     rows = (blocks * bt + pos % bt)[valid]
     heads = torch.arange(hkv).view(1, hkv, 1).expand(b, hkv, k)[valid]
     for name, pool in (("k_pool", view.k_pool), ("v_pool", view.v_pool)):
-        if not all_finite(pool[heads, rows]):
-            raise InvalidValueError(f"host.{name}: a row selection.indices picks holds NaN or inf")
+        if not all_finite(pool[heads, rows], VALUE_LIMIT):
+            raise InvalidValueError(f"host.{name}: a row selection.indices picks holds NaN or inf, or values beyond "
+                                    f"{VALUE_LIMIT:g} in magnitude")
 
 
 def check_part(part, name: str) -> None:

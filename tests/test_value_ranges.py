@@ -219,9 +219,10 @@ def test_a_plan_is_made_again_for_layers_of_another_head_dim():
     attn.close()
 
 
-def test_a_finite_query_near_float32s_limit_does_not_break_the_ivf_search():
+def test_a_query_at_the_value_limit_does_not_break_the_ivf_search_and_one_beyond_is_refused():
     """q * code step beyond float32 made the search's scores 0 * inf = NaN, and its top-k indexed out of its
-    histogram (a crash). The step runs and stays finite."""
+    histogram (a crash). At the limit attention takes (1e15) the step runs and stays finite; beyond, it is refused
+    before anything runs."""
     gen = torch.Generator().manual_seed(0)
     cfg = HeteroConfig(window=8, sinks=0, budget=2, retriever="ivf-group", threads=1,
                        retriever_options=dict(code_bits=4, min_train=64))
@@ -232,11 +233,79 @@ def test_a_finite_query_near_float32s_limit_does_not_break_the_ivf_search():
     attn = HeteroAttention(cfg)
     assert layer.retriever.native_search_ready()
     q = torch.randn(1, 1, 16, generator=gen)
-    q[..., 0] = -1e38
+    q[..., 0] = -1e15
     for _ in range(3):
         res = attn.run(q, layer, return_details=True)
         assert torch.isfinite(res.out).all() and 0 < res.rows_read <= 2
+    q[..., 0] = -1e38
+    for call in (lambda: attn.run(q, layer), lambda: attn.run(q, layer, attn.plan(layer, 1))):
+        with pytest.raises(InvalidValueError, match="1e\\+15"):
+            call()
     attn.close()
+
+
+def _exact_layer(where: str, big: float):
+    """An exact-mode layer (every host key read) of 20 tokens, one key of ``big`` in the host tier or the window."""
+    cfg = HeteroConfig(window=8, sinks=0, budget=1.0, retriever="all", block_tokens=4)
+    layer = LayerCache(cfg)
+    gen = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 1, 20, 64, generator=gen), torch.randn(1, 1, 20, 64, generator=gen)
+    k[0, 0, 3 if where == "host" else 15] = big
+    return cfg, layer, k, v
+
+
+@pytest.mark.parametrize("where", ["host", "window"])
+@pytest.mark.parametrize("path", ["prefill", "decode_append"])
+def test_a_finite_key_whose_scores_overflow_float32_is_refused_and_one_at_the_limit_is_exact(where, path):
+    """A key of 1e37 (finite in float32) made q.k inf: the part holding it came back empty (lse -inf) and the
+    output silently wrong. Refused at append; at 1e15 the output equals the float64 softmax."""
+    for big, refused in ((1e37, True), (1e15 / 64, False)):
+        cfg, layer, k, v = _exact_layer(where, big)
+        chunks = [(k, v)] if path == "prefill" else [(k[:, :, t], v[:, :, t]) for t in range(20)]  # C++ append
+        for kt, vt in chunks:
+            before = layer.seq_lengths()
+            if refused and bool((kt.abs() == big).any()):
+                with pytest.raises(InvalidValueError, match="attention takes"):
+                    layer.append(kt, vt)
+                assert layer.seq_lengths() == before
+                break
+            layer.append(kt, vt)
+        if refused:
+            continue
+        q = torch.full((1, 1, 64), 1e-12)
+        out = HeteroAttention(cfg).run(q, layer)
+        keys, values = layer.tokens(0)
+        w = torch.softmax(keys[0].double() @ q[0, 0].double() / 8, 0)
+        torch.testing.assert_close(out[0, 0].double(), w @ values[0].double(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_query_limit_is_the_same_on_every_path_down_to_the_last_representable_value(dtype):
+    """The largest value of q's dtype at most 1e15 runs, the next one up is refused, through the fused C++ step,
+    the general path (a strided query) and the standalone op: one limit (csrc/runner/step.h's, read here)."""
+    from hetero.validation import VALUE_LIMIT, _largest_at_most
+
+    if native.load() is not None:
+        assert native.load().VALUE_LIMIT == VALUE_LIMIT
+    cfg, layer = _layer()
+    attn = HeteroAttention(cfg)
+    plan = attn.plan(layer, 4, dtype)
+    top = _largest_at_most(dtype, VALUE_LIMIT)
+    above = float(torch.nextafter(torch.tensor(top, dtype=dtype), torch.tensor(float("inf"), dtype=dtype)))
+    for value, ok in ((top, True), (above, dtype == torch.float16)):  # float16 holds nothing beyond 65504
+        q = torch.randn(1, 4, 16).to(dtype) * 1e-3
+        q[0, 2, 5] = value if math.isfinite(value) else 1.0
+        strided = torch.zeros(1, 4, 16, 2, dtype=dtype)[..., 0]
+        strided.copy_(q)
+        calls = [lambda: attn.run(q, layer, plan), lambda: attn.run(strided, layer, plan),
+                 lambda: window_attention(q, *(x[None] for x in layer.tokens(0)))]
+        for call in calls:
+            if ok:
+                r = call()
+                assert torch.isfinite(r.out if isinstance(r, PartialAttention) else r).all()
+            else:
+                with pytest.raises(InvalidValueError):
+                    call()
 
 
 @pytest.mark.parametrize("retriever", ["ivf-group", "ivf", "hnsw"])
@@ -254,7 +323,10 @@ def test_keys_beyond_what_an_index_takes_are_refused_before_anything_is_stored(r
     with pytest.raises(InvalidValueError, match=retriever):
         layer.append(k, torch.randn_like(k))
     assert layer.seq_lengths() == before
-    exact = LayerCache(cfg.with_(retriever="exact", retriever_options={}))  # takes any finite value
+    exact = LayerCache(cfg.with_(retriever="exact", retriever_options={}))  # no index: attention's own limit
+    with pytest.raises(InvalidValueError, match="attention takes"):
+        exact.append(k, torch.randn_like(k))
+    k[0, 0, -1, 0] = 1e14
     exact.append(k, torch.randn_like(k))
 
 

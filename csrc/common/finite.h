@@ -5,8 +5,14 @@
 
 namespace hetero {
 
-// True when no element of the tensor (dtype: 0 float32, 1 bfloat16, 2 float16; ndim <= 8 dims of sizes `shape`
-// and element strides `strides`) is NaN or +-inf. Tested on the exponent bits, so no float arithmetic.
+// True when every element of the tensor (dtype: 0 float32, 1 bfloat16, 2 float16; ndim <= 8 dims of sizes
+// `shape` and element strides `strides`) has a magnitude whose bits (sign cleared) are at most `max_abs_bits`: the
+// bits of the largest magnitude allowed in that dtype. NaN and inf have larger magnitude bits than any finite value,
+// so they always fail; an IEEE float's magnitude orders as its bits do, so no float arithmetic is needed.
+bool all_within(const void* data, int dtype, int ndim, const int64_t* shape, const int64_t* strides,
+                uint32_t max_abs_bits);
+
+// all_within the dtype's largest finite value: no NaN or +-inf.
 bool all_finite(const void* data, int dtype, int ndim, const int64_t* shape, const int64_t* strides);
 
 }  // namespace hetero

@@ -206,7 +206,7 @@ static bool stage_query(const int64_t* L, const int64_t* W, const void* q) {
       float* dst = q32 + (b * Hq + h) * D;
       for (int64_t d = 0; d < D; ++d) {
         dst[d] = load_as_float(q, src + d, q_dtype);
-        finite &= std::isfinite(dst[d]);
+        finite &= std::fabs(dst[d]) <= static_cast<float>(kValueLimit);  // false for NaN and inf too
       }
     }
   return finite;
