@@ -183,9 +183,14 @@ class HeteroCacheLayer(CacheLayerMixin):
                 "tokens; or a forward stopped between the two). That update is dropped, so the next call is served; "
                 "use the cache with a model whose attention is hetero's (attn_implementation='hetero' or "
                 "hetero.wrap(model))")
-        if self.layer.initialized and key_states.shape[0] != self.layer.batch:
-            raise ShapeError(f"layer {self.layer.layer_idx}: {key_states.shape[0]} sequences into a HeteroCache that "
-                             f"holds {self.layer.batch}; a cache serves one batch (reset() it, or use a new one)")
+        layer = self.layer
+        if layer.initialized and key_states.shape[0] != layer.batch:
+            raise ShapeError(f"layer {layer.layer_idx}: {key_states.shape[0]} sequences into a HeteroCache that "
+                             f"holds {layer.batch}; a cache serves one batch (reset() it, or use a new one)")
+        if layer.initialized and (key_states.shape[1], key_states.shape[3]) != (layer.kv_heads, layer.head_dim):
+            raise ShapeError(f"layer {layer.layer_idx}: keys of {key_states.shape[1]} KV heads x head_dim "
+                             f"{key_states.shape[3]} into a HeteroCache that holds {layer.kv_heads} x {layer.head_dim} "
+                             "(another model's): a cache serves one model (reset() it, or use a new one)")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.attended = False
@@ -297,6 +302,10 @@ class HeteroCache(Cache):
                               f"(an int >= 1), got {num_layers!r}")
         if isinstance(progress_tokens, bool) or not isinstance(progress_tokens, int) or progress_tokens < 0:
             raise ConfigError(f"progress_tokens must be an int >= 0, got {progress_tokens!r}")
+        missing = [i for i in hetero_config.dense_layers if i >= num_layers]
+        if missing:
+            raise ConfigError(f"HeteroConfig.dense_layers names layers {missing} of a model with {num_layers} layers "
+                              f"(0 .. {num_layers - 1})")
         shared = _Shared(hetero_config, num_layers, progress_tokens)
         layers = [HeteroCacheLayer(shared, i) for i in range(num_layers)]
         shared.layers = [x.layer for x in layers]
@@ -365,8 +374,9 @@ class _PrefillProgress:
 
 
 def _attended(attention_mask: torch.Tensor) -> torch.Tensor:
-    """The keys the mask's last query row attends, ``[B, Lk]`` bool (``True`` / a finite additive 0 = attended)."""
-    return _as_bool(attention_mask[:, 0, -1, :])
+    """The keys the mask's last query row attends in each of its heads, ``[B, H, Lk]`` bool (``True`` / a finite
+    additive 0 = attended; H is 1 for a mask shared by every head)."""
+    return _as_bool(attention_mask[:, :, -1, :])
 
 
 def _as_bool(mask: torch.Tensor) -> torch.Tensor:
@@ -403,7 +413,7 @@ def _real_lengths(attention_mask: Optional[torch.Tensor], batch: int, length: in
     row (``True`` / a finite additive 0 = attended); None means every token is real."""
     if attention_mask is None:
         return [length] * batch
-    return _attended(attention_mask)[:, -length:].sum(dim=1).tolist()
+    return _attended(attention_mask)[:, 0, -length:].sum(dim=1).tolist()  # (_mask_fits compares every head)
 
 
 def _mask_fits(attention_mask: Optional[torch.Tensor], pad: List[int]) -> bool:
@@ -413,16 +423,29 @@ def _mask_fits(attention_mask: Optional[torch.Tensor], pad: List[int]) -> bool:
     means every key is attended."""
     if attention_mask is None:
         return not any(pad)
-    real = _attended(attention_mask)
+    real = _attended(attention_mask)                                                     # [B, H, Lk]
     want = torch.arange(real.shape[-1], device=real.device)[None, :] >= torch.tensor(pad, device=real.device)[:, None]
-    return bool(torch.equal(real.expand_as(want), want))
+    return bool((real == want[:, None, :]).all())
 
 
-def _refuse_mask(layer_idx: int, pad: List[int]) -> UnsupportedError:
-    return UnsupportedError(f"layer {layer_idx}: the attention mask leaves out tokens ({pad} per sequence) that are "
-                            "not the first prompt's left padding: a HeteroCache attends every stored token, so a mask "
-                            "with holes, right padding or a sliding window cannot be served; left-pad the first "
-                            "prompt instead")
+def _sliding_note(module) -> str:
+    """What to add to a mask's refusal for a model with a sliding window (one wrap() let in: it was no shorter than
+    the model's positions, which the context has now passed)."""
+    window = getattr(getattr(module, "config", None), "sliding_window", None)
+    return (f" (this model's sliding_window={window} now leaves tokens out: hetero serves full attention only, so "
+            f"keep the context within {window} tokens)") if isinstance(window, int) and window > 0 else ""
+
+
+def _refuse_mask(layer_idx: int, pad: List[int], attention_mask: Optional[torch.Tensor],
+                 note: str = "") -> UnsupportedError:
+    if attention_mask is None:
+        return UnsupportedError(f"layer {layer_idx}: this HeteroCache holds left-padded sequences ({pad} padding "
+                                "tokens each), and the forward gave no attention_mask: pass the attention_mask "
+                                "(generate() does) so that the padding stays out of attention")
+    return UnsupportedError(f"layer {layer_idx}: the attention mask leaves out tokens other than each sequence's "
+                            f"left padding (of {pad} tokens) in some head: a HeteroCache attends every stored token, "
+                            "so a mask with holes, right padding or a sliding window cannot be served; left-pad the "
+                            "first prompt instead" + note)
 
 
 _warned_dense = False
@@ -486,9 +509,9 @@ def _attend_layer(state, module, query, attention_mask, scaling):
     runtime = shared.runtime(scaling)
     if state.pending is None:  # one decode token
         if layer.layer_idx == 0 or shared.plan is None:
-            if attention_mask is not None and not _mask_fits(attention_mask, state.pad):  # (the layers share it)
+            if not _mask_fits(attention_mask, state.pad):  # (the layers share it; no mask: no padding stored)
                 state.token = None
-                raise _refuse_mask(layer.layer_idx, state.pad)
+                raise _refuse_mask(layer.layer_idx, state.pad, attention_mask, _sliding_note(module))
             shared.plan = runtime.plan(shared.layers, query.shape[1], query.dtype)
         q = query[:, :, 0, :]
         record = getattr(module, "_hetero_record", None)  # profiling: the native phases of this layer's steps
@@ -514,12 +537,12 @@ def _attend_layer(state, module, query, attention_mask, scaling):
     pad = [(p if state.processed else 0) + (c - n if e else 0)
            for p, n, e in zip(state.pad or [0] * b, lengths, empty)]
     if not _mask_fits(attention_mask, pad):
-        raise _refuse_mask(layer.layer_idx, pad)
+        raise _refuse_mask(layer.layer_idx, pad, attention_mask, _sliding_note(module))
     if layer.layer_idx == 0 and not _mask_is_causal(attention_mask, pad, state.processed):  # (the layers share it)
         raise UnsupportedError(f"layer 0: the attention mask of this {c}-token chunk is not causal over the stored "
                                "tokens (a query sees a later key, or misses an earlier one that is not left padding: "
                                "packed documents, a bidirectional prefix, a tree of drafts); a HeteroCache serves "
-                               "causal attention with left padding only")
+                               "causal attention with left padding only" + _sliding_note(module))
     state.pad = pad
     # a chunk of generate()'s chunked prefill reads the host tier as the prefill so far would in one chunk
     turn = shared.prefill_tokens(state.processed, c)

@@ -139,8 +139,9 @@ class _FaissRetriever(Retriever):
                     qg = qg.sum(axis=0, keepdims=True)
                 qg = np.ascontiguousarray(qg, dtype=np.float32)
                 index = self._index[seq][h]
-                if index is None:  # not trained yet: exact scan of the few keys there are
-                    keys = _as_float32(self.host.keys(seq)[h])
+                if index is None or k >= n:  # not trained yet, or a budget covering the host tier: an exact scan
+                    # (an HNSW graph search for as many keys as it holds may still miss some)
+                    keys = _as_float32(self.host.keys(seq, 0, n)[h])
                     found = np.argsort(-(qg @ keys.T), axis=1, kind="stable")[:, :k]
                     scanned += n * qg.shape[0]
                 else:

@@ -137,6 +137,78 @@ def test_a_4d_mask_that_is_not_causal_is_refused_and_leaves_the_cache_empty(kind
     assert cache.get_seq_length() == n
 
 
+def test_a_decode_step_without_a_mask_over_a_left_padded_cache_is_refused_and_with_it_is_exact():
+    """With no mask the model attends the padding; the cache never stored it, so the step cannot be served: it was
+    answered (0.24 off SDPA's) where a chunk was refused. Refused, the cache is as it was; with the mask, exact."""
+    ref, model = _pair()
+    ids = torch.randint(3, 160, (2, 20), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :12] = 0  # row 1 left-padded
+    cache, dense = HeteroCache(EXACT, config=model.config), transformers.DynamicCache(config=ref.config)
+    nxt = torch.tensor([[5], [7]])
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+        ref(ids, attention_mask=mask, past_key_values=dense)
+        for chunk, why in ((nxt, "left-padded sequences .* no attention_mask"), (torch.cat([nxt] * 3, 1),
+                                                                                  "other than each sequence's left")):
+            with pytest.raises(HeteroError, match=why):  # (a chunk's own causal mask, which attends the padding)
+                model(chunk, past_key_values=cache)
+            assert cache.get_seq_length() == 20
+        full = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+        got = model(nxt, attention_mask=full, past_key_values=cache).logits
+        want = ref(nxt, attention_mask=full, past_key_values=dense).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("head", [0, 1])
+def test_a_decode_steps_4d_mask_with_a_hole_in_any_head_is_refused(head):
+    """The decode check read head 0 of a per-head mask only: a hole in head 1 was attended."""
+    _, model = _pair()
+    ids = torch.randint(3, 160, (1, 20), generator=torch.Generator().manual_seed(4))
+    cache = HeteroCache(EXACT, config=model.config)
+    heads = model.config.num_attention_heads
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        mask = torch.ones(1, heads, 1, 21, dtype=torch.bool)
+        mask[0, head, 0, 5] = False
+        with pytest.raises(HeteroError, match="in some head"):
+            model(ids[:, :1], attention_mask=mask, past_key_values=cache, position_ids=torch.tensor([[20]]))
+    assert cache.get_seq_length() == 20
+
+
+def test_a_cache_refuses_another_models_keys_and_dense_layers_the_model_lacks():
+    from transformers import LlamaConfig
+
+    _, model = _pair()
+    ids = torch.randint(3, 160, (1, 20), generator=torch.Generator().manual_seed(5))
+    cache = HeteroCache(EXACT, config=model.config)
+    model.generate(ids, max_new_tokens=2, do_sample=False, past_key_values=cache)
+    held = cache.get_seq_length()
+    other = hetero.wrap(transformers.LlamaForCausalLM._from_config(
+        LlamaConfig(**dict(COMMON, head_dim=32)), attn_implementation="sdpa").eval(), EXACT)
+    for new in (1, 4):  # a decode step, a chunk
+        with pytest.raises(HeteroError, match="holds 2 x 16 .another model's."):
+            other(ids[:, :new], past_key_values=cache)
+        assert cache.get_seq_length() == held
+    with pytest.raises(HeteroError, match=r"dense_layers names layers \[5\] of a model with 2 layers"):
+        HeteroCache(EXACT.with_(dense_layers=(1, 5)), config=model.config)
+
+
+@pytest.mark.parametrize("prompt", [40, 100])
+def test_a_sliding_window_the_context_outgrows_is_named_when_its_mask_is_refused(prompt):
+    """wrap() lets in a sliding window no shorter than the model's positions; a context past them (transformers
+    allows it) slides the mask, which is refused: the refusal names the window rather than packed documents."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = hetero.wrap(MistralForCausalLM(MistralConfig(
+        vocab_size=160, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, max_position_embeddings=32, sliding_window=48)).eval(), EXACT)
+    ids = torch.randint(3, 160, (1, prompt), generator=torch.Generator().manual_seed(6))
+    with pytest.raises(HeteroError, match="sliding_window=48 now leaves tokens out"):
+        model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0)
+
+
 @pytest.mark.parametrize("first_inside", [True, False])
 def test_turns_inside_and_outside_inference_mode_share_a_cache(first_inside):
     """Storage made under ``torch.inference_mode()`` could not be written outside it: turn 2 failed."""
