@@ -326,6 +326,18 @@ class HeteroCache(Cache):
                                "on a worker thread); to continue one prompt several ways, crop() the cache back to "
                                "the prompt between continuations, or prefill a new cache per continuation")
 
+    def __reduce_ex__(self, protocol):
+        raise UnsupportedError("a HeteroCache cannot be pickled (its tiers live in pinned and native memory, its index "
+                               "on a worker thread); keep the token ids and prefill a new cache from them")
+
+    def offload(self, *args, **kwargs) -> None:
+        raise UnsupportedError("HeteroCache.offload: a HeteroCache places its own tiers (the window on the fast "
+                               "device, older tokens in host memory); transformers' layer offloading does not apply")
+
+    def prefetch(self, *args, **kwargs) -> None:
+        raise UnsupportedError("HeteroCache.prefetch: a HeteroCache places its own tiers (the window on the fast "
+                               "device, older tokens in host memory); transformers' layer offloading does not apply")
+
     def __enter__(self) -> "HeteroCache":
         return self
 
@@ -590,10 +602,16 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, 
     one: ``use_cache=False`` keeps none); any other model is left to transformers. Beam search is refused here,
     before the prompt is prefilled once per beam into a cache that cannot reorder them."""
     hetero_model = getattr(self.config, "_attn_implementation", None) == ATTN_NAME
-    if ((hetero_model or isinstance(model_kwargs.get("past_key_values"), HeteroCache))
+    given = model_kwargs.get("past_key_values")
+    if (((hetero_model and given is None) or isinstance(given, HeteroCache))
             and (generation_config.num_beams or 1) > 1 and generation_config.use_cache is not False):
         raise UnsupportedError(f"beam search (num_beams={generation_config.num_beams}) is not supported by hetero's "
                                "cache, which cannot reorder its sequences; use greedy decoding or sampling")
+    wanted = getattr(generation_config, "hetero_config", None)
+    if isinstance(given, HeteroCache) and wanted is not None and wanted != given.config:
+        raise ConfigError("generate() was given a hetero_config (or generation_config.hetero_config) and a "
+                          "HeteroCache built with another one: the cache's own applies to its tiers, so one of "
+                          "them would be ignored; pass only the cache, or build it with that config")
     if (hetero_model and model_kwargs.get("past_key_values") is None
             and generation_config.use_cache is not False and generation_config.cache_implementation is None):
         config = getattr(generation_config, "hetero_config", None) or getattr(self, "hetero_config", None)

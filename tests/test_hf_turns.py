@@ -209,6 +209,26 @@ def test_a_sliding_window_the_context_outgrows_is_named_when_its_mask_is_refused
         model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0)
 
 
+def test_generate_refuses_a_hetero_config_the_given_cache_was_not_built_with_and_serves_other_caches_beams():
+    import pickle
+
+    ref, model = _pair()
+    ids = torch.randint(3, 160, (1, 20), generator=torch.Generator().manual_seed(7))
+    cache = HeteroCache(EXACT, config=model.config)
+    with pytest.raises(HeteroError, match="HeteroCache built with another one"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, past_key_values=cache,
+                       hetero_config=EXACT.with_(retriever="lsh"))
+    assert cache.get_seq_length() == 0
+    model.generate(ids, max_new_tokens=2, do_sample=False, past_key_values=cache, hetero_config=EXACT.with_())
+    for call in (lambda: pickle.dumps(cache), lambda: cache.offload(0), lambda: cache.prefetch(0)):
+        with pytest.raises(HeteroError):
+            call()
+    # beam search over a cache of transformers' own: hetero's attention computes SDPA there, the beams reorder it
+    beams = dict(max_new_tokens=4, do_sample=False, num_beams=2)
+    got = model.generate(ids, past_key_values=transformers.DynamicCache(config=model.config), **beams)
+    assert torch.equal(got, ref.generate(ids, past_key_values=transformers.DynamicCache(config=ref.config), **beams))
+
+
 @pytest.mark.parametrize("first_inside", [True, False])
 def test_turns_inside_and_outside_inference_mode_share_a_cache(first_inside):
     """Storage made under ``torch.inference_mode()`` could not be written outside it: turn 2 failed."""
