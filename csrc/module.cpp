@@ -293,6 +293,7 @@ PYBIND11_MODULE(_native, m) {
       "True when a float32 / bfloat16 / float16 tensor (pointer, shape, element strides) holds no NaN or inf and no "
       "magnitude whose bits (in its dtype, sign cleared) exceed max_abs_bits (default: any finite value)");
   m.attr("VALUE_LIMIT") = kValueLimit;
+  m.attr("ABI") = 2;  // hetero/native.py's ABI: raised with every change of a signature or descriptor field
   m.def("set_isa", &set_isa, "Force an ISA level at or below the detected one (all Runners)");
   m.def("info", &info, "Detected and active ISA");
 }

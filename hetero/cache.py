@@ -24,7 +24,7 @@ from .memory import in_storage_mode
 from .reference import default_scale
 from .registry import RETRIEVERS
 from .tiers import FastTier, HostTier
-from .validation import (VALUE_LIMIT, check_finite, check_fits, check_float, check_kv, check_lengths,
+from .validation import (VALUE_LIMIT, all_finite, check_finite, check_fits, check_float, check_kv, check_lengths,
                          check_tensor)
 from .worker import Worker
 
@@ -186,12 +186,15 @@ class LayerCache:
         if check_values:
             storage = self.fast.k.dtype if self.initialized else (self.config.torch_kv_dtype or keys.dtype)
             limit = self._value_limit()
-            why = (f"the {self.config.retriever!r} index takes |x| <= {limit:g} (its float32 distances and sums "
-                   "overflow beyond)" if self._index_limit() == limit else
-                   f"attention takes |x| <= {limit:g} (beyond, float32 scores overflow)")
+            narrows = torch.finfo(storage).max < limit  # float16 storage: its own range is the tighter bound
             for name, x in (("keys", keys), ("values", values)):
                 used = x if min(lengths) == t else _used(x, lengths)
+                if all_finite(used, limit) and not narrows:  # one pass; the details below only for a refusal
+                    continue
                 check_finite(used, name)
+                why = (f"the {self.config.retriever!r} index takes |x| <= {limit:g} (its float32 distances and sums "
+                       "overflow beyond)" if self._index_limit() == limit else
+                       f"attention takes |x| <= {limit:g} (beyond, float32 scores overflow)")
                 check_fits(used, storage, f"{name} (stored as {str(storage).replace('torch.', '')})", limit, why)
         return keys, values, lengths
 
@@ -220,10 +223,8 @@ class LayerCache:
                 # read back with the evicted tokens (hetero/evictions.py)
                 used_k = keys if min(lengths) == keys.shape[2] else _used(keys, lengths)
                 used_v = values if min(lengths) == keys.shape[2] else _used(values, lengths)
-                finite = torch.isfinite(used_k).all() & torch.isfinite(used_v).all()
-                limit = self._value_limit()
-                if used_k.numel():
-                    finite &= (used_k.abs().amax() <= limit) & (used_v.abs().amax() <= limit)
+                limit = self._value_limit()  # NaN and inf compare False too: one pass each
+                finite = (used_k.abs() <= limit).all() & (used_v.abs() <= limit).all()
             # room first, one allocation per tier: nothing is written if one fails
             fast.reserve_all(dict(enumerate(lengths)))
             host.reserve_all({seq: (t + n - fast.valid(t + n)) - (t - fast.valid(t))  # tokens leaving the window
@@ -283,7 +284,7 @@ class LayerCache:
             if refused:  # the tiers go back (the crop refills the window from the host tier); the index never saw
                 self._crop_locked(rec.lengths_before)  # these tokens, nor rebuilds from them
                 raise InvalidValueError(f"keys or values appended to layer {self.layer_idx} contained NaN or inf, or "
-                                        "values beyond the index's range (checked on the device): that append was "
+                                        f"values beyond {self._value_limit():g} in magnitude (checked on the device): that append was "
                                         "undone")
             for seq, first, n in adds:
                 self.index.add(seq, first, n)

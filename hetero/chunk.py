@@ -79,14 +79,16 @@ def chunk_attention(runtime, layer, q: torch.Tensor, k: torch.Tensor, v: torch.T
     sequence when it is left-padded (the first prompt of a padded batch); padded query rows get 0. ``turn_tokens``:
     the tokens of the prompt or turn the chunk belongs to so far, itself included (a chunked prefill; None: the
     chunk's own C); the host tier is read sparsely only when they are at most ``sparse_chunk_tokens``. Returns
-    ``[B, Hq, C, D]`` in q's dtype; a real query row with NaN or inf is refused (``InvalidValueError``)."""
+    ``[B, Hq, C, D]`` in q's dtype; a real row of q, k or v with NaN, inf or a value beyond ``VALUE_LIMIT`` is
+    refused (``InvalidValueError``) before anything is attended."""
     b, hq, c, d = q.shape
     config = runtime.config
     scale = config.scale or d ** -0.5
     lengths = [c] * b if lengths is None else list(lengths)
     for seq, n in enumerate(lengths):  # as a decode step does (padding rows may hold anything)
         if n:
-            check_in_range(q[seq, :, c - n:], "q")
+            for x, name in ((q, "q"), (k, "k"), (v, "v")):  # (the chunk's own k and v are attended too)
+                check_in_range(x[seq, :, c - n:], name)
     if min(lengths) < c:  # zeros for the parts that take every row (the per-position search checks its query)
         q = q.clone()
         for seq, n in enumerate(lengths):

@@ -174,7 +174,8 @@ class HeteroConfig:
                                   (isinstance(f, float) and isinstance(b, float) and 0.0 < f <= b)):
             raise _fail("budget_floor", f, "None, or the same kind as budget (count or fraction) and <= budget")
         if self.scale is not None and not scale_ok(self.scale):
-            raise _fail("scale", self.scale, "None or a number in [1.18e-38, 3.4e38] (the kernels compute in float32)")
+            raise _fail("scale", self.scale, "None or a number in [1.18e-38, 1e3] (the kernels' float32 scores must "
+                        "not overflow)")
 
     def __hash__(self) -> int:  # the generated one fails on the retriever_options dict
         return hash(tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v

@@ -50,7 +50,7 @@ ATTN_NAME = "hetero"
 DEFAULT_PROGRESS_TOKENS = 16384
 
 
-class UnsupportedModelError(HeteroError, ValueError):
+class UnsupportedModelError(UnsupportedError):
     """The model uses a feature hetero does not implement; the message names it."""
 
 
@@ -435,9 +435,9 @@ def _mask_fits(attention_mask: Optional[torch.Tensor], pad: List[int]) -> bool:
     means every key is attended."""
     if attention_mask is None:
         return not any(pad)
-    real = _attended(attention_mask)                                                     # [B, H, Lk]
-    want = torch.arange(real.shape[-1], device=real.device)[None, :] >= torch.tensor(pad, device=real.device)[:, None]
-    return bool((real == want[:, None, :]).all())
+    real = _attended(attention_mask)                                     # [B, H, Lk] (B may be 1: broadcast)
+    rows = [real[b if real.shape[0] > 1 else 0] for b in range(len(pad))]
+    return all(not bool(row[:, :p].any()) and bool(row[:, p:].all()) for row, p in zip(rows, pad))
 
 
 def _sliding_note(module) -> str:
@@ -603,7 +603,8 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, 
     before the prompt is prefilled once per beam into a cache that cannot reorder them."""
     hetero_model = getattr(self.config, "_attn_implementation", None) == ATTN_NAME
     given = model_kwargs.get("past_key_values")
-    if (((hetero_model and given is None) or isinstance(given, HeteroCache))
+    builds_hetero = hetero_model and given is None and generation_config.cache_implementation is None
+    if ((builds_hetero or isinstance(given, HeteroCache))
             and (generation_config.num_beams or 1) > 1 and generation_config.use_cache is not False):
         raise UnsupportedError(f"beam search (num_beams={generation_config.num_beams}) is not supported by hetero's "
                                "cache, which cannot reorder its sequences; use greedy decoding or sampling")

@@ -21,6 +21,7 @@ from .errors import ConfigError
 
 _ext = None
 _load_error: Optional[str] = None
+ABI = 2  # csrc/module.cpp's ABI: raised with every change of a native signature or descriptor field
 
 # Element dtype codes of the kernels (csrc/sparse/sparse_attention.h DType), for K/V, queries and outputs.
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -36,6 +37,10 @@ def load():
             from hetero import _native as ext
         except ImportError as e:
             _load_error = f"C++ extension not built ({e})"
+            return None
+        if getattr(ext, "ABI", None) != ABI:  # a build of older sources (an editable install not rebuilt)
+            _load_error = (f"C++ extension out of date (its ABI {getattr(ext, 'ABI', None)}, these sources' {ABI}): "
+                           "rebuild it (pip install -e . or python setup.py build_ext --inplace)")
             return None
         isa = os.environ.get("HETERO_CPU_ISA")
         if isa:

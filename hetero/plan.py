@@ -11,6 +11,7 @@ holds. A plan stays valid while the lengths grow or shrink (it reads them at eac
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Dict, List, MutableMapping, Optional
 
@@ -108,7 +109,7 @@ class StepPlan:
 
     def __init__(self, geometry: StepGeometry, window: Backend, host: Backend, fused: bool, scale: float, config,
                  workspaces: MutableMapping, search_pool: Optional[SearchPool] = None, owner=None):
-        self.owner = owner
+        self._owner = None if owner is None else weakref.ref(owner)  # (the runtime holds its plan: no cycle)
         self.geometry, self.window, self.host, self.fused, self.scale = geometry, window, host, fused, scale
         self.search_pool = search_pool
         self.config = config
@@ -140,7 +141,7 @@ class StepPlan:
     def check(self, q: torch.Tensor, layer, runtime) -> None:
         """``StalePlanError`` unless ``runtime`` made this plan and ``q`` and ``layer`` have its geometry (cheap)."""
         g = self.geometry
-        if runtime is not self.owner:
+        if self._owner is None or self._owner() is not runtime:
             raise StalePlanError("the step plan was made by another HeteroAttention (its config, budget and backends "
                                  "are that runtime's): make one with this runtime's plan()")
         if (layer.geometry != self.layer_geometry or q.shape != self._q_shape or q.dtype != g.q_dtype

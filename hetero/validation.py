@@ -123,25 +123,33 @@ def _largest_at_most(dtype: torch.dtype, limit: float) -> float:
 def _max_abs_bits(dtype: torch.dtype, limit: float) -> int:
     """The bits of ``_largest_at_most`` in ``dtype`` (what csrc/common/finite.cpp compares magnitudes with)."""
     x = torch.tensor(_largest_at_most(dtype, limit), dtype=dtype)
-    return int(x.view(torch.int32 if dtype == torch.float32 else torch.int16)) & 0xFFFFFFFF
+    assert limit >= 0, limit  # (a sign bit left in would read as a magnitude past every finite one)
+    return int(x.view(torch.int32 if dtype == torch.float32 else torch.int16)) & (
+        0x7FFFFFFF if dtype == torch.float32 else 0x7FFF)
+
+
+# The largest softmax scale: scores scale * q.k with |q|, |k| <= VALUE_LIMIT over head_dim < 2**16 stay below
+# 6.6e37, inside float32 (models use 1/sqrt(head_dim), or 1/head_dim).
+MAX_SCALE = 1e3
 
 
 def scale_ok(scale) -> bool:
-    """A real number the kernels can multiply by in float32: in [float32's smallest normal, its largest]."""
+    """A real number the kernels can multiply by in float32 with no score overflowing: in [float32's smallest
+    normal, ``MAX_SCALE``]."""
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         return False
     try:
         x = float(scale)
     except OverflowError:
         return False
-    return float(torch.finfo(torch.float32).tiny) <= x < overflow_bound(torch.float32)
+    return float(torch.finfo(torch.float32).tiny) <= x <= MAX_SCALE
 
 
 def check_scale(scale, name: str = "scale") -> None:
     """None (1/sqrt(D)) or a number > 0 within float32's normal range."""
     if scale is not None and not scale_ok(scale):
-        raise InvalidValueError(f"{name} must be None (1/sqrt(head_dim)) or a number in [1.18e-38, 3.4e38] (the "
-                                f"kernels compute in float32), got {scale!r}")
+        raise InvalidValueError(f"{name} must be None (1/sqrt(head_dim)) or a number in [1.18e-38, {MAX_SCALE:g}] "
+                                f"(the kernels' float32 scores must not overflow), got {scale!r}")
 
 
 def holds_bool(x) -> bool:

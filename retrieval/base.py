@@ -17,7 +17,7 @@ from hetero.errors import ConfigError, DTypeError, InvalidValueError, ShapeError
 from hetero.tiers import HostTier
 from hetero.timing import Span
 from hetero.types import Selection
-from hetero.validation import check_finite, holds_bool
+from hetero.validation import check_in_range, holds_bool
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,7 @@ class Retriever(ABC):
             )
         if not q.is_floating_point():
             raise DTypeError(f"q must be floating point, got {q.dtype}")
-        check_finite(q, "q")
+        check_in_range(q, "q")
         hkv = self.host.kv_heads
         ntotal = self.ntotal
         rows = _int_rows(budgets, b, hkv)

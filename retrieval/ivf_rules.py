@@ -89,10 +89,18 @@ class IVFLifecycle:
         return True
 
     def add_since_build(self, seq: int, first: int, stop: int) -> None:
-        """``rebuild_before``'s adds of host positions ``[first, stop)`` after the build on ``first`` keys: one add
-        (an index whose state does not depend on how its keys came)."""
-        if stop > first:
-            self.add(seq, self.host.keys(seq, first, stop))
+        """``rebuild_before``'s adds of host positions ``[first, stop)`` after the build on ``first`` keys, in the
+        pieces decode steps adding one key at a time would leave the same index with (``next_cut``)."""
+        cut = first
+        while cut < stop:
+            end = min(stop, self.next_cut(seq, cut))
+            self.add(seq, self.host.keys(seq, cut, end))
+            cut = end
+
+    def next_cut(self, seq: int, cut: int) -> int:
+        """The host count after ``cut`` at which decode steps would next change the index's make-up: the first past
+        the retrain limit (that add rebuilds). Indexes whose lists depend only on the keys in them need no other."""
+        return int(self.limit_array[seq]) + 1
 
     def nprobe(self, ks: List[int], nlist: int, n: int) -> List[int]:
         """Lists each query of head h probes: ``ceil(nlist * min(1, probe_factor * sqrt(k / N)))``, 0 if k = 0, all

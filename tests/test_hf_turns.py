@@ -453,6 +453,29 @@ def test_a_crop_below_the_last_index_build_returns_the_index_built_before(retrie
     assert a.retriever.builds == b.retriever.builds
 
 
+@pytest.mark.parametrize("retriever", ["ivf", "ivf-group"])
+def test_a_crop_back_past_a_retrain_limit_rebuilds_where_decode_steps_would_have(retriever):
+    """Built on 100 host keys, a 350-token chunk passes the retrain limit (400) and rebuilds on 450; cropped to 420
+    host keys, the index is that of a cache that decoded them one by one: rebuilt on 401, not on 420."""
+    cfg = HeteroConfig(window=4, sinks=0, budget=0.1, retriever=retriever, retriever_options={"min_train": 64})
+    gen = torch.Generator().manual_seed(5)
+    k, v = torch.randn(1, 2, 460, 32, generator=gen), torch.randn(1, 2, 460, 32, generator=gen)
+    a, b = LayerCache(cfg), LayerCache(cfg)
+    for layer in (a, b):
+        layer.append(k[:, :, :104], v[:, :, :104])
+    a.append(k[:, :, 104:454], v[:, :, 104:454])
+    for t in range(104, 424):
+        b.append(k[:, :, t], v[:, :, t])
+    a.crop([424])
+    assert a.retriever.builds == b.retriever.builds == [[100, 401]]
+    attn = hetero.HeteroAttention(cfg)
+    plan = attn.plan([a, b], 8)
+    for _ in range(4):
+        q, kt, vt = torch.randn(1, 8, 32, generator=gen), torch.randn(1, 2, 32, generator=gen), torch.randn(
+            1, 2, 32, generator=gen)
+        assert torch.equal(attn.decode(q, kt, vt, a, plan), attn.decode(q, kt, vt, b, plan))
+
+
 @needs_model
 def test_smollm2_three_turn_chat_exact_and_turn_two_prefills_only_the_new_tokens(monkeypatch):
     from transformers import DynamicCache

@@ -77,3 +77,19 @@ def test_import_after_torch_warns_of_spinning_openmp_only_when_it_is_too_late():
     assert "PerformanceWarning" not in _import_warnings("import hetero, torch, os; "
                                                         "assert os.environ['OMP_WAIT_POLICY'] == 'PASSIVE'")
     assert "PerformanceWarning" not in _import_warnings("import torch, hetero", OMP_WAIT_POLICY="ACTIVE")
+
+
+def test_an_extension_built_from_other_sources_is_not_loaded_and_says_to_rebuild(monkeypatch):
+    """A stale build (an editable install whose C++ was not rebuilt) would take calls with the wrong arguments."""
+    import types
+
+    import hetero
+    from hetero import native
+
+    fake = types.SimpleNamespace(ABI=native.ABI - 1)
+    monkeypatch.setattr(native, "_ext", None)
+    monkeypatch.setattr(native, "_load_error", None)
+    monkeypatch.setattr(hetero, "_native", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "hetero._native", fake)
+    assert native.load() is None
+    assert "out of date" in native.load_error() and "rebuild" in native.load_error()

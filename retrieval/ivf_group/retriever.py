@@ -132,16 +132,12 @@ class IVFGroupRetriever(IVFLifecycle, RunnerBacked, Retriever):
             self._publish(seq)
         self.ntotal_array[seq] = n
 
-    def add_since_build(self, seq: int, first: int, stop: int) -> None:
-        """As decode steps adding one key at a time left the index: the tail list flushed into the lists at each of
-        the layer's flush points (``SeqIndex.flush_due``), the keys since the last one in the tail."""
+    def next_cut(self, seq: int, cut: int) -> int:
+        """Also each of the layer's flush points (``SeqIndex.flush_due``), where decode steps' tail list goes into
+        the lists: the keys since the last one stay in the tail."""
         phase = self._seqs[seq].flush_phase
-        cut = first
-        while cut < stop:
-            point = cut + 1 + (phase - cut - 1) % TAIL_TOKENS  # the next position p > cut with (p - phase) % 64 == 0
-            end = min(point, stop)
-            self.add(seq, self.host.keys(seq, cut, end))
-            cut = end
+        flush = cut + 1 + (phase - cut - 1) % TAIL_TOKENS  # the next position p > cut with (p - phase) % 64 == 0
+        return min(flush, super().next_cut(seq, cut))
 
     # ---- the C++ decode step's view of the index ----------------------------------------------------
     def _publish(self, seq: int) -> None:
