@@ -137,6 +137,8 @@ def causal_attention(
     check_float(q, "q")
     check_scale(scale)
     b, hq, t, d = q.shape
+    if b == 0:  # as the other ops refuse it
+        raise ShapeError("empty batch: q has B = 0")
     if (b, t, d) != (k.shape[0], k.shape[2], k.shape[3]) or hq == 0 or hq % k.shape[1] or q.device != k.device:
         raise ShapeError(f"q {tuple(q.shape)} on {q.device} and k {tuple(k.shape)} on {k.device}: expected q [B, Hq, T, "
                          "D] and k, v [B, Hkv, T, D] with the same B, T and D, Hq a positive multiple of Hkv, one "

@@ -107,6 +107,15 @@ def test_a_query_with_nan_is_refused_with_a_plan_whatever_its_strides(view, host
     assert same_snapshot(before, snapshot(lay))
 
 
+def test_causal_attention_of_an_empty_batch_is_refused_as_the_other_ops_refuse_it():
+    from hetero import causal_attention
+
+    with pytest.raises(ShapeError, match="empty batch"):
+        causal_attention(torch.randn(0, 4, 3, D), torch.randn(0, 2, 3, D), torch.randn(0, 2, 3, D))
+    with pytest.raises(ShapeError, match="empty batch"):
+        window_attention(torch.randn(0, 4, D), torch.randn(0, 2, 3, D), torch.randn(0, 2, 3, D))
+
+
 def test_tokens_of_a_sequence_the_cache_does_not_hold_is_a_shape_error(layer):
     with pytest.raises(ShapeError, match="empty"):
         LayerCache(layer.config).tokens(0)

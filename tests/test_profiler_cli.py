@@ -185,6 +185,10 @@ def test_bench_needle_small():
     (["bench", "needle", "--depths", "2.0"], "--depths"),
     (["bench", "chat", "--chunk", "0"], "--chunk"),
     (["bench", "e2e", "--smollm2-context", "0"], "--smollm2-context"),
+    (["bench", "sweep", "--contexts", "4000000"], "at most 1048576"),  # before a 4M-token run
+    (["bench", "retrieval", "--layers", "99"], "layers 0-29"),  # before the minutes-long capture
+    (["bench", "chat", "--context", "99999"], "8192 positions"),
+    (["bench", "needle", "--contexts", "9000"], "8192 positions"),
 ])
 def test_bad_values_one_line_exit_2(args, needle):
     p = _run(*args)

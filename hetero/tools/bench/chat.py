@@ -22,6 +22,7 @@ import torch
 
 from hetero.config import HeteroConfig
 from hetero.tools.argtypes import OneLineParser, positive_int
+from hetero.tools.workloads import smollm2
 
 TURN2 = "<|im_end|>\n<|im_start|>user\nSummarize the passage above in two sentences.<|im_end|>\n<|im_start|>assistant\n"
 
@@ -130,6 +131,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rows", default="prefill,turn2", help="which rows: prefill, turn2 (comma separated)")
     p.add_argument("--json", action="store_true", help="JSON lines only (the default prints them too)")
     ns = p.parse_args(argv)
+    if ns.context > smollm2.POSITIONS:
+        p.error(f"--context {ns.context}: SmolLM2 has {smollm2.POSITIONS} positions")
     wanted = [r for r in ns.rows.split(",") if r]
     if set(wanted) - {"prefill", "turn2"}:
         p.error(f"unknown rows {sorted(set(wanted) - {'prefill', 'turn2'})}; choose from prefill, turn2")
@@ -137,7 +140,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def run():
         from hetero.tools.envinfo import cpu_model
-        from hetero.tools.workloads import smollm2
         from hetero.tools.workloads.real import corpus_text
 
         model, tok = smollm2.load()

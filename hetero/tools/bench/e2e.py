@@ -243,7 +243,7 @@ def llama3_rows(contexts=(32768, 131072), batches=(1,), batch4_context: int = 32
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = OneLineParser(prog="hetero bench e2e", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="hetero bench e2e", description=" ".join(__doc__.split("\n\n")[:2]))
     p.add_argument("--rows", default="smollm2,llama3", help="which rows: smollm2, llama3 (comma separated)")
     p.add_argument("--contexts", type=list_of(positive_int), default="32768,131072",
                    help="Llama-3-8B-geometry contexts, batch 1")

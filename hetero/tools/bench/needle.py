@@ -19,6 +19,7 @@ from hetero.tools.bench import run_reporting_missing_workload
 from hetero.config import HeteroConfig
 from hetero.errors import ConfigError
 from hetero.tools.argtypes import OneLineParser, float_in, list_of, positive_int
+from hetero.tools.workloads import smollm2
 
 RETRIEVERS = ("exact", "ivf", "ivf-sq8", "ivf-group", "hnsw", "lsh")
 
@@ -55,7 +56,6 @@ def _answer(model, tok, ids, new_tokens: int):
 def run(contexts=(2048, 4096, 8192), depths=(0.0, 0.25, 0.5, 0.75, 1.0), retrievers=RETRIEVERS, budget=0.03,
         window=256, sinks=4, new_tokens=12, seed=0, out=sys.stdout) -> List[dict]:
     import hetero
-    from hetero.tools.workloads import smollm2
     from hetero.tools.workloads.real import corpus_text
 
     dense, tok = smollm2.load()
@@ -91,6 +91,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--budget", type=float_in(0.0, 1.0, low_open=True), default=0.03)
     ns = p.parse_args(argv)
     contexts, depths = ns.contexts, ns.depths
+    if max(contexts) > smollm2.POSITIONS:
+        p.error(f"--contexts {max(contexts)}: SmolLM2 has {smollm2.POSITIONS} positions")
     for name in ns.retrievers.split(","):  # refused before the model loads
         try:
             HeteroConfig(window=256, sinks=4, budget=ns.budget, retriever=name)

@@ -29,6 +29,7 @@ from hetero.tools.bench import run_reporting_missing_workload
 from hetero.cache import LayerCache
 from hetero.config import HeteroConfig
 from hetero.tools.argtypes import OneLineParser, list_of, nonneg_int, positive_int
+from hetero.tools.workloads import smollm2
 
 BUDGETS = (0.01, 0.02, 0.05)
 
@@ -179,6 +180,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             p.error(f"--retrievers {ns.retrievers}: no row's retriever starts with it (rows: "
                     f"{', '.join(sorted({r['retriever'] for r in default_rows()}))})")
     layers = ns.layers
+    if layers and max(layers) >= smollm2.LAYERS:  # before the capture, which takes minutes
+        p.error(f"--layers {max(layers)}: SmolLM2 has layers 0-{smollm2.LAYERS - 1}")
+    if ns.context > smollm2.POSITIONS:
+        p.error(f"--context {ns.context}: SmolLM2 has {smollm2.POSITIONS} positions")
     return run_reporting_missing_workload(
         "hetero bench retrieval", lambda: run(ns.context, ns.positions, ns.window, ns.sinks, layers, rows, ns.threads))
 

