@@ -524,10 +524,10 @@ def test_cpp_query_scale_is_finite_and_positive_for_any_query():
 
 
 def test_sum_rule_over_huge_queries_searches_without_crashing():
-    """The sum rule searches with the sum of the group's queries, which overflows float32 for finite queries near
+    """The sum rule searches with the sum of the group's queries, which overflowed float32 for finite queries near
     its limit: centroid scores of inf - inf = NaN then reached the probe's selection, whose histogram index they
-    overflowed (a segfault). NaN now ranks lowest; each KV head still gets its k rows. In a subprocess: a crash
-    must fail this test, not end the run."""
+    overflowed (a segfault). Queries beyond attention's limit (1e15) are now refused; at the limit each KV head gets
+    its k rows. In a subprocess: a crash must fail this test, not end the run."""
     import subprocess
     import sys
 
@@ -540,14 +540,21 @@ cfg = HeteroConfig(window=16, sinks=0, budget=50, retriever="ivf-group", group_r
 layer = LayerCache(cfg)
 layer.append(torch.randn(1, 2, 3000, 32, generator=gen), torch.randn(1, 2, 3000, 32, generator=gen))
 layer.wait_indexed()
+from hetero import InvalidValueError
 q = torch.randn(1, 8, 32, generator=gen)
 q[0, :4, :5], q[0, :4, 5:10] = 3e38, -3e38
+try:
+    layer.retriever.search(q, [50])
+except InvalidValueError as e:
+    print("refused:", e)
+q[0, :4, :5], q[0, :4, 5:10] = 1e15, -1e15
 idx = layer.retriever.search(q, [50]).indices[0]
 print([int(((row >= 0) & (row < 3000)).sum()) for row in idx])
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split("\n")[-2] == "[50, 50]", done.stdout
+    lines = done.stdout.split("\n")
+    assert lines[0].startswith("refused: q holds values up to 3e+38") and lines[-2] == "[50, 50]", done.stdout
 
 
 def test_a_search_item_that_throws_on_a_pool_thread_raises_and_leaves_the_runner_usable():
