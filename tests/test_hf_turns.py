@@ -419,6 +419,16 @@ def test_crop_returns_tiers_and_index_to_the_state_after_n_tokens(retriever, ext
         torch.testing.assert_close(ra.out, rb.out, rtol=1e-5, atol=1e-6)
 
 
+def _assert_decode_alike(cfg, a, b, gen, steps: int) -> None:
+    """The same decode steps (1 sequence, 8 query / 2 KV heads, head_dim 32) on two layers give equal outputs."""
+    attn = hetero.HeteroAttention(cfg)
+    plan = attn.plan([a, b], 8)
+    for _ in range(steps):
+        q, kt, vt = torch.randn(1, 8, 32, generator=gen), torch.randn(1, 2, 32, generator=gen), torch.randn(
+            1, 2, 32, generator=gen)
+        assert torch.equal(attn.decode(q, kt, vt, a, plan), attn.decode(q, kt, vt, b, plan))
+
+
 @pytest.mark.parametrize("retriever", ["ivf", "ivf-sq8", "ivf-group"])
 @pytest.mark.parametrize("case", ["first_build", "retrain"])
 def test_a_crop_below_the_last_index_build_returns_the_index_built_before(retriever, case):
@@ -444,12 +454,7 @@ def test_a_crop_below_the_last_index_build_returns_the_index_built_before(retrie
     assert a.retriever.trained_on[0] > b.retriever.trained_on[0]  # the drafts built (or rebuilt) a's index
     a.crop([end])
     assert a.retriever.builds == b.retriever.builds and a.retriever.ntotal == b.retriever.ntotal
-    attn = hetero.HeteroAttention(cfg)
-    plan = attn.plan([a, b], 8)
-    for _ in range(8):
-        q, kt, vt = torch.randn(1, 8, 32, generator=gen), torch.randn(1, 2, 32, generator=gen), torch.randn(
-            1, 2, 32, generator=gen)
-        assert torch.equal(attn.decode(q, kt, vt, a, plan), attn.decode(q, kt, vt, b, plan))
+    _assert_decode_alike(cfg, a, b, gen, steps=8)
     assert a.retriever.builds == b.retriever.builds
 
 
@@ -468,12 +473,7 @@ def test_a_crop_back_past_a_retrain_limit_rebuilds_where_decode_steps_would_have
         b.append(k[:, :, t], v[:, :, t])
     a.crop([424])
     assert a.retriever.builds == b.retriever.builds == [[100, 401]]
-    attn = hetero.HeteroAttention(cfg)
-    plan = attn.plan([a, b], 8)
-    for _ in range(4):
-        q, kt, vt = torch.randn(1, 8, 32, generator=gen), torch.randn(1, 2, 32, generator=gen), torch.randn(
-            1, 2, 32, generator=gen)
-        assert torch.equal(attn.decode(q, kt, vt, a, plan), attn.decode(q, kt, vt, b, plan))
+    _assert_decode_alike(cfg, a, b, gen, steps=4)
 
 
 @needs_model
