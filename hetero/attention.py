@@ -369,7 +369,7 @@ class HeteroAttention:
         if step == ext.STEP_QUERY_NOT_FINITE:
             raise InvalidValueError(f"q contains NaN or inf, or values beyond {VALUE_LIMIT:g} in magnitude (the "
                                     "step's key and value were not appended)")
-        if appended < 0:  # refused before any change (k or v not finite, or beyond the limit): the general path explains
+        if appended < 0:  # refused before any change (k or v not finite or beyond the limit): the general path says
             return self._append_then_run(q, k, v, layer, plan, out)
         return self.run(q, layer, plan, out=out)  # the token is in; the step waits for index adds or grows
 

@@ -284,8 +284,8 @@ class LayerCache:
             if refused:  # the tiers go back (the crop refills the window from the host tier); the index never saw
                 self._crop_locked(rec.lengths_before)  # these tokens, nor rebuilds from them
                 raise InvalidValueError(f"keys or values appended to layer {self.layer_idx} contained NaN or inf, or "
-                                        f"values beyond {self._value_limit():g} in magnitude (checked on the device): that append was "
-                                        "undone")
+                                        f"values beyond {self._value_limit():g} in magnitude (checked on the device): "
+                                        "that append was undone")
             for seq, first, n in adds:
                 self.index.add(seq, first, n)
             self.index.end_write()

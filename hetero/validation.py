@@ -40,10 +40,10 @@ def check_float(x: torch.Tensor, name: str, allowed: Sequence[torch.dtype] = FLO
 
 _FINITE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-# The largest |q|, |k| or |v| attention takes (csrc/runner/step.h kValueLimit): scores q.k over head_dim <= 512
-# stay below 512 x 1e30, far inside float32, and so do the value sums. A finite input beyond it could make a score
-# inf and its part silently wrong (a key of 1e37 dropped its whole window part), so it is refused instead. Real
-# models' activations are many orders of magnitude below.
+# The largest |q|, |k| or |v| attention takes (csrc/runner/step.h kValueLimit): scores scale * q.k over head_dim
+# < 2**16 with scale <= MAX_SCALE stay below 6.6e37, inside float32, and so do the value sums. A finite input beyond
+# it could make a score inf and its part silently wrong (a key of 1e37 dropped its whole window part), so it is
+# refused instead. Real models' activations are many orders of magnitude below.
 VALUE_LIMIT = 1e15
 
 

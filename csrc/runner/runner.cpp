@@ -194,7 +194,8 @@ int64_t budget_keys(const int64_t* W, int64_t n) {
 
 }  // namespace
 
-// The query as float32 [B, Hq, D] in WORK.Q32, the layout every kernel reads; false when it holds a NaN, an inf or a value beyond kValueLimit.
+// The query as float32 [B, Hq, D] in WORK.Q32, the layout every kernel reads; false when it holds a NaN, an inf or
+// a value beyond kValueLimit.
 static bool stage_query(const int64_t* L, const int64_t* W, const void* q) {
   const int64_t B = L[LayerField::B], D = L[LayerField::D], Hq = W[HQ];
   float* q32 = field_ptr<float>(W, Q32);

@@ -22,7 +22,7 @@
   X(HOST_LENGTHS) /* int64 [B] */ X(HOST_CAPACITY) /* int64 [B] tokens the sequence's blocks hold */                \
   /* index: 0 = added from Python, 1 = counts only (exhaustive retrievers), 2 = ivf-group tail append */            \
   X(INDEX_KIND) X(INDEX_NTOTAL) /* int64 [B] */ X(INDEX_LIMIT) /* int64 [B] largest ntotal a native add reaches */  \
-  X(VALUE_LIMIT) /* float64 bits: the largest |key| or |value| stored (attention's, or the index's) */                  \
+  X(VALUE_LIMIT) /* float64 bits: the largest |key| or |value| stored (attention's, or the index's) */              \
   /* ivf-group, uint64 [items] pointers each */                                                                     \
   X(IVF_CODES) X(IVF_IDS) X(IVF_START) X(IVF_COUNT) X(IVF_CENTROIDS) X(IVF_MEAN_NORM) X(IVF_VMEAN)                  \
   X(IVF_TAIL_KSUM) X(IVF_TAIL_VSUM) X(IVF_TAIL_VMEAN) X(IVF_VMIN) X(IVF_INV_STEP) X(IVF_STEP) X(IVF_TAIL_KEYS)     \
@@ -60,9 +60,9 @@ enum WorkField : int { HETERO_WORK_FIELDS(HETERO_ENUM_FIELD) kWorkFields };
 constexpr int kPhases = 5;
 constexpr int kPhaseAppend = 4;
 
-// The largest |q|, |k| or |v| the steps take (hetero.validation.VALUE_LIMIT): scores q.k over head_dim <= 512 stay
-// below 512 x 1e30, far inside float32, and so do the value sums; beyond it a finite input could give an inf score
-// and a silently wrong part.
+// The largest |q|, |k| or |v| the steps take (hetero.validation.VALUE_LIMIT): scores scale * q.k over head_dim
+// < 2^16 with scale <= 1e3 (hetero.validation.MAX_SCALE) stay below 6.6e37, inside float32, and so do the value
+// sums; beyond it a finite input could give an inf score and a silently wrong part.
 constexpr double kValueLimit = 1e15;
 
 // decode_step's results besides success (0): nothing was computed, nothing changed.

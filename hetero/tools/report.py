@@ -57,7 +57,8 @@ def print_profile(r: Dict, console: Console = None) -> None:
            f"{'side by side' if r.get('overlap', True) else 'on the same threads'}")
     console.print(f"[bold]hetero profile[/bold]  {head}\n  {cfg}")
     if r.get("warmup"):
-        console.print(f"  median of {r['steps']} decode steps, after {r['warmup']} warm-up step{'s' if r['warmup'] != 1 else ''} "
+        plural = "s" if r["warmup"] != 1 else ""
+        console.print(f"  median of {r['steps']} decode steps, after {r['warmup']} warm-up step{plural} "
                       f"({', '.join(f'{x:.1f}' for x in r['warmup_ms'])} ms, not counted)")
     phases = Table(title="hetero decode step, one layer (median of steps)")
     phases.add_column("phase")

@@ -91,8 +91,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="comma-separated, each at most 1048576")
     p.add_argument("--retrievers", default="ivf-group", help="comma-separated retriever names")
     p.add_argument("--budgets", type=list_of(budget), default="0.01,0.02,0.05",
-                   help="comma-separated: fractions of the host tier (e.g. 0.02) or key counts (e.g. 500); the rows over "
-                        "--budget-context take each, the rows over --contexts the middle one (of an even count, "
+                   help="comma-separated: fractions of the host tier (e.g. 0.02) or key counts (e.g. 500); the rows "
+                        "over --budget-context take each, the rows over --contexts the middle one (of an even count, "
                         "the upper middle)")
     p.add_argument("--budget-context", type=positive_int, default=32768)
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama3-8b")
