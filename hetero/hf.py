@@ -277,6 +277,11 @@ class HeteroCacheLayer(CacheLayerMixin):
         raise UnsupportedError("selecting sequences of a HeteroCache is not supported")
 
 
+def _no_layer_offloading(method: str) -> UnsupportedError:
+    return UnsupportedError(f"HeteroCache.{method}: a HeteroCache places its own tiers (the window on the fast device, "
+                            "older tokens in host memory); transformers' layer offloading does not apply")
+
+
 class HeteroCache(Cache):
     """A transformers ``Cache`` over hetero's tiers: ``layers[i].layer`` is layer i's ``LayerCache``.
 
@@ -331,12 +336,10 @@ class HeteroCache(Cache):
                                "on a worker thread); keep the token ids and prefill a new cache from them")
 
     def offload(self, *args, **kwargs) -> None:
-        raise UnsupportedError("HeteroCache.offload: a HeteroCache places its own tiers (the window on the fast "
-                               "device, older tokens in host memory); transformers' layer offloading does not apply")
+        raise _no_layer_offloading("offload")
 
     def prefetch(self, *args, **kwargs) -> None:
-        raise UnsupportedError("HeteroCache.prefetch: a HeteroCache places its own tiers (the window on the fast "
-                               "device, older tokens in host memory); transformers' layer offloading does not apply")
+        raise _no_layer_offloading("prefetch")
 
     def __enter__(self) -> "HeteroCache":
         return self
@@ -613,8 +616,7 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, 
         raise ConfigError("generate() was given a hetero_config (or generation_config.hetero_config) and a "
                           "HeteroCache built with another one: the cache's own applies to its tiers, so one of "
                           "them would be ignored; pass only the cache, or build it with that config")
-    if (hetero_model and model_kwargs.get("past_key_values") is None
-            and generation_config.use_cache is not False and generation_config.cache_implementation is None):
+    if builds_hetero and generation_config.use_cache is not False:
         config = getattr(generation_config, "hetero_config", None) or getattr(self, "hetero_config", None)
         progress = getattr(self, "hetero_progress_tokens", DEFAULT_PROGRESS_TOKENS)
         cache = HeteroCache(config, config=self.config, progress_tokens=progress)
