@@ -9,7 +9,9 @@ intrinsic), fp16 in a per-item buffer (Numba has no CPU float16 type). K and V r
 ``prefetch_rows`` ahead (the score pass), and K rows (score pass) and V rows (value pass) into L1 ``near_rows``
 ahead, through LLVM intrinsics: with the L2 prefetch alone the dots read their K rows at DRAM speed (AMD Zen 5,
 bf16, k 2048: 2.04 ms per call against 0.92-1.0 ms with the L1 prefetch). Compiled with ``cache=True``;
-``warmup()`` compiles (or loads from cache) every dtype ahead of the first decode step.
+``warmup()`` compiles (or loads from cache) every dtype ahead of the first decode step. The ``prange`` runs on
+numba's TBB layer where the ``tbb`` wheel is installed (``hetero.numba_setup.load_tbb``): under omp the workers
+sleep as soon as a call ends, and every call waits for a sleeping vCPU to be woken (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ import numpy as np
 import torch
 from llvmlite import ir
 
-from hetero.numba_setup import prefer_wide_vectors
+from hetero.numba_setup import load_tbb, prefer_wide_vectors
 
 prefer_wide_vectors()  # must run before numba is first imported (see hetero/numba_setup.py)
+load_tbb()  # before numba launches its threading layer
 
 from numba import njit, prange  # noqa: E402
 from numba.core import cgutils, types  # noqa: E402

@@ -1,8 +1,9 @@
-"""512-bit vectors for hetero's numba kernels on AVX-512 CPUs.
+"""numba set up for hetero's kernels before numba's first import: 512-bit vectors, and TBB's threading layer.
 
-LLVM tunes the Intel AVX-512 CPUs it knows for 256-bit vectors ("prefer-256-bit"), so numba's vectorized loops
-use ymm registers where zmm would halve the instructions: on an Intel Xeon (Emerald Rapids, which LLVM reports as
-rocketlake) zmm cut the numba sparse kernel's arithmetic per bf16 row by a fifth (docs/performance.md).
+**Vectors.** LLVM tunes the Intel AVX-512 CPUs it knows for 256-bit vectors ("prefer-256-bit"), so numba's
+vectorized loops use ymm registers where zmm would halve the instructions: on an Intel Xeon (Emerald Rapids, which
+LLVM reports as rocketlake) zmm cut the numba sparse kernel's arithmetic per bf16 row by a fifth
+(docs/performance.md).
 
 Numba reads its target features once per process, when it is first imported. So before the numba backend imports
 numba, ``prefer_wide_vectors()`` sets ``NUMBA_CPU_FEATURES`` to the host's features without the 256-bit
@@ -10,9 +11,21 @@ preference. It leaves everything alone when ``NUMBA_CPU_FEATURES`` or ``NUMBA_CP
 ``HETERO_NUMBA_WIDE_VECTORS=0``, when the CPU has no AVX-512F, or when numba is already imported; ``STATE`` says
 which (``hetero env`` prints it). The preference then holds for every numba function the process compiles, not
 only hetero's.
+
+**Threading layer.** numba tries TBB first (its ``THREADING_LAYER_PRIORITY`` is tbb, omp, workqueue), but finds
+libtbb only on the dynamic loader's path, and pip installs the ``tbb`` wheel's library into ``<prefix>/lib``, which
+is not on it (numba issues 7148, 9740): in a virtual environment numba falls back to omp. Under omp, the workers of
+a ``prange`` sleep as soon as a parallel region ends (the ``OMP_WAIT_POLICY=PASSIVE`` hetero sets for torch's sake
+reaches numba's OpenMP too), so the next call waits for a sleeping vCPU to be woken. TBB's workers poll for a moment
+before they sleep, as hetero's C++ pool does. ``load_tbb()`` loads the wheel's library by path, so that numba's own
+lookup finds it; the choice stays numba's (``NUMBA_THREADING_LAYER`` still picks a layer; ``tbb`` there now works in
+a virtual environment too). It does nothing when numba's threading layer is already running, off Linux, or when the
+``tbb`` wheel is not installed; ``TBB_STATE`` says which (``hetero env`` prints it and the layer numba chose).
 """
 from __future__ import annotations
 
+import ctypes
+import importlib.metadata
 import os
 import sys
 
@@ -44,3 +57,45 @@ def prefer_wide_vectors() -> str:
             os.environ["NUMBA_CPU_FEATURES"] = features.flatten() + ",-prefer-256-bit"
             STATE = "512-bit vectors (NUMBA_CPU_FEATURES without prefer-256-bit)"
     return STATE
+
+
+TBB_STATE = _UNDECIDED
+_TBB_LIBRARY = "libtbb.so.12"  # the name numba's TBB layer is linked against
+
+
+def load_tbb() -> str:
+    """Load the ``tbb`` wheel's libtbb so that numba's threading layer can be TBB; returns the state. Decides once
+    per process, like ``prefer_wide_vectors``."""
+    global TBB_STATE
+    if TBB_STATE != _UNDECIDED:
+        return TBB_STATE
+    parallel = sys.modules.get("numba.np.ufunc.parallel")
+    if parallel is not None and getattr(parallel, "_is_initialized", False):
+        TBB_STATE = "numba's choice (its threading layer was running before hetero's numba backend loaded)"
+    elif not sys.platform.startswith("linux"):
+        TBB_STATE = "numba's choice (the tbb wheel is loaded by hetero on Linux only)"
+    else:
+        path = _tbb_wheel_library()
+        if path is None:
+            TBB_STATE = "numba's choice (the tbb wheel is not installed: pip install tbb)"
+        else:
+            try:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                TBB_STATE = f"tbb wheel's library loaded ({path})"
+            except OSError as e:
+                TBB_STATE = f"numba's choice (the tbb wheel's {path} did not load: {e})"
+    return TBB_STATE
+
+
+def _tbb_wheel_library():
+    """The path of the installed ``tbb`` distribution's libtbb.so.12, or None."""
+    try:
+        files = importlib.metadata.distribution("tbb").files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == _TBB_LIBRARY:
+            path = os.path.realpath(str(f.locate()))
+            if os.path.exists(path):
+                return path
+    return None

@@ -303,6 +303,50 @@ def test_numba_wide_vectors_only_when_allowed(case):
         assert "imported before" in res["state"]
 
 
+_TBB_SCRIPT = """
+import json, sys
+if sys.argv[1] == "numba-first":
+    from numba import njit, prange
+
+    @njit(parallel=True)
+    def total(n):
+        s = 0
+        for i in prange(n):
+            s += i
+        return s
+
+    total(8)  # numba's threading layer starts here, before hetero could load the tbb wheel's library
+from hetero.cpu.numba_sparse import NumbaSparseBackend
+from hetero.numba_setup import TBB_STATE, _tbb_wheel_library
+import numba
+NumbaSparseBackend().warmup()
+print(json.dumps({"state": TBB_STATE, "layer": numba.threading_layer(), "wheel": _tbb_wheel_library()}))
+"""
+
+
+@pytest.mark.parametrize("case", ["default", "env-tbb", "numba-first"])
+def test_numba_threading_layer_is_tbb_where_the_wheel_is_installed(case):
+    """pip puts the tbb wheel's libtbb where the loader does not look; the numba backend loads it by path, so that
+    numba's own choice (TBB first) finds it, also when NUMBA_THREADING_LAYER=tbb asks for it (which failed with
+    "No threading layer could be loaded" in a virtual environment). Too late once numba's threading layer runs."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    if case == "env-tbb":
+        env["NUMBA_THREADING_LAYER"] = "tbb"
+    p = subprocess.run([sys.executable, "-c", _TBB_SCRIPT, case], capture_output=True, text=True, env=env,
+                       timeout=300)
+    if case == "env-tbb" and p.returncode != 0:
+        assert "No threading layer could be loaded" in p.stderr
+        pytest.skip("no tbb wheel installed here (x86-64 Linux only), so numba has no TBB to load")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    if case == "numba-first":
+        assert "was running before" in res["state"], res
+    elif res["wheel"] is None:
+        assert "not installed" in res["state"] or "Linux only" in res["state"], res
+    else:
+        assert res["state"].startswith("tbb wheel's library loaded") and res["layer"] == "tbb", res
+
+
 def test_numba_warmup_compiles_every_dtype():
     be = get_backend("host", "numba")
     be.warmup()  # raises if any dtype fails to compile

@@ -61,10 +61,11 @@ def cpu_model() -> str:
 
 
 def _numba_info() -> Dict:
-    from hetero.numba_setup import prefer_wide_vectors
+    from hetero.numba_setup import load_tbb, prefer_wide_vectors
 
     try:
         vectors = prefer_wide_vectors()  # as the numba backend would, before numba's first import
+        tbb = load_tbb()
         import numba
     except ImportError as e:
         return {"error": str(e)}
@@ -74,7 +75,7 @@ def _numba_info() -> Dict:
     except Exception as e:  # report, never crash the report
         layer = f"unknown ({type(e).__name__}: {e})"
     return {"threads": numba.get_num_threads(), "max_threads": numba.config.NUMBA_NUM_THREADS,
-            "threading_layer": layer, "vectors": vectors}
+            "threading_layer": layer, "tbb": tbb, "vectors": vectors}
 
 
 def _prefetch_info() -> Dict:
@@ -165,6 +166,7 @@ def print_env(info: Dict) -> None:
     t.add_row("threads", f"torch {info['threads']['torch']}, faiss {info['threads']['faiss']}, numba "
               f"{nb.get('threads')} (layer {nb.get('threading_layer')})")
     t.add_row("numba vectors", str(nb.get("vectors", nb.get("error"))))
+    t.add_row("numba tbb", str(nb.get("tbb", nb.get("error"))))
     set_overrides = {k: v for k, v in info["overrides"].items() if v is not None}
     t.add_row("overrides", ", ".join(f"{k}={v}" for k, v in set_overrides.items()) or "none")
     for error in info["override_errors"]:
