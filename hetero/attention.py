@@ -113,6 +113,11 @@ DECODE_Q_DTYPES = tuple(native.DTYPE_CODES)  # the step writes its output in the
 WAKE_POLL_US = 300
 
 
+def _host_side_error(layer: LayerCache, e: Exception) -> HeteroError:
+    """A retriever's or host kernel's own exception, typed and naming the layer."""
+    return HeteroError(f"host side of layer {layer.layer_idx} failed ({type(e).__name__}: {e})")
+
+
 class HeteroAttention:
     """Decode attention over ``LayerCache``s.
 
@@ -351,6 +356,7 @@ class HeteroAttention:
                 if layer.retriever.softmax_scale != plan.scale:
                     layer.retriever.softmax_scale = plan.scale
                 self._prepare_work(ws, q, dst, layer, plan, mode, True, timed)
+                layer.index.begin_write()  # until the adds left to Python are queued (LayerCache._append_native)
                 for _ in range(2):
                     appended, step = plan.host._runner.decode_token(
                         layer.native_layer().address, ws.work.address, tk.data_ptr(), tv.data_ptr(), stride_b,
@@ -360,10 +366,12 @@ class HeteroAttention:
                     layer.reserve_flagged()  # a sequence's host blocks were full: nothing ran; the same call again
                 if appended > 0:  # appended; index adds left to Python, which the step waits for
                     layer.queue_native_leftovers()
+                layer.index.end_write()
                 layer.populate_host_ahead()
                 if not step:  # the workspace is read under the lock: another thread's step on it writes it next
                     self._after_step(layer, ws, plan, mode, timed)
                     return dst if out is not None else dst.clone()
+                before = (layer.fast.total - 1).tolist()  # a decode appends one token to every sequence
         if mode == 1:  # searched in Python, waiting for index adds, or changed by another thread: the general path
             return self._append_then_run(q, k, v, layer, plan, out)
         if step == ext.STEP_QUERY_NOT_FINITE:
@@ -371,7 +379,25 @@ class HeteroAttention:
                                     "step's key and value were not appended)")
         if appended < 0:  # refused before any change (k or v not finite or beyond the limit): the general path says
             return self._append_then_run(q, k, v, layer, plan, out)
-        return self.run(q, layer, plan, out=out)  # the token is in; the step waits for index adds or grows
+        return self._run_after_append(q, layer, plan, out, before)  # the token is in; the step waits for adds or grows
+
+    def _run_after_append(self, q, layer, plan, out, before, token=None):
+        """``run`` after a decode's token went in (``token``: ``(k, v)`` appended here first); a failure takes it back
+        out, so that a retry is exact, except a failed index add, which is healed with the token kept and says so.
+        ``before``: the lengths before the token, or None for a layer that was empty."""
+        try:
+            if token is not None:
+                layer.append(*token)
+            return self.run(q, layer, plan, out=out)
+        except IndexSyncError as e:  # the token's own index add failed (healed): the token is in, the step not run
+            raise IndexSyncError(f"{e} (this decode's key and value are stored: call run(q, layer, plan) for the "
+                                 "step's output, do not decode them again)") from e
+        except BaseException:
+            if before is not None:
+                layer.crop(before)
+            else:
+                layer.reset()
+            raise
 
     def _append_then_run(self, q, k, v, layer, plan, out):
         """decode() in two calls, the query checked before the token goes in (a refused step appends nothing)."""
@@ -401,18 +427,8 @@ class HeteroAttention:
             with layer.lock:
                 layer.index.wait()  # an index failure is reported (and healed) before the token goes in, not after
         before = layer.fast.total.tolist() if layer.initialized else None
-        try:
-            layer.append(k, v)  # (a Ctrl-C held back over its write is raised after it: the token goes back out)
-            return self.run(q, layer, plan, out=out)
-        except IndexSyncError as e:  # the token's own index add failed (healed): the token is in, the step not run
-            raise IndexSyncError(f"{e} (this decode's key and value are stored: call run(q, layer, plan) for the "
-                                 "step's output, do not decode them again)") from e
-        except BaseException:  # the step failed after the token went in: take it out, so that a retry is exact
-            if before is not None:
-                layer.crop(before)
-            else:
-                layer.reset()
-            raise
+        # (a Ctrl-C held back over append's write is raised after it: the token goes back out)
+        return self._run_after_append(q, layer, plan, out, before, token=(k, v))
 
     def _resolve_plan(self, q, layer: LayerCache, plan: Optional[StepPlan]) -> StepPlan:
         """``plan`` checked against ``q`` and ``layer`` (``ShapeError`` or ``StalePlanError``), or, when None, ``q``
@@ -461,7 +477,12 @@ class HeteroAttention:
         if mode == 1:
             t_search = time.perf_counter()  # the native step marks no search of its own: its span is this one's
             q32 = ws.q_host.float() if q.device.type == "cuda" else q.detach().float()
-            sel = plan.search(layer, q32, self.balancer(layer).budget_scale)
+            try:
+                sel = plan.search(layer, q32, self.balancer(layer).budget_scale)
+            except (HeteroError, MemoryError):
+                raise
+            except Exception as e:  # typed as on the general path
+                raise _host_side_error(layer, e) from e
             if timed:
                 ws.times[2:4] = (t_search, time.perf_counter())  # NATIVE_PHASES[1], "retrieve" (same clock)
             check_selection(sel, layer.batch, q.shape[1], layer.kv_heads, layer.host.length.tolist(), layer.head_dim)
@@ -655,10 +676,10 @@ class HeteroAttention:
                     hpart, selection, host_ms = future.result()
                 else:
                     hpart, selection, host_ms = self._host_side(q_host, ready, layer, plan, rec)
-            except HeteroError:
+            except (HeteroError, MemoryError):  # (out of memory stays what it is: callers act on it)
                 raise
             except Exception as e:
-                raise HeteroError(f"host side of layer {layer.layer_idx} failed ({type(e).__name__}: {e})") from e
+                raise _host_side_error(layer, e) from e
             parts = [hpart] if selection.estimate is None else [hpart, selection.estimate]
             if q.device.type == "cuda":  # through pinned memory: a copy from pageable memory would sync
                 with rec.span("transfer"):

@@ -114,8 +114,9 @@ class LayerCache:
         return bool(self._stage)
 
     def host_lengths(self) -> List[int]:
-        self._land()
-        return self.host.length.tolist() if self.host is not None else []
+        with self.lock:  # (another thread's append moves the tiers' counts together)
+            self._land_locked()
+            return self.host.length.tolist() if self.host is not None else []
 
     @property
     def add_spans(self):
@@ -223,7 +224,9 @@ class LayerCache:
                 # read back with the evicted tokens (hetero/evictions.py)
                 used_k = keys if min(lengths) == keys.shape[2] else _used(keys, lengths)
                 used_v = values if min(lengths) == keys.shape[2] else _used(values, lengths)
-                limit = self._value_limit()  # NaN and inf compare False too: one pass each
+                # NaN and inf compare False too: one pass each. The comparison runs in the storage dtype, which
+                # rounds a limit beyond its range to inf (float16: inf <= 1e15 held, and inf went in)
+                limit = min(self._value_limit(), torch.finfo(dtype).max)
                 finite = (used_k.abs() <= limit).all() & (used_v.abs() <= limit).all()
             # room first, one allocation per tier: nothing is written if one fails
             fast.reserve_all(dict(enumerate(lengths)))
@@ -374,19 +377,24 @@ class LayerCache:
         """One decode token per sequence (``k, v [B, Hkv, D]`` on the CPU) in one C++ call."""
         ext = native.load()
         flags = self._flags
+        idle = int(self.index.idle)
+        # the tiers may hold the token before its index add is queued: an interrupt in between leaves the mark,
+        # and the next settle heals the gap (nothing written: no gap, the mark is dropped there)
+        self.index.begin_write()
         for _ in range(2):
             code = ext.append_decode(self.native_layer().address, k.data_ptr(), v.data_ptr(), k.stride(0),
-                                     k.stride(1), native.DTYPE_CODES[k.dtype], int(self.index.idle), self._flags_addr)
-            if code == 0:
-                return
+                                     k.stride(1), native.DTYPE_CODES[k.dtype], idle, self._flags_addr)
             if code == ext.APPEND_NEED_BLOCKS:  # reserve (allocates; nothing written yet), then again
                 self.reserve_flagged()
                 continue
             if code == ext.APPEND_NOT_FINITE:  # refused, nothing changed: the Python checks say exactly why
+                self.index.end_write()
                 bad = np.flatnonzero(flags).tolist()
                 self.check_append(k, v, None, check_values=True)
                 raise InvalidValueError(f"keys or values of sequences {bad} were refused by the native append")
-            self.queue_native_leftovers()
+            if code != 0:
+                self.queue_native_leftovers()
+            self.index.end_write()
             return
         raise RuntimeError("append_decode: host blocks still full after reserving")  # pragma: no cover
 
@@ -423,24 +431,28 @@ class LayerCache:
         """``crop`` with the lock held and the lengths checked."""
         self.index.settle()  # nothing may still be on its way into the index; a failed add heals (reported later)
         fast, host = self.fast, self.host
-        interrupt = None
-        self.index.begin_write()  # an interrupt between a truncate and its tier's leaves them apart: settle checks
+        s = self.config.sinks if not self.dense else 0
+        # every sequence's refill copied before any sequence changes: an allocation that fails then leaves them all
+        crops = []
         for seq, n in enumerate(lengths):
             n = min(n, int(fast.total[seq]))
             if n == int(fast.total[seq]):
                 continue
             lo, hi = fast.refill_range(seq, n)
-            s = self.config.sinks if not self.dense else 0
             refill_k = host.keys(seq, lo - s, hi - s) if hi > lo else fast.k[seq, :, :0]
             refill_v = host.values(seq, lo - s, hi - s) if hi > lo else fast.v[seq, :, :0]
             keep_host = max(0, lo - s) if not self.dense else 0
+            crops.append((seq, n, keep_host, refill_k.to(fast.device, copy=True), refill_v.to(fast.device, copy=True)))
+        interrupt = None
+        self.index.begin_write()  # an interrupt between a truncate and its tier's leaves them apart: settle checks
+        for seq, n, keep_host, refill_k, refill_v in crops:
             if not self.index.broken:
                 try:  # reads the removed keys from the tier: before it shrinks
                     self.retriever.truncate(seq, keep_host)
                 except BaseException as e:  # the tiers still crop; the index heals from them at the next wait
                     self.index.record_failure(e)
                     interrupt = interrupt or (None if isinstance(e, Exception) else e)
-            fast.crop(seq, n, refill_k.to(fast.device, copy=True), refill_v.to(fast.device, copy=True))
+            fast.crop(seq, n, refill_k, refill_v)
             host.truncate(seq, keep_host)
         self.index.end_write()
         fast.sync_lengths()
@@ -458,13 +470,15 @@ class LayerCache:
 
     def reset(self) -> None:
         """Forget every token (shape facts are kept from the next append)."""
-        with self.lock:
-            self.index.cancel()
-            if self._stage is not None:
-                self._stage.drop()
-            self.fast = self.host = self.retriever = self.head_budget = None
-            self._desc_key = None
-            self._native_ok = False
+        with self.lock, interrupts.deferred():  # a Ctrl-C half-way left a layer no step could use
+            self._native_ok = False  # first: the C++ append must not reach tiers being dropped
+            try:
+                if self._stage is not None:
+                    self._stage.drop()
+            finally:  # whatever the staging did, the layer ends empty (its index unbound with its tiers)
+                self.index.cancel()
+                self.fast = self.host = self.retriever = self.head_budget = None
+                self._desc_key = None
 
     # ---- inspection --------------------------------------------------------------------------------
     def tokens(self, seq: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -473,11 +487,14 @@ class LayerCache:
             raise ShapeError(f"layer {self.layer_idx}'s cache is empty: it holds no tokens of any sequence")
         if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or not 0 <= seq < self.batch:
             raise ShapeError(f"seq must be an int in [0, {self.batch}) (the cache's batch), got {seq!r}")
-        self._land()
-        fk, fv = self.fast.tokens(seq)
-        ns = min(int(self.fast.total[seq]), self.config.sinks) if not self.dense else fk.shape[1]
-        hk, hv = self.host.keys(seq).to(fk.device), self.host.values(seq).to(fk.device)
-        return (torch.cat([fk[:, :ns], hk, fk[:, ns:]], dim=1), torch.cat([fv[:, :ns], hv, fv[:, ns:]], dim=1))
+        with self.lock:  # one snapshot: another thread's append moves tokens from the window to the host tier
+            self._land_locked()
+            if self.fast is None:  # reset by another thread since the checks above
+                raise ShapeError(f"layer {self.layer_idx}'s cache is empty: it holds no tokens of any sequence")
+            fk, fv = self.fast.tokens(seq)
+            ns = min(int(self.fast.total[seq]), self.config.sinks) if not self.dense else fk.shape[1]
+            hk, hv = self.host.keys(seq).to(fk.device), self.host.values(seq).to(fk.device)
+            return (torch.cat([fk[:, :ns], hk, fk[:, ns:]], dim=1), torch.cat([fv[:, :ns], hv, fv[:, ns:]], dim=1))
 
     def memory(self) -> Dict[str, int]:
         """Bytes per tier: the tokens the fast and host tiers hold, and the retriever's index as allocated. What the
@@ -485,9 +502,12 @@ class LayerCache:
         blocks of ``block_tokens`` (and room reserved ahead)."""
         if not self.initialized:
             return dict.fromkeys(MEMORY_KEYS, 0)
-        self._land()
-        return {"fast_bytes": self.fast.nbytes(), "host_bytes": self.host.nbytes(),
-                "index_bytes": self.retriever.memory_bytes()}
+        with self.lock:
+            self._land_locked()
+            if self.fast is None:  # reset by another thread since the check above
+                return dict.fromkeys(MEMORY_KEYS, 0)
+            return {"fast_bytes": self.fast.nbytes(), "host_bytes": self.host.nbytes(),
+                    "index_bytes": self.retriever.memory_bytes()}
 
 
 def total_memory(layers: Sequence[LayerCache]) -> Dict[str, int]:

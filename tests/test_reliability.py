@@ -552,3 +552,148 @@ def test_storage_made_under_inference_mode_is_written_outside_it(overlap):
         q = torch.randn(1, 4, 16, generator=gen)
         out = attn.decode(q, torch.randn(1, 2, 16, generator=gen), torch.randn(1, 2, 16, generator=gen), layer, plan)
         assert rel_err(out, oracle(q, layer)) < 1e-5
+
+
+def _native_ready(layer) -> bool:
+    from hetero import native
+
+    return native.load() is not None and layer._native_ok
+
+
+def test_an_interrupt_between_the_native_append_and_its_index_add_is_found_and_healed(monkeypatch):
+    """The C++ decode append stores the token and leaves a faiss index's add to Python: a Ctrl-C before that add
+    leaves the write mark, so the next step finds the index behind the tier, heals it and says so."""
+    from hetero.indexing import IndexQueue
+
+    layer = _layer("ivf", tokens=40)
+    if not _native_ready(layer):
+        pytest.skip("the C++ extension is not built: no native append")
+    real = IndexQueue.add
+
+    def interrupted(self, seq, first, n):
+        if seq == 1:
+            raise KeyboardInterrupt
+        return real(self, seq, first, n)
+
+    monkeypatch.setattr(IndexQueue, "add", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        layer.append(torch.randn(B, HKV, D), torch.randn(B, HKV, D))
+    monkeypatch.undo()
+    assert list(layer.retriever.ntotal) != list(layer.host.length) and not layer.index.idle
+    with pytest.raises(IndexSyncError, match="out of step"):
+        layer.wait_indexed()
+    assert list(layer.retriever.ntotal) == list(layer.host.length) and layer.index.idle
+
+
+def test_a_native_decode_whose_step_fails_afterwards_takes_its_token_back(monkeypatch):
+    """The C++ decode call appends the token, then leaves the step to run() (a workspace to grow): when that fails,
+    the token goes back out, so that the same decode again appends it once."""
+    import hetero.plan as plan_mod
+
+    cfg = HeteroConfig(window=8, sinks=1, retriever="ivf-group", budget=0.5, block_tokens=4,
+                       retriever_options={"min_train": 16})
+    layer, attn = LayerCache(cfg), HeteroAttention(cfg)
+    gen = torch.Generator().manual_seed(0)
+    layer.append(torch.randn(B, HKV, 40, D, generator=gen), torch.randn(B, HKV, 40, D, generator=gen))
+    if not _native_ready(layer):
+        pytest.skip("the C++ extension is not built: no native decode")
+    plan = attn.plan(layer, HKV * G)
+    attn.decode(torch.randn(B, HKV * G, D), torch.randn(B, HKV, D), torch.randn(B, HKV, D), layer, plan)
+    layer.append(torch.randn(B, HKV, 200, D, generator=gen), torch.randn(B, HKV, 200, D, generator=gen))
+    layer.wait_indexed()
+    plan = attn.plan(layer, HKV * G)  # the host tier grew 5x: the budget outgrows the workspace made before
+    before = _logical(layer)
+
+    def no_memory(self, *a, **kw):
+        raise MemoryError("injected")
+
+    q, k, v = torch.randn(B, HKV * G, D), torch.randn(B, HKV, D), torch.randn(B, HKV, D)
+    monkeypatch.setattr(plan_mod.LayerWorkspace, "__init__", no_memory)
+    with pytest.raises(MemoryError):
+        attn.decode(q, k, v, layer, plan)
+    monkeypatch.undo()
+    assert _same_logical(before, _logical(layer))
+    attn.decode(q, k, v, layer, plan)
+    assert [int(n) for n in layer.fast.total] == [int(n) + 1 for n in before[1]]
+
+
+@pytest.mark.parametrize("fail_seq", [0, 1])
+def test_a_crop_whose_refill_copy_fails_changes_no_sequence(monkeypatch, fail_seq):
+    """Every sequence's refill is copied before any sequence is cropped: one copy failing leaves them all."""
+    import hetero.tiers as tiers
+
+    layer = _layer("exact", tokens=30)
+    before = _logical(layer)
+    real = tiers.HostTier.keys
+
+    def keys(self, seq, *a):
+        if seq == fail_seq:
+            raise MemoryError("injected")
+        return real(self, seq, *a)
+
+    monkeypatch.setattr(tiers.HostTier, "keys", keys)
+    with pytest.raises(MemoryError):
+        layer.crop([20, 8])
+    monkeypatch.undo()
+    assert _same_logical(before, _logical(layer))
+
+
+def test_a_reset_whose_staging_fails_still_leaves_an_empty_usable_layer(monkeypatch):
+    layer = _layer("ivf", tokens=40)
+
+    class FailingStage:
+        def drop(self):
+            raise KeyboardInterrupt
+
+        def __bool__(self):
+            return False
+
+    layer._stage = FailingStage()
+    with pytest.raises(KeyboardInterrupt):
+        layer.reset()
+    assert not layer.initialized
+    gen = torch.Generator().manual_seed(1)
+    k, v = torch.randn(B, HKV, 30, D, generator=gen), torch.randn(B, HKV, 30, D, generator=gen)
+    layer.append(k, v)
+    q = torch.randn(B, HKV * G, D)
+    attn = HeteroAttention(layer.config.with_(budget=1.0))
+    assert rel_err(attn.run(q, layer), oracle(q, layer)) < 1e-5
+
+
+def test_tokens_read_while_another_thread_appends_are_one_snapshot():
+    """tokens() reads both tiers under the layer's lock: each snapshot is the positions 0..n-1, in order."""
+    cfg = HeteroConfig(window=8, sinks=2, retriever="exact", budget=8, block_tokens=4)
+    layer = LayerCache(cfg)
+
+    def token(pos):  # a key whose every element is its position
+        return torch.full((1, 1, 1, 4), float(pos)), torch.zeros(1, 1, 1, 4)
+
+    layer.append(*token(0))
+    stop, bad = threading.Event(), []
+
+    def appender():
+        for pos in range(1, 3000):
+            layer.append(*token(pos))
+        stop.set()
+
+    t = threading.Thread(target=appender)
+    t.start()
+    while not stop.is_set():
+        keys = layer.tokens(0)[0][0, :, 0]
+        if not torch.equal(keys, torch.arange(keys.shape[0], dtype=keys.dtype)):
+            bad.append(keys.tolist())
+    t.join()
+    assert not bad, bad[0]
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["fused", "general"])
+def test_a_retriever_that_fails_is_reported_as_the_host_side_of_the_layer(monkeypatch, overlap):
+    layer = _layer("exact", tokens=20, overlap=overlap)
+    attn = HeteroAttention(layer.config)
+
+    def failing(self, *a, **kw):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(type(layer.retriever), "search", failing)
+    with pytest.raises(HeteroError, match=r"host side of layer 0 failed \(RuntimeError: injected\)"):
+        attn.run(torch.randn(B, HKV * G, D), layer)

@@ -81,6 +81,21 @@ def test_a_non_finite_staged_append_is_undone_when_it_lands():
     attn.close()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan")])
+def test_a_non_finite_staged_append_is_refused_in_every_storage_dtype(dtype, bad):
+    """The device's check compares magnitudes with the value limit in the storage dtype: float16 rounded the limit
+    (1e15) to inf, and inf passed."""
+    layer = LayerCache(HeteroConfig(window=3, sinks=0, block_tokens=2, retriever="all", budget=8))
+    layer.staged_evictions = True
+    k, v = torch.randn(1, 1, 8).to(dtype), torch.randn(1, 1, 8).to(dtype)
+    v[0, 0, 3] = bad
+    layer.append(k, v)
+    with pytest.raises(InvalidValueError, match="undone"):
+        layer.host_lengths()
+    assert layer.seq_lengths() == [0]
+
+
 def test_inspection_lands_pending_evictions():
     _, direct, staged = _pair("exact")
     k, v = torch.randn(1, 2, 60, 16), torch.randn(1, 2, 60, 16)
