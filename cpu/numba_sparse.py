@@ -11,7 +11,7 @@ ahead, through LLVM intrinsics: with the L2 prefetch alone the dots read their K
 bf16, k 2048: 2.04 ms per call against 0.92-1.0 ms with the L1 prefetch). Compiled with ``cache=True``;
 ``warmup()`` compiles (or loads from cache) every dtype ahead of the first decode step. The ``prange`` runs on
 numba's TBB layer where the ``tbb`` wheel is installed (``hetero.numba_setup.load_tbb``): under omp the workers
-sleep as soon as a call ends, and every call waits for a sleeping vCPU to be woken (docs/performance.md).
+sleep as soon as a call ends and take fixed shares of the next (``hetero/numba_setup.py``).
 """
 from __future__ import annotations
 

@@ -16,11 +16,14 @@ only hetero's.
 libtbb only on the dynamic loader's path, and pip installs the ``tbb`` wheel's library into ``<prefix>/lib``, which
 is not on it (numba issues 7148, 9740): in a virtual environment numba falls back to omp. Under omp, the workers of
 a ``prange`` sleep as soon as a parallel region ends (the ``OMP_WAIT_POLICY=PASSIVE`` hetero sets for torch's sake
-reaches numba's OpenMP too), so the next call waits for a sleeping vCPU to be woken. TBB's workers poll for a moment
-before they sleep, as hetero's C++ pool does. ``load_tbb()`` loads the wheel's library by path, so that numba's own
-lookup finds it; the choice stays numba's (``NUMBA_THREADING_LAYER`` still picks a layer; ``tbb`` there now works in
-a virtual environment too). It does nothing when numba's threading layer is already running, off Linux, or when the
-``tbb`` wheel is not installed; ``TBB_STATE`` says which (``hetero env`` prints it and the layer numba chose).
+reaches numba's OpenMP too), and each takes a fixed share of the next call: with calls spaced apart, as a model's
+layers space them, a call's median was about twice its best (docs/performance.md). TBB's workers poll for a moment
+before they sleep, as hetero's C++ pool does, and the caller takes over a share no worker has started.
+``load_tbb()`` loads the wheel's library by path, so that numba's own lookup finds it; the choice stays numba's
+(``NUMBA_THREADING_LAYER`` still picks a layer; ``tbb`` there works in a virtual environment too). It does nothing
+when numba's threading layer is already running, when a libtbb is loaded already (numba takes that one), off Linux,
+or when the ``tbb`` wheel is not installed; ``TBB_STATE`` says which (``hetero env`` prints it and the layer numba
+chose).
 """
 from __future__ import annotations
 
@@ -74,17 +77,31 @@ def load_tbb() -> str:
         TBB_STATE = "numba's choice (its threading layer was running before hetero's numba backend loaded)"
     elif not sys.platform.startswith("linux"):
         TBB_STATE = "numba's choice (the tbb wheel is loaded by hetero on Linux only)"
+    elif (loaded := _loaded_tbb_version()) is not None:  # numba finds that one by its name: a second copy is moot
+        TBB_STATE = f"numba's choice (a libtbb of interface version {loaded} was already loaded)"
     else:
         path = _tbb_wheel_library()
         if path is None:
             TBB_STATE = "numba's choice (the tbb wheel is not installed: pip install tbb)"
         else:
             try:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                # local: numba's TBB layer finds it by its soname; its symbols need not be everyone's
+                ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
                 TBB_STATE = f"tbb wheel's library loaded ({path})"
             except OSError as e:
                 TBB_STATE = f"numba's choice (the tbb wheel's {path} did not load: {e})"
     return TBB_STATE
+
+
+def _loaded_tbb_version():
+    """The interface version of a libtbb.so.12 this process has loaded already, or None."""
+    try:
+        lib = ctypes.CDLL(_TBB_LIBRARY, mode=os.RTLD_NOLOAD)
+    except OSError:
+        return None
+    version = lib.TBB_runtime_interface_version
+    version.restype = ctypes.c_int
+    return int(version())
 
 
 def _tbb_wheel_library():
