@@ -119,10 +119,12 @@ class _Shared:
         stored = [lay.stores(n) for lay, n in zip(layers, held)]
         if len(set(held)) == 1 and all(stored):
             return
-        fix = f"crop({min(held)})" if min(held) and all(stored) else "reset()"
+        fix = (f"cache.crop({min(held)}), which keeps the first {min(held)} positions in every layer (crop(-n) "
+               "drops n from each layer's own count and leaves them apart)") if min(held) and all(stored) else \
+            "cache.reset()"
         raise UnsupportedError(f"this HeteroCache's layers hold different numbers of positions ({held}"
                                f"{'' if all(stored) else ', some storing others than they count'}): an earlier "
-                               f"forward failed part-way; call cache.{fix} to return to a position all of them hold")
+                               f"forward failed part-way; call {fix} to return to a position all of them hold")
 
     def drop_unattended(self) -> None:
         """Every layer forgets an update that reached no hetero attention call (nothing of it was stored)."""
@@ -195,7 +197,9 @@ class HeteroCacheLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self.attended = False
         shared = self.shared  # (a chunked prefill's last token is still the prompt's: hetero_attention reads it so)
-        if (key_states.shape[2] == 1 and self.processed > 0 and (
+        # (a sequence that holds only left padding so far may get more: one token of a chunked prefill of a padded
+        # batch is a chunk, whose padding the chunk path records)
+        if (key_states.shape[2] == 1 and self.processed > 0 and self.processed not in self.pad and (
                 shared.prefill_start is None
                 or shared.prefill_tokens(self.processed, 1) <= shared.config.sparse_chunk_tokens)):
             self.token = (key_states, value_states)  # a decode token: appended with the step, in one native call
@@ -271,7 +275,10 @@ class HeteroCacheLayer(CacheLayerMixin):
         raise UnsupportedError("beam search is not supported by hetero's cache (use greedy or sampling)")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise UnsupportedError("expanding a HeteroCache's batch is not supported (one sequence per prompt)")
+        if repeats == 1:  # (generate() asks for it with num_return_sequences=1 in some modes): nothing to do
+            return
+        raise UnsupportedError(f"expanding a HeteroCache's batch ({repeats} copies of each sequence) is not supported "
+                               "(one sequence per prompt): repeat the prompts before the prefill instead")
 
     def batch_select_indices(self, indices) -> None:
         raise UnsupportedError("selecting sequences of a HeteroCache is not supported")
@@ -325,6 +332,9 @@ class HeteroCache(Cache):
             raise ConfigError(f"this HeteroCache has {len(self.layers)} layers and the model updated layer {layer_idx}: "
                               "build it for the model, HeteroCache(hetero_config, config=model.config)")
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def __copy__(self):
+        return self.__deepcopy__({})
 
     def __deepcopy__(self, memo):
         raise UnsupportedError("a HeteroCache cannot be copied (its tiers live in pinned and native memory, its index "
@@ -457,10 +467,27 @@ def _refuse_mask(layer_idx: int, pad: List[int], attention_mask: Optional[torch.
         return UnsupportedError(f"layer {layer_idx}: this HeteroCache holds left-padded sequences ({pad} padding "
                                 "tokens each), and the forward gave no attention_mask: pass the attention_mask "
                                 "(generate() does) so that the padding stays out of attention")
-    return UnsupportedError(f"layer {layer_idx}: the attention mask leaves out tokens other than each sequence's "
-                            f"left padding (of {pad} tokens) in some head: a HeteroCache attends every stored token, "
-                            "so a mask with holes, right padding or a sliding window cannot be served; left-pad the "
-                            "first prompt instead" + note)
+    real = _attended(attention_mask)
+    hole = ("a HeteroCache attends every stored token, so a mask with holes, right padding or a sliding window cannot "
+            "be served; left-pad the first prompt instead")
+    for b, p in enumerate(pad):
+        row = real[b if real.shape[0] > 1 else 0]                        # [H, Lk]
+        seen, every = row.any(dim=0), row.all(dim=0)
+        first = int(seen.nonzero()[0]) if bool(seen.any()) else row.shape[1]  # the first key some head attends
+        missed = (~every[first:]).nonzero()
+        if missed.numel():  # a key left out after an attended one: never padding
+            where = first + int(missed[0])
+            return UnsupportedError(f"layer {layer_idx}: the attention mask leaves out position {where} of sequence "
+                                    f"{b} in some head: {hole}" + note)
+        if first < p:
+            return UnsupportedError(f"layer {layer_idx}: the attention mask attends sequence {b}'s left padding (its "
+                                    f"first {p} positions), which a HeteroCache never stored: pass the attention "
+                                    "mask of the whole conversation so far, with that padding masked out" + note)
+        if first > p:
+            return UnsupportedError(f"layer {layer_idx}: the attention mask leaves out position {p} of sequence {b}, "
+                                    f"past its left padding of {p} tokens: {hole}" + note)
+    return UnsupportedError(f"layer {layer_idx}: the attention mask does not fit the left padding of {pad} tokens "
+                            "this HeteroCache holds: " + hole + note)
 
 
 _warned_dense = False
@@ -511,8 +538,14 @@ def hetero_attention(module, query, key, value, attention_mask, scaling=None, dr
         state.drop_update()
         raise UnsupportedModelError(f"layer {layer.layer_idx}: attention logit soft-capping (softcap="
                                     f"{kwargs['softcap']}) is not implemented by hetero's attention")
+    step = "decode step" if state.pending is None else f"{state.pending[0].shape[2]}-token chunk"
     try:
         return _attend_layer(state, module, query, attention_mask, scaling)
+    except InvalidValueError as e:  # the runtime's message names no model layer: say which, and in what
+        shared.roll_back(layer.layer_idx)
+        if str(e).startswith("layer "):
+            raise
+        raise InvalidValueError(f"layer {layer.layer_idx}, {step}: {e}") from e
     except BaseException:  # nothing half-done: the layers before this one forget this forward's tokens
         shared.roll_back(layer.layer_idx)
         raise

@@ -158,9 +158,9 @@ def test_a_mask_with_holes_is_refused_before_anything_is_stored():
     hole[1, 20] = 0
     right = torch.ones(2, 40, dtype=torch.long)
     right[0, 35:] = 0
-    for mask in (hole, right):
+    for mask, where in ((hole, "position 20 of sequence 1"), (right, "position 35 of sequence 0")):
         cache = hetero.hf.HeteroCache(model.hetero_config, config=model.config)
-        with pytest.raises(UnsupportedError, match="attention mask"):
+        with pytest.raises(UnsupportedError, match=f"attention mask leaves out {where} in some head"):
             model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4, do_sample=False,
                            pad_token_id=0)
         assert cache.get_seq_length() == 0
@@ -170,9 +170,28 @@ def test_a_mask_with_holes_is_refused_before_anything_is_stored():
     turn2 = torch.cat([first, torch.randint(3, 160, (2, 5), generator=gen)], dim=1)
     mask = torch.ones_like(turn2)
     mask[0, 10] = 0  # a cached token
-    with pytest.raises(UnsupportedError, match="attention mask"):
+    with pytest.raises(UnsupportedError, match="attention mask leaves out position 10 of sequence 0"):
         model.generate(turn2, attention_mask=mask, past_key_values=cache, max_new_tokens=4, do_sample=False,
                        pad_token_id=0)
+    assert cache.get_seq_length() == stored
+
+
+def test_a_later_turn_whose_mask_attends_the_first_prompts_padding_is_told_to_pass_the_whole_mask():
+    """The second turn of a left-padded batch given only its ids: transformers attends everything, the padding of
+    the first prompt included, which the cache never stored."""
+    _, model = _pair("llama")
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 160, (2, 30), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    cache = hetero.hf.HeteroCache(model.hetero_config, config=model.config)
+    first = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=3, do_sample=False,
+                           pad_token_id=0)
+    stored = cache.get_seq_length()
+    turn2 = torch.cat([first, torch.randint(3, 160, (2, 4), generator=gen)], dim=1)
+    with pytest.raises(UnsupportedError, match="attends sequence 1's left padding .*first 6 positions.*whole "
+                                               "conversation"):
+        model.generate(turn2, past_key_values=cache, max_new_tokens=2, do_sample=False, pad_token_id=0)
     assert cache.get_seq_length() == stored
 
 def test_plain_forward_with_dynamic_cache_still_exact():

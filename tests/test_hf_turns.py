@@ -150,7 +150,7 @@ def test_a_decode_step_without_a_mask_over_a_left_padded_cache_is_refused_and_wi
         model(ids, attention_mask=mask, past_key_values=cache)
         ref(ids, attention_mask=mask, past_key_values=dense)
         for chunk, why in ((nxt, "left-padded sequences .* no attention_mask"), (torch.cat([nxt] * 3, 1),
-                                                                                  "other than each sequence's left")):
+                                                                                  "attends sequence 1's left padding")):
             with pytest.raises(HeteroError, match=why):  # (a chunk's own causal mask, which attends the padding)
                 model(chunk, past_key_values=cache)
             assert cache.get_seq_length() == 20
@@ -668,7 +668,7 @@ def test_crop_into_the_left_padding_is_refused_and_copying_is_typed():
         copy.deepcopy(cache)
 
 
-@pytest.mark.parametrize("chunk", [7, 16, 39, 41])
+@pytest.mark.parametrize("chunk", [1, 2, 7, 16, 39, 41])
 def test_chunked_prefill_of_a_batch_whose_padding_is_longer_than_a_chunk_matches_dense(chunk):
     ref, model = _pair()
     gen = torch.Generator().manual_seed(2)
@@ -705,3 +705,36 @@ def test_a_failure_in_the_second_chunk_of_a_long_padded_prefill_rolls_back_and_t
         out = model(x[:, c0:c0 + 16], attention_mask=mask[:, :c0 + 16], past_key_values=cache, use_cache=True)
     want = ref(x, attention_mask=mask).logits[:, -1]
     assert torch.allclose(out.logits[:, -1], want, atol=1e-4)
+
+
+def test_a_shallow_copy_is_refused_as_a_copy_and_a_batch_repeated_once_is_left_as_it_is():
+    _, model = _pair()
+    cache = HeteroCache(EXACT, config=model.config)
+    model(_prompt(12, seed=5), past_key_values=cache, use_cache=True)
+    with pytest.raises(hetero.UnsupportedError, match="cannot be copied"):
+        copy.copy(cache)
+    cache.batch_repeat_interleave(1)
+    assert cache.get_seq_length() == 12
+    with pytest.raises(hetero.UnsupportedError, match="3 copies"):
+        cache.batch_repeat_interleave(3)
+    assert cache.get_seq_length() == 12
+
+
+def test_a_query_gone_nan_in_a_layer_is_refused_naming_the_layer_and_the_step():
+    _, model = _pair()
+    cache = HeteroCache(EXACT, config=model.config)
+    ids = _prompt(20, seed=6)
+    model(ids, past_key_values=cache, use_cache=True)
+    w = model.model.layers[1].self_attn.q_proj.weight
+    saved = w.data.clone()
+    with torch.no_grad():
+        w[0, 0] = float("nan")
+    try:
+        with pytest.raises(hetero.InvalidValueError, match=r"^layer 1, decode step: q contains NaN"):
+            model(ids[:, :1], past_key_values=cache, use_cache=True)
+        with pytest.raises(hetero.InvalidValueError, match=r"^layer 1, 3-token chunk: "):
+            model(ids[:, :3], past_key_values=cache, use_cache=True)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+    assert cache.get_seq_length() == 20
