@@ -10,10 +10,13 @@ decode append indexes natively only while the queue is idle, so the order is kep
 A failed add (or a crop's failed ``truncate``), inline or in the background, an exception or an interrupt, never
 leaves the index silently behind the tier: the queue records it; ``settle()`` (before a crop) rebuilds the index
 from the host tier, and ``wait()`` (before every search) does the same and raises ``IndexSyncError`` naming the
-layer (an interrupt is not reported again: it already was). A write that did not finish (an interrupt between a
-tier write and its add) leaves its ``begin_write`` mark: the next ``settle`` compares the index's token counts
-with the tier's and heals a gap the same way. An add queued before a ``reset`` neither adds to nor reports
-against the cache that follows. The tokens themselves are never lost.
+layer (an interrupt is not reported again: it already was). The rebuild follows the adds that went in: ivf, ivf-sq8
+and ivf-pq are built on the sizes they were built on before and lsh centred on its first add's mean, so later steps
+equal those of a cache whose add never failed (unless that add would itself have built the index); ivf-group (its
+tail list filled as decode steps fill it) and hnsw (another graph) come out close, not equal. A write that did not
+finish (an interrupt between a tier write and its add) leaves its ``begin_write`` mark: the next ``settle`` compares
+the index's token counts with the tier's and heals a gap the same way. An add queued before a ``reset`` neither adds
+to nor reports against the cache that follows. The tokens themselves are never lost.
 """
 from __future__ import annotations
 
@@ -166,13 +169,19 @@ class IndexQueue:
                                  "tier") from failure
 
     def resync(self) -> None:
-        """Rebuild the retriever from the host tier (every token the tier holds, in order). While a rebuild fails the
-        index stays marked broken, and the next ``wait`` tries again."""
+        """Rebuild the retriever from the host tier (every token the tier holds, in order; an IVF index on the sizes
+        it was built on before, ``IVFLifecycle.rebuild``). While a rebuild fails the index stays marked broken, and
+        the next ``wait`` tries again."""
         try:
-            self.retriever.reset()
-            for seq in range(self.host.batch):
-                if self.host.length[seq]:
-                    self.retriever.add(seq, self.host.keys(seq))
+            rebuild = getattr(self.retriever, "rebuild", None)
+            if rebuild is not None:  # the IVF life cycle: on the builds recorded, as the adds that went in left it
+                for seq in range(self.host.batch):
+                    rebuild(seq, int(self.host.length[seq]))
+            else:
+                self.retriever.reset()
+                for seq in range(self.host.batch):
+                    if self.host.length[seq]:
+                        self.retriever.add(seq, self.host.keys(seq))
         except BaseException as e:
             self._failure, self._reported = e, False
             raise IndexSyncError(f"layer {self.layer_idx}: rebuilding the {self.retriever_name!r} index from the "

@@ -76,6 +76,13 @@ class IVFLifecycle:
         are all kept (the newest keys are then removed in place)."""
         if not self.trained_on[seq] or n >= self.trained_on[seq]:
             return False
+        self.rebuild(seq, n)
+        return True
+
+    def rebuild(self, seq: int, n: int) -> None:
+        """The index of ``seq``'s first ``n`` host keys, rebuilt as its adds left it: on the latest recorded build of
+        at most ``n`` keys (none: below it the keys are searched exactly), then the rest added in the pieces decode
+        steps would make (``add_since_build``). ``rebuild_before`` and a healed failed add (``IndexQueue.resync``)."""
         earlier = [size for size in self.builds[seq] if size <= n]
         start = earlier[-1] if earlier else 0
         self._reset_seq(seq)
@@ -86,7 +93,6 @@ class IVFLifecycle:
         elif n:
             self.add(seq, self.host.keys(seq, 0, n))
         self.builds[seq] = earlier[:-1] + self.builds[seq]
-        return True
 
     def add_since_build(self, seq: int, first: int, stop: int) -> None:
         """``rebuild_before``'s adds of host positions ``[first, stop)`` after the build on ``first`` keys, in the
