@@ -357,20 +357,26 @@ class HeteroAttention:
                     layer.retriever.softmax_scale = plan.scale
                 self._prepare_work(ws, q, dst, layer, plan, mode, True, timed)
                 layer.index.begin_write()  # until the adds left to Python are queued (LayerCache._append_native)
-                for _ in range(2):
-                    appended, step = plan.host._runner.decode_token(
-                        layer.native_layer().address, ws.work.address, tk.data_ptr(), tv.data_ptr(), stride_b,
-                        stride_h, kv_dtype, 1, layer._flags_addr, q.data_ptr(), dst.data_ptr())
-                    if appended != ext.APPEND_NEED_BLOCKS:
-                        break
-                    layer.reserve_flagged()  # a sequence's host blocks were full: nothing ran; the same call again
-                if appended > 0:  # appended; index adds left to Python, which the step waits for
-                    layer.queue_native_leftovers()
-                layer.index.end_write()
-                layer.populate_host_ahead()
-                if not step:  # the workspace is read under the lock: another thread's step on it writes it next
-                    self._after_step(layer, ws, plan, mode, timed)
-                    return dst if out is not None else dst.clone()
+                appended = step = None
+                try:
+                    for _ in range(2):
+                        appended, step = plan.host._runner.decode_token(
+                            layer.native_layer().address, ws.work.address, tk.data_ptr(), tv.data_ptr(), stride_b,
+                            stride_h, kv_dtype, 1, layer._flags_addr, q.data_ptr(), dst.data_ptr())
+                        if appended != ext.APPEND_NEED_BLOCKS:
+                            break
+                        layer.reserve_flagged()  # a sequence's host blocks were full: nothing ran; the same again
+                    if appended > 0:  # appended; index adds left to Python, which the step waits for
+                        layer.queue_native_leftovers()
+                    layer.index.end_write()
+                    layer.populate_host_ahead()
+                    if not step:  # the workspace is read under the lock: another thread's step on it writes it next
+                        self._after_step(layer, ws, plan, mode, timed)
+                        return dst if out is not None else dst.clone()
+                except BaseException:  # (a Ctrl-C too) after the token went in: it goes back out, as on the
+                    if appended is not None and appended >= 0 and step != ext.STEP_QUERY_NOT_FINITE:  # other path
+                        layer.take_back_decode_token()
+                    raise
                 before = (layer.fast.total - 1).tolist()  # a decode appends one token to every sequence
         if mode == 1:  # searched in Python, waiting for index adds, or changed by another thread: the general path
             return self._append_then_run(q, k, v, layer, plan, out)

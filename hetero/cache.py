@@ -225,7 +225,7 @@ class LayerCache:
                 used_k = keys if min(lengths) == keys.shape[2] else _used(keys, lengths)
                 used_v = values if min(lengths) == keys.shape[2] else _used(values, lengths)
                 # NaN and inf compare False too: one pass each. The comparison runs in the storage dtype, which
-                # rounds a limit beyond its range to inf (float16: inf <= 1e15 held, and inf went in)
+                # would round a limit beyond its range to inf (float16's 1e15), and inf <= inf holds
                 limit = min(self._value_limit(), torch.finfo(dtype).max)
                 finite = (used_k.abs() <= limit).all() & (used_v.abs() <= limit).all()
             # room first, one allocation per tier: nothing is written if one fails
@@ -427,6 +427,12 @@ class LayerCache:
             with interrupts.deferred():
                 self._crop_locked(lengths)
 
+    def take_back_decode_token(self) -> None:
+        """Take out the token a decode step just appended to every sequence (the step failed after it went in), as
+        if it had never been appended. Caller holds the lock."""
+        with interrupts.deferred():
+            self._crop_locked((self.fast.total - 1).tolist())
+
     def _crop_locked(self, lengths: List[int]) -> None:
         """``crop`` with the lock held and the lengths checked."""
         self.index.settle()  # nothing may still be on its way into the index; a failed add heals (reported later)
@@ -470,7 +476,7 @@ class LayerCache:
 
     def reset(self) -> None:
         """Forget every token (shape facts are kept from the next append)."""
-        with self.lock, interrupts.deferred():  # a Ctrl-C half-way left a layer no step could use
+        with self.lock, interrupts.deferred():  # a Ctrl-C half-way would leave a layer no step can use
             self._native_ok = False  # first: the C++ append must not reach tiers being dropped
             try:
                 if self._stage is not None:
@@ -482,7 +488,8 @@ class LayerCache:
 
     # ---- inspection --------------------------------------------------------------------------------
     def tokens(self, seq: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """All keys and values of ``seq`` in logical order, ``[Hkv, L, D]`` each (sinks, host, window)."""
+        """All keys and values of ``seq`` in logical order, ``[Hkv, L, D]`` each (sinks, host, window): one snapshot,
+        read under the layer's lock (not to be called with ``layer.lock`` held)."""
         if not self.initialized:
             raise ShapeError(f"layer {self.layer_idx}'s cache is empty: it holds no tokens of any sequence")
         if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or not 0 <= seq < self.batch:

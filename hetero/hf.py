@@ -473,7 +473,10 @@ def _refuse_mask(layer_idx: int, pad: List[int], attention_mask: Optional[torch.
     for b, p in enumerate(pad):
         row = real[b if real.shape[0] > 1 else 0]                        # [H, Lk]
         seen, every = row.any(dim=0), row.all(dim=0)
-        first = int(seen.nonzero()[0]) if bool(seen.any()) else row.shape[1]  # the first key some head attends
+        if not bool(seen.any()):
+            return UnsupportedError(f"layer {layer_idx}: the attention mask's last query row attends no key of "
+                                    f"sequence {b}: {hole}" + note)
+        first = int(seen.nonzero()[0])  # the first key some head attends
         missed = (~every[first:]).nonzero()
         if missed.numel():  # a key left out after an attended one: never padding
             where = first + int(missed[0])

@@ -12,11 +12,12 @@ leaves the index silently behind the tier: the queue records it; ``settle()`` (b
 from the host tier, and ``wait()`` (before every search) does the same and raises ``IndexSyncError`` naming the
 layer (an interrupt is not reported again: it already was). The rebuild follows the adds that went in: ivf, ivf-sq8
 and ivf-pq are built on the sizes they were built on before and lsh centred on its first add's mean, so later steps
-equal those of a cache whose add never failed (unless that add would itself have built the index); ivf-group (its
-tail list filled as decode steps fill it) and hnsw (another graph) come out close, not equal. A write that did not
-finish (an interrupt between a tier write and its add) leaves its ``begin_write`` mark: the next ``settle`` compares
-the index's token counts with the tier's and heals a gap the same way. An add queued before a ``reset`` neither adds
-to nor reports against the cache that follows. The tokens themselves are never lost.
+equal those of a cache whose add never failed (unless an add that failed, or was skipped while the index was broken,
+would have built it: the rebuild adds the keys since the last build in the pieces decode steps would); ivf-group
+(its tail list filled as decode steps fill it) and hnsw (another graph) come out close, not equal. A write that did
+not finish (an interrupt between a tier write and its add) leaves its ``begin_write`` mark: the next ``settle``
+compares the index's token counts with the tier's and heals a gap the same way. An add queued before a ``reset``
+neither adds to nor reports against the cache that follows. The tokens themselves are never lost.
 """
 from __future__ import annotations
 

@@ -99,7 +99,10 @@ def _loaded_tbb_version():
         lib = ctypes.CDLL(_TBB_LIBRARY, mode=os.RTLD_NOLOAD)
     except OSError:
         return None
-    version = lib.TBB_runtime_interface_version
+    try:
+        version = lib.TBB_runtime_interface_version
+    except AttributeError:  # a libtbb.so.12 without it: older than any numba takes
+        return 0
     version.restype = ctypes.c_int
     return int(version())
 

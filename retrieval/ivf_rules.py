@@ -83,15 +83,20 @@ class IVFLifecycle:
         """The index of ``seq``'s first ``n`` host keys, rebuilt as its adds left it: on the latest recorded build of
         at most ``n`` keys (none: below it the keys are searched exactly), then the rest added in the pieces decode
         steps would make (``add_since_build``). ``rebuild_before`` and a healed failed add (``IndexQueue.resync``)."""
-        earlier = [size for size in self.builds[seq] if size <= n]
+        history = list(self.builds[seq])
+        earlier = [size for size in history if size <= n]
         start = earlier[-1] if earlier else 0
         self._reset_seq(seq)
         self.ntotal_array[seq] = 0
-        if start:
-            self.add(seq, self.host.keys(seq, 0, start))  # builds on exactly these keys (a build had >= min_train)
-            self.add_since_build(seq, start, n)
-        elif n:
-            self.add(seq, self.host.keys(seq, 0, n))
+        try:
+            if start:
+                self.add(seq, self.host.keys(seq, 0, start))  # builds on exactly these keys (a build had >= min_train)
+                self.add_since_build(seq, start, n)
+            elif n:
+                self.add(seq, self.host.keys(seq, 0, n))
+        except BaseException:  # the history stays for the next try (a failed rebuild is tried again)
+            self.builds[seq] = history
+            raise
         self.builds[seq] = earlier[:-1] + self.builds[seq]
 
     def add_since_build(self, seq: int, first: int, stop: int) -> None:

@@ -106,12 +106,13 @@ class LSHSampler(Retriever):
         super().reset()
         b = self.host.batch
         self._mu, self._heads, self._next, self._counts = [None] * b, [None] * b, [None] * b, [None] * b
+        self._mu_keys = [0] * b
 
     def rebuild(self, seq: int, n: int) -> None:
         """The tables of ``seq``'s first ``n`` host keys as its adds left them (a healed failed add,
         ``IndexQueue.resync``): centred on the mean of the keys of its first add, as then (one add of all ``n`` would
         centre them on another mean), the rest added after. The tables do not depend on how the rest came."""
-        first = min(n, self._mu_keys[seq]) if self._mu[seq] is not None else n
+        first = min(n, self._mu_keys[seq]) if self._mu_keys[seq] else n  # (kept by a rebuild that failed)
         self._reset_seq(seq)
         self.ntotal_array[seq] = 0
         if first:

@@ -725,3 +725,55 @@ def test_an_index_healed_after_a_failed_add_is_the_index_the_adds_would_have_mad
                 layer.wait_indexed()
         outs.append([attn.decode(q, k, v, layer, attn.plan(layer, HKV * G)) for q, k, v in steps])
     assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_a_native_decode_interrupted_after_its_write_takes_its_token_back(monkeypatch):
+    """A Ctrl-C between the C++ decode call's write and the end of decode(): the token goes back out, as on the
+    two-call path, so that the same decode again appends it once."""
+    layer = _layer("ivf-group", tokens=40)
+    if not _native_ready(layer):
+        pytest.skip("the C++ extension is not built: no native decode")
+    attn = HeteroAttention(layer.config)
+    plan = attn.plan(layer, HKV * G)
+    q, k, v = torch.randn(B, HKV * G, D), torch.randn(B, HKV, D), torch.randn(B, HKV, D)
+    attn.decode(q, k, v, layer, plan)  # the plan's workspaces exist: the next decode is one native call
+    before = _logical(layer)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LayerCache, "populate_host_ahead", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        attn.decode(q, k, v, layer, plan)
+    monkeypatch.undo()
+    assert _same_logical(before, _logical(layer))
+
+
+@pytest.mark.parametrize("retriever", ["ivf", "lsh"])
+def test_a_rebuild_that_fails_too_keeps_what_the_next_one_follows(retriever):
+    """The heal of a failed add fails as well (its first add): the build sizes and the first add's size are kept for
+    the next try, which then makes the index the adds would have made."""
+    options = {"min_train": 64} if retriever == "ivf" else {}
+    cfg = HeteroConfig(window=8, sinks=1, retriever=retriever, budget=0.25, block_tokens=8,
+                       retriever_options=options)
+    gen = torch.Generator().manual_seed(6)
+    chunks = [(torch.randn(B, HKV, 150, D, generator=gen), torch.randn(B, HKV, 150, D, generator=gen))
+              for _ in range(2)]
+    q = torch.randn(B, HKV * G, D, generator=gen)
+    outs = []
+    for fail in (False, True):
+        layer, attn = LayerCache(cfg), HeteroAttention(cfg)
+        layer.append(*chunks[0])
+        layer.wait_indexed()
+        if fail:
+            _FailingAdd(layer, RuntimeError("disk full"))
+            layer.append(*chunks[1])
+            _FailingAdd(layer, RuntimeError("still full"))  # the rebuild's first add
+            with pytest.raises(IndexSyncError, match="rebuilding .* failed"):
+                layer.wait_indexed()
+            with pytest.raises(IndexSyncError, match="still full.*rebuilt"):  # healed at the next try
+                layer.wait_indexed()
+        else:
+            layer.append(*chunks[1])
+        outs.append(attn.run(q, layer))
+    assert torch.equal(*outs)
