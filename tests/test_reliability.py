@@ -699,41 +699,34 @@ def test_a_retriever_that_fails_is_reported_as_the_host_side_of_the_layer(monkey
         attn.run(torch.randn(B, HKV * G, D), layer)
 
 
-def _two_chunk_prefill(retriever, seed):
-    """A config whose IVF index trains on the first of two 150-token prefill chunks, the chunks, and the generator."""
-    options = {"min_train": 64} if retriever.startswith("ivf") else {}
+@pytest.mark.parametrize("rebuild_fails", [False, True], ids=["healed", "healed-at-the-retry"])
+@pytest.mark.parametrize("retriever", ["ivf", "ivf-sq8", "ivf-pq", "lsh", "exact"])
+def test_an_index_healed_after_a_failed_add_is_the_index_the_adds_would_have_made(retriever, rebuild_fails):
+    """The rebuild after a failed add follows the adds that went in: an IVF index on the sizes it was built on
+    before (not trained anew on the whole tier), LSH tables centred on the first add's mean; a rebuild that fails
+    too keeps both for its retry. Later steps then equal those of a cache whose add never failed, bit for bit."""
+    options = {"min_train": 64} if retriever.startswith("ivf") else {}  # trained on the first of two chunks
     cfg = HeteroConfig(window=8, sinks=1, retriever=retriever, budget=0.25, block_tokens=8,
                        retriever_options=options)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(5)
     chunks = [(torch.randn(B, HKV, 150, D, generator=gen), torch.randn(B, HKV, 150, D, generator=gen))
               for _ in range(2)]
-    return cfg, chunks, gen
-
-
-def _first_chunk_in(cfg, chunks):
-    """A layer holding the first chunk, indexed, and a runtime of the same config."""
-    layer = LayerCache(cfg)
-    layer.append(*chunks[0])
-    layer.wait_indexed()
-    return layer, HeteroAttention(cfg)
-
-
-@pytest.mark.parametrize("retriever", ["ivf", "ivf-sq8", "ivf-pq", "lsh", "exact"])
-def test_an_index_healed_after_a_failed_add_is_the_index_the_adds_would_have_made(retriever):
-    """The rebuild after a failed add follows the adds that went in: an IVF index on the sizes it was built on
-    before (not trained anew on the whole tier), LSH tables centred on the first add's mean. Later steps then equal
-    those of a cache whose add never failed, bit for bit."""
-    cfg, chunks, gen = _two_chunk_prefill(retriever, seed=5)
     steps = [(torch.randn(B, HKV * G, D, generator=gen), torch.randn(B, HKV, D, generator=gen),
               torch.randn(B, HKV, D, generator=gen)) for _ in range(4)]
     outs = []
     for fail in (False, True):
-        layer, attn = _first_chunk_in(cfg, chunks)
+        layer, attn = LayerCache(cfg), HeteroAttention(cfg)
+        layer.append(*chunks[0])
+        layer.wait_indexed()
         if fail:
             _FailingAdd(layer, RuntimeError("disk full"))
         layer.append(*chunks[1])
+        if fail and rebuild_fails:
+            _FailingAdd(layer, RuntimeError("still full"))  # the rebuild's first add
+            with pytest.raises(IndexSyncError, match="rebuilding .* failed"):
+                layer.wait_indexed()
         if fail:
-            with pytest.raises(IndexSyncError, match="disk full"):
+            with pytest.raises(IndexSyncError, match="still full" if rebuild_fails else "disk full"):
                 layer.wait_indexed()
         outs.append([attn.decode(q, k, v, layer, attn.plan(layer, HKV * G)) for q, k, v in steps])
     assert all(torch.equal(a, b) for a, b in zip(*outs))
@@ -759,26 +752,3 @@ def test_a_native_decode_interrupted_after_its_write_takes_its_token_back(monkey
         attn.decode(q, k, v, layer, plan)
     monkeypatch.undo()
     assert _same_logical(before, _logical(layer))
-
-
-@pytest.mark.parametrize("retriever", ["ivf", "lsh"])
-def test_a_rebuild_that_fails_too_keeps_what_the_next_one_follows(retriever):
-    """The heal of a failed add fails as well (its first add): the build sizes and the first add's size are kept for
-    the next try, which then makes the index the adds would have made."""
-    cfg, chunks, gen = _two_chunk_prefill(retriever, seed=6)
-    q = torch.randn(B, HKV * G, D, generator=gen)
-    outs = []
-    for fail in (False, True):
-        layer, attn = _first_chunk_in(cfg, chunks)
-        if fail:
-            _FailingAdd(layer, RuntimeError("disk full"))
-            layer.append(*chunks[1])
-            _FailingAdd(layer, RuntimeError("still full"))  # the rebuild's first add
-            with pytest.raises(IndexSyncError, match="rebuilding .* failed"):
-                layer.wait_indexed()
-            with pytest.raises(IndexSyncError, match="still full.*rebuilt"):  # healed at the next try
-                layer.wait_indexed()
-        else:
-            layer.append(*chunks[1])
-        outs.append(attn.run(q, layer))
-    assert torch.equal(*outs)
