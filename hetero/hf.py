@@ -541,16 +541,14 @@ def hetero_attention(module, query, key, value, attention_mask, scaling=None, dr
         state.drop_update()
         raise UnsupportedModelError(f"layer {layer.layer_idx}: attention logit soft-capping (softcap="
                                     f"{kwargs['softcap']}) is not implemented by hetero's attention")
-    step = "decode step" if state.pending is None else f"{state.pending[0].shape[2]}-token chunk"
+    chunk = state.pending  # (taken by the step: read here for an error's message)
     try:
         return _attend_layer(state, module, query, attention_mask, scaling)
-    except InvalidValueError as e:  # the runtime's message names no model layer: say which, and in what
+    except BaseException as e:  # nothing half-done: the layers before this one forget this forward's tokens
         shared.roll_back(layer.layer_idx)
-        if str(e).startswith("layer "):
-            raise
-        raise InvalidValueError(f"layer {layer.layer_idx}, {step}: {e}") from e
-    except BaseException:  # nothing half-done: the layers before this one forget this forward's tokens
-        shared.roll_back(layer.layer_idx)
+        if isinstance(e, InvalidValueError) and not str(e).startswith("layer "):  # say which model layer, and in what
+            step = "decode step" if chunk is None else f"{chunk[0].shape[2]}-token chunk"
+            raise InvalidValueError(f"layer {layer.layer_idx}, {step}: {e}") from e
         raise
 
 

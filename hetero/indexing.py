@@ -170,19 +170,11 @@ class IndexQueue:
                                  "tier") from failure
 
     def resync(self) -> None:
-        """Rebuild the retriever from the host tier (every token the tier holds, in order; an IVF index on the sizes
-        it was built on before, ``IVFLifecycle.rebuild``). While a rebuild fails the index stays marked broken, and
-        the next ``wait`` tries again."""
+        """Rebuild the retriever from the host tier, every sequence as its adds left it (``Retriever.rebuild``). While
+        a rebuild fails the index stays marked broken, and the next ``wait`` tries again."""
         try:
-            rebuild = getattr(self.retriever, "rebuild", None)
-            if rebuild is not None:  # the IVF life cycle: on the builds recorded, as the adds that went in left it
-                for seq in range(self.host.batch):
-                    rebuild(seq, int(self.host.length[seq]))
-            else:
-                self.retriever.reset()
-                for seq in range(self.host.batch):
-                    if self.host.length[seq]:
-                        self.retriever.add(seq, self.host.keys(seq))
+            for seq in range(self.host.batch):
+                self.retriever.rebuild(seq, int(self.host.length[seq]))
         except BaseException as e:
             self._failure, self._reported = e, False
             raise IndexSyncError(f"layer {self.layer_idx}: rebuilding the {self.retriever_name!r} index from the "

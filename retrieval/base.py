@@ -150,6 +150,12 @@ class Retriever(ABC):
         """Forget host positions ``>= n`` of ``seq`` (the host tier still holds them while this runs). The default
         rebuilds the sequence's index from its first ``n`` host keys; retrievers that can remove the newest keys in
         place override it."""
+        self.rebuild(seq, n)
+
+    def rebuild(self, seq: int, n: int) -> None:
+        """The index of ``seq``'s first ``n`` host keys, built anew from the host tier (``truncate``; a healed failed
+        add, ``IndexQueue.resync``). The default adds them in one piece; retrievers whose index depends on how the
+        keys came (the IVF builds, LSH's centering mean) rebuild it as its adds left it."""
         self._reset_seq(seq)
         self.ntotal_array[seq] = 0
         if n:
