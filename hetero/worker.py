@@ -61,7 +61,10 @@ class Worker:
         anyone's)."""
         fut: Future = Future()
         with self._lock:
-            if self._closed or (idle_only and (self._running[0] is not None or not self._queue.empty())):
+            running = self._running[0]
+            # a call whose future is set is finished for its caller (the thread only clears its slot after it)
+            busy = (running is not None and not running.done()) or not self._queue.empty()
+            if self._closed or (idle_only and busy):
                 return None
             try:
                 self._queue.put_nowait((fut, fn, args, {}))

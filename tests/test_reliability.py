@@ -169,9 +169,22 @@ def test_try_submit_does_not_wait_for_a_full_queue():
     assert w.try_submit(int, 3) is None and time.perf_counter() - t < 0.5
     gate.set()
     assert first.result(5) and [f.result(5) for f in queued] == [1, 2]
-    while w._running[0] is not None:
+    assert w.try_submit(int, 4, idle_only=True).result(5) == 4  # idle again once its results are given
+    w.close()
+
+
+def test_a_worker_whose_call_has_returned_its_result_is_idle():
+    """A caller that got its result may ask at once for ``idle_only`` work: the thread's own bookkeeping after the
+    result is set does not count as busy. The done-callback runs on the worker's thread, in exactly that moment."""
+    w = Worker("test-idle-after-result")
+    asked = []
+    first = w.submit(int, 1)
+    first.add_done_callback(lambda _: asked.append(w.try_submit(int, 2, idle_only=True)))
+    assert first.result(5) == 1
+    deadline = time.perf_counter() + 5
+    while not asked and time.perf_counter() < deadline:
         time.sleep(0.001)
-    assert w.try_submit(int, 4, idle_only=True).result(5) == 4  # idle again
+    assert asked and asked[0] is not None and asked[0].result(5) == 2
     w.close()
 
 
