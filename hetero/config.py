@@ -230,3 +230,23 @@ class HeteroConfig:
             raise ConfigError(f"unknown HeteroConfig field(s) {sorted(unknown)}; fields are "
                               f"{[f.name for f in fields(self)]}")
         return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """The fields as JSON values (``from_dict`` reads them back): what ``save_pretrained`` writes for a
+        ``generation_config.hetero_config`` (transformers serializes a dataclass through its ``to_dict``)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["dense_layers"] = list(self.dense_layers)
+        out["retriever_options"] = dict(self.retriever_options)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "HeteroConfig":
+        """A config from ``to_dict``'s output (a saved ``generation_config.json``); fields left out take their
+        defaults, an unknown key is a ConfigError naming it."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a hetero config must be a mapping of HeteroConfig fields, got {type(data).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown HeteroConfig field(s) {unknown}; fields are {names}")
+        return cls(**data)

@@ -11,8 +11,9 @@ Pieces:
   chunk over the tiers and itself (``hetero/chunk.py``), then the chunk's tokens enter the tiers.
 * Registration: ``AttentionInterface`` / ``AttentionMaskInterface`` (the sdpa mask, so padded batches get their
   masks), and ``generate()`` of a model whose attention implementation is ``"hetero"`` builds a ``HeteroCache``
-  when none is passed (hetero settings from ``generate(hetero_config=...)`` or ``model.generation_config
-  .hetero_config``). ``wrap`` / ``unwrap`` switch a loaded model.
+  when none is passed (hetero settings from ``generate(hetero_config=...)`` or ``generation_config.hetero_config``,
+  which ``save_pretrained`` writes as ``HeteroConfig.to_dict()`` and a loaded config holds as that dict).
+  ``wrap`` / ``unwrap`` switch a loaded model.
 
 Mistakes are refused rather than decoded wrongly: a ``HeteroCache`` under another attention implementation raises at
 its next update; hetero's attention handed another cache (or none) warns once and computes exact dense attention
@@ -634,6 +635,18 @@ def _prepare_generation_config(self, generation_config, **kwargs):
     return generation_config, model_kwargs
 
 
+def _saved_hetero_config(generation_config) -> Optional[HeteroConfig]:
+    """``generation_config.hetero_config``: a HeteroConfig, or the dict ``save_pretrained`` wrote for one (a
+    generation config loaded from disk holds that); None when unset."""
+    value = getattr(generation_config, "hetero_config", None)
+    if value is None or isinstance(value, HeteroConfig):
+        return value
+    if isinstance(value, dict):
+        return HeteroConfig.from_dict(value)
+    raise ConfigError(f"generation_config.hetero_config must be a hetero.HeteroConfig (or the dict of one that "
+                      f"save_pretrained wrote), got {type(value).__name__}")
+
+
 def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
     """A model whose attention is "hetero" gets a ``HeteroCache`` when ``generate()`` is given no cache (and uses
     one: ``use_cache=False`` keeps none); any other model is left to transformers. Beam search is refused here,
@@ -645,13 +658,13 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, 
             and (generation_config.num_beams or 1) > 1 and generation_config.use_cache is not False):
         raise UnsupportedError(f"beam search (num_beams={generation_config.num_beams}) is not supported by hetero's "
                                "cache, which cannot reorder its sequences; use greedy decoding or sampling")
-    wanted = getattr(generation_config, "hetero_config", None)
+    wanted = _saved_hetero_config(generation_config)
     if isinstance(given, HeteroCache) and wanted is not None and wanted != given.config:
         raise ConfigError("generate() was given a hetero_config (or generation_config.hetero_config) and a "
                           "HeteroCache built with another one: the cache's own applies to its tiers, so one of "
                           "them would be ignored; pass only the cache, or build it with that config")
     if builds_hetero and generation_config.use_cache is not False:
-        config = getattr(generation_config, "hetero_config", None) or getattr(self, "hetero_config", None)
+        config = wanted or getattr(self, "hetero_config", None)
         progress = getattr(self, "hetero_progress_tokens", DEFAULT_PROGRESS_TOKENS)
         cache = HeteroCache(config, config=self.config, progress_tokens=progress)
         if generation_config.is_assistant:

@@ -738,3 +738,38 @@ def test_a_query_gone_nan_in_a_layer_is_refused_naming_the_layer_and_the_step():
         with torch.no_grad():
             w.copy_(saved)
     assert cache.get_seq_length() == 20
+
+
+def test_a_hetero_config_saved_with_the_generation_config_is_the_one_generate_uses(tmp_path, monkeypatch):
+    """``generation_config.hetero_config`` survives ``save_pretrained`` / ``from_pretrained`` (transformers wrote
+    null for it before); a loaded one builds the cache generate() uses, and a malformed one is refused by name. (A
+    generation config derived from the model's config, ``_from_model_config``, drops every key transformers does
+    not know when loaded: transformers' rule, for hetero's key as for any other.)"""
+    from transformers import GenerationConfig
+
+    config = HeteroConfig(window=8, sinks=2, budget=5, retriever="exact", dense_layers=(1,),
+                          retriever_options={})
+    assert HeteroConfig.from_dict(config.to_dict()) == config
+    _, model = _pair()
+    saved = GenerationConfig(max_new_tokens=2, do_sample=False)
+    saved.hetero_config = config
+    saved.save_pretrained(tmp_path)
+    loaded = GenerationConfig.from_pretrained(tmp_path)
+    assert loaded.hetero_config == config.to_dict()
+    built = []
+    original = HeteroCache.__init__
+
+    def spy(self, hetero_config=None, *args, **kwargs):
+        built.append(hetero_config)
+        original(self, hetero_config, *args, **kwargs)
+
+    monkeypatch.setattr(HeteroCache, "__init__", spy)
+    ids = torch.randint(3, 160, (1, 20), generator=torch.Generator().manual_seed(10))
+    model.generate(ids, generation_config=loaded)
+    assert built == [config]
+    loaded.hetero_config = dict(config.to_dict(), windw=8)
+    with pytest.raises(HeteroError, match=r"unknown HeteroConfig field\(s\) \['windw'\]"):
+        model.generate(ids, generation_config=loaded, max_new_tokens=2, do_sample=False)
+    loaded.hetero_config = "exact"
+    with pytest.raises(HeteroError, match="must be a hetero.HeteroConfig"):
+        model.generate(ids, generation_config=loaded, max_new_tokens=2, do_sample=False)
