@@ -15,6 +15,21 @@ def _run(*args, cwd=None, timeout=600):
     return subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
+def _profile_with_pool_track(trace, *args, tries=3):
+    """``hetero profile ... --trace trace`` until its trace has the pool thread's track, at most ``tries`` runs: the
+    C++ pool's caller waits only for the workers that joined a run, so on a loaded machine the caller may run every
+    item of every step before its pool thread gets a core (2 of 5 single runs at 60K tokens beside three busy
+    processes on 2 vCPUs), and such a trace is correct without a pool track. Returns the last run's process and
+    its trace's events."""
+    for _ in range(tries):
+        p = _run("profile", *args, "--trace", str(trace))
+        assert p.returncode == 0, p.stderr
+        events = json.loads(trace.read_text())["traceEvents"]
+        if any(e.get("ph") == "M" and e["args"].get("name") == "cpp host pool 1" for e in events):
+            break
+    return p, events
+
+
 def _overlapping_threads(events):
     spans = [(e["ts"], e["ts"] + e["dur"], e["tid"], e["name"]) for e in events if e.get("ph") == "X"]
     return any(a[2] != b[2] and a[0] < b[1] and b[0] < a[1] for a in spans for b in spans)
@@ -22,15 +37,12 @@ def _overlapping_threads(events):
 
 def test_profile_trace_and_plot(tmp_path):
     trace, png = tmp_path / "t.json", tmp_path / "p.png"
-    p = _run("profile", "--context", "60000", "--heads", "8", "--kv-heads", "2", "--head-dim", "64", "--steps", "4",
-             "--retriever", "exact", "--trace", str(trace), "--plot", str(png), "--json")
-    assert p.returncode == 0, p.stderr
+    p, events = _profile_with_pool_track(trace, "--context", "60000", "--heads", "8", "--kv-heads", "2", "--head-dim",
+                                         "64", "--steps", "4", "--retriever", "exact", "--plot", str(png), "--json")
     r = json.loads(p.stdout)
     for key in ("context", "heads", "kv_heads", "head_dim", "window", "sinks", "budget", "retriever", "backends",
                 "dense_ms", "hetero_ms", "speedup", "rel_error", "phases", "critical_path", "memory", "per_step"):
         assert key in r
-    doc = json.loads(trace.read_text())
-    events = doc["traceEvents"]
     names = {e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "thread_name"}
     assert {"MainThread", "cpp host pool 1"} <= names  # the fused step's phases and its pool thread
     assert all({"ts", "dur", "pid", "tid", "name"} <= set(e) for e in events if e["ph"] == "X")
@@ -91,12 +103,10 @@ def test_trace_shows_the_native_pool_threads(tmp_path):
     (the calling thread may finish a small step before its pool thread gets a core, so no phase is required of the
     pool). On 2 vCPUs the caller ran every item of all eight steps alone in 3 of 6 profiles at 9K tokens (the pool
     thread placed on the caller's vCPU, or polling too late), 1 of 6 at 30K and 0 of 6 at 60K, whose ~1 ms steps
-    leave it time to join."""
+    leave it time to join, unless the machine is loaded (``_profile_with_pool_track``)."""
     trace = tmp_path / "t.json"
-    p = _run("profile", "--context", "60000", "--heads", "8", "--kv-heads", "2", "--head-dim", "64", "--steps", "8",
-             "--trace", str(trace))
-    assert p.returncode == 0, p.stderr
-    events = json.loads(trace.read_text())["traceEvents"]
+    _, events = _profile_with_pool_track(trace, "--context", "60000", "--heads", "8", "--kv-heads", "2", "--head-dim",
+                                         "64", "--steps", "8")
     names = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e["name"] == "thread_name"}
     assert "cpp host pool 1" in set(names.values())
     spans = [e for e in events if e.get("ph") == "X"]

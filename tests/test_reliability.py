@@ -521,7 +521,8 @@ def test_a_forked_child_serves_its_workers_and_the_parent_goes_on():
         w = Worker("forked")
         gate = threading.Event()
         running = w.submit(gate.wait)          # the parent's thread is inside this call at the fork
-        time.sleep(0.2)
+        while w._running[0] is not running:
+            time.sleep(0.001)
         queued = w.submit(lambda: 7)
         pid = os.fork()
         if pid == 0:

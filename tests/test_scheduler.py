@@ -303,11 +303,13 @@ def test_background_indexing_with_training_while_tokens_keep_arriving(retriever)
     gen = torch.Generator().manual_seed(6)
     cfg = HeteroConfig(window=16, sinks=2, retriever=retriever, budget=0.2)
     layer = LayerCache(cfg, indexer=indexer)
-    blocker = indexer.submit(time.sleep, 0.2)  # hold the indexer so that appends run ahead of it
+    gate = threading.Event()
+    blocker = indexer.submit(gate.wait, 60)  # hold the indexer until the appends below have run ahead of it
     layer.append(torch.randn(1, 2, 2000, 16, generator=gen), torch.randn(1, 2, 2000, 16, generator=gen))
     for _ in range(20):
         layer.append(torch.randn(1, 2, 16, generator=gen), torch.randn(1, 2, 16, generator=gen))
-    blocker.result()
+    gate.set()
+    assert blocker.result()
     layer.wait_indexed()
     assert layer.retriever.ntotal == layer.host_lengths()
     if retriever == "ivf-group":
