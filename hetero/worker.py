@@ -61,9 +61,10 @@ class Worker:
         anyone's)."""
         fut: Future = Future()
         with self._lock:
-            running = self._running[0]
-            # a call whose future is set is finished for its caller (the thread only clears its slot after it)
-            busy = (running is not None and not running.done()) or not self._queue.empty()
+            # a call counts from its put until its function has returned: taken from the queue but not yet marked
+            # running, it is still counted; done before its result is set, a caller that has the result finds the
+            # worker idle (queue.Queue's own count of calls put and not yet task_done)
+            busy = self._queue.unfinished_tasks > 0
             if self._closed or (idle_only and busy):
                 return None
             try:
@@ -99,6 +100,7 @@ class Worker:
         self._finalizer.detach()
         jobs = queue.Queue(maxsize=self._queue.maxsize)
         jobs.queue.extend(self._queue.queue)  # no other thread exists in the child to hold the old queue's lock
+        jobs.unfinished_tasks = len(jobs.queue)  # each is task_done once it has run
         self._start(jobs)
 
     @property
@@ -125,12 +127,20 @@ def _serve(jobs: "queue.Queue", running: list) -> None:
         item = None
         if fut.set_running_or_notify_cancel():
             running[0] = fut
+            error = result = None
             try:
-                fut.set_result(fn(*args, **kwargs))
+                result = fn(*args, **kwargs)
             except BaseException as e:  # delivered to the caller through the future
-                fut.set_exception(e)
+                error = e
+            jobs.task_done()  # before the result: its caller may ask for idle-only work at once
+            if error is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(error)
             running[0] = None
-        fut = fn = args = kwargs = None  # what the last call held (a layer, a plan) is not kept while idle
+        else:
+            jobs.task_done()
+        fut = fn = args = kwargs = result = error = None  # what the last call held is not kept while idle
 
 
 def _post_stop(jobs: "queue.Queue") -> None:

@@ -173,6 +173,29 @@ def test_try_submit_does_not_wait_for_a_full_queue():
     w.close()
 
 
+def test_a_call_taken_from_the_queue_but_not_yet_started_keeps_the_worker_busy(monkeypatch):
+    """Between the thread's taking a call from the queue and marking it running, the queue is empty and no call runs:
+    the worker must still count as busy, or idle-only work (a page populate) queues behind a real call."""
+    import hetero.worker as worker_module
+
+    entered, release = threading.Event(), threading.Event()
+
+    class HeldFuture(worker_module.Future):
+        def set_running_or_notify_cancel(self):  # the thread has taken the call: hold it at exactly that point
+            entered.set()
+            release.wait(5)
+            return super().set_running_or_notify_cancel()
+
+    monkeypatch.setattr(worker_module, "Future", HeldFuture)
+    w = Worker("test-taken-not-started")
+    first = w.submit(int, 1)
+    assert entered.wait(5) and w._queue.empty() and w._running[0] is None
+    assert w.try_submit(int, 2, idle_only=True) is None
+    release.set()
+    assert first.result(5) == 1
+    w.close()
+
+
 def test_a_worker_whose_call_has_returned_its_result_is_idle():
     """A caller that got its result may ask at once for ``idle_only`` work: the thread's own bookkeeping after the
     result is set does not count as busy. The done-callback runs on the worker's thread, in exactly that moment."""
