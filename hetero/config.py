@@ -232,11 +232,18 @@ class HeteroConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict:
-        """The fields as JSON values (``from_dict`` reads them back): what ``save_pretrained`` writes for a
-        ``generation_config.hetero_config`` (transformers serializes a dataclass through its ``to_dict``)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["dense_layers"] = list(self.dense_layers)
-        out["retriever_options"] = dict(self.retriever_options)
+        """The fields that differ from the defaults, as JSON values (``from_dict`` reads them back, the rest taking
+        their defaults): what ``save_pretrained`` writes for a ``generation_config.hetero_config`` (transformers
+        serializes a dataclass through its ``to_dict``). A file then names only what was chosen, so a default
+        that changes later still applies to it."""
+        defaults = HeteroConfig()
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if getattr(self, f.name) != getattr(defaults, f.name)
+               or type(getattr(self, f.name)) is not type(getattr(defaults, f.name))}
+        if "dense_layers" in out:
+            out["dense_layers"] = list(self.dense_layers)
+        if "retriever_options" in out:
+            out["retriever_options"] = dict(self.retriever_options)
         return out
 
     @classmethod

@@ -1,6 +1,7 @@
 """HeteroCache as a whole transformers Cache: several tokens into a warm cache (multi-turn chat, chunked prefill,
 prompt lookup), crop, native registration, and every silent mistake refused or warned."""
 import copy
+import json
 import warnings
 
 import numpy as np
@@ -749,7 +750,10 @@ def test_a_hetero_config_saved_with_the_generation_config_is_the_one_generate_us
 
     config = HeteroConfig(window=8, sinks=2, budget=5, retriever="exact", dense_layers=(1,),
                           retriever_options={})
-    assert HeteroConfig.from_dict(config.to_dict()) == config
+    for other in (config, HeteroConfig(budget=1.0, kv_dtype="bf16", dense_layers=(3, 1), overlap=False, scale=0.125,
+                                       budget_floor=0.01, retriever="ivf", retriever_options={"nlist": 64}),
+                  HeteroConfig(budget=2 ** 53)):
+        assert HeteroConfig.from_dict(json.loads(json.dumps(other.to_dict()))) == other
     _, model = _pair()
     saved = GenerationConfig(max_new_tokens=2, do_sample=False)
     saved.hetero_config = config

@@ -201,13 +201,17 @@ def test_a_worker_whose_call_has_returned_its_result_is_idle():
     result is set does not count as busy. The done-callback runs on the worker's thread, in exactly that moment."""
     w = Worker("test-idle-after-result")
     asked = []
-    first = w.submit(int, 1)
-    first.add_done_callback(lambda _: asked.append(w.try_submit(int, 2, idle_only=True)))
-    assert first.result(5) == 1
+    gate = threading.Event()
+    first = w.submit(gate.wait, 5)  # the callback is attached before the call can end: it runs on the worker's thread
+    first.add_done_callback(lambda _: asked.append((threading.current_thread().name,
+                                                    w.try_submit(int, 2, idle_only=True))))
+    gate.set()
+    assert first.result(5) is True
     deadline = time.perf_counter() + 5
     while not asked and time.perf_counter() < deadline:
         time.sleep(0.001)
-    assert asked and asked[0] is not None and asked[0].result(5) == 2
+    assert asked and asked[0][0] == "test-idle-after-result"
+    assert asked[0][1] is not None and asked[0][1].result(5) == 2
     w.close()
 
 
