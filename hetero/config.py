@@ -252,8 +252,4 @@ class HeteroConfig:
         defaults, an unknown key is a ConfigError naming it."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"a hetero config must be a mapping of HeteroConfig fields, got {type(data).__name__}")
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown HeteroConfig field(s) {unknown}; fields are {names}")
-        return cls(**data)
+        return cls().with_(**data)
